@@ -1,0 +1,112 @@
+"""The configuration of one machine, shared by every layer.
+
+``MachineConfig`` holds the options of SPEC section 2 and section 5
+(``mktme-sandbox mount``): the platform's physical-address layout, the MKTME
+enumeration (KeyID bits, key count, algorithms), TME bypass, the cache size and
+the random seed. It is a leaf module: ``hw``, ``kernel``, ``machine`` and the CLI
+all import it, it imports nothing of theirs.
+
+``parse_size`` reads the sizes a user types (``256M``, ``0x1000``, ``4k``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "ALGORITHMS",
+    "KiB",
+    "MiB",
+    "GiB",
+    "TiB",
+    "PAGE_SIZE",
+    "LINE_SIZE",
+    "MachineConfig",
+    "parse_size",
+]
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+PAGE_SIZE = 4096
+LINE_SIZE = 64
+ALGORITHMS = ("aes-xts-128", "aes-xts-256")
+
+_SIZE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|\d+)\s*([kKmMgGtT]?)(?:[iI]?[bB])?\s*")
+_SUFFIX = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+
+
+def parse_size(text: str) -> int:
+    """``"256M"`` -> 268435456; decimal or ``0x`` hex, optional K/M/G/T suffix.
+
+    Raises ``ValueError`` with a message fit for a user.
+    """
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 0x1000, 64K, 256M, 2G)")
+    number, suffix = m.groups()
+    return int(number, 0) * _SUFFIX[suffix.lower()]
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Options of one machine; ``validate()`` says what is wrong, if anything."""
+
+    phys_mem: int = 256 * MiB
+    maxphyaddr: int = 46
+    keyid_bits: int = 6
+    max_keys: int = 63
+    algorithms: tuple[str, ...] = ALGORITHMS
+    tme_bypass: bool = False
+    cache_size: int = 2 * MiB
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad option."""
+        for problem in self._problems():
+            raise ValueError(problem)
+
+    def _problems(self) -> list[str]:
+        problems = []
+        if not 32 <= self.maxphyaddr <= 52:
+            problems.append(f"maxphyaddr must be 32..52, not {self.maxphyaddr}")
+        if not 0 <= self.keyid_bits <= 15:
+            problems.append(f"keyid_bits must be 0..15, not {self.keyid_bits}")
+        if not 3 <= self.max_keys <= 32767:
+            problems.append(f"max_keys must be 3..32767, not {self.max_keys}")
+        if self.phys_mem % (2 * MiB) or not 4 * MiB <= self.phys_mem <= 64 * GiB:
+            problems.append(
+                f"phys_mem must be a multiple of 2M between 4M and 64G, not {self.phys_mem}"
+            )
+        if self.keyid_bits and self.phys_mem > 1 << (self.maxphyaddr - self.keyid_bits):
+            problems.append(
+                f"phys_mem {self.phys_mem:#x} does not fit below the KeyID bits "
+                f"(maxphyaddr {self.maxphyaddr} - keyid_bits {self.keyid_bits})"
+            )
+        unknown = [a for a in self.algorithms if a not in ALGORITHMS]
+        if unknown or not self.algorithms:
+            problems.append(
+                f"algorithms must be a non-empty subset of {','.join(ALGORITHMS)}, "
+                f"not {','.join(self.algorithms) or 'nothing'}"
+            )
+        if self.cache_size and (self.cache_size % (64 * KiB) or self.cache_size > 1 * GiB):
+            problems.append(
+                f"cache_size must be 0 (no cache) or a multiple of 64K up to 1G, "
+                f"not {self.cache_size}"
+            )
+        if self.seed is not None and self.seed < 0:
+            problems.append(f"seed must be >= 0, not {self.seed}")
+        return problems
+
+    @property
+    def nr_keyids(self) -> int:
+        """MKTME KeyIDs the hardware offers (1..n); 0 when MKTME is off."""
+        if self.keyid_bits == 0:
+            return 0
+        return min((1 << self.keyid_bits) - 1, self.max_keys)
+
+    def replace(self, **changes: object) -> MachineConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
