@@ -1,0 +1,296 @@
+"""One test per patch of the MKTME v5 series: the protected behaviour, and
+with the patch's mitigation switched off, the failure it prevents (seen in the
+data and reported by the audit)."""
+
+from __future__ import annotations
+
+import pytest
+from kernel_helpers import HPAGE, PAGE, U, cpu_key, ctl, machine, page_keyid, pfn_of, smaps_keyids, space, vmstat
+
+from sandbox.kernel.directmap import PAGE_OFFSET
+
+SECRET = b"attack at dawn!!" * 4
+
+
+def two_keys(**options: object):
+    m = machine(**options)
+    cpu_key(m, 1)
+    cpu_key(m, 2)
+    return m, space(m)
+
+
+# --- 01 mm: Do no merge VMAs with different encryption KeyIDs ------------------
+
+
+def test_neighbour_vmas_with_different_keyids_stay_apart():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=2")
+    assert len(m.maps(a).splitlines()) == 2
+    assert smaps_keyids(m, a) == [1, 2]
+    assert vmstat(m)["vma_merge_refused_keyid"] >= 1
+
+
+def test_neighbour_vmas_with_equal_keyids_merge():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=1")
+    assert m.maps(a) == f"{U:08x}-{U + 2 * PAGE:08x} rw-p 00000000 00:00 0 \n"
+
+
+def test_without_the_merge_check_the_second_vma_loses_its_keyid():
+    m, a = two_keys()
+    m.set_mitigation("vma_merge_keyid_check", False)
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1 populate")
+    ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=2 populate")
+    assert smaps_keyids(m, a) == [1]  # one VMA, KeyID 2 gone
+    assert any("differs from its VMA's KeyID" in line for line in m.check())
+
+
+# --- 02 mm: Do not use zero page in encrypted pages -----------------------------
+
+
+def test_read_fault_on_keyid0_vma_maps_the_zero_page():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 8K r--")
+    assert m.read_virt(a, U, 2 * PAGE) == bytes(2 * PAGE)
+    assert pfn_of(m, a, U) == pfn_of(m, a, U + PAGE) == m.kernel.zero_pfn
+
+
+def test_read_fault_on_encrypted_vma_never_maps_zero_page():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K r-- keyid=1")
+    assert m.read_virt(a, U, PAGE) == bytes(PAGE)
+    assert pfn_of(m, a, U) != m.kernel.zero_pfn
+    assert page_keyid(m, pfn_of(m, a, U)) == 1
+    assert vmstat(m)["zero_page_refused_encrypted"] == 1
+    assert m.check() == []
+
+
+def test_without_the_check_an_encrypted_vma_reads_the_zero_page_as_garbage():
+    m, a = two_keys()
+    m.set_mitigation("no_zero_page_encrypted", False)
+    ctl(m, a, f"mmap {U:#x} 4K r-- keyid=1")
+    assert m.read_virt(a, U, 64) != bytes(64)
+    assert any("zero page mapped in an encrypted VMA" in line for line in m.check())
+
+
+# --- 03 mm/ksm: Do not merge pages with different KeyIDs -------------------------
+
+
+def tenants(keyid_a: int, keyid_b: int, **options: object):
+    m, a = two_keys(**options)
+    b = space(m, "b")
+    for name, keyid in ((a, keyid_a), (b, keyid_b)):
+        ctl(m, name, f"mmap {U:#x} 4K rw- keyid={keyid}")
+        m.write_virt(name, U, SECRET)
+        ctl(m, name, f"madvise {U:#x} 4K mergeable")
+    return m, a, b
+
+
+def test_ksm_merges_identical_pages_of_one_keyid():
+    m, a, b = tenants(1, 1)
+    assert m.ksm_run() == 1
+    assert pfn_of(m, a, U) == pfn_of(m, b, U)
+    assert m.read_virt(b, U, len(SECRET)) == SECRET
+    assert m.check() == []
+
+
+def test_ksm_never_merges_pages_with_different_keyids():
+    m, a, b = tenants(1, 2)
+    assert m.ksm_run() == 0
+    assert pfn_of(m, a, U) != pfn_of(m, b, U)
+    assert "merge_refused_keyid 1" in m.ksm_stats()
+    assert m.check() == []
+
+
+def test_without_the_ksm_check_a_tenant_reads_garbage():
+    m, a, b = tenants(1, 2)
+    m.set_mitigation("ksm_keyid_check", False)
+    assert m.ksm_run() == 1
+    seen = {m.read_virt(a, U, len(SECRET)), m.read_virt(b, U, len(SECRET))}
+    assert SECRET in seen and len(seen) == 2  # one tenant lost its data
+    assert any("page_ext KeyID" in line for line in m.check())
+
+
+def test_writing_to_a_ksm_page_breaks_copy_on_write():
+    m, a, b = tenants(1, 1)
+    m.ksm_run()
+    m.write_virt(b, U, b"mine")
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert m.read_virt(b, U, 4) == b"mine"
+    assert pfn_of(m, a, U) != pfn_of(m, b, U)
+    assert m.check() == []
+
+
+# --- 04/05 page allocation for encrypted memory, 06 khugepaged ---------------------
+
+
+def hugepage_region(keyid: int, **options: object):
+    m, a = two_keys(**options)
+    ctl(m, a, f"mmap {U:#x} 2M rw- keyid={keyid} populate")
+    ctl(m, a, f"madvise {U:#x} 2M hugepage")
+    pattern = bytes(range(256)) * (HPAGE // 256)
+    m.write_virt(a, U, pattern)
+    return m, a, pattern
+
+
+def test_khugepaged_collapses_into_a_huge_page_of_the_vmas_keyid():
+    m, a, pattern = hugepage_region(1)
+    assert m.khugepaged_scan() == 1
+    assert "AnonHugePages:      2048 kB" in m.smaps(a)
+    assert page_keyid(m, pfn_of(m, a, U)) == 1
+    assert m.read_virt(a, U, HPAGE) == pattern
+    assert m.check() == []
+
+
+def test_khugepaged_refuses_a_range_whose_pages_have_another_keyid():
+    m, a, pattern = hugepage_region(1)
+    m.set_mitigation("pte_modify_preserve_keyid", False)
+    ctl(m, a, f"mprotect {U:#x} 2M rw-")  # PTEs lose KeyID 1, VMA too
+    m.set_mitigation("pte_modify_preserve_keyid", True)
+    assert m.khugepaged_scan() == 0
+    assert "collapse_refused_keyid 1" in m.khugepaged_stats()
+
+
+def test_without_the_khugepaged_check_the_collapsed_page_reads_as_garbage():
+    m, a, pattern = hugepage_region(1)
+    m.set_mitigation("khugepaged_keyid_check", False)
+    assert m.khugepaged_scan() == 1
+    assert m.read_virt(a, U, 256) != pattern[:256]
+    assert any("page_ext KeyID" in line for line in m.check())
+
+
+def test_split_of_a_huge_page_keeps_data_and_keyid():
+    m, a, pattern = hugepage_region(2)
+    m.khugepaged_scan()
+    ctl(m, a, f"munmap {U + HPAGE // 2:#x} 4K")
+    assert m.read_virt(a, U, PAGE) == pattern[:PAGE]
+    assert page_keyid(m, pfn_of(m, a, U)) == 2
+    assert m.check() == []
+
+
+# --- 07 Mask out KeyID bits from page table entry pfn; 10 page_keyid; 11 vma_keyid --
+
+
+def test_pte_holds_keyid_in_upper_pfn_bits_and_pagemap_masks_them():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=2 populate")
+    pte = m.kernel.pt.get_pte(m.cr3(a), U).pte
+    shift = m.kernel.pte_layout.keyid_shift  # 46 - 6 = 40
+    assert shift == 40 and (pte >> shift) & 0x3F == 2
+    assert pfn_of(m, a, U) == (pte & ((1 << shift) - 1)) >> 12
+    assert page_keyid(m, pfn_of(m, a, U)) == 2
+    assert smaps_keyids(m, a) == [2]
+    assert "keyid=2" in m.ptdump(a)
+
+
+# --- 09 Preserve KeyID on pte_modify() and pgprot_modify() --------------------------
+
+
+def test_mprotect_keeps_the_keyid():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    ctl(m, a, f"mprotect {U:#x} 4K r--")
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert smaps_keyids(m, a) == [1]
+    assert m.check() == []
+
+
+def test_without_pte_modify_preserving_the_keyid_mprotect_drops_it():
+    m, a = two_keys()
+    m.set_mitigation("pte_modify_preserve_keyid", False)
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    ctl(m, a, f"mprotect {U:#x} 4K r--")
+    assert smaps_keyids(m, a) == [0]
+    assert m.read_virt(a, U, len(SECRET)) != SECRET
+    assert any("page_ext KeyID" in line for line in m.check())
+
+
+# --- 12 prep_encrypted_page() and arch_free_page() ----------------------------------
+
+
+def reuse_across_keyids(m, a):
+    """Tenant 1 writes and frees a page; tenant 2 gets it and writes."""
+    ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- populate")  # keeps the page tables
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    pfn = pfn_of(m, a, U)
+    ctl(m, a, f"munmap {U:#x} 4K")
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=2")
+    m.write_virt(a, U, b"tenant two")
+    assert pfn_of(m, a, U) == pfn  # the freed page came straight back
+    m.cache_command(f"clflush {pfn * PAGE:#x} keyid=2")
+    m.cache_command("wbinvd")  # whatever the cache still holds goes to DRAM
+    return m.read_virt(a, U, 10)
+
+
+def test_a_page_reused_for_another_keyid_is_flushed_and_keeps_its_data():
+    m, a = two_keys()
+    assert reuse_across_keyids(m, a) == b"tenant two"
+    stats = vmstat(m)
+    assert stats["arch_free_page_flush"] == 1
+    assert stats["prep_encrypted_flush"] == 2
+
+
+def test_without_flushes_a_stale_line_of_the_old_keyid_corrupts_the_new_owner():
+    m, a = two_keys()
+    m.set_mitigation("flush_on_keyid_change", False)
+    assert reuse_across_keyids(m, a) != b"tenant two"
+    assert vmstat(m)["flush_skipped_mitigation_off"] >= 1
+
+
+def test_encrypted_pages_come_out_of_the_allocator_zeroed():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    ctl(m, a, f"munmap {U:#x} 4K")
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    assert m.read_virt(a, U, PAGE) == bytes(PAGE)
+
+
+# --- 08/14/15/16/17/18/19 enumeration and direct mappings ----------------------------
+
+
+def test_boot_logs_detect_tme_lines():
+    log = machine().dmesg()
+    for line in ("x86/tme: enabled by BIOS", "x86/mktme: enabled by BIOS",
+                 "x86/mktme: 63 KeyIDs available"):
+        assert line in log
+
+
+def test_keyid_bits_zero_gives_a_machine_without_mktme():
+    m = machine(keyid_bits=0)
+    assert m.nr_keyids == 0
+    assert "x86/mktme: disabled by BIOS" in m.dmesg()
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw-")
+    m.write_virt(a, U, SECRET)
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    with pytest.raises(OSError):
+        ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=1")
+
+
+def test_too_many_keyids_for_the_direct_map_area_disable_mktme_at_boot():
+    m = machine(keyid_bits=7, max_keys=63)
+    assert m.nr_keyids == 0
+    assert "x86/mktme: Disabled. Not enough virtual address space" in m.dmesg()
+
+
+def test_max_keys_caps_the_keyids():
+    assert machine(max_keys=5).nr_keyids == 5
+    assert "x86/mktme: 5 KeyIDs available" in machine(max_keys=5).dmesg()
+
+
+def test_direct_mapping_is_one_power_of_two_region_per_keyid():
+    m = machine(keyid_bits=3)
+    dm = m.kernel.directmap
+    assert dm.size == 1 << 40 and dm.copies == 8
+    va = dm.page_to_virt(0x1234, 5)
+    assert va == PAGE_OFFSET + 5 * (1 << 40) + 0x1234000
+    assert dm.pa(va) == 0x1234000 and dm.keyid_of(va) == 5
+    dump = m.ptdump_kernel()
+    assert dump.count("---[ Kernel Mapping KeyID") == 8
+    assert f"0x{PAGE_OFFSET + 3 * (1 << 40):016x}" in dump and "keyid=7" in dump

@@ -1,0 +1,50 @@
+"""Small helpers shared by the kernel tests: a machine, a key, a space."""
+
+from __future__ import annotations
+
+import struct
+
+from sandbox import Machine
+
+U = 0x10000000  # a user address, 2M aligned
+PAGE = 4096
+HPAGE = 2 << 20
+
+
+def machine(**options: object) -> Machine:
+    options.setdefault("phys_mem", "64M")
+    options.setdefault("seed", 1)
+    return Machine(**options)
+
+
+def cpu_key(m: Machine, keyid: int, uid: int = 0) -> None:
+    m.key_command(keyid, "type=cpu algorithm=aes-xts-128", uid=uid)
+
+
+def space(m: Machine, name: str = "a", uid: int = 0) -> str:
+    m.create_space(name, uid)
+    return name
+
+
+def ctl(m: Machine, name: str, command: str, uid: int = 0) -> None:
+    m.space_command(name, command, uid=uid)
+
+
+def pfn_of(m: Machine, name: str, addr: int) -> int:
+    """The PFN pagemap gives for ``addr`` (asserts present)."""
+    (entry,) = struct.unpack("<Q", m.pagemap(name, (addr >> 12) * 8, 8))
+    assert entry >> 63, f"{addr:#x} is not present"
+    return entry & ((1 << 55) - 1)
+
+
+def page_keyid(m: Machine, pfn: int) -> int:
+    (keyid,) = struct.unpack("<Q", m.page_keyid(pfn * 8, 8))
+    return keyid
+
+
+def smaps_keyids(m: Machine, name: str) -> list[int]:
+    return [int(line.split()[1]) for line in m.smaps(name).splitlines() if line.startswith("KeyID:")]
+
+
+def vmstat(m: Machine) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in m.vmstat().splitlines())}
