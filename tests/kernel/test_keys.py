@@ -1,0 +1,154 @@
+"""The key service: payload syntax, states, owners, busy KeyIDs, PCONFIG
+retries, and key material that never shows."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from kernel_helpers import U, cpu_key, ctl, machine, space
+
+from sandbox import SandboxError
+
+USER_KEY = "00112233445566778899aabbccddeeff"
+USER_TWEAK = "ffeeddccbbaa99887766554433221100"
+
+
+def key_error(m, keyid: int, payload: str, uid: int = 0) -> SandboxError:
+    before = m.key_status(keyid)
+    with pytest.raises(SandboxError) as info:
+        m.key_command(keyid, payload, uid=uid)
+    assert m.key_status(keyid) == before, "half-applied"
+    return info.value
+
+
+def test_a_fresh_keyid_is_free():
+    assert machine().key_status(3) == "keyid=3 state=free type=- algorithm=- owner=- pages=0\n"
+
+
+@pytest.mark.parametrize(
+    ("payload", "shown"),
+    [
+        ("type=cpu algorithm=aes-xts-128", "type=cpu algorithm=aes-xts-128"),
+        ("type=cpu algorithm=aes-xts-256 key=" + "ab" * 32, "type=cpu algorithm=aes-xts-256"),
+        (f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK}",
+         "type=user algorithm=aes-xts-128"),
+        ("type=no-encrypt", "type=no-encrypt algorithm=-"),
+    ],
+)
+def test_programming_a_key_shows_its_type_and_owner(payload, shown):
+    m = machine()
+    m.key_command(3, payload, uid=1000)
+    assert m.key_status(3) == f"keyid=3 state=programmed {shown} owner=1000 pages=0\n"
+
+
+def test_pages_count_the_memory_of_a_keyid():
+    m = machine()
+    cpu_key(m, 2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 12K rw- keyid=2 populate")
+    assert m.key_status(2).endswith("pages=3\n")
+
+
+def test_clearing_a_key_frees_the_keyid_for_anyone():
+    m = machine()
+    cpu_key(m, 2, uid=1000)
+    m.key_command(2, "type=clear", uid=1000)
+    assert "state=cleared" in m.key_status(2) and "owner=-" in m.key_status(2)
+    cpu_key(m, 2, uid=2000)
+    assert "owner=2000" in m.key_status(2)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "",
+        "type=gpu algorithm=aes-xts-128",
+        "type=cpu",
+        "type=cpu algorithm=aes-xts-512",
+        "type=cpu algorithm=aes-xts-128 colour=blue",
+        "type=cpu type=cpu algorithm=aes-xts-128",
+        "type=cpu algorithm",
+        "type=cpu algorithm=aes-xts-128 key=abc",
+        "type=cpu algorithm=aes-xts-128 key=" + "zz" * 16,
+        f"type=user algorithm=aes-xts-128 key={USER_KEY}",
+        f"type=user algorithm=aes-xts-256 key={USER_KEY} tweak={USER_TWEAK}",
+        f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_KEY}",  # XTS forbids
+        f"type=no-encrypt key={USER_KEY}",
+        "type=clear algorithm=aes-xts-128",
+    ],
+)
+def test_bad_payloads_are_einval(payload):
+    assert key_error(machine(), 1, payload).errno == errno.EINVAL
+
+
+def test_an_algorithm_not_activated_is_einval():
+    m = machine(algorithms="aes-xts-128")
+    assert key_error(m, 1, "type=cpu algorithm=aes-xts-256").errno == errno.EINVAL
+
+
+def test_a_keyid_beyond_the_machine_is_einval():
+    machine(max_keys=4).key_command(4, "type=no-encrypt", uid=0)
+    with pytest.raises(SandboxError) as info:
+        machine(max_keys=4).key_command(5, "type=no-encrypt", uid=0)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_another_users_key_is_eacces_and_root_may_reprogram_it():
+    m = machine()
+    cpu_key(m, 1, uid=1000)
+    assert key_error(m, 1, "type=clear", uid=2000).errno == errno.EACCES
+    m.key_command(1, "type=clear", uid=0)
+
+
+def test_a_keyid_still_mapped_is_ebusy():
+    m = machine()
+    cpu_key(m, 1)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    assert key_error(m, 1, "type=clear").errno == errno.EBUSY
+    assert key_error(m, 1, "type=cpu algorithm=aes-xts-128").errno == errno.EBUSY
+    ctl(m, a, f"munmap {U:#x} 4K")
+    m.key_command(1, "type=clear", uid=0)
+
+
+@pytest.mark.parametrize("status", [2, 5])
+def test_pconfig_busy_or_entropy_errors_are_retried(status):
+    m = machine()
+    m.inject_pconfig_faults(status, 9)
+    cpu_key(m, 1)
+    assert "state=programmed" in m.key_status(1)
+    assert "key_program_retry 9" in m.vmstat()
+
+
+@pytest.mark.parametrize("status", [2, 5])
+def test_pconfig_answering_busy_ten_times_is_eagain(status):
+    m = machine()
+    m.inject_pconfig_faults(status, 10)
+    assert key_error(m, 1, "type=cpu algorithm=aes-xts-128").errno == errno.EAGAIN
+
+
+def test_reprogramming_a_key_makes_old_ciphertext_unreadable():
+    m = machine()
+    cpu_key(m, 1)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1 populate")
+    m.write_virt(a, U, b"old secret")
+    pa = m.kernel.pt.get_pte(m.cr3(a), U).pte & m.kernel.pte_layout.pfn_mask
+    m.cache_command("wbinvd")
+    ctl(m, a, f"munmap {U:#x} 4K")
+    cpu_key(m, 1)  # a new random key for KeyID 1
+    assert m.read_phys(1, pa, 10) != b"old secret"
+
+
+def test_key_material_appears_in_no_log_status_or_error():
+    m = machine()
+    m.key_command(1, f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK}", uid=0)
+    with pytest.raises(SandboxError) as info:
+        m.key_command(2, f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_KEY}", uid=0)
+    texts = [m.dmesg(), m.key_status(1), str(info.value), repr(info.value), repr(m),
+             repr(m.platform), m.tme_text()]
+    for text in texts:
+        for secret in (USER_KEY, USER_TWEAK, USER_KEY.upper()):
+            assert secret not in text
+        assert bytes.fromhex(USER_KEY).decode("latin-1") not in text

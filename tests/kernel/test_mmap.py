@@ -1,0 +1,243 @@
+"""mmap, munmap, mprotect, encrypt_mprotect, madvise: what they do, and every
+rejection with its errno, leaving the address space exactly as it was."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, smaps_keyids, space, vmstat
+
+from sandbox import SandboxError
+
+
+@pytest.fixture
+def m():
+    m = machine()
+    cpu_key(m, 1)
+    cpu_key(m, 2)
+    space(m)
+    return m
+
+
+def rejects(m, command: str, err: int, uid: int = 0) -> SandboxError:
+    before = (m.maps("a"), m.smaps("a"), m.vmstat())
+    with pytest.raises(SandboxError) as info:
+        ctl(m, "a", command, uid=uid)
+    assert info.value.errno == err, info.value
+    assert (m.maps("a"), m.smaps("a")) == before[:2], "half-applied"
+    assert m.check() == []
+    return info.value
+
+
+# --- what the calls do -----------------------------------------------------------
+
+
+def test_mmap_shows_in_maps_in_the_proc_format(m):
+    ctl(m, "a", f"mmap {U:#x} 8K rw- keyid=1")
+    assert m.maps("a") == f"{U:08x}-{U + 2 * PAGE:08x} rw-p 00000000 00:00 0 \n"
+
+
+def test_mmap_populate_faults_every_page_for_write(m):
+    ctl(m, "a", f"mmap {U:#x} 16K rw- keyid=1 populate")
+    assert vmstat(m)["pgfault_write"] == 4
+    assert "Rss:                  16 kB" in m.smaps("a")
+
+
+def test_munmap_of_the_middle_splits_the_vma_and_frees_its_page(m):
+    ctl(m, "a", f"mmap {U:#x} 12K rw- keyid=1 populate")
+    freed = vmstat(m)["pgfree"]
+    ctl(m, "a", f"munmap {U + PAGE:#x} 4K")
+    assert len(m.maps("a").splitlines()) == 2
+    assert vmstat(m)["pgfree"] == freed + 1
+    with pytest.raises(SandboxError) as info:
+        m.read_virt("a", U + PAGE, 1)
+    assert info.value.errno == errno.EIO
+
+
+def test_mprotect_of_part_of_a_vma_splits_it_and_merges_back(m):
+    ctl(m, "a", f"mmap {U:#x} 12K rw- keyid=1")
+    ctl(m, "a", f"mprotect {U + PAGE:#x} 4K r--")
+    assert [line.split()[1] for line in m.maps("a").splitlines()] == ["rw-p", "r--p", "rw-p"]
+    ctl(m, "a", f"mprotect {U + PAGE:#x} 4K rw-")
+    assert len(m.maps("a").splitlines()) == 1
+
+
+def test_write_to_a_read_only_mapping_is_eio_and_read_works(m):
+    ctl(m, "a", f"mmap {U:#x} 4K r-- keyid=1")
+    assert m.read_virt("a", U, 4) == bytes(4)
+    with pytest.raises(SandboxError) as info:
+        m.write_virt("a", U, b"x")
+    assert info.value.errno == errno.EIO
+
+
+def test_prot_none_refuses_reads_and_keeps_the_data_for_later(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt("a", U, b"kept")
+    ctl(m, "a", f"mprotect {U:#x} 4K ---")
+    with pytest.raises(SandboxError):
+        m.read_virt("a", U, 4)
+    ctl(m, "a", f"mprotect {U:#x} 4K rw-")
+    assert m.read_virt("a", U, 4) == b"kept"
+    assert m.check() == []
+
+
+def test_encrypt_mprotect_changes_the_keyid_and_discards_the_data(m):
+    ctl(m, "a", f"mmap {U:#x} 8K rw- keyid=1")
+    m.write_virt("a", U, b"old data")
+    ctl(m, "a", f"encrypt_mprotect {U:#x} 4K rw- keyid=2")
+    assert smaps_keyids(m, "a") == [2, 1]
+    assert m.read_virt("a", U, 8) == bytes(8)
+    assert m.check() == []
+
+
+def test_madvise_dontneed_drops_the_pages_and_the_next_read_sees_zeros(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt("a", U, b"gone")
+    ctl(m, "a", f"madvise {U:#x} 4K dontneed")
+    assert m.read_virt("a", U, 4) == bytes(4)
+
+
+def test_madvise_mergeable_and_hugepage_show_in_vmflags(m):
+    ctl(m, "a", f"mmap {U:#x} 2M rw-")
+    ctl(m, "a", f"madvise {U:#x} 2M mergeable")
+    ctl(m, "a", f"madvise {U:#x} 2M hugepage")
+    assert "VmFlags: rd wr mr mw me ac hg mg \n" in m.smaps("a")
+    ctl(m, "a", f"madvise {U:#x} 2M unmergeable")
+    assert "VmFlags: rd wr mr mw me ac hg \n" in m.smaps("a")
+
+
+def test_reads_and_writes_cross_pages_and_vmas(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, "a", f"mmap {U + PAGE:#x} 4K rw- keyid=2")
+    data = bytes(range(256)) * 20
+    m.write_virt("a", U + 100, data)
+    assert m.read_virt("a", U + 100, len(data)) == data
+
+
+def test_destroying_a_space_frees_every_page_and_table(m):
+    base = vmstat(m)
+    ctl(m, "a", f"mmap {U:#x} 64K rw- keyid=1 populate")
+    m.destroy_space("a", uid=0)
+    after = vmstat(m)
+    pgd = 1  # allocated with the space, before `base`
+    assert after["pgfree"] - base["pgfree"] == after["pgalloc"] - base["pgalloc"] + pgd
+    assert m.kernel.pages_of(1) == 0
+
+
+def test_physical_memory_exhaustion_is_enomem_and_undoes_the_mmap():
+    m = machine(phys_mem="4M")
+    space(m)
+    with pytest.raises(SandboxError) as info:
+        ctl(m, "a", f"mmap {U:#x} 8M rw- populate")
+    assert info.value.errno == errno.ENOMEM
+    assert m.maps("a") == ""
+    assert m.check() == []
+
+
+# --- rejections --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "",
+        "mmap",
+        "mmap 0x10000000",
+        "mmap 10000000 4K rw-",  # ADDR must be hex
+        "mmap 0x1000000g 4K rw-",
+        "mmap 0x10000001 4K rw-",  # unaligned
+        "mmap 0x10000000 0 rw-",
+        "mmap 0x10000000 4K rwz",
+        "mmap 0x10000000 4K rw- keyid=x",
+        "mmap 0x10000000 4K rw- colour=red",
+        "mmap 0x10000000 4K rw- populate populate",
+        "mmap 0x10000000 4Q rw-",
+        "munmap 0x10000000 4K extra",
+        "mprotect 0x10000000 4K rw- keyid=1",
+        "encrypt_mprotect 0x10000000 4K rw-",
+        "madvise 0x10000000 4K sometimes",
+        "frobnicate 0x10000000 4K",
+        "mmap 0x10000000 4K rw-\nmunmap 0x10000000 4K",
+    ],
+)
+def test_malformed_commands_are_einval(m, command):
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
+    with pytest.raises(SandboxError) as info:
+        m.space_command("a", command, uid=0)
+    assert info.value.errno == errno.EINVAL
+    assert info.value.reason
+
+
+def test_mmap_over_an_existing_mapping_is_einval(m):
+    ctl(m, "a", f"mmap {U:#x} 8K rw-")
+    rejects(m, f"mmap {U + PAGE:#x} 8K rw-", errno.EINVAL)
+
+
+def test_mmap_outside_the_user_address_space_is_enomem(m):
+    rejects(m, "mmap 0x7ffffffff000 8K rw-", errno.ENOMEM)
+    rejects(m, "mmap 0x1000 4K rw-", errno.ENOMEM)  # below mmap_min_addr
+
+
+def test_mmap_with_an_unprogrammed_keyid_is_enokey(m):
+    rejects(m, f"mmap {U:#x} 4K rw- keyid=3", errno.ENOKEY)
+
+
+def test_mmap_with_a_keyid_the_machine_lacks_is_einval(m):
+    rejects(m, f"mmap {U:#x} 4K rw- keyid=64", errno.EINVAL)
+
+
+def test_mmap_with_a_cleared_keyid_is_enokey(m):
+    m.key_command(2, "type=clear", uid=0)
+    rejects(m, f"mmap {U:#x} 4K rw- keyid=2", errno.ENOKEY)
+
+
+def test_mprotect_and_madvise_over_a_hole_are_enomem_and_change_nothing(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw-")
+    ctl(m, "a", f"mmap {U + 2 * PAGE:#x} 4K rw-")
+    rejects(m, f"mprotect {U:#x} 12K r--", errno.ENOMEM)
+    rejects(m, f"madvise {U:#x} 12K dontneed", errno.ENOMEM)
+    rejects(m, f"encrypt_mprotect {U:#x} 12K rw- keyid=1", errno.ENOMEM)
+
+
+def test_encrypt_mprotect_with_an_unprogrammed_keyid_is_enokey_and_keeps_data(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt("a", U, b"still here")
+    rejects(m, f"encrypt_mprotect {U:#x} 4K rw- keyid=5", errno.ENOKEY)
+    assert m.read_virt("a", U, 10) == b"still here"
+
+
+def test_another_users_space_is_eacces(m):
+    rejects(m, f"mmap {U:#x} 4K rw-", errno.EACCES, uid=1000)
+    with pytest.raises(SandboxError) as info:
+        m.destroy_space("a", uid=1000)
+    assert info.value.errno == errno.EACCES
+
+
+def test_access_outside_any_mapping_is_eio(m):
+    with pytest.raises(SandboxError) as info:
+        m.read_virt("a", U, 1)
+    assert info.value.errno == errno.EIO
+
+
+def test_a_write_that_runs_into_a_hole_writes_nothing(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw-")
+    with pytest.raises(SandboxError):
+        m.write_virt("a", U + PAGE - 2, b"abcd")
+    assert m.read_virt("a", U + PAGE - 2, 2) == bytes(2)
+
+
+def test_space_names_are_checked_and_unique(m):
+    for bad in ("", "a/b", ".hidden", "x" * 65, "sp ace"):
+        with pytest.raises(SandboxError) as info:
+            m.create_space(bad, uid=0)
+        assert info.value.errno == errno.EINVAL
+    with pytest.raises(SandboxError) as info:
+        m.create_space("a", uid=0)
+    assert info.value.errno == errno.EEXIST
+
+
+def test_pages_of_different_keyids_never_share_a_frame(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1 populate")
+    ctl(m, "a", f"mmap {U + PAGE:#x} 4K rw- keyid=2 populate")
+    assert pfn_of(m, "a", U) != pfn_of(m, "a", U + PAGE)
