@@ -19,7 +19,7 @@ from sandbox.errors import fail
 from sandbox.kernel.mmap import ADVICE, PROTS
 from sandbox.kernel.vma import VM
 
-__all__ = ["SpaceCommand", "parse_space_command", "decode_command", "USAGE"]
+__all__ = ["USAGE", "SpaceCommand", "decode_command", "parse_space_command"]
 
 USAGE = {
     "mmap": "mmap ADDR LEN PROT [keyid=N] [populate]",
@@ -35,7 +35,7 @@ class SpaceCommand:
     op: str
     addr: int
     length: int
-    prot: VM = VM(0)
+    prot: VM = VM.NONE
     keyid: int = 0
     populate: bool = False
     advice: str = ""

@@ -73,8 +73,10 @@ class Machine:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Machine(phys_mem={c.phys_mem:#x}, keyid_bits={c.keyid_bits}, "
-                f"nr_keyids={self.nr_keyids}, spaces={sorted(self.kernel.spaces)})")
+        return (
+            f"Machine(phys_mem={c.phys_mem:#x}, keyid_bits={c.keyid_bits}, "
+            f"nr_keyids={self.nr_keyids}, spaces={sorted(self.kernel.spaces)})"
+        )
 
     @property
     def phys_mem(self) -> int:
@@ -124,8 +126,10 @@ class Machine:
 
     def _check_phys(self, pa: int, length: int) -> None:
         if pa < 0 or pa + length > self.phys_mem:
-            fail(errno.ENOSPC if pa >= 0 else errno.EINVAL,
-                 f"{pa:#x}+{length:#x} is beyond physical memory ({self.phys_mem:#x})")
+            fail(
+                errno.ENOSPC if pa >= 0 else errno.EINVAL,
+                f"{pa:#x}+{length:#x} is beyond physical memory ({self.phys_mem:#x})",
+            )
 
     def _check_keyid(self, keyid: int) -> None:
         if keyid and not 1 <= keyid <= self.nr_keyids:

@@ -43,7 +43,9 @@ def page_keyid(m: Machine, pfn: int) -> int:
 
 
 def smaps_keyids(m: Machine, name: str) -> list[int]:
-    return [int(line.split()[1]) for line in m.smaps(name).splitlines() if line.startswith("KeyID:")]
+    return [
+        int(line.split()[1]) for line in m.smaps(name).splitlines() if line.startswith("KeyID:")
+    ]
 
 
 def vmstat(m: Machine) -> dict[str, int]:

@@ -92,17 +92,24 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: Counter[int])
         vkeyid = vma_keyid(vma, layout)
         if k.alloc.flags[pfn] & PG.ZERO:
             if vkeyid:
-                found.add(where, "zero page mapped in an encrypted VMA",
-                          f"{va:#x} VMA KeyID {vkeyid}")
+                found.add(
+                    where, "zero page mapped in an encrypted VMA", f"{va:#x} VMA KeyID {vkeyid}"
+                )
             continue
         mapped[pfn] += 1
         pkeyid = int(k.alloc.page_keyid[pfn])
         if keyid != pkeyid:
-            found.add(where, "PTE KeyID differs from its page's page_ext KeyID",
-                      f"{va:#x}: PTE KeyID {keyid}, page KeyID {pkeyid}")
+            found.add(
+                where,
+                "PTE KeyID differs from its page's page_ext KeyID",
+                f"{va:#x}: PTE KeyID {keyid}, page KeyID {pkeyid}",
+            )
         if keyid != vkeyid:
-            found.add(where, "PTE KeyID differs from its VMA's KeyID",
-                      f"{va:#x}: PTE KeyID {keyid}, VMA KeyID {vkeyid}")
+            found.add(
+                where,
+                "PTE KeyID differs from its VMA's KeyID",
+                f"{va:#x}: PTE KeyID {keyid}, VMA KeyID {vkeyid}",
+            )
 
 
 def _check_pages(k: Kernel, found: _Findings, mapped: Counter[int]) -> None:
@@ -112,22 +119,31 @@ def _check_pages(k: Kernel, found: _Findings, mapped: Counter[int]) -> None:
         if alloc.flags[pfn] & PG.TAIL:
             continue
         if alloc.mapcount[pfn] != mapped.get(pfn, 0):
-            found.add("pages", "map count differs from the PTEs mapping the page",
-                      f"pfn {pfn:#x}: mapcount {alloc.mapcount[pfn]}, PTEs {mapped.get(pfn, 0)}")
+            found.add(
+                "pages",
+                "map count differs from the PTEs mapping the page",
+                f"pfn {pfn:#x}: mapcount {alloc.mapcount[pfn]}, PTEs {mapped.get(pfn, 0)}",
+            )
     counts: dict[int, int] = defaultdict(int)
     in_use = np.flatnonzero((alloc.flags != 0) & ((alloc.flags & PG.BUDDY) == 0))
     for keyid, n in Counter(alloc.page_keyid[in_use].tolist()).items():
         counts[int(keyid)] = n
     for keyid in set(counts) | set(alloc.allocated_by_keyid):
         if counts.get(keyid, 0) != alloc.allocated_by_keyid.get(keyid, 0):
-            found.add("pages", "per-KeyID page count differs from page_ext",
-                      f"KeyID {keyid}: counted {alloc.allocated_by_keyid.get(keyid, 0)}, "
-                      f"page_ext {counts.get(keyid, 0)}")
+            found.add(
+                "pages",
+                "per-KeyID page count differs from page_ext",
+                f"KeyID {keyid}: counted {alloc.allocated_by_keyid.get(keyid, 0)}, "
+                f"page_ext {counts.get(keyid, 0)}",
+            )
 
 
 def _check_pools(k: Kernel, found: _Findings) -> None:
     for keyid, pfns in k.alloc.pools().items():
         wrong = [p for p in pfns if int(k.alloc.page_keyid[p]) != keyid]
         if wrong:
-            found.add(f"free pool {keyid}", "free page tagged with another KeyID",
-                      f"pfn {wrong[0]:#x} has KeyID {int(k.alloc.page_keyid[wrong[0]])}")
+            found.add(
+                f"free pool {keyid}",
+                "free page tagged with another KeyID",
+                f"pfn {wrong[0]:#x} has KeyID {int(k.alloc.page_keyid[wrong[0]])}",
+            )

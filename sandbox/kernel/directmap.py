@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from sandbox.kernel.pgtable import PAGE_KERNEL_LARGE, Level
 from sandbox.kernel.ptdump import Marker, Run
 
-__all__ = ["PAGE_OFFSET", "DIRECT_MAP_AREA", "DirectMap", "direct_mapping_size"]
+__all__ = ["DIRECT_MAP_AREA", "PAGE_OFFSET", "DirectMap", "direct_mapping_size"]
 
 PAGE_OFFSET = 0xFFFF888000000000
 DIRECT_MAP_AREA = 64 << 40  # 64 TiB between PAGE_OFFSET and the vmalloc area

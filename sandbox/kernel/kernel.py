@@ -32,7 +32,7 @@ from sandbox.kernel.tlb import Tlb
 from sandbox.kernel.vma import MmStruct, vma_keyid
 from sandbox.kernel.vmstat import VmStat
 
-__all__ = ["Kernel", "MITIGATIONS"]
+__all__ = ["MITIGATIONS", "Kernel"]
 
 MITIGATIONS: dict[str, str] = {
     "vma_merge_keyid_check": "mm: Do no merge VMAs with different encryption KeyIDs",
@@ -67,7 +67,10 @@ class Kernel:
         self.pte_layout = PteLayout(config.maxphyaddr, layout.keyid_bits)
         self.mitigations = dict.fromkeys(MITIGATIONS, True)
         self.alloc = PageAllocator(
-            platform, config.phys_mem, self.vmstat, lambda: self.mitigations["flush_on_keyid_change"]
+            platform,
+            config.phys_mem,
+            self.vmstat,
+            lambda: self.mitigations["flush_on_keyid_change"],
         )
         self.alloc.alloc_page(0, PG.RESERVED, zero=False)  # PFN 0, as on a PC
         self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)

@@ -35,7 +35,7 @@ from sandbox.kernel.mktme import KeyIdLayout
 from sandbox.kernel.printk import KernelLog
 from sandbox.kernel.vmstat import VmStat
 
-__all__ = ["KeyService", "KeySlot", "PCONFIG_TRIES"]
+__all__ = ["PCONFIG_TRIES", "KeyService", "KeySlot"]
 
 PCONFIG_TRIES = 10
 _TYPES = ("cpu", "user", "no-encrypt", "clear")
@@ -121,8 +121,10 @@ class KeyService:
         else:
             alg = fields.get("algorithm", "-") if kind != "no-encrypt" else "-"
             self.slots[keyid] = KeySlot("programmed", kind, alg, uid)
-        self._log.printk(f"mktme: KeyID {keyid} {'cleared' if kind == 'clear' else 'programmed'}"
-                         f" (type={kind}, uid={uid})")
+        self._log.printk(
+            f"mktme: KeyID {keyid} {'cleared' if kind == 'clear' else 'programmed'}"
+            f" (type={kind}, uid={uid})"
+        )
 
     def _check_owner(self, keyid: int, uid: int) -> None:
         owner = self.slot(keyid).owner
@@ -133,8 +135,11 @@ class KeyService:
         kind = fields["type"]
         alg_name = fields.get("algorithm", self.algorithms[0])
         if alg_name not in self.algorithms:
-            fail(errno.EINVAL, f"key: algorithm {alg_name!r} is not activated "
-                               f"(activated: {', '.join(self.algorithms)})")
+            fail(
+                errno.EINVAL,
+                f"key: algorithm {alg_name!r} is not activated "
+                f"(activated: {', '.join(self.algorithms)})",
+            )
         alg = algorithm_named(alg_name)
         key = _hex_field(fields, "key", alg.key_bytes)
         tweak = _hex_field(fields, "tweak", alg.key_bytes)
@@ -164,8 +169,10 @@ class KeyService:
     def status_line(self, keyid: int, pages: int) -> str:
         s = self.slot(keyid)
         owner = "-" if s.owner is None else str(s.owner)
-        return (f"keyid={keyid} state={s.state} type={s.type} algorithm={s.algorithm} "
-                f"owner={owner} pages={pages}\n")
+        return (
+            f"keyid={keyid} state={s.state} type={s.type} algorithm={s.algorithm} "
+            f"owner={owner} pages={pages}\n"
+        )
 
 
 def parse_payload(payload: str) -> dict[str, str]:

@@ -34,11 +34,11 @@ if TYPE_CHECKING:
     from sandbox.kernel.kernel import Kernel
 
 __all__ = [
-    "handle_mm_fault",
-    "access_vm",
-    "zap_page_range",
-    "follow_page",
     "HPAGE_SIZE",
+    "access_vm",
+    "follow_page",
+    "handle_mm_fault",
+    "zap_page_range",
 ]
 
 HPAGE_SIZE = 2 << 20
@@ -140,8 +140,10 @@ def follow_page(k: Kernel, mm: MmStruct, addr: int, write: bool) -> tuple[int, i
     if hit is None or (write and not hit.pte & PteFlags.RW):
         vma = _vma_for_access(mm, addr, write)
         found = k.pt.get_pte(mm.pgd, addr)
-        if found is not None and found.pte & PteFlags.PRESENT and (
-            found.pte & PteFlags.RW or not write
+        if (
+            found is not None
+            and found.pte & PteFlags.PRESENT
+            and (found.pte & PteFlags.RW or not write)
         ):
             pte, size = found.pte, found.size
         else:
@@ -149,8 +151,11 @@ def follow_page(k: Kernel, mm: MmStruct, addr: int, write: bool) -> tuple[int, i
         hit = tlb_entry(k.pte_layout, pte, size, vpn)
         k.tlb.insert(mm.asid, vpn, hit)
     if hit.pfn >= k.alloc.nr_pages or hit.keyid > k.platform.nr_keyids:
-        fail(errno.EIO, f"{addr:#x}: the PTE maps pfn {hit.pfn:#x} KeyID {hit.keyid}, "
-                        "which this machine does not have (machine check)")
+        fail(
+            errno.EIO,
+            f"{addr:#x}: the PTE maps pfn {hit.pfn:#x} KeyID {hit.keyid}, "
+            "which this machine does not have (machine check)",
+        )
     return (hit.pfn << 12) | (addr & 0xFFF), hit.keyid
 
 

@@ -74,8 +74,10 @@ def detect_tme(
         printk(f"x86/tme: Unknown policy is active: {act['tme_policy']:#x}")
     algs = [name for name, on in act.items() if name.startswith("mk_tme_crypto_") and on]
     if not algs:
-        printk(f"x86/mktme: No known encryption algorithm is supported: "
-               f"{rdmsr(Msr.IA32_TME_ACTIVATE) >> 48:#x}")
+        printk(
+            f"x86/mktme: No known encryption algorithm is supported: "
+            f"{rdmsr(Msr.IA32_TME_ACTIVATE) >> 48:#x}"
+        )
         usable = False
     if keyid_bits == 0:
         printk("x86/mktme: disabled by BIOS")
@@ -88,6 +90,6 @@ def detect_tme(
 
 
 def mktme_disabled(layout: KeyIdLayout) -> KeyIdLayout:
-    """"x86/mm: Allow to disable MKTME after enumeration": no KeyIDs in use,
+    """ "x86/mm: Allow to disable MKTME after enumeration": no KeyIDs in use,
     the physical bits stay lowered."""
     return KeyIdLayout(False, layout.maxphyaddr, layout.keyid_bits, 0)

@@ -51,18 +51,18 @@ if TYPE_CHECKING:
     from sandbox.kernel.kernel import Kernel
 
 __all__ = [
-    "PROTS",
     "ADVICE",
-    "do_mmap",
-    "do_munmap",
-    "do_mprotect",
+    "PROTS",
     "do_encrypt_mprotect",
     "do_madvise",
+    "do_mmap",
+    "do_mprotect",
+    "do_munmap",
     "vma_merge",
 ]
 
 PROTS: dict[str, VM] = {
-    "---": VM(0), "none": VM(0),
+    "---": VM.NONE, "none": VM.NONE,
     "r--": VM.READ, "r": VM.READ,
     "rw-": VM.READ | VM.WRITE, "rw": VM.READ | VM.WRITE,
     "r-x": VM.READ | VM.EXEC, "rx": VM.READ | VM.EXEC,

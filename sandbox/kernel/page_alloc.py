@@ -40,7 +40,7 @@ from sandbox.config import PAGE_SIZE
 from sandbox.errors import fail
 from sandbox.kernel.vmstat import VmStat
 
-__all__ = ["PG", "PageAllocator", "PhysicalMemory", "HPAGE_ORDER", "HPAGE_NR"]
+__all__ = ["HPAGE_NR", "HPAGE_ORDER", "PG", "PageAllocator", "PhysicalMemory"]
 
 HPAGE_ORDER = 9
 HPAGE_NR = 1 << HPAGE_ORDER
@@ -128,7 +128,9 @@ class PageAllocator:
         )
         return list(dict.fromkeys([keyid, 0, *others]))
 
-    def _prep(self, pfn: int, order: int, old_keyid: int, keyid: int, flags: PG, zero: bool) -> None:
+    def _prep(
+        self, pfn: int, order: int, old_keyid: int, keyid: int, flags: PG, zero: bool
+    ) -> None:
         nr = 1 << order
         if keyid != old_keyid:
             self.prep_encrypted_page(pfn, order, old_keyid, keyid)

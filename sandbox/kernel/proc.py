@@ -29,8 +29,17 @@ from sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 if TYPE_CHECKING:
     from sandbox.kernel.kernel import Kernel
 
-__all__ = ["KPF", "PM_PRESENT", "PM_MMAP_EXCLUSIVE", "maps", "smaps", "pagemap",
-           "kpageflags", "page_keyid", "PAGEMAP_ENTRY"]
+__all__ = [
+    "KPF",
+    "PAGEMAP_ENTRY",
+    "PM_MMAP_EXCLUSIVE",
+    "PM_PRESENT",
+    "kpageflags",
+    "maps",
+    "page_keyid",
+    "pagemap",
+    "smaps",
+]
 
 PAGEMAP_ENTRY = 8
 PM_PFN_MASK = (1 << 55) - 1
@@ -107,8 +116,20 @@ def _smaps_entry(k: Kernel, mm: MmStruct, vma: Vma) -> str:
 
 def _usage(k: Kernel, mm: MmStruct, vma: Vma) -> dict[str, int]:
     """Rss and friends in kB, as smaps_pte_entry() counts them."""
-    u = dict.fromkeys(("rss", "pss", "pss_dirty", "shared_clean", "shared_dirty",
-                       "private_clean", "private_dirty", "ksm", "anon_huge"), 0)
+    u = dict.fromkeys(
+        (
+            "rss",
+            "pss",
+            "pss_dirty",
+            "shared_clean",
+            "shared_dirty",
+            "private_clean",
+            "private_dirty",
+            "ksm",
+            "anon_huge",
+        ),
+        0,
+    )
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
         pfn = k.pte_layout.pte_pfn(pte)
         flags = int(k.alloc.flags[pfn])

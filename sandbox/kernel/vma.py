@@ -26,7 +26,7 @@ from enum import IntFlag
 
 from sandbox.kernel.pgtable import PAGE_NONE, PteFlags, PteLayout
 
-__all__ = ["VM", "Vma", "MmStruct", "vm_get_page_prot", "TASK_SIZE", "MMAP_MIN_ADDR"]
+__all__ = ["MMAP_MIN_ADDR", "TASK_SIZE", "VM", "MmStruct", "Vma", "vm_get_page_prot"]
 
 TASK_SIZE = 0x00007FFFFFFFF000  # 4-level paging: 47 bits, last page excluded
 MMAP_MIN_ADDR = 0x10000
@@ -35,6 +35,7 @@ MMAP_MIN_ADDR = 0x10000
 class VM(IntFlag):
     """vm_flags bits used here (values as in include/linux/mm.h)."""
 
+    NONE = 0x0
     READ = 0x1
     WRITE = 0x2
     EXEC = 0x4
@@ -73,10 +74,13 @@ class Vma:
 
     def perms(self) -> str:
         f = self.vm_flags
-        return "".join(
-            (c if f & bit else "-")
-            for c, bit in (("r", VM.READ), ("w", VM.WRITE), ("x", VM.EXEC))
-        ) + "p"
+        return (
+            "".join(
+                (c if f & bit else "-")
+                for c, bit in (("r", VM.READ), ("w", VM.WRITE), ("x", VM.EXEC))
+            )
+            + "p"
+        )
 
 
 def vma_keyid(vma: Vma, layout: PteLayout) -> int:

@@ -31,8 +31,10 @@ def test_a_fresh_keyid_is_free():
     [
         ("type=cpu algorithm=aes-xts-128", "type=cpu algorithm=aes-xts-128"),
         ("type=cpu algorithm=aes-xts-256 key=" + "ab" * 32, "type=cpu algorithm=aes-xts-256"),
-        (f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK}",
-         "type=user algorithm=aes-xts-128"),
+        (
+            f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK}",
+            "type=user algorithm=aes-xts-128",
+        ),
         ("type=no-encrypt", "type=no-encrypt algorithm=-"),
     ],
 )
@@ -146,8 +148,15 @@ def test_key_material_appears_in_no_log_status_or_error():
     m.key_command(1, f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK}", uid=0)
     with pytest.raises(SandboxError) as info:
         m.key_command(2, f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_KEY}", uid=0)
-    texts = [m.dmesg(), m.key_status(1), str(info.value), repr(info.value), repr(m),
-             repr(m.platform), m.tme_text()]
+    texts = [
+        m.dmesg(),
+        m.key_status(1),
+        str(info.value),
+        repr(info.value),
+        repr(m),
+        repr(m.platform),
+        m.tme_text(),
+    ]
     for text in texts:
         for secret in (USER_KEY, USER_TWEAK, USER_KEY.upper()):
             assert secret not in text

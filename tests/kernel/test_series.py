@@ -5,7 +5,19 @@ data and reported by the audit)."""
 from __future__ import annotations
 
 import pytest
-from kernel_helpers import HPAGE, PAGE, U, cpu_key, ctl, machine, page_keyid, pfn_of, smaps_keyids, space, vmstat
+from kernel_helpers import (
+    HPAGE,
+    PAGE,
+    U,
+    cpu_key,
+    ctl,
+    machine,
+    page_keyid,
+    pfn_of,
+    smaps_keyids,
+    space,
+    vmstat,
+)
 
 from sandbox.kernel.directmap import PAGE_OFFSET
 
@@ -145,7 +157,7 @@ def test_khugepaged_collapses_into_a_huge_page_of_the_vmas_keyid():
 
 
 def test_khugepaged_refuses_a_range_whose_pages_have_another_keyid():
-    m, a, pattern = hugepage_region(1)
+    m, a, _pattern = hugepage_region(1)
     m.set_mitigation("pte_modify_preserve_keyid", False)
     ctl(m, a, f"mprotect {U:#x} 2M rw-")  # PTEs lose KeyID 1, VMA too
     m.set_mitigation("pte_modify_preserve_keyid", True)
@@ -256,8 +268,11 @@ def test_encrypted_pages_come_out_of_the_allocator_zeroed():
 
 def test_boot_logs_detect_tme_lines():
     log = machine().dmesg()
-    for line in ("x86/tme: enabled by BIOS", "x86/mktme: enabled by BIOS",
-                 "x86/mktme: 63 KeyIDs available"):
+    for line in (
+        "x86/tme: enabled by BIOS",
+        "x86/mktme: enabled by BIOS",
+        "x86/mktme: 63 KeyIDs available",
+    ):
         assert line in log
 
 

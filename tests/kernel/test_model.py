@@ -1,0 +1,162 @@
+"""Random sequences of mmap/munmap/mprotect/encrypt_mprotect/madvise, reads,
+writes and KSM passes on two address spaces, against a plain dict of the
+virtual memory. After every step the audit (``check``) must be clean; every
+read must equal the model; a command the model says must fail must fail."""
+
+from __future__ import annotations
+
+import errno
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from kernel_helpers import PAGE, U, cpu_key, machine
+
+from sandbox import SandboxError
+
+SLOTS = 16  # pages in the region the test plays in
+SPACES = ("a", "b")
+PROTS = {"---": "", "r--": "r", "rw-": "rw"}
+
+slot = st.integers(0, SLOTS - 1)
+npages = st.integers(1, 4)
+prot = st.sampled_from(sorted(PROTS))
+keyid = st.sampled_from([0, 1, 2])
+space_name = st.sampled_from(SPACES)
+
+
+class VirtualMemory(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = machine(phys_mem="16M", cache_size="256K")
+        for k in (1, 2):
+            cpu_key(self.m, k)
+        # per space: page index -> [perms, keyid, bytearray]
+        self.model: dict[str, dict[int, list]] = {}
+        for name in SPACES:
+            self.m.create_space(name, 0)
+            self.model[name] = {}
+
+    # --- helpers ----------------------------------------------------------
+
+    def run(self, name: str, command: str, ok: bool, err: int | None = None) -> bool:
+        try:
+            self.m.space_command(name, command, uid=0)
+        except SandboxError as e:
+            assert not ok, f"{command}: unexpected {e}"
+            if err is not None:
+                assert e.errno == err, f"{command}: {e}"
+            return False
+        assert ok, f"{command} should have failed"
+        return True
+
+    def pages(self, start: int, n: int) -> range:
+        return range(start, min(start + n, SLOTS))
+
+    # --- rules -----------------------------------------------------------
+
+    @rule(name=space_name, start=slot, n=npages, p=prot, k=keyid, populate=st.booleans())
+    def mmap(self, name, start, n, p, k, populate):
+        pages = self.pages(start, n)
+        ok = not any(i in self.model[name] for i in pages)
+        extra = " populate" if populate else ""
+        cmd = f"mmap {U + start * PAGE:#x} {len(pages) * PAGE} {p} keyid={k}{extra}"
+        if self.run(name, cmd, ok, errno.EINVAL):
+            for i in pages:
+                self.model[name][i] = [PROTS[p], k, bytearray(PAGE)]
+
+    @rule(name=space_name, start=slot, n=npages)
+    def munmap(self, name, start, n):
+        pages = self.pages(start, n)
+        self.run(name, f"munmap {U + start * PAGE:#x} {len(pages) * PAGE}", True)
+        for i in pages:
+            self.model[name].pop(i, None)
+
+    @rule(name=space_name, start=slot, n=npages, p=prot)
+    def mprotect(self, name, start, n, p):
+        pages = self.pages(start, n)
+        ok = all(i in self.model[name] for i in pages)
+        if self.run(
+            name, f"mprotect {U + start * PAGE:#x} {len(pages) * PAGE} {p}", ok, errno.ENOMEM
+        ):
+            for i in pages:
+                self.model[name][i][0] = PROTS[p]
+
+    @rule(name=space_name, start=slot, n=npages, p=prot, k=keyid)
+    def encrypt_mprotect(self, name, start, n, p, k):
+        pages = self.pages(start, n)
+        ok = all(i in self.model[name] for i in pages)
+        cmd = f"encrypt_mprotect {U + start * PAGE:#x} {len(pages) * PAGE} {p} keyid={k}"
+        if self.run(name, cmd, ok, errno.ENOMEM):
+            for i in pages:
+                self.model[name][i] = [PROTS[p], k, bytearray(PAGE)]
+
+    @rule(name=space_name, start=slot, n=npages, advice=st.sampled_from(["dontneed", "mergeable"]))
+    def madvise(self, name, start, n, advice):
+        pages = self.pages(start, n)
+        ok = all(i in self.model[name] for i in pages)
+        cmd = f"madvise {U + start * PAGE:#x} {len(pages) * PAGE} {advice}"
+        if self.run(name, cmd, ok, errno.ENOMEM) and advice == "dontneed":
+            for i in pages:
+                self.model[name][i][2][:] = bytes(PAGE)
+
+    @rule(
+        name=space_name,
+        start=slot,
+        offset=st.integers(0, PAGE - 1),
+        data=st.binary(min_size=1, max_size=2 * PAGE),
+    )
+    def write(self, name, start, offset, data):
+        addr = U + start * PAGE + offset
+        end = addr + len(data)
+        pages = range(start, (end - U - 1) // PAGE + 1)
+        ok = all(i in self.model[name] and "w" in self.model[name][i][0] for i in pages)
+        try:
+            self.m.write_virt(name, addr, data)
+        except SandboxError as e:
+            assert not ok and e.errno == errno.EIO, e
+            return
+        assert ok
+        for i in pages:
+            lo, hi = max(addr, U + i * PAGE), min(end, U + (i + 1) * PAGE)
+            self.model[name][i][2][lo - U - i * PAGE : hi - U - i * PAGE] = data[
+                lo - addr : hi - addr
+            ]
+
+    @precondition(lambda self: any(self.model.values()))
+    @rule()
+    def ksm(self):
+        self.m.ksm_run()
+
+    @rule()
+    def flush_everything(self):
+        self.m.cache_command("wbinvd")
+
+    # --- invariants ------------------------------------------------------------
+
+    @invariant()
+    def audit_is_clean(self):
+        assert self.m.check() == []
+
+    @invariant()
+    def readable_memory_equals_the_model(self):
+        for name, pages in self.model.items():
+            for i, (perms, _, data) in pages.items():
+                if "r" in perms:
+                    assert self.m.read_virt(name, U + i * PAGE, PAGE) == bytes(data), (name, i)
+                else:
+                    try:
+                        self.m.read_virt(name, U + i * PAGE, 1)
+                    except SandboxError as e:
+                        assert e.errno == errno.EIO
+                    else:
+                        raise AssertionError("read of a PROT_NONE page succeeded")
+
+
+VirtualMemory.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_virtual_memory_matches_a_dict_model = VirtualMemory.TestCase
