@@ -1,0 +1,75 @@
+"""The page allocator: page_ext KeyIDs, v5 flushes on every encrypted alloc
+and free, the per-KeyID free pools that avoid them, KeyID 0 never flushing."""
+
+from __future__ import annotations
+
+import pytest
+from kernel_helpers import U, cpu_key, ctl, machine, pfn_of, space, vmstat
+
+
+def churn(m, keyid: int, rounds: int = 5, pages: int = 8) -> dict[str, int]:
+    """Map, touch and unmap the same range ``rounds`` times; return vmstat deltas."""
+    before = vmstat(m)
+    for _ in range(rounds):
+        ctl(m, "a", f"mmap {U:#x} {pages * 4096} rw- keyid={keyid} populate")
+        ctl(m, "a", f"munmap {U:#x} {pages * 4096}")
+    after = vmstat(m)
+    return {k: after[k] - before[k] for k in after}
+
+
+@pytest.fixture
+def m():
+    m = machine()
+    cpu_key(m, 1)
+    cpu_key(m, 2)
+    space(m)
+    ctl(m, "a", f"mmap {U + (4 << 20):#x} 4K rw- populate")  # keeps page tables alive
+    return m
+
+
+def test_without_pools_every_encrypted_alloc_and_free_flushes(m):
+    d = churn(m, 1)
+    assert d["pgalloc_encrypted"] == 40
+    assert d["prep_encrypted_flush"] == 40
+    assert d["arch_free_page_flush"] == 40
+    assert d["flush_avoided_pool"] == 0
+
+
+def test_with_pools_a_page_reused_by_its_keyid_is_not_flushed(m):
+    m.keyid_free_pools = True
+    d = churn(m, 1)
+    assert d["arch_free_page_flush"] == 0
+    assert d["prep_encrypted_flush"] == 8  # only the first round takes KeyID-0 pages
+    assert d["flush_avoided_pool"] == 32
+
+
+def test_with_pools_a_page_changes_keyid_only_through_a_flush(m):
+    m.keyid_free_pools = True
+    churn(m, 1, rounds=1)
+    d = churn(m, 2, rounds=1)
+    assert d["keyid_pool_flush"] + d["prep_encrypted_flush"] == 8
+    assert m.check() == []
+
+
+def test_keyid0_allocations_never_flush_whatever_the_setting(m):
+    for pools in (False, True):
+        m.keyid_free_pools = pools
+        d = churn(m, 0)
+        assert d["prep_encrypted_flush"] == d["arch_free_page_flush"] == d["keyid_pool_flush"] == 0
+
+
+def test_free_pages_keep_their_keyid_in_a_pool_and_show_in_free_pools(m):
+    m.keyid_free_pools = True
+    churn(m, 2, rounds=1)
+    assert "keyid=2 free=8" in m.free_pools()
+    m.keyid_free_pools = False  # drains through flushes
+    assert "keyid=2" not in m.free_pools()
+    assert m.check() == []
+
+
+def test_page_ext_keyid_follows_the_page(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=2 populate")
+    pfn = pfn_of(m, "a", U)
+    assert m.kernel.alloc.page_keyid[pfn] == 2
+    ctl(m, "a", f"munmap {U:#x} 4K")
+    assert m.kernel.alloc.page_keyid[pfn] == 0  # arch_free_page reset it (v5)
