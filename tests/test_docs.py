@@ -1,0 +1,25 @@
+"""The Python examples in docs/ run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    found = []
+    for doc in sorted(DOCS.glob("*.md")):
+        for i, block in enumerate(BLOCK.findall(doc.read_text())):
+            if "pytest" not in block:  # plugin examples run under pytester instead
+                found.append((f"{doc.name}#{i}", block))
+    return found
+
+
+@pytest.mark.parametrize(("where", "code"), python_blocks(), ids=[w for w, _ in python_blocks()])
+def test_python_example_in_docs_runs(where, code, capsys):
+    exec(compile(code, where, "exec"), {"__name__": "__docs__"})
