@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sandbox.kernel.memory import pte_page
 from sandbox.kernel.page_alloc import PG
 from sandbox.kernel.vma import MmStruct, vma_keyid
 
@@ -82,11 +83,11 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: Counter[int])
     layout = k.pte_layout
     for va, size, pte in k.pt.iter_present(mm.pgd, 0, 1 << 47):
         vma = mm.find_vma(va)
-        pfn, keyid = layout.pte_pfn(pte), layout.pte_keyid(pte)
+        pfn, keyid = layout.pte_pfn(pte, size), layout.pte_keyid(pte)
         if vma is None or va + size > vma.end:
             found.add(where, "PTE outside any VMA", f"{va:#x}")
             continue
-        if pfn >= k.alloc.nr_pages or k.alloc.is_free(pfn):
+        if pte_page(k, pte, size) is None or k.alloc.is_free(pfn):
             found.add(where, "PTE maps a free or missing page", f"{va:#x} -> pfn {pfn:#x}")
             continue
         vkeyid = vma_keyid(vma, layout)

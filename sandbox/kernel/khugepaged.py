@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sandbox.config import PAGE_SIZE
-from sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, mk_pte, put_page
+from sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, mk_pte, pte_page, put_page
 from sandbox.kernel.page_alloc import HPAGE_NR, PG
 from sandbox.kernel.pgtable import PteFlags
 from sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
@@ -70,11 +70,17 @@ def _collapsible(k: Kernel, mm: MmStruct, haddr: int) -> list[int] | None:
     entries = list(k.pt.iter_present(mm.pgd, haddr, haddr + HPAGE_SIZE))
     if len(entries) != HPAGE_NR or any(size != PAGE_SIZE for _, size, _ in entries):
         return None
-    pfns = [k.pte_layout.pte_pfn(pte) for _, _, pte in entries]
-    bad = PG.ZERO | PG.KSM
-    if any(k.alloc.flags[p] & bad or k.alloc.mapcount[p] != 1 for p in pfns):
+    pfns = [pte_page(k, pte) for _, _, pte in entries]
+    if any(p is None for p in pfns) or any(not pte & PteFlags.PRESENT for _, _, pte in entries):
         return None
-    return pfns
+    pages = [p for p in pfns if p is not None]
+    bad = PG.ZERO | PG.KSM
+    if any(
+        k.alloc.flags[p] & bad or not k.alloc.flags[p] & PG.ANON or k.alloc.mapcount[p] != 1
+        for p in pages
+    ):
+        return None
+    return pages
 
 
 def _keyids_allow(k: Kernel, vma: Vma, pfns: list[int]) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sandbox.config import PAGE_SIZE
-from sandbox.kernel.memory import do_wp_page, mk_pte, put_page
+from sandbox.kernel.memory import do_wp_page, mk_pte, pte_page, put_page
 from sandbox.kernel.page_alloc import PG
 from sandbox.kernel.pgtable import PteFlags
 from sandbox.kernel.vma import VM, MmStruct, Vma
@@ -83,9 +83,11 @@ def _candidates(k: Kernel) -> list[_Candidate]:
             if not vma.vm_flags & VM.MERGEABLE:
                 continue
             for va, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
-                pfn = k.pte_layout.pte_pfn(pte)
+                pfn = pte_page(k, pte, size)
+                if pfn is None or size != PAGE_SIZE or not pte & PteFlags.PRESENT:
+                    continue
                 flags = int(k.alloc.flags[pfn])
-                if size != PAGE_SIZE or flags & PG.ZERO:
+                if flags & PG.ZERO or not flags & PG.ANON:
                     continue
                 if flags & PG.KSM or k.alloc.mapcount[pfn] == 1:
                     found.append(_Candidate(mm, vma, va, pfn))
@@ -125,8 +127,8 @@ def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
 def unmerge_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     """MADV_UNMERGEABLE: break every KSM page mapped in [start, end)."""
     for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
-        pfn = k.pte_layout.pte_pfn(pte)
-        if size == PAGE_SIZE and k.alloc.flags[pfn] & PG.KSM:
+        pfn = pte_page(k, pte, size)
+        if pfn is not None and size == PAGE_SIZE and k.alloc.flags[pfn] & PG.KSM:
             vma = mm.find_vma(va)
             assert vma is not None
             do_wp_page(k, mm, vma, va, pte & ~int(PteFlags.RW))

@@ -38,6 +38,7 @@ __all__ = [
     "access_vm",
     "follow_page",
     "handle_mm_fault",
+    "pte_page",
     "zap_page_range",
 ]
 
@@ -48,6 +49,17 @@ _WRITE_BITS = int(PteFlags.RW | PteFlags.DIRTY)
 def mk_pte(pfn: int, prot: int) -> int:
     """``pfn_pte()``: the page frame plus the pgprot, KeyID bits included."""
     return (pfn << 12) | prot
+
+
+def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
+    """The PFN a leaf entry maps, or None when it lies beyond physical memory.
+
+    Entries the kernel made are always valid; entries rewritten through
+    ``keyids/0/mem`` may be anything, and every user of a PTE's frame goes
+    through here so that such garbage is skipped, never indexed.
+    """
+    pfn = k.pte_layout.pte_pfn(pte, size)
+    return pfn if pfn + (size >> 12) <= k.alloc.nr_pages else None
 
 
 # --- faults -----------------------------------------------------------------
@@ -92,7 +104,9 @@ def _map_new_page(k: Kernel, mm: MmStruct, vma: Vma, page: int, pfn: int) -> int
 def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
     """A write to a present read-only page: reuse it or copy it."""
     page = addr & ~(PAGE_SIZE - 1)
-    pfn = k.pte_layout.pte_pfn(pte)
+    pfn = pte_page(k, pte)
+    if pfn is None:
+        fail(errno.EIO, f"{addr:#x}: the PTE {pte:#x} maps no page of this machine")
     flags = int(k.alloc.flags[pfn])
     if not flags & (PG.ZERO | PG.KSM) and k.alloc.mapcount[pfn] == 1:
         pte |= _WRITE_BITS  # exclusive: reuse (wp_page_reuse)
@@ -226,7 +240,11 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     split_huge_pmds(k, mm, start, end)
     for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
         k.pt.clear_pte(mm.pgd, va, size)
-        put_page(k, k.pte_layout.pte_pfn(pte, size))
+        pfn = pte_page(k, pte, size)
+        if pfn is None or k.alloc.is_free(pfn):
+            k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
+            continue
+        put_page(k, pfn)
     k.pt.free_empty_tables(mm.pgd, start, end)
     flush_tlb_range(k, mm, start, end)
 

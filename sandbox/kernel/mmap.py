@@ -32,6 +32,7 @@ from sandbox.errors import fail
 from sandbox.kernel.memory import (
     flush_tlb_range,
     handle_mm_fault,
+    pte_page,
     split_huge_pmds,
     zap_page_range,
 )
@@ -159,8 +160,13 @@ def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> Non
     base = vm_get_page_prot(vma.vm_flags)
     for va, size, pte in list(k.pt.iter_present(mm.pgd, vma.start, vma.end)):
         new = k.pte_layout.pte_modify(pte, base, preserve, size)
-        pfn = k.pte_layout.pte_pfn(pte, size)
-        if vma.vm_flags & VM.WRITE and _exclusive(k, pfn) and pte & PteFlags.DIRTY:
+        pfn = pte_page(k, pte, size)
+        if (
+            pfn is not None
+            and vma.vm_flags & VM.WRITE
+            and _exclusive(k, pfn)
+            and pte & PteFlags.DIRTY
+        ):
             new |= int(PteFlags.RW)
         k.pt.set_pte(mm.pgd, va, new, size)
 

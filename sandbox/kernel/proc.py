@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sandbox.config import PAGE_SIZE
+from sandbox.kernel.memory import pte_page
 from sandbox.kernel.page_alloc import PG
 from sandbox.kernel.pgtable import PteFlags
 from sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
@@ -131,10 +132,10 @@ def _usage(k: Kernel, mm: MmStruct, vma: Vma) -> dict[str, int]:
         0,
     )
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
-        pfn = k.pte_layout.pte_pfn(pte)
+        pfn = pte_page(k, pte, size)
+        if pfn is None or k.alloc.flags[pfn] & PG.ZERO:
+            continue  # vm_normal_page() is NULL for the zero page and bad frames
         flags = int(k.alloc.flags[pfn])
-        if flags & PG.ZERO:
-            continue  # vm_normal_page() is NULL for the zero page
         kb, count = size >> 10, max(int(k.alloc.mapcount[pfn]), 1)
         dirty = bool(pte & PteFlags.DIRTY)
         shared = count > 1
@@ -163,9 +164,11 @@ def pagemap(k: Kernel, mm: MmStruct, offset: int, length: int) -> bytes:
 
 def _pagemap_entries(k: Kernel, mm: MmStruct, start: int, end: int) -> Iterator[tuple[int, int]]:
     for va, size, pte in k.pt.iter_present(mm.pgd, start, end):
-        pfn = k.pte_layout.pte_pfn(pte)
-        flags = int(k.alloc.flags[pfn])
-        exclusive = not flags & PG.ZERO and k.alloc.mapcount[pfn] == 1
+        pfn = k.pte_layout.pte_pfn(pte, size)
+        page = pte_page(k, pte, size)
+        exclusive = (
+            page is not None and not k.alloc.flags[page] & PG.ZERO and k.alloc.mapcount[page] == 1
+        )
         base = PM_PRESENT | (PM_MMAP_EXCLUSIVE if exclusive else 0)
         lo, hi = max(va, start), min(va + size, end)
         for page in range(lo, hi, PAGE_SIZE):

@@ -1,0 +1,90 @@
+"""Translation through real page tables: the TLB sees a PTE changed through
+physical memory only after a flush, a tampered KeyID reads garbage, and
+garbage in a page table gives EIO, never a crash."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+from kernel_helpers import PAGE, U, cpu_key, ctl, machine, space
+
+from sandbox import SandboxError
+
+SECRET = b"tenant secret 42"
+
+
+@pytest.fixture
+def m():
+    m = machine()
+    cpu_key(m, 1)
+    cpu_key(m, 2)
+    space(m)
+    ctl(m, "a", f"mmap {U:#x} 8K rw- keyid=1")
+    m.write_virt("a", U, SECRET)
+    return m
+
+
+def pte_address(m, va: int) -> int:
+    return m.kernel.pt.get_pte(m.cr3("a"), va).entry_pa
+
+
+def rewrite_keyid(m, va: int, keyid: int) -> None:
+    """What an attacker with keyids/0/mem does: new KeyID bits in the PTE."""
+    pa = pte_address(m, va)
+    pte = int.from_bytes(m.read_phys(0, pa, 8), "little")
+    layout = m.kernel.pte_layout
+    pte = (pte & ~layout.keyid_mask) | (keyid << layout.keyid_shift)
+    m.write_phys(0, pa, pte.to_bytes(8, "little"))
+
+
+def test_a_pte_changed_in_memory_is_used_only_after_a_tlb_flush(m):
+    rewrite_keyid(m, U, 2)
+    assert m.read_virt("a", U, len(SECRET)) == SECRET  # stale TLB entry
+    m.flush_tlb("a")
+    assert m.read_virt("a", U, len(SECRET)) != SECRET
+
+
+def test_putting_the_keyid_back_restores_the_plaintext(m):
+    rewrite_keyid(m, U, 2)
+    m.flush_tlb("a")
+    rewrite_keyid(m, U, 1)
+    m.flush_tlb("a")
+    assert m.read_virt("a", U, len(SECRET)) == SECRET
+
+
+def test_a_keyid_the_hardware_lacks_in_a_pte_is_eio():
+    m = machine(max_keys=3)  # KeyIDs 1..3, but 6 KeyID bits in the PTE
+    cpu_key(m, 1)
+    space(m)
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1 populate")
+    rewrite_keyid(m, U, 40)
+    m.flush_tlb("a")
+    with pytest.raises(SandboxError) as info:
+        m.read_virt("a", U, 1)
+    assert info.value.errno == errno.EIO
+
+
+def test_garbage_in_the_page_tables_gives_errors_never_a_crash(m):
+    ctl(m, "a", f"mmap {U + 4 * PAGE:#x} 4K rw- keyid=2 populate")
+    rng = random.Random(7)
+    table = pte_address(m, U) & ~(PAGE - 1)
+    m.write_phys(0, table, rng.randbytes(PAGE))
+    m.write_phys(0, m.cr3("a") + 8, rng.randbytes(64))
+    m.flush_tlb("a")
+    calls = [
+        lambda: m.read_virt("a", U, 64),
+        lambda: m.write_virt("a", U + PAGE, b"x"),
+        lambda: m.smaps("a"),
+        lambda: m.pagemap("a", (U >> 12) * 8, 64),
+        lambda: m.ptdump("a"),
+        lambda: m.check(),
+        lambda: m.ksm_run(),
+    ]
+    for call in calls:
+        try:
+            call()
+        except SandboxError:
+            pass
+    assert m.key_status(1)  # the machine still answers
