@@ -81,7 +81,8 @@ class MachineConfig:
             problems.append(
                 f"phys_mem must be a multiple of 2M between 4M and 64G, not {self.phys_mem}"
             )
-        if self.keyid_bits and self.phys_mem > 1 << (self.maxphyaddr - self.keyid_bits):
+        fits = 0 <= self.keyid_bits <= 15 and 32 <= self.maxphyaddr <= 52
+        if fits and self.keyid_bits and self.phys_mem > 1 << (self.maxphyaddr - self.keyid_bits):
             problems.append(
                 f"phys_mem {self.phys_mem:#x} does not fit below the KeyID bits "
                 f"(maxphyaddr {self.maxphyaddr} - keyid_bits {self.keyid_bits})"

@@ -1,0 +1,55 @@
+"""MachineConfig: defaults from SPEC 2, every option checked with a message."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox.config import GiB, MachineConfig, MiB, parse_size
+
+
+def test_defaults_are_the_specs():
+    c = MachineConfig()
+    assert (c.phys_mem, c.maxphyaddr, c.keyid_bits, c.max_keys) == (256 * MiB, 46, 6, 63)
+    assert c.nr_keyids == 63 and c.cache_size == 2 * MiB and not c.tme_bypass
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4096", 4096), ("0x1000", 4096), ("64K", 64 << 10), ("256M", 256 * MiB), ("2g", 2 * GiB),
+     ("16MiB", 16 * MiB)],
+)
+def test_sizes_parse_as_a_user_types_them(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "ten", "4X", "-1", "1.5M"])
+def test_bad_sizes_say_what_a_size_looks_like(text):
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"keyid_bits": 99}, "keyid_bits must be 0..15"),
+        ({"keyid_bits": -1}, "keyid_bits must be 0..15"),
+        ({"maxphyaddr": 60}, "maxphyaddr must be 32..52"),
+        ({"max_keys": 2}, "max_keys must be 3..32767"),
+        ({"phys_mem": 3 * MiB}, "phys_mem must be a multiple of 2M"),
+        ({"phys_mem": 128 * GiB}, "phys_mem must be a multiple of 2M between 4M and 64G"),
+        ({"maxphyaddr": 36, "keyid_bits": 6, "phys_mem": 2 * GiB}, "does not fit below the KeyID"),
+        ({"algorithms": ("aes-xts-512",)}, "algorithms must be a non-empty subset"),
+        ({"algorithms": ()}, "algorithms must be a non-empty subset"),
+        ({"cache_size": 1000}, "cache_size must be 0"),
+        ({"seed": -5}, "seed must be >= 0"),
+    ],
+)
+def test_each_bad_option_is_named_in_the_error(options, message):
+    with pytest.raises(ValueError, match=message):
+        MachineConfig(**options)
+
+
+def test_max_keys_and_keyid_bits_both_cap_the_keyids():
+    assert MachineConfig(max_keys=5).nr_keyids == 5
+    assert MachineConfig(keyid_bits=2).nr_keyids == 3
+    assert MachineConfig(keyid_bits=0).nr_keyids == 0
