@@ -1,0 +1,833 @@
+"""mktmefs: an mktme-sandbox mount, seen from Python's standard library only.
+
+The Python tools of this folder (mktme-peek, mktme-walk, mktme-find) and the
+experiments of ``examples/`` share this module. It uses nothing but the files
+of SPEC section 4, with the formats written there, so that everything built on
+it proves the mount is a complete interface: it never imports ``sandbox``.
+
+What it covers:
+- ``Mount``: text and binary files (offsets are addresses), control commands
+  (one write per command; a rejection becomes a ``MountError`` that carries the
+  errno and the reason the sandbox logged to ``dmesg``), keys, switches, the
+  cache, counters, the KeyID layout of the physical address.
+- ``Space``: one address space (``spaces/NAME``): ctl, maps/smaps with KeyIDs,
+  virtual memory, pagemap, CR3, the TLB.
+- ``walk()``: the x86-64 4-level page-table walk done here, from CR3 and the
+  table pages read through ``keyids/0/mem``.
+- ``find_in()``: a byte pattern in ``dram`` or in a KeyID's view.
+- ``fresh_sandbox()``: mount a new sandbox with the ``mktme-sandbox`` command
+  and always unmount it (for run-all and the tests).
+
+What it leaves out: anything the mount does not show (key material, the cache's
+contents), and 5-level paging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import re
+import secrets
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "BLOCK",
+    "LINE",
+    "PAGE",
+    "PAGE_OFFSET",
+    "KeyStatus",
+    "Kpf",
+    "Layout",
+    "Level",
+    "Mount",
+    "MountError",
+    "NotAMount",
+    "PagemapEntry",
+    "Pte",
+    "Space",
+    "Vma",
+    "Walk",
+    "errno_name",
+    "find_in",
+    "mount_from",
+    "parse_int",
+    "walk",
+]
+
+PAGE = 4096
+LINE = 64  # the cache line and the engine's data unit
+BLOCK = 16  # one AES block
+PAGE_OFFSET = 0xFFFF888000000000
+USER_TOP = 1 << 47
+
+
+class Pte(enum.IntFlag):
+    """x86-64 paging-structure entry bits (Intel SDM vol. 3, 4.5)."""
+
+    P = 1 << 0  # present
+    RW = 1 << 1  # writable
+    US = 1 << 2  # user
+    PWT = 1 << 3
+    PCD = 1 << 4
+    A = 1 << 5  # accessed
+    D = 1 << 6  # dirty (leaf only)
+    PS = 1 << 7  # page size: 1G in a PDPTE, 2M in a PDE (PAT in a PTE)
+    G = 1 << 8  # global
+    NX = 1 << 63
+
+
+PTE_FLAG_MASK = 0xFFF | (0xFFF << 52)  # everything but the address field 51:12
+ADDRESS_FIELD = ((1 << 52) - 1) & ~0xFFF
+DEFAULT_MAXPHYADDR = 46  # SPEC 2's default
+
+
+class Kpf(enum.IntEnum):
+    """/proc/kpageflags bit numbers (Documentation/admin-guide/mm/pagemap.rst)."""
+
+    LOCKED = 0
+    REFERENCED = 2
+    DIRTY = 4
+    LRU = 5
+    SLAB = 7
+    BUDDY = 10
+    MMAP = 11
+    ANON = 12
+    COMPOUND_HEAD = 15
+    COMPOUND_TAIL = 16
+    HUGE = 17
+    NOPAGE = 20
+    KSM = 21
+    THP = 22
+    ZERO_PAGE = 24
+    PGTABLE = 26
+
+
+PAGEMAP_PRESENT = 1 << 63
+PAGEMAP_PFN_MASK = (1 << 55) - 1
+
+MSR_TME_ACTIVATE = 0x982
+
+
+class MountError(OSError):
+    """A file of the mount answered with an errno.
+
+    ``reason`` is the dmesg line the sandbox appended for it, when there is one.
+    """
+
+    def __init__(self, err: int, where: str, reason: str = "") -> None:
+        super().__init__(err, os.strerror(err))
+        self.where = where
+        self.reason = reason
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {errno_name(self.errno or 0)} ({self.strerror})"
+        return f"{text}: {self.reason}" if self.reason else text
+
+
+class NotAMount(MountError):
+    """The directory is not an mktme-sandbox mount."""
+
+
+def errno_name(err: int) -> str:
+    """``126`` -> ``"ENOKEY"``."""
+    return errno.errorcode.get(err, str(err))
+
+
+def parse_int(text: str) -> int:
+    """``"0x1000"``, ``"4096"``, ``"4K"``, ``"2M"`` -> int (addresses and sizes)."""
+    m = re.fullmatch(r"\s*(0[xX][0-9a-fA-F_]+|\d+)\s*([kKmMgG]?)\s*", text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a number (examples: 0x7f0000000000, 4096, 64K, 2M)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(m.group(1), 0) * scale
+
+
+def _fields(line: str) -> dict[str, str]:
+    """``"keyid=3 state=programmed"`` -> ``{"keyid": "3", "state": "programmed"}``."""
+    return dict(word.split("=", 1) for word in line.split() if "=" in word)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the KeyID sits in a physical address (SPEC 2); ``source`` says how
+    MAXPHYADDR was learnt."""
+
+    maxphyaddr: int
+    keyid_bits: int
+    source: str = "hw/tme"
+
+    @property
+    def keyid_shift(self) -> int:
+        return self.maxphyaddr - self.keyid_bits
+
+    @property
+    def keyid_mask(self) -> int:
+        return ((1 << self.keyid_bits) - 1) << self.keyid_shift
+
+    def split(self, entry: int) -> tuple[int, int]:
+        """A paging entry -> (physical address of its frame, KeyID in it)."""
+        address = entry & ~PTE_FLAG_MASK & ((1 << self.maxphyaddr) - 1)
+        return address & ~self.keyid_mask, (address & self.keyid_mask) >> self.keyid_shift
+
+    def with_keyid(self, entry: int, keyid: int) -> int:
+        """The same entry with its KeyID bits replaced."""
+        return (entry & ~self.keyid_mask) | (keyid << self.keyid_shift)
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """One line of ``keys/N``."""
+
+    keyid: int
+    state: str
+    fields: dict[str, str]
+    line: str
+
+    @property
+    def programmed(self) -> bool:
+        return self.state == "programmed"
+
+    @property
+    def type(self) -> str:
+        return self.fields.get("type", "-")
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One VMA of ``smaps``: the maps line and the fields under it."""
+
+    start: int
+    end: int
+    perms: str
+    name: str
+    keyid: int | None
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def __contains__(self, va: object) -> bool:
+        return isinstance(va, int) and self.start <= va < self.end
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class PagemapEntry:
+    """One 64-bit pagemap entry."""
+
+    va: int
+    raw: int
+
+    @property
+    def present(self) -> bool:
+        return bool(self.raw & PAGEMAP_PRESENT)
+
+    @property
+    def pfn(self) -> int:
+        return self.raw & PAGEMAP_PFN_MASK
+
+    @property
+    def pa(self) -> int:
+        return self.pfn * PAGE + self.va % PAGE
+
+
+_MAPS_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+)\s+(\S{4})\s+\S+\s+\S+\s+\S+\s*(.*)$")
+
+
+def parse_smaps(text: str) -> list[Vma]:
+    """Parse /proc/PID/smaps (or maps) text; ``keyid`` from the ``KeyID:`` line."""
+    vmas: list[Vma] = []
+    header: re.Match[str] | None = None
+    fields: dict[str, str] = {}
+
+    def close() -> None:
+        if header is not None:
+            keyid = fields.get("KeyID")
+            vmas.append(
+                Vma(
+                    start=int(header.group(1), 16),
+                    end=int(header.group(2), 16),
+                    perms=header.group(3),
+                    name=header.group(4).strip(),
+                    keyid=int(keyid.split()[0], 0) if keyid else None,
+                    fields=dict(fields),
+                )
+            )
+
+    for line in text.splitlines():
+        m = _MAPS_LINE.match(line)
+        if m:
+            close()
+            header, fields = m, {}
+        elif ":" in line:
+            name, value = line.split(":", 1)
+            fields[name.strip()] = value.strip()
+    close()
+    return vmas
+
+
+class Mount:
+    """An mktme-sandbox mount (SPEC 4)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        if not (self.root / "keys").is_dir() or not (self.root / "dram").exists():
+            raise NotAMount(
+                errno.ENOENT,
+                str(self.root),
+                "not an mktme-sandbox mount (no keys/ or dram); "
+                "mount one with `mktme-sandbox mount DIR`",
+            )
+        self._layout: Layout | None = None
+
+    # -- files ------------------------------------------------------------
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def read_text(self, rel: str) -> str:
+        try:
+            return (self.root / rel).read_text()
+        except OSError as e:
+            raise self._error(e, rel) from None
+
+    def command(self, rel: str, command: str) -> None:
+        """One control command, one write (like ``echo CMD > file``)."""
+        data = (command.rstrip("\n") + "\n").encode()
+        try:
+            fd = os.open(self.root / rel, os.O_WRONLY)
+            try:
+                written = os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise self._error(e, rel, command) from None
+        if written != len(data):
+            raise MountError(errno.EIO, rel, f"short write ({written} of {len(data)} bytes)")
+
+    def pread(self, rel: str, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (an address); short only at the end of the file."""
+        try:
+            fd = os.open(self.root / rel, os.O_RDONLY)
+            try:
+                chunks = []
+                while length > 0:
+                    chunk = os.pread(fd, min(length, 1 << 20), offset)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    offset += len(chunk)
+                    length -= len(chunk)
+                return b"".join(chunks)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise self._error(e, f"{rel} @ {offset:#x}") from None
+
+    def pwrite(self, rel: str, offset: int, data: bytes) -> None:
+        try:
+            fd = os.open(self.root / rel, os.O_WRONLY)
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], offset + done)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise self._error(e, f"{rel} @ {offset:#x}") from None
+
+    def _error(self, e: OSError, where: str, command: str = "") -> MountError:
+        """Turn an OSError into a MountError with the sandbox's dmesg reason."""
+        err = e.errno or errno.EIO
+        label = f"{where}: {command.strip()!r}" if command else where
+        reason = self.dmesg_reason(where.split(" @ ")[0], err)
+        if err == errno.ENOENT and not reason:
+            reason = "no such file in the mount"
+        return MountError(err, label, reason)
+
+    def dmesg_reason(self, rel: str, err: int) -> str:
+        """The last dmesg line "PATH: ERRNO: reason" for ``rel`` and ``err``.
+
+        The sandbox logs one such line per rejection; a refusal by the kernel's
+        own permission check (EACCES on the file mode) logs none.
+        """
+        try:
+            lines = (self.root / "dmesg").read_text().splitlines()
+        except OSError:
+            return ""
+        tag = f"{rel.strip('/')}: {errno_name(err)}"
+        return next((ln.strip() for ln in reversed(lines[-200:]) if tag in ln), "")
+
+    # -- machine facts ----------------------------------------------------
+    @property
+    def phys_mem(self) -> int:
+        size = os.stat(self.root / "dram").st_size
+        if size:
+            return size
+        return os.stat(self.root / "mm/page_keyid").st_size // 8 * PAGE
+
+    def tme(self) -> dict[str, str]:
+        """``hw/tme`` as ``{name: value}`` (names lowercased)."""
+        out = {}
+        for line in self.read_text("hw/tme").splitlines():
+            parts = line.split(None, 1)
+            if len(parts) == 2:
+                out[parts[0].rstrip(":").lower()] = parts[1].strip()
+        return out
+
+    def rdmsr(self, address: int) -> int:
+        return int.from_bytes(self.pread("hw/msr", address, 8), "little")
+
+    @property
+    def layout(self) -> Layout:
+        """The KeyID layout. KEYID_BITS from ``hw/tme`` (else IA32_TME_ACTIVATE
+        bits 35:32 through ``hw/msr``); MAXPHYADDR from ``hw/tme`` if it shows
+        it, else calibrated on a PTE of an encrypted page, else SPEC's 46."""
+        if self._layout is None:
+            self._layout = self._read_layout()
+        return self._layout
+
+    def _read_layout(self) -> Layout:
+        tme = self.tme()
+
+        def pick(*names: str) -> int | None:
+            for name in names:
+                for key, value in tme.items():
+                    if key == name or key.endswith("." + name):
+                        try:
+                            return int(value.split()[0], 0)
+                        except ValueError:
+                            continue
+            return None
+
+        bits = pick("keyid_bits", "mk_tme_keyid_bits")
+        if bits is None:
+            bits = (self.rdmsr(MSR_TME_ACTIVATE) >> 32) & 0xF
+        maxphyaddr = pick("maxphyaddr", "phys_addr_bits", "physical_address_bits")
+        if maxphyaddr is not None:
+            return Layout(maxphyaddr, bits, "hw/tme")
+        shift = pick("keyid_shift")
+        if shift is not None:
+            return Layout(shift + bits, bits, "hw/tme keyid_shift")
+        if bits == 0:
+            return Layout(DEFAULT_MAXPHYADDR, 0, "no KeyID bits")
+        calibrated = self._calibrate()
+        if calibrated is not None:
+            shift, where = calibrated
+            return Layout(shift + bits, bits, f"calibrated on the PTE of {where}")
+        return Layout(DEFAULT_MAXPHYADDR, bits, "assumed (the mount does not show MAXPHYADDR)")
+
+    def _calibrate(self) -> tuple[int, str] | None:
+        """``keyid_shift`` from one present PTE of an encrypted VMA.
+
+        The mount shows MAXPHYADDR nowhere, but a PTE shows where the KeyID
+        goes: its address field is ``pfn << 12 | keyid << keyid_shift``, and
+        pagemap and smaps give ``pfn`` and ``keyid``. Upper-level entries point
+        to KeyID-0 table pages, so the walk down needs no layout.
+        """
+        for space in self.spaces():
+            try:
+                vmas = [v for v in space.smaps() if v.keyid]
+                for vma in vmas:
+                    for entry in space.pagemap(vma.start, min(vma.size // PAGE, 64)):
+                        if not entry.present:
+                            continue
+                        pte = _leaf_entry(self, space.cr3(), entry.va)
+                        if pte is None:
+                            continue
+                        extra = (pte & ADDRESS_FIELD) ^ (entry.pfn << 12)
+                        keyid = vma.keyid or 0
+                        if extra and extra % keyid == 0 and (extra // keyid).bit_count() == 1:
+                            return (extra // keyid).bit_length() - 1, f"spaces/{space.name}"
+            except (MountError, OSError):
+                continue
+        return None
+
+    def algorithms(self) -> list[str]:
+        """Activated algorithms (IA32_TME_ACTIVATE bits 63:48), strongest last."""
+        algs = self.rdmsr(MSR_TME_ACTIVATE) >> 48
+        return [n for bit, n in ((0, "aes-xts-128"), (2, "aes-xts-256")) if algs >> bit & 1]
+
+    # -- keys -------------------------------------------------------------
+    def keyids(self) -> list[int]:
+        """The MKTME KeyIDs of ``keys/`` (1..nr_keyids; empty when MKTME is off)."""
+        return sorted(int(n) for n in os.listdir(self.root / "keys") if n.isdigit())
+
+    def key(self, keyid: int) -> KeyStatus:
+        line = self.read_text(f"keys/{keyid}").strip()
+        f = _fields(line)
+        return KeyStatus(keyid=keyid, state=f.get("state", "?"), fields=f, line=line)
+
+    def key_table(self) -> list[KeyStatus]:
+        return [self.key(k) for k in self.keyids()]
+
+    def program_key(self, payload: str) -> int:
+        """Program ``payload`` on the first free KeyID and return it.
+
+        A KeyID taken by someone else between the read and the write answers
+        EACCES or EBUSY; the next free one is tried.
+        """
+        last: MountError | None = None
+        for status in self.key_table():
+            if status.programmed:
+                continue
+            try:
+                self.command(f"keys/{status.keyid}", payload)
+                return status.keyid
+            except MountError as e:
+                if e.errno not in (errno.EACCES, errno.EBUSY):
+                    raise
+                last = e
+        if last is not None:
+            raise last
+        raise MountError(errno.ENOKEY, "keys/", "no free KeyID")
+
+    def clear_key(self, keyid: int) -> None:
+        self.command(f"keys/{keyid}", "type=clear")
+
+    # -- switches and counters -------------------------------------------
+    def flag(self, rel: str) -> bool:
+        return self.read_text(rel).strip() == "1"
+
+    def set_flag(self, rel: str, on: bool) -> None:
+        self.command(rel, "1" if on else "0")
+
+    def mitigations(self) -> dict[str, bool]:
+        names = sorted(os.listdir(self.root / "mm/mitigations"))
+        return {n: self.flag(f"mm/mitigations/{n}") for n in names}
+
+    def vmstat(self) -> dict[str, int]:
+        out = {}
+        for line in self.read_text("mm/vmstat").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                out[parts[0]] = int(parts[1])
+        return out
+
+    def check(self) -> list[str]:
+        """``mm/check``: [] when every invariant holds."""
+        lines = [ln for ln in self.read_text("mm/check").splitlines() if ln.strip()]
+        return [] if lines == ["ok"] else lines
+
+    # -- cache ------------------------------------------------------------
+    def wbinvd(self) -> None:
+        self.command("hw/cache", "wbinvd")
+
+    def clflush(self, pa: int, length: int, keyid: int) -> None:
+        """CLFLUSH every line of [pa, pa+length) tagged ``keyid``."""
+        for line in range(pa - pa % LINE, pa + length, LINE):
+            self.command("hw/cache", f"clflush {line:#x} keyid={keyid}")
+
+    # -- physical memory --------------------------------------------------
+    def dram(self, pa: int, length: int) -> bytes:
+        return self.pread("dram", pa, length)
+
+    def phys(self, keyid: int, pa: int, length: int) -> bytes:
+        return self.pread(f"keyids/{keyid}/mem", pa, length)
+
+    def page_keyid(self, pfn: int) -> int:
+        return int.from_bytes(self.pread("mm/page_keyid", pfn * 8, 8), "little")
+
+    def page_keyids(self) -> list[int]:
+        data = self.pread("mm/page_keyid", 0, self.phys_mem // PAGE * 8)
+        return [k for (k,) in struct.iter_unpack("<Q", data)]
+
+    def kpageflags(self, pfn: int) -> int:
+        return int.from_bytes(self.pread("mm/kpageflags", pfn * 8, 8), "little")
+
+    # -- spaces -----------------------------------------------------------
+    def spaces(self) -> list[Space]:
+        return [Space(self, n) for n in sorted(os.listdir(self.root / "spaces"))]
+
+    def space(self, name: str) -> Space:
+        if not (self.root / "spaces" / name).is_dir():
+            raise MountError(errno.ENOENT, f"spaces/{name}", "no such address space")
+        return Space(self, name)
+
+    def create_space(self, prefix: str) -> Space:
+        """mkdir ``spaces/PREFIX-PID-RANDOM``: a name nobody else uses."""
+        name = f"{prefix}-{os.getpid()}-{secrets.token_hex(2)}"
+        try:
+            os.mkdir(self.root / "spaces" / name)
+        except OSError as e:
+            raise self._error(e, f"spaces/{name}") from None
+        return Space(self, name)
+
+
+class Space:
+    """``spaces/NAME``: one address space."""
+
+    def __init__(self, mount: Mount, name: str) -> None:
+        self.mount = mount
+        self.name = name
+        self.rel = f"spaces/{name}"
+
+    def __repr__(self) -> str:
+        return f"Space({self.name!r})"
+
+    def ctl(self, command: str) -> None:
+        self.mount.command(f"{self.rel}/ctl", command)
+
+    def mmap(
+        self,
+        va: int,
+        length: int,
+        prot: str = "rw-",
+        keyid: int | None = None,
+        populate: bool = False,
+    ) -> None:
+        cmd = f"mmap {va:#x} {length} {prot}"
+        if keyid is not None:
+            cmd += f" keyid={keyid}"
+        if populate:
+            cmd += " populate"
+        self.ctl(cmd)
+
+    def munmap(self, va: int, length: int) -> None:
+        self.ctl(f"munmap {va:#x} {length}")
+
+    def smaps(self) -> list[Vma]:
+        return parse_smaps(self.mount.read_text(f"{self.rel}/smaps"))
+
+    def maps(self) -> list[Vma]:
+        return parse_smaps(self.mount.read_text(f"{self.rel}/maps"))
+
+    def vma(self, va: int) -> Vma | None:
+        return next((v for v in self.smaps() if va in v), None)
+
+    def read(self, va: int, length: int) -> bytes:
+        return self.mount.pread(f"{self.rel}/mem", va, length)
+
+    def write(self, va: int, data: bytes) -> None:
+        self.mount.pwrite(f"{self.rel}/mem", va, data)
+
+    def pagemap(self, va: int, pages: int = 1) -> list[PagemapEntry]:
+        first = va - va % PAGE
+        data = self.mount.pread(f"{self.rel}/pagemap", first // PAGE * 8, pages * 8)
+        entries = [r for (r,) in struct.iter_unpack("<Q", data)]
+        return [
+            PagemapEntry(va if i == 0 else first + i * PAGE, raw) for i, raw in enumerate(entries)
+        ]
+
+    def translate(self, va: int) -> PagemapEntry:
+        return self.pagemap(va)[0]
+
+    def cr3(self) -> int:
+        return int(self.mount.read_text(f"{self.rel}/cr3").split()[0], 16)
+
+    def flush_tlb(self) -> None:
+        self.mount.command(f"{self.rel}/tlb", "flush")
+
+    def destroy(self) -> None:
+        try:
+            os.rmdir(self.mount.root / self.rel)
+        except OSError as e:
+            raise self.mount._error(e, self.rel) from None
+
+
+# -- the page-table walk ----------------------------------------------------
+
+LEVELS = (("PML4", 39), ("PDPT", 30), ("PD", 21), ("PT", 12))
+
+
+@dataclass(frozen=True)
+class Level:
+    """One step of a walk: which entry was read and what it says."""
+
+    name: str
+    index: int
+    table: int  # physical address of the table page
+    entry: int
+    frame: int  # physical address in the entry, KeyID bits removed
+    keyid: int
+
+    @property
+    def entry_pa(self) -> int:
+        return self.table + self.index * 8
+
+    @property
+    def present(self) -> bool:
+        return bool(self.entry & Pte.P)
+
+    @property
+    def leaf(self) -> bool:
+        return self.name == "PT" or (self.name in ("PDPT", "PD") and bool(self.entry & Pte.PS))
+
+    def flags(self) -> list[str]:
+        return [str(f.name) for f in Pte if self.entry & f]
+
+
+@dataclass(frozen=True)
+class Walk:
+    """The levels read for one virtual address, and where they lead."""
+
+    va: int
+    cr3: int
+    layout: Layout
+    levels: list[Level]
+
+    @property
+    def leaf(self) -> Level | None:
+        last = self.levels[-1] if self.levels else None
+        return last if last is not None and last.present and last.leaf else None
+
+    @property
+    def page_size(self) -> int:
+        return {"PT": 1 << 12, "PD": 1 << 21, "PDPT": 1 << 30}[self.levels[-1].name]
+
+    @property
+    def pa(self) -> int | None:
+        leaf = self.leaf
+        return None if leaf is None else leaf.frame + self.va % self.page_size
+
+    @property
+    def keyid(self) -> int | None:
+        leaf = self.leaf
+        return None if leaf is None else leaf.keyid
+
+
+def _leaf_entry(mount: Mount, cr3: int, va: int) -> int | None:
+    """The 4K leaf entry for ``va``, assuming KeyID-0 table pages (no layout needed)."""
+    table = cr3 & ADDRESS_FIELD
+    for _name, shift in LEVELS:
+        entry = int.from_bytes(mount.phys(0, table + ((va >> shift) & 0x1FF) * 8, 8), "little")
+        if not entry & Pte.P:
+            return None
+        if shift == 12:
+            return entry
+        if entry & Pte.PS:
+            return None
+        table = entry & ADDRESS_FIELD
+    return None
+
+
+def walk(space: Space, va: int) -> Walk:
+    """Walk the 4-level tables of ``space`` for ``va``, reading ``keyids/0/mem``."""
+    mount = space.mount
+    layout = mount.layout
+    cr3 = space.cr3()
+    table = cr3 & ~0xFFF & ((1 << layout.keyid_shift) - 1)
+    levels: list[Level] = []
+    for name, shift in LEVELS:
+        index = (va >> shift) & 0x1FF
+        entry = int.from_bytes(mount.phys(0, table + index * 8, 8), "little")
+        frame, keyid = layout.split(entry)
+        level = Level(name, index, table, entry, frame, keyid)
+        levels.append(level)
+        if not level.present or level.leaf:
+            break
+        table = frame
+    return Walk(va, cr3, layout, levels)
+
+
+# -- searching --------------------------------------------------------------
+
+
+def runs(pfns: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """Sorted PFNs -> (first pfn, count) runs of contiguous pages."""
+    start = count = None
+    for pfn in sorted(set(pfns)):
+        if start is not None and count is not None and pfn == start + count:
+            count += 1
+            continue
+        if start is not None and count is not None:
+            yield start, count
+        start, count = pfn, 1
+    if start is not None and count is not None:
+        yield start, count
+
+
+def find_in(
+    mount: Mount, rel: str, pattern: bytes, start: int, end: int, chunk: int = 1 << 20
+) -> Iterator[int]:
+    """Every address in [start, end) of binary file ``rel`` where ``pattern`` begins."""
+    if not pattern:
+        raise ValueError("empty pattern")
+    overlap = len(pattern) - 1
+    offset = start
+    while offset < end:
+        data = mount.pread(rel, offset, min(chunk + overlap, end - offset))
+        if not data:
+            break
+        limit = min(chunk, len(data))  # matches starting past it come with the next chunk
+        hit = data.find(pattern)
+        while 0 <= hit < limit:
+            yield offset + hit
+            hit = data.find(pattern, hit + 1)
+        offset += chunk
+
+
+def mapped_pages(mount: Mount) -> dict[int, list[tuple[str, int, int | None]]]:
+    """PFN -> [(space, virtual address, VMA KeyID)] for every present user page."""
+    out: dict[int, list[tuple[str, int, int | None]]] = {}
+    for space in mount.spaces():
+        try:
+            vmas = space.smaps()
+        except MountError:
+            continue  # destroyed meanwhile, or not ours
+        for vma in vmas:
+            for entry in space.pagemap(vma.start, vma.size // PAGE):
+                if entry.present:
+                    out.setdefault(entry.pfn, []).append((space.name, entry.va, vma.keyid))
+    return out
+
+
+def mount_from(value: str | None) -> Mount:
+    """The mount named by ``-m`` or ``$MKTME_MNT``; ``NotAMount`` explains what is wrong."""
+    root = value or os.environ.get("MKTME_MNT")
+    if not root:
+        raise NotAMount(errno.EINVAL, "mountpoint", "give -m MNT or set MKTME_MNT")
+    return Mount(root)
+
+
+def sandbox_command() -> str:
+    """``$MKTME_SANDBOX``, else the checkout's .venv/bin/mktme-sandbox, else PATH's."""
+    explicit = os.environ.get("MKTME_SANDBOX")
+    if explicit:
+        return explicit
+    local = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "mktme-sandbox"
+    if local.exists():
+        return str(local)
+    found = shutil.which("mktme-sandbox")
+    if found is None:
+        raise FileNotFoundError(
+            "no mktme-sandbox command: set MKTME_SANDBOX or run scripts/bootstrap"
+        )
+    return found
+
+
+@contextlib.contextmanager
+def fresh_sandbox(
+    *options: str, parent: str | None = None, prefix: str = "mktme-sandbox-"
+) -> Iterator[Mount]:
+    """``mktme-sandbox mount DIR OPTIONS...`` in a new temporary directory; unmount
+    and remove it on the way out, whatever happened."""
+    cmd = sandbox_command()
+    top = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    mnt = os.path.join(top, "mnt")
+    os.mkdir(mnt)
+    try:
+        done = subprocess.run(
+            [cmd, "mount", mnt, *options],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise MountError(errno.EIO, f"{cmd} mount {mnt}", (done.stderr or done.stdout).strip())
+        yield Mount(mnt)
+    finally:
+        subprocess.run(
+            [cmd, "umount", mnt], stdin=subprocess.DEVNULL, capture_output=True, check=False
+        )
+        with contextlib.suppress(OSError):
+            os.rmdir(mnt)
+            os.rmdir(top)

@@ -1,0 +1,52 @@
+"""mktme-find: where a pattern is visible, in DRAM and through which KeyID."""
+
+from __future__ import annotations
+
+import os
+
+from mktmefs import Mount
+from tools_helpers import VA, Run, Tenant
+
+
+def test_help_teaches_with_examples_and_exit_status(tool: Run) -> None:
+    done = tool("mktme-find", "--help")
+    assert done.returncode == 0 and "examples:" in done.stdout and "exit status" in done.stdout
+
+
+def test_an_encrypted_secret_is_visible_through_its_keyid_only(tool: Run, tenant: Tenant) -> None:
+    secret = f"find-me-{os.urandom(6).hex()}"
+    tenant.space.write(VA + 100, secret.encode())
+    tenant.mount.wbinvd()
+    done = tool("mktme-find", "--", secret)
+    assert done.returncode == 0, done.stderr
+    hit = next(
+        line for line in done.stdout.splitlines() if line.startswith(f"keyid {tenant.keyid}")
+    )
+    assert f"{tenant.pa + 100:#014x}" in hit and f"spaces/{tenant.space.name} {VA + 100:#x}" in hit
+    assert "not in: dram, keyid 0" in done.stdout
+
+
+def test_a_no_encrypt_secret_is_in_dram_once_written_back(tool: Run, mnt: Mount) -> None:
+    keyid = mnt.program_key("type=no-encrypt")
+    space = mnt.create_space("findtest")
+    try:
+        space.mmap(VA, 4096, "rw-", keyid=keyid, populate=True)
+        secret = os.urandom(12)
+        space.write(VA, secret)
+        mnt.clflush(space.translate(VA).pa, 64, keyid)
+        done = tool("mktme-find", "-x", "-k", str(keyid), "--", secret.hex())
+        assert done.returncode == 0
+        assert done.stdout.startswith("dram ") and "dram: 1 hit" in done.stdout
+    finally:
+        space.destroy()
+        mnt.clear_key(keyid)
+
+
+def test_a_pattern_found_nowhere_exits_1(tool: Run) -> None:
+    done = tool("mktme-find", "-q", "--range", "0:0x100000", "--", f"absent-{os.urandom(8).hex()}")
+    assert done.returncode == 1 and "visible in no view" in done.stdout
+
+
+def test_bad_hex_is_a_usage_error(tool: Run) -> None:
+    done = tool("mktme-find", "-x", "--", "xyz")
+    assert done.returncode == 2 and "not hex" in done.stderr

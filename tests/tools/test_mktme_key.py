@@ -1,0 +1,69 @@
+"""mktme-key: list, add on the first free KeyID, clear; errors with errno and reason."""
+
+from __future__ import annotations
+
+import os
+
+from mktmefs import Mount
+from tools_helpers import VA, Run, Tenant
+
+
+def test_help_teaches_the_commands_with_examples_and_exit_status(tool: Run) -> None:
+    done = tool("mktme-key", "--help")
+    assert done.returncode == 0
+    for text in ("list", "add cpu|user|no-encrypt", "clear KEYID", "examples:", "exit status"):
+        assert text in done.stdout
+
+
+def test_without_a_mountpoint_it_says_how_to_give_one_and_exits_2(tool: Run) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MKTME_MNT"}
+    done = tool("mktme-key", "list", env=env)
+    assert done.returncode == 2
+    assert "-m MNT or set MKTME_MNT" in done.stderr
+
+
+def test_a_directory_that_is_not_a_mount_is_refused(tool: Run, tmp_path: object) -> None:
+    done = tool("mktme-key", "-m", str(tmp_path), "list")
+    assert done.returncode == 2 and "not an mktme-sandbox mount" in done.stderr
+
+
+def test_add_cpu_prints_the_keyid_list_shows_it_and_clear_frees_it(tool: Run, mnt: Mount) -> None:
+    added = tool("mktme-key", "add", "cpu")
+    assert added.returncode == 0, added.stderr
+    keyid = int(added.stdout)
+    listed = tool("mktme-key", "list").stdout.splitlines()
+    assert f"keyid={keyid} state=programmed type=cpu" in listed[keyid - 1]
+    cleared = tool("mktme-key", "clear", str(keyid))
+    assert cleared.returncode == 0
+    assert not mnt.key(keyid).programmed
+
+
+def test_add_takes_the_first_free_keyid(tool: Run, mnt: Mount) -> None:
+    first = int(tool("mktme-key", "add", "no-encrypt").stdout)
+    second = int(tool("mktme-key", "add", "user", "-a", "aes-xts-256").stdout)
+    try:
+        free = [k.keyid for k in mnt.key_table() if not k.programmed]
+        assert second < min(free)
+        assert mnt.key(first).type == "no-encrypt"
+        assert mnt.key(second).fields["algorithm"] == "aes-xts-256"
+    finally:
+        mnt.clear_key(first)
+        mnt.clear_key(second)
+
+
+def test_equal_key_and_tweak_is_rejected_with_einval_and_the_reason(tool: Run) -> None:
+    same = "00112233445566778899aabbccddeeff"
+    done = tool("mktme-key", "add", "user", "-k", same, "-t", same)
+    assert done.returncode == 1
+    assert "EINVAL" in done.stderr and "equal" in done.stderr
+
+
+def test_clearing_a_keyid_that_is_still_mapped_is_ebusy(tool: Run, tenant: Tenant) -> None:
+    done = tool("mktme-key", "clear", str(tenant.keyid))
+    assert done.returncode == 1 and "EBUSY" in done.stderr
+    assert tenant.space.translate(VA).present
+
+
+def test_unknown_type_is_a_usage_error(tool: Run) -> None:
+    done = tool("mktme-key", "add", "quantum")
+    assert done.returncode == 2 and "unknown key type" in done.stderr
