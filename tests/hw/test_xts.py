@@ -1,0 +1,127 @@
+"""The engine against cryptography's XTS mode, line by line (STYLE habit 8)."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sandbox.errors import SandboxError
+from sandbox.hw.xts import AES_XTS_128, AES_XTS_256, PLAINTEXT, XtsKey, algorithm_named
+
+LINE = 64
+# Line addresses up to 2**52 (MAXPHYADDR's limit): the tweak's upper bytes get exercised.
+line_addresses = st.integers(0, (1 << 52) // LINE - 64).map(lambda n: n * LINE)
+whole_lines = st.integers(1, 9).flatmap(lambda n: st.binary(min_size=n * LINE, max_size=n * LINE))
+
+
+def reference_encrypt(data_key: bytes, tweak_key: bytes, data: bytes, pa: int) -> bytes:
+    """cryptography's XTS, one 64-byte data unit per line, tweak = line address (LE)."""
+    out = []
+    for offset in range(0, len(data), LINE):
+        tweak = (pa + offset).to_bytes(16, "little")
+        encryptor = Cipher(algorithms.AES(data_key + tweak_key), modes.XTS(tweak)).encryptor()
+        out.append(encryptor.update(data[offset : offset + LINE]) + encryptor.finalize())
+    return b"".join(out)
+
+
+@st.composite
+def key_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    size = draw(st.sampled_from([16, 32]))
+    data_key = draw(st.binary(min_size=size, max_size=size))
+    tweak_key = draw(st.binary(min_size=size, max_size=size).filter(lambda t: t != data_key))
+    return data_key, tweak_key
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=key_pairs(), pa=line_addresses, data=whole_lines)
+def test_engine_matches_cryptography_xts_line_by_line(
+    keys: tuple[bytes, bytes], pa: int, data: bytes
+) -> None:
+    engine = XtsKey(*keys)
+    expected = reference_encrypt(*keys, data, pa)
+    assert engine.encrypt(data, pa) == expected
+    assert engine.decrypt(expected, pa) == data
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("lines", [1, 2, 3, 64, 1024, 2500])  # 2500: batches of 1024 + rest
+def test_engine_matches_cryptography_for_both_key_sizes_and_batch_shapes(
+    size: int, lines: int
+) -> None:
+    rng = np.random.default_rng(size * 1000 + lines)
+    data_key, tweak_key = rng.bytes(size), rng.bytes(size)
+    data = rng.bytes(lines * LINE)
+    pa = int(rng.integers(0, 1 << 30)) * LINE
+    assert XtsKey(data_key, tweak_key).encrypt(data, pa) == reference_encrypt(
+        data_key, tweak_key, data, pa
+    )
+
+
+def test_scattered_lines_use_each_line_own_address_as_tweak() -> None:
+    data_key, tweak_key = bytes(range(16)), bytes(range(16, 32))
+    engine = XtsKey(data_key, tweak_key)
+    addresses = np.array([0x40, 0x7FC0, 0x1000, 0x40], dtype=np.uint64)
+    lines = np.frombuffer(bytes(range(256)), dtype=np.uint8).reshape(4, LINE)
+    crypted = engine.encrypt_lines(lines, addresses)
+    for row, pa in enumerate(addresses.tolist()):
+        expected = reference_encrypt(data_key, tweak_key, lines[row].tobytes(), pa)
+        assert crypted[row].tobytes() == expected
+    assert (engine.decrypt_lines(crypted, addresses) == lines).all()
+
+
+def test_key_equal_to_tweak_is_rejected_with_einval() -> None:
+    with pytest.raises(SandboxError) as caught:
+        XtsKey(bytes(16), bytes(16))
+    assert caught.value.errno == errno.EINVAL
+    assert "XTS forbids key == tweak" in str(caught.value)
+
+
+@pytest.mark.parametrize("sizes", [(16, 32), (24, 24), (0, 0), (64, 64)])
+def test_key_sizes_other_than_16_or_32_bytes_each_are_rejected(sizes: tuple[int, int]) -> None:
+    with pytest.raises(SandboxError) as caught:
+        XtsKey(b"\x01" * sizes[0], b"\x02" * sizes[1])
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_key_size_selects_the_algorithm() -> None:
+    assert XtsKey(b"\x01" * 16, b"\x02" * 16).algorithm is AES_XTS_128
+    assert XtsKey(b"\x01" * 32, b"\x02" * 32).algorithm is AES_XTS_256
+
+
+def test_engine_repr_and_str_name_the_algorithm_and_no_key_bytes() -> None:
+    data_key, tweak_key = bytes.fromhex("11" * 16), bytes.fromhex("22" * 16)
+    engine = XtsKey(data_key, tweak_key)
+    for text in (repr(engine), str(engine)):
+        assert "aes-xts-128" in text
+        for secret in (data_key, tweak_key):
+            assert secret.hex() not in text.lower()
+            assert secret.decode("latin-1") not in text
+    assert not hasattr(engine, "__dict__")  # nothing but the slots: no stray key copy
+
+
+def test_unaligned_convenience_calls_are_rejected() -> None:
+    engine = XtsKey(b"\x01" * 16, b"\x02" * 16)
+    with pytest.raises(SandboxError):
+        engine.encrypt(bytes(LINE), 8)
+    with pytest.raises(SandboxError):
+        engine.encrypt(bytes(LINE + 1), 0)
+
+
+def test_plaintext_cipher_is_the_identity() -> None:
+    lines = np.arange(128, dtype=np.uint8).reshape(2, LINE)
+    addresses = np.array([0, LINE], dtype=np.uint64)
+    assert (PLAINTEXT.encrypt_lines(lines, addresses) == lines).all()
+    assert (PLAINTEXT.decrypt_lines(lines, addresses) == lines).all()
+
+
+def test_algorithm_numbers_match_intel_numbering() -> None:
+    assert (AES_XTS_128.code, AES_XTS_128.bit, AES_XTS_128.key_bytes) == (0, 0b001, 16)
+    assert (AES_XTS_256.code, AES_XTS_256.bit, AES_XTS_256.key_bytes) == (2, 0b100, 32)
+    assert algorithm_named("aes-xts-256") is AES_XTS_256
+    with pytest.raises(SandboxError):
+        algorithm_named("aes-gcm")
