@@ -300,7 +300,16 @@ class Machine:
 
     @_locked
     def tme_text(self) -> str:
-        return self.platform.tme_text()
+        """The MSRs decoded, then the address layout the kernel derived from
+        them and from CPUID's MAXPHYADDR (what a tool needs to find the KeyID
+        bits in a PTE)."""
+        layout = self.kernel.layout
+        return self.platform.tme_text() + (
+            f"maxphyaddr {layout.maxphyaddr}\n"
+            f"keyid_shift {layout.keyid_shift}\n"
+            f"keyid_mask {layout.keyid_mask:#018x}\n"
+            f"nr_keyids {layout.nr_keyids}\n"
+        )
 
     @_locked
     def cache_stats(self) -> str:

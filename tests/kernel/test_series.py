@@ -309,3 +309,9 @@ def test_direct_mapping_is_one_power_of_two_region_per_keyid():
     dump = m.ptdump_kernel()
     assert dump.count("---[ Kernel Mapping KeyID") == 8
     assert f"0x{PAGE_OFFSET + 3 * (1 << 40):016x}" in dump and "keyid=7" in dump
+
+
+def test_hw_tme_names_the_keyid_layout_for_tools():
+    text = machine(keyid_bits=3, maxphyaddr=39).tme_text()
+    assert "mk_tme_keyid_bits 3\n" in text
+    assert "maxphyaddr 39\nkeyid_shift 36\nkeyid_mask 0x0000007000000000\nnr_keyids 7\n" in text
