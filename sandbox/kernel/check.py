@@ -15,7 +15,9 @@ Invariants:
 - each page's map count equals the number of PTEs that map it, and no
   anonymous page is allocated without a mapping;
 - the per-KeyID page counts equal a recount of page_ext;
-- free pages are tagged as their pool says (KeyID 0 without pools).
+- free pages are tagged as their pool says (KeyID 0 without pools), each is
+  on exactly one free list and marked free, and no free page is lost;
+- every page-table page hangs in exactly one address space's tree.
 """
 
 from __future__ import annotations
@@ -61,7 +63,26 @@ def check(k: Kernel) -> list[str]:
         _check_ptes(k, mm, found, mapped)
     _check_pages(k, found, mapped)
     _check_pools(k, found)
+    _check_tables(k, found)
     return found.lines()
+
+
+def _check_tables(k: Kernel, found: _Findings) -> None:
+    """Every page-table page belongs to exactly one address space's tree."""
+    owners: Counter[int] = Counter()
+    for mm in k.spaces.values():
+        owners.update(pa >> 12 for pa in k.pt.iter_tables(mm.pgd))
+    for pfn, n in owners.items():
+        if n > 1:
+            found.add("page tables", "table page reachable more than once", f"pfn {pfn:#x} x{n}")
+        if pfn >= k.alloc.nr_pages or not k.alloc.flags[pfn] & PG.PGTABLE:
+            found.add(
+                "page tables", "table entry points to a page that is no table", f"pfn {pfn:#x}"
+            )
+    tables = np.flatnonzero((k.alloc.flags & PG.PGTABLE) != 0)
+    for pfn in tables.tolist():
+        if pfn not in owners:
+            found.add("page tables", "table page in no address space (leaked)", f"pfn {pfn:#x}")
 
 
 def _check_vmas(k: Kernel, mm: MmStruct, found: _Findings) -> None:
@@ -140,7 +161,19 @@ def _check_pages(k: Kernel, found: _Findings, mapped: Counter[int]) -> None:
 
 
 def _check_pools(k: Kernel, found: _Findings) -> None:
-    for keyid, pfns in k.alloc.pools().items():
+    pools = k.alloc.pools()
+    pooled = [p for pfns in pools.values() for p in pfns]
+    counts = Counter(pooled)
+    for pfn, n in counts.items():
+        if n > 1:
+            found.add("free pools", "page on the free lists more than once", f"pfn {pfn:#x} x{n}")
+        if not k.alloc.flags[pfn] & PG.BUDDY:
+            found.add("free pools", "page on a free list is not marked free", f"pfn {pfn:#x}")
+    buddy = np.flatnonzero((k.alloc.flags[: k.alloc.never_used] & PG.BUDDY) != 0)
+    for pfn in buddy.tolist():
+        if pfn not in counts:
+            found.add("free pools", "free page on no free list (leaked)", f"pfn {pfn:#x}")
+    for keyid, pfns in pools.items():
         wrong = [p for p in pfns if int(k.alloc.page_keyid[p]) != keyid]
         if wrong:
             found.add(

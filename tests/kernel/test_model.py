@@ -132,6 +132,16 @@ class VirtualMemory(RuleBasedStateMachine):
     def flush_everything(self):
         self.m.cache_command("wbinvd")
 
+    @rule(name=space_name)
+    def exit_and_respawn(self, name):
+        self.m.destroy_space(name, uid=0)
+        self.m.create_space(name, 0)
+        self.model[name] = {}
+
+    @rule(on=st.booleans())
+    def keyid_free_pools(self, on):
+        self.m.keyid_free_pools = on
+
     # --- invariants ------------------------------------------------------------
 
     @invariant()
