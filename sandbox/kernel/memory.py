@@ -74,6 +74,10 @@ def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -
         return do_anonymous_page(k, mm, vma, addr, write)
     if not found.pte & PteFlags.PRESENT:
         fail(errno.EIO, f"{addr:#x}: the PTE {found.pte:#x} is neither present nor empty")
+    if found.size == HPAGE_SIZE:  # do_huge_pmd_wp_page() falls back to splitting
+        split_huge_pmd(k, mm, addr, found.pte)
+        found = k.pt.get_pte(mm.pgd, addr)
+        assert found is not None
     return do_wp_page(k, mm, vma, addr, found.pte)
 
 

@@ -315,3 +315,17 @@ def test_hw_tme_names_the_keyid_layout_for_tools():
     text = machine(keyid_bits=3, maxphyaddr=39).tme_text()
     assert "mk_tme_keyid_bits 3\n" in text
     assert "maxphyaddr 39\nkeyid_shift 36\nkeyid_mask 0x0000007000000000\nnr_keyids 7\n" in text
+
+
+def test_a_write_to_a_read_only_huge_page_splits_it_and_keeps_the_data():
+    m, a, pattern = hugepage_region(1)
+    m.khugepaged_scan()
+    m.write_virt(a, U + HPAGE - 4, b"mine")  # keep the last page dirty: it gets RW back
+    ctl(m, a, f"mprotect {U:#x} 2M r--")
+    ctl(m, a, f"mprotect {U:#x} 2M rw-")
+    m.kernel.pt.set_pte(m.cr3(a), U, m.kernel.pt.get_pte(m.cr3(a), U).pte & ~2, HPAGE)  # RW off
+    m.flush_tlb(a)
+    m.write_virt(a, U, b"new!")
+    assert m.read_virt(a, U, 8) == b"new!" + pattern[4:8]
+    assert "AnonHugePages:         0 kB" in m.smaps(a)
+    assert m.check() == []
