@@ -1,0 +1,173 @@
+"""Every rejected operation of SPEC section 4's error table, from the shell.
+
+Each case runs one command in bash and checks the errno the shell reports
+(its strerror text), the one dmesg line naming the file and the errno, that
+nothing was half-applied (maps unchanged), and that the daemon still serves.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from sandbox.errors import errno_name
+
+BASE = 0x10000000
+READ_ONLY = 0x20000000
+KEY = "00112233445566778899aabbccddeeff"
+TWEAK = "ffeeddccbbaa99887766554433221100"
+
+
+@pytest.fixture(scope="module")
+def sandbox(module_mount):
+    sandbox = module_mount(phys_mem="16M", seed=2)
+    sandbox.program_key(1)
+    sandbox.program_key(4)
+    sandbox.write_ctl("keys/4", "type=clear")
+    sandbox.create_space("err")
+    sandbox.write_ctl("spaces/err/ctl", f"mmap {BASE:#x} 16K rw- keyid=1 populate")
+    sandbox.write_ctl("spaces/err/ctl", f"mmap {READ_ONLY:#x} 4K r--")
+    return sandbox
+
+
+def user_key(algorithm="aes-xts-128", key=KEY, tweak=TWEAK) -> str:
+    return f"type=user algorithm={algorithm} key={key} tweak={tweak}"
+
+
+def write(path: str, command: str) -> str:
+    return f"echo '{command}' > {path}"
+
+
+CASES = {
+    "malformed key command": (write("keys/2", "type=cpu algorithm"), "keys/2", errno.EINVAL),
+    "unknown key field": (
+        write("keys/2", "type=cpu algorithm=aes-xts-128 colour=red"),
+        "keys/2",
+        errno.EINVAL,
+    ),
+    "bad hex": (write("keys/2", user_key(key="zz" * 16)), "keys/2", errno.EINVAL),
+    "key of the wrong length": (write("keys/2", user_key(key="00" * 15)), "keys/2", errno.EINVAL),
+    "unknown algorithm": (write("keys/2", user_key("aes-xts-512")), "keys/2", errno.EINVAL),
+    "key and tweak equal": (write("keys/2", user_key(tweak=KEY)), "keys/2", errno.EINVAL),
+    "unknown space command": (
+        write("spaces/err/ctl", "frobnicate 0x30000000 4096"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "unaligned address": (
+        write("spaces/err/ctl", "mmap 0x30000001 4096 rw-"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "bad protection": (
+        write("spaces/err/ctl", "mmap 0x30000000 4096 rw+"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "keyid never programmed": (
+        write("spaces/err/ctl", "mmap 0x30000000 4096 rw- keyid=3"),
+        "spaces/err/ctl",
+        errno.ENOKEY,
+    ),
+    "keyid cleared": (
+        write("spaces/err/ctl", "mmap 0x30000000 4096 rw- keyid=4"),
+        "spaces/err/ctl",
+        errno.ENOKEY,
+    ),
+    "encrypt_mprotect to a keyid never programmed": (
+        write("spaces/err/ctl", f"encrypt_mprotect {BASE:#x} 4096 rw- keyid=3"),
+        "spaces/err/ctl",
+        errno.ENOKEY,
+    ),
+    "clear a keyid still mapped": (write("keys/1", "type=clear"), "keys/1", errno.EBUSY),
+    "reprogram a keyid still mapped": (
+        write("keys/1", "type=cpu algorithm=aes-xts-256"),
+        "keys/1",
+        errno.EBUSY,
+    ),
+    "overlapping mapping": (
+        write("spaces/err/ctl", f"mmap {BASE:#x} 4096 rw-"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "outside the user address space": (
+        write("spaces/err/ctl", "mmap 0x900000000000 4096 rw-"),
+        "spaces/err/ctl",
+        errno.ENOMEM,
+    ),
+    "physical memory exhausted": (
+        write("spaces/err/ctl", "mmap 0x40000000 64M rw- populate"),
+        "spaces/err/ctl",
+        errno.ENOMEM,
+    ),
+    "read of an unmapped address": (
+        "dd if=spaces/err/mem bs=64 count=1 skip=$((0x30000000)) iflag=skip_bytes status=none",
+        "spaces/err/mem",
+        errno.EIO,
+    ),
+    "write to a read-only mapping": (
+        f"printf x | dd of=spaces/err/mem bs=1 seek=$(({READ_ONLY})) conv=notrunc status=none",
+        "spaces/err/mem",
+        errno.EIO,
+    ),
+    "bad cache command": (write("hw/cache", "clflush zz"), "hw/cache", errno.EINVAL),
+    "bad switch value": (
+        write("mm/mitigations/ksm_keyid_check", "2"),
+        "mm/mitigations/ksm_keyid_check",
+        errno.EINVAL,
+    ),
+    "bad tlb command": (write("spaces/err/tlb", "flush all"), "spaces/err/tlb", errno.EINVAL),
+    "msr read of a size other than 8": (
+        "dd if=hw/msr bs=4 count=1 skip=$((0x981)) iflag=skip_bytes status=none",
+        "hw/msr",
+        errno.EINVAL,
+    ),
+    "msr that does not exist": (
+        "dd if=hw/msr bs=8 count=1 skip=$((0x10)) iflag=skip_bytes status=none",
+        "hw/msr",
+        errno.EIO,
+    ),
+    "mkdir of a space that exists": ("mkdir spaces/err", None, errno.EEXIST),
+}
+
+
+@pytest.mark.parametrize("script, path, err", CASES.values(), ids=list(CASES))
+def test_a_rejected_operation_gives_its_errno_and_one_dmesg_line(sandbox, sh, script, path, err):
+    maps_before = sandbox.read_text("spaces/err/maps")
+    lines_before = len(sandbox.dmesg().splitlines())
+    done = sh(script, sandbox.path)
+    assert done.returncode != 0
+    assert os.strerror(err) in done.stderr
+    new_lines = sandbox.dmesg().splitlines()[lines_before:]
+    if path is not None:  # EEXIST comes from the kernel's own lookup, not from the daemon
+        assert len(new_lines) == 1
+        assert f"{path}: {errno_name(err)}: " in new_lines[0]
+    assert sandbox.read_text("spaces/err/maps") == maps_before
+    assert sandbox.check() == "ok\n"
+
+
+def test_a_rejected_write_raises_oserror_with_the_errno_in_python(sandbox):
+    fd = os.open(sandbox.path / "spaces/err/ctl", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as raised:
+            os.write(fd, b"mmap 0x30000000 4096 rw- keyid=3\n")
+    finally:
+        os.close(fd)
+    assert raised.value.errno == errno.ENOKEY
+
+
+def test_a_reason_in_dmesg_never_shows_the_key_of_a_rejected_command(sandbox, sh):
+    sh(write("keys/2", user_key(tweak=KEY)), sandbox.path)
+    assert KEY not in sandbox.dmesg()
+    assert KEY.upper() not in sandbox.dmesg()
+
+
+def test_the_daemon_still_serves_after_every_rejection(sandbox, sh):
+    for script, _path, _err in CASES.values():
+        sh(script, sandbox.path)
+    assert sandbox.read_text("README")
+    assert sandbox.check() == "ok\n"
+    sandbox.write_ctl("spaces/err/ctl", "mmap 0x30000000 4096 rw-")
+    sandbox.write_ctl("spaces/err/ctl", "munmap 0x30000000 4096")

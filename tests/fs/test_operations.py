@@ -1,0 +1,162 @@
+"""The FUSE entry points in-process, without a mount: resolution and error reporting.
+
+These check what a mount cannot show: that every node of the tree answers
+getattr/readdir/read, that a missing path is ENOENT without a dmesg line, that
+a ``SandboxError`` becomes its errno plus one dmesg line, and that an
+unexpected exception becomes EIO with only the exception's *type* logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from types import SimpleNamespace
+
+import mfusepy
+import pytest
+
+from sandbox import Machine
+from sandbox.fs import SandboxFS, operations
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    monkeypatch.setattr(operations, "_caller_uid", lambda: 0)  # no FUSE context here
+    return Machine(phys_mem="8M", keyid_bits=2, seed=6)
+
+
+@pytest.fixture
+def fs(machine):
+    return SandboxFS(machine)
+
+
+def read(fs, path: str, size: int = 4096, offset: int = 0) -> bytes:
+    fi = SimpleNamespace(flags=os.O_RDONLY, direct_io=0, fh=0)
+    fs.open(path, fi)
+    try:
+        return fs.read(path, size, offset, fi)
+    finally:
+        fs.release(path, fi)
+
+
+def write(fs, path: str, data: bytes) -> int:
+    fi = SimpleNamespace(flags=os.O_WRONLY | os.O_TRUNC, direct_io=0, fh=0)
+    fs.open(path, fi)
+    try:
+        return fs.write(path, data, 0, fi)
+    finally:
+        fs.release(path, fi)
+
+
+def walk(fs, path="/"):
+    yield path
+    if stat.S_ISDIR(fs.getattr(path)["st_mode"]):
+        for name in fs.readdir(path, None):
+            if name not in (".", ".."):
+                yield from walk(fs, f"{path.rstrip('/')}/{name}")
+
+
+def test_every_node_of_the_tree_answers_getattr_and_its_first_read(fs):
+    fs.mkdir("/spaces/s", 0o755)
+    paths = list(walk(fs))
+    assert "/spaces/s/smaps" in paths and "/mm/mitigations/ksm_keyid_check" in paths
+    for path in paths:
+        attrs = fs.getattr(path)
+        if stat.S_ISREG(attrs["st_mode"]) and fs.tree.resolve(path).readable:
+            if path.endswith(("/spaces/s/mem", "/hw/msr")):
+                continue  # nothing mapped at 0; no MSR at 0
+            read(fs, path, 64)
+
+
+def test_a_missing_path_is_enoent_and_leaves_dmesg_alone(fs):
+    before = fs.machine.dmesg()
+    for path in ("/nope", "/keys/0", "/keys/4", "/keys/01", "/keyids/9/mem", "/spaces/x/ctl"):
+        with pytest.raises(mfusepy.FuseOSError) as raised:
+            fs.getattr(path)
+        assert raised.value.errno == errno.ENOENT
+    assert fs.machine.dmesg() == before
+
+
+def test_a_sandbox_error_becomes_its_errno_and_one_dmesg_line_naming_the_file(fs):
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        write(fs, "/keys/1", b"type=bogus\n")
+    assert raised.value.errno == errno.EINVAL
+    assert fs.machine.dmesg().splitlines()[-1].split("] ", 1)[1].startswith("keys/1: EINVAL: ")
+
+
+def test_an_unexpected_exception_is_eio_with_only_its_type_in_dmesg(machine, monkeypatch):
+    def broken() -> str:
+        raise ValueError("text that might carry data")
+
+    monkeypatch.setattr(machine, "vmstat", broken)
+    fs = SandboxFS(machine)
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        read(fs, "/mm/vmstat")
+    assert raised.value.errno == errno.EIO
+    last = fs.machine.dmesg().splitlines()[-1]
+    assert "mm/vmstat: EIO: internal error (ValueError)" in last
+    assert "might carry data" not in fs.machine.dmesg()
+    assert read(fs, "/README", 10)  # and it goes on serving
+
+
+def test_open_sets_direct_io_on_everything_but_the_readme(fs):
+    for path, direct in (("/README", 0), ("/dmesg", 1), ("/dram", 1), ("/keys/1", 1)):
+        fi = SimpleNamespace(flags=0, direct_io=None, fh=0)
+        fs.open(path, fi)
+        assert fi.direct_io == direct
+
+
+def test_open_refuses_the_direction_a_file_does_not_have(fs):
+    fs.mkdir("/spaces/o", 0o755)
+    for path, flags in (("/mm/vmstat", 1), ("/spaces/o/ctl", 0), ("/hw/msr", 2)):
+        with pytest.raises(mfusepy.FuseOSError) as raised:
+            fs.open(path, SimpleNamespace(flags=flags, direct_io=0, fh=0))
+        assert raised.value.errno == errno.EACCES
+
+
+def test_mkdir_and_rmdir_create_and_destroy_spaces_owned_by_the_caller(fs, monkeypatch):
+    monkeypatch.setattr(operations, "_caller_uid", lambda: 1234)
+    fs.mkdir("/spaces/mine", 0o755)
+    attrs = fs.getattr("/spaces/mine")
+    assert (attrs["st_uid"], attrs["st_mode"] & 0o7777) == (1234, 0o700)
+    fs.rmdir("/spaces/mine")
+    assert "mine" not in fs.readdir("/spaces", None)
+
+
+def test_pconfig_busy_past_the_retries_is_eagain_through_keys_n(fs):
+    fs.machine.inject_pconfig_faults(5, 20)  # DEVICE_BUSY, more often than the kernel retries
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        write(fs, "/keys/1", b"type=cpu algorithm=aes-xts-128\n")
+    assert raised.value.errno == errno.EAGAIN
+    assert "keys/1: EAGAIN: " in fs.machine.dmesg().splitlines()[-1]
+
+
+def test_the_machine_refuses_a_key_command_from_a_writer_who_does_not_own_the_key(fs, monkeypatch):
+    # the kernel's mode check stops other users first; this is the machine's own check
+    write(fs, "/keys/2", b"type=cpu algorithm=aes-xts-128\n")
+    monkeypatch.setattr(operations, "_caller_uid", lambda: 1000)
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        write(fs, "/keys/2", b"type=clear\n")
+    assert raised.value.errno == errno.EACCES
+    assert "keys/2: EACCES: " in fs.machine.dmesg().splitlines()[-1]
+
+
+def test_one_open_reads_one_consistent_text_and_a_read_from_0_renders_again(fs):
+    fi = SimpleNamespace(flags=os.O_RDONLY, direct_io=0, fh=0)
+    fs.open("/dmesg", fi)
+    head = fs.read("/dmesg", 20, 0, fi)
+    with pytest.raises(mfusepy.FuseOSError):
+        write(fs, "/keys/1", b"nonsense\n")  # appends a dmesg line meanwhile
+    first_pass = head + fs.read("/dmesg", 1 << 20, 20, fi)
+    assert b"nonsense" not in first_pass and b"keys/1: EINVAL" not in first_pass
+    assert b"keys/1: EINVAL" in fs.read("/dmesg", 1 << 20, 0, fi)
+    fs.release("/dmesg", fi)
+    assert fs.open_files == {}
+
+
+def test_with_mktme_off_keys_is_empty_and_keyids_has_only_keyid_0():
+    fs = SandboxFS(Machine(phys_mem="8M", keyid_bits=0))
+    assert fs.readdir("/keys", None) == [".", ".."]
+    assert fs.readdir("/keyids", None) == [".", "..", "0"]
+    assert len(read(fs, "/keyids/0/mem", 64)) == 64

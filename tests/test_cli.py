@@ -1,0 +1,178 @@
+"""The ``mktme-sandbox`` command line (SPEC 5), as a user runs it.
+
+Option validation runs in-process with click's runner (no daemon starts); the
+mount, list and umount tests run the installed command in subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import sandbox.bench
+from sandbox import daemon
+from sandbox.cli import cli
+from sandbox.pytest_plugin import fuse_unavailable_reason
+
+needs_fuse = pytest.mark.skipif(
+    fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())
+)
+SCRIPT = Path(sys.executable).with_name("mktme-sandbox")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sandbox.cli"]
+
+
+def mktme(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.fixture
+def mountpoint(tmp_path, monkeypatch):
+    """A mountpoint that is unmounted, and its daemon gone, after the test.
+
+    The daemons started meanwhile log to tmp_path/logs; no log may show a traceback.
+    """
+    mnt, logs = tmp_path / "mnt", tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(logs))
+    yield mnt
+    pids = [d.pid for d in daemon.find_daemons() if d.mountpoint == str(mnt)]
+    daemon.unmount(mnt)
+    assert daemon.wait_for_exit(pids, timeout=10)
+    for log in logs.iterdir():
+        assert "Traceback" not in log.read_text(), log.read_text()
+
+
+# -- validation -----------------------------------------------------------------------
+
+BAD_OPTIONS = {
+    "phys-mem not a size": (["--phys-mem", "lots"], "is not a size"),
+    "phys-mem too small": (["--phys-mem", "2M"], "phys_mem must be a multiple of 2M between 4M"),
+    "phys-mem not 2M-aligned": (["--phys-mem", "5M"], "phys_mem must be a multiple of 2M"),
+    "maxphyaddr": (["--maxphyaddr", "60"], "maxphyaddr must be 32..52"),
+    "keyid-bits": (["--keyid-bits", "16"], "keyid_bits must be 0..15"),
+    "max-keys": (["--max-keys", "2"], "max_keys must be 3..32767"),
+    "algorithms": (["--algorithms", "aes-xts-512"], "algorithms must be a non-empty subset"),
+    "cache-size": (
+        ["--cache-size", "100K"],
+        "cache_size must be 0 (no cache) or a multiple of 64K",
+    ),
+    "seed": (["--seed", "-1"], "seed must be >= 0"),
+    "seed not a number": (["--seed", "x"], "'x' is not a valid integer"),
+    "phys-mem over the keyid bits": (
+        ["--phys-mem", "64G", "--maxphyaddr", "36"],
+        "does not fit below the KeyID bits",
+    ),
+}
+
+
+@pytest.mark.parametrize("args, message", BAD_OPTIONS.values(), ids=list(BAD_OPTIONS))
+def test_a_bad_mount_option_is_refused_with_a_clear_message_and_no_daemon(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["mount", str(tmp_path / "mnt"), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "mnt").exists()
+
+
+def test_help_names_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("mount", "umount", "list", "bench"):
+        assert command in result.output
+
+
+def test_bench_passes_the_named_suites_to_sandbox_bench_run(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sandbox.bench, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+    result = CliRunner().invoke(cli, ["bench", "fs", "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls and calls[0][0] == (["fs"],) and calls[0][1]["as_json"] is True
+
+
+def test_bench_refuses_an_unknown_suite():
+    result = CliRunner().invoke(cli, ["bench", "nosuch"])
+    assert result.exit_code == 2
+    assert "unknown suite nosuch" in result.output
+
+
+def test_umount_of_a_directory_that_is_not_mounted_says_so_and_succeeds(tmp_path):
+    done = mktme("umount", str(tmp_path))
+    assert done.returncode == 0
+    assert "is not mounted" in done.stdout
+
+
+# -- mount, list, umount --------------------------------------------------------------
+
+
+@needs_fuse
+def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(mountpoint):
+    done = mktme("mount", str(mountpoint), "--phys-mem", "8M", "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.strip())
+    log = Path(done.stderr.split("daemon log:")[1].strip())
+    assert log.parent == mountpoint.parent / "logs"
+    assert (mountpoint / "README").read_text()
+    listed = mktme("list").stdout
+    row = next(line for line in listed.splitlines() if line.split()[0] == str(pid))
+    assert row.split()[1] == "8M" and row.split()[-1] == str(mountpoint)
+    done = mktme("umount", str(mountpoint))
+    assert done.returncode == 0 and "unmounted" in done.stdout
+    assert daemon.wait_for_exit([pid], timeout=0)
+    assert not daemon.is_mounted(mountpoint)
+    log = (
+        Path(done.stderr.split("daemon log:")[-1].strip()) if "daemon log:" in done.stderr else None
+    )
+    assert log is None or "Traceback" not in log.read_text()
+
+
+@needs_fuse
+def test_mount_creates_a_missing_mountpoint_and_refuses_a_second_mount_there(mountpoint):
+    assert not mountpoint.exists()
+    assert mktme("mount", str(mountpoint), "--phys-mem", "8M").returncode == 0
+    again = mktme("mount", str(mountpoint), "--phys-mem", "8M")
+    assert again.returncode == 1
+    assert "already serves a sandbox" in again.stderr
+
+
+@needs_fuse
+def test_after_kill_9_umount_recovers_the_stale_mount(mountpoint):
+    pid = int(mktme("mount", str(mountpoint), "--phys-mem", "8M").stdout)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: daemon.is_stale(mountpoint))
+    done = mktme("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert not daemon.is_mounted(mountpoint)
+
+
+@needs_fuse
+def test_after_kill_9_a_new_mount_at_the_same_place_recovers(mountpoint):
+    pid = int(mktme("mount", str(mountpoint), "--phys-mem", "8M").stdout)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: daemon.is_stale(mountpoint))
+    done = mktme("mount", str(mountpoint), "--phys-mem", "8M")
+    assert done.returncode == 0, done.stderr
+    assert (mountpoint / "README").read_text()
+
+
+@needs_fuse
+def test_a_daemon_that_cannot_mount_fails_the_command_with_its_log_tail(mountpoint):
+    blocker = mountpoint.with_name("not-a-dir")
+    blocker.write_text("")
+    done = mktme("mount", str(blocker), "--phys-mem", "8M")
+    assert done.returncode != 0
+    assert "not-a-dir" in done.stderr
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

@@ -1,0 +1,235 @@
+"""The daemon's life (SPEC 5): mount, signals, stale mounts, cleanup helpers.
+
+Daemons are started with ``daemon_argv`` (the foreground ``mount`` command) as
+children of the test, their output in a log that must show no traceback; every
+one is stopped and unmounted whatever the test does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sandbox import daemon
+from sandbox.daemon import DaemonError
+from sandbox.pytest_plugin import fuse_unavailable_reason
+
+needs_fuse = pytest.mark.skipif(
+    fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())
+)
+
+
+class Daemons:
+    """Daemons started by one test; all stopped, unmounted and log-checked at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
+
+    def start(self, mnt: Path, wait: bool = True, **options) -> subprocess.Popen[bytes]:
+        log = self.tmp_path / f"daemon{len(self.started)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                daemon.daemon_argv(mnt, **options),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started.append((proc, mnt, log))
+        if wait:
+            daemon.wait_until_mounted(mnt, proc, timeout=30, log_path=log)
+        return proc
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return next(log for p, _m, log in self.started if p is proc).read_text()
+
+    def close(self) -> None:
+        for proc, mnt, log in self.started:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            daemon.unmount(mnt)
+            assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    started = Daemons(tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+# -- without a mount ------------------------------------------------------------------
+
+
+def test_daemon_argv_runs_mount_in_the_foreground_with_options_and_an_absolute_path(tmp_path):
+    argv = daemon.daemon_argv(
+        "rel",
+        phys_mem="64M",
+        seed=3,
+        algorithms=("aes-xts-128",),
+        tme_bypass=True,
+        allow_other=False,
+        cache_size=None,
+    )
+    assert argv[:5] == [sys.executable, "-m", "sandbox.cli", "mount", "--foreground"]
+    assert argv[5:] == [
+        "--phys-mem",
+        "64M",
+        "--seed",
+        "3",
+        "--algorithms",
+        "aes-xts-128",
+        "--tme-bypass",
+        os.path.abspath("rel"),
+    ]
+
+
+def test_a_plain_directory_is_neither_mounted_nor_stale_and_needs_no_unmount(tmp_path):
+    assert not daemon.is_mounted(tmp_path)
+    assert not daemon.is_stale(tmp_path)
+    assert daemon.mount_type(tmp_path) is None
+    assert daemon.unmount(tmp_path) is False
+    assert daemon.clean_stale(tmp_path) is False
+
+
+def test_prepare_mountpoint_creates_a_missing_directory(tmp_path):
+    path = daemon.prepare_mountpoint(tmp_path / "a" / "b")
+    assert Path(path).is_dir() and os.path.isabs(path)
+
+
+def test_prepare_mountpoint_refuses_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DaemonError, match="cannot create|not a directory"):
+        daemon.prepare_mountpoint(tmp_path / "file")
+
+
+# -- with a mount ---------------------------------------------------------------------
+
+
+@needs_fuse
+def test_a_daemon_that_dies_at_start_is_reported_with_its_log_tail(daemons, tmp_path):
+    proc = daemons.start(tmp_path / "mnt", wait=False, phys_mem="3M")
+    with pytest.raises(DaemonError, match="phys_mem must be a multiple of 2M"):
+        daemon.wait_until_mounted(
+            tmp_path / "mnt", proc, timeout=30, log_path=tmp_path / "daemon0.log"
+        )
+    assert proc.wait(10) != 0
+
+
+@needs_fuse
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
+)
+def test_a_signal_unmounts_cleanly_and_ends_the_daemon(daemons, tmp_path, sig):
+    mnt = tmp_path / "mnt"
+    proc = daemons.start(mnt, phys_mem="8M")
+    assert daemon.mount_type(mnt) == daemon.FSTYPE
+    proc.send_signal(sig)
+    assert proc.wait(10) == 0
+    assert not daemon.is_mounted(mnt)
+    assert "unmounted on a signal" in daemons.log(proc)
+
+
+@needs_fuse
+def test_unmounting_ends_the_daemon(daemons, tmp_path):
+    mnt = tmp_path / "mnt"
+    proc = daemons.start(mnt, phys_mem="8M")
+    assert daemon.unmount(mnt) is True
+    assert proc.wait(10) == 0
+    assert not daemon.is_mounted(mnt)
+
+
+@needs_fuse
+def test_a_busy_mount_is_unmounted_lazily(daemons, tmp_path):
+    mnt = tmp_path / "mnt"
+    proc = daemons.start(mnt, phys_mem="8M")
+    holder = subprocess.Popen(["sleep", "30"], cwd=mnt)  # keeps the mount busy
+    try:
+        assert daemon.unmount(mnt, lazy_fallback=True) is True
+        assert not daemon.is_mounted(mnt)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.wait(10) == 0
+
+
+@needs_fuse
+def test_kill_9_leaves_a_stale_mount_that_clean_stale_removes(daemons, tmp_path):
+    mnt = tmp_path / "mnt"
+    proc = daemons.start(mnt, phys_mem="8M")
+    proc.kill()
+    proc.wait()
+    assert daemon.is_stale(mnt)
+    with pytest.raises(OSError) as raised:
+        os.stat(mnt)
+    assert raised.value.errno == errno.ENOTCONN
+    assert daemon.clean_stale(mnt) is True
+    assert not daemon.is_mounted(mnt)
+
+
+@needs_fuse
+def test_a_new_daemon_at_a_stale_mountpoint_cleans_it_and_serves(daemons, tmp_path):
+    mnt = tmp_path / "mnt"
+    first = daemons.start(mnt, phys_mem="8M")
+    first.kill()
+    first.wait()
+    daemons.start(mnt, phys_mem="8M")
+    assert (mnt / "README").read_text()
+    assert not daemon.is_stale(mnt)
+
+
+@needs_fuse
+def test_prepare_mountpoint_refuses_a_live_sandbox(daemons, tmp_path):
+    mnt = tmp_path / "mnt"
+    daemons.start(mnt, phys_mem="8M")
+    with pytest.raises(DaemonError, match="already serves a sandbox"):
+        daemon.prepare_mountpoint(mnt)
+
+
+@needs_fuse
+def test_find_daemons_lists_a_running_daemon_with_its_mountpoint_and_phys_mem(daemons, tmp_path):
+    mnt = tmp_path / "mnt"
+    proc = daemons.start(mnt, phys_mem="8M")
+    found = {d.pid: d for d in daemon.find_daemons()}
+    assert proc.pid in found
+    info = found[proc.pid]
+    assert (info.mountpoint, info.phys_mem) == (str(mnt), 8 << 20)
+    assert info.rss > 0 and info.uptime >= 0
+
+
+@needs_fuse
+def test_start_detached_returns_the_pid_and_log_once_the_mount_answers(tmp_path):
+    mnt = tmp_path / "mnt"
+    pid, log = daemon.start_detached(mnt, phys_mem="8M")
+    try:
+        assert (mnt / "README").read_text()
+        assert f"pid {pid}" in Path(log).read_text()
+    finally:
+        daemon.unmount(mnt)
+        os.waitpid(pid, 0)
+        text = Path(log).read_text()
+        os.unlink(log)
+    assert "Traceback" not in text
+
+
+@needs_fuse
+def test_a_mountpoint_whose_name_has_a_space_is_recognised_and_unmounted(daemons, tmp_path):
+    mnt = tmp_path / "with space"
+    daemons.start(mnt, phys_mem="8M")
+    assert daemon.mount_type(mnt) == daemon.FSTYPE
+    assert daemon.unmount(mnt) is True
+    assert not daemon.is_mounted(mnt)
