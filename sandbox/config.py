@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALGORITHMS",
-    "KiB",
-    "MiB",
-    "GiB",
-    "TiB",
-    "PAGE_SIZE",
     "LINE_SIZE",
+    "PAGE_SIZE",
+    "GiB",
+    "KiB",
     "MachineConfig",
+    "MiB",
+    "TiB",
     "parse_size",
 ]
 

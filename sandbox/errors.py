@@ -13,7 +13,7 @@ import errno as _errno
 import os
 from typing import NoReturn
 
-__all__ = ["SandboxError", "fail", "errno_name"]
+__all__ = ["SandboxError", "errno_name", "fail"]
 
 
 class SandboxError(OSError):

@@ -133,7 +133,7 @@ class Machine:
 
     def _check_keyid(self, keyid: int) -> None:
         if keyid and not 1 <= keyid <= self.nr_keyids:
-            fail(errno.ENOENT, f"KeyID {keyid} does not exist")
+            fail(errno.EINVAL, f"KeyID {keyid} does not exist (this machine has {self.nr_keyids})")
 
     # --- keys ---------------------------------------------------------------
 
@@ -186,13 +186,13 @@ class Machine:
         cmd = parse_space_command(decode_command(command, "ctl"))
         k = self.kernel
         if cmd.op == "mmap":
-            mmap.do_mmap(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, cmd.populate)
+            mmap.do_mmap(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, cmd.populate, uid)
         elif cmd.op == "munmap":
             mmap.do_munmap(k, mm, cmd.addr, cmd.length)
         elif cmd.op == "mprotect":
             mmap.do_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot)
         elif cmd.op == "encrypt_mprotect":
-            mmap.do_encrypt_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid)
+            mmap.do_encrypt_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, uid)
         else:
             mmap.do_madvise(k, mm, cmd.addr, cmd.length, cmd.advice)
 

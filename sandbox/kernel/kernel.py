@@ -42,6 +42,7 @@ MITIGATIONS: dict[str, str] = {
     "pte_modify_preserve_keyid": "x86/mm: Preserve KeyID on pte_modify() and pgprot_modify()",
     "flush_on_keyid_change": "x86/mm: Implement prep_encrypted_page() and arch_free_page()",
 }
+RESERVED_SPACE_NAMES = ("kernel",)  # pagetables/kernel shows the direct mappings
 _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -112,6 +113,8 @@ class Kernel:
             fail(errno.EINVAL, f"space name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
         if name in self.spaces:
             fail(errno.EEXIST, f"space {name!r} exists")
+        if name in RESERVED_SPACE_NAMES:
+            fail(errno.EINVAL, f"space name {name!r} is taken by pagetables/{name}")
         mm = MmStruct(name, uid, self.pt.create(), self._next_asid)
         self._next_asid += 1
         self.spaces[name] = mm

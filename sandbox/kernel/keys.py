@@ -93,13 +93,17 @@ class KeyService:
             have = f"KeyIDs 1..{self.layout.nr_keyids}" if self.layout.nr_keyids else "no KeyIDs"
             fail(errno.EINVAL, f"{op}: KeyID {keyid} does not exist (this machine has {have})")
 
-    def check_usable(self, keyid: int, op: str) -> None:
-        """KeyID 0 always; others only while programmed (else ENOKEY)."""
+    def check_usable(self, keyid: int, op: str, uid: int) -> None:
+        """KeyID 0 always; others only while programmed (else ENOKEY), and
+        only by their owner or root (else EACCES, as key_task_permission())."""
         if keyid == 0:
             return
         self.check_exists(keyid, op)
-        if self.slot(keyid).state != "programmed":
+        slot = self.slot(keyid)
+        if slot.state != "programmed":
             fail(errno.ENOKEY, f"{op}: KeyID {keyid} has no key (program keys/{keyid} first)")
+        if uid not in (0, slot.owner):
+            fail(errno.EACCES, f"{op}: KeyID {keyid} belongs to uid {slot.owner}")
 
     # --- programming ----------------------------------------------------------
 

@@ -188,27 +188,39 @@ def _vma_for_access(mm: MmStruct, addr: int, write: bool) -> Vma:
     return vma
 
 
-def check_access(mm: MmStruct, addr: int, length: int, write: bool) -> None:
-    """Refuse the whole access before any of it happens (EIO)."""
-    end = addr + length
-    if addr < 0 or end > 1 << 47:
-        fail(errno.EIO, f"{addr:#x}+{length:#x} is outside the user address space")
+def accessible_prefix(mm: MmStruct, addr: int, length: int, write: bool) -> int:
+    """How many bytes from ``addr`` on the VMAs let this access touch."""
+    end = min(addr + length, 1 << 47)
     cursor = addr
+    needed = VM.WRITE if write else VM.READ
     for vma in mm.overlapping(addr, end):
-        if vma.start > cursor:
+        if vma.start > cursor or not vma.vm_flags & needed:
             break
-        _vma_for_access(mm, cursor, write)
         cursor = vma.end
-    if cursor < end:
-        fail(errno.EIO, f"{cursor:#x} is not mapped")
+    return max(0, min(cursor, end) - addr)
+
+
+def check_access(mm: MmStruct, addr: int, length: int, write: bool) -> None:
+    """Refuse the whole access, with the reason for its first bad byte (EIO)."""
+    if addr < 0 or addr + length > 1 << 47:
+        fail(errno.EIO, f"{addr:#x}+{length:#x} is outside the user address space")
+    done = accessible_prefix(mm, addr, length, write)
+    if done < length:
+        _vma_for_access(mm, addr + done, write)  # raises with the reason
+        fail(errno.EIO, f"{addr + done:#x} cannot be accessed")  # pragma: no cover
 
 
 def access_vm(k: Kernel, mm: MmStruct, addr: int, length: int, data: bytes | None) -> bytes:
-    """Read ``length`` bytes at ``addr``, or write ``data`` there.
+    """Read up to ``length`` bytes at ``addr``, or write all of ``data`` there.
 
-    Physically contiguous runs with one KeyID go to the platform in one call.
+    Like /proc/PID/mem, a read stops short at the first byte it may not read
+    and fails with EIO only when that is the first byte; a write is refused
+    whole before any byte is written. Physically contiguous runs with one
+    KeyID go to the platform in one call.
     """
     write = data is not None
+    if not write and 0 <= addr < 1 << 47:
+        length = accessible_prefix(mm, addr, length, False) or length
     check_access(mm, addr, length, write)
     runs = _physical_runs(k, mm, addr, length, write)
     if data is None:

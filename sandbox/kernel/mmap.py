@@ -102,12 +102,19 @@ def _prot_for(k: Kernel, vm_flags: VM, keyid: int) -> int:
 
 
 def do_mmap(
-    k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM, keyid: int, populate: bool
+    k: Kernel,
+    mm: MmStruct,
+    addr: int,
+    length: int,
+    prot: VM,
+    keyid: int,
+    populate: bool,
+    uid: int = 0,
 ) -> None:
     end = _check_range("mmap", addr, length)
     if any(True for _ in mm.overlapping(addr, end)):
         fail(errno.EINVAL, f"mmap: {addr:#x}-{end:#x} overlaps an existing mapping")
-    k.keys.check_usable(keyid, "mmap")
+    k.keys.check_usable(keyid, "mmap", uid)
     mm.insert(Vma(addr, end, prot, _prot_for(k, prot, keyid)))
     if populate:
         try:
@@ -176,10 +183,10 @@ def _exclusive(k: Kernel, pfn: int) -> bool:
 
 
 def do_encrypt_mprotect(
-    k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM, keyid: int
+    k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM, keyid: int, uid: int = 0
 ) -> None:
     end = _check_range("encrypt_mprotect", addr, length)
-    k.keys.check_usable(keyid, "encrypt_mprotect")
+    k.keys.check_usable(keyid, "encrypt_mprotect", uid)
     _check_mapped("encrypt_mprotect", mm, addr, end)
     zap_page_range(k, mm, addr, end)
     for vma in mm.isolate(addr, end):

@@ -121,10 +121,6 @@ def test_a_user_creates_and_uses_its_own_space_and_no_one_else_can(as_user, sand
     assert allowed(as_user(NOBODY, "rmdir spaces/nob && echo type=clear > keys/3"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Machine.space_command does not yet check who owns the KeyID (SPEC 4 EACCES)",
-)
 def test_a_user_cannot_map_memory_with_a_key_it_does_not_own(as_user):
     script = "mkdir spaces/thief && echo 'mmap 0x20000000 4K rw- keyid=1' > spaces/thief/ctl"
     code, output = as_user(NOBODY, script)

@@ -241,3 +241,30 @@ def test_pages_of_different_keyids_never_share_a_frame(m):
     ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1 populate")
     ctl(m, "a", f"mmap {U + PAGE:#x} 4K rw- keyid=2 populate")
     assert pfn_of(m, "a", U) != pfn_of(m, "a", U + PAGE)
+
+
+def test_a_read_stops_short_at_a_hole_like_proc_pid_mem(m):
+    ctl(m, "a", f"mmap {U:#x} 4K rw-")
+    m.write_virt("a", U + PAGE - 3, b"end")
+    assert m.read_virt("a", U + PAGE - 3, 100) == b"end"
+
+
+def test_mapping_another_users_key_is_eacces(m):
+    cpu_key(m, 3, uid=1000)
+    m.create_space("b", uid=2000)
+    for command in (f"mmap {U:#x} 4K rw- keyid=3",):
+        with pytest.raises(SandboxError) as info:
+            ctl(m, "b", command, uid=2000)
+        assert info.value.errno == errno.EACCES
+    ctl(m, "b", f"mmap {U:#x} 4K rw-", uid=2000)
+    with pytest.raises(SandboxError) as info:
+        ctl(m, "b", f"encrypt_mprotect {U:#x} 4K rw- keyid=3", uid=2000)
+    assert info.value.errno == errno.EACCES
+    m.create_space("c", uid=1000)
+    ctl(m, "c", f"mmap {U:#x} 4K rw- keyid=3", uid=1000)
+
+
+def test_the_name_kernel_is_reserved_for_the_direct_mappings(m):
+    with pytest.raises(SandboxError) as info:
+        m.create_space("kernel", uid=0)
+    assert info.value.errno == errno.EINVAL
