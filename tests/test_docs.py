@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,5 +23,6 @@ def python_blocks() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("where", "code"), python_blocks(), ids=[w for w, _ in python_blocks()])
-def test_python_example_in_docs_runs(where, code, capsys):
-    exec(compile(code, where, "exec"), {"__name__": "__docs__"})
+def test_python_example_in_docs_runs(where, code):
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{where} failed:\n{done.stderr}"
