@@ -24,5 +24,7 @@ def python_blocks() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("where", "code"), python_blocks(), ids=[w for w, _ in python_blocks()])
 def test_python_example_in_docs_runs(where, code):
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, f"{where} failed:\n{done.stderr}"
