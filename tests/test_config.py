@@ -15,8 +15,14 @@ def test_defaults_are_the_specs():
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("0x1000", 4096), ("64K", 64 << 10), ("256M", 256 * MiB), ("2g", 2 * GiB),
-     ("16MiB", 16 * MiB)],
+    [
+        ("4096", 4096),
+        ("0x1000", 4096),
+        ("64K", 64 << 10),
+        ("256M", 256 * MiB),
+        ("2g", 2 * GiB),
+        ("16MiB", 16 * MiB),
+    ],
 )
 def test_sizes_parse_as_a_user_types_them(text, value):
     assert parse_size(text) == value
