@@ -26,6 +26,14 @@ def space(m: Machine, name: str = "a", uid: int = 0) -> str:
     return name
 
 
+def two_keys(**options: object) -> tuple[Machine, str]:
+    """A machine with KeyIDs 1 and 2 programmed and one address space, "a"."""
+    m = machine(**options)
+    cpu_key(m, 1)
+    cpu_key(m, 2)
+    return m, space(m)
+
+
 def ctl(m: Machine, name: str, command: str, uid: int = 0) -> None:
     m.space_command(name, command, uid=uid)
 

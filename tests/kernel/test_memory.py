@@ -16,11 +16,7 @@ SECRET = b"tenant secret 42"
 
 
 @pytest.fixture
-def m():
-    m = machine()
-    cpu_key(m, 1)
-    cpu_key(m, 2)
-    space(m)
+def m(m):
     ctl(m, "a", f"mmap {U:#x} 8K rw- keyid=1")
     m.write_virt("a", U, SECRET)
     return m

@@ -11,15 +11,6 @@ from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, smaps_keyids,
 from sandbox import SandboxError
 
 
-@pytest.fixture
-def m():
-    m = machine()
-    cpu_key(m, 1)
-    cpu_key(m, 2)
-    space(m)
-    return m
-
-
 def rejects(m, command: str, err: int, uid: int = 0) -> SandboxError:
     before = (m.maps("a"), m.smaps("a"), m.vmstat())
     with pytest.raises(SandboxError) as info:

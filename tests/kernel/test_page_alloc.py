@@ -4,7 +4,7 @@ and free, the per-KeyID free pools that avoid them, KeyID 0 never flushing."""
 from __future__ import annotations
 
 import pytest
-from kernel_helpers import U, cpu_key, ctl, machine, pfn_of, space, vmstat
+from kernel_helpers import U, ctl, pfn_of, vmstat
 
 
 def churn(m, keyid: int, rounds: int = 5, pages: int = 8) -> dict[str, int]:
@@ -18,11 +18,7 @@ def churn(m, keyid: int, rounds: int = 5, pages: int = 8) -> dict[str, int]:
 
 
 @pytest.fixture
-def m():
-    m = machine()
-    cpu_key(m, 1)
-    cpu_key(m, 2)
-    space(m)
+def m(m):
     ctl(m, "a", f"mmap {U + (4 << 20):#x} 4K rw- populate")  # keeps page tables alive
     return m
 

@@ -487,7 +487,9 @@ class Model:
         return [Leaf(va, *self.leaves[va]) for va in sorted(self.leaves)]
 
     def has_4k_in(self, va2m: int) -> bool:
-        return any(va2m <= va < va2m + SIZE_2M for va in self.leaves if va & (SIZE_2M - 1))
+        return any(
+            va2m <= va < va2m + SIZE_2M and size == SIZE_4K for va, (size, _) in self.leaves.items()
+        )
 
 
 def _apply(pt: PageTables, cr3: int, model: Model, op: Op) -> None:

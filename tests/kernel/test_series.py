@@ -9,26 +9,19 @@ from kernel_helpers import (
     HPAGE,
     PAGE,
     U,
-    cpu_key,
     ctl,
     machine,
     page_keyid,
     pfn_of,
     smaps_keyids,
     space,
+    two_keys,
     vmstat,
 )
 
 from sandbox.kernel.directmap import PAGE_OFFSET
 
 SECRET = b"attack at dawn!!" * 4
-
-
-def two_keys(**options: object):
-    m = machine(**options)
-    cpu_key(m, 1)
-    cpu_key(m, 2)
-    return m, space(m)
 
 
 # --- 01 mm: Do no merge VMAs with different encryption KeyIDs ------------------
