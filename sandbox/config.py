@@ -111,3 +111,27 @@ class MachineConfig:
 
     def replace(self, **changes: object) -> MachineConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_options(cls, base: MachineConfig | None = None, **options: object) -> MachineConfig:
+        """Options as a person or a command line gives them -> a checked config.
+
+        Sizes may be strings (``phys_mem="64M"``), ``algorithms`` a
+        comma-separated string; ``seed=None`` means random. An unknown option
+        is a ``TypeError`` naming the known ones; a bad value a ``ValueError``.
+        """
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"unknown option {', '.join(unknown)} (known: {', '.join(known)})")
+        values = {name: _normalize(name, value) for name, value in options.items()}
+        return (base or cls()).replace(**values)
+
+
+def _normalize(name: str, value: object) -> object:
+    if name in ("phys_mem", "cache_size") and isinstance(value, str):
+        return parse_size(value)
+    if name == "algorithms":
+        parts = value.split(",") if isinstance(value, str) else value
+        return tuple(str(part).strip() for part in parts)  # type: ignore[union-attr]
+    return value

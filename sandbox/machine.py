@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from sandbox.commands import decode_command, parse_space_command
-from sandbox.config import MachineConfig, parse_size
+from sandbox.config import MachineConfig
 from sandbox.errors import SandboxError, errno_name, fail
 from sandbox.hw.platform import Platform
 from sandbox.kernel import check, khugepaged, ksm, memory, mmap, proc
@@ -50,22 +50,13 @@ def _locked(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _config(config: MachineConfig | None, options: dict[str, Any]) -> MachineConfig:
-    for name in ("phys_mem", "cache_size"):
-        if isinstance(options.get(name), str):
-            options[name] = parse_size(options[name])
-    if isinstance(options.get("algorithms"), str):
-        options["algorithms"] = tuple(options["algorithms"].split(","))
-    return (config or MachineConfig()).replace(**options) if options else config or MachineConfig()
-
-
 class Machine:
     """One MKTME machine. ``Machine(phys_mem="64M", seed=1)`` or ``Machine(config)``."""
 
     MITIGATIONS = tuple(MITIGATIONS)
 
     def __init__(self, config: MachineConfig | None = None, **options: Any) -> None:
-        self.config = _config(config, options)
+        self.config = MachineConfig.from_options(config, **options)
         self.owner_uid = os.getuid()
         self._lock = threading.RLock()
         self.platform = Platform(self.config)

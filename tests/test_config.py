@@ -59,3 +59,14 @@ def test_max_keys_and_keyid_bits_both_cap_the_keyids():
     assert MachineConfig(max_keys=5).nr_keyids == 5
     assert MachineConfig(keyid_bits=2).nr_keyids == 3
     assert MachineConfig(keyid_bits=0).nr_keyids == 0
+
+
+def test_options_as_typed_become_a_config():
+    c = MachineConfig.from_options(phys_mem="64M", algorithms="aes-xts-128, aes-xts-256", seed=3)
+    assert c.phys_mem == 64 * MiB and c.algorithms == ("aes-xts-128", "aes-xts-256")
+    assert MachineConfig.from_options(c, keyid_bits=3).phys_mem == 64 * MiB
+
+
+def test_an_unknown_option_names_the_known_ones():
+    with pytest.raises(TypeError, match="unknown option colour .*phys_mem"):
+        MachineConfig.from_options(colour="red")
