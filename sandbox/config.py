@@ -131,7 +131,7 @@ class MachineConfig:
 def _normalize(name: str, value: object) -> object:
     if name in ("phys_mem", "cache_size") and isinstance(value, str):
         return parse_size(value)
-    if name == "algorithms":
+    if name == "algorithms" and isinstance(value, str | tuple | list):
         parts = value.split(",") if isinstance(value, str) else value
-        return tuple(str(part).strip() for part in parts)  # type: ignore[union-attr]
+        return tuple(str(part).strip() for part in parts)
     return value
