@@ -139,11 +139,7 @@ class KeyService:
         kind = fields["type"]
         alg_name = fields.get("algorithm", self.algorithms[0])
         if alg_name not in self.algorithms:
-            fail(
-                errno.EINVAL,
-                f"key: algorithm {alg_name!r} is not activated "
-                f"(activated: {', '.join(self.algorithms)})",
-            )
+            fail(errno.EINVAL, f"key: algorithm= must be one of {', '.join(self.algorithms)}")
         alg = algorithm_named(alg_name)
         key = _hex_field(fields, "key", alg.key_bytes)
         tweak = _hex_field(fields, "tweak", alg.key_bytes)
@@ -182,18 +178,21 @@ class KeyService:
 def parse_payload(payload: str) -> dict[str, str]:
     """``type=cpu algorithm=aes-xts-128`` -> fields, every rule but lengths."""
     fields: dict[str, str] = {}
-    for word in payload.split():
+    for n, word in enumerate(payload.split(), 1):
+        # A payload may hold key material anywhere: name words by position only.
         name, eq, value = word.partition("=")
         if not eq or not value:
-            fail(errno.EINVAL, f"key: {name!r} is not of the form field=value")
-        if name in fields:
-            fail(errno.EINVAL, f"key: field {name!r} given twice")
+            fail(errno.EINVAL, f"key: word {n} is not of the form field=value")
         if name not in ("type", "algorithm", "key", "tweak"):
-            fail(errno.EINVAL, f"key: unknown field {name!r} (type, algorithm, key, tweak)")
+            fail(
+                errno.EINVAL, f"key: word {n} names an unknown field (type, algorithm, key, tweak)"
+            )
+        if name in fields:
+            fail(errno.EINVAL, f"key: field {name} given twice")
         fields[name] = value
     kind = fields.get("type")
     if kind not in _TYPES:
-        fail(errno.EINVAL, f"key: type must be one of {', '.join(_TYPES)}")
+        fail(errno.EINVAL, f"key: type= must be one of {', '.join(_TYPES)}")
     required, optional = _FIELDS[kind]
     missing = required - fields.keys()
     extra = fields.keys() - required - optional

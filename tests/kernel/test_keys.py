@@ -143,6 +143,28 @@ def test_reprogramming_a_key_makes_old_ciphertext_unreadable():
     assert m.read_phys(1, pa, 10) != b"old secret"
 
 
+LEAKY_PAYLOADS = [
+    f"type=user algorithm=aes-xts-128 key={USER_KEY} {USER_TWEAK}",  # forgot tweak=
+    f"type=user algorithm=aes-xts-128 {USER_KEY}=1 tweak={USER_TWEAK}",
+    f"type=user algorithm={USER_KEY} key={USER_KEY} tweak={USER_TWEAK}",
+    f"type={USER_KEY} key={USER_KEY}",
+    f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK} key={USER_KEY}",
+    f"type=user algorithm=aes-xts-128 key={USER_KEY}0 tweak={USER_TWEAK}",
+    f"type=cpu algorithm=aes-xts-128 key={USER_KEY[:-2]}zz",
+]
+
+
+@pytest.mark.parametrize("payload", LEAKY_PAYLOADS)
+def test_a_rejected_payload_never_echoes_key_material(payload):
+    m = machine()
+    with pytest.raises(SandboxError) as info:
+        m.key_command(1, payload, uid=0)
+    m.reject("keys/1", info.value)  # what the filesystem logs for the rejection
+    for text in (m.dmesg(), str(info.value), repr(info.value)):
+        for secret in (USER_KEY, USER_TWEAK, USER_KEY[:-2]):
+            assert secret not in text
+
+
 def test_key_material_appears_in_no_log_status_or_error():
     m = machine()
     m.key_command(1, f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK}", uid=0)
