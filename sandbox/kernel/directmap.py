@@ -5,9 +5,9 @@ memory in page_to_virt() and __pa()").
 The direct mapping of KeyID k starts at ``PAGE_OFFSET + k *
 direct_mapping_size``. The size is a power of two of at least 1 TiB and at
 least the physical memory, so ``__pa()`` is a mask and ``page_to_virt()`` an
-add. If the 64 TiB direct-map area cannot hold one copy for every KeyID the
-hardware can put in an address (``2**keyid_bits`` of them), MKTME is disabled
-at boot, as the later reposts do.
+add. If the 64 TiB direct-map area cannot hold ``nr_keyids + 1`` copies (KeyID 0
+and every MKTME KeyID), MKTME is disabled at boot, as the later reposts do
+(SPEC 3).
 
 Left out: the mappings are not built from page tables (64 copies of every
 page's entry would cost memory for nothing); ``pagetables/kernel`` renders the
@@ -38,15 +38,15 @@ class DirectMap:
     """The layout of the per-KeyID direct mappings of one kernel."""
 
     phys_mem: int
-    copies: int  # KeyIDs mapped: 1 without MKTME, 2**keyid_bits with it
+    copies: int  # KeyIDs mapped: 1 without MKTME, nr_keyids + 1 with it
 
     @property
     def size(self) -> int:
         return direct_mapping_size(self.phys_mem)
 
     @staticmethod
-    def fits(phys_mem: int, keyid_bits: int) -> bool:
-        return (1 << keyid_bits) * direct_mapping_size(phys_mem) <= DIRECT_MAP_AREA
+    def fits(phys_mem: int, nr_keyids: int) -> bool:
+        return (nr_keyids + 1) * direct_mapping_size(phys_mem) <= DIRECT_MAP_AREA
 
     def page_to_virt(self, pfn: int, keyid: int) -> int:
         return PAGE_OFFSET + keyid * self.size + (pfn << 12)

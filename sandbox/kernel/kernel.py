@@ -56,15 +56,15 @@ class Kernel:
         self.vmstat = VmStat()
         self.log.printk("Linux version 4.18.0-mktme-v5 (mktme-sandbox) #1 SMP")
         layout = detect_tme(platform.rdmsr, config.maxphyaddr, self.log.printk)
-        if layout.enabled and not DirectMap.fits(config.phys_mem, layout.keyid_bits):
+        if layout.enabled and not DirectMap.fits(config.phys_mem, layout.nr_keyids):
             self.log.printk(
                 f"x86/mktme: Disabled. Not enough virtual address space: "
-                f"{1 << layout.keyid_bits} direct mappings of "
+                f"{layout.nr_keyids + 1} direct mappings of "
                 f"{DirectMap(config.phys_mem, 1).size >> 40} TiB exceed the 64 TiB area"
             )
             layout = mktme_disabled(layout)
         self.layout = layout
-        self.directmap = DirectMap(config.phys_mem, 1 << layout.keyid_bits if layout.enabled else 1)
+        self.directmap = DirectMap(config.phys_mem, layout.nr_keyids + 1)
         self.pte_layout = PteLayout(config.maxphyaddr, layout.keyid_bits)
         self.mitigations = dict.fromkeys(MITIGATIONS, True)
         self.alloc = PageAllocator(

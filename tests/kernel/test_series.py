@@ -282,9 +282,19 @@ def test_keyid_bits_zero_gives_a_machine_without_mktme():
 
 
 def test_too_many_keyids_for_the_direct_map_area_disable_mktme_at_boot():
-    m = machine(keyid_bits=7, max_keys=63)
+    m = machine(keyid_bits=7, max_keys=127)  # 128 copies of 1 TiB > 64 TiB
     assert m.nr_keyids == 0
     assert "x86/mktme: Disabled. Not enough virtual address space" in m.dmesg()
+    assert m.kernel.directmap.copies == 1
+
+
+def test_nr_keyids_plus_one_copies_that_fill_the_area_exactly_still_fit():
+    m = machine(keyid_bits=7, max_keys=63)  # 64 copies of 1 TiB = 64 TiB
+    assert m.nr_keyids == 63 and m.kernel.directmap.copies == 64
+
+
+def test_the_kernel_maps_only_the_keyids_it_has():
+    assert machine(max_keys=3).ptdump_kernel().count("---[ Kernel Mapping KeyID") == 4
 
 
 def test_max_keys_caps_the_keyids():
