@@ -95,13 +95,52 @@ def _with_options(op: str, addr: int, length: int, prot: VM, words: list[str]) -
     return SpaceCommand(op, addr, length, prot, keyid, populate)
 
 
-def _addr(op: str, word: str) -> int:
-    if not word.lower().startswith("0x"):
-        fail(errno.EINVAL, f"{op}: ADDR must be hex like 0x7f0000000000, not {word!r}")
+@dataclass(frozen=True)
+class CacheCommand:
+    op: str  # "wbinvd" or "clflush"
+    pa: int = 0
+    keyid: int = 0
+
+
+CACHE_USAGE = "wbinvd | clflush PA [keyid=N]"
+
+
+def parse_cache_command(text: str) -> CacheCommand:
+    """``hw/cache``: ``wbinvd`` or ``clflush PA [keyid=N]`` (PA hex)."""
+    words = text.split()
+    if words == ["wbinvd"]:
+        return CacheCommand("wbinvd")
+    if words[0] != "clflush" or not 2 <= len(words) <= 3:
+        fail(errno.EINVAL, f"cache: usage: {CACHE_USAGE}")
+    pa = _hex("clflush", "PA", words[1])
+    keyid = 0
+    if len(words) == 3:
+        name, _, value = words[2].partition("=")
+        if name != "keyid":
+            fail(errno.EINVAL, f"clflush: expected keyid=N, not {words[2]!r}")
+        keyid = _keyid("clflush", value)
+    return CacheCommand("clflush", pa, keyid)
+
+
+def parse_switch(text: str | bytes, what: str) -> bool:
+    """A 1/0 switch file: ``1`` on, ``0`` off."""
+    word = decode_command(text, what)
+    if word not in ("0", "1"):
+        fail(errno.EINVAL, f"{what}: write 1 (on) or 0 (off)")
+    return word == "1"
+
+
+def _hex(op: str, what: str, word: str) -> int:
     try:
         return int(word, 16)
     except ValueError:
-        fail(errno.EINVAL, f"{op}: ADDR {word!r} is not hexadecimal")
+        fail(errno.EINVAL, f"{op}: {what} {word!r} is not hexadecimal")
+
+
+def _addr(op: str, word: str) -> int:
+    if not word.lower().startswith("0x"):
+        fail(errno.EINVAL, f"{op}: ADDR must be hex like 0x7f0000000000, not {word!r}")
+    return _hex(op, "ADDR", word)
 
 
 def _length(op: str, word: str) -> int:

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
-from sandbox.commands import decode_command, parse_space_command
+from sandbox.commands import decode_command, parse_cache_command, parse_space_command
 from sandbox.config import MachineConfig
 from sandbox.errors import SandboxError, errno_name, fail
 from sandbox.hw.platform import Platform
@@ -308,26 +308,13 @@ class Machine:
 
     @_locked
     def cache_command(self, command: str | bytes) -> None:
-        words = decode_command(command, "cache").split()
-        if words == ["wbinvd"]:
+        cmd = parse_cache_command(decode_command(command, "cache"))
+        if cmd.op == "wbinvd":
             self.platform.wbinvd()
             return
-        if words[0] != "clflush" or not 2 <= len(words) <= 3:
-            fail(errno.EINVAL, "cache: usage: wbinvd | clflush PA [keyid=N]")
-        pa = _hex(words[1], "clflush: PA")
-        keyid = 0
-        if len(words) == 3:
-            name, _, value = words[2].partition("=")
-            if name != "keyid" or not value.isdecimal():
-                fail(errno.EINVAL, f"clflush: expected keyid=N, not {words[2]!r}")
-            keyid = int(value)
-        self._check_keyid(keyid)
-        self._check_phys(pa, 1)
-        self.platform.clflush(pa, keyid)
-
-
-def _hex(word: str, what: str) -> int:
-    try:
-        return int(word, 16)
-    except ValueError:
-        fail(errno.EINVAL, f"{what} {word!r} is not hexadecimal")
+        self._check_keyid(cmd.keyid)
+        if cmd.pa >= self.phys_mem:
+            fail(
+                errno.EINVAL, f"clflush: {cmd.pa:#x} is beyond physical memory ({self.phys_mem:#x})"
+            )
+        self.platform.clflush(cmd.pa, cmd.keyid)

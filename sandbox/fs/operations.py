@@ -53,20 +53,20 @@ def _reported(operation: F) -> F:
     """Turn what a handler raises into the errno its caller sees."""
 
     @functools.wraps(operation)
-    def run(self: SandboxFS, path: str, *args: Any) -> Any:
+    def run(self: SandboxFS, path: str | None, *args: Any) -> Any:
+        # FUSE passes no path for a file whose name is gone (rmdir of its space)
+        where = "(deleted)" if path is None else path.lstrip("/")
         try:
             return operation(self, path, *args)
         except SandboxError as err:
-            self.machine.reject(path.lstrip("/"), err)
+            self.machine.reject(where, err)
             raise mfusepy.FuseOSError(err.errno or errno.EIO) from None
         except mfusepy.FuseOSError:
             raise
         except Exception as exc:  # noqa: BLE001 - the daemon keeps serving whatever went wrong
             name = type(exc).__name__
             log.error("internal error in %s: %s", operation.__name__, name)
-            self.machine.reject(
-                path.lstrip("/"), SandboxError(errno.EIO, f"internal error ({name})")
-            )
+            self.machine.reject(where, SandboxError(errno.EIO, f"internal error ({name})"))
             raise mfusepy.FuseOSError(errno.EIO) from None
 
     return run  # type: ignore[return-value]
@@ -131,11 +131,15 @@ class SandboxFS(mfusepy.Operations):
 
     @_reported
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        return self.open_files[fi.fh].read(offset, size)
+        open_file = self.open_files[fi.fh]
+        _still_permitted(open_file, _caller_uid(), 4)
+        return open_file.read(offset, size)
 
     @_reported
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
-        return self.open_files[fi.fh].write(data, offset, _caller_uid())
+        open_file, uid = self.open_files[fi.fh], _caller_uid()
+        _still_permitted(open_file, uid, 2)
+        return open_file.write(data, offset, uid)
 
     def release(self, path: str, fi: Any) -> int:
         self.open_files.pop(fi.fh, None)
@@ -168,6 +172,14 @@ class SandboxFS(mfusepy.Operations):
     def statfs(self, path: str) -> dict[str, int]:
         pages = self.machine.phys_mem // 4096
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": pages, "f_namemax": 255}
+
+
+def _still_permitted(open_file: OpenFile, uid: int, want: int) -> None:
+    """The kernel checks modes only at open; here owners change under open
+    files (a key cleared and programmed by another user, a space destroyed and
+    made again by another), so every read and write checks them again."""
+    if not open_file.node.access().permits(uid, want):
+        raise SandboxError(errno.EACCES, "the file changed owner since it was opened")
 
 
 def fuse_options(allow_other: bool = False, fsname: str = "mktme-sandbox") -> dict[str, Any]:

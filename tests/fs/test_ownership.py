@@ -182,3 +182,43 @@ def test_key_bytes_appear_in_no_readable_file_of_the_tree(sandbox):
                 assert needle not in data, f"key material in {path}"
     assert scanned > 30
     assert "internal error" not in sandbox.dmesg()
+
+
+HOLDER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.pread(fd, 16, int(sys.argv[2]))  # allowed while the file is ours
+print("open", flush=True)
+sys.stdin.readline()
+try:
+    os.pread(fd, 16, int(sys.argv[2]))
+    print("read")
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def test_an_fd_kept_open_across_a_change_of_owner_reads_nothing_of_the_new_owner(as_user, sandbox):
+    import errno
+    import subprocess
+    import sys
+
+    assert allowed(
+        as_user(NOBODY, "mkdir spaces/kept && echo 'mmap 0x20000000 4K rw-' > spaces/kept/ctl")
+    )
+    holder = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", HOLDER, str(sandbox.path / "spaces/kept/mem"), str(0x20000000)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        os.rmdir(sandbox.path / "spaces/kept")  # root removes it ...
+        script = "mkdir spaces/kept && echo 'mmap 0x20000000 4K rw-' > spaces/kept/ctl"
+        assert allowed(as_user(OTHER, script))  # ... and another user takes the name
+        sandbox.write_bytes("spaces/kept/mem", 0x20000000, b"other's secret!!")
+        out, _ = holder.communicate("go\n", timeout=30)
+    finally:
+        holder.kill()
+    assert out.strip() == str(errno.EACCES)
+    assert allowed(as_user(OTHER, "rmdir spaces/kept"))
