@@ -25,6 +25,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
+from sandbox.commands import parse_switch
 from sandbox.errors import SandboxError
 from sandbox.fs.nodes import Access, BlobFile, Dir, Node, TextFile, fixed
 from sandbox.fs.readme import README
@@ -58,9 +59,7 @@ def _flag(setter: Callable[[bool], object]) -> Command:
     """A 1/0 switch."""
 
     def run(text: bytes, uid: int) -> None:
-        if text.strip() not in (b"0", b"1"):
-            raise SandboxError(errno.EINVAL, "write 1 (on) or 0 (off)")
-        setter(text.strip() == b"1")
+        setter(parse_switch(text, "switch"))
 
     return run
 

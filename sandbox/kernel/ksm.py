@@ -19,11 +19,13 @@ pass merges at once), KSM's page-count and sleep tunables, merging of huge pages
 
 from __future__ import annotations
 
+import errno
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sandbox.config import PAGE_SIZE
+from sandbox.errors import fail
 from sandbox.kernel.memory import do_wp_page, mk_pte, pte_page, put_page
 from sandbox.kernel.page_alloc import PG
 from sandbox.kernel.pgtable import PteFlags
@@ -125,10 +127,20 @@ def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
 
 
 def unmerge_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
-    """MADV_UNMERGEABLE: break every KSM page mapped in [start, end)."""
-    for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
+    """MADV_UNMERGEABLE: break every KSM page mapped in [start, end).
+
+    Each break takes a new page: ENOMEM before the first one when there are
+    not enough, so the range is never left half unmerged.
+    """
+    shared = []
+    for va, size, pte in k.pt.iter_present(mm.pgd, start, end):
         pfn = pte_page(k, pte, size)
         if pfn is not None and size == PAGE_SIZE and k.alloc.flags[pfn] & PG.KSM:
-            vma = mm.find_vma(va)
-            assert vma is not None
-            do_wp_page(k, mm, vma, va, pte & ~int(PteFlags.RW))
+            shared.append((va, pte))
+    free = sum(k.alloc.free_pages_by_keyid().values())
+    if len(shared) > free:
+        fail(errno.ENOMEM, f"madvise: unmerging needs {len(shared)} pages, {free} are free")
+    for va, pte in shared:
+        vma = mm.find_vma(va)
+        assert vma is not None
+        do_wp_page(k, mm, vma, va, pte & ~int(PteFlags.RW))

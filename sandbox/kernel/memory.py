@@ -257,12 +257,24 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
         k.pt.clear_pte(mm.pgd, va, size)
         pfn = pte_page(k, pte, size)
-        if pfn is None or k.alloc.is_free(pfn):
+        if pfn is None or not _mapped_page(k, pfn):
             k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
             continue
         put_page(k, pfn)
     k.pt.free_empty_tables(mm.pgd, start, end)
     flush_tlb_range(k, mm, start, end)
+
+
+def _mapped_page(k: Kernel, pfn: int) -> bool:
+    """A page a user PTE may map: the zero page or a mapped anonymous page
+    (never a page table, a free page or a reserved one). A PTE rewritten to
+    point anywhere else is reported and left alone, as Linux's
+    vm_normal_page() reports a bad page map."""
+    flags = int(k.alloc.flags[pfn])
+    if flags & PG.ZERO:
+        return True
+    head = pfn & ~511 if flags & PG.TAIL else pfn
+    return bool(flags & PG.ANON) and k.alloc.mapcount[head] > 0
 
 
 def flush_tlb_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:

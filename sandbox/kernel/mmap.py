@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from sandbox.config import PAGE_SIZE
 from sandbox.errors import fail
 from sandbox.kernel.memory import (
+    HPAGE_SIZE,
     flush_tlb_range,
     handle_mm_fault,
     pte_page,
@@ -115,6 +116,8 @@ def do_mmap(
     if any(True for _ in mm.overlapping(addr, end)):
         fail(errno.EINVAL, f"mmap: {addr:#x}-{end:#x} overlaps an existing mapping")
     k.keys.check_usable(keyid, "mmap", uid)
+    if populate and prot & _ACCESS:
+        _check_populate(k, addr, end, prot, keyid)
     mm.insert(Vma(addr, end, prot, _prot_for(k, prot, keyid)))
     if populate:
         try:
@@ -123,6 +126,18 @@ def do_mmap(
             do_munmap(k, mm, addr, end - addr)
             raise
     vma_merge(k, mm, addr, end)
+
+
+def _check_populate(k: Kernel, start: int, end: int, prot: VM, keyid: int) -> None:
+    """ENOMEM before faulting when the pages cannot all be had: a populate
+    that fails late would hold the machine for minutes, then be undone."""
+    pages = (end - start) >> 12
+    needs_pages = bool(prot & VM.WRITE) or keyid != 0  # else the zero page
+    tables = -(-(end - start) // HPAGE_SIZE) + 2
+    wanted = (pages if needs_pages else 0) + tables
+    free = sum(k.alloc.free_pages_by_keyid().values())
+    if wanted > free:
+        fail(errno.ENOMEM, f"mmap: populate needs {wanted} pages, {free} are free")
 
 
 def _populate(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
@@ -209,7 +224,7 @@ def do_madvise(k: Kernel, mm: MmStruct, addr: int, length: int, advice: str) -> 
     if advice == "unmergeable":
         from sandbox.kernel.ksm import unmerge_range
 
-        unmerge_range(k, mm, addr, end)
+        unmerge_range(k, mm, addr, end)  # checks it can break every KSM page first
     flag = VM.HUGEPAGE if advice == "hugepage" else VM.MERGEABLE
     for vma in mm.isolate(addr, end):
         flags = vma.vm_flags & ~flag if advice == "unmergeable" else vma.vm_flags | flag

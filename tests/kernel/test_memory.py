@@ -84,3 +84,20 @@ def test_garbage_in_the_page_tables_gives_errors_never_a_crash(m):
         except SandboxError:
             pass
     assert m.key_status(1)  # the machine still answers
+
+
+def test_a_pte_pointed_at_a_page_table_is_reported_not_freed(m):
+    pa = pte_address(m, U)
+    pgd_pfn = m.cr3("a") >> 12
+    pte = int.from_bytes(m.read_phys(0, pa, 8), "little")
+    layout = m.kernel.pte_layout
+    forged = (pte & ~layout.pfn_mask) | (pgd_pfn << 12)
+    m.write_phys(0, pa, forged.to_bytes(8, "little"))
+    ctl(m, "a", f"munmap {U:#x} 4K")
+    assert "BUG: Bad page map in space a" in m.dmesg()
+    assert not m.kernel.alloc.is_free(pgd_pfn)
+    ctl(m, "a", f"mmap {U:#x} 4K rw- populate")
+    # the page the PTE used to map is orphaned, and the audit says so; nothing else
+    assert [line.split(":")[1].strip() for line in m.check()] == [
+        "map count differs from the PTEs mapping the page"
+    ]

@@ -259,3 +259,11 @@ def test_the_name_kernel_is_reserved_for_the_direct_mappings(m):
     with pytest.raises(SandboxError) as info:
         m.create_space("kernel", uid=0)
     assert info.value.errno == errno.EINVAL
+
+
+def test_a_populate_larger_than_memory_is_refused_before_any_fault(m):
+    faults = vmstat(m)["pgfault"]
+    with pytest.raises(SandboxError) as info:
+        ctl(m, "a", "mmap 0x100000000000 0x100000000000 r-- populate")  # 16 TiB
+    assert info.value.errno == errno.ENOMEM
+    assert vmstat(m)["pgfault"] == faults and m.maps("a") == ""
