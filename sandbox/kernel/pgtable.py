@@ -529,7 +529,7 @@ class PageTables:
         A huge leaf that starts below ``start`` is yielded with its own address.
         """
         self._check_range("iter_present", start, end)
-        return self._leaves(cr3, 39, 0, start, end)
+        return self._leaves(cr3, 39, 0, start, end, {cr3})
 
     def iter_spans(self, cr3: int, start: int = 0, end: int = USER_END) -> Iterator[Span]:
         """``[start, end)`` cut into leaves and runs of empty entries, each with its level.
@@ -539,12 +539,12 @@ class PageTables:
         which is how arch/x86/mm/dump_pagetables.c reports holes.
         """
         self._check_range("iter_spans", start, end)
-        return self._spans(cr3, 39, 0, start, end)
+        return self._spans(cr3, 39, 0, start, end, {cr3})
 
     def iter_tables(self, cr3: int) -> Iterator[int]:
         """The physical address of every table page of the address space, PGD first."""
         yield cr3
-        yield from self._subtables(cr3, 39)
+        yield from self._subtables(cr3, 39, {cr3})
 
     def free_empty_tables(self, cr3: int, start: int = 0, end: int = USER_END) -> int:
         """Free the table pages under ``[start, end)`` that map nothing (``free_pgtables``).
@@ -554,7 +554,7 @@ class PageTables:
         """
         self._check_range("free_empty_tables", start, end)
         freed: list[int] = []
-        self._prune(cr3, 39, 0, start, end, freed)
+        self._prune(cr3, 39, 0, start, end, freed, {cr3})
         return len(freed)
 
     # -- internals ------------------------------------------------------------
@@ -611,17 +611,38 @@ class PageTables:
         """True when ``e``, an entry of a table with ``1 << shift``-byte entries, points to a table."""
         return shift != PAGE_SHIFT and e & _PRESENT_PSE == _PRESENT
 
-    def _leaves(self, table: int, shift: int, base: int, start: int, end: int) -> Iterator[Leaf]:
+    def _child(self, e: int, shift: int, seen: set[int]) -> int | None:
+        """The table ``e`` points to, once per walk.
+
+        In tables the kernel built every table hangs from exactly one entry;
+        tables rewritten through ``keyids/0/mem`` may point back up or twice at
+        one table, and a walk must still end: a table already seen is skipped.
+        """
+        if not self._is_table(e, shift):
+            return None
+        child = e & self._amask
+        if child in seen:
+            return None
+        seen.add(child)
+        return child
+
+    def _leaves(
+        self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
+    ) -> Iterator[Leaf]:
         indices, values = self._entries(table, shift, base, start, end)
-        size, amask = 1 << shift, self._amask
+        size = 1 << shift
         for i, e in zip(indices, values):
             va = base + (i << shift)
             if self._is_table(e, shift):
-                yield from self._leaves(e & amask, shift - 9, va, start, end)
+                child = self._child(e, shift, seen)
+                if child is not None:
+                    yield from self._leaves(child, shift - 9, va, start, end, seen)
             else:
                 yield Leaf(va, size, e)
 
-    def _spans(self, table: int, shift: int, base: int, start: int, end: int) -> Iterator[Span]:
+    def _spans(
+        self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
+    ) -> Iterator[Span]:
         indices, values = self._entries(table, shift, base, start, end)
         size, level = 1 << shift, _SHIFT_LEVEL[shift]
         cursor, stop = max(start, base), min(end, base + (PTRS_PER_TABLE << shift))
@@ -630,43 +651,52 @@ class PageTables:
             if va > cursor:
                 yield Span(cursor, va - cursor, level, 0)
             if self._is_table(e, shift):
-                yield from self._spans(e & self._amask, shift - 9, va, start, end)
+                child = self._child(e, shift, seen)
+                if child is not None:
+                    yield from self._spans(child, shift - 9, va, start, end, seen)
             else:
                 yield Span(va, size, level, e)
             cursor = va + size
         if stop > cursor:
             yield Span(cursor, stop - cursor, level, 0)
 
-    def _subtables(self, table: int, shift: int) -> Iterator[int]:
+    def _subtables(self, table: int, shift: int, seen: set[int]) -> Iterator[int]:
         if shift == 12:
             return
         _, values = self._entries(table, shift, 0, 0, PTRS_PER_TABLE << shift)
         for e in values:
-            if self._is_table(e, shift):
-                child = e & self._amask
+            child = self._child(e, shift, seen)
+            if child is not None:
                 yield child
-                yield from self._subtables(child, shift - 9)
+                yield from self._subtables(child, shift - 9, seen)
 
     def _free_tree(self, table: int, shift: int) -> int:
         """Free ``table`` (entries of ``1 << shift`` bytes) and every table under it."""
-        children = list(self._subtables(table, shift))
+        children = list(self._subtables(table, shift, {table}))
         for child in reversed(children):
             self._release(child)
         self._release(table)
         return len(children) + 1
 
     def _prune(
-        self, table: int, shift: int, base: int, start: int, end: int, freed: list[int]
+        self,
+        table: int,
+        shift: int,
+        base: int,
+        start: int,
+        end: int,
+        freed: list[int],
+        seen: set[int],
     ) -> bool:
         """Free the empty tables under ``table`` within the range; True if ``table`` is empty."""
         indices, values = self._entries(table, shift, base, base, base + (PTRS_PER_TABLE << shift))
         left = len(values)
         for i, e in zip(indices, values):
             va = base + (i << shift)
-            if va >= end or va + (1 << shift) <= start or not self._is_table(e, shift):
+            if va >= end or va + (1 << shift) <= start:
                 continue
-            child = e & self._amask
-            if self._prune(child, shift - 9, va, start, end, freed):
+            child = self._child(e, shift, seen)
+            if child is not None and self._prune(child, shift - 9, va, start, end, freed, seen):
                 self._store(table + 8 * i, bytes(8))
                 self._release(child)
                 freed.append(child)
