@@ -17,7 +17,8 @@ Invariants:
 - the per-KeyID page counts equal a recount of page_ext;
 - free pages are tagged as their pool says (KeyID 0 without pools), each is
   on exactly one free list and marked free, and no free page is lost;
-- every page-table page hangs in exactly one address space's tree.
+- every page-table page hangs in exactly one address space's tree;
+- every cached TLB translation equals a fresh walk of the tables.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import numpy as np
 
 from sandbox.kernel.memory import pte_page
 from sandbox.kernel.page_alloc import PG
+from sandbox.kernel.pgtable import PteFlags
+from sandbox.kernel.tlb import tlb_entry
 from sandbox.kernel.vma import MmStruct, vma_keyid
 
 if TYPE_CHECKING:
@@ -61,6 +64,7 @@ def check(k: Kernel) -> list[str]:
     for mm in k.spaces.values():
         _check_vmas(k, mm, found)
         _check_ptes(k, mm, found, mapped)
+        _check_tlb(k, mm, found)
     _check_pages(k, found, mapped)
     _check_pools(k, found)
     _check_tables(k, found)
@@ -131,6 +135,30 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: Counter[int])
                 where,
                 "PTE KeyID differs from its VMA's KeyID",
                 f"{va:#x}: PTE KeyID {keyid}, VMA KeyID {vkeyid}",
+            )
+
+
+def _check_tlb(k: Kernel, mm: MmStruct, found: _Findings) -> None:
+    """A cached translation must be what a walk of the tables gives now: the
+    kernel flushes the TLB wherever it changes a PTE. (A PTE rewritten through
+    keyids/0/mem shows here until `echo flush > spaces/NAME/tlb`.)"""
+    where = f"space {mm.name}"
+    for vpn, entry in k.tlb.entries(mm.asid):
+        found_pte = k.pt.get_pte(mm.pgd, vpn << 12)
+        now = (
+            None
+            if found_pte is None
+            else tlb_entry(k.pte_layout, found_pte.pte, found_pte.size, vpn)
+        )
+        if now is None or (now.pfn, now.keyid, now.pte & PteFlags.RW) != (
+            entry.pfn,
+            entry.keyid,
+            entry.pte & PteFlags.RW,
+        ):
+            found.add(
+                where,
+                "TLB entry differs from the page tables (a missing TLB flush)",
+                f"{vpn << 12:#x}",
             )
 
 

@@ -93,6 +93,10 @@ class Tlb:
             self.evictions += 1
         entries[key] = entry
 
+    def entries(self, asid: int) -> list[tuple[int, TlbEntry]]:
+        """(vpn, entry) of every translation cached for one address space."""
+        return [(vpn, entry) for (a, vpn), entry in self._entries.items() if a == asid]
+
     def flush_all(self, asid: int) -> int:
         """Drop every translation of one address space (``flush_tlb_mm``); returns the count."""
         doomed = [key for key in self._entries if key[0] == asid]

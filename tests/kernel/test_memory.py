@@ -38,7 +38,9 @@ def rewrite_keyid(m, va: int, keyid: int) -> None:
 def test_a_pte_changed_in_memory_is_used_only_after_a_tlb_flush(m):
     rewrite_keyid(m, U, 2)
     assert m.read_virt("a", U, len(SECRET)) == SECRET  # stale TLB entry
+    assert any("missing TLB flush" in line for line in m.check())
     m.flush_tlb("a")
+    assert not any("TLB" in line for line in m.check())
     assert m.read_virt("a", U, len(SECRET)) != SECRET
 
 
