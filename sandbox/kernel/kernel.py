@@ -80,7 +80,7 @@ class Kernel:
         self.spaces: dict[str, MmStruct] = {}
         self._next_asid = 1
         self.keys = KeyService(
-            platform.pconfig, platform.wbinvd, layout, config.algorithms,
+            platform.pconfig, platform.key_state, platform.wbinvd, layout, config.algorithms,
             self.log, self.vmstat, self.keyid_in_use,
         )  # fmt: skip
         self.ksm = KsmStats()

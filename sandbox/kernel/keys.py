@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sandbox.errors import fail
-from sandbox.hw.keytable import KeyProgram, PconfigStatus
+from sandbox.hw.keytable import KeyProgram, KeyState, PconfigStatus
 from sandbox.hw.keytable import KeyProgramCommand as Cmd
 from sandbox.hw.xts import algorithm_named
 from sandbox.kernel.mktme import KeyIdLayout
@@ -48,14 +48,25 @@ _FIELDS = {
 _RETRY = (PconfigStatus.ENTROPY_ERROR, PconfigStatus.DEVICE_BUSY)
 
 
+_TYPE_OF_MODE = {"random": "cpu", "direct": "user", "no-encrypt": "no-encrypt"}
+
+
 @dataclass(frozen=True)
 class KeySlot:
-    """What the kernel remembers of a KeyID: never the key itself."""
+    """What may be said of a KeyID: the key table's mode, and its owner."""
 
     state: str = "free"  # free | programmed | cleared
     type: str = "-"
     algorithm: str = "-"
     owner: int | None = None
+
+    @classmethod
+    def of(cls, hw: KeyState, owner: int | None) -> KeySlot:
+        """The hardware's key state (``hw/keytable``) plus the kernel's owner."""
+        if hw.mode in _TYPE_OF_MODE:
+            algorithm = hw.algorithm if hw.mode != "no-encrypt" and hw.algorithm else "-"
+            return cls("programmed", _TYPE_OF_MODE[hw.mode], algorithm, owner)
+        return cls("cleared" if hw.mode == "cleared" else "free")
 
 
 class KeyService:
@@ -64,6 +75,7 @@ class KeyService:
     def __init__(
         self,
         pconfig: Callable[[bytes], PconfigStatus],
+        key_state: Callable[[int], KeyState],
         wbinvd: Callable[[], None],
         layout: KeyIdLayout,
         algorithms: tuple[str, ...],
@@ -72,21 +84,22 @@ class KeyService:
         in_use: Callable[[int], bool],
     ) -> None:
         self._pconfig = pconfig
+        self._key_state = key_state
         self._wbinvd = wbinvd
         self.layout = layout
         self.algorithms = algorithms
         self._log = log
         self._vmstat = vmstat
         self._in_use = in_use
-        self.slots: dict[int, KeySlot] = {}
+        self._owners: dict[int, int] = {}  # the one thing the key table does not know
 
     # --- queries ------------------------------------------------------------
 
     def slot(self, keyid: int) -> KeySlot:
-        return self.slots.get(keyid, KeySlot())
+        return KeySlot.of(self._key_state(keyid), self._owners.get(keyid))
 
     def owner(self, keyid: int) -> int | None:
-        return self.slot(keyid).owner
+        return self._owners.get(keyid)
 
     def check_exists(self, keyid: int, op: str) -> None:
         if not 1 <= keyid <= self.layout.nr_keyids:
@@ -120,18 +133,16 @@ class KeyService:
         self._execute(program)
         kind = fields["type"]
         if kind == "clear":
-            self.slots.pop(keyid, None)
-            self.slots[keyid] = KeySlot(state="cleared")
+            self._owners.pop(keyid, None)
         else:
-            alg = fields.get("algorithm", "-") if kind != "no-encrypt" else "-"
-            self.slots[keyid] = KeySlot("programmed", kind, alg, uid)
+            self._owners[keyid] = uid
         self._log.printk(
             f"mktme: KeyID {keyid} {'cleared' if kind == 'clear' else 'programmed'}"
             f" (type={kind}, uid={uid})"
         )
 
     def _check_owner(self, keyid: int, uid: int) -> None:
-        owner = self.slot(keyid).owner
+        owner = self._owners.get(keyid)
         if owner is not None and uid not in (0, owner):
             fail(errno.EACCES, f"key: KeyID {keyid} belongs to uid {owner}")
 
