@@ -290,6 +290,13 @@ class Machine:
         return self.platform.rdmsr(addr)
 
     @_locked
+    def read_msr_file(self, addr: int, size: int) -> bytes:
+        """``hw/msr`` as /dev/cpu/0/msr: 8-byte reads at offset = MSR number."""
+        if size % 8:
+            fail(errno.EINVAL, "MSRs are read 8 bytes at a time")
+        return self.platform.rdmsr(addr).to_bytes(8, "little") * (size // 8)
+
+    @_locked
     def tme_text(self) -> str:
         """The MSRs decoded, then the address layout the kernel derived from
         them and from CPUID's MAXPHYADDR (what a tool needs to find the KeyID

@@ -20,7 +20,6 @@ mounted with ``default_permissions``:
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -111,7 +110,7 @@ class Tree:
             ("mm", "kpageflags"): BlobFile(8 * (m.phys_mem >> 12), m.kpageflags, info),
             ("mm", "page_keyid"): BlobFile(8 * (m.phys_mem >> 12), m.page_keyid, info),
             ("mm", "check"): TextFile(lambda: _lines(m.check()), info),
-            ("hw", "msr"): BlobFile(MSR_SPACE, self._read_msr, info),
+            ("hw", "msr"): BlobFile(MSR_SPACE, m.read_msr_file, info),
             ("hw", "tme"): TextFile(m.tme_text, info),
             ("hw", "cache"): TextFile(
                 m.cache_stats, control, lambda text, uid: m.cache_command(text)
@@ -141,12 +140,6 @@ class Tree:
 
     def _set_free_pools(self, on: bool) -> None:
         self.machine.keyid_free_pools = on
-
-    def _read_msr(self, addr: int, size: int) -> bytes:
-        """/dev/cpu/0/msr semantics: 8-byte units, each one RDMSR of ``addr``."""
-        if size % 8:
-            raise SandboxError(errno.EINVAL, "MSRs are read 8 bytes at a time")
-        return struct.pack("<Q", self.machine.rdmsr(addr)) * (size // 8)
 
     # -- paths named by a KeyID or an address space ----------------------------------
 

@@ -51,10 +51,6 @@ class KeyIdLayout:
     def keyid_mask(self) -> int:
         return ((1 << self.keyid_bits) - 1) << self.keyid_shift
 
-    @property
-    def phys_bits(self) -> int:
-        return self.maxphyaddr - self.keyid_bits
-
     def valid_keyid(self, keyid: int) -> bool:
         return 0 <= keyid <= self.nr_keyids
 

@@ -162,7 +162,14 @@ def do_munmap(k: Kernel, mm: MmStruct, addr: int, length: int) -> None:
 # --- mprotect / encrypt_mprotect ------------------------------------------------
 
 
+def _nothing_to_do(addr: int, length: int) -> bool:
+    """Linux: an aligned zero-length mprotect or madvise succeeds doing nothing."""
+    return length == 0 and not addr & (PAGE_SIZE - 1)
+
+
 def do_mprotect(k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM) -> None:
+    if _nothing_to_do(addr, length):
+        return
     end = _check_range("mprotect", addr, length)
     _check_mapped("mprotect", mm, addr, end)
     split_huge_pmds(k, mm, addr, end)
@@ -200,6 +207,9 @@ def _exclusive(k: Kernel, pfn: int) -> bool:
 def do_encrypt_mprotect(
     k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM, keyid: int, uid: int = 0
 ) -> None:
+    if _nothing_to_do(addr, length):
+        k.keys.check_usable(keyid, "encrypt_mprotect", uid)
+        return
     end = _check_range("encrypt_mprotect", addr, length)
     k.keys.check_usable(keyid, "encrypt_mprotect", uid)
     _check_mapped("encrypt_mprotect", mm, addr, end)
@@ -216,6 +226,8 @@ def do_encrypt_mprotect(
 def do_madvise(k: Kernel, mm: MmStruct, addr: int, length: int, advice: str) -> None:
     if advice not in ADVICE:
         fail(errno.EINVAL, f"madvise: unknown advice {advice!r} (one of {', '.join(ADVICE)})")
+    if _nothing_to_do(addr, length):
+        return
     end = _check_range("madvise", addr, length)
     _check_mapped("madvise", mm, addr, end)
     if advice == "dontneed":

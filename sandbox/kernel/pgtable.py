@@ -91,7 +91,6 @@ __all__ = [
     "PteLayout",
     "Span",
     "WalkStep",
-    "level_of_size",
 ]
 
 PAGE_SHIFT = 12
@@ -189,14 +188,6 @@ def _size_name(size: int) -> str:
         if size >= 1 << shift and not size & ((1 << shift) - 1):
             return f"{size >> shift}{unit}"
     return str(size)
-
-
-def level_of_size(size: int) -> Level:
-    """The level whose leaf maps ``size`` bytes: 4K -> PTE, 2M -> PMD, 1G -> PUD."""
-    try:
-        return _LEAF_LEVEL[size]
-    except KeyError:
-        fail(errno.EINVAL, f"{size:#x} is not a page size (4K, 2M or 1G)")
 
 
 @dataclass(frozen=True)

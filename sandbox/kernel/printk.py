@@ -27,6 +27,3 @@ class KernelLog:
 
     def text(self) -> str:
         return "".join(line + "\n" for line in self._lines)
-
-    def lines(self) -> list[str]:
-        return list(self._lines)

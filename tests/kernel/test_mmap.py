@@ -267,3 +267,13 @@ def test_a_populate_larger_than_memory_is_refused_before_any_fault(m):
         ctl(m, "a", "mmap 0x100000000000 0x100000000000 r-- populate")  # 16 TiB
     assert info.value.errno == errno.ENOMEM
     assert vmstat(m)["pgfault"] == faults and m.maps("a") == ""
+
+
+def test_zero_length_mprotect_and_madvise_succeed_doing_nothing_as_in_linux(m):
+    before = m.maps("a")
+    ctl(m, "a", f"mprotect {U:#x} 0 r--")
+    ctl(m, "a", f"madvise {U:#x} 0 dontneed")
+    assert m.maps("a") == before
+    with pytest.raises(SandboxError) as info:
+        ctl(m, "a", f"mmap {U:#x} 0 rw-")  # but a zero-length mmap is EINVAL
+    assert info.value.errno == errno.EINVAL
