@@ -12,19 +12,33 @@ Rules it keeps:
 - A load or store with KeyID K hits only lines tagged K. A miss picks the least
   recently used way (free ways first; deterministic), writes that victim back
   if dirty, then fills from DRAM through the engine; a store covering a whole
-  line needs no fill.
+  line needs no fill. ``fill`` (memset) is a store of one repeated byte.
 - A dirty line is encrypted with its KeyID's key *as programmed at write-back
   time* (eviction, CLFLUSH, ``flush_range``, WBINVD): the memory controller
   looks the key up then. Reprogramming a KeyID flushes nothing by itself.
 - DRAM writes do not touch the cache (stale lines stay, as on hardware).
 - ``cache_size`` 0: ``Uncached``, every access goes through the engine to DRAM.
 
-How it is fast: tags ``(line << 16) | keyid`` (-1 = free), dirty bits, ages and
-data live in flat numpy arrays of ``sets * ways`` slots. A buffer is processed in
-chunks of at most ``sets`` consecutive lines, so each set appears once per chunk
-and the whole chunk is looked up, evicted, written back (one encrypt per KeyID)
-and filled (one DRAM read and decrypt) at once. An access inside one line that
-hits takes a short path with no array arithmetic.
+How it is fast: tags, dirty bits, ages and data live in flat numpy arrays of
+``sets * ways`` slots. A buffer is processed in chunks of at most ``sets``
+consecutive lines, so each set appears once per chunk and the whole chunk is
+looked up, evicted, written back (one encrypt per KeyID) and filled (one DRAM
+read and decrypt) at once. A tag is ``(line - set) << 16 | keyid`` (-1 = free):
+the set is implied by the slot, and all the lines of a chunk share one tag, so
+a chunk is looked up by comparing its rows with one number. ``fill`` broadcasts
+its byte into the lines, with no source buffer.
+
+Per physical page, an upper bound of the lines it has in the cache (any KeyID):
+it grows when lines come in, is recounted exactly when a whole page is flushed,
+and is left high (never wrong, only pessimistic) when lines leave by eviction.
+A page whose bound is 0 is answered without looking: ``flush_range`` returns at
+once (the kernel flushes every page it allocates for a new KeyID, usually with
+nothing cached), and a chunk of such pages misses everywhere (a page being
+zeroed) with no search for hits.
+
+An access inside one line that hits takes a short path with no array
+arithmetic; the slot of a recent hit is remembered and trusted once its tag
+confirms it (the page-table walk's 8-byte loads).
 
 Left out: cache levels, prefetching, non-temporal stores, and timing.
 """
@@ -32,21 +46,28 @@ Left out: cache levels, prefetching, non-temporal stores, and timing.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from sandbox.config import LINE_SIZE
+from sandbox.config import LINE_SIZE, PAGE_SIZE
 from sandbox.hw.memctl import MemoryController
 
 __all__ = ["WAYS", "Cache", "CacheStats", "Uncached", "WriteBackCache", "make_cache"]
 
 WAYS = 16
-KEYID_TAG_BITS = 16  # a tag is (line number << 16) | KeyID; KeyIDs have at most 15 bits
+WAY_BITS = WAYS.bit_length() - 1  # slot >> 4 = set
+KEYID_TAG_BITS = 16  # a tag is (line - set) << 16 | KeyID; KeyIDs have at most 15 bits
+KEYID_TAG_MASK = (1 << KEYID_TAG_BITS) - 1
+PAGE_LINES = PAGE_SIZE // LINE_SIZE
 FREE = -1
+_NO_SLOTS = np.empty(0, dtype=np.int64)
+_NO_SLOTS.flags.writeable = False
+_HINTS = 4096  # hints kept before starting over: page-table walks reuse a few hundred lines
+
+Source = np.ndarray | int  # what a store writes: the bytes, or one byte repeated (fill)
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,8 @@ class Cache(Protocol):
 
     def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None: ...
 
+    def fill(self, pa: int, length: int, byte: int, keyid: int) -> None: ...
+
     def clflush(self, pa: int, keyid: int) -> None: ...
 
     def flush_range(self, pa: int, length: int, keyid: int) -> int: ...
@@ -88,12 +111,15 @@ def make_cache(size: int, memory: MemoryController) -> Cache:
     return WriteBackCache(size, memory) if size else Uncached(memory)
 
 
-@dataclass(frozen=True)
-class _Span:
-    """The lines an access touches: ``count`` lines from ``first``; the data at ``offset``."""
+class _Span(NamedTuple):
+    """The lines an access touches: ``lines`` lines from ``first``; the data at ``offset``.
+
+    A NamedTuple rather than a frozen dataclass: one is built per access, and
+    this is the cheaper of the two immutable records.
+    """
 
     first: int
-    count: int
+    lines: int
     offset: int
     length: int
 
@@ -108,7 +134,7 @@ class _Span:
         None when it covers all of them whole (no line needs its old contents).
         """
         head = start == 0 and self.offset != 0
-        tail = stop == self.count and (self.offset + self.length) % LINE_SIZE != 0
+        tail = stop == self.lines and (self.offset + self.length) % LINE_SIZE != 0
         if not (head or tail):
             return None
         partial = np.zeros(stop - start, dtype=bool)
@@ -118,7 +144,7 @@ class _Span:
 
     def numbers(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Line numbers of span-relative lines ``start..stop-1`` (default: all)."""
-        stop = self.count if stop is None else stop
+        stop = self.lines if stop is None else stop
         return np.arange(self.first + start, self.first + stop, dtype=np.int64)
 
     def chunks(self, sets: int) -> Iterator[tuple[int, int]]:
@@ -128,8 +154,8 @@ class _Span:
         appears at most once and its rows are one contiguous block of slots.
         """
         start = 0
-        while start < self.count:
-            stop = min(self.count, start + sets - (self.first + start) % sets)
+        while start < self.lines:
+            stop = min(self.lines, start + sets - (self.first + start) % sets)
             yield start, stop
             start = stop
 
@@ -152,14 +178,22 @@ class WriteBackCache:
         self._row_slots = np.arange(self.sets, dtype=np.int64) * WAYS  # first slot of each set
         self._bytes = self._data.reshape(-1).data
         self._clock = 0
-        self._counts: Counter[str] = Counter()  # CacheStats field -> count
+        # A page's lines fill 64 consecutive sets, so at most 64 * WAYS of them are
+        # cached (a uint16 never overflows); config sizes give a multiple of 64 sets.
+        if self.sets % PAGE_LINES:
+            raise ValueError(f"a cache needs a multiple of {PAGE_LINES} sets, not {self.sets}")
+        self._resident_cap = PAGE_LINES * WAYS
+        self._pages = -(-memory.size // PAGE_SIZE)
+        self._resident = self._nothing_resident()
+        self._hints: dict[int, int] = {}  # line << 16 | keyid -> the slot it was last hit in
+        self._hits = self._misses = self._writebacks = self._flushes = self._wbinvds = 0
 
     def __repr__(self) -> str:
         return f"<WriteBackCache {self.size:#x} bytes, {self.sets} sets x {self.ways} ways>"
 
     @property
     def stats(self) -> CacheStats:
-        return CacheStats(**self._counts)
+        return CacheStats(self._hits, self._misses, self._writebacks, self._flushes, self._wbinvds)
 
     def load(self, pa: int, length: int, keyid: int) -> bytes:
         slot = self._hit_within_line(pa, length, keyid)
@@ -175,30 +209,24 @@ class WriteBackCache:
         return lines.reshape(-1)[span.offset : span.offset + length].tobytes()
 
     def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None:
-        slot = self._hit_within_line(pa, len(data), keyid)
+        length = len(data)
+        slot = self._hit_within_line(pa, length, keyid)
         if slot != FREE:
             start = slot * LINE_SIZE + pa % LINE_SIZE
-            self._bytes[start : start + len(data)] = data
+            self._bytes[start : start + length] = data
             self._dirty[slot] = True
             return
-        span = _Span.of(pa, len(data))
-        source = np.frombuffer(data, dtype=np.uint8)
-        for start, stop in span.chunks(self.sets):
-            partial = span.partial_lines(start, stop)
-            fill = False if partial is None else partial
-            slots = self._lookup(span.first + start, stop - start, keyid, fill)
-            self._dirty[slots] = True
-            begin = start * LINE_SIZE - span.offset  # where these lines start in ``source``
-            if partial is None:
-                self._data[slots] = source[begin : begin + slots.size * LINE_SIZE].reshape(
-                    -1, LINE_SIZE
-                )
-                continue
-            lines = self._data[slots]
-            flat = lines.reshape(-1)
-            low, high = max(-begin, 0), min(span.length - begin, flat.size)
-            flat[low:high] = source[begin + low : begin + high]
-            self._data[slots] = lines
+        self._write(_Span.of(pa, length), np.frombuffer(data, dtype=np.uint8), keyid)
+
+    def fill(self, pa: int, length: int, byte: int, keyid: int) -> None:
+        """``store(pa, bytes([byte]) * length, keyid)``, without building the bytes."""
+        slot = self._hit_within_line(pa, length, keyid)
+        if slot != FREE:
+            offset = pa % LINE_SIZE
+            self._data[slot, offset : offset + length] = byte
+            self._dirty[slot] = True
+            return
+        self._write(_Span.of(pa, length), byte, keyid)
 
     def clflush(self, pa: int, keyid: int) -> None:
         self.flush_range(pa - pa % LINE_SIZE, LINE_SIZE, keyid)
@@ -208,94 +236,158 @@ class WriteBackCache:
         if length <= 0:
             return 0
         span = _Span.of(pa, length)
+        if not self._maybe_resident(span.first, span.lines):
+            return 0
         flushed = 0
         for start, stop in span.chunks(self.sets):
-            first = span.first + start
-            found = np.flatnonzero(
-                self._rows(first, stop - start)
-                == self._tags_of(first, stop - start, keyid)[:, None]
-            )
+            first, count = span.first + start, stop - start
+            rows = self._rows(first, count)
+            found = np.flatnonzero(rows == self._tag(first, keyid))
             if found.size:
-                slots = first % self.sets * WAYS + found  # the rows are contiguous slots
-                self._write_back(slots)
-                self._invalidate(slots)
+                found += first % self.sets * WAYS  # the rows are contiguous slots
+                self._write_back(found)
+                self._invalidate(found)
                 flushed += found.size
-        self._counts["flushes"] += flushed
+            self._recount_pages(first, count, rows, found.size)
+        self._flushes += flushed
         return flushed
 
     def wbinvd(self) -> None:
         """Write back every dirty line, then invalidate the whole cache."""
         self._write_back(np.flatnonzero(self._dirty))
         self._invalidate(slice(None))
-        self._counts["wbinvd"] += 1
+        self._resident = self._nothing_resident()
+        self._wbinvds += 1
 
     def _hit_within_line(self, pa: int, length: int, keyid: int) -> int:
-        """The slot of a hit on an access inside one line, else FREE (take the long path)."""
+        """The slot of a hit on an access inside one line, else FREE (take the long path).
+
+        ``_hints`` remembers where recent hits were (line and KeyID -> slot); a
+        hint is only trusted once the slot's tag confirms it, so nothing that
+        moves lines has to keep the hints up to date.
+        """
         if pa % LINE_SIZE + length > LINE_SIZE:
             return FREE
         line = pa // LINE_SIZE
         index = line % self.sets
-        try:
-            way = self._tag_rows[index].tolist().index(line << KEYID_TAG_BITS | keyid)
-        except ValueError:
-            return FREE
-        slot = index * WAYS + way
+        tag = (line - index) << KEYID_TAG_BITS | keyid
+        key = line << KEYID_TAG_BITS | keyid
+        slot = self._hints.get(key, FREE)
+        if slot == FREE or self._tags.item(slot) != tag:
+            try:
+                slot = index * WAYS + self._tag_rows[index].tolist().index(tag)
+            except ValueError:
+                return FREE
+            if len(self._hints) >= _HINTS:
+                self._hints.clear()
+            self._hints[key] = slot
         self._ages[slot] = self._clock
         self._clock += 1
-        self._counts["hits"] += 1
+        self._hits += 1
         return slot
 
+    def _write(self, span: _Span, source: Source, keyid: int) -> None:
+        """Store ``source`` (bytes, or one byte for every position) over ``span``."""
+        if not (span.offset or span.length % LINE_SIZE) and span.lines <= self._room(span.first):
+            # Whole lines in one chunk (a page being zeroed or copied): no partial lines.
+            slots = self._lookup(span.first, span.lines, keyid, False, store=True)
+            self._data[slots] = _piece(source, 0, span.length, (-1, LINE_SIZE))
+            return
+        for start, stop in span.chunks(self.sets):
+            partial = span.partial_lines(start, stop)
+            fill = False if partial is None else partial
+            slots = self._lookup(span.first + start, stop - start, keyid, fill, store=True)
+            begin = start * LINE_SIZE - span.offset  # where these lines start in ``source``
+            if partial is None:
+                end = begin + slots.size * LINE_SIZE
+                self._data[slots] = _piece(source, begin, end, (-1, LINE_SIZE))
+                continue
+            lines = self._data[slots]
+            flat = lines.reshape(-1)
+            low, high = max(-begin, 0), min(span.length - begin, flat.size)
+            flat[low:high] = _piece(source, begin + low, begin + high)
+            self._data[slots] = lines
+
     def _lookup(
-        self, first: int, count: int, keyid: int, fill: np.ndarray | bool = True
+        self,
+        first: int,
+        count: int,
+        keyid: int,
+        fill: np.ndarray | bool = True,
+        store: bool = False,
     ) -> np.ndarray:
         """Slots holding lines ``first..first+count-1`` for ``keyid``; the lines share no set.
 
         Misses evict the least recently used way, writing it back if dirty, and
         are filled from DRAM where ``fill`` says the old contents are needed (True:
         all lines, False: none, a mask: those lines; a store that overwrites a
-        whole line needs no fill).
+        whole line needs no fill). A ``store`` leaves every slot dirty.
         """
-        tags = self._tags_of(first, count, keyid)
-        set0 = first % self.sets
-        # The rows are contiguous slots and a tag sits in at most one way of its row,
-        # so the flat indexes of the matches are the hit slots, in line order.
-        hits = set0 * WAYS + np.flatnonzero(self._rows(first, count) == tags[:, None])
-        slots = hits if hits.size == count else self._miss(first, tags, hits, keyid, fill)
+        tag = self._tag(first, keyid)
+        if self._maybe_resident(first, count):
+            # The rows are contiguous slots and a tag sits in at most one way of its row,
+            # so the flat indexes of the matches are the hit slots, in line order.
+            hits = np.flatnonzero(self._rows(first, count) == tag)
+            hits += first % self.sets * WAYS
+        else:  # no line of these pages is cached (a page being zeroed): nothing to look for
+            hits = _NO_SLOTS
+        slots = hits if hits.size == count else self._miss(first, count, tag, hits, keyid, fill)
         self._ages[slots] = self._clock
         self._clock += 1
-        self._counts["hits"] += hits.size
-        self._counts["misses"] += count - hits.size
+        if store:
+            self._dirty[slots] = True
+        self._hits += hits.size
+        self._misses += count - hits.size
         return slots
 
     def _miss(
-        self, first: int, tags: np.ndarray, hits: np.ndarray, keyid: int, fill: np.ndarray | bool
+        self,
+        first: int,
+        count: int,
+        tag: int,
+        hits: np.ndarray,
+        keyid: int,
+        fill: np.ndarray | bool,
     ) -> np.ndarray:
-        """``_lookup`` for a chunk with misses: all its slots, the missed lines now allocated."""
+        """``_lookup`` for a chunk with misses: all its slots, the missed lines now allocated.
+
+        Each victim is written back (which leaves it clean) before any line is
+        filled: a victim may be the very line being filled, under another KeyID.
+        """
         set0 = first % self.sets
-        hit = np.zeros(tags.size, dtype=bool)
-        hit[hits // WAYS - set0] = True
-        missed = np.flatnonzero(~hit)
-        victims = self._row_slots[set0 + missed] + self._age_rows[set0 + missed].argmin(axis=1)
+        missed: np.ndarray | None = None
+        if hits.size:
+            hit = np.zeros(count, dtype=bool)
+            hit[(hits >> WAY_BITS) - set0] = True
+            missed = np.flatnonzero(~hit)
+            rows = set0 + missed
+            victims = self._row_slots[rows] + self._age_rows[rows].argmin(axis=1)
+            slots = np.empty(count, dtype=np.int64)
+            slots[hit] = hits
+            slots[missed] = victims
+        else:  # every line missed: no bookkeeping of hits (zeroing a page lands here)
+            slots = victims = self._age_rows[set0 : set0 + count].argmin(axis=1)
+            victims += self._row_slots[set0 : set0 + count]
         self._write_back(victims)
-        self._tags[victims] = tags[missed]
-        self._dirty[victims] = False
-        slots = np.empty(tags.size, dtype=np.int64)
-        slots[hit] = hits
-        slots[missed] = victims
-        needed = _selected(missed, fill)
+        self._tags[victims] = tag
+        self._count_resident(first, count, missed)
+        needed = _selected(count, missed, fill)
         if needed.size:
             self._data[slots[needed]] = self._memory.read_lines(first + needed, keyid)
         return slots
+
+    def _room(self, line: int) -> int:
+        """How many lines from ``line`` on fit in one chunk (before the sets wrap)."""
+        return self.sets - line % self.sets
 
     def _rows(self, first: int, count: int) -> np.ndarray:
         """The tag rows ``[count, WAYS]`` of lines ``first..``, a view (no set wraps)."""
         set0 = first % self.sets
         return self._tag_rows[set0 : set0 + count]
 
-    @staticmethod
-    def _tags_of(first: int, count: int, keyid: int) -> np.ndarray:
-        step = 1 << KEYID_TAG_BITS
-        return np.arange(first * step | keyid, (first + count) * step | keyid, step, dtype=np.int64)
+    def _tag(self, line: int, keyid: int) -> int:
+        """The tag of ``line`` with ``keyid``, shared by the lines of a chunk."""
+        return (line - line % self.sets) << KEYID_TAG_BITS | keyid
 
     def _write_back(self, slots: np.ndarray) -> None:
         """Encrypt the dirty lines among ``slots`` into DRAM: one engine call per KeyID."""
@@ -303,22 +395,78 @@ class WriteBackCache:
         if not dirty.size:
             return
         tags = self._tags[dirty]
-        for keyid, mine in _by_keyid(tags & ((1 << KEYID_TAG_BITS) - 1)):
-            self._memory.write_lines(tags[mine] >> KEYID_TAG_BITS, keyid, self._data[dirty[mine]])
+        lines = tags >> KEYID_TAG_BITS
+        lines += dirty >> WAY_BITS
+        for keyid, mine in _by_keyid(tags & KEYID_TAG_MASK):
+            self._memory.write_lines(lines[mine], keyid, self._data[dirty[mine]])
         self._dirty[dirty] = False
-        self._counts["writebacks"] += int(dirty.size)
+        self._writebacks += int(dirty.size)
 
     def _invalidate(self, slots: np.ndarray | slice) -> None:
         self._tags[slots] = FREE
         self._ages[slots] = FREE
         self._dirty[slots] = False
 
+    # The per-page bound of cached lines, behind flush_range's early answer.
 
-def _selected(lines: np.ndarray, which: np.ndarray | bool) -> np.ndarray:
-    """The ``lines`` (chunk-relative indexes) that ``which`` picks: all, none, or by mask."""
+    def _nothing_resident(self) -> np.ndarray:
+        """A zeroed bound per DRAM page (lazily backed: a 64 GiB machine pays for what it uses)."""
+        return np.zeros(self._pages, dtype=np.uint16)
+
+    def _maybe_resident(self, first: int, count: int) -> bool:
+        """False only if no page of lines ``first..first+count-1`` has a line cached."""
+        first_page = first // PAGE_LINES
+        last_page = (first + count - 1) // PAGE_LINES
+        if first_page == last_page:
+            return bool(self._resident.item(first_page))
+        return bool(self._resident[first_page : last_page + 1].any())
+
+    def _count_resident(self, first: int, count: int, missed: np.ndarray | None) -> None:
+        """Raise the bound of the pages of lines ``first + missed`` (None: all ``count``)."""
+        cap = self._resident_cap
+        page = first // PAGE_LINES
+        if page == (first + count - 1) // PAGE_LINES:  # one page: the usual case
+            added = count if missed is None else missed.size
+            self._resident[page] = min(self._resident.item(page) + added, cap)
+            return
+        lines = np.arange(first, first + count) if missed is None else first + missed
+        np.add.at(self._resident, lines // PAGE_LINES, 1)  # at most 2*cap: no overflow
+        last = (first + count - 1) // PAGE_LINES
+        np.minimum(self._resident[page : last + 1], cap, out=self._resident[page : last + 1])
+
+    def _recount_pages(self, first: int, count: int, rows: np.ndarray, flushed: int) -> None:
+        """Set the exact count of the whole pages among lines ``first..`` (their ``rows``).
+
+        All lines of a page fall in its 64 consecutive sets, so those rows hold
+        every line of the page that is cached: the ones whose tag has the chunk's
+        line part, under any KeyID. A chunk of one page whose bound equals the
+        lines just ``flushed`` from it has none left, without counting.
+        """
+        low = -(-first // PAGE_LINES)
+        high = (first + count) // PAGE_LINES
+        if low >= high:
+            return
+        if count == PAGE_LINES and self._resident.item(low) == flushed:
+            self._resident[low] = 0
+            return
+        whole = rows[(low * PAGE_LINES - first) : (high * PAGE_LINES - first)]
+        own = (whole >> KEYID_TAG_BITS) == first - first % self.sets
+        counts = np.count_nonzero(own.reshape(high - low, PAGE_LINES * WAYS), axis=1)
+        self._resident[low:high] = counts
+
+
+def _piece(source: Source, start: int, stop: int, shape: tuple[int, ...] = (-1,)) -> Source:
+    """Bytes ``start..stop-1`` of ``source`` as ``shape``; a repeated byte is that byte."""
+    return source if isinstance(source, int) else source[start:stop].reshape(shape)
+
+
+def _selected(count: int, missed: np.ndarray | None, which: np.ndarray | bool) -> np.ndarray:
+    """Of the ``missed`` lines (chunk-relative; None: all ``count``), those ``which`` picks."""
     if isinstance(which, np.ndarray):
-        return lines[which[lines]]
-    return lines if which else lines[:0]
+        return np.flatnonzero(which) if missed is None else missed[which[missed]]
+    if not which:
+        return _NO_SLOTS
+    return np.arange(count) if missed is None else missed
 
 
 def _by_keyid(keyids: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
@@ -336,32 +484,35 @@ class Uncached:
 
     def __init__(self, memory: MemoryController) -> None:
         self._memory = memory
-        self._counts: Counter[str] = Counter()  # CacheStats field -> count
+        self._misses = self._wbinvds = 0
 
     def __repr__(self) -> str:
         return "<Uncached>"
 
     @property
     def stats(self) -> CacheStats:
-        return CacheStats(**self._counts)
+        return CacheStats(misses=self._misses, wbinvd=self._wbinvds)
 
     def load(self, pa: int, length: int, keyid: int) -> bytes:
         span = _Span.of(pa, length)
-        self._counts["misses"] += span.count
+        self._misses += span.lines
         lines = self._memory.read_lines(span.numbers(), keyid)
         return lines.reshape(-1)[span.offset : span.offset + length].tobytes()
 
     def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None:
         """Read-modify-write: only lines the data covers in part are read first."""
         span = _Span.of(pa, len(data))
-        self._counts["misses"] += span.count
+        self._misses += span.lines
         numbers = span.numbers()
-        partial = span.partial_lines(0, span.count)
-        lines = np.zeros((span.count, LINE_SIZE), dtype=np.uint8)
+        partial = span.partial_lines(0, span.lines)
+        lines = np.zeros((span.lines, LINE_SIZE), dtype=np.uint8)
         if partial is not None:
             lines[partial] = self._memory.read_lines(numbers[partial], keyid)
         lines.reshape(-1)[span.offset : span.offset + len(data)] = np.frombuffer(data, np.uint8)
         self._memory.write_lines(numbers, keyid, lines)
+
+    def fill(self, pa: int, length: int, byte: int, keyid: int) -> None:
+        self.store(pa, bytes((byte,)) * length, keyid)
 
     def clflush(self, pa: int, keyid: int) -> None:
         """Nothing is ever cached: nothing to flush."""
@@ -370,4 +521,4 @@ class Uncached:
         return 0
 
     def wbinvd(self) -> None:
-        self._counts["wbinvd"] += 1
+        self._wbinvds += 1

@@ -29,6 +29,7 @@ class MemoryController:
     def __init__(self, dram: Dram, keys: KeyTable) -> None:
         self._dram = dram
         self._keys = keys
+        self.size = dram.size  # bytes of DRAM behind it
 
     def read_lines(self, line_numbers: np.ndarray, keyid: int) -> np.ndarray:
         """Plaintext ``[L, 64]`` of lines ``line_numbers`` (``pa // 64``) as KeyID ``keyid`` sees them."""

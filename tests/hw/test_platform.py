@@ -94,7 +94,21 @@ class TestArgumentChecks:
         assert platform.load(16 * MiB, 0) == b""
         platform.store(16 * MiB, b"")
         assert platform.flush_range(0, 0, 0) == 0
+        platform.fill(16 * MiB, 0, 0xFF, 63)
         assert platform.cache.stats.misses == 0
+
+    @pytest.mark.parametrize("keyid", [0, 63])
+    def test_the_last_bytes_of_dram_and_the_last_keyid_are_reachable(
+        self, make_platform: MakePlatform, program: Program, keyid: int
+    ) -> None:
+        platform = make_platform()
+        if keyid:
+            assert program(platform, keyid, RANDOM) is PconfigStatus.PROG_SUCCESS
+        end = 16 * MiB
+        platform.store(end - 8, b"the end!", keyid)
+        assert platform.load(end - 8, 8, keyid) == b"the end!"
+        platform.fill(end - 3, 3, 0x21, keyid)
+        assert platform.load(end - 8, 8, keyid) == b"the e!!!"
 
 
 @pytest.mark.parametrize("cache_size", [2 * MiB, 0], ids=["cache", "no-cache"])

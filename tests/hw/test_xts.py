@@ -125,3 +125,69 @@ def test_algorithm_numbers_match_intel_numbering() -> None:
     assert algorithm_named("aes-xts-256") is AES_XTS_256
     with pytest.raises(SandboxError):
         algorithm_named("aes-gcm")
+
+
+PAGE = 4096
+page_numbers = st.integers(0, (1 << 52) // PAGE - 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    keys=key_pairs(),
+    page=page_numbers,
+    rows=st.lists(st.integers(0, PAGE // LINE - 1), min_size=2, max_size=80),
+)
+def test_lines_of_one_page_in_any_order_match_cryptography_from_the_tweak_table(
+    keys: tuple[bytes, bytes], page: int, rows: list[int]
+) -> None:
+    """Any lines of one page (any order, repeats) take their tweaks from the page's table."""
+    engine = XtsKey(*keys)
+    addresses = np.array([page * PAGE + row * LINE for row in rows], dtype=np.uint64)
+    lines = np.random.default_rng(len(rows)).integers(0, 256, (len(rows), LINE), dtype=np.uint8)
+    for _ in range(3):  # computed directly, then the table is made, then only read
+        crypted = engine.encrypt_lines(lines, addresses)
+        for row, pa in enumerate(addresses.tolist()):
+            expected = reference_encrypt(*keys, lines[row].tobytes(), pa)
+            assert crypted[row].tobytes() == expected
+        assert (engine.decrypt_lines(crypted, addresses) == lines).all()
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        [PAGE - LINE, PAGE],  # the last line of a page and the first of the next
+        [PAGE, PAGE - LINE],  # the same, the higher page first: the lower one wraps
+        [3 * PAGE + 128, 3 * PAGE + 64, 9 * PAGE],
+        [PAGE, 7 * PAGE, PAGE + LINE],  # first and last in one page, not the middle
+        [5 * PAGE + LINE, 4 * PAGE, 5 * PAGE],  # the same, the middle one page lower
+    ],
+)
+def test_lines_of_several_pages_are_not_taken_from_one_page_table(addresses: list[int]) -> None:
+    data_key, tweak_key = bytes(range(16)), bytes(range(16, 32))
+    engine = XtsKey(data_key, tweak_key)
+    lines = np.arange(len(addresses) * LINE, dtype=np.uint8).reshape(-1, LINE)
+    for _ in range(3):  # as often as it takes one page to get a table
+        crypted = engine.encrypt_lines(lines, np.array(addresses, dtype=np.uint64))
+        for row, pa in enumerate(addresses):
+            assert crypted[row].tobytes() == reference_encrypt(
+                data_key, tweak_key, lines[row].tobytes(), pa
+            )
+
+
+def test_tweak_tables_are_made_on_a_second_sight_kept_for_recent_pages_and_stay_right(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sandbox.hw.xts._TWEAK_PAGES", 2)
+    monkeypatch.setattr("sandbox.hw.xts._SEEN_PAGES", 3)
+    data_key, tweak_key = bytes(range(16)), bytes(range(16, 32))
+    engine = XtsKey(data_key, tweak_key)
+    data = bytes(range(256))  # four lines
+    engine.encrypt(data, 5 * PAGE)
+    assert not engine._page_tweaks  # seen once: no table
+    for page in (5, 6, 7, 8, 5, 6, 9, 7, 5, 5, 8, 6):
+        assert engine.encrypt(data, page * PAGE) == reference_encrypt(
+            data_key, tweak_key, data, page * PAGE
+        )
+        assert len(engine._page_tweaks) <= 2
+        assert len(engine._pages_seen) <= 3
+    assert engine._page_tweaks  # some pages were seen again in time
