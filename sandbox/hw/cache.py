@@ -429,10 +429,17 @@ class WriteBackCache:
             added = count if missed is None else missed.size
             self._resident[page] = min(self._resident.item(page) + added, cap)
             return
-        lines = np.arange(first, first + count) if missed is None else first + missed
-        np.add.at(self._resident, lines // PAGE_LINES, 1)  # at most 2*cap: no overflow
         last = (first + count - 1) // PAGE_LINES
-        np.minimum(self._resident[page : last + 1], cap, out=self._resident[page : last + 1])
+        window = self._resident[page : last + 1]
+        if missed is None:
+            # contiguous lines: whole pages get 64, the two ends what they hold
+            added = np.full(last - page + 1, PAGE_LINES, dtype=np.int64)
+            added[0] = PAGE_LINES - first % PAGE_LINES
+            added[-1] -= (-(first + count)) % PAGE_LINES
+        else:
+            pages = (first + missed) // PAGE_LINES - page
+            added = np.bincount(pages, minlength=last - page + 1)
+        np.minimum(window + added, cap, out=window, casting="unsafe")
 
     def _recount_pages(self, first: int, count: int, rows: np.ndarray, flushed: int) -> None:
         """Set the exact count of the whole pages among lines ``first..`` (their ``rows``).
