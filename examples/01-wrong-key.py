@@ -15,26 +15,22 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, CannotRun, Lab, hexline, main
+from lab import BASE, LINE, CannotRun, Lab, hexline, main
 
 
 def run(lab: Lab) -> None:
     m = lab.m
-    k = lab.key("cpu")
-    lab.step(f"programmed KeyID {k} with a CPU-generated key (keys/{k})")
+    page = lab.tenant_page("exp1")
+    k, sp, pa = page.keyid, page.space, page.pa
     try:
         other = lab.key("cpu")
         lab.step(f"programmed KeyID {other} for a second tenant")
     except CannotRun:
         other = None
         lab.note("no second free KeyID: the wrong key is KeyID 0 only")
-    sp = lab.space("exp1")
-    sp.mmap(BASE, PAGE, "rw-", keyid=k, populate=True)
-    lab.step(f"mapped {BASE:#x} +4K with KeyID {k} in spaces/{sp.name}")
     secret = f"TOP SECRET {secrets.token_hex(8)} ".encode().ljust(LINE, b"#")
     sp.write(BASE, secret)
-    pa = lab.physical(sp, BASE)
-    lab.step(f"wrote a 64-byte secret at {BASE:#x}; pagemap: physical {pa:#x}")
+    lab.step(f"wrote a 64-byte secret at {BASE:#x}")
 
     mine = sp.read(BASE, LINE)
     lab.saw(f"spaces/{sp.name}/mem   {hexline(mine)}")

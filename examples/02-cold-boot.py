@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, Lab, main
+from lab import LINE, Lab, main
 
 CHUNK = 1 << 20
 
@@ -38,18 +38,14 @@ def scan(lab: Lab, patterns: list[bytes]) -> dict[bytes, list[int]]:
 
 def run(lab: Lab) -> None:
     m = lab.m
-    plain_k = lab.key("no-encrypt")
-    cpu_k = lab.key("cpu")
-    lab.step(f"KeyID {plain_k}: type=no-encrypt; KeyID {cpu_k}: type=cpu")
-    sp = lab.space("exp2")
-    sp.mmap(BASE, PAGE, "rw-", keyid=plain_k, populate=True)
-    sp.mmap(BASE + 0x200000, PAGE, "rw-", keyid=cpu_k, populate=True)
+    plain = lab.tenant_page("exp2-clear", kind="no-encrypt")
+    cpu = lab.tenant_page("exp2-cipher", kind="cpu")
+    plain_k, cpu_k, pa_clear, pa_hidden = plain.keyid, cpu.keyid, plain.pa, cpu.pa
     token = secrets.token_hex(8)
     clear = f"COLDBOOT-CLEAR-{token}".encode()
     hidden = f"COLDBOOT-CIPHER-{token}".encode()
-    sp.write(BASE, clear)
-    sp.write(BASE + 0x200000, hidden)
-    pa_clear, pa_hidden = lab.physical(sp, BASE), lab.physical(sp, BASE + 0x200000)
+    plain.space.write(plain.va, clear)
+    cpu.space.write(cpu.va, hidden)
     lab.step(
         f"wrote {clear.decode()} under KeyID {plain_k} (physical {pa_clear:#x}) and "
         f"{hidden.decode()} under KeyID {cpu_k} (physical {pa_hidden:#x})"

@@ -14,18 +14,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, Lab, blocks_differing, hexline, main
+from lab import BASE, LINE, Lab, blocks_differing, hexline, main
 
 
 def run(lab: Lab) -> None:
     m = lab.m
-    k = lab.key("cpu")
-    sp = lab.space("exp3")
-    sp.mmap(BASE, PAGE, "rw-", keyid=k, populate=True)
+    page = lab.tenant_page("exp3")
+    k, sp, pa = page.keyid, page.space, page.pa
     plain = b"SAME PLAINTEXT, TWO ADDRESSES. ".ljust(LINE, b".")
     sp.write(BASE, plain)
     sp.write(BASE + LINE, plain)
-    pa = lab.physical(sp, BASE)
     a, b = pa, pa + LINE
     lab.step(
         f"KeyID {k}: wrote the same 64 bytes at physical {a:#x} and {b:#x} and wrote them back"

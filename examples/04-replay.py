@@ -15,15 +15,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, Lab, hexline, main
+from lab import BASE, LINE, Lab, hexline, main
 
 
 def run(lab: Lab) -> None:
     m = lab.m
-    k = lab.key("cpu")
-    sp = lab.space("exp4")
-    sp.mmap(BASE, PAGE, "rw-", keyid=k, populate=True)
-    pa = lab.physical(sp, BASE)
+    page = lab.tenant_page("exp4")
+    k, sp, pa = page.keyid, page.space, page.pa
     old, new = b"balance=1000000;" * 4, b"balance=0000000;" * 4
     sp.write(BASE, old)
     m.clflush(pa, LINE, k)

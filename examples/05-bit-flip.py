@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, BLOCK, LINE, PAGE, Lab, blocks_differing, hexline, main
+from lab import BASE, BLOCK, LINE, Lab, blocks_differing, hexline, main
 
 LENGTH = 4 * LINE  # 16 blocks
 FLIP_OFFSET, FLIP_BIT = LINE + 37, 3  # line 1, block 2 of that line
@@ -22,10 +22,8 @@ FLIP_OFFSET, FLIP_BIT = LINE + 37, 3  # line 1, block 2 of that line
 
 def run(lab: Lab) -> None:
     m = lab.m
-    k = lab.key("cpu")
-    sp = lab.space("exp5")
-    sp.mmap(BASE, PAGE, "rw-", keyid=k, populate=True)
-    pa = lab.physical(sp, BASE)
+    page = lab.tenant_page("exp5")
+    k, sp, pa = page.keyid, page.space, page.pa
     data = bytes(range(LENGTH))
     sp.write(BASE, data)
     m.clflush(pa, LENGTH, k)

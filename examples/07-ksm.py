@@ -26,10 +26,9 @@ def trial(lab: Lab, k1: int, k2: int, check: bool) -> dict[str, bool]:
     m = lab.m
     lab.mitigation("ksm_keyid_check", check)
     lab.step(f"ksm_keyid_check={int(check)}")
-    a, b = lab.space("exp7-a"), lab.space("exp7-b")
+    a = lab.tenant_page("exp7-a", keyid=k1, pages=2).space
+    b = lab.tenant_page("exp7-b", keyid=k2).space
     content = (b"identical page " + os.urandom(16).hex().encode()).ljust(PAGE, b"=")
-    a.mmap(BASE, 2 * PAGE, "rw-", keyid=k1, populate=True)
-    b.mmap(BASE, PAGE, "rw-", keyid=k2, populate=True)
     for sp, va in ((a, BASE), (a, BASE + PAGE), (b, BASE)):
         sp.write(va, content)
     a.ctl(f"madvise {BASE:#x} {2 * PAGE} mergeable")

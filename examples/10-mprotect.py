@@ -24,8 +24,7 @@ def trial(lab: Lab, k: int, on: bool) -> tuple[int | None, bool]:
     """Returns (the PTE's KeyID after mprotect, the data still reads back)."""
     m = lab.m
     lab.mitigation("pte_modify_preserve_keyid", on)
-    sp = lab.space("exp10")
-    sp.mmap(BASE, PAGE, "rw-", keyid=k, populate=True)
+    sp = lab.tenant_page("exp10", keyid=k).space
     data = b"data written before mprotect. ".ljust(LINE, b"~")
     sp.write(BASE, data)
     before = walk(sp, BASE).keyid

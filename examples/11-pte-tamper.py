@@ -16,19 +16,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, CannotRun, Lab, hexline, main
+from lab import BASE, LINE, CannotRun, Lab, hexline, main
 from mktmefs import walk
 
 
 def run(lab: Lab) -> None:
     m = lab.m
-    k = lab.key("cpu")
+    page = lab.tenant_page("exp11")
+    k, sp = page.keyid, page.space
     try:
         other = lab.key("cpu")
     except CannotRun:
         other = 0
-    sp = lab.space("exp11")
-    sp.mmap(BASE, PAGE, "rw-", keyid=k, populate=True)
     data = b"the tenant's data, under its own key ".ljust(LINE, b"*")
     sp.write(BASE, data)
     lab.expect(sp.read(BASE, LINE) == data, "the tenant reads its data")

@@ -20,13 +20,11 @@ from lab import BASE, LINE, PAGE, Lab, MountError, hexline, main
 
 def run(lab: Lab) -> None:
     m = lab.m
-    k = lab.key("cpu")
+    page = lab.tenant_page("exp12")
+    k, sp, pa = page.keyid, page.space, page.pa
     payload = f"type=cpu algorithm={lab.algorithm()}"
-    sp = lab.space("exp12")
-    sp.mmap(BASE, PAGE, "rw-", keyid=k, populate=True)
     secret = b"secret to be crypto-erased ".ljust(LINE, b"%")
     sp.write(BASE, secret)
-    pa = lab.physical(sp, BASE)
     lab.step(f"KeyID {k}: wrote a secret at physical {pa:#x}")
     try:
         m.command(f"keys/{k}", payload)

@@ -7,6 +7,10 @@ script: ``-m MNT`` or ``$MKTME_MNT``, ``--help`` from the experiment's
 docstring, and a last line ``VERDICT: PASS|FAIL|ERROR | observation`` that
 ``run-all`` collects.
 
+Most experiments start the same way, from a tenant's page:
+``lab.tenant_page(prefix)`` programs a key, makes a space, maps and populates
+a page under that KeyID, finds its physical address and says so in one step.
+
 Leaving the machine as it was found: everything an experiment takes goes
 through the lab (a KeyID, a space, a switch, cache lines read through a foreign
 KeyID), and the lab gives it back in reverse order in a ``finally``, whatever
@@ -57,6 +61,7 @@ __all__ = [
     "Mount",
     "MountError",
     "Space",
+    "TenantPage",
     "blocks_differing",
     "hexline",
     "main",
@@ -65,6 +70,11 @@ __all__ = [
 PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
 EXIT_STATUS = {PASS: 0, FAIL: 1, ERROR: 2}
 BASE = 0x7F0000000000  # where experiments map; each has its own space
+KEY_KINDS = {  # what lab.key() programs, as the narration says it
+    "cpu": "a CPU-generated key",
+    "user": "a user key",
+    "no-encrypt": "no encryption (type=no-encrypt)",
+}
 
 
 class CannotRun(Exception):
@@ -135,6 +145,17 @@ class Snapshot:
         return out
 
 
+@dataclass(frozen=True)
+class TenantPage:
+    """``pages`` pages at ``va`` of ``space``, mapped rw- and populated under ``keyid``."""
+
+    keyid: int
+    space: Space
+    va: int
+    pa: int  # physical address of the first page
+    pages: int = 1
+
+
 class Lab:
     """One experiment's run on one mount."""
 
@@ -194,6 +215,31 @@ class Lab:
         sp = self.m.create_space(prefix)
         self.later(f"destroy spaces/{sp.name}", sp.destroy)
         return sp
+
+    def tenant_page(
+        self,
+        prefix: str,
+        kind: str = "cpu",
+        keyid: int | None = None,
+        va: int = BASE,
+        pages: int = 1,
+    ) -> TenantPage:
+        """A new space ``PREFIX-...`` with ``pages`` pages at ``va`` mapped rw- and
+        populated under ``keyid``, or under a new key of ``kind`` when it is None;
+        narrated as one step. Everything is given back at the end."""
+        if keyid is None:
+            keyid = self.key(kind)
+            what = f"programmed KeyID {keyid} with {KEY_KINDS[kind]} (keys/{keyid}); "
+        else:
+            what = f"KeyID {keyid}: "
+        sp = self.space(prefix)
+        sp.mmap(va, pages * PAGE, "rw-", keyid=keyid, populate=True)
+        pa = self.physical(sp, va)
+        self.step(
+            f"{what}mapped {va:#x} +{pages * PAGE >> 10}K rw- populate in spaces/{sp.name}; "
+            f"pagemap: physical {pa:#x}"
+        )
+        return TenantPage(keyid, sp, va, pa, pages)
 
     def destroy(self, sp: Space) -> None:
         """Destroy a space of this lab now rather than at the end."""

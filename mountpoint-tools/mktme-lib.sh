@@ -6,6 +6,7 @@
 #   mnt_resolve DIR        set MNT from -m's value or $MKTME_MNT, check it is a mount
 #   mnt_command FILE CMD   one control command, one write; on rejection print the
 #                          errno and the reason the sandbox logged to dmesg, return 1
+#   redacted CMD           CMD with the values of key= and tweak= hidden, for messages
 #   errno_of MESSAGE       "Required key not available" -> ENOKEY
 #   die STATUS MESSAGE     print "TOOL: MESSAGE" to stderr and exit STATUS
 # Exit statuses shared by the tools: 0 done, 1 rejected by the sandbox,
@@ -25,9 +26,10 @@ die() {
 mnt_resolve() {
     local dir=${1:-${MKTME_MNT:-}}
     [ -n "$dir" ] || die "$EXIT_USAGE" "no mountpoint: give -m MNT or set MKTME_MNT (see --help)"
-    [ -d "$dir/keys" ] && [ -e "$dir/dram" ] ||
+    if [ ! -d "$dir/keys" ] || [ ! -e "$dir/dram" ]; then
         die "$EXIT_USAGE" "$dir is not an mktme-sandbox mount (no keys/ or dram);" \
             "mount one with: mktme-sandbox mount DIR"
+    fi
     MNT=$dir
 }
 
@@ -58,6 +60,18 @@ dmesg_reason() {
     printf '%s' "$last"
 }
 
+# CMD with every key=HEX and tweak=HEX shown as key=<redacted>: key material
+# never appears in a message (SPEC 2), not even the user's own rejected key.
+redacted() {
+    local word words out=()
+    read -ra words <<<"$1"
+    for word in "${words[@]}"; do
+        case $word in [kK][eE][yY]=* | [tT][wW][eE][aA][kK]=*) word="${word%%=*}=<redacted>" ;; esac
+        out+=("$word")
+    done
+    printf '%s' "${out[*]}"
+}
+
 mnt_command() {
     local file=$1 cmd=$2 err name reason
     if err=$({ printf '%s\n' "$cmd" >"$MNT/$file"; } 2>&1); then
@@ -65,7 +79,7 @@ mnt_command() {
     fi
     name=$(errno_of "$err")
     reason=$(dmesg_reason "$file" "$name")
-    printf "%s: %s rejected '%s': %s (%s)%s\n" "${TOOL:-mktme}" "$file" "$cmd" \
+    printf "%s: %s rejected '%s': %s (%s)%s\n" "${TOOL:-mktme}" "$file" "$(redacted "$cmd")" \
         "$name" "${err##*: }" "${reason:+: $reason}" >&2
     return 1
 }

@@ -33,6 +33,7 @@ import secrets
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ __all__ = [
     "find_in",
     "mount_from",
     "parse_int",
+    "parse_tme",
+    "redacted",
     "walk",
 ]
 
@@ -85,21 +88,23 @@ class Pte(enum.IntFlag):
 
 
 PTE_FLAG_MASK = 0xFFF | (0xFFF << 52)  # everything but the address field 51:12
-ADDRESS_FIELD = ((1 << 52) - 1) & ~0xFFF
-DEFAULT_MAXPHYADDR = 46  # SPEC 2's default
 
 
 class Kpf(enum.IntEnum):
-    """/proc/kpageflags bit numbers (Documentation/admin-guide/mm/pagemap.rst)."""
+    """The /proc/kpageflags bits the sandbox sets (include/uapi/linux/kernel-page-flags.h).
 
-    LOCKED = 0
+    A stdlib copy of ``sandbox.kernel.proc.KPF``; tests/tools/test_mktmefs.py
+    keeps the two equal.
+    """
+
     REFERENCED = 2
+    UPTODATE = 3
     DIRTY = 4
     LRU = 5
-    SLAB = 7
     BUDDY = 10
     MMAP = 11
     ANON = 12
+    SWAPBACKED = 14
     COMPOUND_HEAD = 15
     COMPOUND_TAIL = 16
     HUGE = 17
@@ -114,6 +119,16 @@ PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_PFN_MASK = (1 << 55) - 1
 
 MSR_TME_ACTIVATE = 0x982
+_SECRET_FIELD = re.compile(r"(?<!\S)(key|tweak)=\S*", re.IGNORECASE)
+
+
+def redacted(command: str) -> str:
+    """``command`` with every ``key=HEX`` and ``tweak=HEX`` shown as ``key=<redacted>``.
+
+    Key material never appears in a message (SPEC 2), not even a user's own
+    rejected key: every error that echoes a command echoes it through here.
+    """
+    return _SECRET_FIELD.sub(r"\1=<redacted>", command)
 
 
 class MountError(OSError):
@@ -150,6 +165,16 @@ def parse_int(text: str) -> int:
     return int(m.group(1), 0) * scale
 
 
+def parse_tme(text: str) -> dict[str, str]:
+    """``hw/tme`` text, one ``name value`` per line -> ``{name: value}`` (names lowercased)."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2:
+            out[parts[0].rstrip(":").lower()] = parts[1].strip()
+    return out
+
+
 def _fields(line: str) -> dict[str, str]:
     """``"keyid=3 state=programmed"`` -> ``{"keyid": "3", "state": "programmed"}``."""
     return dict(word.split("=", 1) for word in line.split() if "=" in word)
@@ -157,12 +182,32 @@ def _fields(line: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the KeyID sits in a physical address (SPEC 2); ``source`` says how
-    MAXPHYADDR was learnt."""
+    """Where the KeyID sits in a physical address (SPEC 2): the top
+    ``keyid_bits`` of the ``maxphyaddr`` physical-address bits.
+
+    A stdlib copy of the part of ``sandbox.kernel.pgtable.PteLayout`` a tool
+    needs; tests/tools/test_mktmefs.py keeps the two in agreement.
+    """
 
     maxphyaddr: int
     keyid_bits: int
-    source: str = "hw/tme"
+
+    @classmethod
+    def from_tme(cls, tme: dict[str, str]) -> Layout:
+        """The layout from ``hw/tme``'s ``maxphyaddr``, ``keyid_shift`` and
+        ``keyid_mask`` lines; ``ValueError`` if they are missing or disagree."""
+        try:
+            maxphyaddr, shift, mask = (
+                int(tme[name], 0) for name in ("maxphyaddr", "keyid_shift", "keyid_mask")
+            )
+        except (KeyError, ValueError):
+            raise ValueError(
+                "no maxphyaddr, keyid_shift and keyid_mask lines (a sandbox older than the tools?)"
+            ) from None
+        layout = cls(maxphyaddr, maxphyaddr - shift)
+        if layout.keyid_mask != mask:
+            raise ValueError(f"keyid_mask {mask:#x} is not bits {shift}..{maxphyaddr - 1}")
+        return layout
 
     @property
     def keyid_shift(self) -> int:
@@ -346,7 +391,7 @@ class Mount:
     def _error(self, e: OSError, where: str, command: str = "") -> MountError:
         """Turn an OSError into a MountError with the sandbox's dmesg reason."""
         err = e.errno or errno.EIO
-        label = f"{where}: {command.strip()!r}" if command else where
+        label = f"{where}: {redacted(command.strip())!r}" if command else where
         reason = self.dmesg_reason(where.split(" @ ")[0], err)
         if err == errno.ENOENT and not reason:
             reason = "no such file in the mount"
@@ -375,80 +420,21 @@ class Mount:
 
     def tme(self) -> dict[str, str]:
         """``hw/tme`` as ``{name: value}`` (names lowercased)."""
-        out = {}
-        for line in self.read_text("hw/tme").splitlines():
-            parts = line.split(None, 1)
-            if len(parts) == 2:
-                out[parts[0].rstrip(":").lower()] = parts[1].strip()
-        return out
+        return parse_tme(self.read_text("hw/tme"))
 
     def rdmsr(self, address: int) -> int:
         return int.from_bytes(self.pread("hw/msr", address, 8), "little")
 
     @property
     def layout(self) -> Layout:
-        """The KeyID layout. KEYID_BITS from ``hw/tme`` (else IA32_TME_ACTIVATE
-        bits 35:32 through ``hw/msr``); MAXPHYADDR from ``hw/tme`` if it shows
-        it, else calibrated on a PTE of an encrypted page, else SPEC's 46."""
+        """The KeyID layout, from ``hw/tme``'s ``maxphyaddr``, ``keyid_shift``
+        and ``keyid_mask`` lines."""
         if self._layout is None:
-            self._layout = self._read_layout()
-        return self._layout
-
-    def _read_layout(self) -> Layout:
-        tme = self.tme()
-
-        def pick(*names: str) -> int | None:
-            for name in names:
-                for key, value in tme.items():
-                    if key == name or key.endswith("." + name):
-                        try:
-                            return int(value.split()[0], 0)
-                        except ValueError:
-                            continue
-            return None
-
-        bits = pick("keyid_bits", "mk_tme_keyid_bits")
-        if bits is None:
-            bits = (self.rdmsr(MSR_TME_ACTIVATE) >> 32) & 0xF
-        maxphyaddr = pick("maxphyaddr", "phys_addr_bits", "physical_address_bits")
-        if maxphyaddr is not None:
-            return Layout(maxphyaddr, bits, "hw/tme")
-        shift = pick("keyid_shift")
-        if shift is not None:
-            return Layout(shift + bits, bits, "hw/tme keyid_shift")
-        if bits == 0:
-            return Layout(DEFAULT_MAXPHYADDR, 0, "no KeyID bits")
-        calibrated = self._calibrate()
-        if calibrated is not None:
-            shift, where = calibrated
-            return Layout(shift + bits, bits, f"calibrated on the PTE of {where}")
-        return Layout(DEFAULT_MAXPHYADDR, bits, "assumed (the mount does not show MAXPHYADDR)")
-
-    def _calibrate(self) -> tuple[int, str] | None:
-        """``keyid_shift`` from one present PTE of an encrypted VMA.
-
-        The mount shows MAXPHYADDR nowhere, but a PTE shows where the KeyID
-        goes: its address field is ``pfn << 12 | keyid << keyid_shift``, and
-        pagemap and smaps give ``pfn`` and ``keyid``. Upper-level entries point
-        to KeyID-0 table pages, so the walk down needs no layout.
-        """
-        for space in self.spaces():
             try:
-                vmas = [v for v in space.smaps() if v.keyid]
-                for vma in vmas:
-                    for entry in space.pagemap(vma.start, min(vma.size // PAGE, 64)):
-                        if not entry.present:
-                            continue
-                        pte = _leaf_entry(self, space.cr3(), entry.va)
-                        if pte is None:
-                            continue
-                        extra = (pte & ADDRESS_FIELD) ^ (entry.pfn << 12)
-                        keyid = vma.keyid or 0
-                        if extra and extra % keyid == 0 and (extra // keyid).bit_count() == 1:
-                            return (extra // keyid).bit_length() - 1, f"spaces/{space.name}"
-            except (MountError, OSError):
-                continue
-        return None
+                self._layout = Layout.from_tme(self.tme())
+            except ValueError as e:
+                raise MountError(errno.EIO, "hw/tme", str(e)) from None
+        return self._layout
 
     def algorithms(self) -> list[str]:
         """Activated algorithms (IA32_TME_ACTIVATE bits 63:48), strongest last."""
@@ -693,21 +679,6 @@ class Walk:
         return None if leaf is None else leaf.keyid
 
 
-def _leaf_entry(mount: Mount, cr3: int, va: int) -> int | None:
-    """The 4K leaf entry for ``va``, assuming KeyID-0 table pages (no layout needed)."""
-    table = cr3 & ADDRESS_FIELD
-    for _name, shift in LEVELS:
-        entry = int.from_bytes(mount.phys(0, table + ((va >> shift) & 0x1FF) * 8, 8), "little")
-        if not entry & Pte.P:
-            return None
-        if shift == 12:
-            return entry
-        if entry & Pte.PS:
-            return None
-        table = entry & ADDRESS_FIELD
-    return None
-
-
 def walk(space: Space, va: int) -> Walk:
     """Walk the 4-level tables of ``space`` for ``va``, reading ``keyids/0/mem``."""
     mount = space.mount
@@ -808,7 +779,12 @@ def fresh_sandbox(
     *options: str, parent: str | None = None, prefix: str = "mktme-sandbox-"
 ) -> Iterator[Mount]:
     """``mktme-sandbox mount DIR OPTIONS...`` in a new temporary directory; unmount
-    and remove it on the way out, whatever happened."""
+    it and remove the directory on the way out, whatever happened.
+
+    The daemon's log goes into that directory too (``$XDG_RUNTIME_DIR`` of the
+    mount command). ``mktme-sandbox umount`` removes it when the daemon exited
+    cleanly; a log still there afterwards is kept, and said so on stderr.
+    """
     cmd = sandbox_command()
     top = tempfile.mkdtemp(prefix=prefix, dir=parent)
     mnt = os.path.join(top, "mnt")
@@ -819,6 +795,7 @@ def fresh_sandbox(
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
+            env={**os.environ, "XDG_RUNTIME_DIR": top},
             check=False,
         )
         if done.returncode != 0:
@@ -828,6 +805,16 @@ def fresh_sandbox(
         subprocess.run(
             [cmd, "umount", mnt], stdin=subprocess.DEVNULL, capture_output=True, check=False
         )
+        _remove_unless_logs(top, mnt)
+
+
+def _remove_unless_logs(top: str, mnt: str) -> None:
+    """Remove ``mnt`` and ``top``; a daemon log left in ``top`` keeps it, and says so."""
+    with contextlib.suppress(OSError):
+        os.rmdir(mnt)
+    kept = sorted(str(p) for p in Path(top).glob("*.log"))
+    for log in kept:
+        print(f"mktmefs: the sandbox daemon's log is kept at {log}", file=sys.stderr)
+    if not kept:
         with contextlib.suppress(OSError):
-            os.rmdir(mnt)
             os.rmdir(top)

@@ -127,7 +127,7 @@ def umount(mountpoint: str) -> None:
 
     Also a stale mount whose daemon died; waits until the daemon has ended.
     """
-    daemons = [d.pid for d in find_daemons() if d.mountpoint and _same(d.mountpoint, mountpoint)]
+    daemons = [d for d in find_daemons() if d.mountpoint and _same(d.mountpoint, mountpoint)]
     if not _failing_as_click(lambda: unmount(mountpoint)):
         click.echo(f"{mountpoint} is not mounted")
         return

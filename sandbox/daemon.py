@@ -17,10 +17,20 @@ Reusable pieces (the CLI and ``sandbox.pytest_plugin`` call them):
 - ``unmount(path, lazy_fallback=True)``: ``fusermount3 -u``, then ``-u -z``;
 - ``wait_until_mounted(path, proc, timeout)``: poll until the mount answers;
 - ``start_detached(mountpoint, **options)``: spawn a daemon in its own session,
-  logging to a file, and wait until it answers;
+  logging to a file, and wait until it answers (on failure it is stopped,
+  reaped and unmounted);
 - ``run_foreground(mountpoint, config, allow_other)``: be the daemon;
-- ``find_daemons()``: the running daemons, for ``mktme-sandbox list``;
-- ``wait_for_exit(pids, timeout)``: until those daemons have ended.
+- ``find_daemons()``: the running daemons, for ``mktme-sandbox list``, each with
+  the log ``start_detached`` made for it;
+- ``wait_for_exit(daemons, timeout)``: until those daemons have ended; then the
+  log of each that exited cleanly is removed, and where a log is kept (the
+  daemon failed, or still runs) a warning says where it is.
+
+Logs: ``start_detached`` names the log in the daemon's environment
+(``MKTME_SANDBOX_LOG``), so whoever later unmounts the sandbox can find it. A
+daemon that ends normally logs ``... unmounted; exit status 0`` as its last line;
+a log that ends so and shows no traceback or ERROR line (``LOG_TROUBLE``) is
+removed, any other is kept.
 
 Left out: running as a different user than the caller, remounting a live
 sandbox elsewhere, restoring a machine's state after a crash.
@@ -29,6 +39,7 @@ sandbox elsewhere, restoring a machine's state after a crash.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -37,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,11 +57,14 @@ from sandbox.config import MachineConfig
 
 __all__ = [
     "FSTYPE",
+    "LOG_ENV",
+    "LOG_TROUBLE",
     "DaemonError",
     "DaemonInfo",
     "canonical_path",
     "clean_stale",
     "daemon_argv",
+    "dispose_log",
     "find_daemons",
     "is_mounted",
     "is_stale",
@@ -69,7 +83,16 @@ log = logging.getLogger("sandbox.daemon")
 FSTYPE = "fuse.mktme-sandbox"  # as /proc/self/mountinfo shows our mounts
 FUSERMOUNT = "fusermount3"
 READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
 _POLL = 0.02
+LOG_ENV = "MKTME_SANDBOX_LOG"  # the log start_detached made, in the daemon's environment
+# What a healthy daemon never logs: a traceback, or an ERROR line (the fs layer logs a
+# handler's unexpected exception as "mktme-sandbox[PID] ERROR internal error in ...",
+# by type only, so that no key material reaches the log).
+LOG_TROUBLE = re.compile(
+    r"^Traceback \(most recent call|^.*mktme-sandbox\[\d+\] (?:ERROR|CRITICAL) ", re.MULTILINE
+)
+_CLEAN_EXIT = "; exit status 0"  # the end of a daemon's last line when it ends normally
 
 
 class DaemonError(Exception):
@@ -274,20 +297,35 @@ class _Spawned:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
+    def stop(self, grace: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL; reaped either way."""
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while self.poll() is None and time.monotonic() < deadline:
+                time.sleep(_POLL)
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+
 
 def start_detached(
     mountpoint: str | os.PathLike[str], timeout: float = READY_TIMEOUT, **options: Any
 ) -> tuple[int, str]:
     """Start a daemon in its own session and wait until its mount answers.
 
-    Its output goes to a new log file in $XDG_RUNTIME_DIR (or the temp dir).
-    Returns (pid, log path); raises ``DaemonError`` with the log's tail if the
-    daemon dies or does not answer in time (it is then terminated).
+    Its output goes to a new log file in $XDG_RUNTIME_DIR (or the temp dir),
+    named in its environment as ``MKTME_SANDBOX_LOG``. Returns (pid, log path).
+    If the daemon dies or does not answer within ``timeout`` seconds it is
+    stopped, reaped and its mount (if it made one meanwhile) removed; then
+    ``DaemonError`` is raised with the log's tail, and the log is kept.
     """
     path = canonical_path(mountpoint)
     fd, log_path = tempfile.mkstemp(
         prefix=f"mktme-sandbox-{os.path.basename(path)}-", suffix=".log", dir=_log_dir()
     )
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)  # others may add
     argv = daemon_argv(path, **options)
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -295,17 +333,18 @@ def start_detached(
         (os.POSIX_SPAWN_DUP2, fd, 2),
         (os.POSIX_SPAWN_CLOSE, fd),
     ]
+    env = {**os.environ, LOG_ENV: log_path}
     try:
-        pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
     finally:
         os.close(fd)
     child = _Spawned(pid)
     try:
         wait_until_mounted(path, child, timeout, log_path)
-    except DaemonError:
-        if child.poll() is None:
-            os.kill(pid, signal.SIGTERM)
-        raise
+    except DaemonError as err:
+        child.stop()
+        unmount(path, lazy_fallback=True)
+        raise DaemonError(f"{err}\n(daemon {pid} stopped; its log is kept at {log_path})") from None
     return pid, log_path
 
 
@@ -326,7 +365,7 @@ def run_foreground(
     machine = Machine(config)
     log.info("serving %s as pid %d (phys_mem %#x)", path, os.getpid(), config.phys_mem)
     ended_by_signal = not serve(SandboxFS(machine), path, allow_other)
-    log.info("%s unmounted%s", path, " on a signal" if ended_by_signal else "")
+    log.info("%s unmounted%s%s", path, " on a signal" if ended_by_signal else "", _CLEAN_EXIT)
     return 0
 
 
@@ -342,6 +381,7 @@ class DaemonInfo:
     phys_mem: int | None
     rss: int
     uptime: float
+    log_path: str | None = None  # the log start_detached made for it (None: foreground)
 
 
 def _phys_mem(mountpoint: str) -> int | None:
@@ -362,11 +402,17 @@ def _daemon_info(proc: Any, mounts: set[str]) -> DaemonInfo:
         phys_mem=_phys_mem(mountpoint) if mountpoint else None,
         rss=memory.rss if memory else 0,
         uptime=max(0.0, time.time() - proc.info["create_time"]),
+        log_path=(proc.info["environ"] or {}).get(LOG_ENV),
     )
 
 
-def wait_for_exit(pids: list[int], timeout: float = 10.0) -> bool:
-    """Wait until none of ``pids`` runs (a zombie counts as ended); True if so in time."""
+def wait_for_exit(daemons: Sequence[int | DaemonInfo], timeout: float = STOP_TIMEOUT) -> bool:
+    """Wait until none of ``daemons`` (pids, or ``DaemonInfo``) runs; True if so in time.
+
+    A zombie counts as ended. Then, for each ``DaemonInfo`` with a log, the log
+    goes through ``dispose_log``: removed after a clean exit, else kept, with a
+    warning that says where it is.
+    """
     import psutil
 
     def running(pid: int) -> bool:
@@ -375,12 +421,49 @@ def wait_for_exit(pids: list[int], timeout: float = 10.0) -> bool:
         except psutil.NoSuchProcess:
             return False
 
+    pids = [d.pid if isinstance(d, DaemonInfo) else d for d in daemons]
     deadline = time.monotonic() + timeout
     while any(running(pid) for pid in pids):
         if time.monotonic() > deadline:
-            return False
+            break
         time.sleep(_POLL)
-    return True
+    for info in daemons:
+        if isinstance(info, DaemonInfo) and info.log_path is not None:
+            dispose_log(info.log_path, info.pid, ended=not running(info.pid))
+    return not any(running(pid) for pid in pids)
+
+
+def _exited_cleanly(text: str, pid: int) -> bool:
+    lines = text.rstrip("\n").splitlines()
+    last = lines[-1] if lines else ""
+    return f"mktme-sandbox[{pid}] " in last and last.endswith(_CLEAN_EXIT)
+
+
+def dispose_log(log_path: str | os.PathLike[str], pid: int, ended: bool = True) -> bool:
+    """Remove the log of daemon ``pid`` if it ended cleanly; True if removed.
+
+    Clean: the daemon has ``ended``, its last line is its own ``... unmounted;
+    exit status 0`` and no line matches ``LOG_TROUBLE``. Otherwise the log is
+    kept and a warning names it.
+    """
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        log.warning("daemon %d: cannot read its log %s: %s", pid, log_path, err.strerror)
+        return False
+    if not ended:
+        why = "is still running"
+    elif not _exited_cleanly(text, pid):
+        why = "did not exit cleanly"
+    elif LOG_TROUBLE.search(text):
+        why = "logged a traceback or an error"
+    else:
+        os.unlink(log_path)
+        return True
+    log.warning("daemon %d %s; its log is kept at %s", pid, why, log_path)
+    return False
 
 
 def find_daemons() -> list[DaemonInfo]:
@@ -394,7 +477,7 @@ def find_daemons() -> list[DaemonInfo]:
 
     mounts = {mountpoint for mountpoint, fstype in _mounts() if fstype == FSTYPE}
     found = []
-    attrs = ["pid", "cmdline", "cwd", "create_time", "memory_info", "status"]
+    attrs = ["pid", "cmdline", "cwd", "create_time", "memory_info", "status", "environ"]
     for proc in psutil.process_iter(attrs):
         argv = proc.info["cmdline"] or []
         if proc.info["status"] != psutil.STATUS_ZOMBIE and _is_daemon_argv(argv):

@@ -58,18 +58,15 @@ __all__ = [
     "fuse_unavailable_reason",
     "machine_config",
     "mounted",
+    "redacted",
 ]
 
 FUSE_DEVICE = "/dev/fuse"
 FUSERMOUNT = daemon.FUSERMOUNT
 DEFAULT_PHYS_MEM = "64M"
 DEFAULT_MOUNT_TIMEOUT = 30.0
-# What a healthy daemon never logs: a traceback, or an ERROR line (the fs layer logs a
-# handler's unexpected exception as "mktme-sandbox[PID] ERROR internal error in ...",
-# by type only, so that no key material reaches the log).
-DAEMON_TROUBLE = re.compile(
-    r"^Traceback \(most recent call|^.*mktme-sandbox\[\d+\] (?:ERROR|CRITICAL) ", re.MULTILINE
-)
+# What a healthy daemon never logs: a traceback, or an ERROR line.
+DAEMON_TROUBLE = daemon.LOG_TROUBLE
 
 _SIZE_OPTIONS = ("phys_mem", "cache_size")
 _MACHINE_OPTIONS = tuple(f.name for f in fields(MachineConfig))
@@ -103,6 +100,15 @@ def _normalize(name: str, value: Any) -> Any:
         parts = value.split(",") if isinstance(value, str) else value
         return tuple(part.strip() for part in parts)
     return value
+
+
+_SECRET_FIELD = re.compile(r"(?<!\S)(key|tweak)=\S*", re.IGNORECASE)
+
+
+def redacted(command: str) -> str:
+    """``command`` with every ``key=HEX`` and ``tweak=HEX`` shown as ``key=<redacted>``:
+    key material never reaches an exception's text (SPEC section 2)."""
+    return _SECRET_FIELD.sub(r"\1=<redacted>", command)
 
 
 # --- FUSE availability and mount state ---------------------------------------
@@ -194,14 +200,16 @@ class MountedSandbox:
         """One ``write(2)`` of ``command + "\\n"``, as ``echo CMD > FILE`` does.
 
         A rejected command raises ``OSError`` with the errno of SPEC section 4 and
-        the last dmesg line (the one naming the reason) in the message.
+        the last dmesg line (the one naming the reason) in the message; the
+        command is quoted with its ``key=`` and ``tweak=`` values redacted.
         """
         path = self.path / rel
         fd = os.open(path, os.O_WRONLY)
         try:
             os.write(fd, (command + "\n").encode())
         except OSError as exc:
-            reason = f"{exc.strerror}: {command!r} rejected; dmesg: {self._last_dmesg_line()}"
+            shown = redacted(command)
+            reason = f"{exc.strerror}: {shown!r} rejected; dmesg: {self._last_dmesg_line()}"
             raise OSError(exc.errno, reason, os.fspath(path)) from None
         finally:
             os.close(fd)
@@ -259,6 +267,7 @@ def mounted(
 
 def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop(daemon.LOG_ENV, None)  # the log is ours to keep, not a detached daemon's
     with open(log, "ab") as out:  # O_APPEND: the daemon's writes and ours never overlap
         out.write(("$ " + " ".join(argv) + "\n").encode())
         out.flush()

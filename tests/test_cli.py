@@ -19,11 +19,7 @@ from click.testing import CliRunner
 import sandbox.bench
 from sandbox import daemon
 from sandbox.cli import cli
-from sandbox.pytest_plugin import fuse_unavailable_reason
 
-needs_fuse = pytest.mark.skipif(
-    fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())
-)
 SCRIPT = Path(sys.executable).with_name("mktme-sandbox")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sandbox.cli"]
 
@@ -35,19 +31,18 @@ def mktme(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def mountpoint(tmp_path, monkeypatch):
+def mountpoint(tmp_path, runtime_dir):
     """A mountpoint that is unmounted, and its daemon gone, after the test.
 
-    The daemons started meanwhile log to tmp_path/logs; no log may show a traceback.
+    The daemons started meanwhile log to ``runtime_dir`` (their $XDG_RUNTIME_DIR);
+    no log may show a traceback.
     """
-    mnt, logs = tmp_path / "mnt", tmp_path / "logs"
-    logs.mkdir()
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(logs))
+    mnt = tmp_path / "mnt"
     yield mnt
     pids = [d.pid for d in daemon.find_daemons() if d.mountpoint == str(mnt)]
     daemon.unmount(mnt)
     assert daemon.wait_for_exit(pids, timeout=10)
-    for log in logs.iterdir():
+    for log in runtime_dir.iterdir():
         assert "Traceback" not in log.read_text(), log.read_text()
 
 
@@ -112,13 +107,13 @@ def test_umount_of_a_directory_that_is_not_mounted_says_so_and_succeeds(tmp_path
 # -- mount, list, umount --------------------------------------------------------------
 
 
-@needs_fuse
-def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(mountpoint):
+@pytest.mark.mount
+def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(mountpoint, runtime_dir):
     done = mktme("mount", str(mountpoint), "--phys-mem", "8M", "--seed", "1")
     assert done.returncode == 0, done.stderr
     pid = int(done.stdout.strip())
     log = Path(done.stderr.split("daemon log:")[1].strip())
-    assert log.parent == mountpoint.parent / "logs"
+    assert log.parent == runtime_dir
     assert (mountpoint / "README").read_text()
     listed = mktme("list").stdout
     row = next(line for line in listed.splitlines() if line.split()[0] == str(pid))
@@ -133,7 +128,7 @@ def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(mountpoint):
     assert log is None or "Traceback" not in log.read_text()
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_mount_creates_a_missing_mountpoint_and_refuses_a_second_mount_there(mountpoint):
     assert not mountpoint.exists()
     assert mktme("mount", str(mountpoint), "--phys-mem", "8M").returncode == 0
@@ -142,7 +137,7 @@ def test_mount_creates_a_missing_mountpoint_and_refuses_a_second_mount_there(mou
     assert "already serves a sandbox" in again.stderr
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_after_kill_9_umount_recovers_the_stale_mount(mountpoint):
     pid = int(mktme("mount", str(mountpoint), "--phys-mem", "8M").stdout)
     os.kill(pid, signal.SIGKILL)
@@ -152,7 +147,7 @@ def test_after_kill_9_umount_recovers_the_stale_mount(mountpoint):
     assert not daemon.is_mounted(mountpoint)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_after_kill_9_a_new_mount_at_the_same_place_recovers(mountpoint):
     pid = int(mktme("mount", str(mountpoint), "--phys-mem", "8M").stdout)
     os.kill(pid, signal.SIGKILL)
@@ -162,7 +157,18 @@ def test_after_kill_9_a_new_mount_at_the_same_place_recovers(mountpoint):
     assert (mountpoint / "README").read_text()
 
 
-@needs_fuse
+@pytest.mark.mount
+def test_umount_removes_the_log_of_a_daemon_that_exited_cleanly(mountpoint, runtime_dir):
+    done = mktme("mount", str(mountpoint), "--phys-mem", "8M")
+    assert done.returncode == 0, done.stderr
+    log = Path(done.stderr.split("daemon log:")[1].strip())
+    assert log.exists()
+    assert mktme("umount", str(mountpoint)).returncode == 0
+    assert not log.exists()
+    assert list(runtime_dir.iterdir()) == []
+
+
+@pytest.mark.mount
 def test_a_daemon_that_cannot_mount_fails_the_command_with_its_log_tail(mountpoint):
     blocker = mountpoint.with_name("not-a-dir")
     blocker.write_text("")

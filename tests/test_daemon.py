@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,11 +19,6 @@ import pytest
 
 from sandbox import daemon
 from sandbox.daemon import DaemonError
-from sandbox.pytest_plugin import fuse_unavailable_reason
-
-needs_fuse = pytest.mark.skipif(
-    fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())
-)
 
 
 class Daemons:
@@ -120,7 +116,7 @@ def test_prepare_mountpoint_refuses_a_file(tmp_path):
 # -- with a mount ---------------------------------------------------------------------
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_daemon_that_dies_at_start_is_reported_with_its_log_tail(daemons, tmp_path):
     proc = daemons.start(tmp_path / "mnt", wait=False, phys_mem="3M")
     with pytest.raises(DaemonError, match="phys_mem must be a multiple of 2M"):
@@ -130,7 +126,7 @@ def test_a_daemon_that_dies_at_start_is_reported_with_its_log_tail(daemons, tmp_
     assert proc.wait(10) != 0
 
 
-@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize(
     "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
 )
@@ -144,7 +140,7 @@ def test_a_signal_unmounts_cleanly_and_ends_the_daemon(daemons, tmp_path, sig):
     assert "unmounted on a signal" in daemons.log(proc)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_unmounting_ends_the_daemon(daemons, tmp_path):
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
@@ -153,7 +149,7 @@ def test_unmounting_ends_the_daemon(daemons, tmp_path):
     assert not daemon.is_mounted(mnt)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_busy_mount_is_unmounted_lazily(daemons, tmp_path):
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
@@ -167,7 +163,7 @@ def test_a_busy_mount_is_unmounted_lazily(daemons, tmp_path):
     assert proc.wait(10) == 0
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_kill_9_leaves_a_stale_mount_that_clean_stale_removes(daemons, tmp_path):
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
@@ -181,7 +177,7 @@ def test_kill_9_leaves_a_stale_mount_that_clean_stale_removes(daemons, tmp_path)
     assert not daemon.is_mounted(mnt)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_new_daemon_at_a_stale_mountpoint_cleans_it_and_serves(daemons, tmp_path):
     mnt = tmp_path / "mnt"
     first = daemons.start(mnt, phys_mem="8M")
@@ -192,7 +188,7 @@ def test_a_new_daemon_at_a_stale_mountpoint_cleans_it_and_serves(daemons, tmp_pa
     assert not daemon.is_stale(mnt)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_prepare_mountpoint_refuses_a_live_sandbox(daemons, tmp_path):
     mnt = tmp_path / "mnt"
     daemons.start(mnt, phys_mem="8M")
@@ -200,7 +196,7 @@ def test_prepare_mountpoint_refuses_a_live_sandbox(daemons, tmp_path):
         daemon.prepare_mountpoint(mnt)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_find_daemons_lists_a_running_daemon_with_its_mountpoint_and_phys_mem(daemons, tmp_path):
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
@@ -211,22 +207,99 @@ def test_find_daemons_lists_a_running_daemon_with_its_mountpoint_and_phys_mem(da
     assert info.rss > 0 and info.uptime >= 0
 
 
-@needs_fuse
-def test_start_detached_returns_the_pid_and_log_once_the_mount_answers(tmp_path):
+@pytest.mark.mount
+def test_start_detached_returns_the_pid_and_log_once_the_mount_answers(tmp_path, runtime_dir):
     mnt = tmp_path / "mnt"
     pid, log = daemon.start_detached(mnt, phys_mem="8M")
     try:
+        assert Path(log).parent == runtime_dir
         assert (mnt / "README").read_text()
         assert f"pid {pid}" in Path(log).read_text()
     finally:
         daemon.unmount(mnt)
-        os.waitpid(pid, 0)
-        text = Path(log).read_text()
-        os.unlink(log)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    text = Path(log).read_text()
     assert "Traceback" not in text
+    assert text.rstrip().endswith("unmounted; exit status 0")
 
 
-@needs_fuse
+@pytest.mark.mount
+def test_start_detached_stops_reaps_and_unmounts_a_daemon_that_does_not_answer_in_time(
+    tmp_path, runtime_dir
+):
+    mnt = tmp_path / "mnt"
+    with pytest.raises(DaemonError, match="did not answer within 0 s") as failed:
+        daemon.start_detached(mnt, timeout=0, phys_mem="8M")
+    stopped = re.search(r"daemon (\d+) stopped; its log is kept at (\S+)\)$", str(failed.value))
+    assert stopped is not None, str(failed.value)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(int(stopped.group(1)), os.WNOHANG)  # reaped: not even a zombie is left
+    assert not daemon.is_mounted(mnt)
+    assert [str(p) for p in runtime_dir.iterdir()] == [stopped.group(2)]
+
+
+def _detached_daemon_info(mnt: Path) -> daemon.DaemonInfo:
+    return next(d for d in daemon.find_daemons() if d.mountpoint == str(mnt))
+
+
+@pytest.mark.mount
+def test_unmounting_a_detached_daemon_that_exits_cleanly_removes_its_log(tmp_path, runtime_dir):
+    mnt = tmp_path / "mnt"
+    pid, log = daemon.start_detached(mnt, phys_mem="8M")
+    info = _detached_daemon_info(mnt)
+    assert (info.pid, info.log_path) == (pid, log)
+    assert daemon.unmount(mnt) is True
+    try:
+        assert daemon.wait_for_exit([info], timeout=10)  # the sequence of `mktme-sandbox umount`
+    finally:
+        os.waitpid(pid, 0)
+    assert not Path(log).exists()
+    assert list(runtime_dir.iterdir()) == []
+
+
+@pytest.mark.mount
+def test_the_log_of_a_daemon_that_died_is_kept_and_named(tmp_path, runtime_dir, caplog):
+    mnt = tmp_path / "mnt"
+    pid, log = daemon.start_detached(mnt, phys_mem="8M")
+    info = _detached_daemon_info(mnt)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        assert daemon.wait_for_exit([info], timeout=10)
+    finally:
+        os.waitpid(pid, 0)
+        daemon.unmount(mnt)
+    assert Path(log).exists()
+    assert f"daemon {pid} did not exit cleanly; its log is kept at {log}" in caplog.text
+
+
+# -- the logs of detached daemons, without a mount --------------------------------------
+
+CLEAN_END = "2026-01-01 12:00:00 mktme-sandbox[42] INFO /mnt unmounted; exit status 0\n"
+SERVING = "2026-01-01 12:00:00 mktme-sandbox[42] INFO serving /mnt as pid 42\n"
+
+
+TRACEBACK = "Traceback (most recent call last):\n  boom\n"
+LOGS = {
+    "clean": (SERVING + CLEAN_END, True, ""),
+    "killed": (SERVING, True, "did not exit cleanly"),  # no last line
+    "traceback": (SERVING + TRACEBACK + CLEAN_END, True, "logged a traceback or an error"),
+    "other-pid": (SERVING + CLEAN_END.replace("[42]", "[43]"), True, "did not exit cleanly"),
+    "running": (SERVING + CLEAN_END, False, "is still running"),
+}
+
+
+@pytest.mark.parametrize(("text", "ended", "why"), LOGS.values(), ids=list(LOGS))
+def test_dispose_log_removes_only_the_log_of_a_clean_exit(tmp_path, caplog, text, ended, why):
+    removed = not why
+    log = tmp_path / "daemon.log"
+    log.write_text(text)
+    assert daemon.dispose_log(log, 42, ended=ended) is removed
+    assert log.exists() is not removed
+    assert (f"daemon 42 {why}; its log is kept at {log}" in caplog.text) is not removed
+
+
+@pytest.mark.mount
 def test_a_mountpoint_whose_name_has_a_space_is_recognised_and_unmounted(daemons, tmp_path):
     mnt = tmp_path / "with space"
     daemons.start(mnt, phys_mem="8M")

@@ -16,25 +16,18 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sandbox import pytest_plugin
 from sandbox.daemon import is_mounted
-from sandbox.pytest_plugin import FUSERMOUNT, fuse_unavailable_reason
+from sandbox.pytest_plugin import FUSERMOUNT
 
 pytest_plugins = ["pytester"]
 
-_NO_FUSE = fuse_unavailable_reason()
 RUN_TIMEOUT = 120  # seconds for one inner pytest run; they take a few
-
-
-def fuse_test(test: Callable[..., None]) -> Callable[..., None]:
-    """A test that mounts: marked ``mount``, skipped with the reason where FUSE is missing."""
-    skip_without_fuse = pytest.mark.skipif(_NO_FUSE is not None, reason=str(_NO_FUSE))
-    return skip_without_fuse(pytest.mark.mount(test))
 
 
 # --- what a run may leave behind ---------------------------------------------------
@@ -170,7 +163,7 @@ def test_mount_factory_mounts_several_sandboxes(mktme_mount_factory):
 """
 
 
-@fuse_test
+@pytest.mark.mount
 def test_every_fixture_works_in_a_project_without_conftest(project: pytest.Pytester) -> None:
     project.makepyfile(test_user=EVERY_FIXTURE)
     result = run(project, "--strict-markers")
@@ -189,7 +182,7 @@ def _documented_example() -> str:
     return blocks[-1]
 
 
-@fuse_test
+@pytest.mark.mount
 def test_the_documented_example_passes_as_it_is_written(project: pytest.Pytester) -> None:
     project.makepyfile(test_mktme_isolation=_documented_example())
     result = run(project, "-n", "2")
@@ -221,7 +214,7 @@ def test_daemon_error_line_fails_the_test(mktme_mount):
 """
 
 
-@fuse_test
+@pytest.mark.mount
 def test_failing_tests_still_unmount_and_show_the_daemon_log(project: pytest.Pytester) -> None:
     project.makepyfile(test_user=FAILING)
     result = run(project)
@@ -256,7 +249,7 @@ def test_failing_tests_still_unmount_and_show_the_daemon_log(project: pytest.Pyt
     assert_nothing_left(project.path)
 
 
-@fuse_test
+@pytest.mark.mount
 def test_a_daemon_that_never_comes_up_is_stopped_and_reported(project: pytest.Pytester) -> None:
     project.makepyfile(test_user="def test_never_runs(mktme_mount):\n    raise AssertionError\n")
     result = run(project, "--mktme-mount-timeout=0")  # stopped while it starts
@@ -359,7 +352,7 @@ def test_a_bad_default_is_a_usage_error(project: pytest.Pytester) -> None:
 # --- debugging: --mktme-keep-mount ----------------------------------------------------
 
 
-@fuse_test
+@pytest.mark.mount
 def test_keep_mount_leaves_the_mount_running_and_says_how_to_remove_it(
     project: pytest.Pytester,
 ) -> None:
@@ -415,7 +408,7 @@ def test_each_worker_mounts_its_own(mktme_mount, n):
 """
 
 
-@fuse_test
+@pytest.mark.mount
 def test_under_xdist_each_worker_mounts_its_own(project: pytest.Pytester) -> None:
     project.makepyfile(test_user=XDIST)
     result = run(project, "-n", "2")
@@ -430,7 +423,7 @@ def test_under_xdist_each_worker_mounts_its_own(project: pytest.Pytester) -> Non
 # --- mounted(): the same mount without the fixtures -----------------------------------
 
 
-@fuse_test
+@pytest.mark.mount
 def test_mounted_mounts_for_the_with_block_only(tmp_path: Path) -> None:
     try:
         with pytest_plugin.mounted(tmp_path / "mnt", seed=1, keyid_bits=2) as sandbox:
@@ -442,3 +435,23 @@ def test_mounted_mounts_for_the_with_block_only(tmp_path: Path) -> None:
         assert "--seed 1 --keyid-bits 2" in sandbox.log_path.read_text()
     finally:
         _clean_up(tmp_path)
+
+
+KEY = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+
+
+@pytest.mark.mount
+def test_a_rejected_user_key_is_redacted_in_the_exception(tmp_path: Path) -> None:
+    payload = f"type=user algorithm=aes-xts-128 key={KEY} tweak={KEY}"  # equal: EINVAL
+    try:
+        with (
+            pytest_plugin.mounted(tmp_path / "mnt", phys_mem="16M", keyid_bits=2) as sandbox,
+            pytest.raises(OSError) as rejected,
+        ):
+            sandbox.program_key(1, payload)
+    finally:
+        _clean_up(tmp_path)
+    text = f"{rejected.value} {rejected.value!r} {rejected.value.args}"
+    assert KEY not in text
+    assert "'type=user algorithm=aes-xts-128 key=<redacted> tweak=<redacted>' rejected" in text
+    assert "keys/1: EINVAL" in text  # the dmesg reason is still there

@@ -431,15 +431,15 @@ class WriteBackCache:
             return
         last = (first + count - 1) // PAGE_LINES
         window = self._resident[page : last + 1]
+        per_page: np.ndarray
         if missed is None:
             # contiguous lines: whole pages get 64, the two ends what they hold
-            added = np.full(last - page + 1, PAGE_LINES, dtype=np.int64)
-            added[0] = PAGE_LINES - first % PAGE_LINES
-            added[-1] -= (-(first + count)) % PAGE_LINES
+            per_page = np.full(last - page + 1, PAGE_LINES, dtype=np.int64)
+            per_page[0] = PAGE_LINES - first % PAGE_LINES
+            per_page[-1] -= (-(first + count)) % PAGE_LINES
         else:
-            pages = (first + missed) // PAGE_LINES - page
-            added = np.bincount(pages, minlength=last - page + 1)
-        np.minimum(window + added, cap, out=window, casting="unsafe")
+            per_page = np.bincount((first + missed) // PAGE_LINES - page, minlength=last - page + 1)
+        np.minimum(window + per_page, cap, out=window, casting="unsafe")
 
     def _recount_pages(self, first: int, count: int, rows: np.ndarray, flushed: int) -> None:
         """Set the exact count of the whole pages among lines ``first..`` (their ``rows``).

@@ -6,11 +6,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from sandbox.pytest_plugin import MountedSandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.mount
 def test_tour_shows_plaintext_ciphertext_and_the_pte_keyid_then_cleans_up(
     mktme_mount: MountedSandbox,
 ) -> None:

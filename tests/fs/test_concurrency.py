@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.mount
+
 BASE = 0x10000000
 REGION = 256 << 10
 WORKERS = [("w0", 0), ("w1", 1), ("w2", 2), ("w3", 3)]

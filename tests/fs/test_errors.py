@@ -14,6 +14,8 @@ import pytest
 
 from sandbox.errors import errno_name
 
+pytestmark = pytest.mark.mount
+
 BASE = 0x10000000
 READ_ONLY = 0x20000000
 KEY = "00112233445566778899aabbccddeeff"

@@ -19,6 +19,7 @@ KEY = "8899aabbccddeeff0011223344556677"
 TWEAK = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 pytestmark = [
+    pytest.mark.mount,
     pytest.mark.skipif(os.geteuid() != 0, reason="acting as other users needs root (setpriv)"),
     pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing"),
 ]

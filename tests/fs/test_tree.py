@@ -14,6 +14,10 @@ import struct
 
 import pytest
 
+from sandbox.machine import Machine
+
+pytestmark = pytest.mark.mount
+
 PHYS_MEM = 16 << 20
 BASE = 0x10000000
 USER_SPACE_END = 0x800000000000
@@ -247,21 +251,7 @@ def test_free_pools_lists_free_pages_per_keyid(bash):
 
 
 @pytest.mark.parametrize(
-    "switch",
-    [
-        "keyid_free_pools",
-        *(
-            f"mitigations/{name}"
-            for name in (
-                "vma_merge_keyid_check",
-                "no_zero_page_encrypted",
-                "ksm_keyid_check",
-                "khugepaged_keyid_check",
-                "pte_modify_preserve_keyid",
-                "flush_on_keyid_change",
-            )
-        ),
-    ],
+    "switch", ["keyid_free_pools", *(f"mitigations/{name}" for name in Machine.MITIGATIONS)]
 )
 def test_switches_read_1_or_0_and_toggle_with_echo(bash, switch):
     path = f"mm/{switch}"
@@ -276,16 +266,7 @@ def test_switches_read_1_or_0_and_toggle_with_echo(bash, switch):
 
 
 def test_the_mitigations_directory_has_one_file_per_switch(bash):
-    assert bash("ls mm/mitigations").split() == sorted(
-        [
-            "vma_merge_keyid_check",
-            "no_zero_page_encrypted",
-            "ksm_keyid_check",
-            "khugepaged_keyid_check",
-            "pte_modify_preserve_keyid",
-            "flush_on_keyid_change",
-        ]
-    )
+    assert bash("ls mm/mitigations").split() == sorted(Machine.MITIGATIONS)
 
 
 @pytest.mark.parametrize("path", ["mm/ksm/run", "mm/khugepaged/scan"])

@@ -1,26 +1,25 @@
 """Shared pieces of the mountpoint-tools tests: one mount, the tools, a tenant.
 
-The mount comes from ``sandbox.pytest_plugin.mounted`` and lasts for the
-session (per xdist worker): every test takes its own KeyIDs and spaces and
-gives them back, as the tools' users would. Tests run the tools as programs,
-with ``MKTME_MNT`` set, exactly as a user would; they prepare state through
-``mountpoint-tools/mktmefs.py`` (standard library only), never through
-``sandbox``.
+The mount comes from ``module_mount`` (tests/conftest.py) and lasts for the
+test module: every test takes its own KeyIDs and spaces and gives them back,
+as the tools' users would, and at the end ``mm/check`` must still say "ok".
+Tests run the tools as programs, with ``MKTME_MNT`` set, exactly as a user
+would; they prepare state through ``mountpoint-tools/mktmefs.py`` (standard
+library only), never through ``sandbox`` (test_mktmefs.py imports it only to
+hold mktmefs's copies of its tables equal to the originals).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox.pytest_plugin import fuse_unavailable_reason, mounted
+from sandbox.pytest_plugin import MountedSandbox
 
 # The helpers of this folder and the tools' library, for every test module here.
 HERE = Path(__file__).resolve().parent
@@ -30,20 +29,10 @@ from mktmefs import Mount
 from tools_helpers import TOOLS, VA, Run, Tenant
 
 
-@pytest.fixture(scope="session")
-def mnt() -> Iterator[Mount]:
-    """A 64 MiB sandbox, seed 1, for the whole session; mm/check must stay ok."""
-    reason = fuse_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    directory = Path(tempfile.mkdtemp(prefix="mktme-tools-test-"))
-    try:
-        with mounted(directory / "mnt", phys_mem="64M", seed=1) as sandbox:
-            mount = Mount(sandbox.path)
-            yield mount
-            assert mount.check() == [], "the tools left the machine inconsistent"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+@pytest.fixture(scope="module")
+def mnt(module_mount: Callable[..., MountedSandbox]) -> Mount:
+    """A 64 MiB sandbox, seed 1, for the test module, seen through mktmefs."""
+    return Mount(module_mount(phys_mem="64M", seed=1).path)
 
 
 @pytest.fixture

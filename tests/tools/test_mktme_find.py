@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from mktmefs import Mount
 from tools_helpers import VA, Run, Tenant
+
+pytestmark = pytest.mark.mount
 
 
 def test_help_teaches_with_examples_and_exit_status(tool: Run) -> None:

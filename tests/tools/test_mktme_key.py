@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from mktmefs import Mount
 from tools_helpers import VA, Run, Tenant
+
+pytestmark = pytest.mark.mount
 
 
 def test_help_teaches_the_commands_with_examples_and_exit_status(tool: Run) -> None:
@@ -56,6 +59,26 @@ def test_equal_key_and_tweak_is_rejected_with_einval_and_the_reason(tool: Run) -
     done = tool("mktme-key", "add", "user", "-k", same, "-t", same)
     assert done.returncode == 1
     assert "EINVAL" in done.stderr and "equal" in done.stderr
+
+
+KEY, TWEAK = "a1b2c3d4e5f60718293a4b5c6d7e8f90", "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["user", "-k", KEY, "-t", KEY],  # equal
+        ["user", "-a", "aes-xts-256", "-k", KEY, "-t", TWEAK],  # too short for 256
+        ["cpu", "-k", KEY, "-t", TWEAK[:-1]],  # odd-length entropy
+    ],
+    ids=["equal", "short", "odd"],
+)
+def test_a_rejected_key_is_shown_redacted_never_in_hex(tool: Run, args: list[str]) -> None:
+    done = tool("mktme-key", "add", *args)
+    assert done.returncode == 1, done.stderr
+    assert "EINVAL" in done.stderr and "key=<redacted> tweak=<redacted>" in done.stderr
+    for secret in (KEY, TWEAK[:-1]):
+        assert secret not in done.stderr and secret not in done.stdout
 
 
 def test_clearing_a_keyid_that_is_still_mapped_is_ebusy(tool: Run, tenant: Tenant) -> None:

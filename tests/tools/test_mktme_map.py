@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from mktmefs import Mount
 from tools_helpers import Run
+
+pytestmark = pytest.mark.mount
 
 
 def space_name() -> str:

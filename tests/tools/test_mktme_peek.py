@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from tools_helpers import VA, Run, Tenant
+
+pytestmark = pytest.mark.mount
 
 SECRET = b"peek at this secret, please!"
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from mktmefs import walk
 from tools_helpers import VA, Run, Tenant
+
+pytestmark = pytest.mark.mount
 
 
 def test_help_teaches_with_examples_and_exit_status(tool: Run) -> None:

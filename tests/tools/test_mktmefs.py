@@ -1,9 +1,35 @@
-"""mktmefs, the stdlib library of the tools: its parsers, without a mount."""
+"""mktmefs, the stdlib library of the tools: its parsers and tables, mostly without a mount.
+
+mktmefs may not import ``sandbox``, so it keeps stdlib copies of a few of its
+tables (the /proc/kpageflags bits, the KeyID layout of an address); these
+tests hold the copies equal to the originals.
+"""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
-from mktmefs import Layout, PagemapEntry, Pte, parse_int, parse_smaps, runs
+from mktmefs import (
+    Kpf,
+    Layout,
+    Mount,
+    MountError,
+    PagemapEntry,
+    Pte,
+    parse_int,
+    parse_smaps,
+    parse_tme,
+    redacted,
+    runs,
+)
+
+from sandbox.kernel.pgtable import PteLayout
+from sandbox.kernel.proc import KPF
+from sandbox.machine import Machine
+
+KEY = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+TWEAK = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 SMAPS = """\
 7f0000000000-7f0000002000 rw-p 00000000 00:00 0 
@@ -67,3 +93,74 @@ def test_parse_int_refuses_garbage_with_examples() -> None:
 
 def test_runs_groups_contiguous_pfns() -> None:
     assert list(runs([5, 1, 2, 3, 9, 10])) == [(1, 3), (5, 1), (9, 2)]
+
+
+# -- the stdlib copies agree with sandbox ----------------------------------------
+
+
+def test_the_kpageflags_bits_are_those_of_the_sandbox() -> None:
+    assert {f.name: f.value for f in Kpf} == {f.name: f.value for f in KPF}
+
+
+LAYOUTS = [(46, 6), (39, 3), (52, 15), (36, 6), (46, 0)]
+
+
+@pytest.mark.parametrize(("maxphyaddr", "keyid_bits"), LAYOUTS)
+def test_the_keyid_layout_is_that_of_the_sandbox_page_tables(
+    maxphyaddr: int, keyid_bits: int
+) -> None:
+    ours, theirs = Layout(maxphyaddr, keyid_bits), PteLayout(maxphyaddr, keyid_bits)
+    assert (ours.keyid_shift, ours.keyid_mask) == (theirs.keyid_shift, theirs.keyid_mask)
+    flags = Pte.P | Pte.RW | Pte.US | Pte.A | Pte.D | Pte.NX
+    for pfn in (0, 1, 0x12345, (1 << (theirs.keyid_shift - 12)) - 1):
+        for keyid in sorted({0, min(1, theirs.max_keyid), theirs.max_keyid}):
+            pte = theirs.make_pte(pfn, keyid, flags)
+            assert ours.split(pte) == (pfn << 12, keyid)
+            assert ours.with_keyid(pte, 0) == theirs.make_pte(pfn, 0, flags)
+
+
+@pytest.mark.parametrize(("maxphyaddr", "keyid_bits"), [(46, 6), (39, 3), (46, 0)])
+def test_the_layout_is_read_from_what_hw_tme_prints(maxphyaddr: int, keyid_bits: int) -> None:
+    machine = Machine(phys_mem="16M", maxphyaddr=maxphyaddr, keyid_bits=keyid_bits)
+    assert Layout.from_tme(parse_tme(machine.tme_text())) == Layout(maxphyaddr, keyid_bits)
+
+
+def test_a_hw_tme_without_the_layout_lines_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="no maxphyaddr, keyid_shift and keyid_mask"):
+        Layout.from_tme(parse_tme("mk_tme_keyid_bits 6\n"))
+    with pytest.raises(ValueError, match="keyid_mask 0x1 is not bits 40..45"):
+        Layout.from_tme({"maxphyaddr": "46", "keyid_shift": "40", "keyid_mask": "0x1"})
+
+
+# -- key material never reaches a message ---------------------------------------
+
+
+def test_redacted_hides_the_values_of_key_and_tweak_only() -> None:
+    command = f"type=user algorithm=aes-xts-128 key={KEY} tweak={TWEAK}"
+    assert redacted(command) == "type=user algorithm=aes-xts-128 key=<redacted> tweak=<redacted>"
+    assert redacted("mmap 0x1000 4096 rw- keyid=1") == "mmap 0x1000 4096 rw- keyid=1"
+    assert (
+        redacted(f"type=user KEY={KEY} Tweak={TWEAK}")
+        == "type=user KEY=<redacted> Tweak=<redacted>"
+    )
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize(
+    "payload",
+    [
+        f"type=user algorithm=aes-xts-128 key={KEY} tweak={KEY}",  # equal: EINVAL
+        f"type=user algorithm=aes-xts-256 key={KEY} tweak={TWEAK}",  # too short for 256
+        f"type=user algorithm=des key={KEY} tweak={TWEAK}",  # unknown algorithm
+    ],
+    ids=["equal", "short", "algorithm"],
+)
+def test_a_rejected_user_key_is_not_in_the_error(mnt: Mount, payload: str) -> None:
+    free = next(k.keyid for k in mnt.key_table() if not k.programmed)
+    with pytest.raises(MountError) as rejected:
+        mnt.command(f"keys/{free}", payload)
+    assert rejected.value.errno == errno.EINVAL
+    text = " ".join([str(rejected.value), repr(rejected.value), rejected.value.reason])
+    assert KEY not in text and TWEAK not in text
+    assert "key=<redacted> tweak=<redacted>" in text
+    assert not mnt.key(free).programmed
