@@ -44,6 +44,8 @@ BASH = [
     *_rel(list((ROOT / "mountpoint-tools").glob("*.sh"))),
     *_scripts("mountpoint-tools", "bash"),
     *_scripts("examples", "bash"),
+    *_scripts("scripts", "bash"),
+    ".ci/run",
 ]
 
 
