@@ -69,7 +69,20 @@ def _failing_as_click(action: Callable[[], Any]) -> Any:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """An emulated Intel MKTME machine, mounted as a FUSE filesystem."""
+    """An emulated Intel MKTME machine, mounted as a FUSE filesystem.
+
+    \b
+    A first session:
+      mktme-sandbox mount /tmp/m --seed 1
+      echo 'type=cpu algorithm=aes-xts-128' > /tmp/m/keys/1
+      mkdir /tmp/m/spaces/demo
+      echo 'mmap 0x7f0000000000 64K rw- keyid=1' > /tmp/m/spaces/demo/ctl
+      cat /tmp/m/README /tmp/m/spaces/demo/smaps
+      mktme-sandbox umount /tmp/m
+
+    Every file of the mount is described in docs/filesystem.md; rejected
+    commands explain themselves in /tmp/m/dmesg.
+    """
 
 
 @cli.command()
