@@ -106,7 +106,7 @@ def _check_vmas(k: Kernel, mm: MmStruct, found: _Findings) -> None:
 def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: Counter[int]) -> None:
     where = f"space {mm.name}"
     layout = k.pte_layout
-    for va, size, pte in k.pt.iter_present(mm.pgd, 0, 1 << 47):
+    for va, size, pte in k.pt.iter_present(mm.pgd):
         vma = mm.find_vma(va)
         pfn, keyid = layout.pte_pfn(pte, size), layout.pte_keyid(pte)
         if vma is None or va + size > vma.end:

@@ -21,12 +21,12 @@ Left out: swap, file pages, userfaultfd, accessed/dirty bits set by the walker
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from sandbox.config import PAGE_SIZE
 from sandbox.errors import fail
-from sandbox.kernel.page_alloc import PG
-from sandbox.kernel.pgtable import PteFlags
+from sandbox.kernel.page_alloc import HPAGE_NR, PG
+from sandbox.kernel.pgtable import USER_END, PteFlags
 from sandbox.kernel.tlb import tlb_entry
 from sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -135,9 +135,7 @@ def put_page(k: Kernel, pfn: int) -> None:
     """Drop one mapping of a page; free it when none is left."""
     if k.alloc.flags[pfn] & PG.ZERO:
         return
-    head = pfn
-    if k.alloc.flags[pfn] & PG.TAIL:
-        head = pfn & ~511
+    head = compound_head(k, pfn)
     k.alloc.mapcount[head] -= 1
     if k.alloc.mapcount[head] <= 0:
         k.alloc.free_page(head)
@@ -190,7 +188,9 @@ def _vma_for_access(mm: MmStruct, addr: int, write: bool) -> Vma:
 
 def accessible_prefix(mm: MmStruct, addr: int, length: int, write: bool) -> int:
     """How many bytes from ``addr`` on the VMAs let this access touch."""
-    end = min(addr + length, 1 << 47)
+    if not 0 <= addr < USER_END:
+        return 0
+    end = min(addr + length, USER_END)
     cursor = addr
     needed = VM.WRITE if write else VM.READ
     for vma in mm.overlapping(addr, end):
@@ -198,16 +198,6 @@ def accessible_prefix(mm: MmStruct, addr: int, length: int, write: bool) -> int:
             break
         cursor = vma.end
     return max(0, min(cursor, end) - addr)
-
-
-def check_access(mm: MmStruct, addr: int, length: int, write: bool) -> None:
-    """Refuse the whole access, with the reason for its first bad byte (EIO)."""
-    if addr < 0 or addr + length > 1 << 47:
-        fail(errno.EIO, f"{addr:#x}+{length:#x} is outside the user address space")
-    done = accessible_prefix(mm, addr, length, write)
-    if done < length:
-        _vma_for_access(mm, addr + done, write)  # raises with the reason
-        fail(errno.EIO, f"{addr + done:#x} cannot be accessed")  # pragma: no cover
 
 
 def access_vm(k: Kernel, mm: MmStruct, addr: int, length: int, data: bytes | None) -> bytes:
@@ -219,10 +209,10 @@ def access_vm(k: Kernel, mm: MmStruct, addr: int, length: int, data: bytes | Non
     KeyID go to the platform in one call.
     """
     write = data is not None
-    if not write and 0 <= addr < 1 << 47:
-        length = accessible_prefix(mm, addr, length, False) or length
-    check_access(mm, addr, length, write)
-    runs = _physical_runs(k, mm, addr, length, write)
+    done = accessible_prefix(mm, addr, length, write)
+    if done < length and (write or not done):
+        _refuse(mm, addr + done, write)
+    runs = _physical_runs(k, mm, addr, done, write)
     if data is None:
         return b"".join(k.platform.load(pa, n, keyid) for pa, n, keyid in runs)
     view = memoryview(data)
@@ -230,6 +220,14 @@ def access_vm(k: Kernel, mm: MmStruct, addr: int, length: int, data: bytes | Non
         k.platform.store(pa, view[:n], keyid)
         view = view[n:]
     return b""
+
+
+def _refuse(mm: MmStruct, addr: int, write: bool) -> NoReturn:
+    """EIO, with the reason ``addr`` (the first bad byte) cannot be accessed."""
+    if not 0 <= addr < USER_END:
+        fail(errno.EIO, f"{addr:#x} is outside the user address space")
+    _vma_for_access(mm, addr, write)  # raises with the reason
+    raise AssertionError(f"{addr:#x} is accessible")  # pragma: no cover
 
 
 def _physical_runs(
@@ -273,8 +271,12 @@ def _mapped_page(k: Kernel, pfn: int) -> bool:
     flags = int(k.alloc.flags[pfn])
     if flags & PG.ZERO:
         return True
-    head = pfn & ~511 if flags & PG.TAIL else pfn
-    return bool(flags & PG.ANON) and k.alloc.mapcount[head] > 0
+    return bool(flags & PG.ANON) and k.alloc.mapcount[compound_head(k, pfn)] > 0
+
+
+def compound_head(k: Kernel, pfn: int) -> int:
+    """The first page of the 2M page ``pfn`` is part of, or ``pfn`` itself."""
+    return pfn & ~(HPAGE_NR - 1) if k.alloc.flags[pfn] & PG.TAIL else pfn
 
 
 def flush_tlb_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
@@ -285,7 +287,7 @@ def flush_tlb_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
 def split_huge_pmds(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     """``split_huge_pmd()`` for huge mappings that [start, end) cuts."""
     for edge in (start, end):
-        if not edge & (HPAGE_SIZE - 1) or edge >= 1 << 47:
+        if not edge & (HPAGE_SIZE - 1) or edge >= USER_END:
             continue
         found = k.pt.get_pte(mm.pgd, edge)
         if found is not None and found.size == HPAGE_SIZE:
