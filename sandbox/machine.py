@@ -232,6 +232,11 @@ class Machine:
         return self.kernel.vmstat.text()
 
     @_locked
+    def vmstat_counts(self) -> dict[str, int]:
+        """``mm/vmstat`` as numbers, for scripts and benchmarks."""
+        return self.kernel.vmstat.snapshot()
+
+    @_locked
     def free_pools(self) -> str:
         counts = self.kernel.alloc.free_pages_by_keyid()
         return "".join(f"keyid={k} free={n}\n" for k, n in counts.items())
@@ -301,12 +306,12 @@ class Machine:
         """The MSRs decoded, then the address layout the kernel derived from
         them and from CPUID's MAXPHYADDR (what a tool needs to find the KeyID
         bits in a PTE)."""
-        layout = self.kernel.layout
+        pte = self.kernel.pte_layout  # the shift and mask, derived once
         return self.platform.tme_text() + (
-            f"maxphyaddr {layout.maxphyaddr}\n"
-            f"keyid_shift {layout.keyid_shift}\n"
-            f"keyid_mask {layout.keyid_mask:#018x}\n"
-            f"nr_keyids {layout.nr_keyids}\n"
+            f"maxphyaddr {pte.maxphyaddr}\n"
+            f"keyid_shift {pte.keyid_shift}\n"
+            f"keyid_mask {pte.keyid_mask:#018x}\n"
+            f"nr_keyids {self.nr_keyids}\n"
         )
 
     @_locked

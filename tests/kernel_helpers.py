@@ -57,4 +57,4 @@ def smaps_keyids(m: Machine, name: str) -> list[int]:
 
 
 def vmstat(m: Machine) -> dict[str, int]:
-    return {k: int(v) for k, v in (line.split() for line in m.vmstat().splitlines())}
+    return m.vmstat_counts()

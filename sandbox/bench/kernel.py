@@ -216,7 +216,7 @@ def boot(mktme: bool, pools: bool = False, phys_mem: str = "256M") -> Machine:
 
 
 def vmstat(machine: Machine) -> dict[str, int]:
-    return {name: int(value) for name, value in map(str.split, machine.vmstat().splitlines())}
+    return machine.vmstat_counts()
 
 
 def _mmap(addr: int, length: int, keyid: int, populate: bool = False) -> str:

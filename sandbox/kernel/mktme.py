@@ -3,9 +3,10 @@
 Models ``detect_tme()`` of arch/x86/kernel/cpu/intel.c as the v5 series uses it
 ("x86/mm: Detect MKTME early", "x86/mm: Introduce variables to store number,
 shift and mask of KeyIDs"): read IA32_TME_ACTIVATE, log what the BIOS enabled
-in the same words Linux does, derive ``mktme_nr_keyids``,
-``mktme_keyid_shift`` and ``mktme_keyid_mask``, and lower the usable physical
-address bits by the KeyID bits.
+in the same words Linux does, and derive ``mktme_nr_keyids`` and the KeyID
+bits taken from the physical address. ``mktme_keyid_shift`` and
+``mktme_keyid_mask`` follow from those; ``pgtable.PteLayout`` computes them,
+once, for the page tables and everything else.
 
 Differences, each from SPEC section 2: AES-XTS-256 is a known policy and a
 known algorithm (Linux v5 knew only AES-XTS-128); ``nr_keyids`` is also capped
@@ -42,14 +43,6 @@ class KeyIdLayout:
     maxphyaddr: int
     keyid_bits: int
     nr_keyids: int
-
-    @property
-    def keyid_shift(self) -> int:
-        return self.maxphyaddr - self.keyid_bits
-
-    @property
-    def keyid_mask(self) -> int:
-        return ((1 << self.keyid_bits) - 1) << self.keyid_shift
 
     def valid_keyid(self, keyid: int) -> bool:
         return 0 <= keyid <= self.nr_keyids
