@@ -122,6 +122,12 @@ def parse_cache_command(text: str) -> CacheCommand:
     return CacheCommand("clflush", pa, keyid)
 
 
+def expect_word(text: str | bytes, word: str, what: str) -> None:
+    """A control file that takes one word (``flush``, ``1``): anything else is EINVAL."""
+    if decode_command(text, what) != word:
+        fail(errno.EINVAL, f"{what}: the only command is {word!r}")
+
+
 def parse_switch(text: str | bytes, what: str) -> bool:
     """A 1/0 switch file: ``1`` on, ``0`` off."""
     word = decode_command(text, what)

@@ -19,13 +19,11 @@ mounted with ``default_permissions``:
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from sandbox.commands import parse_switch
-from sandbox.errors import SandboxError
+from sandbox.commands import expect_word, parse_switch
 from sandbox.fs.nodes import Access, BlobFile, Dir, Node, TextFile, fixed
 from sandbox.fs.readme import README
 
@@ -47,8 +45,7 @@ def _on_word(word: bytes, action: Callable[[], object]) -> Command:
     """A control file that accepts exactly ``word`` (``flush``, ``1``)."""
 
     def run(text: bytes, uid: int) -> None:
-        if text.strip() != word:
-            raise SandboxError(errno.EINVAL, f"the only command is {word.decode()!r}")
+        expect_word(text, word.decode(), "command")
         action()
 
     return run
