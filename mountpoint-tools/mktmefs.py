@@ -93,7 +93,7 @@ PTE_FLAG_MASK = 0xFFF | (0xFFF << 52)  # everything but the address field 51:12
 class Kpf(enum.IntEnum):
     """The /proc/kpageflags bits the sandbox sets (include/uapi/linux/kernel-page-flags.h).
 
-    A stdlib copy of ``sandbox.kernel.proc.KPF``; tests/tools/test_mktmefs.py
+    A stdlib copy of ``mktme_sandbox.kernel.proc.KPF``; tests/tools/test_mktmefs.py
     keeps the two equal.
     """
 
@@ -185,7 +185,7 @@ class Layout:
     """Where the KeyID sits in a physical address (SPEC 2): the top
     ``keyid_bits`` of the ``maxphyaddr`` physical-address bits.
 
-    A stdlib copy of the part of ``sandbox.kernel.pgtable.PteLayout`` a tool
+    A stdlib copy of the part of ``mktme_sandbox.kernel.pgtable.PteLayout`` a tool
     needs; tests/tools/test_mktmefs.py keeps the two in agreement.
     """
 

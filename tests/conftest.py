@@ -6,7 +6,7 @@ examples one run happened to draw; locally it explores new ones each run.
 
 Mounts: a test that needs a real FUSE mount is marked ``@pytest.mark.mount``
 (a module: ``pytestmark = pytest.mark.mount``); where FUSE is missing it is
-skipped with the reason ``sandbox.pytest_plugin.fuse_unavailable_reason()``
+skipped with the reason ``mktme_sandbox.pytest_plugin.fuse_unavailable_reason()``
 gives. ``module_mount(**options)`` is a mount shared by the tests of one module
 (it skips the same way): it lives in a world-traversable directory under /tmp,
 so that the unprivileged users of the ownership tests can reach it, and at
@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from sandbox.pytest_plugin import MountedSandbox, fuse_unavailable_reason, mounted
+from mktme_sandbox.pytest_plugin import MountedSandbox, fuse_unavailable_reason, mounted
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 if os.environ.get("CI"):

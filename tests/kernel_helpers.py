@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from sandbox import Machine
+from mktme_sandbox import Machine
 
 U = 0x10000000  # a user address, 2M aligned
 PAGE = 4096

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from sandbox.bench import kernel
-from sandbox.bench.kernel import CONFIGS, LETTER, MODEL, TINY, TraceConfig, TraceCounts
-from sandbox.kernel.vmstat import VMSTAT_ITEMS
-from sandbox.machine import Machine
+from mktme_sandbox.bench import kernel
+from mktme_sandbox.bench.kernel import CONFIGS, LETTER, MODEL, TINY, TraceConfig, TraceCounts
+from mktme_sandbox.kernel.vmstat import VMSTAT_ITEMS
+from mktme_sandbox.machine import Machine
 
 TRACE = kernel.build_trace(TINY.trace)
 V5_LINES_PER_FAULT = 128

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import sandbox.bench
-from sandbox import daemon
-from sandbox.cli import cli
+import mktme_sandbox.bench
+from mktme_sandbox import daemon
+from mktme_sandbox.cli import cli
 
 SCRIPT = Path(sys.executable).with_name("mktme-sandbox")
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sandbox.cli"]
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mktme_sandbox.cli"]
 
 
 def mktme(*args: str) -> subprocess.CompletedProcess[str]:
@@ -86,7 +86,9 @@ def test_help_names_every_command():
 
 def test_bench_passes_the_named_suites_to_sandbox_bench_run(monkeypatch):
     calls = []
-    monkeypatch.setattr(sandbox.bench, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(
+        mktme_sandbox.bench, "run", lambda *args, **kwargs: calls.append((args, kwargs))
+    )
     result = CliRunner().invoke(cli, ["bench", "fs", "--json"])
     assert result.exit_code == 0, result.output
     assert calls and calls[0][0] == (["fs"],) and calls[0][1]["as_json"] is True

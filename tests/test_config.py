@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.config import GiB, MachineConfig, MiB, parse_size
+from mktme_sandbox.config import GiB, MachineConfig, MiB, parse_size
 
 
 def test_defaults_are_the_specs():

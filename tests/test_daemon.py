@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import daemon
-from sandbox.daemon import DaemonError
+from mktme_sandbox import daemon
+from mktme_sandbox.daemon import DaemonError
 
 
 class Daemons:
@@ -81,7 +81,7 @@ def test_daemon_argv_runs_mount_in_the_foreground_with_options_and_an_absolute_p
         allow_other=False,
         cache_size=None,
     )
-    assert argv[:5] == [sys.executable, "-m", "sandbox.cli", "mount", "--foreground"]
+    assert argv[:5] == [sys.executable, "-m", "mktme_sandbox.cli", "mount", "--foreground"]
     assert argv[5:] == [
         "--phys-mem",
         "64M",

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import pytest_plugin
-from sandbox.daemon import is_mounted
-from sandbox.pytest_plugin import FUSERMOUNT
+from mktme_sandbox import pytest_plugin
+from mktme_sandbox.daemon import is_mounted
+from mktme_sandbox.pytest_plugin import FUSERMOUNT
 
 pytest_plugins = ["pytester"]
 
@@ -223,7 +223,7 @@ def test_failing_tests_still_unmount_and_show_the_daemon_log(project: pytest.Pyt
         [
             "*_ test_fails_in_its_body _*",
             "*- mktme daemon log */test_fails_in_its_body0/mktme0.log -*",
-            "$ *sandbox.cli mount --foreground --phys-mem 64M */test_fails_in_its_body0/mktme0",
+            "$ *mktme_sandbox.cli mount --foreground --phys-mem 64M */test_fails_in_its_body0/mktme0",
         ]
     )
     result.stdout.fnmatch_lines(

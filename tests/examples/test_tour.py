@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.pytest_plugin import MountedSandbox
+from mktme_sandbox.pytest_plugin import MountedSandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 

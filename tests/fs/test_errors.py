@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from sandbox.errors import errno_name
+from mktme_sandbox.errors import errno_name
 
 pytestmark = pytest.mark.mount
 

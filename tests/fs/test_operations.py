@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import mfusepy
 import pytest
 
-from sandbox import Machine
-from sandbox.fs import SandboxFS, operations
+from mktme_sandbox import Machine
+from mktme_sandbox.fs import SandboxFS, operations
 
 
 @pytest.fixture

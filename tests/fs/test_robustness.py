@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox.machine import Machine
+from mktme_sandbox.machine import Machine
 
 pytestmark = pytest.mark.mount
 

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from sandbox.machine import Machine
+from mktme_sandbox.machine import Machine
 
 pytestmark = pytest.mark.mount
 

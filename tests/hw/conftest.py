@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from sandbox.config import MachineConfig, MiB
-from sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
-from sandbox.hw.platform import Platform
-from sandbox.hw.xts import AES_XTS_128, Algorithm, XtsKey
+from mktme_sandbox.config import MachineConfig, MiB
+from mktme_sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
+from mktme_sandbox.hw.platform import Platform
+from mktme_sandbox.hw.xts import AES_XTS_128, Algorithm, XtsKey
 
 SET_KEY_DIRECT = KeyProgramCommand.SET_KEY_DIRECT
 

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandbox.config import KiB, MachineConfig, MiB
-from sandbox.hw.cache import CacheStats
-from sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
-from sandbox.hw.platform import Platform
-from sandbox.hw.xts import AES_XTS_128
+from mktme_sandbox.config import KiB, MachineConfig, MiB
+from mktme_sandbox.hw.cache import CacheStats
+from mktme_sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
+from mktme_sandbox.hw.platform import Platform
+from mktme_sandbox.hw.xts import AES_XTS_128
 
 MakePlatform = Callable[..., Platform]
 Program = Callable[..., PconfigStatus]

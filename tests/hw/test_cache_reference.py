@@ -1,6 +1,6 @@
 """The vectorized cache against a line-by-line reference model (STYLE habit 8).
 
-``ReferenceCache`` keeps the rules of SPEC section 2 and of ``sandbox.hw.cache``
+``ReferenceCache`` keeps the rules of SPEC section 2 and of ``mktme_sandbox.hw.cache``
 in the plainest form: one line at a time, a Python list of ways per set, no
 chunks, no early answers, no hints. Random sequences of loads, stores, fills,
 flushes, WBINVDs, DRAM writes and key changes run on two identical machines,
@@ -22,12 +22,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandbox.config import KiB, MachineConfig, MiB
-from sandbox.hw.cache import WAYS, CacheStats, WriteBackCache
-from sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
-from sandbox.hw.memctl import MemoryController
-from sandbox.hw.platform import Platform
-from sandbox.hw.xts import AES_XTS_128
+from mktme_sandbox.config import KiB, MachineConfig, MiB
+from mktme_sandbox.hw.cache import WAYS, CacheStats, WriteBackCache
+from mktme_sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
+from mktme_sandbox.hw.memctl import MemoryController
+from mktme_sandbox.hw.platform import Platform
+from mktme_sandbox.hw.xts import AES_XTS_128
 
 LINE = 64
 PAGE = 4096

@@ -8,10 +8,10 @@ import numpy as np
 import psutil
 import pytest
 
-from sandbox.config import GiB, MachineConfig, MiB
-from sandbox.errors import SandboxError
-from sandbox.hw.dram import Dram
-from sandbox.hw.platform import Platform
+from mktme_sandbox.config import GiB, MachineConfig, MiB
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.hw.dram import Dram
+from mktme_sandbox.hw.platform import Platform
 
 
 def test_bytes_written_read_back_unchanged_and_untouched_memory_reads_zero() -> None:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandbox.errors import SandboxError
-from sandbox.hw.keytable import (
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.hw.keytable import (
     KeyMode,
     KeyProgram,
     KeyProgramCommand,
@@ -20,9 +20,9 @@ from sandbox.hw.keytable import (
     PconfigFault,
     PconfigStatus,
 )
-from sandbox.hw.msr import TmeActivation
-from sandbox.hw.platform import Platform
-from sandbox.hw.xts import AES_XTS_128, AES_XTS_256, ALGORITHMS
+from mktme_sandbox.hw.msr import TmeActivation
+from mktme_sandbox.hw.platform import Platform
+from mktme_sandbox.hw.xts import AES_XTS_128, AES_XTS_256, ALGORITHMS
 
 MakePlatform = Callable[..., Platform]
 Program = Callable[..., PconfigStatus]

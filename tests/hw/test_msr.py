@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandbox.config import MachineConfig
-from sandbox.errors import SandboxError
-from sandbox.hw.msr import (
+from mktme_sandbox.config import MachineConfig
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.hw.msr import (
     FIELDS,
     FieldValue,
     Msr,
@@ -22,8 +22,8 @@ from sandbox.hw.msr import (
     decode,
     encode,
 )
-from sandbox.hw.platform import Platform
-from sandbox.hw.xts import AES_XTS_128, AES_XTS_256
+from mktme_sandbox.hw.platform import Platform
+from mktme_sandbox.hw.xts import AES_XTS_128, AES_XTS_256
 
 MakePlatform = Callable[..., Platform]
 CAP, ACT = Msr.IA32_TME_CAPABILITY, Msr.IA32_TME_ACTIVATE

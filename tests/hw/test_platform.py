@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from sandbox.config import KiB, MiB
-from sandbox.errors import SandboxError
-from sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
-from sandbox.hw.platform import Platform
-from sandbox.hw.xts import AES_XTS_128
+from mktme_sandbox.config import KiB, MiB
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
+from mktme_sandbox.hw.platform import Platform
+from mktme_sandbox.hw.xts import AES_XTS_128
 
 MakePlatform = Callable[..., Platform]
 Program = Callable[..., PconfigStatus]

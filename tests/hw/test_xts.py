@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandbox.errors import SandboxError
-from sandbox.hw.xts import AES_XTS_128, AES_XTS_256, PLAINTEXT, XtsKey, algorithm_named
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.hw.xts import AES_XTS_128, AES_XTS_256, PLAINTEXT, XtsKey, algorithm_named
 
 LINE = 64
 # Line addresses up to 2**52 (MAXPHYADDR's limit): the tweak's upper bytes get exercised.
@@ -177,8 +177,8 @@ def test_lines_of_several_pages_are_not_taken_from_one_page_table(addresses: lis
 def test_tweak_tables_are_made_on_a_second_sight_kept_for_recent_pages_and_stay_right(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("sandbox.hw.xts._TWEAK_PAGES", 2)
-    monkeypatch.setattr("sandbox.hw.xts._SEEN_PAGES", 3)
+    monkeypatch.setattr("mktme_sandbox.hw.xts._TWEAK_PAGES", 2)
+    monkeypatch.setattr("mktme_sandbox.hw.xts._SEEN_PAGES", 3)
     data_key, tweak_key = bytes(range(16)), bytes(range(16, 32))
     engine = XtsKey(data_key, tweak_key)
     data = bytes(range(256))  # four lines

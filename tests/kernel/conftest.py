@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from kernel_helpers import two_keys
 
-from sandbox import Machine
+from kernel_helpers import two_keys
+from mktme_sandbox import Machine
 
 
 @pytest.fixture

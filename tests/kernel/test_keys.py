@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 
 import pytest
-from kernel_helpers import U, cpu_key, ctl, machine, space
 
-from sandbox import SandboxError
+from kernel_helpers import U, cpu_key, ctl, machine, space
+from mktme_sandbox import SandboxError
 
 USER_KEY = "00112233445566778899aabbccddeeff"
 USER_TWEAK = "ffeeddccbbaa99887766554433221100"

@@ -8,9 +8,9 @@ import errno
 import random
 
 import pytest
-from kernel_helpers import PAGE, U, cpu_key, ctl, machine, space
 
-from sandbox import SandboxError
+from kernel_helpers import PAGE, U, cpu_key, ctl, machine, space
+from mktme_sandbox import SandboxError
 
 SECRET = b"tenant secret 42"
 

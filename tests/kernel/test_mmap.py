@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 
 import pytest
-from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, smaps_keyids, space, vmstat
 
-from sandbox import SandboxError
+from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, smaps_keyids, space, vmstat
+from mktme_sandbox import SandboxError
 
 
 def rejects(m, command: str, err: int, uid: int = 0) -> SandboxError:

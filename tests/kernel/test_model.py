@@ -10,9 +10,9 @@ import errno
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from kernel_helpers import PAGE, U, cpu_key, machine
 
-from sandbox import SandboxError
+from kernel_helpers import PAGE, U, cpu_key, machine
+from mktme_sandbox import SandboxError
 
 SLOTS = 16  # pages in the region the test plays in
 SPACES = ("a", "b")

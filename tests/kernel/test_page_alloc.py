@@ -4,6 +4,7 @@ and free, the per-KeyID free pools that avoid them, KeyID 0 never flushing."""
 from __future__ import annotations
 
 import pytest
+
 from kernel_helpers import U, ctl, pfn_of, vmstat
 
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandbox.errors import SandboxError
-from sandbox.kernel.pgtable import (
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.kernel.pgtable import (
     PAGE_SHARED,
     PAGE_TABLE,
     SIZE_1G,

@@ -7,9 +7,9 @@ import re
 import struct
 
 import pytest
-from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, space
 
-from sandbox.kernel.proc import KPF
+from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, space
+from mktme_sandbox.kernel.proc import KPF
 
 # fs/proc/task_mmu.c: "%08lx-%08lx %c%c%c%c %08llx %02x:%02x %lu " for anon memory
 MAPS_LINE = re.compile(r"[0-9a-f]{8,}-[0-9a-f]{8,} [r-][w-][x-][ps] 00000000 00:00 0 \n")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.kernel.pgtable import SIZE_2M, Level, PageTables, PteFlags, PteLayout
-from sandbox.kernel.ptdump import (
+from mktme_sandbox.kernel.pgtable import SIZE_2M, Level, PageTables, PteFlags, PteLayout
+from mktme_sandbox.kernel.ptdump import (
     Marker,
     Run,
     format_run,

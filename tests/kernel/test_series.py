@@ -5,6 +5,7 @@ data and reported by the audit)."""
 from __future__ import annotations
 
 import pytest
+
 from kernel_helpers import (
     HPAGE,
     PAGE,
@@ -18,8 +19,7 @@ from kernel_helpers import (
     two_keys,
     vmstat,
 )
-
-from sandbox.kernel.directmap import PAGE_OFFSET
+from mktme_sandbox.kernel.directmap import PAGE_OFFSET
 
 SECRET = b"attack at dawn!!" * 4
 

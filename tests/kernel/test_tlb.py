@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.kernel.pgtable import SIZE_2M, PteFlags, PteLayout
-from sandbox.kernel.tlb import Tlb, TlbEntry, TlbStats, tlb_entry
+from mktme_sandbox.kernel.pgtable import SIZE_2M, PteFlags, PteLayout
+from mktme_sandbox.kernel.tlb import Tlb, TlbEntry, TlbStats, tlb_entry
 
 LAYOUT = PteLayout(46, 6)
 RW = PteFlags.PRESENT | PteFlags.RW | PteFlags.USER

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.pytest_plugin import MountedSandbox
+from mktme_sandbox.pytest_plugin import MountedSandbox
 
 # The helpers of this folder and the tools' library, for every test module here.
 HERE = Path(__file__).resolve().parent

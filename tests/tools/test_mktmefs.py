@@ -24,9 +24,9 @@ from mktmefs import (
     runs,
 )
 
-from sandbox.kernel.pgtable import PteLayout
-from sandbox.kernel.proc import KPF
-from sandbox.machine import Machine
+from mktme_sandbox.kernel.pgtable import PteLayout
+from mktme_sandbox.kernel.proc import KPF
+from mktme_sandbox.machine import Machine
 
 KEY = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
 TWEAK = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"

@@ -1,0 +1,15 @@
+"""mktme-sandbox: an emulated Intel MKTME machine under a simulated Linux mm."""
+
+from mktme_sandbox.config import MachineConfig
+from mktme_sandbox.errors import SandboxError
+
+__all__ = ["Machine", "MachineConfig", "SandboxError"]
+
+
+def __getattr__(name: str) -> object:
+    # Machine pulls in numpy and cryptography: import it on first use only.
+    if name == "Machine":
+        from mktme_sandbox.machine import Machine
+
+        return Machine
+    raise AttributeError(name)

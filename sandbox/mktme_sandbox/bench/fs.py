@@ -1,0 +1,225 @@
+"""Suite ``fs``: what the FUSE layer costs, against a null filesystem.
+
+A sandbox and a *null* filesystem are mounted side by side, each served by its
+own daemon process with the same mfusepy binding and the same mount options
+(``mktme_sandbox.fs.fuse_options``: multithreaded loop, ``default_permissions``,
+``direct_io``, no attribute cache). The null filesystem has one file, ``zero``,
+that reads as zeros and does nothing else, so the ratio sandbox/null isolates
+what the sandbox adds: path resolution, the machine's lock, the cache and the
+AES-XTS engine.
+
+Measured in one run with ``mktme_sandbox.bench.interleaved`` (rounds alternate
+between sandbox and null so that both see the same load; best round):
+
+- ``keyid_mem``: ``keyids/1/mem`` of a programmed CPU key;
+- ``space_mem``: ``spaces/bench/mem`` over a populated encrypted region;
+- ``dram``: the raw DRAM view;
+
+each as 1 MiB sequential reads (MB/s, goal ratio >= 0.25) and 64-byte random
+reads (op/s, goal ratio >= 0.5); and the mount-to-ready time of both (the
+sandbox's includes booting the machine). The null filesystem also has a
+README, because readiness is "README answers" for both.
+
+Run ``python -m mktme_sandbox.bench.fs --null MNT SIZE`` to serve the null
+filesystem alone (that is how the suite starts it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import random
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mfusepy
+
+from mktme_sandbox import daemon
+from mktme_sandbox.bench import Goal, Result, interleaved
+
+__all__ = ["NullFS", "run"]
+
+REGION = 8 << 20  # bytes covered by the reads of each file
+SPACE_BASE = 0x10000000
+SEQ_BLOCK = 1 << 20
+RANDOM_READ = 64
+ROUNDS = 5
+SEQ_ROUND, RANDOM_ROUND = 0.25, 0.1  # seconds of calls per contender and round
+SEQ_GOAL, RANDOM_GOAL = 0.25, 0.5  # least acceptable sandbox / null ratios
+NULL_README = b"null filesystem of the mktme-sandbox fs benchmark\n"
+
+
+class NullFS(mfusepy.Operations):
+    """README and one file of ``size`` zero bytes; nothing else."""
+
+    use_ns = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2}
+        sizes = {"/zero": self.size, "/README": len(NULL_README)}
+        if path not in sizes:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": sizes[path]}
+
+    def readdir(self, path: str, fh: Any) -> list[str]:
+        return [".", "..", "README", "zero"]
+
+    def open(self, path: str, fi: Any) -> int:
+        fi.direct_io = int(path == "/zero")
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        if path == "/README":
+            return NULL_README[offset : offset + size]
+        return bytes(max(0, min(size, self.size - offset)))
+
+
+# -- measuring ------------------------------------------------------------------------
+
+
+class Reader:
+    """An open file read in ``[base, base + REGION)``: 1 MiB in turn, or 64 B at random."""
+
+    def __init__(self, path: Path, base: int) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self.base, self.next = base, 0
+        rng = random.Random(1)
+        self.offsets = [
+            base + rng.randrange(REGION // RANDOM_READ) * RANDOM_READ for _ in range(4096)
+        ]
+
+    def sequential(self) -> None:
+        os.pread(self.fd, SEQ_BLOCK, self.base + self.next)
+        self.next = (self.next + SEQ_BLOCK) % REGION
+
+    def random(self) -> None:
+        self.next = (self.next + 1) % len(self.offsets)
+        os.pread(self.fd, RANDOM_READ, self.offsets[self.next])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _compare(name: str, ours: Reader, null: Reader) -> list[Result]:
+    """Sequential and random reads of ``ours`` against the null fs, interleaved."""
+    seq = interleaved({"ours": ours.sequential, "null": null.sequential}, ROUNDS, SEQ_ROUND)
+    rand = interleaved({"ours": ours.random, "null": null.random}, ROUNDS, RANDOM_ROUND)
+    mbps = {who: SEQ_BLOCK / seconds / 1e6 for who, seconds in seq.items()}
+    ops = {who: 1 / seconds for who, seconds in rand.items()}
+    return [
+        Result(f"{name}_seq_1m", mbps["ours"], "MB/s"),
+        Result(f"{name}_seq_1m_null", mbps["null"], "MB/s"),
+        Result(f"{name}_seq_1m_ratio", mbps["ours"] / mbps["null"], "", Goal(SEQ_GOAL)),
+        Result(f"{name}_rand_64b", ops["ours"], "op/s"),
+        Result(f"{name}_rand_64b_null", ops["null"], "op/s"),
+        Result(f"{name}_rand_64b_ratio", ops["ours"] / ops["null"], "", Goal(RANDOM_GOAL)),
+    ]
+
+
+# -- the two mounts -------------------------------------------------------------------
+
+
+def _timed(start: Callable[[], Any]) -> tuple[Any, float]:
+    began = time.perf_counter()
+    result = start()
+    return result, time.perf_counter() - began
+
+
+def _start_null(mnt: Path) -> int:
+    mnt.mkdir()
+    log = mnt.with_name("null.log")
+    argv = [sys.executable, "-m", "mktme_sandbox.bench.fs", "--null", str(mnt), str(REGION)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    daemon.wait_until_mounted(mnt, proc, log_path=log)
+    return proc.pid
+
+
+def _stop(mnt: Path, pid: int) -> None:
+    daemon.unmount(mnt)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _prepare_sandbox(mnt: Path) -> dict[str, tuple[Path, int]]:
+    """Program KeyID 1, map and fill an encrypted region; the three targets."""
+    (mnt / "keys" / "1").write_text("type=cpu algorithm=aes-xts-128\n")
+    (mnt / "spaces" / "bench").mkdir()
+    (mnt / "spaces" / "bench" / "ctl").write_text(
+        f"mmap {SPACE_BASE:#x} {REGION} rw- keyid=1 populate\n"
+    )
+    fd = os.open(mnt / "spaces" / "bench" / "mem", os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(REGION), SPACE_BASE)
+    finally:
+        os.close(fd)
+    return {
+        "keyid_mem": (mnt / "keyids" / "1" / "mem", 0),
+        "space_mem": (mnt / "spaces" / "bench" / "mem", SPACE_BASE),
+        "dram": (mnt / "dram", 0),
+    }
+
+
+@contextlib.contextmanager
+def _mounts(workdir: Path) -> Iterator[tuple[Path, Path, dict[str, float]]]:
+    """Both mounts, timed from start to ready; always unmounted."""
+    sandbox_mnt, null_mnt = workdir / "sandbox", workdir / "null"
+    started: list[tuple[Path, int]] = []
+    try:
+        null_pid, null_ready = _timed(lambda: _start_null(null_mnt))
+        started.append((null_mnt, null_pid))
+        (pid, log), ready = _timed(
+            lambda: daemon.start_detached(sandbox_mnt, phys_mem="64M", seed=1)
+        )
+        started.append((sandbox_mnt, pid))
+        os.replace(log, workdir / "sandbox.log")  # removed with the work directory
+        yield sandbox_mnt, null_mnt, {"mount_ready_s": ready, "null_mount_ready_s": null_ready}
+    finally:
+        for mnt, pid in started:
+            _stop(mnt, pid)
+
+
+def run(progress: Callable[[str], None] = lambda line: None) -> list[Result]:
+    """Mount both, measure every target against the null fs; unmount both."""
+    with tempfile.TemporaryDirectory(prefix="mktme-bench-fs-") as tmp, _mounts(Path(tmp)) as mounts:
+        sandbox_mnt, null_mnt, ready = mounts
+        results = [Result(name, seconds, "s") for name, seconds in ready.items()]
+        progress("fs: programming KeyID 1, populating an encrypted region")
+        for name, (path, base) in _prepare_sandbox(sandbox_mnt).items():
+            progress(f"fs: {name} against the null filesystem")
+            ours, null = Reader(path, base), Reader(null_mnt / "zero", 0)
+            try:
+                results += _compare(name, ours, null)
+            finally:
+                ours.close()
+                null.close()
+    return results
+
+
+def _serve_null(argv: list[str]) -> int:
+    from mktme_sandbox.fs import serve
+
+    parser = argparse.ArgumentParser(description="serve the benchmark's null filesystem")
+    parser.add_argument("--null", metavar="MNT", required=True)
+    parser.add_argument("size", type=int)
+    args = parser.parse_args(argv)
+    serve(NullFS(args.size), args.null)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve_null(sys.argv[1:]))

@@ -1,0 +1,218 @@
+"""The ``mktme-sandbox`` command line (SPEC section 5).
+
+``mount`` validates every option (``MachineConfig.validate`` and ``parse_size``
+give the messages), cleans a stale mount, starts a detached daemon and returns
+once the mount answers, printing the daemon's pid; with ``--foreground`` the
+command *is* the daemon and logs to stderr. ``umount`` unmounts, stale mounts
+too. ``list`` shows the running daemons. ``bench`` runs the benchmark suites.
+The mechanics live in ``mktme_sandbox.daemon``; this module only parses and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from mktme_sandbox.config import ALGORITHMS, MachineConfig, parse_size
+from mktme_sandbox.daemon import (
+    DaemonError,
+    DaemonInfo,
+    canonical_path,
+    find_daemons,
+    prepare_mountpoint,
+    run_foreground,
+    start_detached,
+    unmount,
+    wait_for_exit,
+)
+
+__all__ = ["cli", "main"]
+
+
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class _Names(click.ParamType):
+    name = "LIST"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+SIZE, NAMES = _Size(), _Names()
+
+
+def _failing_as_click(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except DaemonError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """An emulated Intel MKTME machine, mounted as a FUSE filesystem.
+
+    \b
+    A first session:
+      mktme-sandbox mount /tmp/m --seed 1
+      echo 'type=cpu algorithm=aes-xts-128' > /tmp/m/keys/1
+      mkdir /tmp/m/spaces/demo
+      echo 'mmap 0x7f0000000000 64K rw- keyid=1' > /tmp/m/spaces/demo/ctl
+      cat /tmp/m/README /tmp/m/spaces/demo/smaps
+      mktme-sandbox umount /tmp/m
+
+    Every file of the mount is described in docs/filesystem.md; rejected
+    commands explain themselves in /tmp/m/dmesg.
+    """
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option(
+    "--phys-mem", type=SIZE, default="256M", show_default=True, help="Physical memory (4M..64G)."
+)
+@click.option(
+    "--maxphyaddr", type=int, default=46, show_default=True, help="Physical address bits."
+)
+@click.option(
+    "--keyid-bits", type=int, default=6, show_default=True, help="KeyID bits (0: no MKTME)."
+)
+@click.option(
+    "--max-keys", type=int, default=63, show_default=True, help="MK_TME_MAX_KEYS (3..32767)."
+)
+@click.option(
+    "--algorithms",
+    type=NAMES,
+    default=",".join(ALGORITHMS),
+    show_default=True,
+    help="Activated algorithms, comma-separated.",
+)
+@click.option("--tme-bypass", is_flag=True, help="KeyID 0 memory is plaintext in DRAM.")
+@click.option(
+    "--cache-size", type=SIZE, default="2M", show_default=True, help="CPU cache (0: none)."
+)
+@click.option("--seed", type=int, default=None, help="Make CPU-generated keys reproducible.")
+@click.option("--allow-other", is_flag=True, help="Let other local users use the mount.")
+@click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
+def mount(mountpoint: str, allow_other: bool, foreground: bool, **machine: Any) -> None:
+    """Mount a new sandbox at MOUNTPOINT.
+
+    Returns once the mount answers and prints the daemon's pid; its log file
+    is named on stderr. A stale mount at MOUNTPOINT is cleaned first.
+    """
+    try:
+        config = MachineConfig(**machine)
+    except ValueError as err:
+        raise click.UsageError(f"invalid machine: {err}") from None
+    if foreground:
+        _log_to_stderr()
+        sys.exit(_failing_as_click(lambda: run_foreground(mountpoint, config, allow_other)))
+    path = _failing_as_click(lambda: prepare_mountpoint(mountpoint))
+    options = {**machine, "phys_mem": config.phys_mem, "allow_other": allow_other}
+    pid, log_path = _failing_as_click(lambda: start_detached(path, **options))
+    click.echo(f"mktme-sandbox: {path} mounted; daemon log: {log_path}", err=True)
+    click.echo(pid)
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path())
+def umount(mountpoint: str) -> None:
+    """Unmount the sandbox at MOUNTPOINT.
+
+    Also a stale mount whose daemon died; waits until the daemon has ended.
+    """
+    daemons = [d for d in find_daemons() if d.mountpoint and _same(d.mountpoint, mountpoint)]
+    if not _failing_as_click(lambda: unmount(mountpoint)):
+        click.echo(f"{mountpoint} is not mounted")
+        return
+    wait_for_exit(daemons, timeout=10.0)
+    click.echo(f"unmounted {mountpoint}")
+
+
+def _same(a: str, b: str) -> bool:
+    return canonical_path(a) == canonical_path(b)
+
+
+@cli.command(name="list")
+def list_() -> None:
+    """Show running sandboxes.
+
+    One line per daemon: pid, phys_mem, RSS, uptime, mountpoint.
+    """
+    daemons = find_daemons()
+    if not daemons:
+        click.echo("no sandbox is running", err=True)
+        return
+    click.echo(f"{'PID':>8}  {'PHYS_MEM':>8}  {'RSS':>8}  {'UPTIME':>9}  MOUNTPOINT")
+    for daemon in daemons:
+        click.echo(_row(daemon))
+
+
+def _human(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.4g}{unit}"
+    return str(size)
+
+
+def _row(daemon: DaemonInfo) -> str:
+    uptime = time.strftime("%H:%M:%S", time.gmtime(daemon.uptime))
+    days = int(daemon.uptime // 86400)
+    uptime = f"{days}d{uptime}" if days else uptime
+    sizes = f"{_human(daemon.phys_mem):>8}  {_human(daemon.rss):>8}"
+    return f"{daemon.pid:>8}  {sizes}  {uptime:>9}  {daemon.mountpoint or '(not mounted)'}"
+
+
+@cli.command()
+@click.argument("suites", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(suites: tuple[str, ...], as_json: bool) -> None:
+    """Run benchmark SUITES (default: all).
+
+    Progress goes to stderr, results to stdout. A missed goal shows as MISS in
+    the results; it does not fail the command.
+    """
+    from mktme_sandbox.bench import SUITES, run
+
+    unknown = [name for name in suites if name not in SUITES]
+    if unknown:
+        raise click.UsageError(f"unknown suite {', '.join(unknown)} (suites: {', '.join(SUITES)})")
+    run(list(suites) or None, as_json=as_json, out=sys.stdout, progress=sys.stderr)
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s mktme-sandbox[%(process)d] %(levelname)s %(message)s",
+    )
+    logging.getLogger("fuse").setLevel(logging.WARNING)  # mfusepy's per-errno debug lines
+
+
+def main() -> None:
+    cli(prog_name="mktme-sandbox")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The text commands written to control files, parsed into typed calls.
+
+Grammar (SPEC 4 "Commands"): ``mmap ADDR LEN PROT [keyid=N] [populate]``,
+``munmap ADDR LEN``, ``mprotect ADDR LEN PROT``,
+``encrypt_mprotect ADDR LEN PROT keyid=N``,
+``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed``. ADDR is hex
+(``0x...``), LEN decimal or hex with an optional K/M/G suffix, PROT one of
+``--- r-- rw- r-x rwx`` (or ``none r rw rx rwx``). Anything else is EINVAL
+with a reason that shows the expected form.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from mktme_sandbox.config import parse_size
+from mktme_sandbox.errors import fail
+from mktme_sandbox.kernel.mmap import ADVICE, PROTS
+from mktme_sandbox.kernel.vma import VM
+
+__all__ = ["USAGE", "SpaceCommand", "decode_command", "parse_space_command"]
+
+USAGE = {
+    "mmap": "mmap ADDR LEN PROT [keyid=N] [populate]",
+    "munmap": "munmap ADDR LEN",
+    "mprotect": "mprotect ADDR LEN PROT",
+    "encrypt_mprotect": "encrypt_mprotect ADDR LEN PROT keyid=N",
+    "madvise": f"madvise ADDR LEN {'|'.join(ADVICE)}",
+}
+
+
+@dataclass(frozen=True)
+class SpaceCommand:
+    op: str
+    addr: int
+    length: int
+    prot: VM = VM.NONE
+    keyid: int = 0
+    populate: bool = False
+    advice: str = ""
+
+
+def decode_command(command: str | bytes, what: str) -> str:
+    """Bytes from a write -> one stripped line (EINVAL for non-UTF-8 or several)."""
+    if isinstance(command, bytes):
+        try:
+            command = command.decode()
+        except UnicodeDecodeError:
+            fail(errno.EINVAL, f"{what}: the command is not UTF-8 text")
+    text = command.strip()
+    if "\n" in text or "\0" in text:
+        fail(errno.EINVAL, f"{what}: one command per write")
+    if not text:
+        fail(errno.EINVAL, f"{what}: empty command")
+    return text
+
+
+def parse_space_command(text: str) -> SpaceCommand:
+    words = text.split()
+    op, args = words[0], words[1:]
+    if op not in USAGE:
+        fail(errno.EINVAL, f"unknown command {op!r} (one of {', '.join(USAGE)})")
+    if len(args) < 2:
+        fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")
+    addr, length = _addr(op, args[0]), _length(op, args[1])
+    rest = args[2:]
+    if op == "munmap":
+        _no_more(op, rest)
+        return SpaceCommand(op, addr, length)
+    if op == "madvise":
+        if len(rest) != 1 or rest[0] not in ADVICE:
+            fail(errno.EINVAL, f"madvise: usage: {USAGE[op]}")
+        return SpaceCommand(op, addr, length, advice=rest[0])
+    if not rest:
+        fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")
+    prot = _prot(op, rest[0])
+    return _with_options(op, addr, length, prot, rest[1:])
+
+
+def _with_options(op: str, addr: int, length: int, prot: VM, words: list[str]) -> SpaceCommand:
+    allowed = {"mmap": {"keyid", "populate"}, "encrypt_mprotect": {"keyid"}}.get(op, set())
+    keyid, populate, seen = 0, False, set()
+    for word in words:
+        name, eq, value = word.partition("=")
+        if name not in allowed or name in seen or (name == "keyid") != bool(eq):
+            fail(errno.EINVAL, f"{op}: unexpected {word!r}; usage: {USAGE[op]}")
+        seen.add(name)
+        if name == "keyid":
+            keyid = _keyid(op, value)
+        else:
+            populate = True
+    if op == "encrypt_mprotect" and "keyid" not in seen:
+        fail(errno.EINVAL, f"encrypt_mprotect: keyid=N is required; usage: {USAGE[op]}")
+    return SpaceCommand(op, addr, length, prot, keyid, populate)
+
+
+@dataclass(frozen=True)
+class CacheCommand:
+    op: str  # "wbinvd" or "clflush"
+    pa: int = 0
+    keyid: int = 0
+
+
+CACHE_USAGE = "wbinvd | clflush PA [keyid=N]"
+
+
+def parse_cache_command(text: str) -> CacheCommand:
+    """``hw/cache``: ``wbinvd`` or ``clflush PA [keyid=N]`` (PA hex)."""
+    words = text.split()
+    if words == ["wbinvd"]:
+        return CacheCommand("wbinvd")
+    if words[0] != "clflush" or not 2 <= len(words) <= 3:
+        fail(errno.EINVAL, f"cache: usage: {CACHE_USAGE}")
+    pa = _hex("clflush", "PA", words[1])
+    keyid = 0
+    if len(words) == 3:
+        name, _, value = words[2].partition("=")
+        if name != "keyid":
+            fail(errno.EINVAL, f"clflush: expected keyid=N, not {words[2]!r}")
+        keyid = _keyid("clflush", value)
+    return CacheCommand("clflush", pa, keyid)
+
+
+def expect_word(text: str | bytes, word: str, what: str) -> None:
+    """A control file that takes one word (``flush``, ``1``): anything else is EINVAL."""
+    if decode_command(text, what) != word:
+        fail(errno.EINVAL, f"{what}: the only command is {word!r}")
+
+
+def parse_switch(text: str | bytes, what: str) -> bool:
+    """A 1/0 switch file: ``1`` on, ``0`` off."""
+    word = decode_command(text, what)
+    if word not in ("0", "1"):
+        fail(errno.EINVAL, f"{what}: write 1 (on) or 0 (off)")
+    return word == "1"
+
+
+def _hex(op: str, what: str, word: str) -> int:
+    try:
+        return int(word, 16)
+    except ValueError:
+        fail(errno.EINVAL, f"{op}: {what} {word!r} is not hexadecimal")
+
+
+def _addr(op: str, word: str) -> int:
+    if not word.lower().startswith("0x"):
+        fail(errno.EINVAL, f"{op}: ADDR must be hex like 0x7f0000000000, not {word!r}")
+    return _hex(op, "ADDR", word)
+
+
+def _length(op: str, word: str) -> int:
+    try:
+        return parse_size(word)
+    except ValueError:
+        fail(errno.EINVAL, f"{op}: LEN {word!r} is not a length (4096, 0x1000, 64K, 2M)")
+
+
+def _prot(op: str, word: str) -> VM:
+    if word not in PROTS:
+        fail(errno.EINVAL, f"{op}: PROT {word!r} is not one of --- r-- rw- r-x rwx")
+    return PROTS[word]
+
+
+def _keyid(op: str, value: str) -> int:
+    if not value.isdecimal():
+        fail(errno.EINVAL, f"{op}: keyid={value!r} is not a decimal number")
+    return int(value)
+
+
+def _no_more(op: str, rest: list[str]) -> None:
+    if rest:
+        fail(errno.EINVAL, f"{op}: unexpected {' '.join(rest)!r}; usage: {USAGE[op]}")

@@ -1,0 +1,213 @@
+"""The kinds of node in the mounted tree, before any FUSE call touches them.
+
+A path resolves (``mktme_sandbox.fs.tree``) to one of three small frozen dataclasses:
+
+- ``TextFile``: rendered by the machine on every read and every ``stat`` (so
+  ``ls -l`` shows its real size); a writable one takes one command per write,
+  with the trailing newline of ``echo`` stripped.
+- ``BlobFile``: a fixed-size window onto a machine address range (DRAM, a
+  KeyID's CPU view, a virtual address space, a table indexed by PFN); the
+  offset is the address, reads past the end are end-of-file.
+- ``Dir``: its entries, and for ``spaces/`` the mkdir/rmdir that create and
+  destroy address spaces.
+
+Each node carries an ``access`` callable that gives its owner and mode at the
+moment of the ``stat``: ownership of keys and KeyID views changes when a key is
+programmed or cleared. Refusals made here (writing a read-only file, mkdir
+outside ``spaces/``) raise ``SandboxError`` like the machine's own, so they are
+reported through the same single place (``mktme_sandbox.fs.operations``).
+
+Left out: symlinks, hard links, renames, chmod/chown, xattrs, file creation.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from mktme_sandbox.errors import SandboxError
+
+__all__ = [
+    "Access",
+    "BlobFile",
+    "Dir",
+    "Node",
+    "OpenFile",
+    "TextFile",
+    "command_text",
+    "fixed",
+    "stat_of",
+]
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who owns a node and its permission bits (the kernel enforces them)."""
+
+    uid: int
+    mode: int
+
+    def permits(self, uid: int, want: int) -> bool:
+        """The check ``default_permissions`` makes at open: ``want`` 4 read, 2 write.
+
+        Group bits equal other bits on every node, so the caller's groups do
+        not matter.
+        """
+        if uid == 0:
+            return True
+        bits = self.mode >> 6 if uid == self.uid else self.mode
+        return bool(bits & want)
+
+
+def fixed(uid: int, mode: int) -> Callable[[], Access]:
+    """An ``access`` callable for a node whose owner and mode never change."""
+    access = Access(uid, mode)
+    return lambda: access
+
+
+def command_text(data: bytes) -> bytes:
+    """One command per write: the bytes written, less ``echo``'s newline."""
+    return data[:-1] if data.endswith(b"\n") else data
+
+
+def _refuse(what: str) -> SandboxError:
+    return SandboxError(errno.EACCES, f"this file cannot be {what}")
+
+
+@dataclass(frozen=True)
+class TextFile:
+    """Text rendered on demand; optionally a control file taking commands.
+
+    ``render`` is None for write-only control files; ``command(text, uid)``
+    is None for read-only ones.
+    """
+
+    render: Callable[[], str] | None
+    access: Callable[[], Access]
+    command: Callable[[bytes, int], None] | None = None
+    direct_io: bool = True
+
+    @property
+    def readable(self) -> bool:
+        return self.render is not None
+
+    @property
+    def writable(self) -> bool:
+        return self.command is not None
+
+    def size(self) -> int:
+        return len(self.content()) if self.render is not None else 0
+
+    def content(self) -> bytes:
+        if self.render is None:
+            raise _refuse("read")
+        return self.render().encode()
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.content()[offset : offset + size]
+
+    def write(self, data: bytes, offset: int, uid: int) -> int:
+        if self.command is None:
+            raise _refuse("written")
+        self.command(command_text(data), uid)
+        return len(data)
+
+
+@dataclass(frozen=True)
+class BlobFile:
+    """Binary data at addresses ``0..size``: ``load(addr, n)``, ``store(addr, data)``."""
+
+    length: int
+    load: Callable[[int, int], bytes]
+    access: Callable[[], Access]
+    store: Callable[[int, bytes], None] | None = None
+    direct_io: bool = True
+
+    @property
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def writable(self) -> bool:
+        return self.store is not None
+
+    def size(self) -> int:
+        return self.length
+
+    def read(self, offset: int, size: int) -> bytes:
+        n = min(size, self.length - offset)
+        return self.load(offset, n) if n > 0 else b""
+
+    def write(self, data: bytes, offset: int, uid: int) -> int:
+        if self.store is None:
+            raise _refuse("written")
+        self.store(offset, data)
+        return len(data)
+
+
+@dataclass(frozen=True)
+class Dir:
+    """A directory: ``entries()``; ``mkdir``/``rmdir(name, uid)`` where allowed."""
+
+    entries: Callable[[], Iterable[str]]
+    access: Callable[[], Access]
+    mkdir: Callable[[str, int], None] | None = None
+    rmdir: Callable[[str, int], None] | None = None
+
+    def make(self, name: str, uid: int) -> None:
+        if self.mkdir is None:
+            raise SandboxError(errno.EPERM, "directories can be created only in spaces/")
+        self.mkdir(name, uid)
+
+    def remove(self, name: str, uid: int) -> None:
+        if self.rmdir is None:
+            raise SandboxError(errno.EPERM, "only spaces/NAME directories can be removed")
+        self.rmdir(name, uid)
+
+
+Node = TextFile | BlobFile | Dir
+
+
+@dataclass
+class OpenFile:
+    """One ``open()`` of a file, until its ``release()``.
+
+    Text is read the way Linux seq_file reads /proc files: rendered at the
+    first read and at every read from offset 0, then served from that snapshot,
+    so one pass of ``cat`` sees one consistent text even while the machine
+    changes (dmesg is a ring that drops old lines). A read at or past the end
+    of the snapshot renders again, so ``tail -f dmesg`` sees new lines.
+    """
+
+    node: TextFile | BlobFile
+    snapshot: bytes | None = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        if isinstance(self.node, BlobFile):
+            return self.node.read(offset, size)
+        if self.snapshot is None or offset == 0 or offset >= len(self.snapshot):
+            self.snapshot = self.node.content()
+        return self.snapshot[offset : offset + size]
+
+    def write(self, data: bytes, offset: int, uid: int) -> int:
+        self.snapshot = None
+        return self.node.write(data, offset, uid)
+
+
+def stat_of(node: Node, gid: int, time_ns: int) -> dict[str, int]:
+    """The ``stat`` of a node as mfusepy wants it (times in nanoseconds)."""
+    access = node.access()
+    kind = stat.S_IFDIR if isinstance(node, Dir) else stat.S_IFREG
+    return {
+        "st_mode": kind | access.mode,
+        "st_nlink": 2 if isinstance(node, Dir) else 1,
+        "st_uid": access.uid,
+        "st_gid": gid,
+        "st_size": 0 if isinstance(node, Dir) else node.size(),
+        "st_blksize": 4096,
+        "st_atime": time_ns,
+        "st_mtime": time_ns,
+        "st_ctime": time_ns,
+    }

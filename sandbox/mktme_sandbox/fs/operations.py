@@ -1,0 +1,212 @@
+"""The FUSE entry points: path -> node -> one call into the machine.
+
+``SandboxFS`` holds no logic of its own. Each operation resolves its path with
+``Tree.resolve`` (``_node`` turns a missing node into ENOENT) and calls the
+node; ``open`` keeps the node as an ``OpenFile`` under the handle it returns,
+which ``read`` and ``write`` then use. ``_reported`` is the one place where a
+refusal becomes an errno:
+
+- ``SandboxError(errno, reason)`` -> ``machine.reject(path, err)`` appends the
+  dmesg line, the caller gets ``errno``;
+- any other exception -> EIO, a dmesg line and a daemon-log line naming only
+  the exception's *type* (its text might carry data), and the daemon goes on.
+
+``serve()`` mounts with mfusepy on libfuse 3: the multithreaded loop,
+nanosecond times, ``default_permissions`` so the kernel enforces the owners and
+modes of ``mktme_sandbox.fs.tree``, no attribute caching (owners change when keys are
+programmed), and ``direct_io`` on every file except README so that readers see
+memory and counters as they are now.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import mfusepy
+
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.fs.nodes import BlobFile, Dir, Node, OpenFile, TextFile, stat_of
+from mktme_sandbox.fs.tree import Tree
+
+if TYPE_CHECKING:
+    from mktme_sandbox.machine import Machine
+
+__all__ = ["FUSE_STOPPED_BY_SIGNAL", "SandboxFS", "fuse_options", "serve"]
+
+log = logging.getLogger("mktme_sandbox.fs")
+
+# fuse_main_real() returns 8 when its loop ended with an error, which is how
+# libfuse 3 reports SIGTERM/SIGINT/SIGHUP; mfusepy raises RuntimeError(8).
+FUSE_STOPPED_BY_SIGNAL = 8
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reported(operation: F) -> F:
+    """Turn what a handler raises into the errno its caller sees."""
+
+    @functools.wraps(operation)
+    def run(self: SandboxFS, path: str | None, *args: Any) -> Any:
+        # FUSE passes no path for a file whose name is gone (rmdir of its space)
+        where = "(deleted)" if path is None else path.lstrip("/")
+        try:
+            return operation(self, path, *args)
+        except SandboxError as err:
+            self.machine.reject(where, err)
+            raise mfusepy.FuseOSError(err.errno or errno.EIO) from None
+        except mfusepy.FuseOSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the daemon keeps serving whatever went wrong
+            name = type(exc).__name__
+            log.error("internal error in %s: %s", operation.__name__, name)
+            self.machine.reject(where, SandboxError(errno.EIO, f"internal error ({name})"))
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    return run  # type: ignore[return-value]
+
+
+def _caller_uid() -> int:
+    uid: int = mfusepy.fuse_get_context()[0]
+    return uid
+
+
+class SandboxFS(mfusepy.Operations):
+    """The machine as a filesystem; see ``mktme_sandbox.fs.tree`` for the paths."""
+
+    use_ns = True
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.tree = Tree(machine)
+        self.gid = os.getgid()
+        self.mounted_ns = time.time_ns()
+        self.open_files: dict[int, OpenFile] = {}  # by the fh that open() hands out
+        self._handles = itertools.count(1)
+
+    def _node(self, path: str) -> Node:
+        node = self.tree.resolve(path)
+        if node is None:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        return node
+
+    def _dir(self, path: str) -> Dir:
+        node = self._node(path)
+        if not isinstance(node, Dir):
+            raise mfusepy.FuseOSError(errno.ENOTDIR)
+        return node
+
+    def _file(self, path: str) -> TextFile | BlobFile:
+        node = self._node(path)
+        if isinstance(node, Dir):
+            raise mfusepy.FuseOSError(errno.EISDIR)
+        return node
+
+    @_reported
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        return stat_of(self._node(path), self.gid, self.mounted_ns)
+
+    @_reported
+    def readdir(self, path: str, fh: Any) -> list[str]:
+        return [".", "..", *self._dir(path).entries()]
+
+    @_reported
+    def open(self, path: str, fi: Any) -> int:
+        node = self._file(path)
+        mode = fi.flags & os.O_ACCMODE
+        if mode != os.O_WRONLY and not node.readable:
+            raise SandboxError(errno.EACCES, "this file can only be written")
+        if mode != os.O_RDONLY and not node.writable:
+            raise SandboxError(errno.EACCES, "this file can only be read")
+        fi.fh = next(self._handles)
+        fi.direct_io = int(node.direct_io)
+        self.open_files[fi.fh] = OpenFile(node)
+        return 0
+
+    @_reported
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        open_file = self.open_files[fi.fh]
+        _still_permitted(open_file, _caller_uid(), 4)
+        return open_file.read(offset, size)
+
+    @_reported
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        open_file, uid = self.open_files[fi.fh], _caller_uid()
+        _still_permitted(open_file, uid, 2)
+        return open_file.write(data, offset, uid)
+
+    def release(self, path: str, fi: Any) -> int:
+        self.open_files.pop(fi.fh, None)
+        return 0
+
+    @_reported
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        # `echo CMD > file` and `dd of=file` truncate first: writable files
+        # accept it and stay as they are (their size is the range they cover).
+        if not self._file(path).writable:
+            raise SandboxError(errno.EACCES, "this file can only be read")
+        return 0
+
+    @_reported
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        raise SandboxError(errno.EACCES, "files cannot be created here (mkdir spaces/NAME)")
+
+    @_reported
+    def mkdir(self, path: str, mode: int) -> int:
+        parent, name = os.path.split(path)
+        self._dir(parent).make(name, _caller_uid())
+        return 0
+
+    @_reported
+    def rmdir(self, path: str) -> int:
+        parent, name = os.path.split(path)
+        self._dir(parent).remove(name, _caller_uid())
+        return 0
+
+    def statfs(self, path: str) -> dict[str, int]:
+        pages = self.machine.phys_mem // 4096
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": pages, "f_namemax": 255}
+
+
+def _still_permitted(open_file: OpenFile, uid: int, want: int) -> None:
+    """The kernel checks modes only at open; here owners change under open
+    files (a key cleared and programmed by another user, a space destroyed and
+    made again by another), so every read and write checks them again."""
+    if not open_file.node.access().permits(uid, want):
+        raise SandboxError(errno.EACCES, "the file changed owner since it was opened")
+
+
+def fuse_options(allow_other: bool = False, fsname: str = "mktme-sandbox") -> dict[str, Any]:
+    """The mount options, shared with the benchmark's null filesystem."""
+    return {
+        "foreground": True,  # the daemon is detached by `mktme-sandbox mount` itself
+        "raw_fi": True,  # open() sets direct_io per file
+        "default_permissions": True,
+        "allow_other": allow_other,
+        "attr_timeout": 0,
+        "entry_timeout": 0,
+        "negative_timeout": 0,
+        "fsname": fsname,
+        "subtype": "mktme-sandbox",
+    }
+
+
+def serve(operations: mfusepy.Operations, mountpoint: str, allow_other: bool = False) -> bool:
+    """Mount and serve until unmounted (True) or stopped by a signal (False).
+
+    Blocks. libfuse installs its own SIGTERM/SIGINT/SIGHUP handlers for the
+    duration and unmounts before returning either way.
+    """
+    try:
+        mfusepy.FUSE(operations, mountpoint, **fuse_options(allow_other))
+    except RuntimeError as err:
+        if err.args != (FUSE_STOPPED_BY_SIGNAL,):
+            raise
+        return False
+    return True

@@ -1,0 +1,531 @@
+"""The CPU cache: write-back, 64-byte lines, tagged (line address, KeyID).
+
+What it models: the last-level cache in front of the memory controller (SPEC
+section 2, "CPU cache"). Because MKTME puts the KeyID in physical-address bits,
+the cache sees the same physical line under two KeyIDs as two different lines:
+they coexist, nothing keeps them coherent, and software must flush.
+
+Rules it keeps:
+- ``cache_size`` bytes, 16 ways, ``size / 64 / 16`` sets; a line's set is its
+  line number modulo the set count (the KeyID is not part of the index, as the
+  KeyID bits are above every index bit on hardware).
+- A load or store with KeyID K hits only lines tagged K. A miss picks the least
+  recently used way (free ways first; deterministic), writes that victim back
+  if dirty, then fills from DRAM through the engine; a store covering a whole
+  line needs no fill. ``fill`` (memset) is a store of one repeated byte.
+- A dirty line is encrypted with its KeyID's key *as programmed at write-back
+  time* (eviction, CLFLUSH, ``flush_range``, WBINVD): the memory controller
+  looks the key up then. Reprogramming a KeyID flushes nothing by itself.
+- DRAM writes do not touch the cache (stale lines stay, as on hardware).
+- ``cache_size`` 0: ``Uncached``, every access goes through the engine to DRAM.
+
+How it is fast: tags, dirty bits, ages and data live in flat numpy arrays of
+``sets * ways`` slots. A buffer is processed in chunks of at most ``sets``
+consecutive lines, so each set appears once per chunk and the whole chunk is
+looked up, evicted, written back (one encrypt per KeyID) and filled (one DRAM
+read and decrypt) at once. A tag is ``(line - set) << 16 | keyid`` (-1 = free):
+the set is implied by the slot, and all the lines of a chunk share one tag, so
+a chunk is looked up by comparing its rows with one number. ``fill`` broadcasts
+its byte into the lines, with no source buffer.
+
+Per physical page, an upper bound of the lines it has in the cache (any KeyID):
+it grows when lines come in, is recounted exactly when a whole page is flushed,
+and is left high (never wrong, only pessimistic) when lines leave by eviction.
+A page whose bound is 0 is answered without looking: ``flush_range`` returns at
+once (the kernel flushes every page it allocates for a new KeyID, usually with
+nothing cached), and a chunk of such pages misses everywhere (a page being
+zeroed) with no search for hits.
+
+An access inside one line that hits takes a short path with no array
+arithmetic; the slot of a recent hit is remembered and trusted once its tag
+confirms it (the page-table walk's 8-byte loads).
+
+Left out: cache levels, prefetching, non-temporal stores, and timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from mktme_sandbox.config import LINE_SIZE, PAGE_SIZE
+from mktme_sandbox.hw.memctl import MemoryController
+
+__all__ = ["WAYS", "Cache", "CacheStats", "Uncached", "WriteBackCache", "make_cache"]
+
+WAYS = 16
+WAY_BITS = WAYS.bit_length() - 1  # slot >> 4 = set
+KEYID_TAG_BITS = 16  # a tag is (line - set) << 16 | KeyID; KeyIDs have at most 15 bits
+KEYID_TAG_MASK = (1 << KEYID_TAG_BITS) - 1
+PAGE_LINES = PAGE_SIZE // LINE_SIZE
+FREE = -1
+_NO_SLOTS = np.empty(0, dtype=np.int64)
+_NO_SLOTS.flags.writeable = False
+_HINTS = 4096  # hints kept before starting over: page-table walks reuse a few hundred lines
+
+Source = np.ndarray | int  # what a store writes: the bytes, or one byte repeated (fill)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since boot: line hits and misses, lines written back or flushed, WBINVDs."""
+
+    hits: int = 0
+    misses: int = 0
+    writebacks: int = 0
+    flushes: int = 0
+    wbinvd: int = 0
+
+    def text(self) -> str:
+        """``name value`` per line."""
+        return "".join(f"{name} {value}\n" for name, value in dataclasses.asdict(self).items())
+
+
+class Cache(Protocol):
+    """What the platform needs of a cache; ``pa + length`` has been bounds-checked."""
+
+    size: int
+
+    @property
+    def stats(self) -> CacheStats: ...
+
+    def load(self, pa: int, length: int, keyid: int) -> bytes: ...
+
+    def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None: ...
+
+    def fill(self, pa: int, length: int, byte: int, keyid: int) -> None: ...
+
+    def clflush(self, pa: int, keyid: int) -> None: ...
+
+    def flush_range(self, pa: int, length: int, keyid: int) -> int: ...
+
+    def wbinvd(self) -> None: ...
+
+
+def make_cache(size: int, memory: MemoryController) -> Cache:
+    """A write-back cache of ``size`` bytes, or ``Uncached`` for size 0."""
+    return WriteBackCache(size, memory) if size else Uncached(memory)
+
+
+class _Span(NamedTuple):
+    """The lines an access touches: ``lines`` lines from ``first``; the data at ``offset``.
+
+    A NamedTuple rather than a frozen dataclass: one is built per access, and
+    this is the cheaper of the two immutable records.
+    """
+
+    first: int
+    lines: int
+    offset: int
+    length: int
+
+    @classmethod
+    def of(cls, pa: int, length: int) -> _Span:
+        first = pa // LINE_SIZE
+        return cls(first, (pa + length - 1) // LINE_SIZE - first + 1, pa % LINE_SIZE, length)
+
+    def partial_lines(self, start: int, stop: int) -> np.ndarray | None:
+        """Of lines ``start..stop-1`` (span-relative), which the data covers only in part.
+
+        None when it covers all of them whole (no line needs its old contents).
+        """
+        head = start == 0 and self.offset != 0
+        tail = stop == self.lines and (self.offset + self.length) % LINE_SIZE != 0
+        if not (head or tail):
+            return None
+        partial = np.zeros(stop - start, dtype=bool)
+        partial[0] = head
+        partial[-1] |= tail
+        return partial
+
+    def numbers(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Line numbers of span-relative lines ``start..stop-1`` (default: all)."""
+        stop = self.lines if stop is None else stop
+        return np.arange(self.first + start, self.first + stop, dtype=np.int64)
+
+    def chunks(self, sets: int) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` span-relative line ranges that never wrap around the sets.
+
+        Consecutive lines fall in consecutive sets, so within one range each set
+        appears at most once and its rows are one contiguous block of slots.
+        """
+        start = 0
+        while start < self.lines:
+            stop = min(self.lines, start + sets - (self.first + start) % sets)
+            yield start, stop
+            start = stop
+
+
+class WriteBackCache:
+    """A set-associative write-back cache, not coherent across KeyIDs."""
+
+    def __init__(self, size: int, memory: MemoryController) -> None:
+        self.size = size
+        self.ways = WAYS
+        self.sets = size // LINE_SIZE // WAYS
+        slots = self.sets * WAYS
+        self._memory = memory
+        self._tags = np.full(slots, FREE, dtype=np.int64)
+        self._dirty = np.zeros(slots, dtype=bool)
+        self._ages = np.full(slots, FREE, dtype=np.int64)  # last use; free slots are oldest
+        self._data = np.zeros((slots, LINE_SIZE), dtype=np.uint8)
+        self._tag_rows = self._tags.reshape(self.sets, WAYS)
+        self._age_rows = self._ages.reshape(self.sets, WAYS)
+        self._row_slots = np.arange(self.sets, dtype=np.int64) * WAYS  # first slot of each set
+        self._bytes = self._data.reshape(-1).data
+        self._clock = 0
+        # A page's lines fill 64 consecutive sets, so at most 64 * WAYS of them are
+        # cached (a uint16 never overflows); config sizes give a multiple of 64 sets.
+        if self.sets % PAGE_LINES:
+            raise ValueError(f"a cache needs a multiple of {PAGE_LINES} sets, not {self.sets}")
+        self._resident_cap = PAGE_LINES * WAYS
+        self._pages = -(-memory.size // PAGE_SIZE)
+        self._resident = self._nothing_resident()
+        self._hints: dict[int, int] = {}  # line << 16 | keyid -> the slot it was last hit in
+        self._hits = self._misses = self._writebacks = self._flushes = self._wbinvds = 0
+
+    def __repr__(self) -> str:
+        return f"<WriteBackCache {self.size:#x} bytes, {self.sets} sets x {self.ways} ways>"
+
+    @property
+    def stats(self) -> CacheStats:
+        return CacheStats(self._hits, self._misses, self._writebacks, self._flushes, self._wbinvds)
+
+    def load(self, pa: int, length: int, keyid: int) -> bytes:
+        slot = self._hit_within_line(pa, length, keyid)
+        if slot != FREE:
+            start = slot * LINE_SIZE + pa % LINE_SIZE
+            return self._bytes[start : start + length].tobytes()
+        span = _Span.of(pa, length)
+        parts = [
+            self._data[self._lookup(span.first + start, stop - start, keyid)]
+            for start, stop in span.chunks(self.sets)
+        ]
+        lines = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return lines.reshape(-1)[span.offset : span.offset + length].tobytes()
+
+    def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None:
+        length = len(data)
+        slot = self._hit_within_line(pa, length, keyid)
+        if slot != FREE:
+            start = slot * LINE_SIZE + pa % LINE_SIZE
+            self._bytes[start : start + length] = data
+            self._dirty[slot] = True
+            return
+        self._write(_Span.of(pa, length), np.frombuffer(data, dtype=np.uint8), keyid)
+
+    def fill(self, pa: int, length: int, byte: int, keyid: int) -> None:
+        """``store(pa, bytes([byte]) * length, keyid)``, without building the bytes."""
+        slot = self._hit_within_line(pa, length, keyid)
+        if slot != FREE:
+            offset = pa % LINE_SIZE
+            self._data[slot, offset : offset + length] = byte
+            self._dirty[slot] = True
+            return
+        self._write(_Span.of(pa, length), byte, keyid)
+
+    def clflush(self, pa: int, keyid: int) -> None:
+        self.flush_range(pa - pa % LINE_SIZE, LINE_SIZE, keyid)
+
+    def flush_range(self, pa: int, length: int, keyid: int) -> int:
+        """Write back (if dirty) and invalidate every line of the range tagged ``keyid``."""
+        if length <= 0:
+            return 0
+        span = _Span.of(pa, length)
+        if not self._maybe_resident(span.first, span.lines):
+            return 0
+        flushed = 0
+        for start, stop in span.chunks(self.sets):
+            first, count = span.first + start, stop - start
+            rows = self._rows(first, count)
+            found = np.flatnonzero(rows == self._tag(first, keyid))
+            if found.size:
+                found += first % self.sets * WAYS  # the rows are contiguous slots
+                self._write_back(found)
+                self._invalidate(found)
+                flushed += found.size
+            self._recount_pages(first, count, rows, found.size)
+        self._flushes += flushed
+        return flushed
+
+    def wbinvd(self) -> None:
+        """Write back every dirty line, then invalidate the whole cache."""
+        self._write_back(np.flatnonzero(self._dirty))
+        self._invalidate(slice(None))
+        self._resident = self._nothing_resident()
+        self._wbinvds += 1
+
+    def _hit_within_line(self, pa: int, length: int, keyid: int) -> int:
+        """The slot of a hit on an access inside one line, else FREE (take the long path).
+
+        ``_hints`` remembers where recent hits were (line and KeyID -> slot); a
+        hint is only trusted once the slot's tag confirms it, so nothing that
+        moves lines has to keep the hints up to date.
+        """
+        if pa % LINE_SIZE + length > LINE_SIZE:
+            return FREE
+        line = pa // LINE_SIZE
+        index = line % self.sets
+        tag = (line - index) << KEYID_TAG_BITS | keyid
+        key = line << KEYID_TAG_BITS | keyid
+        slot = self._hints.get(key, FREE)
+        if slot == FREE or self._tags.item(slot) != tag:
+            try:
+                slot = index * WAYS + self._tag_rows[index].tolist().index(tag)
+            except ValueError:
+                return FREE
+            if len(self._hints) >= _HINTS:
+                self._hints.clear()
+            self._hints[key] = slot
+        self._ages[slot] = self._clock
+        self._clock += 1
+        self._hits += 1
+        return slot
+
+    def _write(self, span: _Span, source: Source, keyid: int) -> None:
+        """Store ``source`` (bytes, or one byte for every position) over ``span``."""
+        if not (span.offset or span.length % LINE_SIZE) and span.lines <= self._room(span.first):
+            # Whole lines in one chunk (a page being zeroed or copied): no partial lines.
+            slots = self._lookup(span.first, span.lines, keyid, False, store=True)
+            self._data[slots] = _piece(source, 0, span.length, (-1, LINE_SIZE))
+            return
+        for start, stop in span.chunks(self.sets):
+            partial = span.partial_lines(start, stop)
+            fill = False if partial is None else partial
+            slots = self._lookup(span.first + start, stop - start, keyid, fill, store=True)
+            begin = start * LINE_SIZE - span.offset  # where these lines start in ``source``
+            if partial is None:
+                end = begin + slots.size * LINE_SIZE
+                self._data[slots] = _piece(source, begin, end, (-1, LINE_SIZE))
+                continue
+            lines = self._data[slots]
+            flat = lines.reshape(-1)
+            low, high = max(-begin, 0), min(span.length - begin, flat.size)
+            flat[low:high] = _piece(source, begin + low, begin + high)
+            self._data[slots] = lines
+
+    def _lookup(
+        self,
+        first: int,
+        count: int,
+        keyid: int,
+        fill: np.ndarray | bool = True,
+        store: bool = False,
+    ) -> np.ndarray:
+        """Slots holding lines ``first..first+count-1`` for ``keyid``; the lines share no set.
+
+        Misses evict the least recently used way, writing it back if dirty, and
+        are filled from DRAM where ``fill`` says the old contents are needed (True:
+        all lines, False: none, a mask: those lines; a store that overwrites a
+        whole line needs no fill). A ``store`` leaves every slot dirty.
+        """
+        tag = self._tag(first, keyid)
+        if self._maybe_resident(first, count):
+            # The rows are contiguous slots and a tag sits in at most one way of its row,
+            # so the flat indexes of the matches are the hit slots, in line order.
+            hits = np.flatnonzero(self._rows(first, count) == tag)
+            hits += first % self.sets * WAYS
+        else:  # no line of these pages is cached (a page being zeroed): nothing to look for
+            hits = _NO_SLOTS
+        slots = hits if hits.size == count else self._miss(first, count, tag, hits, keyid, fill)
+        self._ages[slots] = self._clock
+        self._clock += 1
+        if store:
+            self._dirty[slots] = True
+        self._hits += hits.size
+        self._misses += count - hits.size
+        return slots
+
+    def _miss(
+        self,
+        first: int,
+        count: int,
+        tag: int,
+        hits: np.ndarray,
+        keyid: int,
+        fill: np.ndarray | bool,
+    ) -> np.ndarray:
+        """``_lookup`` for a chunk with misses: all its slots, the missed lines now allocated.
+
+        Each victim is written back (which leaves it clean) before any line is
+        filled: a victim may be the very line being filled, under another KeyID.
+        """
+        set0 = first % self.sets
+        missed: np.ndarray | None = None
+        if hits.size:
+            hit = np.zeros(count, dtype=bool)
+            hit[(hits >> WAY_BITS) - set0] = True
+            missed = np.flatnonzero(~hit)
+            rows = set0 + missed
+            victims = self._row_slots[rows] + self._age_rows[rows].argmin(axis=1)
+            slots = np.empty(count, dtype=np.int64)
+            slots[hit] = hits
+            slots[missed] = victims
+        else:  # every line missed: no bookkeeping of hits (zeroing a page lands here)
+            slots = victims = self._age_rows[set0 : set0 + count].argmin(axis=1)
+            victims += self._row_slots[set0 : set0 + count]
+        self._write_back(victims)
+        self._tags[victims] = tag
+        self._count_resident(first, count, missed)
+        needed = _selected(count, missed, fill)
+        if needed.size:
+            self._data[slots[needed]] = self._memory.read_lines(first + needed, keyid)
+        return slots
+
+    def _room(self, line: int) -> int:
+        """How many lines from ``line`` on fit in one chunk (before the sets wrap)."""
+        return self.sets - line % self.sets
+
+    def _rows(self, first: int, count: int) -> np.ndarray:
+        """The tag rows ``[count, WAYS]`` of lines ``first..``, a view (no set wraps)."""
+        set0 = first % self.sets
+        return self._tag_rows[set0 : set0 + count]
+
+    def _tag(self, line: int, keyid: int) -> int:
+        """The tag of ``line`` with ``keyid``, shared by the lines of a chunk."""
+        return (line - line % self.sets) << KEYID_TAG_BITS | keyid
+
+    def _write_back(self, slots: np.ndarray) -> None:
+        """Encrypt the dirty lines among ``slots`` into DRAM: one engine call per KeyID."""
+        dirty = slots[self._dirty[slots]]
+        if not dirty.size:
+            return
+        tags = self._tags[dirty]
+        lines = tags >> KEYID_TAG_BITS
+        lines += dirty >> WAY_BITS
+        for keyid, mine in _by_keyid(tags & KEYID_TAG_MASK):
+            self._memory.write_lines(lines[mine], keyid, self._data[dirty[mine]])
+        self._dirty[dirty] = False
+        self._writebacks += int(dirty.size)
+
+    def _invalidate(self, slots: np.ndarray | slice) -> None:
+        self._tags[slots] = FREE
+        self._ages[slots] = FREE
+        self._dirty[slots] = False
+
+    # The per-page bound of cached lines, behind flush_range's early answer.
+
+    def _nothing_resident(self) -> np.ndarray:
+        """A zeroed bound per DRAM page (lazily backed: a 64 GiB machine pays for what it uses)."""
+        return np.zeros(self._pages, dtype=np.uint16)
+
+    def _maybe_resident(self, first: int, count: int) -> bool:
+        """False only if no page of lines ``first..first+count-1`` has a line cached."""
+        first_page = first // PAGE_LINES
+        last_page = (first + count - 1) // PAGE_LINES
+        if first_page == last_page:
+            return bool(self._resident.item(first_page))
+        return bool(self._resident[first_page : last_page + 1].any())
+
+    def _count_resident(self, first: int, count: int, missed: np.ndarray | None) -> None:
+        """Raise the bound of the pages of lines ``first + missed`` (None: all ``count``)."""
+        cap = self._resident_cap
+        page = first // PAGE_LINES
+        if page == (first + count - 1) // PAGE_LINES:  # one page: the usual case
+            added = count if missed is None else missed.size
+            self._resident[page] = min(self._resident.item(page) + added, cap)
+            return
+        last = (first + count - 1) // PAGE_LINES
+        window = self._resident[page : last + 1]
+        per_page: np.ndarray
+        if missed is None:
+            # contiguous lines: whole pages get 64, the two ends what they hold
+            per_page = np.full(last - page + 1, PAGE_LINES, dtype=np.int64)
+            per_page[0] = PAGE_LINES - first % PAGE_LINES
+            per_page[-1] -= (-(first + count)) % PAGE_LINES
+        else:
+            per_page = np.bincount((first + missed) // PAGE_LINES - page, minlength=last - page + 1)
+        np.minimum(window + per_page, cap, out=window, casting="unsafe")
+
+    def _recount_pages(self, first: int, count: int, rows: np.ndarray, flushed: int) -> None:
+        """Set the exact count of the whole pages among lines ``first..`` (their ``rows``).
+
+        All lines of a page fall in its 64 consecutive sets, so those rows hold
+        every line of the page that is cached: the ones whose tag has the chunk's
+        line part, under any KeyID. A chunk of one page whose bound equals the
+        lines just ``flushed`` from it has none left, without counting.
+        """
+        low = -(-first // PAGE_LINES)
+        high = (first + count) // PAGE_LINES
+        if low >= high:
+            return
+        if count == PAGE_LINES and self._resident.item(low) == flushed:
+            self._resident[low] = 0
+            return
+        whole = rows[(low * PAGE_LINES - first) : (high * PAGE_LINES - first)]
+        own = (whole >> KEYID_TAG_BITS) == first - first % self.sets
+        counts = np.count_nonzero(own.reshape(high - low, PAGE_LINES * WAYS), axis=1)
+        self._resident[low:high] = counts
+
+
+def _piece(source: Source, start: int, stop: int, shape: tuple[int, ...] = (-1,)) -> Source:
+    """Bytes ``start..stop-1`` of ``source`` as ``shape``; a repeated byte is that byte."""
+    return source if isinstance(source, int) else source[start:stop].reshape(shape)
+
+
+def _selected(count: int, missed: np.ndarray | None, which: np.ndarray | bool) -> np.ndarray:
+    """Of the ``missed`` lines (chunk-relative; None: all ``count``), those ``which`` picks."""
+    if isinstance(which, np.ndarray):
+        return np.flatnonzero(which) if missed is None else missed[which[missed]]
+    if not which:
+        return _NO_SLOTS
+    return np.arange(count) if missed is None else missed
+
+
+def _by_keyid(keyids: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
+    """``(keyid, selector)`` per distinct KeyID; one KeyID (the usual case) selects all."""
+    first = int(keyids[0])
+    if (keyids == first).all():
+        return [(first, slice(None))]
+    return [(keyid, keyids == keyid) for keyid in np.unique(keyids).tolist()]
+
+
+class Uncached:
+    """``cache_size`` 0: loads and stores go straight through the engine to DRAM."""
+
+    size = 0
+
+    def __init__(self, memory: MemoryController) -> None:
+        self._memory = memory
+        self._misses = self._wbinvds = 0
+
+    def __repr__(self) -> str:
+        return "<Uncached>"
+
+    @property
+    def stats(self) -> CacheStats:
+        return CacheStats(misses=self._misses, wbinvd=self._wbinvds)
+
+    def load(self, pa: int, length: int, keyid: int) -> bytes:
+        span = _Span.of(pa, length)
+        self._misses += span.lines
+        lines = self._memory.read_lines(span.numbers(), keyid)
+        return lines.reshape(-1)[span.offset : span.offset + length].tobytes()
+
+    def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None:
+        """Read-modify-write: only lines the data covers in part are read first."""
+        span = _Span.of(pa, len(data))
+        self._misses += span.lines
+        numbers = span.numbers()
+        partial = span.partial_lines(0, span.lines)
+        lines = np.zeros((span.lines, LINE_SIZE), dtype=np.uint8)
+        if partial is not None:
+            lines[partial] = self._memory.read_lines(numbers[partial], keyid)
+        lines.reshape(-1)[span.offset : span.offset + len(data)] = np.frombuffer(data, np.uint8)
+        self._memory.write_lines(numbers, keyid, lines)
+
+    def fill(self, pa: int, length: int, byte: int, keyid: int) -> None:
+        self.store(pa, bytes((byte,)) * length, keyid)
+
+    def clflush(self, pa: int, keyid: int) -> None:
+        """Nothing is ever cached: nothing to flush."""
+
+    def flush_range(self, pa: int, length: int, keyid: int) -> int:
+        return 0
+
+    def wbinvd(self) -> None:
+        self._wbinvds += 1

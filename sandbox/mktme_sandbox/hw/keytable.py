@@ -1,0 +1,303 @@
+"""The key table and PCONFIG leaf MKTME_KEY_PROGRAM.
+
+What it models: the per-KeyID keys inside the memory controller and the one
+instruction that programs them (SPEC section 2, "Key table"; struct layout and
+status codes in MKTME-FACTS). ``KeyProgram`` is the 256-byte
+MKTME_KEY_PROGRAM_STRUCT; ``KeyTable.pconfig`` executes it and answers a
+``PconfigStatus``; ``KeyTable.cipher`` gives the memory controller a KeyID's
+current cipher.
+
+Rules it keeps, in the order the instruction checks them:
+1. The struct is read first. It must be 256 bytes with reserved bytes (6-63,
+   192-255) and KEYID_CTRL bits 31:24 zero; otherwise ``PconfigFault`` (EINVAL),
+   the sandbox's #GP(0). No status code fits a malformed struct.
+2. Injected faults (``inject``): the next ``count`` calls answer DEVICE_BUSY or
+   ENTROPY_ERROR and change nothing.
+3. KeyID 0 or above ``nr_keyids`` -> INVALID_KEYID.
+4. The algorithm field (KEYID_CTRL bits 23:8) must have exactly one bit set, and
+   that algorithm must be activated for MKTME -> else INVALID_ENC_ALG. This
+   holds for CLEAR_KEY and NO_ENCRYPT too. Field bit n is algorithm code n:
+   AES-XTS-128 is bit 0 (KEYID_CTRL bit 8, as documented); AES-XTS-256 is bit 2
+   (KEYID_CTRL bit 10), the sandbox's choice, matching its number in
+   IA32_TME_CAPABILITY and IA32_TME_ACTIVATE.
+5. A command other than 0..3 -> INVALID_PROG_CMD.
+6. Key-field bytes past the algorithm's key length must be zero (for every
+   command) -> else ``PconfigFault``.
+7. SET_KEY_DIRECT takes the key fields as data and tweak key (equal keys raise
+   EINVAL from the engine: XTS forbids them). SET_KEY_RANDOM makes both keys
+   from the CPU's generator XORed with the key fields as entropy; if that gives
+   key == tweak it answers ENTROPY_ERROR. CLEAR_KEY sends the KeyID back to the
+   TME key; NO_ENCRYPT makes it plaintext in DRAM.
+
+KeyID 0 always uses the TME key: random at boot, AES-XTS per the TME policy,
+or plaintext under TME bypass. Never-programmed and cleared KeyIDs use that
+same cipher at the hardware level (the kernel refuses to map them; not the
+table's business). The CPU generator is seeded with ``config.seed`` so that a
+seeded machine makes the same keys every run.
+
+Key material never leaves: keys live inside ``XtsKey`` cipher contexts;
+``KeyProgram`` hides its key fields from repr; ``KeyState`` carries the mode and
+algorithm only; no exception text or log names key bytes.
+
+Left out: the PCONFIG targets other than MKTME, per-package tables, and the
+struct's 256-byte alignment (the caller hands over bytes, not an address).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Literal
+
+import numpy as np
+
+from mktme_sandbox.errors import SandboxError, fail
+from mktme_sandbox.hw.msr import TmeActivation
+from mktme_sandbox.hw.xts import ALGORITHMS, PLAINTEXT, Algorithm, LineCipher, XtsKey
+
+__all__ = [
+    "KEY_FIELD_SIZE",
+    "STRUCT_SIZE",
+    "KeyMode",
+    "KeyProgram",
+    "KeyProgramCommand",
+    "KeyState",
+    "KeyTable",
+    "PconfigFault",
+    "PconfigStatus",
+]
+
+
+class KeyProgramCommand(IntEnum):
+    SET_KEY_DIRECT = 0
+    SET_KEY_RANDOM = 1
+    CLEAR_KEY = 2
+    NO_ENCRYPT = 3
+
+
+class PconfigStatus(IntEnum):
+    PROG_SUCCESS = 0
+    INVALID_PROG_CMD = 1
+    ENTROPY_ERROR = 2
+    INVALID_KEYID = 3
+    INVALID_ENC_ALG = 4
+    DEVICE_BUSY = 5
+
+
+INJECTABLE = (PconfigStatus.DEVICE_BUSY, PconfigStatus.ENTROPY_ERROR)
+_COMMANDS = frozenset(KeyProgramCommand)
+
+
+class PconfigFault(SandboxError):
+    """PCONFIG took #GP(0): the struct itself is malformed (EINVAL)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EINVAL, f"PCONFIG: {reason}")
+
+
+# MKTME_KEY_PROGRAM_STRUCT: KEYID u16, KEYID_CTRL u32, 58 reserved bytes,
+# KEY_FIELD_1 [64], KEY_FIELD_2 [64], 64 reserved bytes; little-endian.
+_LAYOUT = struct.Struct("<HI58s64s64s64s")
+STRUCT_SIZE = _LAYOUT.size
+KEY_FIELD_SIZE = 64
+CTRL_COMMAND_BITS = 8  # KEYID_CTRL bits 7:0 command, 23:8 algorithm, 31:24 reserved
+CTRL_ALGORITHM_MASK = 0xFFFF
+CTRL_RESERVED_SHIFT = 24
+
+
+@dataclass(frozen=True)
+class KeyProgram:
+    """One MKTME_KEY_PROGRAM_STRUCT; ``algorithm`` is the raw one-hot 16-bit field."""
+
+    keyid: int
+    command: int
+    algorithm: int
+    key_field_1: bytes = field(default=b"", repr=False)
+    key_field_2: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        _check_range("KEYID", self.keyid, 0xFFFF)
+        _check_range("command", self.command, (1 << CTRL_COMMAND_BITS) - 1)
+        _check_range("algorithm field", self.algorithm, CTRL_ALGORITHM_MASK)
+        for name in ("key_field_1", "key_field_2"):
+            value = bytes(getattr(self, name))
+            if len(value) > KEY_FIELD_SIZE:
+                fail(errno.EINVAL, f"{name} holds at most {KEY_FIELD_SIZE} bytes, not {len(value)}")
+            object.__setattr__(self, name, value.ljust(KEY_FIELD_SIZE, b"\0"))
+
+    @property
+    def keyid_ctrl(self) -> int:
+        return self.command | self.algorithm << CTRL_COMMAND_BITS
+
+    def encode(self) -> bytes:
+        zeros = bytes(64)
+        return _LAYOUT.pack(
+            self.keyid, self.keyid_ctrl, zeros[:58], self.key_field_1, self.key_field_2, zeros
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> KeyProgram:
+        """256 bytes -> the struct; ``PconfigFault`` for a wrong size or reserved bits set."""
+        if len(raw) != STRUCT_SIZE:
+            raise PconfigFault(f"MKTME_KEY_PROGRAM_STRUCT is {STRUCT_SIZE} bytes, not {len(raw)}")
+        keyid, ctrl, reserved_1, field_1, field_2, reserved_2 = _LAYOUT.unpack(raw)
+        if ctrl >> CTRL_RESERVED_SHIFT:
+            raise PconfigFault(f"KEYID_CTRL reserved bits 31:24 are set ({ctrl:#010x})")
+        if any(reserved_1) or any(reserved_2):
+            raise PconfigFault("reserved bytes of MKTME_KEY_PROGRAM_STRUCT are not zero")
+        return cls(
+            keyid=keyid,
+            command=ctrl & ((1 << CTRL_COMMAND_BITS) - 1),
+            algorithm=ctrl >> CTRL_COMMAND_BITS & CTRL_ALGORITHM_MASK,
+            key_field_1=field_1,
+            key_field_2=field_2,
+        )
+
+
+KeyMode = Literal["unprogrammed", "direct", "random", "cleared", "no-encrypt", "tme", "tme-bypass"]
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """What may be said about a KeyID's key: how it was set, never what it is.
+
+    ``mode`` is ``tme`` or ``tme-bypass`` for KeyID 0 and one of the others for
+    KeyIDs 1..n; ``algorithm`` is None for KeyIDs never programmed (and KeyID 0
+    under bypass).
+    """
+
+    keyid: int
+    mode: KeyMode
+    algorithm: str | None
+
+    @property
+    def programmed(self) -> bool:
+        """Holds its own key or NO_ENCRYPT: what a mapping needs (not cleared, not never)."""
+        return self.mode in ("direct", "random", "no-encrypt")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    mode: KeyMode
+    algorithm: Algorithm | None
+    cipher: LineCipher = field(repr=False)
+
+
+class KeyTable:
+    """KeyID -> cipher, programmed only through ``pconfig``."""
+
+    def __init__(
+        self,
+        activation: TmeActivation,
+        seed: int | None,
+        random_bytes: Callable[[int], bytes] | None = None,
+    ) -> None:
+        self.nr_keyids = activation.nr_keyids
+        self._algorithms = activation.mktme_algorithms
+        self._random_bytes = random_bytes or np.random.default_rng(seed).bytes
+        self._tme = self._boot_tme_entry(activation)
+        self._unprogrammed = _Entry("unprogrammed", None, self._tme.cipher)
+        self._entries: dict[int, _Entry] = {}
+        self._injected = PconfigStatus.PROG_SUCCESS
+        self._injected_count = 0
+
+    def __repr__(self) -> str:
+        return f"<KeyTable {len(self._entries)} of {self.nr_keyids} KeyIDs programmed>"
+
+    def cipher(self, keyid: int) -> LineCipher:
+        """The cipher the engine uses for ``keyid`` right now."""
+        return self._entry(keyid).cipher
+
+    def key_state(self, keyid: int) -> KeyState:
+        entry = self._entry(keyid)
+        algorithm = entry.algorithm.name if entry.algorithm else None
+        return KeyState(keyid, entry.mode, algorithm)
+
+    def inject(self, status: PconfigStatus | int, count: int) -> None:
+        """The next ``count`` PCONFIG calls answer ``status`` (busy or entropy error)."""
+        if status not in INJECTABLE or count < 0:
+            fail(
+                errno.EINVAL,
+                f"can inject DEVICE_BUSY or ENTROPY_ERROR a count >= 0 times, "
+                f"not status {int(status)} x {count}",
+            )
+        self._injected, self._injected_count = PconfigStatus(status), count
+
+    def pconfig(self, raw: bytes) -> PconfigStatus:
+        """Execute MKTME_KEY_PROGRAM with the 256-byte struct ``raw``."""
+        program = KeyProgram.decode(raw)
+        if self._injected_count:
+            self._injected_count -= 1
+            return self._injected
+        if not 0 < program.keyid <= self.nr_keyids:
+            return PconfigStatus.INVALID_KEYID
+        algorithm = _one_hot_algorithm(program.algorithm)
+        if algorithm is None or algorithm not in self._algorithms:
+            return PconfigStatus.INVALID_ENC_ALG
+        if program.command not in _COMMANDS:
+            return PconfigStatus.INVALID_PROG_CMD
+        _check_key_bytes(program, algorithm)
+        return self._execute(program, algorithm)
+
+    def _entry(self, keyid: int) -> _Entry:
+        if keyid == 0:
+            return self._tme
+        if not 0 < keyid <= self.nr_keyids:
+            fail(errno.EINVAL, f"KeyID {keyid} is not 0..{self.nr_keyids}")
+        return self._entries.get(keyid, self._unprogrammed)
+
+    def _boot_tme_entry(self, activation: TmeActivation) -> _Entry:
+        if activation.tme_bypass:
+            return _Entry("tme-bypass", None, PLAINTEXT)
+        size = activation.tme_algorithm.key_bytes
+        while True:  # a fresh TME key every boot; equal halves are possible only in theory
+            data_key, tweak_key = self._random_bytes(size), self._random_bytes(size)
+            if data_key != tweak_key:
+                return _Entry("tme", activation.tme_algorithm, XtsKey(data_key, tweak_key))
+
+    def _execute(self, program: KeyProgram, algorithm: Algorithm) -> PconfigStatus:
+        command = KeyProgramCommand(program.command)
+        size = algorithm.key_bytes
+        data_key, tweak_key = program.key_field_1[:size], program.key_field_2[:size]
+        if command is KeyProgramCommand.SET_KEY_DIRECT:
+            entry = _Entry("direct", algorithm, XtsKey(data_key, tweak_key))
+        elif command is KeyProgramCommand.SET_KEY_RANDOM:
+            data_key = _xor(self._random_bytes(size), data_key)
+            tweak_key = _xor(self._random_bytes(size), tweak_key)
+            if data_key == tweak_key:
+                return PconfigStatus.ENTROPY_ERROR
+            entry = _Entry("random", algorithm, XtsKey(data_key, tweak_key))
+        elif command is KeyProgramCommand.CLEAR_KEY:
+            entry = _Entry("cleared", algorithm, self._tme.cipher)
+        else:
+            entry = _Entry("no-encrypt", algorithm, PLAINTEXT)
+        self._entries[program.keyid] = entry
+        return PconfigStatus.PROG_SUCCESS
+
+
+def _one_hot_algorithm(field_value: int) -> Algorithm | None:
+    """The algorithm whose bit is the only one set, or None."""
+    for algorithm in ALGORITHMS:
+        if field_value == algorithm.bit:
+            return algorithm
+    return None
+
+
+def _check_key_bytes(program: KeyProgram, algorithm: Algorithm) -> None:
+    for name, value in (("KEY_FIELD_1", program.key_field_1), ("KEY_FIELD_2", program.key_field_2)):
+        if any(value[algorithm.key_bytes :]):
+            raise PconfigFault(
+                f"{name} has nonzero bytes past the {algorithm.key_bytes}-byte {algorithm.name} key"
+            )
+
+
+def _check_range(name: str, value: int, maximum: int) -> None:
+    if not 0 <= value <= maximum:
+        fail(errno.EINVAL, f"MKTME_KEY_PROGRAM_STRUCT {name} {value} is not 0..{maximum:#x}")
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")

@@ -1,0 +1,150 @@
+"""The simulated kernel: boots on a Platform and owns every mm mechanism.
+
+Boot follows the series' order: ``detect_tme()`` reads the MSRs early, the
+direct-mapping size is computed and MKTME is disabled when nr_keyids + 1
+copies do not fit the 64 TiB direct-map area, then the page allocator, the
+zero page and the key service come up. The mechanisms live one per module
+(page_alloc, pgtable, vma, mmap, memory, ksm, khugepaged, keys, check, proc);
+this class holds their shared state and names the address spaces.
+
+The six mitigation switches (SPEC 3) are plain booleans read by the
+mechanisms at the point where the patch they stand for acts.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+from mktme_sandbox.config import PAGE_SIZE, MachineConfig
+from mktme_sandbox.errors import fail
+from mktme_sandbox.hw.platform import Platform
+from mktme_sandbox.kernel.directmap import DirectMap
+from mktme_sandbox.kernel.keys import KeyService
+from mktme_sandbox.kernel.khugepaged import KhugepagedStats
+from mktme_sandbox.kernel.ksm import KsmStats
+from mktme_sandbox.kernel.memory import zap_page_range
+from mktme_sandbox.kernel.mktme import detect_tme, mktme_disabled
+from mktme_sandbox.kernel.page_alloc import PG, PageAllocator
+from mktme_sandbox.kernel.pgtable import USER_END, PageTables, PteLayout
+from mktme_sandbox.kernel.printk import KernelLog
+from mktme_sandbox.kernel.tlb import Tlb
+from mktme_sandbox.kernel.vma import MmStruct, vma_keyid
+from mktme_sandbox.kernel.vmstat import VmStat
+
+__all__ = ["MITIGATIONS", "Kernel"]
+
+MITIGATIONS: dict[str, str] = {
+    "vma_merge_keyid_check": "mm: Do no merge VMAs with different encryption KeyIDs",
+    "no_zero_page_encrypted": "mm: Do not use zero page in encrypted pages",
+    "ksm_keyid_check": "mm/ksm: Do not merge pages with different KeyIDs",
+    "khugepaged_keyid_check": "mm/khugepaged: Handle encrypted pages",
+    "pte_modify_preserve_keyid": "x86/mm: Preserve KeyID on pte_modify() and pgprot_modify()",
+    "flush_on_keyid_change": "x86/mm: Implement prep_encrypted_page() and arch_free_page()",
+}
+RESERVED_SPACE_NAMES = ("kernel",)  # pagetables/kernel shows the direct mappings
+_SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class Kernel:
+    """One booted kernel on one platform."""
+
+    def __init__(self, platform: Platform, config: MachineConfig) -> None:
+        self.platform = platform
+        self.config = config
+        self.log = KernelLog()
+        self.vmstat = VmStat()
+        self.log.printk("Linux version 4.18.0-mktme-v5 (mktme-sandbox) #1 SMP")
+        layout = detect_tme(platform.rdmsr, config.maxphyaddr, self.log.printk)
+        if layout.enabled and not DirectMap.fits(config.phys_mem, layout.nr_keyids):
+            self.log.printk(
+                f"x86/mktme: Disabled. Not enough virtual address space: "
+                f"{layout.nr_keyids + 1} direct mappings of "
+                f"{DirectMap(config.phys_mem, 1).size >> 40} TiB exceed the 64 TiB area"
+            )
+            layout = mktme_disabled(layout)
+        self.layout = layout
+        self.directmap = DirectMap(config.phys_mem, layout.nr_keyids + 1)
+        self.pte_layout = PteLayout(config.maxphyaddr, layout.keyid_bits)
+        self.mitigations = dict.fromkeys(MITIGATIONS, True)
+        self.alloc = PageAllocator(
+            platform,
+            config.phys_mem,
+            self.vmstat,
+            lambda: self.mitigations["flush_on_keyid_change"],
+        )
+        self.alloc.alloc_page(0, PG.RESERVED, zero=False)  # PFN 0, as on a PC
+        self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)
+        self.pt = PageTables(platform, self.pte_layout, self._alloc_table, self._free_table)
+        self.tlb = Tlb()
+        self.spaces: dict[str, MmStruct] = {}
+        self._next_asid = 1
+        self.keys = KeyService(
+            platform.pconfig, platform.key_state, platform.wbinvd, layout, config.algorithms,
+            self.log, self.vmstat, self.keyid_in_use,
+        )  # fmt: skip
+        self.ksm = KsmStats()
+        self.khugepaged = KhugepagedStats()
+        self.log.printk(
+            f"Memory: {config.phys_mem >> 10}K available, direct mapping size "
+            f"{self.directmap.size >> 40} TiB x {self.directmap.copies}"
+        )
+
+    # --- page-table pages -------------------------------------------------------
+
+    def _alloc_table(self) -> int:
+        self.vmstat.inc("pgtable_alloc")
+        return self.alloc.alloc_page(0, PG.PGTABLE) * PAGE_SIZE
+
+    def _free_table(self, pa: int) -> None:
+        self.vmstat.inc("pgtable_free")
+        self.alloc.free_page(pa // PAGE_SIZE)
+
+    # --- address spaces -----------------------------------------------------------
+
+    def space(self, name: str) -> MmStruct:
+        mm = self.spaces.get(name)
+        if mm is None:
+            fail(errno.ENOENT, f"no address space named {name!r}")
+        return mm
+
+    def create_space(self, name: str, uid: int) -> MmStruct:
+        if not _SPACE_NAME.fullmatch(name):
+            fail(errno.EINVAL, f"space name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+        if name in self.spaces:
+            fail(errno.EEXIST, f"space {name!r} exists")
+        if name in RESERVED_SPACE_NAMES:
+            fail(errno.EINVAL, f"space name {name!r} is taken by pagetables/{name}")
+        mm = MmStruct(name, uid, self.pt.create(), self._next_asid)
+        self._next_asid += 1
+        self.spaces[name] = mm
+        return mm
+
+    def destroy_space(self, name: str) -> None:
+        """exit_mmap(): unmap everything, free the tables, forget the ASID."""
+        mm = self.space(name)
+        zap_page_range(self, mm, 0, USER_END)
+        self.pt.destroy(mm.pgd)
+        self.tlb.flush_all(mm.asid)
+        del self.spaces[name]
+
+    # --- KeyIDs ---------------------------------------------------------------
+
+    def keyid_in_use(self, keyid: int) -> bool:
+        """Referenced by a VMA or by an allocated page."""
+        if self.alloc.allocated_by_keyid.get(keyid, 0):
+            return True
+        return any(
+            vma_keyid(vma, self.pte_layout) == keyid
+            for mm in self.spaces.values()
+            for vma in mm.vmas()
+        )
+
+    def pages_of(self, keyid: int) -> int:
+        return self.alloc.allocated_by_keyid.get(keyid, 0)
+
+    def set_mitigation(self, name: str, on: bool) -> None:
+        if name not in MITIGATIONS:
+            fail(errno.ENOENT, f"no mitigation named {name!r}")
+        self.mitigations[name] = on
+        self.log.printk(f"mktme: mitigation {name} {'on' if on else 'OFF'} ({MITIGATIONS[name]})")

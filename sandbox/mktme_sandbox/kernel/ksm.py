@@ -1,0 +1,146 @@
+"""KSM: one merge pass over mergeable VMAs (mm/ksm.c, reduced).
+
+Models "mm/ksm: Do not merge pages with different KeyIDs". KSM compares page
+contents through the kernel's mapping of each page, which with per-KeyID
+direct mappings is the page's own KeyID, so it sees plaintext. Two pages with
+equal plaintext but different KeyIDs must not merge: the surviving page is
+encrypted with one key, while the other tenant's PTE (made from its own
+VMA's pgprot) carries the other KeyID and would read it as garbage. Switch
+``ksm_keyid_check`` off to watch exactly that.
+
+A pass: hash every present, exclusive, anonymous 4K page of every
+VM_MERGEABLE VMA; among pages with equal contents (and equal KeyIDs), keep one
+as the KSM page, map it read-only in place of the others and free them. A
+later write breaks copy-on-write (memory.do_wp_page).
+
+Left out: the stable/unstable red-black trees and their two-scan rule (one
+pass merges at once), KSM's page-count and sleep tunables, merging of huge pages.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mktme_sandbox.config import PAGE_SIZE
+from mktme_sandbox.errors import fail
+from mktme_sandbox.kernel.memory import do_wp_page, mk_pte, pte_page, put_page
+from mktme_sandbox.kernel.page_alloc import PG
+from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
+
+if TYPE_CHECKING:
+    from mktme_sandbox.kernel.kernel import Kernel
+
+__all__ = ["KsmStats", "ksm_scan", "unmerge_range"]
+
+
+@dataclass
+class KsmStats:
+    full_scans: int = 0
+    pages_merged: int = 0
+    merge_refused_keyid: int = 0
+
+    def text(self, k: Kernel) -> str:
+        shared = int(((k.alloc.flags & PG.KSM) != 0).sum())
+        sharing = int(k.alloc.mapcount[(k.alloc.flags & PG.KSM) != 0].sum()) - shared
+        rows = {
+            "run": 0,
+            "pages_shared": shared,
+            "pages_sharing": sharing,
+            "full_scans": self.full_scans,
+            "pages_merged": self.pages_merged,
+            "merge_refused_keyid": self.merge_refused_keyid,
+        }
+        return "".join(f"{name} {value}\n" for name, value in rows.items())
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    mm: MmStruct
+    vma: Vma
+    va: int
+    pfn: int
+
+
+def ksm_scan(k: Kernel) -> int:
+    """One full pass; returns the number of pages merged."""
+    groups: dict[bytes, list[_Candidate]] = defaultdict(list)
+    for cand in _candidates(k):
+        data = k.platform.load(cand.pfn * PAGE_SIZE, PAGE_SIZE, int(k.alloc.page_keyid[cand.pfn]))
+        groups[data].append(cand)
+    merged = sum(_merge_group(k, group) for group in groups.values() if len(group) > 1)
+    k.ksm.full_scans += 1
+    k.ksm.pages_merged += merged
+    k.vmstat.inc("ksm_pages_merged", merged)
+    return merged
+
+
+def _candidates(k: Kernel) -> list[_Candidate]:
+    found = []
+    for mm in k.spaces.values():
+        for vma in mm.vmas():
+            if not vma.vm_flags & VM.MERGEABLE:
+                continue
+            for va, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
+                pfn = pte_page(k, pte, size)
+                if pfn is None or size != PAGE_SIZE or not pte & PteFlags.PRESENT:
+                    continue
+                flags = int(k.alloc.flags[pfn])
+                if flags & PG.ZERO or not flags & PG.ANON:
+                    continue
+                if flags & PG.KSM or k.alloc.mapcount[pfn] == 1:
+                    found.append(_Candidate(mm, vma, va, pfn))
+    return found
+
+
+def _merge_group(k: Kernel, group: list[_Candidate]) -> int:
+    """Merge pages of equal content; partition by KeyID when the check is on."""
+    by_keyid: dict[int, list[_Candidate]] = defaultdict(list)
+    for cand in group:
+        keyid = int(k.alloc.page_keyid[cand.pfn])
+        by_keyid[keyid if k.mitigations["ksm_keyid_check"] else 0].append(cand)
+    if len(by_keyid) > 1:
+        refused = sum(len(c) for c in by_keyid.values()) - max(len(c) for c in by_keyid.values())
+        k.ksm.merge_refused_keyid += refused
+        k.vmstat.inc("ksm_merge_refused_keyid", refused)
+    return sum(_merge_into_one(k, cands) for cands in by_keyid.values())
+
+
+def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
+    ksm_pages = [c for c in cands if k.alloc.flags[c.pfn] & PG.KSM]
+    kpage = (ksm_pages or cands)[0].pfn
+    k.alloc.flags[kpage] |= PG.KSM
+    merged = 0
+    for cand in cands:
+        # replace_page(): the new PTE is made from the sharer's own pgprot
+        pte = mk_pte(kpage, cand.vma.vm_page_prot)
+        k.pt.set_pte(cand.mm.pgd, cand.va, pte, PAGE_SIZE)
+        k.tlb.flush_range(cand.mm.asid, cand.va, cand.va + PAGE_SIZE)
+        if cand.pfn != kpage:
+            k.alloc.mapcount[kpage] += 1
+            put_page(k, cand.pfn)
+            merged += 1
+    return merged
+
+
+def unmerge_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+    """MADV_UNMERGEABLE: break every KSM page mapped in [start, end).
+
+    Each break takes a new page: ENOMEM before the first one when there are
+    not enough, so the range is never left half unmerged.
+    """
+    shared = []
+    for va, size, pte in k.pt.iter_present(mm.pgd, start, end):
+        pfn = pte_page(k, pte, size)
+        if pfn is not None and size == PAGE_SIZE and k.alloc.flags[pfn] & PG.KSM:
+            shared.append((va, pte))
+    free = sum(k.alloc.free_pages_by_keyid().values())
+    if len(shared) > free:
+        fail(errno.ENOMEM, f"madvise: unmerging needs {len(shared)} pages, {free} are free")
+    for va, pte in shared:
+        vma = mm.find_vma(va)
+        assert vma is not None
+        do_wp_page(k, mm, vma, va, pte & ~int(PteFlags.RW))

@@ -1,0 +1,305 @@
+"""Page faults, the zero page, and virtual memory access (mm/memory.c).
+
+Models ``handle_mm_fault()`` for private anonymous memory and "mm: Do not use
+zero page in encrypted pages": a read fault in a KeyID-0 VMA maps the shared
+zero page; in an encrypted VMA it allocates a zeroed page of the VMA's KeyID,
+because the zero page mapped with KeyID N would be read through key N and
+come out as garbage (switch ``no_zero_page_encrypted`` off to watch that).
+Write faults allocate with the VMA's KeyID (``vma_keyid``); a write to the zero
+page or to a KSM page breaks copy-on-write.
+
+PTEs are made as Linux makes them, ``pfn << 12 | vma->vm_page_prot``, so the
+KeyID comes from the VMA's protection bits. Every access translates through
+the page tables in emulated memory, via the TLB; like hardware, the CPU side
+uses the KeyID found in the PTE, while kernel copies go through the direct
+mapping of the page's own KeyID (``page_keyid``).
+
+Left out: swap, file pages, userfaultfd, accessed/dirty bits set by the walker
+(PTEs are made young, and dirty on a write fault).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, NoReturn
+
+from mktme_sandbox.config import PAGE_SIZE
+from mktme_sandbox.errors import fail
+from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
+from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
+from mktme_sandbox.kernel.tlb import tlb_entry
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
+
+if TYPE_CHECKING:
+    from mktme_sandbox.kernel.kernel import Kernel
+
+__all__ = [
+    "HPAGE_SIZE",
+    "access_vm",
+    "follow_page",
+    "handle_mm_fault",
+    "pte_page",
+    "zap_page_range",
+]
+
+HPAGE_SIZE = 2 << 20
+_WRITE_BITS = int(PteFlags.RW | PteFlags.DIRTY)
+
+
+def mk_pte(pfn: int, prot: int) -> int:
+    """``pfn_pte()``: the page frame plus the pgprot, KeyID bits included."""
+    return (pfn << 12) | prot
+
+
+def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
+    """The PFN a leaf entry maps, or None when it lies beyond physical memory.
+
+    Entries the kernel made are always valid; entries rewritten through
+    ``keyids/0/mem`` may be anything, and every user of a PTE's frame goes
+    through here so that such garbage is skipped, never indexed.
+    """
+    pfn = k.pte_layout.pte_pfn(pte, size)
+    return pfn if pfn + (size >> 12) <= k.alloc.nr_pages else None
+
+
+# --- faults -----------------------------------------------------------------
+
+
+def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
+    """Resolve a fault at ``addr``; return the new PTE."""
+    k.vmstat.inc("pgfault")
+    k.vmstat.inc("pgfault_write" if write else "pgfault_read")
+    found = k.pt.get_pte(mm.pgd, addr)
+    if found is None:
+        return do_anonymous_page(k, mm, vma, addr, write)
+    if not found.pte & PteFlags.PRESENT:
+        fail(errno.EIO, f"{addr:#x}: the PTE {found.pte:#x} is neither present nor empty")
+    if found.size == HPAGE_SIZE:  # do_huge_pmd_wp_page() falls back to splitting
+        split_huge_pmd(k, mm, addr, found.pte)
+        found = k.pt.get_pte(mm.pgd, addr)
+        assert found is not None
+    return do_wp_page(k, mm, vma, addr, found.pte)
+
+
+def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
+    page = addr & ~(PAGE_SIZE - 1)
+    keyid = vma_keyid(vma, k.pte_layout)
+    if not write:
+        if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
+            k.vmstat.inc("zero_page_map")
+            pte = mk_pte(k.zero_pfn, vma.vm_page_prot)
+            k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
+            return pte
+        k.vmstat.inc("zero_page_refused_encrypted")
+    pfn = k.alloc.alloc_page(keyid, PG.ANON)
+    return _map_new_page(k, mm, vma, page, pfn)
+
+
+def _map_new_page(k: Kernel, mm: MmStruct, vma: Vma, page: int, pfn: int) -> int:
+    pte = mk_pte(pfn, vma.vm_page_prot)
+    if vma.vm_flags & VM.WRITE:
+        pte |= _WRITE_BITS
+    k.alloc.mapcount[pfn] += 1
+    k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
+    k.tlb.flush_range(mm.asid, page, page + PAGE_SIZE)
+    return pte
+
+
+def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
+    """A write to a present read-only page: reuse it or copy it."""
+    page = addr & ~(PAGE_SIZE - 1)
+    pfn = pte_page(k, pte)
+    if pfn is None:
+        fail(errno.EIO, f"{addr:#x}: the PTE {pte:#x} maps no page of this machine")
+    flags = int(k.alloc.flags[pfn])
+    if not flags & (PG.ZERO | PG.KSM) and k.alloc.mapcount[pfn] == 1:
+        pte |= _WRITE_BITS  # exclusive: reuse (wp_page_reuse)
+        k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
+        k.tlb.flush_range(mm.asid, page, page + PAGE_SIZE)
+        return pte
+    k.vmstat.inc("cow_fault")
+    new = k.alloc.alloc_page(vma_keyid(vma, k.pte_layout), PG.ANON, zero=bool(flags & PG.ZERO))
+    if not flags & PG.ZERO:
+        copy_page(k, src=pfn, dst=new)
+    put_page(k, pfn)
+    return _map_new_page(k, mm, vma, page, new)
+
+
+def copy_page(k: Kernel, src: int, dst: int) -> None:
+    """``copy_user_highpage()`` through each page's own direct mapping."""
+    data = k.platform.load(src * PAGE_SIZE, PAGE_SIZE, int(k.alloc.page_keyid[src]))
+    k.platform.store(dst * PAGE_SIZE, data, int(k.alloc.page_keyid[dst]))
+
+
+def put_page(k: Kernel, pfn: int) -> None:
+    """Drop one mapping of a page; free it when none is left."""
+    if k.alloc.flags[pfn] & PG.ZERO:
+        return
+    head = compound_head(k, pfn)
+    k.alloc.mapcount[head] -= 1
+    if k.alloc.mapcount[head] <= 0:
+        k.alloc.free_page(head)
+
+
+# --- access -------------------------------------------------------------------
+
+
+def follow_page(k: Kernel, mm: MmStruct, addr: int, write: bool) -> tuple[int, int]:
+    """Translate ``addr`` as the CPU would, faulting as needed.
+
+    Returns (physical address, KeyID from the PTE). EIO where unmapped, where
+    the VMA's protection forbids the access, or where a tampered PTE points
+    outside physical memory or names a KeyID the hardware does not have.
+    """
+    vpn = addr >> 12
+    hit = k.tlb.lookup(mm.asid, vpn)
+    if hit is None or (write and not hit.pte & PteFlags.RW):
+        vma = _vma_for_access(mm, addr, write)
+        found = k.pt.get_pte(mm.pgd, addr)
+        if (
+            found is not None
+            and found.pte & PteFlags.PRESENT
+            and (found.pte & PteFlags.RW or not write)
+        ):
+            pte, size = found.pte, found.size
+        else:
+            pte, size = handle_mm_fault(k, mm, vma, addr, write), PAGE_SIZE
+        hit = tlb_entry(k.pte_layout, pte, size, vpn)
+        k.tlb.insert(mm.asid, vpn, hit)
+    if hit.pfn >= k.alloc.nr_pages or hit.keyid > k.platform.nr_keyids:
+        fail(
+            errno.EIO,
+            f"{addr:#x}: the PTE maps pfn {hit.pfn:#x} KeyID {hit.keyid}, "
+            "which this machine does not have (machine check)",
+        )
+    return (hit.pfn << 12) | (addr & 0xFFF), hit.keyid
+
+
+def _vma_for_access(mm: MmStruct, addr: int, write: bool) -> Vma:
+    vma = mm.find_vma(addr)
+    if vma is None:
+        fail(errno.EIO, f"{addr:#x} is not mapped")
+    needed = VM.WRITE if write else VM.READ
+    if not vma.vm_flags & needed:
+        what = "written" if write else "read"
+        fail(errno.EIO, f"{addr:#x} is mapped {vma.perms()[:3]} and cannot be {what}")
+    return vma
+
+
+def accessible_prefix(mm: MmStruct, addr: int, length: int, write: bool) -> int:
+    """How many bytes from ``addr`` on the VMAs let this access touch."""
+    if not 0 <= addr < USER_END:
+        return 0
+    end = min(addr + length, USER_END)
+    cursor = addr
+    needed = VM.WRITE if write else VM.READ
+    for vma in mm.overlapping(addr, end):
+        if vma.start > cursor or not vma.vm_flags & needed:
+            break
+        cursor = vma.end
+    return max(0, min(cursor, end) - addr)
+
+
+def access_vm(k: Kernel, mm: MmStruct, addr: int, length: int, data: bytes | None) -> bytes:
+    """Read up to ``length`` bytes at ``addr``, or write all of ``data`` there.
+
+    Like /proc/PID/mem, a read stops short at the first byte it may not read
+    and fails with EIO only when that is the first byte; a write is refused
+    whole before any byte is written. Physically contiguous runs with one
+    KeyID go to the platform in one call.
+    """
+    write = data is not None
+    done = accessible_prefix(mm, addr, length, write)
+    if done < length and (write or not done):
+        _refuse(mm, addr + done, write)
+    runs = _physical_runs(k, mm, addr, done, write)
+    if data is None:
+        return b"".join(k.platform.load(pa, n, keyid) for pa, n, keyid in runs)
+    view = memoryview(data)
+    for pa, n, keyid in runs:
+        k.platform.store(pa, view[:n], keyid)
+        view = view[n:]
+    return b""
+
+
+def _refuse(mm: MmStruct, addr: int, write: bool) -> NoReturn:
+    """EIO, with the reason ``addr`` (the first bad byte) cannot be accessed."""
+    if not 0 <= addr < USER_END:
+        fail(errno.EIO, f"{addr:#x} is outside the user address space")
+    _vma_for_access(mm, addr, write)  # raises with the reason
+    raise AssertionError(f"{addr:#x} is accessible")  # pragma: no cover
+
+
+def _physical_runs(
+    k: Kernel, mm: MmStruct, addr: int, length: int, write: bool
+) -> list[tuple[int, int, int]]:
+    runs: list[tuple[int, int, int]] = []
+    end = addr + length
+    while addr < end:
+        n = min(PAGE_SIZE - (addr & 0xFFF), end - addr)
+        pa, keyid = follow_page(k, mm, addr, write)
+        if runs and runs[-1][2] == keyid and runs[-1][0] + runs[-1][1] == pa:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n, keyid)
+        else:
+            runs.append((pa, n, keyid))
+        addr += n
+    return runs
+
+
+# --- unmapping ----------------------------------------------------------------
+
+
+def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+    """Unmap and release every page in [start, end); free empty tables."""
+    split_huge_pmds(k, mm, start, end)
+    for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
+        k.pt.clear_pte(mm.pgd, va, size)
+        pfn = pte_page(k, pte, size)
+        if pfn is None or not _mapped_page(k, pfn):
+            k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
+            continue
+        put_page(k, pfn)
+    k.pt.free_empty_tables(mm.pgd, start, end)
+    flush_tlb_range(k, mm, start, end)
+
+
+def _mapped_page(k: Kernel, pfn: int) -> bool:
+    """A page a user PTE may map: the zero page or a mapped anonymous page
+    (never a page table, a free page or a reserved one). A PTE rewritten to
+    point anywhere else is reported and left alone, as Linux's
+    vm_normal_page() reports a bad page map."""
+    flags = int(k.alloc.flags[pfn])
+    if flags & PG.ZERO:
+        return True
+    return bool(flags & PG.ANON) and k.alloc.mapcount[compound_head(k, pfn)] > 0
+
+
+def compound_head(k: Kernel, pfn: int) -> int:
+    """The first page of the 2M page ``pfn`` is part of, or ``pfn`` itself."""
+    return pfn & ~(HPAGE_NR - 1) if k.alloc.flags[pfn] & PG.TAIL else pfn
+
+
+def flush_tlb_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+    k.tlb.flush_range(mm.asid, start, end)
+    k.vmstat.inc("tlb_flush")
+
+
+def split_huge_pmds(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+    """``split_huge_pmd()`` for huge mappings that [start, end) cuts."""
+    for edge in (start, end):
+        if not edge & (HPAGE_SIZE - 1) or edge >= USER_END:
+            continue
+        found = k.pt.get_pte(mm.pgd, edge)
+        if found is not None and found.size == HPAGE_SIZE:
+            split_huge_pmd(k, mm, edge, found.pte)
+
+
+def split_huge_pmd(k: Kernel, mm: MmStruct, addr: int, pmd: int) -> None:
+    """512 PTEs for one 2M mapping, and 512 order-0 pages for its compound page."""
+    k.vmstat.inc("thp_split_pmd")
+    head = k.pte_layout.pte_pfn(pmd, HPAGE_SIZE)
+    k.pt.split_huge_pmd(mm.pgd, addr)
+    k.alloc.flags[head : head + 512] = PG.ANON
+    k.alloc.mapcount[head : head + 512] = 1
+    haddr = addr & ~(HPAGE_SIZE - 1)
+    flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)

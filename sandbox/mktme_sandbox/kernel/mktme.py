@@ -1,0 +1,84 @@
+"""MKTME enumeration at boot: ``detect_tme()`` and the KeyID layout.
+
+Models ``detect_tme()`` of arch/x86/kernel/cpu/intel.c as the v5 series uses it
+("x86/mm: Detect MKTME early", "x86/mm: Introduce variables to store number,
+shift and mask of KeyIDs"): read IA32_TME_ACTIVATE, log what the BIOS enabled
+in the same words Linux does, and derive ``mktme_nr_keyids`` and the KeyID
+bits taken from the physical address. ``mktme_keyid_shift`` and
+``mktme_keyid_mask`` follow from those; ``pgtable.PteLayout`` computes them,
+once, for the page tables and everything else.
+
+Differences, each from SPEC section 2: AES-XTS-256 is a known policy and a
+known algorithm (Linux v5 knew only AES-XTS-128); ``nr_keyids`` is also capped
+by MK_TME_MAX_KEYS of IA32_TME_CAPABILITY. Only one CPU exists, so the
+"inconsistent between CPUs" path cannot happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mktme_sandbox.hw.msr import Msr, decode
+
+__all__ = ["KeyIdLayout", "detect_tme", "mktme_disabled"]
+
+_KNOWN_POLICIES = {0: "AES-XTS-128", 2: "AES-XTS-256"}
+
+
+def _fields(rdmsr: Callable[[int], int], msr: Msr) -> dict[str, int]:
+    """The MSR's fields by name, from the one table in hw/msr.py."""
+    return dict(decode(msr, rdmsr(msr)))
+
+
+@dataclass(frozen=True)
+class KeyIdLayout:
+    """Where the KeyID sits in a physical address, as the kernel sees it.
+
+    ``keyid_bits`` counts the bits the BIOS took from MAXPHYADDR even when the
+    kernel does not use MKTME (the physical bits stay lowered, as in Linux).
+    """
+
+    enabled: bool
+    maxphyaddr: int
+    keyid_bits: int
+    nr_keyids: int
+
+    def valid_keyid(self, keyid: int) -> bool:
+        return 0 <= keyid <= self.nr_keyids
+
+
+def detect_tme(
+    rdmsr: Callable[[int], int], maxphyaddr: int, printk: Callable[[str], None]
+) -> KeyIdLayout:
+    """Parse the TME MSRs as Linux does and return the KeyID layout."""
+    act = _fields(rdmsr, Msr.IA32_TME_ACTIVATE)
+    keyid_bits = act["mk_tme_keyid_bits"]
+    if not (act["lock"] and act["tme_enable"]):
+        printk("x86/tme: not enabled by BIOS")
+        return KeyIdLayout(False, maxphyaddr, keyid_bits, 0)
+    printk("x86/tme: enabled by BIOS")
+    usable = True
+    if act["tme_policy"] not in _KNOWN_POLICIES:
+        printk(f"x86/tme: Unknown policy is active: {act['tme_policy']:#x}")
+    algs = [name for name, on in act.items() if name.startswith("mk_tme_crypto_") and on]
+    if not algs:
+        printk(
+            f"x86/mktme: No known encryption algorithm is supported: "
+            f"{rdmsr(Msr.IA32_TME_ACTIVATE) >> 48:#x}"
+        )
+        usable = False
+    if keyid_bits == 0:
+        printk("x86/mktme: disabled by BIOS")
+        return KeyIdLayout(False, maxphyaddr, 0, 0)
+    max_keys = _fields(rdmsr, Msr.IA32_TME_CAPABILITY)["mk_tme_max_keys"]
+    nr_keyids = min((1 << keyid_bits) - 1, max_keys or (1 << keyid_bits) - 1)
+    printk("x86/mktme: enabled by BIOS")
+    printk(f"x86/mktme: {nr_keyids} KeyIDs available")
+    return KeyIdLayout(usable, maxphyaddr, keyid_bits, nr_keyids if usable else 0)
+
+
+def mktme_disabled(layout: KeyIdLayout) -> KeyIdLayout:
+    """ "x86/mm: Allow to disable MKTME after enumeration": no KeyIDs in use,
+    the physical bits stay lowered."""
+    return KeyIdLayout(False, layout.maxphyaddr, layout.keyid_bits, 0)

@@ -1,0 +1,274 @@
+"""mmap, munmap, mprotect, encrypt_mprotect and madvise (mm/mmap.c,
+mm/mprotect.c, mm/madvise.c) for private anonymous memory with KeyIDs.
+
+Rules kept:
+- Every call checks all of its arguments and the whole range before it
+  changes anything: a rejected call leaves no trace (SPEC 4, "Nothing is
+  half-applied"). Errnos are Linux's: EINVAL for bad arguments and unaligned
+  addresses, ENOMEM for ranges outside the user address space or with holes
+  (mprotect, madvise), EINVAL for a fixed mapping over an existing one (we
+  never replace silently), ENOKEY for a KeyID that is not programmed.
+- ``mprotect`` keeps the KeyID: the new vm_page_prot and every PTE go through
+  ``pte_modify()``, which with patch 09 ("Preserve KeyID on pte_modify() and
+  pgprot_modify()") keeps the KeyID bits; switch
+  ``pte_modify_preserve_keyid`` off and they are dropped.
+- ``encrypt_mprotect`` is mprotect plus a KeyID; it discards the pages of the
+  range (the data is not preserved, as in the proposed Linux API).
+- After a change, neighbours are merged by ``vma_merge()``, which refuses
+  different KeyIDs ("mm: Do no merge VMAs with different encryption KeyIDs")
+  unless ``vma_merge_keyid_check`` is off.
+
+Left out: MAP_SHARED, file mappings, hint addresses (every mapping is fixed),
+mremap, mlock.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from mktme_sandbox.config import PAGE_SIZE
+from mktme_sandbox.errors import fail
+from mktme_sandbox.kernel.memory import (
+    HPAGE_SIZE,
+    flush_tlb_range,
+    handle_mm_fault,
+    pte_page,
+    split_huge_pmds,
+    zap_page_range,
+)
+from mktme_sandbox.kernel.page_alloc import PG
+from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.vma import (
+    MMAP_MIN_ADDR,
+    TASK_SIZE,
+    VM,
+    MmStruct,
+    Vma,
+    vm_get_page_prot,
+    vma_keyid,
+)
+
+if TYPE_CHECKING:
+    from mktme_sandbox.kernel.kernel import Kernel
+
+__all__ = [
+    "ADVICE",
+    "PROTS",
+    "do_encrypt_mprotect",
+    "do_madvise",
+    "do_mmap",
+    "do_mprotect",
+    "do_munmap",
+    "vma_merge",
+]
+
+PROTS: dict[str, VM] = {
+    "---": VM.NONE, "none": VM.NONE,
+    "r--": VM.READ, "r": VM.READ,
+    "rw-": VM.READ | VM.WRITE, "rw": VM.READ | VM.WRITE,
+    "r-x": VM.READ | VM.EXEC, "rx": VM.READ | VM.EXEC,
+    "rwx": VM.READ | VM.WRITE | VM.EXEC,
+}  # fmt: skip
+ADVICE = ("mergeable", "unmergeable", "hugepage", "dontneed")
+_ACCESS = VM.READ | VM.WRITE | VM.EXEC
+
+
+def _check_range(op: str, addr: int, length: int) -> int:
+    """Alignment and bounds as Linux checks them; returns the aligned end."""
+    if addr & (PAGE_SIZE - 1):
+        fail(errno.EINVAL, f"{op}: address {addr:#x} is not page aligned")
+    if length <= 0:
+        fail(errno.EINVAL, f"{op}: length must be positive, not {length}")
+    end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    if addr < MMAP_MIN_ADDR or end > TASK_SIZE:
+        fail(
+            errno.ENOMEM,
+            f"{op}: {addr:#x}-{end:#x} is outside the user address space "
+            f"{MMAP_MIN_ADDR:#x}-{TASK_SIZE:#x}",
+        )
+    return end
+
+
+def _check_mapped(op: str, mm: MmStruct, addr: int, end: int) -> None:
+    if not mm.covers(addr, end):
+        fail(errno.ENOMEM, f"{op}: {addr:#x}-{end:#x} is not fully mapped")
+
+
+def _prot_for(k: Kernel, vm_flags: VM, keyid: int) -> int:
+    return vm_get_page_prot(vm_flags) | k.pte_layout.keyid_prot(keyid)
+
+
+# --- mmap / munmap ------------------------------------------------------------
+
+
+def do_mmap(
+    k: Kernel,
+    mm: MmStruct,
+    addr: int,
+    length: int,
+    prot: VM,
+    keyid: int,
+    populate: bool,
+    uid: int = 0,
+) -> None:
+    end = _check_range("mmap", addr, length)
+    if any(True for _ in mm.overlapping(addr, end)):
+        fail(errno.EINVAL, f"mmap: {addr:#x}-{end:#x} overlaps an existing mapping")
+    k.keys.check_usable(keyid, "mmap", uid)
+    if populate and prot & _ACCESS:
+        _check_populate(k, addr, end, prot, keyid)
+    mm.insert(Vma(addr, end, prot, _prot_for(k, prot, keyid)))
+    if populate:
+        try:
+            _populate(k, mm, addr, end)
+        except BaseException:
+            do_munmap(k, mm, addr, end - addr)
+            raise
+    vma_merge(k, mm, addr, end)
+
+
+def _check_populate(k: Kernel, start: int, end: int, prot: VM, keyid: int) -> None:
+    """ENOMEM before faulting when the pages cannot all be had: a populate
+    that fails late would hold the machine for minutes, then be undone."""
+    pages = (end - start) >> 12
+    needs_pages = bool(prot & VM.WRITE) or keyid != 0  # else the zero page
+    tables = -(-(end - start) // HPAGE_SIZE) + 2
+    wanted = (pages if needs_pages else 0) + tables
+    free = sum(k.alloc.free_pages_by_keyid().values())
+    if wanted > free:
+        fail(errno.ENOMEM, f"mmap: populate needs {wanted} pages, {free} are free")
+
+
+def _populate(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+    """MAP_POPULATE: fault every page, for write where the VMA is writable."""
+    for vma in list(mm.overlapping(start, end)):
+        if not vma.vm_flags & _ACCESS:
+            continue
+        write = bool(vma.vm_flags & VM.WRITE)
+        for page in range(max(vma.start, start), min(vma.end, end), PAGE_SIZE):
+            handle_mm_fault(k, mm, vma, page, write)
+
+
+def do_munmap(k: Kernel, mm: MmStruct, addr: int, length: int) -> None:
+    if addr & (PAGE_SIZE - 1) or length <= 0 or addr + length > TASK_SIZE:
+        fail(errno.EINVAL, f"munmap: bad range {addr:#x}+{length:#x}")
+    end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    zap_page_range(k, mm, addr, end)
+    for vma in mm.isolate(addr, end):
+        mm.remove(vma)
+
+
+# --- mprotect / encrypt_mprotect ------------------------------------------------
+
+
+def _nothing_to_do(addr: int, length: int) -> bool:
+    """Linux: an aligned zero-length mprotect or madvise succeeds doing nothing."""
+    return length == 0 and not addr & (PAGE_SIZE - 1)
+
+
+def do_mprotect(k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM) -> None:
+    if _nothing_to_do(addr, length):
+        return
+    end = _check_range("mprotect", addr, length)
+    _check_mapped("mprotect", mm, addr, end)
+    split_huge_pmds(k, mm, addr, end)
+    preserve = k.mitigations["pte_modify_preserve_keyid"]
+    for vma in mm.isolate(addr, end):
+        flags = (vma.vm_flags & ~_ACCESS) | prot
+        new_prot = k.pte_layout.pgprot_modify(vma.vm_page_prot, vm_get_page_prot(flags), preserve)
+        new = vma.with_(vm_flags=flags, vm_page_prot=new_prot)
+        mm.replace(vma, new)
+        _change_protection(k, mm, new, preserve)
+    flush_tlb_range(k, mm, addr, end)
+    vma_merge(k, mm, addr, end)
+
+
+def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> None:
+    """change_pte_range(): every present PTE through pte_modify()."""
+    base = vm_get_page_prot(vma.vm_flags)
+    for va, size, pte in list(k.pt.iter_present(mm.pgd, vma.start, vma.end)):
+        new = k.pte_layout.pte_modify(pte, base, preserve, size)
+        pfn = pte_page(k, pte, size)
+        if (
+            pfn is not None
+            and vma.vm_flags & VM.WRITE
+            and _exclusive(k, pfn)
+            and pte & PteFlags.DIRTY
+        ):
+            new |= int(PteFlags.RW)
+        k.pt.set_pte(mm.pgd, va, new, size)
+
+
+def _exclusive(k: Kernel, pfn: int) -> bool:
+    return not k.alloc.flags[pfn] & (PG.ZERO | PG.KSM) and k.alloc.mapcount[pfn] == 1
+
+
+def do_encrypt_mprotect(
+    k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM, keyid: int, uid: int = 0
+) -> None:
+    if _nothing_to_do(addr, length):
+        k.keys.check_usable(keyid, "encrypt_mprotect", uid)
+        return
+    end = _check_range("encrypt_mprotect", addr, length)
+    k.keys.check_usable(keyid, "encrypt_mprotect", uid)
+    _check_mapped("encrypt_mprotect", mm, addr, end)
+    zap_page_range(k, mm, addr, end)
+    for vma in mm.isolate(addr, end):
+        flags = (vma.vm_flags & ~_ACCESS) | prot
+        mm.replace(vma, vma.with_(vm_flags=flags, vm_page_prot=_prot_for(k, flags, keyid)))
+    vma_merge(k, mm, addr, end)
+
+
+# --- madvise ------------------------------------------------------------------
+
+
+def do_madvise(k: Kernel, mm: MmStruct, addr: int, length: int, advice: str) -> None:
+    if advice not in ADVICE:
+        fail(errno.EINVAL, f"madvise: unknown advice {advice!r} (one of {', '.join(ADVICE)})")
+    if _nothing_to_do(addr, length):
+        return
+    end = _check_range("madvise", addr, length)
+    _check_mapped("madvise", mm, addr, end)
+    if advice == "dontneed":
+        zap_page_range(k, mm, addr, end)
+        return
+    if advice == "unmergeable":
+        from mktme_sandbox.kernel.ksm import unmerge_range
+
+        unmerge_range(k, mm, addr, end)  # checks it can break every KSM page first
+    flag = VM.HUGEPAGE if advice == "hugepage" else VM.MERGEABLE
+    for vma in mm.isolate(addr, end):
+        flags = vma.vm_flags & ~flag if advice == "unmergeable" else vma.vm_flags | flag
+        mm.replace(vma, vma.with_(vm_flags=flags))
+    vma_merge(k, mm, addr, end)
+
+
+# --- vma_merge ----------------------------------------------------------------
+
+
+def vma_merge(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+    """Merge neighbours in and around [start, end) where Linux would."""
+    merged: list[Vma] = []
+    for vma in list(mm.overlapping(max(start - 1, 0), end + 1)):
+        prev = merged[-1] if merged else None
+        if prev is not None and _can_merge(k, prev, vma):
+            mm.remove(prev)
+            mm.remove(vma)
+            vma = prev.with_(end=vma.end)  # the merged VMA keeps prev's pgprot
+            mm.insert(vma)
+            merged[-1] = vma
+            k.vmstat.inc("vma_merge")
+        else:
+            merged.append(vma)
+
+
+def _can_merge(k: Kernel, prev: Vma, vma: Vma) -> bool:
+    if prev.end != vma.start or prev.vm_flags != vma.vm_flags:
+        return False
+    if vma_keyid(prev, k.pte_layout) == vma_keyid(vma, k.pte_layout):
+        return True
+    if k.mitigations["vma_merge_keyid_check"]:
+        k.vmstat.inc("vma_merge_refused_keyid")
+        return False
+    return True

@@ -1,0 +1,213 @@
+"""The page allocator with MKTME: page_ext KeyIDs and the cache flushes.
+
+Models "mm/page_alloc: Handle allocation for encrypted memory", "x86/mm:
+Implement page_keyid() using page_ext" and "x86/mm: Implement
+prep_encrypted_page() and arch_free_page()" of the v5 series, plus the per-KeyID
+free pools its cover letter announces as the next step.
+
+Rules kept:
+- Every physical page has a KeyID in page_ext (``page_keyid``), kept while the
+  page is free so that the next allocation knows which cache lines may still
+  be dirty under which KeyID.
+- ``prep_encrypted_page``: when a page is allocated for a KeyID other than the
+  one it last had, its lines are flushed for the old KeyID first; then the
+  KeyID is set and the page is zeroed through the new KeyID's mapping.
+- ``arch_free_page``: with ``keyid_free_pools`` off (the v5 behaviour) an
+  encrypted page is flushed through its KeyID's mapping and reset to KeyID 0,
+  so every encrypted allocation and every encrypted free pays a flush. With
+  pools on, a freed page keeps its KeyID and waits in that KeyID's pool; it is
+  reused for the same KeyID without a flush and changes pool only through one.
+- KeyID-0 allocations of KeyID-0 pages never flush, whatever the setting: MKTME
+  costs nothing for unencrypted memory.
+- The mitigation ``flush_on_keyid_change`` off skips the flushes (and only
+  them): dirty lines of the old KeyID stay in the cache and are written back
+  later over the new owner's data.
+
+Left out: buddy merging (a freed 2M page comes back as 512 single pages; a 2M
+allocation takes never-used memory), watermarks, zones, per-CPU lists.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from enum import IntFlag
+from typing import Protocol
+
+import numpy as np
+
+from mktme_sandbox.config import PAGE_SIZE
+from mktme_sandbox.errors import fail
+from mktme_sandbox.kernel.vmstat import VmStat
+
+__all__ = ["HPAGE_NR", "HPAGE_ORDER", "PG", "PageAllocator", "PhysicalMemory"]
+
+HPAGE_ORDER = 9
+HPAGE_NR = 1 << HPAGE_ORDER
+
+
+class PhysicalMemory(Protocol):
+    """What the allocator needs of the platform."""
+
+    def fill(self, pa: int, length: int, byte: int, keyid: int = 0) -> None: ...
+    def flush_range(self, pa: int, length: int, keyid: int) -> int: ...
+
+
+class PG(IntFlag):
+    """The page->flags this model keeps (a subset of Linux's)."""
+
+    BUDDY = 1 << 0  # free
+    ANON = 1 << 1
+    PGTABLE = 1 << 2
+    ZERO = 1 << 3  # the shared zero page
+    KSM = 1 << 4
+    HEAD = 1 << 5  # first page of a 2M compound page
+    TAIL = 1 << 6
+    RESERVED = 1 << 7
+
+
+class PageAllocator:
+    """All physical pages, their page_ext KeyIDs, and the free pools."""
+
+    def __init__(
+        self,
+        mem: PhysicalMemory,
+        phys_mem: int,
+        vmstat: VmStat,
+        flush_enabled: Callable[[], bool],
+    ) -> None:
+        self.mem = mem
+        self.vmstat = vmstat
+        self.nr_pages = phys_mem // PAGE_SIZE
+        self._flush_enabled = flush_enabled
+        # page_ext and struct page, one entry per PFN (np.zeros is lazily backed)
+        self.page_keyid = np.zeros(self.nr_pages, dtype=np.uint16)
+        self.mapcount = np.zeros(self.nr_pages, dtype=np.int32)
+        self.flags = np.zeros(self.nr_pages, dtype=np.uint32)
+        self.keyid_free_pools = False
+        self._pools: dict[int, list[int]] = {0: []}
+        self._fresh = 0  # PFNs >= _fresh were never allocated
+        self.allocated_by_keyid: dict[int, int] = {}
+
+    # --- allocation -------------------------------------------------------
+
+    def alloc_page(self, keyid: int, flags: PG = PG.ANON, zero: bool = True) -> int:
+        """Allocate one page for ``keyid`` (ENOMEM when memory is exhausted)."""
+        pfn, old_keyid = self._take(keyid)
+        self._prep(pfn, 0, old_keyid, keyid, flags, zero)
+        return pfn
+
+    def alloc_huge_page(self, keyid: int, zero: bool = True) -> int | None:
+        """A 2M-aligned order-9 page from never-used memory, or None."""
+        start = -(-self._fresh // HPAGE_NR) * HPAGE_NR
+        if start + HPAGE_NR > self.nr_pages:
+            return None
+        self._pools[0].extend(range(self._fresh, start))
+        self.flags[self._fresh : start] = PG.BUDDY
+        self._fresh = start + HPAGE_NR
+        self._prep(start, HPAGE_ORDER, 0, keyid, PG.ANON, zero)
+        self.flags[start] |= np.uint32(PG.HEAD)
+        self.flags[start + 1 : start + HPAGE_NR] |= np.uint32(PG.TAIL)
+        return start
+
+    def _take(self, keyid: int) -> tuple[int, int]:
+        """Pick a free page: own pool, then KeyID 0's, then the fullest other."""
+        for pool_keyid in self._pool_order(keyid):
+            pool = self._pools.get(pool_keyid)
+            if pool:
+                return pool.pop(), pool_keyid
+            if pool_keyid == 0 and self._fresh < self.nr_pages:
+                self._fresh += 1
+                return self._fresh - 1, 0
+        fail(errno.ENOMEM, "physical memory exhausted: no free page left")
+
+    def _pool_order(self, keyid: int) -> list[int]:
+        others = sorted(
+            (k for k in self._pools if k not in (keyid, 0)),
+            key=lambda k: -len(self._pools[k]),
+        )
+        return list(dict.fromkeys([keyid, 0, *others]))
+
+    def _prep(
+        self, pfn: int, order: int, old_keyid: int, keyid: int, flags: PG, zero: bool
+    ) -> None:
+        nr = 1 << order
+        if keyid != old_keyid:
+            self.prep_encrypted_page(pfn, order, old_keyid, keyid)
+        elif keyid != 0:
+            self.vmstat.inc("flush_avoided_pool", nr)
+        self.flags[pfn : pfn + nr] = flags
+        self.allocated_by_keyid[keyid] = self.allocated_by_keyid.get(keyid, 0) + nr
+        self.vmstat.inc("pgalloc", nr)
+        if keyid:
+            self.vmstat.inc("pgalloc_encrypted", nr)
+        if zero:
+            self.mem.fill(pfn * PAGE_SIZE, nr * PAGE_SIZE, 0, keyid)
+
+    def prep_encrypted_page(self, pfn: int, order: int, old_keyid: int, keyid: int) -> None:
+        """Flush the old KeyID's lines, then give the page its new KeyID."""
+        counter = "prep_encrypted_flush" if old_keyid == 0 else "keyid_pool_flush"
+        self._flush(pfn, order, old_keyid, counter)
+        self.page_keyid[pfn : pfn + (1 << order)] = keyid
+
+    # --- free -------------------------------------------------------------
+
+    def free_page(self, pfn: int) -> None:
+        """Return one page (a compound head frees all of it)."""
+        order = HPAGE_ORDER if self.flags[pfn] & PG.HEAD else 0
+        nr = 1 << order
+        keyid = int(self.page_keyid[pfn])
+        self.arch_free_page(pfn, order, keyid)
+        pool = self._pools.setdefault(int(self.page_keyid[pfn]), [])
+        pool.extend(range(pfn + nr - 1, pfn - 1, -1))
+        self.flags[pfn : pfn + nr] = PG.BUDDY
+        self.mapcount[pfn : pfn + nr] = 0
+        self.allocated_by_keyid[keyid] -= nr
+        self.vmstat.inc("pgfree", nr)
+        if keyid:
+            self.vmstat.inc("pgfree_encrypted", nr)
+
+    def arch_free_page(self, pfn: int, order: int, keyid: int) -> None:
+        """v5: flush an encrypted page and reset its KeyID; pools: keep both."""
+        if keyid == 0 or self.keyid_free_pools:
+            return
+        self._flush(pfn, order, keyid, "arch_free_page_flush")
+        self.page_keyid[pfn : pfn + (1 << order)] = 0
+
+    def _flush(self, pfn: int, order: int, keyid: int, counter: str) -> None:
+        nr = 1 << order
+        if not self._flush_enabled():
+            self.vmstat.inc("flush_skipped_mitigation_off", nr)
+            return
+        lines = self.mem.flush_range(pfn * PAGE_SIZE, nr * PAGE_SIZE, keyid)
+        self.vmstat.inc(counter, nr)
+        self.vmstat.inc("flush_lines", lines)
+
+    # --- pools --------------------------------------------------------------
+
+    def set_keyid_free_pools(self, on: bool) -> None:
+        """Switch pools; turning them off drains every pool through a flush."""
+        if not on and self.keyid_free_pools:
+            for keyid in [k for k in self._pools if k]:
+                for pfn in self._pools.pop(keyid):
+                    self._flush(pfn, 0, keyid, "keyid_pool_flush")
+                    self.page_keyid[pfn] = 0
+                    self._pools[0].append(pfn)
+        self.keyid_free_pools = on
+
+    def free_pages_by_keyid(self) -> dict[int, int]:
+        counts = {k: len(v) for k, v in self._pools.items() if v or k == 0}
+        counts[0] += self.nr_pages - self._fresh
+        return dict(sorted(counts.items()))
+
+    def pools(self) -> dict[int, list[int]]:
+        """The free pools (never-used memory not included), for the audit."""
+        return {keyid: list(pfns) for keyid, pfns in self._pools.items()}
+
+    @property
+    def never_used(self) -> int:
+        """PFNs from here up were never allocated (they are free)."""
+        return self._fresh
+
+    def is_free(self, pfn: int) -> bool:
+        return pfn >= self._fresh or bool(self.flags[pfn] & PG.BUDDY)

@@ -1,0 +1,215 @@
+"""The /proc formats: maps, smaps, pagemap, kpageflags, and page_keyid.
+
+Formats follow fs/proc/task_mmu.c and Documentation/admin-guide/mm/pagemap.rst
+(checked against a live /proc/self/smaps): ``maps`` lines end in ``0 `` for
+anonymous memory, smaps values are right-aligned to column 24 with `` kB``,
+``VmFlags`` ends in a space. SPEC additions: a ``KeyID:`` line in each smaps
+entry (before ``VmFlags``), and ``mm/page_keyid`` (one u64 KeyID per PFN).
+
+pagemap: bits 0-54 PFN (KeyID bits masked out, SPEC 4), 56 exclusively
+mapped, 63 present. PFNs are shown to every reader: this is a sandbox for
+looking at physical memory (Linux hides them without CAP_SYS_ADMIN).
+Zero-page and non-present entries follow Linux: the zero page is present with
+its PFN but neither exclusive nor counted in Rss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mktme_sandbox.config import PAGE_SIZE
+from mktme_sandbox.kernel.memory import pte_page
+from mktme_sandbox.kernel.page_alloc import PG
+from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
+
+if TYPE_CHECKING:
+    from mktme_sandbox.kernel.kernel import Kernel
+
+__all__ = [
+    "KPF",
+    "PAGEMAP_ENTRY",
+    "PM_MMAP_EXCLUSIVE",
+    "PM_PRESENT",
+    "kpageflags",
+    "maps",
+    "page_keyid",
+    "pagemap",
+    "smaps",
+]
+
+PAGEMAP_ENTRY = 8
+PM_PFN_MASK = (1 << 55) - 1
+PM_MMAP_EXCLUSIVE = 1 << 56
+PM_PRESENT = 1 << 63
+
+
+class KPF(IntEnum):
+    """/proc/kpageflags bit numbers (include/uapi/linux/kernel-page-flags.h)."""
+
+    REFERENCED = 2
+    UPTODATE = 3
+    DIRTY = 4
+    LRU = 5
+    BUDDY = 10
+    MMAP = 11
+    ANON = 12
+    SWAPBACKED = 14
+    COMPOUND_HEAD = 15
+    COMPOUND_TAIL = 16
+    HUGE = 17
+    NOPAGE = 20
+    KSM = 21
+    THP = 22
+    ZERO_PAGE = 24
+    PGTABLE = 26
+
+
+_VMFLAG_MNEMONICS = (  # mm/proc task_mmu.c order; mr mw me always for anon private
+    (VM.READ, "rd"), (VM.WRITE, "wr"), (VM.EXEC, "ex"),
+    (None, "mr"), (None, "mw"), (None, "me"),
+    (VM.WRITE, "ac"),
+    (VM.HUGEPAGE, "hg"), (VM.NOHUGEPAGE, "nh"), (VM.MERGEABLE, "mg"),
+)  # fmt: skip
+
+
+# --- maps / smaps ---------------------------------------------------------------
+
+
+def _maps_line(vma: Vma) -> str:
+    return f"{vma.start:08x}-{vma.end:08x} {vma.perms()} 00000000 00:00 0 \n"
+
+
+def maps(mm: MmStruct) -> str:
+    return "".join(_maps_line(vma) for vma in mm.vmas())
+
+
+def smaps(k: Kernel, mm: MmStruct) -> str:
+    return "".join(_smaps_entry(k, mm, vma) for vma in mm.vmas())
+
+
+def _smaps_entry(k: Kernel, mm: MmStruct, vma: Vma) -> str:
+    usage = _usage(k, mm, vma)
+    lines = [_maps_line(vma)]
+    for name, kb in (
+        ("Size", len(vma) >> 10), ("KernelPageSize", 4), ("MMUPageSize", 4),
+        ("Rss", usage["rss"]), ("Pss", usage["pss"]), ("Pss_Dirty", usage["pss_dirty"]),
+        ("Shared_Clean", usage["shared_clean"]), ("Shared_Dirty", usage["shared_dirty"]),
+        ("Private_Clean", usage["private_clean"]), ("Private_Dirty", usage["private_dirty"]),
+        ("Referenced", usage["rss"]), ("Anonymous", usage["rss"]), ("KSM", usage["ksm"]),
+        ("LazyFree", 0), ("AnonHugePages", usage["anon_huge"]), ("ShmemPmdMapped", 0),
+        ("FilePmdMapped", 0), ("Shared_Hugetlb", 0), ("Private_Hugetlb", 0),
+        ("Swap", 0), ("SwapPss", 0), ("Locked", 0),
+    ):  # fmt: skip
+        lines.append(f"{name + ':':<16}{kb:>8} kB\n")
+    thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= 2 << 20)
+    lines.append(f"{'THPeligible:':<16}{thp:>8}\n")
+    lines.append(f"{'ProtectionKey:':<16}{0:>8}\n")
+    lines.append(f"{'KeyID:':<16}{vma_keyid(vma, k.pte_layout):>8}\n")
+    flags = " ".join(m for bit, m in _VMFLAG_MNEMONICS if bit is None or vma.vm_flags & bit)
+    lines.append(f"VmFlags: {flags} \n")
+    return "".join(lines)
+
+
+def _usage(k: Kernel, mm: MmStruct, vma: Vma) -> dict[str, int]:
+    """Rss and friends in kB, as smaps_pte_entry() counts them."""
+    u = dict.fromkeys(
+        (
+            "rss",
+            "pss",
+            "pss_dirty",
+            "shared_clean",
+            "shared_dirty",
+            "private_clean",
+            "private_dirty",
+            "ksm",
+            "anon_huge",
+        ),
+        0,
+    )
+    for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
+        pfn = pte_page(k, pte, size)
+        if pfn is None or k.alloc.flags[pfn] & PG.ZERO:
+            continue  # vm_normal_page() is NULL for the zero page and bad frames
+        flags = int(k.alloc.flags[pfn])
+        kb, count = size >> 10, max(int(k.alloc.mapcount[pfn]), 1)
+        dirty = bool(pte & PteFlags.DIRTY)
+        shared = count > 1
+        u["rss"] += kb
+        u["pss"] += kb // count
+        u["pss_dirty"] += kb // count if dirty else 0
+        u[f"{'shared' if shared else 'private'}_{'dirty' if dirty else 'clean'}"] += kb
+        u["ksm"] += kb if flags & PG.KSM else 0
+        u["anon_huge"] += kb if size != PAGE_SIZE else 0
+    return u
+
+
+# --- pagemap --------------------------------------------------------------------
+
+
+def pagemap(k: Kernel, mm: MmStruct, offset: int, length: int) -> bytes:
+    """The bytes of /proc/PID/pagemap at ``offset`` (8 bytes per virtual page)."""
+    first = offset // PAGEMAP_ENTRY
+    last = -(-(offset + length) // PAGEMAP_ENTRY)
+    entries = np.zeros(max(last - first, 0), dtype="<u8")
+    for vpn, value in _pagemap_entries(k, mm, first << 12, last << 12):
+        entries[vpn - first] = value
+    skip = offset - first * PAGEMAP_ENTRY
+    return entries.tobytes()[skip : skip + length]
+
+
+def _pagemap_entries(k: Kernel, mm: MmStruct, start: int, end: int) -> Iterator[tuple[int, int]]:
+    for va, size, pte in k.pt.iter_present(mm.pgd, start, end):
+        pfn = k.pte_layout.pte_pfn(pte, size)
+        page = pte_page(k, pte, size)
+        exclusive = (
+            page is not None and not k.alloc.flags[page] & PG.ZERO and k.alloc.mapcount[page] == 1
+        )
+        base = PM_PRESENT | (PM_MMAP_EXCLUSIVE if exclusive else 0)
+        lo, hi = max(va, start), min(va + size, end)
+        for page in range(lo, hi, PAGE_SIZE):
+            yield page >> 12, base | ((pfn + ((page - va) >> 12)) & PM_PFN_MASK)
+
+
+# --- kpageflags / page_keyid --------------------------------------------------------
+
+_PG_TO_KPF = (
+    (PG.BUDDY, (KPF.BUDDY,)),
+    (PG.ANON, (KPF.ANON, KPF.SWAPBACKED, KPF.UPTODATE, KPF.LRU)),
+    (PG.PGTABLE, (KPF.PGTABLE,)),
+    (PG.ZERO, (KPF.ZERO_PAGE, KPF.UPTODATE)),
+    (PG.KSM, (KPF.KSM,)),
+    (PG.HEAD, (KPF.COMPOUND_HEAD, KPF.THP)),
+    (PG.TAIL, (KPF.COMPOUND_TAIL, KPF.THP)),
+)
+
+
+def _pfn_window(k: Kernel, offset: int, length: int) -> tuple[int, int, int]:
+    first = offset // 8
+    last = min(-(-(offset + length) // 8), k.alloc.nr_pages)
+    return first, max(last, first), offset - first * 8
+
+
+def kpageflags(k: Kernel, offset: int, length: int) -> bytes:
+    """/proc/kpageflags bytes at ``offset``: one u64 of KPF bits per PFN."""
+    first, last, skip = _pfn_window(k, offset, length)
+    flags = k.alloc.flags[first:last]
+    out = np.zeros(last - first, dtype="<u8")
+    for pg, kpfs in _PG_TO_KPF:
+        bits = sum(1 << int(b) for b in kpfs)
+        out[(flags & pg) != 0] |= np.uint64(bits)
+    out[np.arange(first, last) >= k.alloc.never_used] |= np.uint64(1 << KPF.BUDDY)
+    mapped = k.alloc.mapcount[first:last] > 0
+    out[mapped] |= np.uint64(1 << KPF.MMAP)
+    return out.tobytes()[skip : skip + length]
+
+
+def page_keyid(k: Kernel, offset: int, length: int) -> bytes:
+    """``mm/page_keyid`` bytes: one little-endian u64 KeyID per PFN."""
+    first, last, skip = _pfn_window(k, offset, length)
+    out = k.alloc.page_keyid[first:last].astype("<u8")
+    return out.tobytes()[skip : skip + length]

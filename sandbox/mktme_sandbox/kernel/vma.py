@@ -1,0 +1,160 @@
+"""Address spaces and VMAs: ``vma_keyid()`` and ``vma_merge()``.
+
+Models "x86/mm: Implement vma_keyid()" and "mm: Do no merge VMAs with
+different encryption KeyIDs". A VMA keeps its KeyID where Linux keeps it: in
+the KeyID bits of ``vm_page_prot``, the pgprot every new PTE of the VMA is made
+from. ``vm_flags`` does not hold the KeyID, which is why the series had to
+teach ``vma_merge()`` to compare KeyIDs: two neighbours with equal flags but
+different KeyIDs would otherwise merge and the second would lose its KeyID
+(every later fault in it would use the first one's).
+
+Rules kept: VMAs are page-aligned, sorted and never overlap; anonymous and
+private only; merging needs adjacency, equal ``vm_flags`` and (with the
+mitigation ``vma_merge_keyid_check`` on) equal KeyIDs.
+
+Left out: file mappings, anon_vma compatibility (two neighbours merge here
+even when both have faulted pages), stack growth, VMA names.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntFlag
+
+from mktme_sandbox.kernel.pgtable import PAGE_NONE, PteFlags, PteLayout
+
+__all__ = ["MMAP_MIN_ADDR", "TASK_SIZE", "VM", "MmStruct", "Vma", "vm_get_page_prot"]
+
+TASK_SIZE = 0x00007FFFFFFFF000  # 4-level paging: 47 bits, last page excluded
+MMAP_MIN_ADDR = 0x10000
+
+
+class VM(IntFlag):
+    """vm_flags bits used here (values as in include/linux/mm.h)."""
+
+    NONE = 0x0
+    READ = 0x1
+    WRITE = 0x2
+    EXEC = 0x4
+    MERGEABLE = 0x80000000
+    HUGEPAGE = 0x20000000
+    NOHUGEPAGE = 0x40000000
+
+
+_VM_ACCESS = VM.READ | VM.WRITE | VM.EXEC
+
+
+def vm_get_page_prot(vm_flags: VM) -> int:
+    """protection_map[] for private mappings: never RW (writes fault and COW)."""
+    if not vm_flags & _VM_ACCESS:
+        return int(PAGE_NONE)  # PROT_NONE: PROTNONE, not PRESENT
+    prot = PteFlags.PRESENT | PteFlags.USER | PteFlags.ACCESSED
+    if not vm_flags & VM.EXEC:
+        prot |= PteFlags.NX
+    return int(prot)
+
+
+@dataclass(frozen=True, slots=True)
+class Vma:
+    """One VMA; replaced, never mutated."""
+
+    start: int
+    end: int
+    vm_flags: VM
+    vm_page_prot: int  # PTE bits with the KeyID in the address field
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def with_(self, **changes: object) -> Vma:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def perms(self) -> str:
+        f = self.vm_flags
+        return (
+            "".join(
+                (c if f & bit else "-")
+                for c, bit in (("r", VM.READ), ("w", VM.WRITE), ("x", VM.EXEC))
+            )
+            + "p"
+        )
+
+
+def vma_keyid(vma: Vma, layout: PteLayout) -> int:
+    """The KeyID of a VMA: the KeyID bits of its vm_page_prot."""
+    return layout.pte_keyid(vma.vm_page_prot)
+
+
+class MmStruct:
+    """One address space: a sorted VMA list, a PGD, an ASID for the TLB."""
+
+    def __init__(self, name: str, owner: int, pgd: int, asid: int) -> None:
+        self.name = name
+        self.owner = owner
+        self.pgd = pgd
+        self.asid = asid
+        self._vmas: list[Vma] = []
+        self._starts: list[int] = []
+
+    # --- lookup -----------------------------------------------------------
+
+    def vmas(self) -> list[Vma]:
+        return list(self._vmas)
+
+    def find_vma(self, addr: int) -> Vma | None:
+        """The VMA containing ``addr``, or None."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self._vmas[i].end:
+            return self._vmas[i]
+        return None
+
+    def overlapping(self, start: int, end: int) -> Iterator[Vma]:
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        for vma in self._vmas[i:]:
+            if vma.start >= end:
+                break
+            if vma.end > start:
+                yield vma
+
+    def covers(self, start: int, end: int) -> bool:
+        """True when [start, end) is mapped without holes."""
+        cursor = start
+        for vma in self.overlapping(start, end):
+            if vma.start > cursor:
+                return False
+            cursor = vma.end
+        return cursor >= end
+
+    # --- changes (callers keep the page tables in step) ---------------------
+
+    def insert(self, vma: Vma) -> None:
+        i = bisect.bisect_left(self._starts, vma.start)
+        self._vmas.insert(i, vma)
+        self._starts.insert(i, vma.start)
+
+    def remove(self, vma: Vma) -> None:
+        i = self._starts.index(vma.start)
+        del self._vmas[i]
+        del self._starts[i]
+
+    def replace(self, old: Vma, new: Vma) -> None:
+        self.remove(old)
+        self.insert(new)
+
+    def split(self, addr: int) -> None:
+        """Split the VMA containing ``addr`` so that a VMA starts at ``addr``."""
+        vma = self.find_vma(addr)
+        if vma is None or vma.start == addr:
+            return
+        self.remove(vma)
+        self.insert(vma.with_(end=addr))
+        self.insert(vma.with_(start=addr))
+
+    def isolate(self, start: int, end: int) -> list[Vma]:
+        """Split at both ends and return the VMAs inside [start, end)."""
+        self.split(start)
+        self.split(end)
+        return list(self.overlapping(start, end))

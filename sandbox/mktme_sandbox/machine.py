@@ -1,0 +1,332 @@
+"""Machine: one emulated platform plus one simulated kernel, the public API.
+
+Everything the filesystem of SPEC 4 shows is one method here, so that the FUSE
+layer stays a table of paths. Every public method takes the machine's lock
+for its whole duration: calls from the multithreaded FUSE loop are
+serialized, and a command either happens entirely or raises
+``SandboxError`` having changed nothing. ``uid`` arguments are the caller's
+(0 is root and may do anything); ``owner_uid`` is the daemon's.
+
+Example::
+
+    from mktme_sandbox import Machine
+    m = Machine(phys_mem="64M", seed=1)
+    m.key_command(1, "type=cpu algorithm=aes-xts-128", uid=0)
+    m.create_space("demo", uid=0)
+    m.space_command("demo", "mmap 0x10000000 64K rw- keyid=1", uid=0)
+    m.write_virt("demo", 0x10000000, b"secret")
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from mktme_sandbox.commands import decode_command, parse_cache_command, parse_space_command
+from mktme_sandbox.config import MachineConfig
+from mktme_sandbox.errors import SandboxError, errno_name, fail
+from mktme_sandbox.hw.platform import Platform
+from mktme_sandbox.kernel import check, khugepaged, ksm, memory, mmap, proc
+from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
+from mktme_sandbox.kernel.ptdump import ptdump_user, render
+from mktme_sandbox.kernel.vma import MmStruct
+
+__all__ = ["Machine"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with args[0]._lock:  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+class Machine:
+    """One MKTME machine. ``Machine(phys_mem="64M", seed=1)`` or ``Machine(config)``."""
+
+    MITIGATIONS = tuple(MITIGATIONS)
+
+    def __init__(self, config: MachineConfig | None = None, **options: Any) -> None:
+        self.config = MachineConfig.from_options(config, **options)
+        self.owner_uid = os.getuid()
+        self._lock = threading.RLock()
+        self.platform = Platform(self.config)
+        self.kernel = Kernel(self.platform, self.config)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Machine(phys_mem={c.phys_mem:#x}, keyid_bits={c.keyid_bits}, "
+            f"nr_keyids={self.nr_keyids}, spaces={sorted(self.kernel.spaces)})"
+        )
+
+    @property
+    def phys_mem(self) -> int:
+        return self.config.phys_mem
+
+    @property
+    def nr_keyids(self) -> int:
+        return self.kernel.layout.nr_keyids
+
+    # --- log ----------------------------------------------------------------
+
+    @_locked
+    def dmesg(self) -> str:
+        return self.kernel.log.text()
+
+    @_locked
+    def reject(self, path: str, err: SandboxError) -> None:
+        """Log one rejected operation: file, errno name, reason."""
+        self.kernel.log.printk(f"{path}: {errno_name(err.errno or 0)}: {err.reason}")
+
+    # --- physical memory -------------------------------------------------------
+
+    @_locked
+    def read_dram(self, pa: int, length: int) -> bytes:
+        return self.platform.dram_read(pa, self._clip(pa, length))
+
+    @_locked
+    def write_dram(self, pa: int, data: bytes) -> None:
+        self._check_phys(pa, len(data))
+        self.platform.dram_write(pa, bytes(data))
+
+    @_locked
+    def read_phys(self, keyid: int, pa: int, length: int) -> bytes:
+        self._check_keyid(keyid)
+        return self.platform.load(pa, self._clip(pa, length), keyid)
+
+    @_locked
+    def write_phys(self, keyid: int, pa: int, data: bytes) -> None:
+        self._check_keyid(keyid)
+        self._check_phys(pa, len(data))
+        self.platform.store(pa, bytes(data), keyid)
+
+    def _clip(self, pa: int, length: int) -> int:
+        if pa < 0:
+            fail(errno.EINVAL, f"physical address {pa:#x} is negative")
+        return max(0, min(length, self.phys_mem - pa))
+
+    def _check_phys(self, pa: int, length: int) -> None:
+        if pa < 0 or pa + length > self.phys_mem:
+            fail(
+                errno.ENOSPC if pa >= 0 else errno.EINVAL,
+                f"{pa:#x}+{length:#x} is beyond physical memory ({self.phys_mem:#x})",
+            )
+
+    def _check_keyid(self, keyid: int) -> None:
+        if keyid and not 1 <= keyid <= self.nr_keyids:
+            fail(errno.EINVAL, f"KeyID {keyid} does not exist (this machine has {self.nr_keyids})")
+
+    # --- keys ---------------------------------------------------------------
+
+    @_locked
+    def key_status(self, keyid: int) -> str:
+        self.kernel.keys.check_exists(keyid, f"keys/{keyid}")
+        return self.kernel.keys.status_line(keyid, self.kernel.pages_of(keyid))
+
+    @_locked
+    def key_command(self, keyid: int, payload: str | bytes, uid: int) -> None:
+        self.kernel.keys.program(keyid, decode_command(payload, "key"), uid)
+
+    @_locked
+    def key_owner(self, keyid: int) -> int | None:
+        return self.kernel.keys.owner(keyid)
+
+    @_locked
+    def inject_pconfig_faults(self, status: int, count: int) -> None:
+        """Make the next ``count`` PCONFIG calls answer ``status`` (2 or 5)."""
+        self.platform.inject_pconfig_faults(status, count)
+
+    # --- address spaces ---------------------------------------------------------
+
+    @_locked
+    def create_space(self, name: str, uid: int) -> None:
+        self.kernel.create_space(name, uid)
+
+    @_locked
+    def destroy_space(self, name: str, uid: int) -> None:
+        self._own_space(name, uid)
+        self.kernel.destroy_space(name)
+
+    @_locked
+    def space_names(self) -> list[str]:
+        return sorted(self.kernel.spaces)
+
+    @_locked
+    def space_owner(self, name: str) -> int:
+        return self.kernel.space(name).owner
+
+    def _own_space(self, name: str, uid: int) -> MmStruct:
+        mm = self.kernel.space(name)
+        if uid not in (0, mm.owner):
+            fail(errno.EACCES, f"space {name!r} belongs to uid {mm.owner}")
+        return mm
+
+    @_locked
+    def space_command(self, name: str, command: str | bytes, uid: int) -> None:
+        mm = self._own_space(name, uid)
+        cmd = parse_space_command(decode_command(command, "ctl"))
+        k = self.kernel
+        if cmd.op == "mmap":
+            mmap.do_mmap(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, cmd.populate, uid)
+        elif cmd.op == "munmap":
+            mmap.do_munmap(k, mm, cmd.addr, cmd.length)
+        elif cmd.op == "mprotect":
+            mmap.do_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot)
+        elif cmd.op == "encrypt_mprotect":
+            mmap.do_encrypt_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, uid)
+        else:
+            mmap.do_madvise(k, mm, cmd.addr, cmd.length, cmd.advice)
+
+    @_locked
+    def maps(self, name: str) -> str:
+        return proc.maps(self.kernel.space(name))
+
+    @_locked
+    def smaps(self, name: str) -> str:
+        return proc.smaps(self.kernel, self.kernel.space(name))
+
+    @_locked
+    def read_virt(self, name: str, addr: int, length: int) -> bytes:
+        return memory.access_vm(self.kernel, self.kernel.space(name), addr, length, None)
+
+    @_locked
+    def write_virt(self, name: str, addr: int, data: bytes) -> None:
+        memory.access_vm(self.kernel, self.kernel.space(name), addr, len(data), bytes(data))
+
+    @_locked
+    def pagemap(self, name: str, offset: int, length: int) -> bytes:
+        return proc.pagemap(self.kernel, self.kernel.space(name), offset, length)
+
+    @_locked
+    def cr3(self, name: str) -> int:
+        return self.kernel.space(name).pgd
+
+    @_locked
+    def flush_tlb(self, name: str) -> None:
+        mm = self.kernel.space(name)
+        self.kernel.tlb.flush_all(mm.asid)
+        self.kernel.vmstat.inc("tlb_flush")
+
+    @_locked
+    def ptdump(self, name: str) -> str:
+        return ptdump_user(self.kernel.pt, self.kernel.space(name).pgd)
+
+    @_locked
+    def ptdump_kernel(self) -> str:
+        return render(self.kernel.directmap.ptdump_items())
+
+    # --- mm/ ----------------------------------------------------------------
+
+    @_locked
+    def vmstat(self) -> str:
+        return self.kernel.vmstat.text()
+
+    @_locked
+    def vmstat_counts(self) -> dict[str, int]:
+        """``mm/vmstat`` as numbers, for scripts and benchmarks."""
+        return self.kernel.vmstat.snapshot()
+
+    @_locked
+    def free_pools(self) -> str:
+        counts = self.kernel.alloc.free_pages_by_keyid()
+        return "".join(f"keyid={k} free={n}\n" for k, n in counts.items())
+
+    @property
+    def keyid_free_pools(self) -> bool:
+        return self.kernel.alloc.keyid_free_pools
+
+    @keyid_free_pools.setter
+    def keyid_free_pools(self, on: bool) -> None:
+        with self._lock:
+            self.kernel.alloc.set_keyid_free_pools(bool(on))
+
+    @_locked
+    def mitigation(self, name: str) -> bool:
+        if name not in MITIGATIONS:
+            fail(errno.ENOENT, f"no mitigation named {name!r}")
+        return self.kernel.mitigations[name]
+
+    @_locked
+    def set_mitigation(self, name: str, on: bool) -> None:
+        self.kernel.set_mitigation(name, bool(on))
+
+    @_locked
+    def ksm_run(self) -> int:
+        return ksm.ksm_scan(self.kernel)
+
+    @_locked
+    def ksm_stats(self) -> str:
+        return self.kernel.ksm.text(self.kernel)
+
+    @_locked
+    def khugepaged_scan(self) -> int:
+        return khugepaged.khugepaged_scan(self.kernel)
+
+    @_locked
+    def khugepaged_stats(self) -> str:
+        return self.kernel.khugepaged.text()
+
+    @_locked
+    def kpageflags(self, offset: int, length: int) -> bytes:
+        return proc.kpageflags(self.kernel, offset, length)
+
+    @_locked
+    def page_keyid(self, offset: int, length: int) -> bytes:
+        return proc.page_keyid(self.kernel, offset, length)
+
+    @_locked
+    def check(self) -> list[str]:
+        return check.check(self.kernel)
+
+    # --- hw/ ----------------------------------------------------------------
+
+    @_locked
+    def rdmsr(self, addr: int) -> int:
+        return self.platform.rdmsr(addr)
+
+    @_locked
+    def read_msr_file(self, addr: int, size: int) -> bytes:
+        """``hw/msr`` as /dev/cpu/0/msr: 8-byte reads at offset = MSR number."""
+        if size % 8:
+            fail(errno.EINVAL, "MSRs are read 8 bytes at a time")
+        return self.platform.rdmsr(addr).to_bytes(8, "little") * (size // 8)
+
+    @_locked
+    def tme_text(self) -> str:
+        """The MSRs decoded, then the address layout the kernel derived from
+        them and from CPUID's MAXPHYADDR (what a tool needs to find the KeyID
+        bits in a PTE)."""
+        pte = self.kernel.pte_layout  # the shift and mask, derived once
+        return self.platform.tme_text() + (
+            f"maxphyaddr {pte.maxphyaddr}\n"
+            f"keyid_shift {pte.keyid_shift}\n"
+            f"keyid_mask {pte.keyid_mask:#018x}\n"
+            f"nr_keyids {self.nr_keyids}\n"
+        )
+
+    @_locked
+    def cache_stats(self) -> str:
+        return self.platform.cache.stats.text()
+
+    @_locked
+    def cache_command(self, command: str | bytes) -> None:
+        cmd = parse_cache_command(decode_command(command, "cache"))
+        if cmd.op == "wbinvd":
+            self.platform.wbinvd()
+            return
+        self._check_keyid(cmd.keyid)
+        if cmd.pa >= self.phys_mem:
+            fail(
+                errno.EINVAL, f"clflush: {cmd.pa:#x} is beyond physical memory ({self.phys_mem:#x})"
+            )
+        self.platform.clflush(cmd.pa, cmd.keyid)
