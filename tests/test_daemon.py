@@ -306,3 +306,28 @@ def test_a_mountpoint_whose_name_has_a_space_is_recognised_and_unmounted(daemons
     assert daemon.mount_type(mnt) == daemon.FSTYPE
     assert daemon.unmount(mnt) is True
     assert not daemon.is_mounted(mnt)
+
+
+def test_log_trouble_is_any_line_that_is_not_our_own_record() -> None:
+    """A daemon log is clean only if every line is the daemon's own INFO/DEBUG/WARNING
+    record: libfuse's stderr warnings count as trouble, as pyfuse3's test helpers
+    fail a test on any warning of the filesystem process."""
+    ours = "2026-11-29 09:46:49,072 mktme-sandbox[14677] INFO serving /tmp/m1 as pid 14677\n"
+    assert daemon.LOG_TROUBLE.search(ours) is None
+    assert daemon.LOG_TROUBLE.search(ours.replace("INFO", "WARNING")) is None
+    assert daemon.LOG_TROUBLE.search(ours.replace("INFO", "ERROR")) is not None
+    libfuse = "Ignoring invalid max threads value 4294967295 > max (100000).\n"
+    assert daemon.LOG_TROUBLE.search(ours + libfuse) is not None
+    assert daemon.LOG_TROUBLE.search(ours + TRACEBACK) is not None
+
+
+def test_a_clean_daemon_log_has_no_foreign_line(daemons: Daemons, tmp_path: Path) -> None:
+    """The daemon's log holds only its own records: no libfuse warning at start-up."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = daemons.start(mnt)
+    daemon.unmount(mnt)
+    proc.wait(10)
+    text = daemons.log(proc)
+    assert "serving" in text
+    assert daemon.LOG_TROUBLE.search(text) is None, text

@@ -1,7 +1,7 @@
 """The life of one sandbox daemon: mount, serve, stop, clean up (SPEC 5).
 
 A daemon is ``mktme-sandbox mount --foreground MNT [options]``: one process,
-one ``Machine``, one FUSE mount served by libfuse's multithreaded loop. It ends
+one ``Machine``, one FUSE mount served by libfuse's single-threaded loop. It ends
 when MNT is unmounted (``mktme-sandbox umount``, ``fusermount3 -u``) or on
 SIGTERM, SIGINT or SIGHUP, whose handlers libfuse installs while it serves:
 they end the loop and libfuse unmounts before the process exits.
@@ -29,8 +29,9 @@ Reusable pieces (the CLI and ``mktme_sandbox.pytest_plugin`` call them):
 Logs: ``start_detached`` names the log in the daemon's environment
 (``MKTME_SANDBOX_LOG``), so whoever later unmounts the sandbox can find it. A
 daemon that ends normally logs ``... unmounted; exit status 0`` as its last line;
-a log that ends so and shows no traceback or ERROR line (``LOG_TROUBLE``) is
-removed, any other is kept.
+a log that ends so and holds only the daemon's own INFO/DEBUG/WARNING records
+(``LOG_TROUBLE`` finds anything else: a traceback, an ERROR, a libfuse warning)
+is removed, any other is kept.
 
 Left out: running as a different user than the caller, remounting a live
 sandbox elsewhere, restoring a machine's state after a crash.
@@ -89,8 +90,13 @@ LOG_ENV = "MKTME_SANDBOX_LOG"  # the log start_detached made, in the daemon's en
 # What a healthy daemon never logs: a traceback, or an ERROR line (the fs layer logs a
 # handler's unexpected exception as "mktme-sandbox[PID] ERROR internal error in ...",
 # by type only, so that no key material reaches the log).
+# Trouble is any line that is not one of our own INFO/DEBUG/WARNING records (or
+# the "$ command" line the pytest plugin writes first): a traceback, our ERROR and CRITICAL records, and whatever libfuse, mfusepy or
+# Python's warnings write to stderr (as pyfuse3's test helpers fail on them).
 LOG_TROUBLE = re.compile(
-    r"^Traceback \(most recent call|^.*mktme-sandbox\[\d+\] (?:ERROR|CRITICAL) ", re.MULTILINE
+    r"^(?!\$ |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:,\d+)? mktme-sandbox\[\d+\] (?:DEBUG|INFO|WARNING) )"
+    r"(?=\S).*$",
+    re.MULTILINE,
 )
 _CLEAN_EXIT = "; exit status 0"  # the end of a daemon's last line when it ends normally
 

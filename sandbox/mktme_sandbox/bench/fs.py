@@ -2,7 +2,7 @@
 
 A sandbox and a *null* filesystem are mounted side by side, each served by its
 own daemon process with the same mfusepy binding and the same mount options
-(``mktme_sandbox.fs.fuse_options``: multithreaded loop, ``default_permissions``,
+(``mktme_sandbox.fs.fuse_options``: single-threaded loop, ``default_permissions``,
 ``direct_io``, no attribute cache). The null filesystem has one file, ``zero``,
 that reads as zeros and does nothing else, so the ratio sandbox/null isolates
 what the sandbox adds: path resolution, the machine's lock, the cache and the

@@ -11,8 +11,11 @@ refusal becomes an errno:
 - any other exception -> EIO, a dmesg line and a daemon-log line naming only
   the exception's *type* (its text might carry data), and the daemon goes on.
 
-``serve()`` mounts with mfusepy on libfuse 3: the multithreaded loop,
-nanosecond times, ``default_permissions`` so the kernel enforces the owners and
+``serve()`` mounts with mfusepy on libfuse 3: the single-threaded loop (every
+Machine call takes the machine's one lock, so worker threads could only queue
+on it; they cost a Python thread state per request, and mfusepy's call of the
+pre-3.12 ``fuse_main_real`` makes libfuse 3.14's multithreaded loop log
+"Ignoring invalid max threads value" in every daemon log), nanosecond times, ``default_permissions`` so the kernel enforces the owners and
 modes of ``mktme_sandbox.fs.tree``, no attribute caching (owners change when keys are
 programmed), and ``direct_io`` on every file except README so that readers see
 memory and counters as they are now.
@@ -186,6 +189,7 @@ def fuse_options(allow_other: bool = False, fsname: str = "mktme-sandbox") -> di
     """The mount options, shared with the benchmark's null filesystem."""
     return {
         "foreground": True,  # the daemon is detached by `mktme-sandbox mount` itself
+        "nothreads": True,  # see the module docstring: the machine lock serializes anyway
         "raw_fi": True,  # open() sets direct_io per file
         "default_permissions": True,
         "allow_other": allow_other,
