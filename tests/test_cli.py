@@ -6,6 +6,7 @@ mount, list and umount tests run the installed command in subprocesses.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -84,6 +85,26 @@ def test_help_names_every_command():
         assert command in result.output
 
 
+def test_version_is_the_package_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"mktme-sandbox, version {mktme_sandbox.__version__}\n"
+
+
+def test_bench_help_names_every_suite():
+    result = CliRunner().invoke(cli, ["bench", "--help"])
+    assert result.exit_code == 0
+    for suite in mktme_sandbox.bench.SUITES:
+        assert f"  {suite}  " in result.output
+
+
+def test_mount_help_states_the_rule_of_every_sized_option():
+    """The rules are those ``MachineConfig.validate`` enforces."""
+    text = " ".join(CliRunner().invoke(cli, ["mount", "--help"]).output.split())
+    for rule in ("multiple of 2M from 4M to 64G", "32..52", "0..15", "3..32767", "multiple of 64K"):
+        assert rule in text
+
+
 def test_bench_passes_the_named_suites_to_sandbox_bench_run(monkeypatch):
     calls = []
     monkeypatch.setattr(
@@ -120,6 +141,9 @@ def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(mountpoint, 
     listed = mktme("list").stdout
     row = next(line for line in listed.splitlines() if line.split()[0] == str(pid))
     assert row.split()[1] == "8M" and row.split()[-1] == str(mountpoint)
+    entry = next(d for d in json.loads(mktme("list", "--json").stdout) if d["pid"] == pid)
+    assert entry["phys_mem"] == 8 << 20 and entry["mountpoint"] == str(mountpoint)
+    assert entry["rss"] > 0 and entry["uptime"] >= 0 and entry["log"] == str(log)
     done = mktme("umount", str(mountpoint))
     assert done.returncode == 0 and "unmounted" in done.stdout
     assert daemon.wait_for_exit([pid], timeout=0)

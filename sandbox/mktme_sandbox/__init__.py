@@ -3,7 +3,9 @@
 from mktme_sandbox.config import MachineConfig
 from mktme_sandbox.errors import SandboxError
 
-__all__ = ["Machine", "MachineConfig", "SandboxError"]
+__all__ = ["Machine", "MachineConfig", "SandboxError", "__version__"]
+
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> object:
