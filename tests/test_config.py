@@ -28,7 +28,13 @@ def test_sizes_parse_as_a_user_types_them(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "ten", "4X", "-1", "1.5M"])
+def test_a_decimal_with_leading_zeros_is_still_decimal():
+    assert parse_size("010") == 10
+
+
+@pytest.mark.parametrize(
+    "text", ["", "ten", "4X", "-1", "1.5M", "1_000", "0x1_000", "\u0664K", "\uff14M", "\u00b2M"]
+)
 def test_bad_sizes_say_what_a_size_looks_like(text):
     with pytest.raises(ValueError, match="is not a size"):
         parse_size(text)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from mktme_sandbox.config import parse_size
+from mktme_sandbox.config import parse_decimal, parse_hex, parse_size
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.mmap import ADVICE, PROTS
 from mktme_sandbox.kernel.vma import VM
@@ -106,13 +106,13 @@ CACHE_USAGE = "wbinvd | clflush PA [keyid=N]"
 
 
 def parse_cache_command(text: str) -> CacheCommand:
-    """``hw/cache``: ``wbinvd`` or ``clflush PA [keyid=N]`` (PA hex)."""
+    """``hw/cache``: ``wbinvd`` or ``clflush PA [keyid=N]`` (PA ``0x`` hex)."""
     words = text.split()
     if words == ["wbinvd"]:
         return CacheCommand("wbinvd")
     if words[0] != "clflush" or not 2 <= len(words) <= 3:
         fail(errno.EINVAL, f"cache: usage: {CACHE_USAGE}")
-    pa = _hex("clflush", "PA", words[1])
+    pa = _hex("clflush", "PA", words[1], "0x3000")
     keyid = 0
     if len(words) == 3:
         name, _, value = words[2].partition("=")
@@ -136,17 +136,15 @@ def parse_switch(text: str | bytes, what: str) -> bool:
     return word == "1"
 
 
-def _hex(op: str, what: str, word: str) -> int:
-    try:
-        return int(word, 16)
-    except ValueError:
-        fail(errno.EINVAL, f"{op}: {what} {word!r} is not hexadecimal")
+def _hex(op: str, what: str, word: str, example: str) -> int:
+    value = parse_hex(word)
+    if value is None:
+        fail(errno.EINVAL, f"{op}: {what} must be 0x and hex digits like {example}, not {word!r}")
+    return value
 
 
 def _addr(op: str, word: str) -> int:
-    if not word.lower().startswith("0x"):
-        fail(errno.EINVAL, f"{op}: ADDR must be hex like 0x7f0000000000, not {word!r}")
-    return _hex(op, "ADDR", word)
+    return _hex(op, "ADDR", word, "0x7f0000000000")
 
 
 def _length(op: str, word: str) -> int:
@@ -163,9 +161,10 @@ def _prot(op: str, word: str) -> VM:
 
 
 def _keyid(op: str, value: str) -> int:
-    if not value.isdecimal():
+    keyid = parse_decimal(value)
+    if keyid is None:
         fail(errno.EINVAL, f"{op}: keyid={value!r} is not a decimal number")
-    return int(value)
+    return keyid
 
 
 def _no_more(op: str, rest: list[str]) -> None:

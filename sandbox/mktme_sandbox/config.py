@@ -24,6 +24,8 @@ __all__ = [
     "MachineConfig",
     "MiB",
     "TiB",
+    "parse_decimal",
+    "parse_hex",
     "parse_size",
 ]
 
@@ -32,20 +34,35 @@ PAGE_SIZE = 4096
 LINE_SIZE = 64
 ALGORITHMS = ("aes-xts-128", "aes-xts-256")
 
-_SIZE = re.compile(r"\s*(0[xX][0-9a-fA-F]+|\d+)\s*([kKmMgGtT]?)(?:[iI]?[bB])?\s*")
+# Numbers a user types are ASCII only: Python's int() and \\d would also take
+# other scripts' digits ("١٢"), superscripts fail later, and "1_000" passes.
+_DECIMAL = re.compile(r"[0-9]+")
+_HEX = re.compile(r"0[xX][0-9a-fA-F]+")
+_SIZE = re.compile(r"[ \t]*(0[xX][0-9a-fA-F]+|[0-9]+)[ \t]*([kKmMgGtT]?)(?:[iI]?[bB])?[ \t]*")
 _SUFFIX = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+
+
+def parse_decimal(text: str) -> int | None:
+    """``"42"`` -> 42: ASCII digits only (no sign, underscore or other script); else None."""
+    return int(text, 10) if _DECIMAL.fullmatch(text) else None
+
+
+def parse_hex(text: str) -> int | None:
+    """``"0x1f"`` -> 31: ``0x`` then ASCII hex digits (no underscore); else None."""
+    return int(text, 16) if _HEX.fullmatch(text) else None
 
 
 def parse_size(text: str) -> int:
     """``"256M"`` -> 268435456; decimal or ``0x`` hex, optional K/M/G/T suffix.
 
-    Raises ``ValueError`` with a message fit for a user.
+    ASCII digits only. Raises ``ValueError`` with a message fit for a user.
     """
     m = _SIZE.fullmatch(text)
     if m is None:
         raise ValueError(f"{text!r} is not a size (examples: 4096, 0x1000, 64K, 256M, 2G)")
     number, suffix = m.groups()
-    return int(number, 0) * _SUFFIX[suffix.lower()]
+    value = parse_hex(number)
+    return (int(number, 10) if value is None else value) * _SUFFIX[suffix.lower()]
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,32 @@ CASES = {
         errno.EIO,
     ),
     "bad cache command": (write("hw/cache", "clflush zz"), "hw/cache", errno.EINVAL),
+    "PA without 0x": (write("hw/cache", "clflush 3000"), "hw/cache", errno.EINVAL),
+    "ADDR without 0x": (
+        write("spaces/err/ctl", "mmap 30000000 4096 rw-"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "ADDR with an underscore": (
+        write("spaces/err/ctl", "mmap 0x3000_0000 4096 rw-"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "LEN in Arabic-Indic digits": (
+        write("spaces/err/ctl", "mmap 0x30000000 \u0664\u0660\u0669\u0666 rw-"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "LEN with an underscore": (
+        write("spaces/err/ctl", "mmap 0x30000000 4_096 rw-"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "KeyID in fullwidth digits": (
+        write("spaces/err/ctl", "mmap 0x30000000 4096 rw- keyid=\uff11"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
     "bad switch value": (
         write("mm/mitigations/ksm_keyid_check", "2"),
         "mm/mitigations/ksm_keyid_check",
@@ -148,6 +174,15 @@ def test_a_rejected_operation_gives_its_errno_and_one_dmesg_line(sandbox, sh, sc
         assert f"{path}: {errno_name(err)}: " in new_lines[0]
     assert sandbox.read_text("spaces/err/maps") == maps_before
     assert sandbox.check() == "ok\n"
+
+
+@pytest.mark.parametrize("name", ["\u00b9", "\u0661", "\uff11", "01", "+1", "1_0"])
+def test_a_keyid_path_in_anything_but_plain_ascii_digits_does_not_exist(sandbox, name):
+    """``keys/¹`` gave EIO (``str.isdigit`` accepts superscripts, ``int`` refuses them)."""
+    with pytest.raises(FileNotFoundError):
+        (sandbox.path / "keys" / name).read_text()
+    with pytest.raises(FileNotFoundError):
+        (sandbox.path / "keyids" / name / "mem").stat()
 
 
 def test_a_rejected_write_raises_oserror_with_the_errno_in_python(sandbox):

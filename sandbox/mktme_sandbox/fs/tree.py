@@ -24,6 +24,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from mktme_sandbox.commands import expect_word, parse_switch
+from mktme_sandbox.config import parse_decimal
 from mktme_sandbox.fs.nodes import Access, BlobFile, Dir, Node, TextFile, fixed
 from mktme_sandbox.fs.readme import README
 
@@ -161,10 +162,10 @@ class Tree:
         return [str(keyid) for keyid in range(first, self.machine.nr_keyids + 1)]
 
     def _keyid(self, text: str, first: int) -> int | None:
-        """``"3"`` -> 3 when KeyID 3 exists (no leading zeros, no signs)."""
-        if not text.isdigit() or text != str(int(text)):
+        """``"3"`` -> 3 when KeyID 3 exists (ASCII digits, no leading zeros, no signs)."""
+        keyid = parse_decimal(text)
+        if keyid is None or text != str(keyid):
             return None
-        keyid = int(text)
         return keyid if first <= keyid <= self.machine.nr_keyids else None
 
     def _key_access(self, keyid: int) -> Access:
