@@ -19,7 +19,7 @@ from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.mmap import ADVICE, PROTS
 from mktme_sandbox.kernel.vma import VM
 
-__all__ = ["USAGE", "SpaceCommand", "decode_command", "parse_space_command"]
+__all__ = ["COMMAND_MAX", "USAGE", "SpaceCommand", "decode_command", "parse_space_command"]
 
 USAGE = {
     "mmap": "mmap ADDR LEN PROT [keyid=N] [populate]",
@@ -41,8 +41,19 @@ class SpaceCommand:
     advice: str = ""
 
 
+COMMAND_MAX = 4096  # one page, as a sysfs or procfs store takes at most PAGE_SIZE
+
+
 def decode_command(command: str | bytes, what: str) -> str:
-    """Bytes from a write -> one stripped line (EINVAL for non-UTF-8 or several)."""
+    """Bytes from a write -> one stripped line (EINVAL for non-UTF-8 or several).
+
+    A write longer than ``COMMAND_MAX`` bytes is refused whole: the kernel
+    splits a long write into several requests, and each must not become a
+    command of its own (``type=clear`` then another key in one ``write``).
+    """
+    size = len(command) if isinstance(command, bytes) else len(command.encode())
+    if size > COMMAND_MAX:
+        fail(errno.EINVAL, f"{what}: a command is at most {COMMAND_MAX} bytes, not {size}")
     if isinstance(command, bytes):
         try:
             command = command.decode()

@@ -185,6 +185,31 @@ def test_a_keyid_path_in_anything_but_plain_ascii_digits_does_not_exist(sandbox,
         (sandbox.path / "keyids" / name / "mem").stat()
 
 
+def test_a_write_longer_than_a_page_is_refused_whole(sandbox):
+    """The kernel splits a long write into requests of at most max_write bytes;
+    the first is refused, so neither ``type=clear`` nor the second key that
+    follows it in the same write is applied (a sysfs store takes one page)."""
+    before = sandbox.read_text("keys/1")
+    lines_before = len(sandbox.dmesg().splitlines())
+    payload = b"type=clear" + b" " * (1 << 20) + b"\ntype=cpu algorithm=aes-xts-256\n"
+    fd = os.open(sandbox.path / "keys/1", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as raised:
+            os.write(fd, payload)
+    finally:
+        os.close(fd)
+    assert raised.value.errno == errno.EINVAL
+    assert sandbox.read_text("keys/1") == before
+    new_lines = sandbox.dmesg().splitlines()[lines_before:]
+    assert len(new_lines) == 1 and "a command is at most 4096 bytes" in new_lines[0]
+
+
+def test_a_command_of_exactly_one_page_is_still_a_command(sandbox):
+    command = "mmap 0x30000000 4096 rw-"
+    sandbox.write_ctl("spaces/err/ctl", command + " " * (4096 - len(command) - 1) + "\n")
+    sandbox.write_ctl("spaces/err/ctl", "munmap 0x30000000 4096")
+
+
 def test_a_rejected_write_raises_oserror_with_the_errno_in_python(sandbox):
     fd = os.open(sandbox.path / "spaces/err/ctl", os.O_WRONLY)
     try:
