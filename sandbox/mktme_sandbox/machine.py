@@ -30,7 +30,7 @@ from mktme_sandbox.commands import decode_command, parse_cache_command, parse_sp
 from mktme_sandbox.config import MachineConfig
 from mktme_sandbox.errors import SandboxError, errno_name, fail
 from mktme_sandbox.hw.platform import Platform
-from mktme_sandbox.kernel import check, khugepaged, ksm, memory, mmap, proc
+from mktme_sandbox.kernel import check, keyid_map, khugepaged, ksm, memory, mmap, proc
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
 from mktme_sandbox.kernel.ptdump import ptdump_user, render
 from mktme_sandbox.kernel.vma import MmStruct
@@ -287,6 +287,11 @@ class Machine:
     @_locked
     def check(self) -> list[str]:
         return check.check(self.kernel)
+
+    @_locked
+    def keyid_map_svg(self) -> str:
+        """``mm/keyid_map.svg``: every physical page as a cell coloured by its KeyID."""
+        return keyid_map.render_svg(keyid_map.keyid_map(self.kernel))
 
     # --- hw/ ----------------------------------------------------------------
 

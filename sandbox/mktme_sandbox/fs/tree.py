@@ -107,6 +107,7 @@ class Tree:
             ("mm", "kpageflags"): BlobFile(8 * (m.phys_mem >> 12), m.kpageflags, info),
             ("mm", "page_keyid"): BlobFile(8 * (m.phys_mem >> 12), m.page_keyid, info),
             ("mm", "check"): TextFile(lambda: _lines(m.check()), info),
+            ("mm", "keyid_map.svg"): TextFile(m.keyid_map_svg, info),
             ("hw", "msr"): BlobFile(MSR_SPACE, m.read_msr_file, info),
             ("hw", "tme"): TextFile(m.tme_text, info),
             ("hw", "cache"): TextFile(

@@ -202,7 +202,7 @@ def kpageflags(k: Kernel, offset: int, length: int) -> bytes:
     for pg, kpfs in _PG_TO_KPF:
         bits = sum(1 << int(b) for b in kpfs)
         out[(flags & pg) != 0] |= np.uint64(bits)
-    out[np.arange(first, last) >= k.alloc.never_used] |= np.uint64(1 << KPF.BUDDY)
+    out[k.alloc.free_mask(first, last)] |= np.uint64(1 << KPF.BUDDY)
     mapped = k.alloc.mapcount[first:last] > 0
     out[mapped] |= np.uint64(1 << KPF.MMAP)
     return out.tobytes()[skip : skip + length]
