@@ -33,7 +33,7 @@ from mktme_sandbox.hw.platform import Platform
 from mktme_sandbox.kernel import check, keyid_map, khugepaged, ksm, memory, mmap, proc
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
 from mktme_sandbox.kernel.ptdump import ptdump_user, render
-from mktme_sandbox.kernel.vma import MmStruct
+from mktme_sandbox.kernel.vma import MmStruct, Vma
 
 __all__ = ["Machine"]
 
@@ -202,6 +202,28 @@ class Machine:
     @_locked
     def write_virt(self, name: str, addr: int, data: bytes) -> None:
         memory.access_vm(self.kernel, self.kernel.space(name), addr, len(data), bytes(data))
+
+    @_locked
+    def vmas(self, name: str) -> dict[str, Vma]:
+        """The space's VMAs by the ``START-END`` that begins their maps line."""
+        return {proc.vma_name(vma): vma for vma in self.kernel.space(name).vmas()}
+
+    @_locked
+    def read_vma(self, name: str, vma: Vma, offset: int, length: int) -> bytes:
+        """``spaces/NAME/vmas/START-END``: ``read_virt`` at ``vma.start + offset``,
+        cut at the VMA's end."""
+        return self.read_virt(name, vma.start + offset, max(0, min(length, len(vma) - offset)))
+
+    @_locked
+    def write_vma(self, name: str, vma: Vma, offset: int, data: bytes) -> None:
+        """``write_virt`` at ``vma.start + offset``; ENOSPC past the VMA's end."""
+        if offset + len(data) > len(vma):
+            fail(
+                errno.ENOSPC,
+                f"{vma.start + offset:#x}+{len(data):#x} reaches past the end of the VMA "
+                f"{proc.vma_name(vma)}",
+            )
+        self.write_virt(name, vma.start + offset, data)
 
     @_locked
     def pagemap(self, name: str, offset: int, length: int) -> bytes:
