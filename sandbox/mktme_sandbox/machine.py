@@ -30,10 +30,10 @@ from mktme_sandbox.commands import decode_command, parse_cache_command, parse_sp
 from mktme_sandbox.config import MachineConfig
 from mktme_sandbox.errors import SandboxError, errno_name, fail
 from mktme_sandbox.hw.platform import Platform
-from mktme_sandbox.kernel import check, khugepaged, ksm, memory, mmap, proc
+from mktme_sandbox.kernel import check, keyid_map, khugepaged, ksm, memory, mmap, proc
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
 from mktme_sandbox.kernel.ptdump import ptdump_user, render
-from mktme_sandbox.kernel.vma import MmStruct
+from mktme_sandbox.kernel.vma import MmStruct, Vma
 
 __all__ = ["Machine"]
 
@@ -204,6 +204,28 @@ class Machine:
         memory.access_vm(self.kernel, self.kernel.space(name), addr, len(data), bytes(data))
 
     @_locked
+    def vmas(self, name: str) -> dict[str, Vma]:
+        """The space's VMAs by the ``START-END`` that begins their maps line."""
+        return {proc.vma_name(vma): vma for vma in self.kernel.space(name).vmas()}
+
+    @_locked
+    def read_vma(self, name: str, vma: Vma, offset: int, length: int) -> bytes:
+        """``spaces/NAME/vmas/START-END``: ``read_virt`` at ``vma.start + offset``,
+        cut at the VMA's end."""
+        return self.read_virt(name, vma.start + offset, max(0, min(length, len(vma) - offset)))
+
+    @_locked
+    def write_vma(self, name: str, vma: Vma, offset: int, data: bytes) -> None:
+        """``write_virt`` at ``vma.start + offset``; ENOSPC past the VMA's end."""
+        if offset + len(data) > len(vma):
+            fail(
+                errno.ENOSPC,
+                f"{vma.start + offset:#x}+{len(data):#x} reaches past the end of the VMA "
+                f"{proc.vma_name(vma)}",
+            )
+        self.write_virt(name, vma.start + offset, data)
+
+    @_locked
     def pagemap(self, name: str, offset: int, length: int) -> bytes:
         return proc.pagemap(self.kernel, self.kernel.space(name), offset, length)
 
@@ -287,6 +309,11 @@ class Machine:
     @_locked
     def check(self) -> list[str]:
         return check.check(self.kernel)
+
+    @_locked
+    def keyid_map_svg(self) -> str:
+        """``mm/keyid_map.svg``: every physical page as a cell coloured by its KeyID."""
+        return keyid_map.render_svg(keyid_map.keyid_map(self.kernel))
 
     # --- hw/ ----------------------------------------------------------------
 

@@ -30,3 +30,16 @@ def run_shell(
 def sh() -> Callable[..., subprocess.CompletedProcess[str]]:
     """``sh(script, cwd, user=None)``: run a bash script."""
     return run_shell
+
+
+@pytest.fixture
+def bash(sandbox) -> Callable[[str], str]:
+    """``bash(script)``: run a script in the module's ``sandbox`` mount; fail with
+    its stderr unless it succeeds; give its stdout."""
+
+    def run(script: str) -> str:
+        done = run_shell(f"set -euo pipefail\n{script}", sandbox.path)
+        assert done.returncode == 0, f"{script!r} failed: {done.stderr}"
+        return done.stdout
+
+    return run

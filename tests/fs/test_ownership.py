@@ -122,6 +122,23 @@ def test_a_user_creates_and_uses_its_own_space_and_no_one_else_can(as_user, sand
     assert allowed(as_user(NOBODY, "rmdir spaces/nob && echo type=clear > keys/3"))
 
 
+def test_the_vma_files_of_a_space_belong_to_its_creator_alone(as_user, sandbox):
+    root_vma = f"spaces/root/vmas/{BASE:08x}-{BASE + 0x4000:08x}"
+    assert owner_and_mode(sandbox, "spaces/root/vmas") == (0, 0o500)
+    assert owner_and_mode(sandbox, root_vma) == (0, 0o600)
+    assert denied(as_user(NOBODY, "ls spaces/root/vmas"))
+    assert denied(as_user(NOBODY, f"head -c 64 {root_vma}"))
+    own = (
+        f"set -e; mkdir spaces/nobv; echo 'mmap {BASE:#x} 8K rw-' > spaces/nobv/ctl\n"
+        f"printf hello | dd of=spaces/nobv/vmas/{BASE:08x}-{BASE + 0x2000:08x} conv=notrunc"
+        " status=none\n"
+        "grep -qa hello spaces/nobv/vmas/*"
+    )
+    assert allowed(as_user(NOBODY, own))
+    assert denied(as_user(OTHER, f"head -c 5 spaces/nobv/vmas/{BASE:08x}-{BASE + 0x2000:08x}"))
+    assert allowed(as_user(NOBODY, "rmdir spaces/nobv"))
+
+
 def test_a_user_cannot_map_memory_with_a_key_it_does_not_own(as_user):
     script = "mkdir spaces/thief && echo 'mmap 0x20000000 4K rw- keyid=1' > spaces/thief/ctl"
     code, output = as_user(NOBODY, script)

@@ -28,18 +28,6 @@ def sandbox(module_mount):
     return module_mount(phys_mem="16M", seed=1)
 
 
-@pytest.fixture
-def bash(sandbox, sh):
-    """Run a script in the mount; fail with its stderr unless it succeeds."""
-
-    def run(script: str) -> str:
-        done = sh(f"set -euo pipefail\n{script}", sandbox.path)
-        assert done.returncode == 0, f"{script!r} failed: {done.stderr}"
-        return done.stdout
-
-    return run
-
-
 def nr_keyids(sandbox) -> int:
     return len(os.listdir(sandbox.path / "keys"))
 
@@ -167,6 +155,7 @@ def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash):
         "pagemap",
         "smaps",
         "tlb",
+        "vmas",
     ]
     assert stat_line(bash, "spaces/files").startswith("700 0")
     assert stat_line(bash, "spaces/files/mem") == f"600 0 {USER_SPACE_END}"

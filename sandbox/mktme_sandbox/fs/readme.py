@@ -13,11 +13,13 @@ encryption) under a simulated Linux memory manager, mounted as files.
     NAME/ctl        mmap/munmap/mprotect/encrypt_mprotect/madvise commands
     NAME/maps       /proc/PID/maps;  NAME/smaps adds "KeyID:" per VMA
     NAME/mem        virtual memory, offset = virtual address
+    NAME/vmas/      one file per VMA, START-END as in maps, offset 0 = START
     NAME/pagemap    /proc/PID/pagemap (PFNs without KeyID bits)
     NAME/cr3, tlb   page-table root; write "flush" to flush the TLB
   pagetables/       NAME: the space's page tables; kernel: direct mappings
   mm/               counters, free pools, mitigation switches, ksm,
-                    khugepaged, kpageflags, page_keyid, check ("ok")
+                    khugepaged, kpageflags, page_keyid, check ("ok"),
+                    keyid_map.svg (a picture: one cell per page, by KeyID)
   hw/               msr (8-byte reads at 0x981..0x984), tme, cache
 
 Control files take one command per write and refuse a bad one with an

@@ -14,7 +14,8 @@ mounted with ``default_permissions``:
 - ``keys/N`` is 0666 while KeyID N is free, then 0644 owned by its programmer;
 - ``keyids/N/mem`` is 0600, owned by KeyID N's owner (N > 0) once programmed;
 - ``spaces/`` is 1777 so anyone can create a space; ``spaces/NAME`` is 0700
-  owned by its creator, as is ``pagetables/NAME`` (0400, like pagemap).
+  owned by its creator, as is ``pagetables/NAME`` (0400, like pagemap), and
+  ``spaces/NAME/vmas/`` (0500) with one file per VMA (0600, like mem).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class Tree:
             ("mm", "kpageflags"): BlobFile(8 * (m.phys_mem >> 12), m.kpageflags, info),
             ("mm", "page_keyid"): BlobFile(8 * (m.phys_mem >> 12), m.page_keyid, info),
             ("mm", "check"): TextFile(lambda: _lines(m.check()), info),
+            ("mm", "keyid_map.svg"): TextFile(m.keyid_map_svg, info),
             ("hw", "msr"): BlobFile(MSR_SPACE, m.read_msr_file, info),
             ("hw", "tme"): TextFile(m.tme_text, info),
             ("hw", "cache"): TextFile(
@@ -153,6 +155,8 @@ class Tree:
                 return Dir(lambda: tuple(self._space_files(name)), self._space_access(name, 0o700))
             case ("spaces", name, leaf) if self._is_space(name):
                 return self._space_files(name).get(leaf)
+            case ("spaces", name, "vmas", leaf) if self._is_space(name):
+                return self._vma_file(name, leaf)
             case ("pagetables", name) if self._is_space(name):
                 m = self.machine
                 return TextFile(partial(m.ptdump, name), self._space_access(name, 0o400))
@@ -214,4 +218,16 @@ class Tree:
             "pagemap": BlobFile(PAGEMAP_SIZE, partial(m.pagemap, name), access(0o400)),
             "cr3": TextFile(lambda: f"{m.cr3(name):#x}\n", access(INFO)),
             "tlb": TextFile(None, access(0o200), _on_word(b"flush", partial(m.flush_tlb, name))),
+            "vmas": Dir(lambda: tuple(m.vmas(name)), access(0o500)),
         }
+
+    def _vma_file(self, name: str, leaf: str) -> BlobFile | None:
+        """``spaces/NAME/vmas/START-END``: the VMA's bytes, offset 0 = its start."""
+        m = self.machine
+        vma = m.vmas(name).get(leaf)
+        if vma is None:
+            return None
+        access = self._space_access(name, 0o600)
+        return BlobFile(
+            len(vma), partial(m.read_vma, name, vma), access, partial(m.write_vma, name, vma)
+        )

@@ -209,5 +209,11 @@ class PageAllocator:
         """PFNs from here up were never allocated (they are free)."""
         return self._fresh
 
+    def free_mask(self, first: int = 0, last: int | None = None) -> np.ndarray:
+        """``is_free`` for the PFNs ``first..last``, as one boolean array."""
+        last = self.nr_pages if last is None else last
+        buddy = (self.flags[first:last] & PG.BUDDY) != 0
+        return buddy | (np.arange(first, last) >= self._fresh)
+
     def is_free(self, pfn: int) -> bool:
         return pfn >= self._fresh or bool(self.flags[pfn] & PG.BUDDY)

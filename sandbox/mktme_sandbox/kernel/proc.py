@@ -40,6 +40,7 @@ __all__ = [
     "page_keyid",
     "pagemap",
     "smaps",
+    "vma_name",
 ]
 
 PAGEMAP_ENTRY = 8
@@ -80,8 +81,13 @@ _VMFLAG_MNEMONICS = (  # mm/proc task_mmu.c order; mr mw me always for anon priv
 # --- maps / smaps ---------------------------------------------------------------
 
 
+def vma_name(vma: Vma) -> str:
+    """``START-END`` as a maps line begins: lowercase hex, at least 8 digits."""
+    return f"{vma.start:08x}-{vma.end:08x}"
+
+
 def _maps_line(vma: Vma) -> str:
-    return f"{vma.start:08x}-{vma.end:08x} {vma.perms()} 00000000 00:00 0 \n"
+    return f"{vma_name(vma)} {vma.perms()} 00000000 00:00 0 \n"
 
 
 def maps(mm: MmStruct) -> str:
@@ -202,7 +208,7 @@ def kpageflags(k: Kernel, offset: int, length: int) -> bytes:
     for pg, kpfs in _PG_TO_KPF:
         bits = sum(1 << int(b) for b in kpfs)
         out[(flags & pg) != 0] |= np.uint64(bits)
-    out[np.arange(first, last) >= k.alloc.never_used] |= np.uint64(1 << KPF.BUDDY)
+    out[k.alloc.free_mask(first, last)] |= np.uint64(1 << KPF.BUDDY)
     mapped = k.alloc.mapcount[first:last] > 0
     out[mapped] |= np.uint64(1 << KPF.MMAP)
     return out.tobytes()[skip : skip + length]
