@@ -85,6 +85,7 @@ def documented_modes(nr_keyids: int) -> dict[str, int]:
             "N": [str(n) for n in range(first, nr_keyids + 1)],
             "NAME": [SPACE],
             "SWITCH": switches,
+            "START-END": [],  # the space has no VMA
         }
         for path in expand(pattern, values):
             modes.setdefault(path, mode)  # keyids/0/mem has its own row first

@@ -3,7 +3,6 @@ xml.etree and compared PFN by PFN with page_keyid and kpageflags."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import numpy as np
@@ -66,9 +65,7 @@ def test_runs_of_one_class_in_a_row_are_one_rect():
 @pytest.mark.parametrize(("size", "per_cell"), [("4G", 1), (f"{4096 + 2}M", 512), ("8G", 512)])
 def test_above_2_to_the_20_pages_a_cell_is_a_2m_block(size, per_cell):
     m = Machine(phys_mem=size, seed=1)
-    started = time.perf_counter()
     picture = decode(m.keyid_map_svg())
-    assert time.perf_counter() - started < 1.0
     assert picture.pages_per_cell == per_cell
     assert ("majority class" in picture.title) == (per_cell > 1)
 
