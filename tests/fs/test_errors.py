@@ -8,6 +8,7 @@ nothing was half-applied (maps unchanged), and that the daemon still serves.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import pytest
@@ -158,6 +159,14 @@ CASES = {
         errno.EIO,
     ),
     "mkdir of a space that exists": ("mkdir spaces/err", None, errno.EEXIST),
+    "chmod": ("chmod 0666 spaces/err/mem", "spaces/err/mem", errno.EPERM),
+    "chown": ("chown 1000 spaces/err/mem", "spaces/err/mem", errno.EPERM),
+    "touch (utimens)": ("touch spaces/err/mem", "spaces/err/mem", errno.EPERM),
+    "rename": ("mv spaces/err/maps spaces/err/renamed", "spaces/err/maps", errno.EPERM),
+    "unlink": ("rm -f spaces/err/maps", "spaces/err/maps", errno.EPERM),
+    "symlink": ("ln -s maps spaces/err/link", "spaces/err/link", errno.EPERM),
+    "hard link": ("ln spaces/err/maps spaces/err/link", "spaces/err/link", errno.EPERM),
+    "mknod (mkfifo)": ("mkfifo spaces/err/fifo", "spaces/err/fifo", errno.EPERM),
 }
 
 
@@ -208,6 +217,31 @@ def test_a_command_of_exactly_one_page_is_still_a_command(sandbox):
     command = "mmap 0x30000000 4096 rw-"
     sandbox.write_ctl("spaces/err/ctl", command + " " * (4096 - len(command) - 1) + "\n")
     sandbox.write_ctl("spaces/err/ctl", "munmap 0x30000000 4096")
+
+
+def test_a_shared_mapping_of_a_memory_file_is_refused_by_the_kernel(sandbox):
+    """fs/fuse/file.c, fuse_file_mmap(): for a FOPEN_DIRECT_IO file "Can't provide
+    the coherency needed for MAP_SHARED" -> -ENODEV; a private mapping is a copy."""
+    fd = os.open(sandbox.path / "dram", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as raised:
+            mmap.mmap(fd, 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        assert raised.value.errno == errno.ENODEV
+        with mmap.mmap(fd, 4096, offset=0x3000, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m:
+            assert m[:64] == sandbox.read_bytes("dram", 0x3000, 64)
+    finally:
+        os.close(fd)
+
+
+def test_a_misspelled_fuse_handler_fails_at_import():
+    from mktme_sandbox.fs.operations import SandboxFS, _reported
+
+    with pytest.raises(TypeError, match="chmood is not a FUSE operation"):
+
+        class Misspelled(SandboxFS):
+            @_reported
+            def chmood(self, path: str, mode: int) -> int:
+                return 0
 
 
 def test_a_rejected_write_raises_oserror_with_the_errno_in_python(sandbox):

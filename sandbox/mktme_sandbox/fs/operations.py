@@ -51,9 +51,22 @@ FUSE_STOPPED_BY_SIGNAL = 8
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_FIXED = "the sandbox's {what} are fixed: nothing here can change them"
+
+
+def _overrides(handler: F) -> F:
+    """Declare a FUSE handler: a name mfusepy does not call fails at import
+    (as ratarmount marks each handler with an override decorator), instead of
+    leaving the operation to mfusepy's default."""
+    if not callable(getattr(mfusepy.Operations, handler.__name__, None)):
+        raise TypeError(f"{handler.__name__} is not a FUSE operation of mfusepy.Operations")
+    return handler
+
 
 def _reported(operation: F) -> F:
-    """Turn what a handler raises into the errno its caller sees."""
+    """Declare a FUSE handler (``_overrides``) and turn what it raises into the
+    errno its caller sees."""
+    _overrides(operation)
 
     @functools.wraps(operation)
     def run(self: SandboxFS, path: str | None, *args: Any) -> Any:
@@ -144,6 +157,7 @@ class SandboxFS(mfusepy.Operations):
         _still_permitted(open_file, uid, 2)
         return open_file.write(data, offset, uid)
 
+    @_overrides
     def release(self, path: str, fi: Any) -> int:
         self.open_files.pop(fi.fh, None)
         return 0
@@ -160,6 +174,41 @@ class SandboxFS(mfusepy.Operations):
     def create(self, path: str, mode: int, fi: Any = None) -> int:
         raise SandboxError(errno.EACCES, "files cannot be created here (mkdir spaces/NAME)")
 
+    # Names, modes and owners are the machine's (docs/spec.md section 8): what
+    # would change them is refused with EPERM and a dmesg line, as procfs does.
+
+    @_reported
+    def chmod(self, path: str, mode: int) -> int:
+        raise SandboxError(errno.EPERM, _FIXED.format(what="modes"))
+
+    @_reported
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        raise SandboxError(errno.EPERM, _FIXED.format(what="owners"))
+
+    @_reported
+    def utimens(self, path: str, times: Any = None) -> int:
+        raise SandboxError(errno.EPERM, _FIXED.format(what="times"))
+
+    @_reported
+    def rename(self, old: str, new: str) -> int:
+        raise SandboxError(errno.EPERM, _FIXED.format(what="names"))
+
+    @_reported
+    def unlink(self, path: str) -> int:
+        raise SandboxError(errno.EPERM, "files cannot be removed (rmdir spaces/NAME)")
+
+    @_reported
+    def symlink(self, target: str, source: str) -> int:
+        raise SandboxError(errno.EPERM, "links cannot be made here")
+
+    @_reported
+    def link(self, target: str, source: str) -> int:
+        raise SandboxError(errno.EPERM, "links cannot be made here")
+
+    @_reported
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        raise SandboxError(errno.EPERM, "files cannot be created here (mkdir spaces/NAME)")
+
     @_reported
     def mkdir(self, path: str, mode: int) -> int:
         parent, name = os.path.split(path)
@@ -172,6 +221,7 @@ class SandboxFS(mfusepy.Operations):
         self._dir(parent).remove(name, _caller_uid())
         return 0
 
+    @_overrides
     def statfs(self, path: str) -> dict[str, int]:
         pages = self.machine.phys_mem // 4096
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": pages, "f_namemax": 255}
