@@ -71,7 +71,7 @@ def _checked_mount(**options: Any) -> Iterator[MountedSandbox]:
             yield sandbox
             assert (sandbox.path / "README").read_text(), "the daemon stopped answering"
             assert "internal error" not in sandbox.dmesg()
-            assert sandbox.check() == "ok\n", "the tests left the machine inconsistent"
+            assert sandbox.check() == [], "the tests left the machine inconsistent"
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -1,10 +1,10 @@
 """The project's own static checks run with its tests: ruff, mypy and shellcheck.
 
-They cover the package, the tests, the tools of mountpoint-tools/ and the
-experiments of examples/ (their Python scripts without a .py suffix are named
-one by one: ruff and mypy only find *.py files by themselves). shellcheck runs
-over the bash tools where it is installed; the suite installs nothing, so
-without it that check is skipped and says why.
+They cover the package (with its client, its tools and its experiments), the
+tests and the launchers of mountpoint-tools/ (Python scripts without a .py
+suffix, named one by one: ruff only finds *.py files by itself). shellcheck
+runs over the bash scripts (the tour, scripts/) where it is installed; the
+suite installs nothing, so without it that check is skipped and says why.
 """
 
 from __future__ import annotations
@@ -34,16 +34,13 @@ def _scripts(folder: str, language: str) -> list[str]:
     return _rel(found)
 
 
-TOOLS_PY = _rel(list((ROOT / "mountpoint-tools").glob("*.py"))) + _scripts(
-    "mountpoint-tools", "python"
-)
-EXAMPLES_PY = _rel(list((ROOT / "examples").glob("*.py"))) + _scripts("examples", "python")
-PYTHON = ["sandbox", "tests", *TOOLS_PY, *EXAMPLES_PY]
-TYPED = ["sandbox", "mountpoint-tools/mktmefs.py", "examples/lab.py"]
+PACKAGE = "sandbox/mktme_sandbox"
+LAUNCHERS = _scripts("mountpoint-tools", "python")
+PYTHON = ["sandbox", "tests", *LAUNCHERS]
+TYPED = ["sandbox"]
 BASH = [
-    *_rel(list((ROOT / "mountpoint-tools").glob("*.sh"))),
+    *_scripts(f"{PACKAGE}/examples", "bash"),
     *_scripts("mountpoint-tools", "bash"),
-    *_scripts("examples", "bash"),
     *_scripts("scripts", "bash"),
     ".ci/run",
 ]
@@ -69,11 +66,12 @@ def test_static_check_passes(command: list[str], tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_lint_covers_every_tool_and_experiment() -> None:
-    assert {"mountpoint-tools/mktmefs.py", "mountpoint-tools/mktme-walk"} <= set(TOOLS_PY)
-    assert {"examples/lab.py", "examples/run-all"} <= set(EXAMPLES_PY)
-    assert {"mountpoint-tools/mktme-lib.sh", "mountpoint-tools/mktme-key"} <= set(BASH)
-    assert "examples/tour" in BASH
+def test_the_lint_covers_every_tool_launcher_experiment_and_script() -> None:
+    tools = ("mktme-key", "mktme-map", "mktme-peek", "mktme-walk", "mktme-find")
+    assert {f"mountpoint-tools/{tool}" for tool in tools} == set(LAUNCHERS)
+    assert (ROOT / PACKAGE / "client.py").exists() and (ROOT / PACKAGE / "tools").is_dir()
+    assert (ROOT / PACKAGE / "examples" / "run_all.py").exists()  # under "sandbox"
+    assert {f"{PACKAGE}/examples/tour", "scripts/tour", "scripts/test"} <= set(BASH)
 
 
 def test_shellcheck_passes_on_the_bash_tools() -> None:

@@ -5,6 +5,8 @@ give the messages), cleans a stale mount, starts a detached daemon and returns
 once the mount answers, printing the daemon's pid; with ``--foreground`` the
 command *is* the daemon and logs to stderr. ``umount`` unmounts, stale mounts
 too. ``list`` shows the running daemons. ``bench`` runs the benchmark suites.
+``examples`` lists and runs the experiments and the tour shipped in
+``mktme_sandbox.examples`` (the work is ``mktme_sandbox.examples.run_all``'s).
 The mechanics live in ``mktme_sandbox.daemon``; this module only parses and reports.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -259,6 +262,100 @@ def bench(suites: tuple[str, ...], as_json: bool) -> None:
     if unknown:
         raise click.UsageError(f"unknown suite {', '.join(unknown)} (suites: {', '.join(SUITES)})")
     run(list(suites) or None, as_json=as_json, out=sys.stdout, progress=sys.stderr)
+
+
+@cli.group()
+def examples() -> None:
+    """The security experiments and the guided tour, shipped with the package.
+
+    \b
+    Each command runs against -m MNT, else $MKTME_MNT, else a fresh sandbox
+    mounted for the run in a temporary directory (--seed 1) and always
+    unmounted. docs/experiments.md explains each experiment.
+    """
+
+
+MOUNT_OPTION = click.option(
+    "-m", "--mount", "mnt", metavar="MNT", help="The mountpoint (default: $MKTME_MNT, else fresh)."
+)
+
+
+@examples.command(name="list")
+def examples_list() -> None:
+    """Number, name and title of each experiment."""
+    from mktme_sandbox.examples.run_all import experiments
+
+    for e in experiments():
+        click.echo(f"{e.number:>2}  {e.name:<18}  {e.title}")
+
+
+@examples.command(name="run-all")
+@MOUNT_OPTION
+@click.option("-k", "patterns", multiple=True, metavar="TEXT", help="Only names containing TEXT.")
+@click.option("--json", "as_json", is_flag=True, help="The outcomes as JSON on stdout.")
+def examples_run_all(mnt: str | None, patterns: tuple[str, ...], as_json: bool) -> None:
+    """Run every experiment in order, then a summary table.
+
+    Exit status: 0 all PASS; 1 one FAILed; 2 one could not run (ERROR), or
+    there is no mount.
+    """
+    from mktme_sandbox.examples.run_all import experiments, run_all
+
+    chosen = [e for e in experiments() if not patterns or any(p in e.stem for p in patterns)]
+    if not chosen:
+        raise click.UsageError(f"no experiment matches {' or '.join(patterns)}")
+    sys.exit(_on_the_mount(mnt, as_json, lambda where: run_all(where, chosen, as_json)))
+
+
+@examples.command(name="run")
+@MOUNT_OPTION
+@click.argument("experiment", metavar="NAME|NUMBER")
+def examples_run(mnt: str | None, experiment: str) -> None:
+    """Run one experiment (examples list shows them); its exit status."""
+    from mktme_sandbox.examples.run_all import run_all, select
+
+    try:
+        chosen = select(experiment)
+    except LookupError as err:
+        raise click.UsageError(str(err)) from None
+    sys.exit(_on_the_mount(mnt, False, lambda where: run_all(where, [chosen])))
+
+
+@examples.command(name="tour")
+@MOUNT_OPTION
+def examples_tour(mnt: str | None) -> None:
+    """The guided tour of one machine with the mount's tools (non-interactive)."""
+    import subprocess
+    import sysconfig
+
+    from mktme_sandbox.examples.run_all import tour_path
+
+    scripts = sysconfig.get_path("scripts")
+    env_path = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    def tour(where: str) -> int:
+        argv = ["bash", str(tour_path()), "-m", where]
+        done = subprocess.run(argv, env={**os.environ, "PATH": env_path}, check=False)
+        return done.returncode
+
+    sys.exit(_on_the_mount(mnt, False, tour))
+
+
+def _on_the_mount(mnt: str | None, quiet: bool, action: Callable[[str], int]) -> int:
+    """``action(mountpoint)`` on the mount of -m / $MKTME_MNT or a fresh one; a
+    mountpoint that is not a mount fails here once, with one line."""
+    from mktme_sandbox.client import MountError
+    from mktme_sandbox.examples.run_all import the_mount
+
+    try:
+        with the_mount(mnt, sys.stderr if quiet else sys.stdout) as where:
+            return action(where)
+    except MountError as err:
+        click.echo(f"mktme-sandbox examples: {err}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("mktme-sandbox examples: interrupted", err=True)
+        return 2
 
 
 def _log_to_stderr() -> None:

@@ -11,6 +11,8 @@ Registered through the ``pytest11`` entry point (SPEC section 6), so installing
     the test or the setup fails), its daemon log attached to the report of a
     failed test and searched for tracebacks and errors at teardown. Skipped,
     with the reason stated, where ``/dev/fuse`` or ``fusermount3`` is missing.
+    A mount is a ``MountedSandbox``: the stdlib client's ``Mount``
+    (``mktme_sandbox.client``) plus the daemon's pid and log.
 
 Options are the ones of ``mktme-sandbox mount`` (SPEC section 5) in Python form:
 ``phys_mem="64M"`` (or an int), ``maxphyaddr``, ``keyid_bits``, ``max_keys``,
@@ -35,18 +37,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import pytest
 
 from mktme_sandbox import daemon
+from mktme_sandbox.client import Mount, redacted
 from mktme_sandbox.config import MachineConfig, parse_size
 
 if TYPE_CHECKING:
@@ -102,15 +104,6 @@ def _normalize(name: str, value: Any) -> Any:
     return value
 
 
-_SECRET_FIELD = re.compile(r"(?<!\S)(key|tweak)=\S*", re.IGNORECASE)
-
-
-def redacted(command: str) -> str:
-    """``command`` with every ``key=HEX`` and ``tweak=HEX`` shown as ``key=<redacted>``:
-    key material never reaches an exception's text (SPEC section 2)."""
-    return _SECRET_FIELD.sub(r"\1=<redacted>", command)
-
-
 # --- FUSE availability and mount state ---------------------------------------
 
 
@@ -129,104 +122,30 @@ def fuse_unavailable_reason() -> str | None:
 # --- one mount -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, repr=False)
-class MountedSandbox:
-    """A running ``mktme-sandbox`` mount and small helpers over its files.
+class MountedSandbox(Mount):
+    """A running ``mktme-sandbox`` mount: the client's ``Mount`` (every helper of
+    ``mktme_sandbox.client``: ``program_key``, ``create_space``, ``map``,
+    ``read_text``, ``read_bytes``, ``write_bytes``, ``write_ctl``, ``dmesg``,
+    ``check`` ...) plus the daemon's ``pid``, its ``log_path`` and the
+    ``options`` it was started with.
 
     Relative paths (``rel``) are inside the mount, as in SPEC section 4.
     """
 
-    path: Path
-    pid: int
-    log_path: Path
-    options: Mapping[str, Any] = field(default_factory=dict)
+    def __init__(
+        self,
+        path: os.PathLike[str] | str,
+        pid: int,
+        log_path: Path,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(path)
+        self.pid = pid
+        self.log_path = log_path
+        self.options: Mapping[str, Any] = dict(options or {})
 
     def __repr__(self) -> str:  # short: pytest shows it in every failure of a test using it
         return f"MountedSandbox('{self.path}', pid={self.pid})"
-
-    def program_key(self, keyid: int, payload: str = "type=cpu algorithm=aes-xts-128") -> None:
-        """Write a key command to ``keys/KEYID``."""
-        self.write_ctl(f"keys/{keyid}", payload)
-
-    def create_space(self, name: str) -> Path:
-        """``mkdir spaces/NAME``; returns the space's directory."""
-        space = self.path / "spaces" / name
-        space.mkdir()
-        return space
-
-    def map(
-        self,
-        space: str | Path,
-        addr: int | str,
-        length: int | str,
-        prot: str = "rw-",
-        keyid: int | None = None,
-        populate: bool = False,
-    ) -> None:
-        """``mmap ADDR LEN PROT [keyid=N] [populate]`` into ``spaces/SPACE/ctl``."""
-        words = ["mmap", hex(addr) if isinstance(addr, int) else addr, str(length), prot]
-        words += [f"keyid={keyid}"] if keyid is not None else []
-        words += ["populate"] if populate else []
-        name = space.name if isinstance(space, Path) else space
-        self.write_ctl(f"spaces/{name}/ctl", " ".join(words))
-
-    def read_text(self, rel: str) -> str:
-        return (self.path / rel).read_text()
-
-    def read_bytes(self, rel: str, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (an address in the binary files); short only at EOF."""
-        chunks: list[bytes] = []
-        fd = os.open(self.path / rel, os.O_RDONLY)
-        try:
-            while length > 0 and (chunk := os.pread(fd, length, offset)):
-                chunks.append(chunk)
-                offset, length = offset + len(chunk), length - len(chunk)
-        finally:
-            os.close(fd)
-        return b"".join(chunks)
-
-    def write_bytes(self, rel: str, offset: int, data: bytes) -> None:
-        """Write all of ``data`` at ``offset`` of a binary file such as ``spaces/NAME/mem``."""
-        fd = os.open(self.path / rel, os.O_WRONLY)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
-        finally:
-            os.close(fd)
-
-    def write_ctl(self, rel: str, command: str) -> None:
-        """One ``write(2)`` of ``command + "\\n"``, as ``echo CMD > FILE`` does.
-
-        A rejected command raises ``OSError`` with the errno of SPEC section 4 and
-        the last dmesg line (the one naming the reason) in the message; the
-        command is quoted with its ``key=`` and ``tweak=`` values redacted.
-        """
-        path = self.path / rel
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, (command + "\n").encode())
-        except OSError as exc:
-            shown = redacted(command)
-            reason = f"{exc.strerror}: {shown!r} rejected; dmesg: {self._last_dmesg_line()}"
-            raise OSError(exc.errno, reason, os.fspath(path)) from None
-        finally:
-            os.close(fd)
-
-    def dmesg(self) -> str:
-        return self.read_text("dmesg")
-
-    def check(self) -> str:
-        """``mm/check``: ``"ok\\n"`` or one violated invariant per line."""
-        return self.read_text("mm/check")
-
-    def _last_dmesg_line(self) -> str:
-        try:
-            lines = self.dmesg().splitlines()
-        except OSError as exc:
-            return f"(unreadable: {exc})"
-        return lines[-1] if lines else "(empty)"
 
 
 @contextlib.contextmanager

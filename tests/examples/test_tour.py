@@ -1,16 +1,19 @@
-"""examples/tour: the guided tour runs non-interactively and cleans up after itself."""
+"""``mktme-sandbox examples tour``: the guided tour (bash, package data) runs
+non-interactively and cleans up after itself."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from mktme_sandbox.examples.run_all import tour_path
 from mktme_sandbox.pytest_plugin import MountedSandbox
 
-ROOT = Path(__file__).resolve().parents[2]
+SANDBOX = Path(sys.executable).parent / "mktme-sandbox"
 
 
 @pytest.mark.mount
@@ -19,8 +22,8 @@ def test_tour_shows_plaintext_ciphertext_and_the_pte_keyid_then_cleans_up(
 ) -> None:
     mnt = mktme_mount.path
     done = subprocess.run(
-        [str(ROOT / "examples" / "tour")],
-        env=dict(os.environ, MKTME_MNT=str(mnt)),
+        [str(SANDBOX), "examples", "tour", "-m", str(mnt)],
+        env={k: v for k, v in os.environ.items() if k != "MKTME_MNT"},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -40,13 +43,14 @@ def test_tour_shows_plaintext_ciphertext_and_the_pte_keyid_then_cleans_up(
         k for k in os.listdir(mnt / "keys") if "state=programmed" in (mnt / "keys" / k).read_text()
     ]
     assert programmed == []
-    assert mktme_mount.check() == "ok\n"
+    assert mktme_mount.check() == []
+    assert "Next: mktme-sandbox examples run-all" in out
 
 
-def test_tour_without_a_mount_says_so_and_exits_2() -> None:
+def test_the_tour_without_a_mount_says_so_and_exits_2() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MKTME_MNT"}
     done = subprocess.run(
-        [str(ROOT / "examples" / "tour")],
+        ["bash", str(tour_path())],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,

@@ -182,7 +182,7 @@ def test_a_rejected_operation_gives_its_errno_and_one_dmesg_line(sandbox, sh, sc
         assert len(new_lines) == 1
         assert f"{path}: {errno_name(err)}: " in new_lines[0]
     assert sandbox.read_text("spaces/err/maps") == maps_before
-    assert sandbox.check() == "ok\n"
+    assert sandbox.check() == []
 
 
 @pytest.mark.parametrize("name", ["\u00b9", "\u0661", "\uff11", "01", "+1", "1_0"])
@@ -264,6 +264,6 @@ def test_the_daemon_still_serves_after_every_rejection(sandbox, sh):
     for script, _path, _err in CASES.values():
         sh(script, sandbox.path)
     assert sandbox.read_text("README")
-    assert sandbox.check() == "ok\n"
+    assert sandbox.check() == []
     sandbox.write_ctl("spaces/err/ctl", "mmap 0x30000000 4096 rw-")
     sandbox.write_ctl("spaces/err/ctl", "munmap 0x30000000 4096")

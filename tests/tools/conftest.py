@@ -1,12 +1,12 @@
-"""Shared pieces of the mountpoint-tools tests: one mount, the tools, a tenant.
+"""Shared pieces of the tools tests: one mount, the tools, a tenant.
 
 The mount comes from ``module_mount`` (tests/conftest.py) and lasts for the
 test module: every test takes its own KeyIDs and spaces and gives them back,
-as the tools' users would, and at the end ``mm/check`` must still say "ok".
-Tests run the tools as programs, with ``MKTME_MNT`` set, exactly as a user
-would; they prepare state through ``mountpoint-tools/mktmefs.py`` (standard
-library only), never through ``sandbox`` (test_mktmefs.py imports it only to
-hold mktmefs's copies of its tables equal to the originals).
+as the tools' users would, and at the end ``mm/check`` must still be clean.
+Tests run the tools as the installed console scripts (``.venv/bin/mktme-key``
+...), with ``MKTME_MNT`` set, exactly as a user would; they prepare state
+through ``mktme_sandbox.client`` (standard library only), never through the
+in-process ``Machine``.
 """
 
 from __future__ import annotations
@@ -19,20 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from mktme_sandbox.client import Mount
 from mktme_sandbox.pytest_plugin import MountedSandbox
 
-# The helpers of this folder and the tools' library, for every test module here.
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parents[1] / "mountpoint-tools")]
-
-from mktmefs import Mount
-from tools_helpers import TOOLS, VA, Run, Tenant
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools_helpers, for every module here
+from tools_helpers import BIN, VA, Run, Tenant
 
 
 @pytest.fixture(scope="module")
 def mnt(module_mount: Callable[..., MountedSandbox]) -> Mount:
-    """A 64 MiB sandbox, seed 1, for the test module, seen through mktmefs."""
-    return Mount(module_mount(phys_mem="64M", seed=1).path)
+    """A 64 MiB sandbox, seed 1, for the test module (a client ``Mount``)."""
+    return module_mount(phys_mem="64M", seed=1)
 
 
 @pytest.fixture
@@ -40,13 +37,14 @@ def tool(mnt: Mount) -> Run:
     """``tool("mktme-key", "list")``: run a tool with MKTME_MNT set; never raises."""
 
     def run(
-        name: str, *args: str, env: dict[str, str] | None = None
+        name: str, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         environ = dict(os.environ, MKTME_MNT=str(mnt.root)) if env is None else env
         return subprocess.run(
-            [str(TOOLS / name), *args],
+            [str(BIN / name), *args],
             env=environ,
-            stdin=subprocess.DEVNULL,
+            input=stdin,
+            stdin=subprocess.DEVNULL if stdin is None else None,
             capture_output=True,
             text=True,
             timeout=60,
@@ -58,8 +56,8 @@ def tool(mnt: Mount) -> Run:
 
 @pytest.fixture
 def tenant(mnt: Mount) -> Iterator[Tenant]:
-    keyid = mnt.program_key("type=cpu algorithm=aes-xts-128")
-    space = mnt.create_space("tooltest")
+    keyid = mnt.add_key("type=cpu algorithm=aes-xts-128")
+    space = mnt.new_space("tooltest")
     try:
         space.mmap(VA, 4096, "rw-", keyid=keyid, populate=True)
         yield Tenant(mnt, keyid, space, VA)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from mktmefs import Mount
 from tools_helpers import VA, Run, Tenant
+
+from mktme_sandbox.client import Mount
 
 pytestmark = pytest.mark.mount
 
@@ -30,8 +31,8 @@ def test_an_encrypted_secret_is_visible_through_its_keyid_only(tool: Run, tenant
 
 
 def test_a_no_encrypt_secret_is_in_dram_once_written_back(tool: Run, mnt: Mount) -> None:
-    keyid = mnt.program_key("type=no-encrypt")
-    space = mnt.create_space("findtest")
+    keyid = mnt.add_key("type=no-encrypt")
+    space = mnt.new_space("findtest")
     try:
         space.mmap(VA, 4096, "rw-", keyid=keyid, populate=True)
         secret = os.urandom(12)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from mktmefs import Mount
 from tools_helpers import Run
+
+from mktme_sandbox.client import Mount
 
 pytestmark = pytest.mark.mount
 
@@ -23,7 +24,7 @@ def test_help_teaches_the_commands_with_examples_and_exit_status(tool: Run) -> N
 
 
 def test_map_show_unmap_destroy(tool: Run, mnt: Mount) -> None:
-    keyid = mnt.program_key("type=cpu algorithm=aes-xts-128")
+    keyid = mnt.add_key("type=cpu algorithm=aes-xts-128")
     name = space_name()
     try:
         done = tool(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from mktmefs import walk
 from tools_helpers import VA, Run, Tenant
+
+from mktme_sandbox.client import walk
 
 pytestmark = pytest.mark.mount
 
@@ -42,14 +43,14 @@ def test_a_tampered_pte_keyid_differs_from_the_vma_and_exits_5(tool: Run, tenant
     mount = tenant.mount
     leaf = walk(tenant.space, VA).leaf
     assert leaf is not None
-    mount.pwrite(
+    mount.write_bytes(
         "keyids/0/mem", leaf.entry_pa, mount.layout.with_keyid(leaf.entry, 0).to_bytes(8, "little")
     )
     try:
         done = tool("mktme-walk", "-s", tenant.space.name, "--", hex(VA))
         assert done.returncode == 5 and "DIFFERS" in done.stdout
     finally:
-        mount.pwrite("keyids/0/mem", leaf.entry_pa, leaf.entry.to_bytes(8, "little"))
+        mount.write_bytes("keyids/0/mem", leaf.entry_pa, leaf.entry.to_bytes(8, "little"))
         tenant.space.flush_tlb()
 
 

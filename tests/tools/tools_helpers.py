@@ -1,5 +1,4 @@
-"""What the mountpoint-tools tests share besides fixtures (conftest.py puts this
-folder and mountpoint-tools/ on sys.path): where the tools are, the address
+"""What the tools tests share besides fixtures: where the tools are, the address
 tests map at, a tenant."""
 
 from __future__ import annotations
@@ -10,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mktme_sandbox.client import Mount, Space
+
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ROOT / "mountpoint-tools"
-sys.path.insert(0, str(TOOLS))
-
-from mktmefs import Mount, Space
-
+BIN = Path(sys.executable).parent  # the console scripts of the installed package
+LAUNCHERS = ROOT / "mountpoint-tools"  # the same tools for a checkout without install
+TOOLS = ("mktme-key", "mktme-map", "mktme-peek", "mktme-walk", "mktme-find")
 VA = 0x7F0000000000
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

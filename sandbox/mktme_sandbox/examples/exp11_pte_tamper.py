@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """11. PTE tampering: the KeyID bits select the key.
 
 The page tables live in ordinary KeyID-0 memory. Whoever can write them (the
@@ -12,12 +11,8 @@ rewritten through keyids/0/mem; the original is put back at the end.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, CannotRun, Lab, hexline, main
-from mktmefs import walk
+from mktme_sandbox.client import walk
+from mktme_sandbox.examples.lab import BASE, LINE, CannotRun, Lab, hexline, main
 
 
 def run(lab: Lab) -> None:
@@ -42,11 +37,11 @@ def run(lab: Lab) -> None:
     tampered = m.layout.with_keyid(leaf.entry, other)
 
     def put(entry: int) -> None:
-        m.pwrite("keyids/0/mem", leaf.entry_pa, entry.to_bytes(8, "little"))
+        m.write_bytes("keyids/0/mem", leaf.entry_pa, entry.to_bytes(8, "little"))
         sp.flush_tlb()
 
     lab.later("put the original PTE back", lambda: put(leaf.entry))
-    m.pwrite("keyids/0/mem", leaf.entry_pa, tampered.to_bytes(8, "little"))
+    m.write_bytes("keyids/0/mem", leaf.entry_pa, tampered.to_bytes(8, "little"))
     lab.step(f"wrote {tampered:#018x} (KeyID {other}) into the PTE through keyids/0/mem")
     stale = sp.read(BASE, LINE)
     lab.saw(f"before a TLB flush the tenant reads {hexline(stale)}")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """5. One DRAM bit flip garbles exactly one 16-byte block.
 
 XTS encrypts each 16-byte block of a line on its own (its tweak is the line's
@@ -10,11 +9,7 @@ integrity) and is not confined to one bit either.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, BLOCK, LINE, Lab, blocks_differing, hexline, main
+from mktme_sandbox.examples.lab import BASE, BLOCK, LINE, Lab, blocks_differing, hexline, main
 
 LENGTH = 4 * LINE  # 16 blocks
 FLIP_OFFSET, FLIP_BIT = LINE + 37, 3  # line 1, block 2 of that line
@@ -32,7 +27,7 @@ def run(lab: Lab) -> None:
     )
     target = pa + FLIP_OFFSET
     byte = m.dram(target, 1)[0]
-    m.pwrite("dram", target, bytes([byte ^ 1 << FLIP_BIT]))
+    m.write_bytes("dram", target, bytes([byte ^ 1 << FLIP_BIT]))
     m.clflush(pa, LENGTH, k)
     lab.step(f"flipped bit {FLIP_BIT} of dram byte {target:#x} (block {FLIP_OFFSET // BLOCK})")
     seen = sp.read(BASE, LENGTH)

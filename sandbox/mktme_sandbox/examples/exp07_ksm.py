@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """7. KSM across tenants.
 
 KSM merges identical anonymous pages into one read-only page. Two tenants with
@@ -13,11 +12,8 @@ merged in both cases (the control).
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, PAGE, Lab, main
+from mktme_sandbox.examples.lab import BASE, PAGE, Lab, main
 
 PASSES = 4
 
@@ -38,7 +34,7 @@ def trial(lab: Lab, k1: int, k2: int, check: bool) -> dict[str, bool]:
         f"KeyID {k2}; all madvise(MERGEABLE)"
     )
     for n in range(1, PASSES + 1):
-        m.command("mm/ksm/run", "1")
+        m.write_ctl("mm/ksm/run", "1")
         a0, a1 = (e.pfn for e in a.pagemap(BASE, 2))
         b0 = b.translate(BASE).pfn
         if a0 == a1 and (b0 == a0 or check):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """13. Per-KeyID free pools: the flushes the cover letter wants to avoid.
 
 In v5 every allocation of an encrypted page flushes the page's lines for its
@@ -13,11 +12,7 @@ the flush counters of mm/vmstat tell the difference.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, PAGE, Lab, main
+from mktme_sandbox.examples.lab import BASE, PAGE, Lab, main
 
 PAGES, ROUNDS = 32, 4
 

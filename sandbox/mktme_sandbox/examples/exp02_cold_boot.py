@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """2. Cold boot: what DRAM gives away.
 
 Two secrets are written, one in a page whose KeyID is programmed with
@@ -11,11 +10,8 @@ is there in clear at its physical address, the second is nowhere.
 from __future__ import annotations
 
 import secrets
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import LINE, Lab, main
+from mktme_sandbox.examples.lab import LINE, Lab, main
 
 CHUNK = 1 << 20
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """6. Cache incoherency across KeyIDs, and the flush that fixes it.
 
 The CPU keeps no coherency between the same physical line cached under two
@@ -16,11 +15,7 @@ free pools are switched off here so that pages do move between KeyIDs.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, CannotRun, Lab, main
+from mktme_sandbox.examples.lab import BASE, LINE, PAGE, CannotRun, Lab, main
 
 PAGES = 8
 FLUSH = "mm/mitigations/flush_on_keyid_change"

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """9. VMA merging across KeyIDs.
 
 The kernel merges adjacent anonymous VMAs with the same flags into one. The
@@ -12,12 +11,9 @@ switches it off. Two adjacent mappings with the same KeyID merge either way
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, PAGE, Lab, Space, main
+from mktme_sandbox.examples.lab import BASE, PAGE, Lab, Space, main
 
 CONTROL = BASE + 0x200000
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """12. Key rotation: reprogramming a KeyID makes old data unreadable.
 
 Freeing a page does not erase it: its ciphertext stays in DRAM and the old key
@@ -11,11 +10,8 @@ garbage: a crypto-erase. DRAM itself does not change.
 from __future__ import annotations
 
 import errno
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, Lab, MountError, hexline, main
+from mktme_sandbox.examples.lab import BASE, LINE, PAGE, Lab, MountError, hexline, main
 
 
 def run(lab: Lab) -> None:
@@ -27,7 +23,7 @@ def run(lab: Lab) -> None:
     sp.write(BASE, secret)
     lab.step(f"KeyID {k}: wrote a secret at physical {pa:#x}")
     try:
-        m.command(f"keys/{k}", payload)
+        m.write_ctl(f"keys/{k}", payload)
         busy = False
     except MountError as e:
         busy = e.errno == errno.EBUSY
@@ -41,7 +37,7 @@ def run(lab: Lab) -> None:
     lab.saw(f"keyids/{k}/mem at {pa:#x}: {hexline(leftover)}")
     lab.expect(leftover == secret, "the old key still decrypts the freed page")
     stat = m.vmstat().get("key_wbinvd")
-    m.command(f"keys/{k}", payload)
+    m.write_ctl(f"keys/{k}", payload)
     lab.step(f"reprogrammed KeyID {k} with a new CPU key ({payload})")
     after = m.phys(k, pa, LINE)
     lab.saw(f"keyids/{k}/mem at {pa:#x}: {hexline(after)}")

@@ -1,9 +1,18 @@
-"""mktmefs: an mktme-sandbox mount, seen from Python's standard library only.
+"""client: an mktme-sandbox mount, seen from Python's standard library only.
 
-The Python tools of this folder (mktme-peek, mktme-walk, mktme-find) and the
-experiments of ``examples/`` share this module. It uses nothing but the files
-of SPEC section 4, with the formats written there, so that everything built on
-it proves the mount is a complete interface: it never imports ``sandbox``.
+The one client of a mount: the tools (``mktme_sandbox.tools``: mktme-key,
+mktme-map, mktme-peek, mktme-walk, mktme-find), the experiments
+(``mktme_sandbox.examples``) and the pytest plugin's ``MountedSandbox`` all
+use it. It uses nothing but the files of SPEC section 4, with the formats
+written there, so that everything built on it proves the mount is a complete
+interface: it imports nothing but the standard library (no numpy, no
+cryptography, no FUSE, no click), and ``import mktme_sandbox.client`` loads
+none of them (tests/test_client_imports.py).
+
+Its answers are ``Machine``'s for the same question (tests/test_client.py runs
+both side by side): ``Mount.check()`` is ``Machine.check()``'s list of violated
+invariants, ``Space.translate()`` the physical address and KeyID behind a
+virtual address.
 
 What it covers:
 - ``Mount``: text and binary files (offsets are addresses), control commands
@@ -16,7 +25,7 @@ What it covers:
   table pages read through ``keyids/0/mem``.
 - ``find_in()``: a byte pattern in ``dram`` or in a KeyID's view.
 - ``fresh_sandbox()``: mount a new sandbox with the ``mktme-sandbox`` command
-  and always unmount it (for run-all and the tests).
+  and always unmount it (for ``mktme-sandbox examples run-all`` and the tests).
 
 What it leaves out: anything the mount does not show (key material, the cache's
 contents), and 5-level paging.
@@ -34,8 +43,9 @@ import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +60,12 @@ __all__ = [
     "Level",
     "Mount",
     "MountError",
+    "NoFreeKeyID",
     "NotAMount",
     "PagemapEntry",
     "Pte",
     "Space",
+    "Translation",
     "Vma",
     "Walk",
     "errno_name",
@@ -62,6 +74,7 @@ __all__ = [
     "parse_int",
     "parse_tme",
     "redacted",
+    "user_va",
     "walk",
 ]
 
@@ -93,7 +106,7 @@ PTE_FLAG_MASK = 0xFFF | (0xFFF << 52)  # everything but the address field 51:12
 class Kpf(enum.IntEnum):
     """The /proc/kpageflags bits the sandbox sets (include/uapi/linux/kernel-page-flags.h).
 
-    A stdlib copy of ``mktme_sandbox.kernel.proc.KPF``; tests/tools/test_mktmefs.py
+    A stdlib copy of ``mktme_sandbox.kernel.proc.KPF``; tests/test_client.py
     keeps the two equal.
     """
 
@@ -148,7 +161,14 @@ class MountError(OSError):
 
 
 class NotAMount(MountError):
-    """The directory is not an mktme-sandbox mount."""
+    """The directory is not an mktme-sandbox mount, or a stale one."""
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+class NoFreeKeyID(MountError):
+    """Every KeyID is programmed."""
 
 
 def errno_name(err: int) -> str:
@@ -163,6 +183,13 @@ def parse_int(text: str) -> int:
         raise ValueError(f"{text!r} is not a number (examples: 0x7f0000000000, 4096, 64K, 2M)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
     return int(m.group(1), 0) * scale
+
+
+def user_va(va: int) -> int:
+    """``va`` if it is a user-space address (below 2**47), else ``ValueError``."""
+    if not 0 <= va < USER_TOP:
+        raise ValueError(f"{va:#x} is not a user-space virtual address (0..{USER_TOP - 1:#x})")
+    return va
 
 
 def parse_tme(text: str) -> dict[str, str]:
@@ -186,7 +213,7 @@ class Layout:
     ``keyid_bits`` of the ``maxphyaddr`` physical-address bits.
 
     A stdlib copy of the part of ``mktme_sandbox.kernel.pgtable.PteLayout`` a tool
-    needs; tests/tools/test_mktmefs.py keeps the two in agreement.
+    needs; tests/test_client.py keeps the two in agreement.
     """
 
     maxphyaddr: int
@@ -284,6 +311,13 @@ class PagemapEntry:
         return self.pfn * PAGE + self.va % PAGE
 
 
+@dataclass(frozen=True)
+class Translation(PagemapEntry):
+    """A virtual address translated: its pagemap entry and its page's KeyID."""
+
+    keyid: int | None = None
+
+
 _MAPS_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+)\s+(\S{4})\s+\S+\s+\S+\s+\S+\s*(.*)$")
 
 
@@ -320,21 +354,24 @@ def parse_smaps(text: str) -> list[Vma]:
 
 
 class Mount:
-    """An mktme-sandbox mount (SPEC 4)."""
+    """An mktme-sandbox mount (SPEC 4).
+
+    ``NotAMount`` when ``root`` is not one; every refused file operation
+    raises ``MountError`` with the errno and the reason the sandbox logged.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        if not (self.root / "keys").is_dir() or not (self.root / "dram").exists():
-            raise NotAMount(
-                errno.ENOENT,
-                str(self.root),
-                "not an mktme-sandbox mount (no keys/ or dram); "
-                "mount one with `mktme-sandbox mount DIR`",
-            )
+        _require_mount(self.root)
         self._layout: Layout | None = None
 
     # -- files ------------------------------------------------------------
-    def path(self, rel: str) -> Path:
+    @property
+    def path(self) -> Path:
+        """The mount point."""
+        return self.root
+
+    def file(self, rel: str) -> Path:
         return self.root / rel
 
     def read_text(self, rel: str) -> str:
@@ -343,8 +380,13 @@ class Mount:
         except OSError as e:
             raise self._error(e, rel) from None
 
-    def command(self, rel: str, command: str) -> None:
-        """One control command, one write (like ``echo CMD > file``)."""
+    def write_ctl(self, rel: str, command: str) -> None:
+        """One control command, one ``write(2)`` (like ``echo CMD > file``).
+
+        A rejection raises ``MountError`` with the errno of SPEC section 4, the
+        command (its ``key=`` and ``tweak=`` values redacted) and the dmesg line
+        with the reason.
+        """
         data = (command.rstrip("\n") + "\n").encode()
         try:
             fd = os.open(self.root / rel, os.O_WRONLY)
@@ -357,45 +399,55 @@ class Mount:
         if written != len(data):
             raise MountError(errno.EIO, rel, f"short write ({written} of {len(data)} bytes)")
 
-    def pread(self, rel: str, offset: int, length: int) -> bytes:
+    def read_bytes(self, rel: str, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (an address); short only at the end of the file."""
-        try:
-            fd = os.open(self.root / rel, os.O_RDONLY)
-            try:
-                chunks = []
-                while length > 0:
-                    chunk = os.pread(fd, min(length, 1 << 20), offset)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    offset += len(chunk)
-                    length -= len(chunk)
-                return b"".join(chunks)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise self._error(e, f"{rel} @ {offset:#x}") from None
+        chunks = []
+        with self._open(rel, os.O_RDONLY, offset) as fd:
+            while length > 0:
+                chunk = os.pread(fd, min(length, 1 << 20), offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
+                length -= len(chunk)
+        return b"".join(chunks)
 
-    def pwrite(self, rel: str, offset: int, data: bytes) -> None:
+    def write_bytes(self, rel: str, offset: int, data: bytes) -> None:
+        """Write all of ``data`` at ``offset`` (an address) of a binary file."""
+        with self._open(rel, os.O_WRONLY, offset) as fd:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+
+    @contextlib.contextmanager
+    def _open(self, rel: str, flags: int, offset: int) -> Iterator[int]:
+        """A descriptor of ``rel`` for I/O at ``offset``; its failures as ``MountError``,
+        an offset beyond ``off_t`` as ``ValueError``."""
         try:
-            fd = os.open(self.root / rel, os.O_WRONLY)
+            fd = os.open(self.root / rel, flags)
             try:
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(fd, data[done:], offset + done)
+                yield fd
             finally:
                 os.close(fd)
         except OSError as e:
             raise self._error(e, f"{rel} @ {offset:#x}") from None
+        except OverflowError:
+            raise _beyond_offsets(rel, offset) from None
 
     def _error(self, e: OSError, where: str, command: str = "") -> MountError:
         """Turn an OSError into a MountError with the sandbox's dmesg reason."""
         err = e.errno or errno.EIO
-        label = f"{where}: {redacted(command.strip())!r}" if command else where
+        if err == errno.ENOTCONN:
+            return _stale(self.root)
+        label = f"{where}: {redacted(command.strip())!r} rejected" if command else where
         reason = self.dmesg_reason(where.split(" @ ")[0], err)
         if err == errno.ENOENT and not reason:
             reason = "no such file in the mount"
         return MountError(err, label, reason)
+
+    def dmesg(self) -> str:
+        """The kernel log."""
+        return self.read_text("dmesg")
 
     def dmesg_reason(self, rel: str, err: int) -> str:
         """The last dmesg line "PATH: ERRNO: reason" for ``rel`` and ``err``.
@@ -423,7 +475,7 @@ class Mount:
         return parse_tme(self.read_text("hw/tme"))
 
     def rdmsr(self, address: int) -> int:
-        return int.from_bytes(self.pread("hw/msr", address, 8), "little")
+        return int.from_bytes(self.read_bytes("hw/msr", address, 8), "little")
 
     @property
     def layout(self) -> Layout:
@@ -444,9 +496,10 @@ class Mount:
     # -- keys -------------------------------------------------------------
     def keyids(self) -> list[int]:
         """The MKTME KeyIDs of ``keys/`` (1..nr_keyids; empty when MKTME is off)."""
-        return sorted(int(n) for n in os.listdir(self.root / "keys") if n.isdigit())
+        return sorted(int(n) for n in self._listdir("keys") if n.isdigit())
 
     def key(self, keyid: int) -> KeyStatus:
+        """``keys/N`` parsed; ``.line`` is ``Machine.key_status(N)`` without its newline."""
         line = self.read_text(f"keys/{keyid}").strip()
         f = _fields(line)
         return KeyStatus(keyid=keyid, state=f.get("state", "?"), fields=f, line=line)
@@ -454,7 +507,11 @@ class Mount:
     def key_table(self) -> list[KeyStatus]:
         return [self.key(k) for k in self.keyids()]
 
-    def program_key(self, payload: str) -> int:
+    def program_key(self, keyid: int, payload: str = "type=cpu algorithm=aes-xts-128") -> None:
+        """Write a key command to ``keys/KEYID``."""
+        self.write_ctl(f"keys/{keyid}", payload)
+
+    def add_key(self, payload: str) -> int:
         """Program ``payload`` on the first free KeyID and return it.
 
         A KeyID taken by someone else between the read and the write answers
@@ -465,31 +522,35 @@ class Mount:
             if status.programmed:
                 continue
             try:
-                self.command(f"keys/{status.keyid}", payload)
+                self.program_key(status.keyid, payload)
                 return status.keyid
             except MountError as e:
-                if e.errno not in (errno.EACCES, errno.EBUSY):
-                    raise
+                if (
+                    e.errno not in (errno.EACCES, errno.EBUSY)
+                    or not self.key(status.keyid).programmed
+                ):
+                    raise  # not taken by someone else meanwhile: the payload was refused
                 last = e
         if last is not None:
             raise last
-        raise MountError(errno.ENOKEY, "keys/", "no free KeyID")
+        raise NoFreeKeyID(errno.ENOKEY, "keys/", "no free KeyID")
 
     def clear_key(self, keyid: int) -> None:
-        self.command(f"keys/{keyid}", "type=clear")
+        self.write_ctl(f"keys/{keyid}", "type=clear")
 
     # -- switches and counters -------------------------------------------
     def flag(self, rel: str) -> bool:
         return self.read_text(rel).strip() == "1"
 
     def set_flag(self, rel: str, on: bool) -> None:
-        self.command(rel, "1" if on else "0")
+        self.write_ctl(rel, "1" if on else "0")
 
     def mitigations(self) -> dict[str, bool]:
-        names = sorted(os.listdir(self.root / "mm/mitigations"))
+        names = sorted(self._listdir("mm/mitigations"))
         return {n: self.flag(f"mm/mitigations/{n}") for n in names}
 
     def vmstat(self) -> dict[str, int]:
+        """``mm/vmstat`` as ``{counter: value}`` (``Machine.vmstat_counts()``)."""
         out = {}
         for line in self.read_text("mm/vmstat").splitlines():
             parts = line.split()
@@ -498,53 +559,106 @@ class Mount:
         return out
 
     def check(self) -> list[str]:
-        """``mm/check``: [] when every invariant holds."""
+        """``mm/check`` as ``Machine.check()`` gives it: the violated invariants,
+        one string each; ``[]`` when every invariant holds."""
         lines = [ln for ln in self.read_text("mm/check").splitlines() if ln.strip()]
         return [] if lines == ["ok"] else lines
 
     # -- cache ------------------------------------------------------------
     def wbinvd(self) -> None:
-        self.command("hw/cache", "wbinvd")
+        self.write_ctl("hw/cache", "wbinvd")
 
     def clflush(self, pa: int, length: int, keyid: int) -> None:
         """CLFLUSH every line of [pa, pa+length) tagged ``keyid``."""
         for line in range(pa - pa % LINE, pa + length, LINE):
-            self.command("hw/cache", f"clflush {line:#x} keyid={keyid}")
+            self.write_ctl("hw/cache", f"clflush {line:#x} keyid={keyid}")
 
     # -- physical memory --------------------------------------------------
     def dram(self, pa: int, length: int) -> bytes:
-        return self.pread("dram", pa, length)
+        return self.read_bytes("dram", pa, length)
 
     def phys(self, keyid: int, pa: int, length: int) -> bytes:
-        return self.pread(f"keyids/{keyid}/mem", pa, length)
+        return self.read_bytes(f"keyids/{keyid}/mem", pa, length)
 
     def page_keyid(self, pfn: int) -> int:
-        return int.from_bytes(self.pread("mm/page_keyid", pfn * 8, 8), "little")
+        return int.from_bytes(self.read_bytes("mm/page_keyid", pfn * 8, 8), "little")
 
     def page_keyids(self) -> list[int]:
-        data = self.pread("mm/page_keyid", 0, self.phys_mem // PAGE * 8)
+        data = self.read_bytes("mm/page_keyid", 0, self.phys_mem // PAGE * 8)
         return [k for (k,) in struct.iter_unpack("<Q", data)]
 
     def kpageflags(self, pfn: int) -> int:
-        return int.from_bytes(self.pread("mm/kpageflags", pfn * 8, 8), "little")
+        return int.from_bytes(self.read_bytes("mm/kpageflags", pfn * 8, 8), "little")
 
     # -- spaces -----------------------------------------------------------
     def spaces(self) -> list[Space]:
-        return [Space(self, n) for n in sorted(os.listdir(self.root / "spaces"))]
+        return [Space(self, n) for n in sorted(self._listdir("spaces"))]
 
     def space(self, name: str) -> Space:
         if not (self.root / "spaces" / name).is_dir():
             raise MountError(errno.ENOENT, f"spaces/{name}", "no such address space")
         return Space(self, name)
 
-    def create_space(self, prefix: str) -> Space:
-        """mkdir ``spaces/PREFIX-PID-RANDOM``: a name nobody else uses."""
-        name = f"{prefix}-{os.getpid()}-{secrets.token_hex(2)}"
+    def create_space(self, name: str) -> Space:
+        """``mkdir spaces/NAME``."""
         try:
             os.mkdir(self.root / "spaces" / name)
         except OSError as e:
             raise self._error(e, f"spaces/{name}") from None
         return Space(self, name)
+
+    def new_space(self, prefix: str) -> Space:
+        """``mkdir spaces/PREFIX-PID-RANDOM``: a name nobody else uses."""
+        return self.create_space(f"{prefix}-{os.getpid()}-{secrets.token_hex(2)}")
+
+    def map(
+        self,
+        space: str | Space | os.PathLike[str],
+        addr: int | str,
+        length: int | str,
+        prot: str = "rw-",
+        keyid: int | None = None,
+        populate: bool = False,
+    ) -> None:
+        """``mmap ADDR LEN PROT [keyid=N] [populate]`` into ``spaces/SPACE/ctl``
+        (``addr`` an int or hex text, ``length`` an int or text such as ``"2M"``)."""
+        name = space.name if isinstance(space, Space) else Path(space).name
+        Space(self, name).mmap(addr, length, prot, keyid, populate)
+
+    def _listdir(self, rel: str) -> list[str]:
+        try:
+            return os.listdir(self.root / rel)
+        except OSError as e:
+            raise self._error(e, rel) from None
+
+
+def _require_mount(root: Path) -> None:
+    """``NotAMount`` unless ``keys/`` and ``dram`` are there and answer."""
+    try:
+        if (root / "keys").is_dir() and (root / "dram").exists():
+            return
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise _stale(root) from None
+    raise NotAMount(
+        errno.ENOENT,
+        str(root),
+        "not an mktme-sandbox mount (no keys/ or dram); mount one with `mktme-sandbox mount DIR`",
+    )
+
+
+def _stale(root: Path) -> NotAMount:
+    """The mount's daemon is gone: every access answers ENOTCONN."""
+    return NotAMount(
+        errno.ENOTCONN,
+        str(root),
+        f"a stale mount (its daemon is gone); clean it up with `mktme-sandbox umount {root}`",
+    )
+
+
+def _beyond_offsets(rel: str, offset: int) -> ValueError:
+    """An offset no file offset can hold (``off_t`` is signed 64-bit)."""
+    return ValueError(f"{rel}: address {offset:#x} is beyond the largest file offset (2**63-1)")
 
 
 class Space:
@@ -558,18 +672,27 @@ class Space:
     def __repr__(self) -> str:
         return f"Space({self.name!r})"
 
+    @property
+    def path(self) -> Path:
+        """The space's directory."""
+        return self.mount.root / self.rel
+
     def ctl(self, command: str) -> None:
-        self.mount.command(f"{self.rel}/ctl", command)
+        self.mount.write_ctl(f"{self.rel}/ctl", command)
 
     def mmap(
         self,
-        va: int,
-        length: int,
+        va: int | str,
+        length: int | str,
         prot: str = "rw-",
         keyid: int | None = None,
         populate: bool = False,
     ) -> None:
-        cmd = f"mmap {va:#x} {length} {prot}"
+        """``mmap VA LEN PROT [keyid=K] [populate]`` (``va`` an int or hex text,
+        ``length`` an int or text such as ``64K``)."""
+        cmd = (
+            f"mmap {va:#x} {length} {prot}" if isinstance(va, int) else f"mmap {va} {length} {prot}"
+        )
         if keyid is not None:
             cmd += f" keyid={keyid}"
         if populate:
@@ -589,27 +712,36 @@ class Space:
         return next((v for v in self.smaps() if va in v), None)
 
     def read(self, va: int, length: int) -> bytes:
-        return self.mount.pread(f"{self.rel}/mem", va, length)
+        return self.mount.read_bytes(f"{self.rel}/mem", va, length)
 
     def write(self, va: int, data: bytes) -> None:
-        self.mount.pwrite(f"{self.rel}/mem", va, data)
+        self.mount.write_bytes(f"{self.rel}/mem", va, data)
 
     def pagemap(self, va: int, pages: int = 1) -> list[PagemapEntry]:
+        """The pagemap entries of ``pages`` pages from ``va``'s page on;
+        ``ValueError`` for an address beyond user space."""
+        user_va(va)
         first = va - va % PAGE
-        data = self.mount.pread(f"{self.rel}/pagemap", first // PAGE * 8, pages * 8)
+        data = self.mount.read_bytes(f"{self.rel}/pagemap", first // PAGE * 8, pages * 8)
         entries = [r for (r,) in struct.iter_unpack("<Q", data)]
         return [
             PagemapEntry(va if i == 0 else first + i * PAGE, raw) for i, raw in enumerate(entries)
         ]
 
-    def translate(self, va: int) -> PagemapEntry:
-        return self.pagemap(va)[0]
+    def translate(self, va: int) -> Translation:
+        """Where ``va`` lives: its pagemap entry, the physical address (``.pa``)
+        and the KeyID its page was allocated for (``mm/page_keyid``); ``keyid``
+        is None when the page is not present. The PTE's own KeyID bits, which
+        the MMU uses, come from ``walk()``."""
+        (entry,) = self.pagemap(va)
+        keyid = self.mount.page_keyid(entry.pfn) if entry.present else None
+        return Translation(entry.va, entry.raw, keyid)
 
     def cr3(self) -> int:
         return int(self.mount.read_text(f"{self.rel}/cr3").split()[0], 16)
 
     def flush_tlb(self) -> None:
-        self.mount.command(f"{self.rel}/tlb", "flush")
+        self.mount.write_ctl(f"{self.rel}/tlb", "flush")
 
     def destroy(self) -> None:
         try:
@@ -680,7 +812,9 @@ class Walk:
 
 
 def walk(space: Space, va: int) -> Walk:
-    """Walk the 4-level tables of ``space`` for ``va``, reading ``keyids/0/mem``."""
+    """Walk the 4-level tables of ``space`` for ``va``, reading ``keyids/0/mem``;
+    ``ValueError`` for an address beyond user space."""
+    user_va(va)
     mount = space.mount
     layout = mount.layout
     cr3 = space.cr3()
@@ -716,15 +850,22 @@ def runs(pfns: Iterable[int]) -> Iterator[tuple[int, int]]:
 
 
 def find_in(
-    mount: Mount, rel: str, pattern: bytes, start: int, end: int, chunk: int = 1 << 20
+    mount: Mount,
+    rel: str,
+    pattern: bytes,
+    start: int,
+    end: int,
+    chunk: int = 1 << 20,
+    progress: Callable[[int], None] | None = None,
 ) -> Iterator[int]:
-    """Every address in [start, end) of binary file ``rel`` where ``pattern`` begins."""
+    """Every address in [start, end) of binary file ``rel`` where ``pattern`` begins;
+    ``progress(offset)`` after each chunk read, if given."""
     if not pattern:
         raise ValueError("empty pattern")
     overlap = len(pattern) - 1
     offset = start
     while offset < end:
-        data = mount.pread(rel, offset, min(chunk + overlap, end - offset))
+        data = mount.read_bytes(rel, offset, min(chunk + overlap, end - offset))
         if not data:
             break
         limit = min(chunk, len(data))  # matches starting past it come with the next chunk
@@ -733,6 +874,8 @@ def find_in(
             yield offset + hit
             hit = data.find(pattern, hit + 1)
         offset += chunk
+        if progress is not None:
+            progress(min(offset, end))
 
 
 def mapped_pages(mount: Mount) -> dict[int, list[tuple[str, int, int | None]]]:
@@ -754,22 +897,23 @@ def mount_from(value: str | None) -> Mount:
     """The mount named by ``-m`` or ``$MKTME_MNT``; ``NotAMount`` explains what is wrong."""
     root = value or os.environ.get("MKTME_MNT")
     if not root:
-        raise NotAMount(errno.EINVAL, "mountpoint", "give -m MNT or set MKTME_MNT")
+        raise NotAMount(errno.EINVAL, "no mountpoint", "give -m MNT or set MKTME_MNT")
     return Mount(root)
 
 
 def sandbox_command() -> str:
-    """``$MKTME_SANDBOX``, else the checkout's .venv/bin/mktme-sandbox, else PATH's."""
+    """``$MKTME_SANDBOX``, else the mktme-sandbox installed beside this Python
+    (the same environment's scripts directory), else PATH's."""
     explicit = os.environ.get("MKTME_SANDBOX")
     if explicit:
         return explicit
-    local = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "mktme-sandbox"
+    local = Path(sysconfig.get_path("scripts")) / "mktme-sandbox"
     if local.exists():
         return str(local)
     found = shutil.which("mktme-sandbox")
     if found is None:
         raise FileNotFoundError(
-            "no mktme-sandbox command: set MKTME_SANDBOX or run scripts/bootstrap"
+            "no mktme-sandbox command: set MKTME_SANDBOX or pip install mktme-sandbox"
         )
     return found
 
@@ -814,7 +958,7 @@ def _remove_unless_logs(top: str, mnt: str) -> None:
         os.rmdir(mnt)
     kept = sorted(str(p) for p in Path(top).glob("*.log"))
     for log in kept:
-        print(f"mktmefs: the sandbox daemon's log is kept at {log}", file=sys.stderr)
+        print(f"mktme_sandbox.client: the sandbox daemon's log is kept at {log}", file=sys.stderr)
     if not kept:
         with contextlib.suppress(OSError):
             os.rmdir(top)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """8. The zero page in an encrypted VMA.
 
 A read fault on untouched anonymous memory maps the shared zero page, a
@@ -11,11 +10,7 @@ switches that patch off.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, Lab, hexline, main
+from mktme_sandbox.examples.lab import BASE, LINE, PAGE, Lab, hexline, main
 
 ENC = BASE + 0x200000
 

@@ -1,20 +1,26 @@
-"""mktmefs, the stdlib library of the tools: its parsers and tables, mostly without a mount.
+"""mktme_sandbox.client, the stdlib client of a mount: its parsers and tables,
+mostly without a mount.
 
-mktmefs may not import ``sandbox``, so it keeps stdlib copies of a few of its
-tables (the /proc/kpageflags bits, the KeyID layout of an address); these
-tests hold the copies equal to the originals.
+The client may import nothing but the standard library, so it keeps stdlib
+copies of a few of the package's tables (the /proc/kpageflags bits, the KeyID
+layout of an address); these tests hold the copies equal to the originals.
+The client's answers against ``Machine``'s are test_client_vs_machine.py.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from mktmefs import (
+
+from mktme_sandbox.client import (
     Kpf,
     Layout,
     Mount,
     MountError,
+    NotAMount,
     PagemapEntry,
     Pte,
     parse_int,
@@ -23,12 +29,19 @@ from mktmefs import (
     redacted,
     runs,
 )
-
 from mktme_sandbox.kernel.pgtable import PteLayout
 from mktme_sandbox.kernel.proc import KPF
 from mktme_sandbox.machine import Machine
+from mktme_sandbox.pytest_plugin import MountedSandbox
 
 KEY = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+
+
+@pytest.fixture(scope="module")
+def mnt(module_mount: Callable[..., MountedSandbox]) -> Mount:
+    return module_mount(phys_mem="16M", seed=1)
+
+
 TWEAK = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 SMAPS = """\
@@ -158,9 +171,46 @@ def test_redacted_hides_the_values_of_key_and_tweak_only() -> None:
 def test_a_rejected_user_key_is_not_in_the_error(mnt: Mount, payload: str) -> None:
     free = next(k.keyid for k in mnt.key_table() if not k.programmed)
     with pytest.raises(MountError) as rejected:
-        mnt.command(f"keys/{free}", payload)
+        mnt.program_key(free, payload)
     assert rejected.value.errno == errno.EINVAL
     text = " ".join([str(rejected.value), repr(rejected.value), rejected.value.reason])
     assert KEY not in text and TWEAK not in text
     assert "key=<redacted> tweak=<redacted>" in text
     assert not mnt.key(free).programmed
+
+
+# -- what the tools rely on: errors they can report in one line ---------------------
+
+
+def test_a_directory_that_is_not_a_mount_is_refused_with_how_to_mount(tmp_path: Path) -> None:
+    with pytest.raises(NotAMount, match="not an mktme-sandbox mount.*mktme-sandbox mount DIR"):
+        Mount(tmp_path)
+
+
+def test_a_stale_mount_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_connected(self: Path) -> bool:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    monkeypatch.setattr(Path, "is_dir", not_connected)
+    with pytest.raises(NotAMount) as stale:
+        Mount(tmp_path)
+    assert stale.value.errno == errno.ENOTCONN and "stale mount" in str(stale.value)
+
+
+@pytest.mark.mount
+def test_an_offset_beyond_2_to_the_63_is_a_value_error_not_an_overflow(mnt: Mount) -> None:
+    with pytest.raises(ValueError, match="beyond the largest file offset"):
+        mnt.read_bytes("dram", 1 << 63, 8)
+    with pytest.raises(ValueError, match="beyond the largest file offset"):
+        mnt.write_bytes("dram", 1 << 64, b"x")
+
+
+@pytest.mark.mount
+def test_translate_refuses_an_address_beyond_user_space(mnt: Mount) -> None:
+    space = mnt.new_space("beyond")
+    try:
+        with pytest.raises(ValueError, match="not a user-space virtual address"):
+            space.translate(1 << 47)
+        assert not space.translate(0x1000).present
+    finally:
+        space.destroy()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """3. The address tweak.
 
 AES-XTS mixes the line's physical address into the cipher (the tweak), so the
@@ -10,11 +9,7 @@ address it decrypts again (that is experiment 4).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, Lab, blocks_differing, hexline, main
+from mktme_sandbox.examples.lab import BASE, LINE, Lab, blocks_differing, hexline, main
 
 
 def run(lab: Lab) -> None:
@@ -36,7 +31,7 @@ def run(lab: Lab) -> None:
     lab.expect(ca != cb and not same_blocks, "the two ciphertexts share no 16-byte block")
 
     lab.step(f"copied the ciphertext of {a:#x} over {b:#x} in dram, then read {BASE + LINE:#x}")
-    m.pwrite("dram", b, ca)
+    m.write_bytes("dram", b, ca)
     m.clflush(b, LINE, k)  # no stale clean line may answer for DRAM
     moved = sp.read(BASE + LINE, LINE)
     lab.saw(f"read at {BASE + LINE:#x}: {hexline(moved)}")
@@ -44,7 +39,7 @@ def run(lab: Lab) -> None:
     lab.expect(len(bad) == 4, "the moved ciphertext decrypts to garbage in every block")
 
     lab.step(f"put the original ciphertext back at {b:#x}")
-    m.pwrite("dram", b, cb)
+    m.write_bytes("dram", b, cb)
     m.clflush(b, LINE, k)
     back = sp.read(BASE + LINE, LINE)
     lab.expect(back == plain, "at its own address it decrypts again")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """10. mprotect keeps the KeyID.
 
 mprotect rewrites the protection bits of every PTE of the range
@@ -12,12 +11,8 @@ with this folder's own page-table walk.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, PAGE, Lab, main
-from mktmefs import walk
+from mktme_sandbox.client import walk
+from mktme_sandbox.examples.lab import BASE, LINE, PAGE, Lab, main
 
 
 def trial(lab: Lab, k: int, on: bool) -> tuple[int | None, bool]:

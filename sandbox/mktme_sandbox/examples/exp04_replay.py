@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """4. Replay: MKTME has no integrity.
 
 A tenant stores "balance=1000000", the line reaches DRAM, and an attacker with
@@ -11,11 +10,7 @@ later TME-MK variants and TDX.)
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, Lab, hexline, main
+from mktme_sandbox.examples.lab import BASE, LINE, Lab, hexline, main
 
 
 def run(lab: Lab) -> None:
@@ -37,7 +32,7 @@ def run(lab: Lab) -> None:
     lab.step(f"the tenant stored {new[:16]!r}")
     lab.saw(f"dram now {hexline(current)}")
     lab.expect(current != recorded, "the new value has a new ciphertext")
-    m.pwrite("dram", pa, recorded)
+    m.write_bytes("dram", pa, recorded)
     m.clflush(pa, LINE, k)
     lab.step("the attacker wrote the recorded ciphertext back into dram")
     seen = sp.read(BASE, LINE)

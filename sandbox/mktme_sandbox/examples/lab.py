@@ -22,7 +22,7 @@ Exit status: 0 the observation matches the expectation (PASS); 1 it
 contradicts it (FAIL); 2 the experiment could not run (ERROR: no mount, no free
 KeyID, a rejected command it did not expect).
 
-Only the standard library and ``mountpoint-tools/mktmefs.py``: the experiments
+Only the standard library and ``mktme_sandbox.client``: the experiments
 use the mount and nothing else.
 """
 
@@ -35,11 +35,8 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "mountpoint-tools"))
-
-from mktmefs import (
+from mktme_sandbox.client import (
     BLOCK,
     LINE,
     PAGE,
@@ -199,7 +196,7 @@ class Lab:
             key, tweak = os.urandom(size).hex(), os.urandom(size).hex()
             payload["user"] = f"type=user algorithm={self.algorithm()} key={key} tweak={tweak}"
         try:
-            keyid = self.m.program_key(payload[kind])
+            keyid = self.m.add_key(payload[kind])
         except MountError as e:
             if e.errno == errno.ENOKEY:
                 raise CannotRun(f"no free KeyID for a {kind} key: {e}") from None
@@ -212,7 +209,7 @@ class Lab:
         return algs[0] if algs else "aes-xts-128"
 
     def space(self, prefix: str) -> Space:
-        sp = self.m.create_space(prefix)
+        sp = self.m.new_space(prefix)
         self.later(f"destroy spaces/{sp.name}", sp.destroy)
         return sp
 
@@ -256,7 +253,7 @@ class Lab:
             self.m.set_flag(rel, on)
 
     def mitigation(self, name: str, on: bool) -> None:
-        if not self.m.path(f"mm/mitigations/{name}").exists():
+        if not self.m.file(f"mm/mitigations/{name}").exists():
             raise CannotRun(f"this mount has no mm/mitigations/{name}")
         self.switch(f"mm/mitigations/{name}", on)
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """1. Plaintext vs ciphertext vs the wrong key.
 
 A tenant writes a secret into a page encrypted with its own KeyID. Through
@@ -11,11 +10,8 @@ garbage. The KeyID in the page-table entry, not the page, selects the key.
 from __future__ import annotations
 
 import secrets
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab import BASE, LINE, CannotRun, Lab, hexline, main
+from mktme_sandbox.examples.lab import BASE, LINE, CannotRun, Lab, hexline, main
 
 
 def run(lab: Lab) -> None:

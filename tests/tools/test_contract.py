@@ -1,0 +1,137 @@
+"""What every tool promises alike: installed as a console script (and as a
+launcher in mountpoint-tools/), --json tables that parse, and errors that are
+one line on stderr with exit status 2, never a traceback, for a missing mount,
+a directory that is not a mount, a stale mount, a malformed number and an
+address no file offset or user space holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from tools_helpers import BIN, LAUNCHERS, TOOLS, VA, Run, Tenant
+
+from mktme_sandbox.pytest_plugin import mounted
+
+pytestmark = pytest.mark.mount
+
+HUGE = "0x8000000000000000"  # 2**63: beyond any off_t
+
+
+def run_bare(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def without_mnt() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "MKTME_MNT"}
+
+
+def assert_one_line_usage_error(done: subprocess.CompletedProcess[str], tool: str) -> None:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(f"{tool}: ")
+
+
+# A harmless command of each tool, that needs the mount.
+READS = {
+    "mktme-key": ["list"],
+    "mktme-map": ["list"],
+    "mktme-peek": ["--", "0x0"],
+    "mktme-walk": ["-s", "nowhere", "0x0"],
+    "mktme-find": ["-q", "--range", "0:0x1000", "--", "x"],
+}
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_the_console_script_and_the_launcher_answer_help(tool: str) -> None:
+    for program in (BIN / tool, LAUNCHERS / tool):
+        done = run_bare([str(program), "--help"], without_mnt())
+        assert done.returncode == 0, done.stderr
+        assert "exit status" in done.stdout and "-m MNT" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_without_a_mountpoint_it_says_how_to_give_one_in_one_line(tool: str) -> None:
+    done = run_bare([str(BIN / tool), *READS[tool]], without_mnt())
+    assert_one_line_usage_error(done, tool)
+    assert "give -m MNT or set MKTME_MNT" in done.stderr
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_directory_that_is_not_a_mount_is_one_line(tool: str, tmp_path: Path) -> None:
+    done = run_bare([str(BIN / tool), "-m", str(tmp_path), *READS[tool]], without_mnt())
+    assert_one_line_usage_error(done, tool)
+    assert "not an mktme-sandbox mount" in done.stderr
+
+
+def bad_arguments(space: str) -> list[tuple[str, list[str]]]:
+    return [
+        ("mktme-key", ["clear", "zz"]),
+        ("mktme-key", ["clear", str(1 << 64)]),
+        ("mktme-map", ["map", "contract", "0xzz", "4096"]),
+        ("mktme-map", ["map", "contract", HUGE, "4096"]),
+        ("mktme-map", ["map", "contract", hex(1 << 47), "4096"]),
+        ("mktme-map", ["unmap", space, "0x1000", "12zz"]),
+        ("mktme-peek", ["--", "0xzz"]),
+        ("mktme-peek", ["--", HUGE]),
+        ("mktme-peek", ["-s", space, "--", HUGE]),
+        ("mktme-peek", ["-n", "-5", "--", "0x0"]),
+        ("mktme-walk", ["-s", space, "--", "0xzz"]),
+        ("mktme-walk", ["-s", space, "--", HUGE]),
+        ("mktme-walk", ["-s", space, "--", hex(1 << 47)]),
+        ("mktme-find", ["--range", "0xzz:0x1000", "--", "x"]),
+        ("mktme-find", ["--range", f"{HUGE}:{HUGE}", "--", "x"]),
+        ("mktme-find", ["-k", "nine", "--", "x"]),
+    ]
+
+
+def test_a_bad_number_or_address_is_one_line_and_exit_2(tool: Run, tenant: Tenant) -> None:
+    for name, args in bad_arguments(tenant.space.name):
+        assert_one_line_usage_error(tool(name, *args), name)
+
+
+def test_every_table_has_json_that_parses(tool: Run, tenant: Tenant) -> None:
+    space = tenant.space.name
+    tenant.space.write(VA, b"json-needle")
+    outputs = {
+        "keys": tool("mktme-key", "list", "--json"),
+        "spaces": tool("mktme-map", "list", "--json"),
+        "vmas": tool("mktme-map", "show", space, "--json"),
+        "walk": tool("mktme-walk", "--json", "-s", space, "--", hex(VA)),
+        "peek": tool("mktme-peek", "--json", "-s", space, "--", hex(VA)),
+        "find": tool("mktme-find", "--json", "-k", str(tenant.keyid), "--", "json-needle"),
+    }
+    for what, done in outputs.items():
+        assert done.returncode == 0, f"{what}: {done.stderr}"
+    parsed = {what: json.loads(done.stdout) for what, done in outputs.items()}
+    assert space in [row["name"] for row in parsed["spaces"]]
+    assert parsed["vmas"][0]["keyid"] == tenant.keyid and parsed["vmas"][0]["start"] == VA
+    assert parsed["walk"]["pa"] == tenant.pa and parsed["walk"]["keyid"] == tenant.keyid
+    assert parsed["peek"]["views"][0]["hex"].startswith(b"json-needle".hex())
+    assert [hit["pa"] for hit in parsed["find"]["hits"]] == [tenant.pa]
+    assert parsed["find"]["views"][f"keyid {tenant.keyid}"] == 1
+
+
+def test_a_stale_mount_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with mounted(tmp_path / "mnt", phys_mem="16M") as sandbox:
+        os.kill(sandbox.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{sandbox.pid}/cmdline").read_bytes():
+            time.sleep(0.05)
+        for tool, args in READS.items():
+            done = run_bare([str(BIN / tool), "-m", str(sandbox.path), *args], without_mnt())
+            assert_one_line_usage_error(done, tool)
+            assert "stale mount" in done.stderr
