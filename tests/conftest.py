@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from mktme_sandbox.pytest_plugin import MountedSandbox, fuse_unavailable_reason, mounted
+from mktme_sandbox.mounting import MountedSandbox, fuse_unavailable_reason, mounted
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 if os.environ.get("CI"):

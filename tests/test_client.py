@@ -32,7 +32,7 @@ from mktme_sandbox.client import (
 from mktme_sandbox.kernel.pgtable import PteLayout
 from mktme_sandbox.kernel.proc import KPF
 from mktme_sandbox.machine import Machine
-from mktme_sandbox.pytest_plugin import MountedSandbox
+from mktme_sandbox.mounting import MountedSandbox
 
 KEY = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from mktme_sandbox import pytest_plugin
+from mktme_sandbox import mounting
 from mktme_sandbox.daemon import is_mounted
-from mktme_sandbox.pytest_plugin import FUSERMOUNT
+from mktme_sandbox.mounting import FUSERMOUNT
 
 pytest_plugins = ["pytester"]
 
@@ -295,7 +295,7 @@ def test_without_dev_fuse_mounts_are_skipped_with_the_reason(
     project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = project.path / "no" / "fuse"
-    monkeypatch.setattr(pytest_plugin, "FUSE_DEVICE", str(missing))
+    monkeypatch.setattr(mounting, "FUSE_DEVICE", str(missing))
     project.makepyfile(test_user=MOUNTS)
     result = run_in_process(project, "-rs")
     result.assert_outcomes(skipped=2)
@@ -339,7 +339,7 @@ def test_options_come_from_command_line_ini_marker_and_factory(project: pytest.P
     project.makepyfile(test_user=OPTIONS)
     result = run(project, "--strict-markers", "--mktme-phys-mem=32M")
     result.assert_outcomes(passed=4, errors=1)
-    result.stdout.fnmatch_lines(["*TypeError: unknown mktme option colour (known: phys_mem,*"])
+    result.stdout.fnmatch_lines(["*TypeError: unknown option colour (known: phys_mem,*"])
 
 
 def test_a_bad_default_is_a_usage_error(project: pytest.Pytester) -> None:
@@ -426,7 +426,7 @@ def test_under_xdist_each_worker_mounts_its_own(project: pytest.Pytester) -> Non
 @pytest.mark.mount
 def test_mounted_mounts_for_the_with_block_only(tmp_path: Path) -> None:
     try:
-        with pytest_plugin.mounted(tmp_path / "mnt", seed=1, keyid_bits=2) as sandbox:
+        with mounting.mounted(tmp_path / "mnt", seed=1, keyid_bits=2) as sandbox:
             assert is_mounted(sandbox.path) and _is_running(sandbox.pid)
             assert sorted(os.listdir(sandbox.path / "keys")) == ["1", "2", "3"]
             assert sandbox.log_path == tmp_path / "mnt.log"
@@ -445,7 +445,7 @@ def test_a_rejected_user_key_is_redacted_in_the_exception(tmp_path: Path) -> Non
     payload = f"type=user algorithm=aes-xts-128 key={KEY} tweak={KEY}"  # equal: EINVAL
     try:
         with (
-            pytest_plugin.mounted(tmp_path / "mnt", phys_mem="16M", keyid_bits=2) as sandbox,
+            mounting.mounted(tmp_path / "mnt", phys_mem="16M", keyid_bits=2) as sandbox,
             pytest.raises(OSError) as rejected,
         ):
             sandbox.program_key(1, payload)

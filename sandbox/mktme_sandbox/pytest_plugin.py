@@ -23,36 +23,39 @@ markers of the test (closest wins), the keywords of a factory call. Options are
 validated by ``MachineConfig`` before any daemon starts.
 
 All fixtures use one mechanism, ``_Sandboxes``: one per test, an ``ExitStack``
-that closes every machine and mount it made. Outside pytest, ``mounted()`` is
-the same mount as a context manager; other tests of this project use it. The
-daemon's argv, the wait for the mount and ``fusermount3 -u`` are
-``mktme_sandbox.daemon``'s; this module adds the stop sequence (SIGTERM, unmount,
-SIGKILL), the check of the log and the fixtures.
+that closes every machine and mount it made. A mount is
+``mktme_sandbox.mounting.mounted()``, the same context manager anyone can use
+outside pytest (that module imports nothing of pytest); this module adds the
+options, the marker, the report sections and the fixtures.
 
-Left out: session-scoped mounts (each test gets fresh machines; a mount costs
-about a second) and mounts on anything but Linux.
+Left out: mounts on anything but Linux.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import signal
-import subprocess
 from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import pytest
 
 from mktme_sandbox import daemon
-from mktme_sandbox.client import Mount, redacted
-from mktme_sandbox.config import MachineConfig, parse_size
+from mktme_sandbox.mounting import (
+    DEFAULT_MOUNT_TIMEOUT,
+    MountedSandbox,
+    MountError,
+    fuse_unavailable_reason,
+    machine_config,
+    mounted,
+    redacted,
+)
 
 if TYPE_CHECKING:
     from mktme_sandbox.machine import Machine
+
+DEFAULT_PHYS_MEM = "64M"
 
 __all__ = [
     "MountError",
@@ -62,176 +65,6 @@ __all__ = [
     "mounted",
     "redacted",
 ]
-
-FUSE_DEVICE = "/dev/fuse"
-FUSERMOUNT = daemon.FUSERMOUNT
-DEFAULT_PHYS_MEM = "64M"
-DEFAULT_MOUNT_TIMEOUT = 30.0
-# What a healthy daemon never logs: a traceback, or an ERROR line.
-DAEMON_TROUBLE = daemon.LOG_TROUBLE
-
-_SIZE_OPTIONS = ("phys_mem", "cache_size")
-_MACHINE_OPTIONS = tuple(f.name for f in fields(MachineConfig))
-_MOUNT_OPTIONS = ("allow_other",)
-
-
-class MountError(daemon.DaemonError):
-    """The daemon did not come up, or it logged a traceback or an error; the text says which."""
-
-
-# --- options -----------------------------------------------------------------
-
-
-def machine_config(options: Mapping[str, Any]) -> MachineConfig:
-    """``{"phys_mem": "64M", "algorithms": "aes-xts-128"}`` -> a validated ``MachineConfig``.
-
-    Mount-only options (``allow_other``) are ignored; unknown names raise ``TypeError``.
-    """
-    unknown = sorted(set(options) - set(_MACHINE_OPTIONS) - set(_MOUNT_OPTIONS))
-    if unknown:
-        known = ", ".join(_MACHINE_OPTIONS + _MOUNT_OPTIONS)
-        raise TypeError(f"unknown mktme option {', '.join(unknown)} (known: {known})")
-    values = {name: _normalize(name, v) for name, v in options.items() if name in _MACHINE_OPTIONS}
-    return MachineConfig(**values)
-
-
-def _normalize(name: str, value: Any) -> Any:
-    if name in _SIZE_OPTIONS and isinstance(value, str):
-        return parse_size(value)
-    if name == "algorithms":
-        parts = value.split(",") if isinstance(value, str) else value
-        return tuple(part.strip() for part in parts)
-    return value
-
-
-# --- FUSE availability and mount state ---------------------------------------
-
-
-def fuse_unavailable_reason() -> str | None:
-    """Why a mount cannot work here, as a skip reason; ``None`` when it can."""
-    if not os.path.exists(FUSE_DEVICE):
-        return f"FUSE is not available: {FUSE_DEVICE} does not exist"
-    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
-        who = f"uid {os.getuid()}"
-        return f"FUSE is not available: {FUSE_DEVICE} is not readable and writable by {who}"
-    if shutil.which(FUSERMOUNT) is None:
-        return f"FUSE is not available: {FUSERMOUNT} is not on PATH (install fuse3)"
-    return None
-
-
-# --- one mount -----------------------------------------------------------------
-
-
-class MountedSandbox(Mount):
-    """A running ``mktme-sandbox`` mount: the client's ``Mount`` (every helper of
-    ``mktme_sandbox.client``: ``program_key``, ``create_space``, ``map``,
-    ``read_text``, ``read_bytes``, ``write_bytes``, ``write_ctl``, ``dmesg``,
-    ``check`` ...) plus the daemon's ``pid``, its ``log_path`` and the
-    ``options`` it was started with.
-
-    Relative paths (``rel``) are inside the mount, as in SPEC section 4.
-    """
-
-    def __init__(
-        self,
-        path: os.PathLike[str] | str,
-        pid: int,
-        log_path: Path,
-        options: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(path)
-        self.pid = pid
-        self.log_path = log_path
-        self.options: Mapping[str, Any] = dict(options or {})
-
-    def __repr__(self) -> str:  # short: pytest shows it in every failure of a test using it
-        return f"MountedSandbox('{self.path}', pid={self.pid})"
-
-
-@contextlib.contextmanager
-def mounted(
-    directory: os.PathLike[str] | str,
-    *,
-    log_path: os.PathLike[str] | str | None = None,
-    timeout: float = DEFAULT_MOUNT_TIMEOUT,
-    keep: bool = False,
-    **options: Any,
-) -> Iterator[MountedSandbox]:
-    """Mount a sandbox at ``directory`` for the ``with`` block, then unmount it.
-
-    ``options`` are those of ``mktme-sandbox mount`` (``phys_mem="64M"``,
-    ``keyid_bits=3``, ``seed=1``, ``allow_other=True`` ...), validated before
-    the daemon starts. The daemon's stdout and stderr go to ``log_path``
-    (default: ``DIRECTORY.log`` beside it). Raises ``MountError`` with the log's
-    tail if the daemon exits or does not answer within ``timeout`` seconds, and,
-    after a clean ``with`` block, if the log shows a traceback or an ERROR line.
-    ``keep=True`` leaves a mount that came up running (for debugging).
-    """
-    machine_config(options)
-    mnt = Path(os.path.abspath(directory))
-    log = Path(log_path) if log_path is not None else mnt.with_name(mnt.name + ".log")
-    mnt.mkdir(parents=True, exist_ok=True)
-    proc = _start(daemon.daemon_argv(mnt, **options), log)
-    up = False
-    try:
-        _wait_until_up(proc, mnt, log, timeout)
-        up = True
-        yield MountedSandbox(mnt, proc.pid, log, dict(options))
-    finally:
-        if not (keep and up):
-            _stop(proc, mnt)
-    if not keep:
-        _check_log(log, mnt)
-
-
-def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop(daemon.LOG_ENV, None)  # the log is ours to keep, not a detached daemon's
-    with open(log, "ab") as out:  # O_APPEND: the daemon's writes and ours never overlap
-        out.write(("$ " + " ".join(argv) + "\n").encode())
-        out.flush()
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches pytest, whose teardown stops the daemon
-        )
-
-
-def _wait_until_up(proc: subprocess.Popen[bytes], mnt: Path, log: Path, timeout: float) -> None:
-    try:
-        daemon.wait_until_mounted(mnt, proc, timeout, log)
-    except daemon.DaemonError as err:
-        raise MountError(f"mktme daemon (pid {proc.pid}, log {log}): {err}") from None
-
-
-def _stop(proc: subprocess.Popen[bytes], mnt: Path, grace: float = 10.0) -> None:
-    """SIGTERM (the daemon unmounts), wait; then fusermount3 -u / -uz; then SIGKILL."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    try:
-        daemon.unmount(mnt, lazy_fallback=True)
-    finally:
-        try:
-            proc.wait(2.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _check_log(log: Path, mnt: Path) -> None:
-    """``MountError`` if the daemon logged a traceback or an error."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    trouble = DAEMON_TROUBLE.search(text)
-    if trouble is not None:
-        line = text[trouble.start() :].partition("\n")[0]
-        tail = daemon.log_tail(log, 60)
-        raise MountError(f"the mktme daemon of {mnt} logged: {line!r}; {log}:\n{tail}")
-
 
 # --- pytest: options, marker, report ---------------------------------------------
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mktme_sandbox.examples.run_all import Experiment, experiments, select
-from mktme_sandbox.pytest_plugin import MountedSandbox
+from mktme_sandbox.mounting import MountedSandbox
 
 SANDBOX = Path(sys.executable).parent / "mktme-sandbox"
 EXPERIMENTS = experiments()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mktme_sandbox.client import Mount
-from mktme_sandbox.pytest_plugin import MountedSandbox
+from mktme_sandbox.mounting import MountedSandbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools_helpers, for every module here
 from tools_helpers import BIN, VA, Run, Tenant

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from tools_helpers import BIN, LAUNCHERS, TOOLS, VA, Run, Tenant
 
-from mktme_sandbox.pytest_plugin import mounted
+from mktme_sandbox.mounting import mounted
 
 pytestmark = pytest.mark.mount
 
