@@ -17,7 +17,8 @@ encryption) under a simulated Linux memory manager, mounted as files.
     NAME/cr3, tlb   page-table root; write "flush" to flush the TLB
   pagetables/       NAME: the space's page tables; kernel: direct mappings
   mm/               counters, free pools, mitigation switches, ksm,
-                    khugepaged, kpageflags, page_keyid, check ("ok")
+                    khugepaged, kpageflags, page_keyid, check ("ok"),
+                    snapshot (root: save/restore/coldboot PATH)
   hw/               msr (8-byte reads at 0x981..0x984), tme, cache
 
 Control files take one command per write and refuse a bad one with an
