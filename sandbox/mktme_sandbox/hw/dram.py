@@ -84,11 +84,8 @@ class Dram:
         if candidates is None:  # no mincore(2): look at every page
             candidates = np.arange(self.size // PAGE_SIZE, dtype=np.int64)
         pages = self.bytes.reshape(-1, PAGE_SIZE)
-        found = [
-            chunk[pages[chunk].any(axis=1)]
-            for chunk in np.array_split(candidates, max(1, len(candidates) // _SCAN_PAGES))
-        ]
-        return np.concatenate(found) if found else candidates
+        chunks = np.array_split(candidates, max(1, len(candidates) // _SCAN_PAGES))
+        return np.concatenate([chunk[pages[chunk].any(axis=1)] for chunk in chunks])
 
     def page_contents(self, pfns: np.ndarray) -> np.ndarray:
         """The pages ``pfns`` as ``[N, 4096]`` (a copy)."""
