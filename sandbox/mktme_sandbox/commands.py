@@ -3,7 +3,8 @@
 Grammar (SPEC 4 "Commands"): ``mmap ADDR LEN PROT [keyid=N] [populate]``,
 ``munmap ADDR LEN``, ``mprotect ADDR LEN PROT``,
 ``encrypt_mprotect ADDR LEN PROT keyid=N``,
-``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed``. ADDR is hex
+``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed``; for ``mm/snapshot``
+``save|restore|coldboot /ABSOLUTE/PATH``. ADDR is hex
 (``0x...``), LEN decimal or hex with an optional K/M/G suffix, PROT one of
 ``--- r-- rw- r-x rwx`` (or ``none r rw rx rwx``). Anything else is EINVAL
 with a reason that shows the expected form.
@@ -131,6 +132,25 @@ def parse_cache_command(text: str) -> CacheCommand:
             fail(errno.EINVAL, f"clflush: expected keyid=N, not {words[2]!r}")
         keyid = _keyid("clflush", value)
     return CacheCommand("clflush", pa, keyid)
+
+
+@dataclass(frozen=True)
+class SnapshotCommand:
+    op: str  # "save", "restore" or "coldboot"
+    path: str
+
+
+SNAPSHOT_USAGE = "save PATH | restore PATH | coldboot PATH (PATH absolute)"
+
+
+def parse_snapshot_command(text: str) -> SnapshotCommand:
+    """``mm/snapshot``: ``save|restore|coldboot /absolute/path`` (no spaces in PATH)."""
+    words = text.split()
+    if len(words) != 2 or words[0] not in ("save", "restore", "coldboot"):
+        fail(errno.EINVAL, f"snapshot: usage: {SNAPSHOT_USAGE}")
+    if not words[1].startswith("/"):
+        fail(errno.EINVAL, f"snapshot: PATH must be absolute, not {words[1]!r}")
+    return SnapshotCommand(words[0], words[1])
 
 
 def expect_word(text: str | bytes, word: str, what: str) -> None:

@@ -26,7 +26,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
-from mktme_sandbox.commands import decode_command, parse_cache_command, parse_space_command
+from mktme_sandbox import snapshot as snapshots
+from mktme_sandbox.commands import (
+    decode_command,
+    parse_cache_command,
+    parse_snapshot_command,
+    parse_space_command,
+)
 from mktme_sandbox.config import MachineConfig
 from mktme_sandbox.errors import SandboxError, errno_name, fail
 from mktme_sandbox.hw.platform import Platform
@@ -357,3 +363,35 @@ class Machine:
                 errno.EINVAL, f"clflush: {cmd.pa:#x} is beyond physical memory ({self.phys_mem:#x})"
             )
         self.platform.clflush(cmd.pa, cmd.keyid)
+
+    # --- snapshots ------------------------------------------------------------
+
+    @_locked
+    def snapshot(self, path: str | os.PathLike[str] | None = None) -> bytes:
+        """The whole machine as a snapshot (docs/api.md "Snapshots"), also written to
+        ``path`` (mode 0600) when given. It holds every key: keep it secret."""
+        data = snapshots.encode(self.config, snapshots.capture(self.platform, self.kernel))
+        if path is not None:
+            snapshots.write_file(path, data)
+        return data
+
+    @_locked
+    def restore(self, source: bytes | str | os.PathLike[str], coldboot: bool = False) -> None:
+        """Become the machine of a snapshot (bytes, or a file's path); ``coldboot``:
+        keep only its DRAM and boot afresh. EINVAL, changing nothing, for anything
+        but a snapshot of a machine configured like this one."""
+        data = source if isinstance(source, bytes) else snapshots.read_file(source)
+        self.platform, self.kernel = snapshots.boot(self.config, snapshots.decode(data), coldboot)
+
+    @_locked
+    def snapshot_command(self, command: str | bytes, uid: int) -> None:
+        """``mm/snapshot``: ``save PATH``, ``restore PATH``, ``coldboot PATH`` (root only)."""
+        if uid != 0:
+            fail(
+                errno.EACCES, f"snapshot: only root may save or restore the machine, not uid {uid}"
+            )
+        cmd = parse_snapshot_command(decode_command(command, "snapshot"))
+        if cmd.op == "save":
+            self.snapshot(cmd.path)
+        else:
+            self.restore(cmd.path, coldboot=cmd.op == "coldboot")

@@ -19,7 +19,8 @@ encryption) under a simulated Linux memory manager, mounted as files.
   pagetables/       NAME: the space's page tables; kernel: direct mappings
   mm/               counters, free pools, mitigation switches, ksm,
                     khugepaged, kpageflags, page_keyid, check ("ok"),
-                    keyid_map.svg (a picture: one cell per page, by KeyID)
+                    keyid_map.svg (a picture: one cell per page, by KeyID),
+                    snapshot (root: save/restore/coldboot PATH)
   hw/               msr (8-byte reads at 0x981..0x984), tme, cache
 
 Control files take one command per write and refuse a bad one with an

@@ -9,7 +9,8 @@ Ownership follows SPEC 4 "Ownership"; the kernel enforces it because the fs is
 mounted with ``default_permissions``:
 
 - the daemon's user owns everything not listed below; control files of mm/
-  and hw/ are 0600, read-only information 0444, directories 0555;
+  and hw/ are 0600, read-only information 0444, directories 0555
+  (``mm/snapshot`` also refuses every caller but root);
 - ``dram`` is 0644 (world-readable: what an attacker on the memory bus sees);
 - ``keys/N`` is 0666 while KeyID N is free, then 0644 owned by its programmer;
 - ``keyids/N/mem`` is 0600, owned by KeyID N's owner (N > 0) once programmed;
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from mktme_sandbox.commands import expect_word, parse_switch
+from mktme_sandbox.commands import SNAPSHOT_USAGE, expect_word, parse_switch
 from mktme_sandbox.config import parse_decimal
 from mktme_sandbox.fs.nodes import Access, BlobFile, Dir, Node, TextFile, fixed
 from mktme_sandbox.fs.readme import README
@@ -110,6 +111,9 @@ class Tree:
             ("mm", "page_keyid"): BlobFile(8 * (m.phys_mem >> 12), m.page_keyid, info),
             ("mm", "check"): TextFile(lambda: _lines(m.check()), info),
             ("mm", "keyid_map.svg"): TextFile(m.keyid_map_svg, info),
+            ("mm", "snapshot"): TextFile(
+                lambda: f"usage: {SNAPSHOT_USAGE}\n", control, m.snapshot_command
+            ),
             ("hw", "msr"): BlobFile(MSR_SPACE, m.read_msr_file, info),
             ("hw", "tme"): TextFile(m.tme_text, info),
             ("hw", "cache"): TextFile(

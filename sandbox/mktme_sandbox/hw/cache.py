@@ -40,6 +40,10 @@ An access inside one line that hits takes a short path with no array
 arithmetic; the slot of a recent hit is remembered and trusted once its tag
 confirms it (the page-table walk's 8-byte loads).
 
+``export_state``/``import_state`` carry every line (tag, dirty bit, age, data),
+the clock, the per-page bound and the counters, for machine snapshots; the
+hints are only a shortcut and start empty.
+
 Left out: cache levels, prefetching, non-temporal stores, and timing.
 """
 
@@ -48,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -104,6 +108,10 @@ class Cache(Protocol):
     def flush_range(self, pa: int, length: int, keyid: int) -> int: ...
 
     def wbinvd(self) -> None: ...
+
+    def export_state(self) -> dict[str, Any]: ...
+
+    def import_state(self, state: dict[str, Any]) -> None: ...
 
 
 def make_cache(size: int, memory: MemoryController) -> Cache:
@@ -258,6 +266,38 @@ class WriteBackCache:
         self._invalidate(slice(None))
         self._resident = self._nothing_resident()
         self._wbinvds += 1
+
+    def export_state(self) -> dict[str, Any]:
+        resident = np.flatnonzero(self._resident)
+        return {
+            "tags": self._tags.copy(),
+            "dirty": self._dirty.copy(),
+            "ages": self._ages.copy(),
+            "data": self._data.copy(),
+            "clock": self._clock,
+            "resident_pages": resident,
+            "resident_counts": self._resident[resident],
+            "counters": [self._hits, self._misses, self._writebacks, self._flushes, self._wbinvds],
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Every array is copied in whole (shapes checked by numpy) or not at all."""
+        arrays = (
+            (self._tags, state["tags"]),
+            (self._dirty, state["dirty"]),
+            (self._ages, state["ages"]),
+            (self._data, state["data"]),
+        )
+        for mine, theirs in arrays:
+            if theirs.shape != mine.shape:
+                raise ValueError(f"cache array of shape {theirs.shape}, not {mine.shape}")
+        for mine, theirs in arrays:
+            mine[...] = theirs
+        self._clock = int(state["clock"])
+        self._resident = self._nothing_resident()
+        self._resident[state["resident_pages"]] = state["resident_counts"]
+        self._hints = {}
+        self._hits, self._misses, self._writebacks, self._flushes, self._wbinvds = state["counters"]
 
     def _hit_within_line(self, pa: int, length: int, keyid: int) -> int:
         """The slot of a hit on an access inside one line, else FREE (take the long path).
@@ -529,3 +569,9 @@ class Uncached:
 
     def wbinvd(self) -> None:
         self._wbinvds += 1
+
+    def export_state(self) -> dict[str, Any]:
+        return {"counters": [self._misses, self._wbinvds]}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self._misses, self._wbinvds = state["counters"]

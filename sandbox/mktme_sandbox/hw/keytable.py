@@ -35,9 +35,12 @@ same cipher at the hardware level (the kernel refuses to map them; not the
 table's business). The CPU generator is seeded with ``config.seed`` so that a
 seeded machine makes the same keys every run.
 
-Key material never leaves: keys live inside ``XtsKey`` cipher contexts;
-``KeyProgram`` hides its key fields from repr; ``KeyState`` carries the mode and
-algorithm only; no exception text or log names key bytes.
+Key material never leaves but through a machine snapshot: keys live inside
+``XtsKey`` cipher contexts and, for ``export_state``, in entries that hide them
+from repr; ``KeyProgram`` hides its key fields from repr; ``KeyState`` carries
+the mode and algorithm only; no exception text or log names key bytes.
+``export_state``/``import_state`` carry the whole table, the generator's state
+included, so that a restored seeded machine makes the keys the original would.
 
 Left out: the PCONFIG targets other than MKTME, per-package tables, and the
 struct's 256-byte alignment (the caller hands over bytes, not an address).
@@ -50,13 +53,20 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from mktme_sandbox.errors import SandboxError, fail
 from mktme_sandbox.hw.msr import TmeActivation
-from mktme_sandbox.hw.xts import ALGORITHMS, PLAINTEXT, Algorithm, LineCipher, XtsKey
+from mktme_sandbox.hw.xts import (
+    ALGORITHMS,
+    PLAINTEXT,
+    Algorithm,
+    LineCipher,
+    XtsKey,
+    algorithm_named,
+)
 
 __all__ = [
     "KEY_FIELD_SIZE",
@@ -184,6 +194,7 @@ class _Entry:
     mode: KeyMode
     algorithm: Algorithm | None
     cipher: LineCipher = field(repr=False)
+    material: bytes = field(default=b"", repr=False)  # data key + tweak key, for snapshots
 
 
 class KeyTable:
@@ -197,9 +208,9 @@ class KeyTable:
     ) -> None:
         self.nr_keyids = activation.nr_keyids
         self._algorithms = activation.mktme_algorithms
-        self._random_bytes = random_bytes or np.random.default_rng(seed).bytes
-        self._tme = self._boot_tme_entry(activation)
-        self._unprogrammed = _Entry("unprogrammed", None, self._tme.cipher)
+        self._rng = np.random.default_rng(seed)
+        self._random_bytes = random_bytes or self._rng.bytes
+        self._set_tme(self._boot_tme_entry(activation))
         self._entries: dict[int, _Entry] = {}
         self._injected = PconfigStatus.PROG_SUCCESS
         self._injected_count = 0
@@ -249,6 +260,11 @@ class KeyTable:
             fail(errno.EINVAL, f"KeyID {keyid} is not 0..{self.nr_keyids}")
         return self._entries.get(keyid, self._unprogrammed)
 
+    def _set_tme(self, tme: _Entry) -> None:
+        """KeyID 0's key; never-programmed KeyIDs use it too."""
+        self._tme = tme
+        self._unprogrammed = _Entry("unprogrammed", None, tme.cipher, tme.material)
+
     def _boot_tme_entry(self, activation: TmeActivation) -> _Entry:
         if activation.tme_bypass:
             return _Entry("tme-bypass", None, PLAINTEXT)
@@ -256,26 +272,81 @@ class KeyTable:
         while True:  # a fresh TME key every boot; equal halves are possible only in theory
             data_key, tweak_key = self._random_bytes(size), self._random_bytes(size)
             if data_key != tweak_key:
-                return _Entry("tme", activation.tme_algorithm, XtsKey(data_key, tweak_key))
+                return _keyed("tme", activation.tme_algorithm, data_key, tweak_key)
 
     def _execute(self, program: KeyProgram, algorithm: Algorithm) -> PconfigStatus:
         command = KeyProgramCommand(program.command)
         size = algorithm.key_bytes
         data_key, tweak_key = program.key_field_1[:size], program.key_field_2[:size]
         if command is KeyProgramCommand.SET_KEY_DIRECT:
-            entry = _Entry("direct", algorithm, XtsKey(data_key, tweak_key))
+            entry = _keyed("direct", algorithm, data_key, tweak_key)
         elif command is KeyProgramCommand.SET_KEY_RANDOM:
             data_key = _xor(self._random_bytes(size), data_key)
             tweak_key = _xor(self._random_bytes(size), tweak_key)
             if data_key == tweak_key:
                 return PconfigStatus.ENTROPY_ERROR
-            entry = _Entry("random", algorithm, XtsKey(data_key, tweak_key))
+            entry = _keyed("random", algorithm, data_key, tweak_key)
         elif command is KeyProgramCommand.CLEAR_KEY:
-            entry = _Entry("cleared", algorithm, self._tme.cipher)
+            entry = _Entry("cleared", algorithm, self._tme.cipher, self._tme.material)
         else:
             entry = _Entry("no-encrypt", algorithm, PLAINTEXT)
         self._entries[program.keyid] = entry
         return PconfigStatus.PROG_SUCCESS
+
+    # --- snapshots ------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """The whole table, key material included: a snapshot holds secrets."""
+        return {
+            "tme": _entry_state(self._tme),
+            "entries": [[k, _entry_state(e)] for k, e in self._entries.items()],
+            "rng": self._rng.bit_generator.state,
+            "injected": [int(self._injected), self._injected_count],
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self._set_tme(_entry_of(state["tme"], PLAINTEXT))
+        self._entries = {}
+        for keyid, entry in state["entries"]:
+            if not 0 < keyid <= self.nr_keyids:
+                fail(errno.EINVAL, f"snapshot: KeyID {keyid} is not 1..{self.nr_keyids}")
+            self._entries[keyid] = _entry_of(entry, self._tme.cipher)
+        self._rng.bit_generator.state = state["rng"]
+        status, count = state["injected"]
+        self._injected, self._injected_count = PconfigStatus(status), count
+
+    def power_on(self, activation: TmeActivation, rng_state: dict[str, Any] | None) -> None:
+        """A cold boot: an empty table and a new TME key, drawn after ``rng_state``
+        (None: from where the generator is)."""
+        if rng_state is not None:
+            self._rng.bit_generator.state = rng_state
+        self._set_tme(self._boot_tme_entry(activation))
+        self._entries = {}
+        self._injected, self._injected_count = PconfigStatus.PROG_SUCCESS, 0
+
+
+def _keyed(mode: KeyMode, algorithm: Algorithm, data_key: bytes, tweak_key: bytes) -> _Entry:
+    return _Entry(mode, algorithm, XtsKey(data_key, tweak_key), data_key + tweak_key)
+
+
+def _entry_state(entry: _Entry) -> dict[str, Any]:
+    algorithm = entry.algorithm.name if entry.algorithm else None
+    return {"mode": entry.mode, "algorithm": algorithm, "material": entry.material}
+
+
+def _entry_of(state: dict[str, Any], tme: LineCipher) -> _Entry:
+    """An entry from ``_entry_state``; cleared KeyIDs share the TME cipher ``tme``."""
+    mode, material = state["mode"], bytes(state["material"])
+    algorithm = None if state["algorithm"] is None else algorithm_named(state["algorithm"])
+    if mode in ("tme", "direct", "random"):
+        if algorithm is None or len(material) != 2 * algorithm.key_bytes:
+            fail(errno.EINVAL, f"snapshot: a {mode} key without its algorithm's key bytes")
+        half = algorithm.key_bytes
+        return _keyed(mode, algorithm, material[:half], material[half:])
+    if mode not in ("cleared", "no-encrypt", "tme-bypass", "unprogrammed"):
+        fail(errno.EINVAL, f"snapshot: unknown key mode {mode!r}")
+    cipher = tme if mode in ("cleared", "unprogrammed") else PLAINTEXT
+    return _Entry(mode, algorithm, cipher, material)
 
 
 def _one_hot_algorithm(field_value: int) -> Algorithm | None:

@@ -20,14 +20,24 @@ Rules it keeps:
   encrypted with the key current at write-back. Flushing first is the kernel's
   job (``flush_range``, ``clflush``, ``wbinvd``).
 
+Snapshots: ``export_state`` holds DRAM (the pages that are not all zeros),
+the key table with its key material and generator, and the cache; the MSRs are
+locked at boot and follow from the config. ``import_state`` makes a platform
+of the same config that state; ``cold_boot`` keeps only DRAM, as a reboot with
+the memory still powered does: an empty cache, an empty key table and a new
+TME key.
+
 Left out: TLBs and paging (the kernel's), multiple packages, and timing.
 """
 
 from __future__ import annotations
 
 import errno
+from typing import Any
 
-from mktme_sandbox.config import MachineConfig
+import numpy as np
+
+from mktme_sandbox.config import PAGE_SIZE, MachineConfig
 from mktme_sandbox.errors import fail
 from mktme_sandbox.hw.cache import Cache, make_cache
 from mktme_sandbox.hw.dram import Dram
@@ -127,6 +137,35 @@ class Platform:
     def tme_text(self) -> str:
         """The TME MSRs decoded, ``name value`` per line (``hw/tme``)."""
         return self._msrs.text()
+
+    # Snapshots.
+
+    def export_state(self) -> dict[str, Any]:
+        pfns = self._dram.touched_pages()
+        return {
+            "dram": {"pfns": pfns, "pages": self._dram.page_contents(pfns)},
+            "keys": self._keys.export_state(),
+            "cache": self.cache.export_state(),
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self._load_dram(state["dram"])
+        self._keys.import_state(state["keys"])
+        self.cache.import_state(state["cache"])
+
+    def cold_boot(self, state: dict[str, Any]) -> None:
+        """DRAM from ``state``, everything else as at power-on. A seeded machine
+        draws its new TME key after the saved generator state (not the boot's
+        key again); an unseeded one from fresh entropy."""
+        self._load_dram(state["dram"])
+        rng = state["keys"]["rng"] if self.config.seed is not None else None
+        self._keys.power_on(self._msrs.activation(), rng)
+
+    def _load_dram(self, dram: dict[str, Any]) -> None:
+        pfns, pages = np.asarray(dram["pfns"], dtype=np.int64), dram["pages"]
+        if pages.dtype != np.uint8 or pages.shape != (len(pfns), PAGE_SIZE):
+            fail(errno.EINVAL, "snapshot: the DRAM pages do not match their page numbers")
+        self._dram.load_pages(pfns, pages)
 
     def _fine(self, pa: int, length: int, keyid: int) -> bool:
         """A valid access of at least one byte; anything else goes through ``_check``.

@@ -9,12 +9,20 @@ this class holds their shared state and names the address spaces.
 
 The six mitigation switches (SPEC 3) are plain booleans read by the
 mechanisms at the point where the patch they stand for acts.
+
+``export_state``/``import_state`` carry everything a booted kernel changes
+(log, counters, switches, allocator, page-table count, TLB, spaces and their
+VMAs, key owners, KSM and khugepaged counters) for machine snapshots; what
+boot derives from the config (KeyID layout, direct map, zero page) is not saved.
+The page tables themselves live in emulated memory and come back with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import re
+from typing import Any
 
 from mktme_sandbox.config import PAGE_SIZE, MachineConfig
 from mktme_sandbox.errors import fail
@@ -127,6 +135,41 @@ class Kernel:
         self.pt.destroy(mm.pgd)
         self.tlb.flush_all(mm.asid)
         del self.spaces[name]
+
+    # --- snapshots ------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "log": self.log.export_state(),
+            "vmstat": self.vmstat.snapshot(),
+            "mitigations": dict(self.mitigations),
+            "alloc": self.alloc.export_state(),
+            "table_pages": self.pt.table_pages,
+            "tlb": self.tlb.export_state(),
+            "spaces": [mm.export_state() for mm in self.spaces.values()],
+            "next_asid": self._next_asid,
+            "key_owners": list(self.keys.owners().items()),
+            "ksm": dataclasses.asdict(self.ksm),
+            "khugepaged": dataclasses.asdict(self.khugepaged),
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Become the kernel of ``state``; ValueError/KeyError/TypeError when it does
+        not fit this kernel (the caller then drops this kernel)."""
+        if set(state["mitigations"]) != set(MITIGATIONS):
+            raise ValueError("the mitigation switches differ from this kernel's")
+        self.log.import_state(state["log"])
+        self.vmstat.import_state(state["vmstat"])
+        self.mitigations.update({name: bool(state["mitigations"][name]) for name in MITIGATIONS})
+        self.alloc.import_state(state["alloc"])
+        self.pt.table_pages = int(state["table_pages"])
+        self.tlb.import_state(state["tlb"])
+        spaces = [MmStruct.from_state(space) for space in state["spaces"]]
+        self.spaces = {mm.name: mm for mm in spaces}
+        self._next_asid = int(state["next_asid"])
+        self.keys.set_owners({int(k): int(uid) for k, uid in state["key_owners"]})
+        self.ksm = KsmStats(**state["ksm"])
+        self.khugepaged = KhugepagedStats(**state["khugepaged"])
 
     # --- KeyIDs ---------------------------------------------------------------
 

@@ -177,6 +177,13 @@ class KeyService:
                 self._vmstat.inc("key_program_retry")
         fail(errno.EAGAIN, f"key: PCONFIG answered {status.name} {PCONFIG_TRIES} times; try again")
 
+    def owners(self) -> dict[int, int]:
+        """KeyID -> the uid that programmed it (a copy, for snapshots)."""
+        return dict(self._owners)
+
+    def set_owners(self, owners: dict[int, int]) -> None:
+        self._owners = dict(owners)
+
     def status_line(self, keyid: int, pages: int) -> str:
         s = self.slot(keyid)
         owner = "-" if s.owner is None else str(s.owner)

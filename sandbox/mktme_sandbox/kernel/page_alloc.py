@@ -32,7 +32,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from enum import IntFlag
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -217,3 +217,31 @@ class PageAllocator:
 
     def is_free(self, pfn: int) -> bool:
         return pfn >= self._fresh or bool(self.flags[pfn] & PG.BUDDY)
+
+    # --- snapshots ------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Pages from ``never_used`` up are all zeros in every array: left out."""
+        used = slice(0, self._fresh)
+        return {
+            "page_keyid": self.page_keyid[used].copy(),
+            "mapcount": self.mapcount[used].copy(),
+            "flags": self.flags[used].copy(),
+            "keyid_free_pools": self.keyid_free_pools,
+            "pools": [[k, np.array(pfns, dtype=np.int64)] for k, pfns in self._pools.items()],
+            "fresh": self._fresh,
+            "allocated_by_keyid": [[k, n] for k, n in self.allocated_by_keyid.items()],
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        fresh = int(state["fresh"])
+        if not 0 <= fresh <= self.nr_pages:
+            raise ValueError(f"allocator state of {fresh} pages, this machine has {self.nr_pages}")
+        for name in ("page_keyid", "mapcount", "flags"):
+            array = getattr(self, name)
+            array[:] = 0
+            array[:fresh] = state[name]
+        self.keyid_free_pools = bool(state["keyid_free_pools"])
+        self._pools = {int(k): [int(p) for p in pfns] for k, pfns in state["pools"]}
+        self._fresh = fresh
+        self.allocated_by_keyid = {int(k): int(n) for k, n in state["allocated_by_keyid"]}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import Any
 
 __all__ = ["LOG_LINE_MAX", "KernelLog", "escape"]
 
@@ -58,3 +59,12 @@ class KernelLog:
 
     def text(self) -> str:
         return "".join(line + "\n" for line in self._lines)
+
+    def export_state(self) -> dict[str, Any]:
+        return {"lines": list(self._lines), "uptime": time.monotonic() - self._boot}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """The saved lines; later lines carry on from the saved uptime."""
+        self._lines.clear()
+        self._lines.extend(str(line) for line in state["lines"])
+        self._boot = time.monotonic() - float(state["uptime"])

@@ -25,7 +25,9 @@ What it leaves out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from mktme_sandbox.kernel.pgtable import PAGE_SHIFT, PteLayout
 
@@ -125,6 +127,31 @@ class Tlb:
             self.evictions,
             len(self._entries),
         )
+
+    def export_state(self) -> dict[str, Any]:
+        """Entries in insertion order (the order replacement follows), and counters."""
+        rows = [(a, vpn, *entry) for (a, vpn), entry in self._entries.items()]
+        return {
+            "capacity": self.capacity,
+            "entries": np.array(rows, dtype=np.uint64).reshape(-1, 5),
+            "counters": [
+                self.hits,
+                self.misses,
+                self.flushes,
+                self.entries_flushed,
+                self.evictions,
+            ],
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        self.capacity = state["capacity"]
+        self._entries = {
+            (asid, vpn): TlbEntry(pfn, keyid, pte)
+            for asid, vpn, pfn, keyid, pte in state["entries"].tolist()
+        }
+        self.hits, self.misses, self.flushes, self.entries_flushed, self.evictions = state[
+            "counters"
+        ]
 
     def _drop(self, keys: list[tuple[int, int]]) -> int:
         for key in keys:

@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntFlag
+from typing import Any
 
 from mktme_sandbox.kernel.pgtable import PAGE_NONE, PteFlags, PteLayout
 
@@ -98,6 +99,23 @@ class MmStruct:
         self.asid = asid
         self._vmas: list[Vma] = []
         self._starts: list[int] = []
+
+    def export_state(self) -> dict[str, Any]:
+        vmas = [[v.start, v.end, int(v.vm_flags), v.vm_page_prot] for v in self._vmas]
+        return {
+            "name": self.name,
+            "owner": self.owner,
+            "pgd": self.pgd,
+            "asid": self.asid,
+            "vmas": vmas,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> MmStruct:
+        mm = cls(str(state["name"]), int(state["owner"]), int(state["pgd"]), int(state["asid"]))
+        for start, end, vm_flags, prot in state["vmas"]:
+            mm.insert(Vma(int(start), int(end), VM(vm_flags), int(prot)))
+        return mm
 
     # --- lookup -----------------------------------------------------------
 

@@ -61,3 +61,9 @@ class VmStat:
 
     def text(self) -> str:
         return "".join(f"{name} {value}\n" for name, value in self._counts.items())
+
+    def import_state(self, counts: dict[str, int]) -> None:
+        """Counts as ``snapshot()`` gave them (ValueError unless every counter is there)."""
+        if set(counts) != set(self._counts):
+            raise ValueError("vmstat counters differ from this kernel's")
+        self._counts = {name: int(counts[name]) for name in VMSTAT_ITEMS}
