@@ -455,3 +455,45 @@ def test_a_rejected_user_key_is_redacted_in_the_exception(tmp_path: Path) -> Non
     assert KEY not in text
     assert "'type=user algorithm=aes-xts-128 key=<redacted> tweak=<redacted>' rejected" in text
     assert "keys/1: EINVAL" in text  # the dmesg reason is still there
+
+
+# --- the shared mount: one daemon, restored before each test ---------------------------
+
+SHARED = """
+import os
+
+import pytest
+
+SEEN = {}
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_every_test_starts_from_the_fresh_machine(mktme_shared_mount, n):
+    m = mktme_shared_mount
+    SEEN.setdefault("pid", m.pid)
+    assert m.pid == SEEN["pid"]  # one daemon for every test
+    assert os.listdir(m.path / "spaces") == []
+    assert all("state=free" in line for line in m.read_text("keys/1").splitlines())
+    assert m.check() == []
+    m.program_key(1)
+    m.create_space(f"left-by-{n}")
+    m.map(f"left-by-{n}", 0x10000000, 0x4000, keyid=1)
+
+
+@pytest.mark.mktme(keyid_bits=2)
+def test_other_options_get_their_own_shared_mount(mktme_shared_mount):
+    assert sorted(os.listdir(mktme_shared_mount.path / "keys")) == ["1", "2", "3"]
+    assert os.listdir(mktme_shared_mount.path / "spaces") == []
+"""
+
+
+@pytest.mark.mount
+def test_the_shared_mount_is_one_daemon_restored_before_each_test(
+    project: pytest.Pytester,
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("restoring a snapshot is for root only; elsewhere it is mktme_mount")
+    project.makepyfile(test_user=SHARED)
+    result = run(project)
+    result.assert_outcomes(passed=5)
+    assert_nothing_left(project.path)
