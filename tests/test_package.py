@@ -10,6 +10,7 @@ A foreign project with its own ``sandbox.py`` then runs pytest with the plugin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -133,6 +134,40 @@ def test_the_wheel_holds_the_package_its_types_licence_and_entry_points(
 def test_the_installed_command_reports_the_version(installed: Installed) -> None:
     out = _run([installed.bin("mktme-sandbox"), "--version"], cwd=installed.venv)
     assert out.strip() == f"mktme-sandbox, version {mktme_sandbox.__version__}"
+
+
+TOOLS = ["mktme-key", "mktme-map", "mktme-peek", "mktme-walk", "mktme-find"]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_is_on_the_installed_path(installed: Installed, tool: str) -> None:
+    out = _run([installed.bin(tool), "--help"], cwd=installed.venv)
+    assert out.startswith("usage: " + tool)
+
+
+def test_the_installed_examples_are_listed(installed: Installed) -> None:
+    out = _run([installed.bin("mktme-sandbox"), "examples", "list"], cwd=installed.venv)
+    assert len([line for line in out.splitlines() if line.split()[0].isdigit()]) >= 13
+
+
+@pytest.mark.mount
+def test_run_all_runs_every_experiment_from_the_installed_package(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """A fresh mount, every experiment, from the wheel alone (no checkout on the path)."""
+    env_bin = f"{installed.venv / 'bin'}:{os.environ['PATH']}"
+    done = subprocess.run(
+        [installed.bin("mktme-sandbox"), "examples", "run-all", "--json"],
+        cwd=tmp_path,
+        env={**os.environ, "PATH": env_bin, "XDG_RUNTIME_DIR": str(tmp_path)},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    outcomes = json.loads(done.stdout)["outcomes"]
+    assert len(outcomes) >= 13 and {o["verdict"] for o in outcomes} == {"PASS"}
 
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(installed: Installed) -> None:
