@@ -58,6 +58,8 @@ __all__ = [
     "Kpf",
     "Layout",
     "Level",
+    "MemoryPicture",
+    "MemoryRun",
     "Mount",
     "MountError",
     "NoFreeKeyID",
@@ -70,6 +72,7 @@ __all__ = [
     "Walk",
     "errno_name",
     "find_in",
+    "memory_picture",
     "mount_from",
     "parse_int",
     "parse_tme",
@@ -590,6 +593,10 @@ class Mount:
     def kpageflags(self, pfn: int) -> int:
         return int.from_bytes(self.read_bytes("mm/kpageflags", pfn * 8, 8), "little")
 
+    def keyid_map(self) -> MemoryPicture:
+        """``mm/keyid_map.svg``, decoded: every run of pages of one KeyID and class."""
+        return memory_picture(self.read_text("mm/keyid_map.svg"))
+
     # -- spaces -----------------------------------------------------------
     def spaces(self) -> list[Space]:
         return [Space(self, n) for n in sorted(self._listdir("spaces"))]
@@ -847,6 +854,59 @@ def runs(pfns: Iterable[int]) -> Iterator[tuple[int, int]]:
         start, count = pfn, 1
     if start is not None and count is not None:
         yield start, count
+
+
+@dataclass(frozen=True)
+class MemoryRun:
+    """``pages`` cells from ``pfn`` on, of one KeyID and one class (``used``,
+    ``thp``, ``ksm``, ``zero``, ``pgtable``, ``free``): one ``<rect>``."""
+
+    pfn: int
+    pages: int
+    keyid: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class MemoryPicture:
+    """``mm/keyid_map.svg`` as data (docs/spec.md 4.3): its runs cover every PFN once."""
+
+    pages: int
+    pages_per_cell: int
+    runs: tuple[MemoryRun, ...]
+
+    def counts(self) -> dict[int, dict[str, int]]:
+        """KeyID -> class -> pages (cells times pages per cell when aggregated)."""
+        found: dict[int, dict[str, int]] = {}
+        for run in self.runs:
+            per_kind = found.setdefault(run.keyid, {})
+            per_kind[run.kind] = per_kind.get(run.kind, 0) + run.pages
+        return found
+
+
+def memory_picture(svg: str) -> MemoryPicture:
+    """Decode the picture of physical memory (stdlib ``xml.etree``)."""
+    import xml.etree.ElementTree as ET
+
+    ns = "{http://www.w3.org/2000/svg}"
+    root = ET.fromstring(svg)
+    group = root.find(f"{ns}g[@id='pages']")
+    if group is None:
+        raise ValueError("not a picture of physical memory: no <g id='pages'>")
+    runs = []
+    for rect in group.iter(f"{ns}rect"):
+        keyid_word, kind = rect.attrib["class"].split()
+        runs.append(
+            MemoryRun(
+                int(rect.attrib["data-pfn"]),
+                int(rect.attrib["data-pages"]),
+                int(keyid_word.removeprefix("keyid-")),
+                kind,
+            )
+        )
+    return MemoryPicture(
+        int(root.attrib["data-pages"]), int(root.attrib["data-pages-per-cell"]), tuple(runs)
+    )
 
 
 def find_in(

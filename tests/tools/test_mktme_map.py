@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -78,3 +79,40 @@ def test_an_unaligned_address_is_einval(tool: Run, mnt: Mount) -> None:
 def test_showing_a_missing_space_exits_3(tool: Run) -> None:
     done = tool("mktme-map", "show", "no-such-space")
     assert done.returncode == 3 and "no space" in done.stderr
+
+
+def test_memory_counts_the_pages_of_each_keyid_as_page_keyid_does(
+    tool: Run, mnt: Mount, tmp_path
+) -> None:
+    """The counts come from mm/keyid_map.svg; they must agree with mm/page_keyid
+    and mm/kpageflags read directly (BUDDY bit 10 marks a free page)."""
+    keyid = mnt.add_key("type=cpu algorithm=aes-xts-128")
+    name = space_name()
+    try:
+        tool("mktme-map", "map", name, "0x7f0000000000", "128K", "-k", str(keyid), "--populate")
+        picture = tmp_path / "memory.svg"
+        done = tool("mktme-map", "memory", "--json", "-o", str(picture))
+        assert done.returncode == 0, done.stderr
+        counts = json.loads(done.stdout)
+        assert picture.read_text() == mnt.read_text("mm/keyid_map.svg")
+        keyids = mnt.page_keyids()
+        free = [
+            bool(int.from_bytes(mnt.read_bytes("mm/kpageflags", pfn * 8, 8), "little") >> 10 & 1)
+            for pfn in range(len(keyids))
+        ]
+        in_use = sum(1 for k, f in zip(keyids, free, strict=True) if k == keyid and not f)
+        assert counts["pages"] == len(keyids) and counts["pages_per_cell"] == 1
+        assert sum(v for c, v in counts["keyids"][str(keyid)].items() if c != "free") == in_use
+        assert in_use >= 32  # the 128K just populated
+        table = tool("mktme-map", "memory").stdout.splitlines()
+        assert table[0].split()[0] == "KEYID"
+        assert any(line.split()[0] == str(keyid) for line in table[1:])
+    finally:
+        tool("mktme-map", "destroy", name)
+        mnt.clear_key(keyid)
+
+
+def test_the_output_option_belongs_to_memory_only(tool: Run) -> None:
+    done = tool("mktme-map", "list", "-o", "x.svg")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "mktme-map: -o is for the memory command only"

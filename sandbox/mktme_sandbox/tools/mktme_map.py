@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from mktme_sandbox.client import Mount, Space, Vma, parse_int, user_va
+from mktme_sandbox.client import Mount, Space, Vma, memory_picture, parse_int, user_va
 from mktme_sandbox.tools import EXIT_USAGE, ToolError, ToolParser, open_mount, print_json, run
 
 PROG = "mktme-map"
@@ -19,6 +19,7 @@ usage: mktme-map [-m MNT] map SPACE ADDR LEN [-k KEYID] [-p PROT] [--populate]
        mktme-map [-m MNT] show SPACE [--json]
        mktme-map [-m MNT] list [--json]
        mktme-map [-m MNT] destroy SPACE
+       mktme-map [-m MNT] memory [-o FILE.svg] [--json]
 
 An address space is a directory spaces/SPACE (a process, in Linux terms).
 
@@ -33,6 +34,10 @@ An address space is a directory spaces/SPACE (a process, in Linux terms).
            --json: the same rows as a JSON list.
   list     the spaces of the mount and their CR3; --json: as a JSON list.
   destroy  rmdir spaces/SPACE: unmaps everything and frees its page tables.
+  memory   physical memory by KeyID, from the picture mm/keyid_map.svg: pages
+           in use and free per KeyID and per class (used, thp, ksm, zero,
+           pgtable, free); -o FILE.svg saves the picture itself (open it in a
+           browser); --json: {pages, pages_per_cell, keyids: {K: {CLASS: N}}}.
 
 The mountpoint is -m MNT, else $MKTME_MNT. KeyIDs come from mktme-key.
 
@@ -42,6 +47,7 @@ examples:
   mktme-map -m mnt show demo
   mktme-map -m mnt unmap demo 0x7f0000000000 4096
   mktme-map -m mnt destroy demo
+  mktme-map -m mnt memory -o memory.svg
 
 exit status: 0 done; 1 the sandbox rejected the command (the errno and the
 reason from dmesg are printed: ENOKEY for a KeyID that is not programmed,
@@ -56,6 +62,7 @@ USAGES = {
     "show": ("SPACE", 1),
     "list": ("", 0),
     "destroy": ("SPACE", 1),
+    "memory": ("[-o FILE.svg]", 0),
 }
 
 
@@ -65,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-k", "--keyid", help="the KeyID of the mapping (default 0)")
     p.add_argument("-p", "--prot", default="rw-", help="protection (default rw-)")
     p.add_argument("--populate", action="store_true", help="fault every page in now")
+    p.add_argument("-o", "--output", metavar="FILE", help="memory: save the SVG picture to FILE")
     p.add_argument("command", metavar="COMMAND", help=", ".join(USAGES))
     p.add_argument("args", nargs="*", metavar="ARG")
     return p.parse_args(argv)
@@ -148,6 +156,35 @@ def cmd_list(mount: Mount, as_json: bool) -> int:
     return 0
 
 
+def cmd_memory(mount: Mount, output: str | None, as_json: bool) -> int:
+    svg = mount.read_text("mm/keyid_map.svg")
+    picture = memory_picture(svg)
+    if output is not None:
+        with open(output, "w", encoding="utf-8") as out:
+            out.write(svg)
+        print(f"saved the picture of {picture.pages} pages to {output}", file=sys.stderr)
+    counts = picture.counts()
+    if as_json:
+        print_json(
+            {
+                "pages": picture.pages,
+                "pages_per_cell": picture.pages_per_cell,
+                "keyids": {str(k): counts[k] for k in sorted(counts)},
+            }
+        )
+        return 0
+    kinds = [k for k in MEMORY_KINDS if any(k in c for c in counts.values())]
+    print(f"{'KEYID':>5} " + " ".join(f"{k:>8}" for k in kinds))
+    for keyid in sorted(counts):
+        print(f"{keyid:>5} " + " ".join(f"{counts[keyid].get(k, 0):>8}" for k in kinds))
+    if picture.pages_per_cell > 1:
+        print(f"(a cell is {picture.pages_per_cell} pages, counted by its majority class)")
+    return 0
+
+
+MEMORY_KINDS = ("used", "thp", "ksm", "zero", "pgtable", "free")
+
+
 def cmd_destroy(mount: Mount, name: str) -> int:
     existing(mount, name).destroy()
     print(f"destroyed space {name}")
@@ -160,7 +197,9 @@ def body(args: argparse.Namespace) -> int:
     usage, count = USAGES[args.command]
     if len(args.args) != count:
         raise ToolError(EXIT_USAGE, f"usage: {args.command} {usage}".rstrip())
-    if args.keyid is not None and not args.keyid.isdigit():
+    if args.output is not None and args.command != "memory":
+        raise ToolError(EXIT_USAGE, "-o is for the memory command only")
+    if args.keyid is not None and not re.fullmatch("[0-9]+", args.keyid):
         raise ToolError(EXIT_USAGE, f"-k must be a number, not '{args.keyid}'")
     mount = open_mount(args)
     a = args.args
@@ -172,6 +211,8 @@ def body(args: argparse.Namespace) -> int:
         return cmd_show(mount, a[0], args.json)
     if args.command == "list":
         return cmd_list(mount, args.json)
+    if args.command == "memory":
+        return cmd_memory(mount, args.output, args.json)
     return cmd_destroy(mount, a[0])
 
 
