@@ -1,4 +1,4 @@
-"""The ``mktme-sandbox`` command line (SPEC 5), as a user runs it.
+"""The ``mktme-sandbox`` command line (docs/spec.md section 5), as a user runs it.
 
 Option validation runs in-process with click's runner (no daemon starts); the
 mount, list and umount tests run the installed command in subprocesses.

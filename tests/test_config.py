@@ -1,4 +1,4 @@
-"""MachineConfig: defaults from SPEC 2, every option checked with a message."""
+"""MachineConfig: defaults from docs/spec.md section 2, every option checked with a message."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The daemon's life (SPEC 5): mount, signals, stale mounts, cleanup helpers.
+"""The daemon's life (docs/spec.md section 5): mount, signals, stale mounts, cleanup helpers.
 
 Daemons are started with ``daemon_argv`` (the foreground ``mount`` command) as
 children of the test, their output in a log that must show no traceback; every

@@ -1,4 +1,4 @@
-"""The pytest plugin, used the way another project uses it (issue 6, SPEC section 6).
+"""The pytest plugin, used the way another project uses it (issue 6, docs/spec.md section 6).
 
 Each test writes a test file into a temporary project (``pytester``) that has no
 conftest and runs pytest on it, so the plugin arrives through the ``pytest11``

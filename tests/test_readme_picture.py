@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from keyid_map_helpers import InProcess, make_every_kind_of_page
-
 from mktme_sandbox import Machine
 
 PICTURE = Path(__file__).resolve().parent.parent / "docs" / "keyid-map.svg"

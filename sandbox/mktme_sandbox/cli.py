@@ -1,4 +1,4 @@
-"""The ``mktme-sandbox`` command line (SPEC section 5).
+"""The ``mktme-sandbox`` command line (docs/spec.md section 5).
 
 ``mount`` validates every option (``MachineConfig.validate`` and ``parse_size``
 give the messages), cleans a stale mount, starts a detached daemon and returns

@@ -3,7 +3,7 @@
 The one client of a mount: the tools (``mktme_sandbox.tools``: mktme-key,
 mktme-map, mktme-peek, mktme-walk, mktme-find), the experiments
 (``mktme_sandbox.examples``) and the pytest plugin's ``MountedSandbox`` all
-use it. It uses nothing but the files of SPEC section 4, with the formats
+use it. It uses nothing but the files of docs/spec.md section 4, with the formats
 written there, so that everything built on it proves the mount is a complete
 interface: it imports nothing but the standard library (no numpy, no
 cryptography, no FUSE, no click), and ``import mktme_sandbox.client`` loads
@@ -141,7 +141,7 @@ _SECRET_FIELD = re.compile(r"(?<!\S)(key|tweak)=\S*", re.IGNORECASE)
 def redacted(command: str) -> str:
     """``command`` with every ``key=HEX`` and ``tweak=HEX`` shown as ``key=<redacted>``.
 
-    Key material never appears in a message (SPEC 2), not even a user's own
+    Key material never appears in a message (docs/spec.md section 2), not even a user's own
     rejected key: every error that echoes a command echoes it through here.
     """
     return _SECRET_FIELD.sub(r"\1=<redacted>", command)
@@ -212,7 +212,7 @@ def _fields(line: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the KeyID sits in a physical address (SPEC 2): the top
+    """Where the KeyID sits in a physical address (docs/spec.md section 2): the top
     ``keyid_bits`` of the ``maxphyaddr`` physical-address bits.
 
     A stdlib copy of the part of ``mktme_sandbox.kernel.pgtable.PteLayout`` a tool
@@ -357,7 +357,7 @@ def parse_smaps(text: str) -> list[Vma]:
 
 
 class Mount:
-    """An mktme-sandbox mount (SPEC 4).
+    """An mktme-sandbox mount (docs/spec.md section 4).
 
     ``NotAMount`` when ``root`` is not one; every refused file operation
     raises ``MountError`` with the errno and the reason the sandbox logged.
@@ -386,7 +386,7 @@ class Mount:
     def write_ctl(self, rel: str, command: str) -> None:
         """One control command, one ``write(2)`` (like ``echo CMD > file``).
 
-        A rejection raises ``MountError`` with the errno of SPEC section 4, the
+        A rejection raises ``MountError`` with the errno of docs/spec.md 7, the
         command (its ``key=`` and ``tweak=`` values redacted) and the dmesg line
         with the reason.
         """

@@ -1,6 +1,6 @@
 """The text commands written to control files, parsed into typed calls.
 
-Grammar (SPEC 4 "Commands"): ``mmap ADDR LEN PROT [keyid=N] [populate]``,
+Grammar (docs/spec.md 4.4): ``mmap ADDR LEN PROT [keyid=N] [populate]``,
 ``munmap ADDR LEN``, ``mprotect ADDR LEN PROT``,
 ``encrypt_mprotect ADDR LEN PROT keyid=N``,
 ``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed``; for ``mm/snapshot``

@@ -1,6 +1,6 @@
 """The configuration of one machine, shared by every layer.
 
-``MachineConfig`` holds the options of SPEC section 2 and section 5
+``MachineConfig`` holds the options of docs/spec.md section 2 and section 5
 (``mktme-sandbox mount``): the platform's physical-address layout, the MKTME
 enumeration (KeyID bits, key count, algorithms), TME bypass, the cache size and
 the random seed. It is a leaf module: ``hw``, ``kernel``, ``machine`` and the CLI

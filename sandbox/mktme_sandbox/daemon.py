@@ -1,4 +1,4 @@
-"""The life of one sandbox daemon: mount, serve, stop, clean up (SPEC 5).
+"""The life of one sandbox daemon: mount, serve, stop, clean up (docs/spec.md section 5).
 
 A daemon is ``mktme-sandbox mount --foreground MNT [options]``: one process,
 one ``Machine``, one FUSE mount served by libfuse's single-threaded loop. It ends

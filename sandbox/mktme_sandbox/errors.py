@@ -1,6 +1,6 @@
 """One error type for everything the sandbox rejects.
 
-A ``SandboxError`` carries the errno that SPEC section 4 assigns to the
+A ``SandboxError`` carries the errno that docs/spec.md 7 assigns to the
 situation and a reason a person can act on. Its text reads like the OS's own
 (``[Errno 22] Invalid argument: mmap: address 0x1001 is not page aligned``).
 The FUSE layer turns it into ``FuseOSError(errno)`` plus one dmesg line; the
@@ -17,7 +17,7 @@ __all__ = ["SandboxError", "errno_name", "fail"]
 
 
 class SandboxError(OSError):
-    """A rejected operation: ``errno`` from SPEC section 4 and a reason."""
+    """A rejected operation: ``errno`` from docs/spec.md 7 and a reason."""
 
     def __init__(self, err: int, reason: str) -> None:
         super().__init__(err, os.strerror(err))

@@ -1,6 +1,6 @@
 """Machine: one emulated platform plus one simulated kernel, the public API.
 
-Everything the filesystem of SPEC 4 shows is one method here, so that the FUSE
+Everything the filesystem of docs/spec.md section 4 shows is one method here, so that the FUSE
 layer stays a table of paths. Every public method takes the machine's lock
 for its whole duration: calls from the multithreaded FUSE loop are
 serialized, and a command either happens entirely or raises

@@ -91,7 +91,7 @@ class MountedSandbox(Mount):
     ``check`` ...) plus the daemon's ``pid``, its ``log_path`` and the
     ``options`` it was started with.
 
-    Relative paths (``rel``) are inside the mount, as in SPEC section 4.
+    Relative paths (``rel``) are inside the mount, as in docs/spec.md section 4.
     """
 
     def __init__(

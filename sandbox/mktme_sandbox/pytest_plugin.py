@@ -1,6 +1,6 @@
 """MKTME machines as pytest fixtures, for this project's tests and everyone else's.
 
-Registered through the ``pytest11`` entry point (SPEC section 6), so installing
+Registered through the ``pytest11`` entry point (docs/spec.md section 6), so installing
 ``mktme-sandbox`` is all a project needs; no conftest. The fixtures:
 
 ``mktme_machine`` / ``mktme_machine_factory(**options)``
@@ -18,7 +18,7 @@ Registered through the ``pytest11`` entry point (SPEC section 6), so installing
     A mount is a ``MountedSandbox``: the stdlib client's ``Mount``
     (``mktme_sandbox.client``) plus the daemon's pid and log.
 
-Options are the ones of ``mktme-sandbox mount`` (SPEC section 5) in Python form:
+Options are the ones of ``mktme-sandbox mount`` (docs/spec.md section 5) in Python form:
 ``phys_mem="64M"`` (or an int), ``maxphyaddr``, ``keyid_bits``, ``max_keys``,
 ``algorithms``, ``tme_bypass``, ``cache_size``, ``seed``, and ``allow_other`` for
 mounts. They come from, weakest first: the command line / ini defaults

@@ -1,4 +1,4 @@
-"""Every rejected operation of SPEC section 4's error table, from the shell.
+"""Every rejected operation of the error table of docs/spec.md 7, from the shell.
 
 Each case runs one command in bash and checks the errno the shell reports
 (its strerror text), the one dmesg line naming the file and the errno, that

@@ -1,4 +1,4 @@
-"""SPEC 4 "Ownership" as unprivileged users see it, and key material never shown.
+"""docs/spec.md 8 as unprivileged users see it, and key material never shown.
 
 The daemon runs as root with ``--allow-other``; the tests act as ``nobody``
 (65534) and a second unprivileged user (65533) through ``setpriv``. The kernel

@@ -1,7 +1,7 @@
 """Random bytes and random command lines written to every control file.
 
 Whatever is written, the daemon answers with success or one of the errnos of
-SPEC 4, never with an internal error, keeps serving, and ``mm/check`` stays
+docs/spec.md section 4, never with an internal error, keeps serving, and ``mm/check`` stays
 "ok". The mitigation switches are only ever written non-"0" data: turning one
 off is meant to let the audit find violations. The fuzzed mount is checked in
 its fixture's teardown, after the last fuzzing test of the worker that fuzzed

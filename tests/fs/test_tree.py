@@ -1,4 +1,4 @@
-"""Every file of SPEC section 4, through the shell tools a user would use.
+"""Every file of docs/spec.md section 4, through the shell tools a user would use.
 
 One mount for the module (16 MiB, seed 1). Each test drives the files with
 cat, dd, xxd, cmp, echo, mkdir, rmdir, stat in bash and checks what a user

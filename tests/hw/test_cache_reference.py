@@ -1,6 +1,6 @@
 """The vectorized cache against a line-by-line reference model (STYLE habit 8).
 
-``ReferenceCache`` keeps the rules of SPEC section 2 and of ``mktme_sandbox.hw.cache``
+``ReferenceCache`` keeps the rules of docs/spec.md section 2 and of ``mktme_sandbox.hw.cache``
 in the plainest form: one line at a time, a Python list of ways per set, no
 chunks, no early answers, no hints. Random sequences of loads, stores, fills,
 flushes, WBINVDs, DRAM writes and key changes run on two identical machines,
@@ -48,7 +48,7 @@ class _Way:
 
 
 class ReferenceCache:
-    """SPEC section 2's cache, one line at a time: LRU with free ways first, write-back."""
+    """docs/spec.md section 2's cache, one line at a time: LRU with free ways first, write-back."""
 
     def __init__(self, size: int, memory: MemoryController) -> None:
         self.size = size

@@ -1,4 +1,4 @@
-"""The FUSE layer: the machine as a filesystem (SPEC section 4).
+"""The FUSE layer: the machine as a filesystem (docs/spec.md section 4).
 
 ``nodes`` declares the kinds of node, ``tree`` maps every path to one,
 ``operations`` holds the FUSE entry points and ``serve()``. This layer holds no

@@ -1,11 +1,11 @@
-"""The tree of SPEC section 4: every path, what it shows, who may touch it.
+"""The tree of docs/spec.md section 4: every path, what it shows, who may touch it.
 
 ``Tree(machine).resolve("/keys/3")`` gives the node of a path, or None. Paths
 that never change (README, dmesg, dram, mm/, hw/ ...) are built once; paths
 named by a KeyID or an address space are matched when looked up, so a space
 that has just been created or destroyed is seen at once.
 
-Ownership follows SPEC 4 "Ownership"; the kernel enforces it because the fs is
+Ownership follows docs/spec.md 8; the kernel enforces it because the fs is
 mounted with ``default_permissions``:
 
 - the daemon's user owns everything not listed below; control files of mm/

@@ -1,4 +1,4 @@
-"""The emulated MKTME platform (SPEC section 2): what the kernel layer runs on.
+"""The emulated MKTME platform (docs/spec.md section 2): what the kernel layer runs on.
 
 One module per mechanism, bottom up: ``dram`` (sparse physical memory), ``xts``
 (the AES-XTS engine and the algorithm numbering), ``keytable`` (PCONFIG

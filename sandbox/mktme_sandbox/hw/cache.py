@@ -1,6 +1,6 @@
 """The CPU cache: write-back, 64-byte lines, tagged (line address, KeyID).
 
-What it models: the last-level cache in front of the memory controller (SPEC
+What it models: the last-level cache in front of the memory controller (docs/spec.md
 section 2, "CPU cache"). Because MKTME puts the KeyID in physical-address bits,
 the cache sees the same physical line under two KeyIDs as two different lines:
 they coexist, nothing keeps them coherent, and software must flush.

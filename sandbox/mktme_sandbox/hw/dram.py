@@ -1,6 +1,6 @@
 """Physical memory: ``phys_mem`` bytes of DRAM, as ciphertext sits on the bus.
 
-What it models: the DRAM chips behind the memory controller (SPEC section 2,
+What it models: the DRAM chips behind the memory controller (docs/spec.md section 2,
 "Physical addresses and KeyIDs"). Bytes are stored exactly as the engine wrote
 them; nothing here knows about keys, KeyIDs or the cache.
 

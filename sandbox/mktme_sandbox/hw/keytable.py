@@ -1,7 +1,7 @@
 """The key table and PCONFIG leaf MKTME_KEY_PROGRAM.
 
 What it models: the per-KeyID keys inside the memory controller and the one
-instruction that programs them (SPEC section 2, "Key table"; struct layout and
+instruction that programs them (docs/spec.md 2.3; struct layout and
 status codes in MKTME-FACTS). ``KeyProgram`` is the 256-byte
 MKTME_KEY_PROGRAM_STRUCT; ``KeyTable.pconfig`` executes it and answers a
 ``PconfigStatus``; ``KeyTable.cipher`` gives the memory controller a KeyID's

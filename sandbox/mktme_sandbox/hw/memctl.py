@@ -2,7 +2,7 @@
 
 What it models: every line that leaves the cache for DRAM is encrypted, and
 every line that comes in is decrypted, with the cipher the key table holds for
-the line's KeyID *at that moment* (SPEC section 2, "Encryption engine" and
+the line's KeyID *at that moment* (docs/spec.md 2.4 and
 "CPU cache": a dirty line is encrypted with its KeyID's current key when it is
 written back). The tweak is the line's physical address without KeyID bits.
 

@@ -1,7 +1,7 @@
 """The TME MSRs: IA32_TME_CAPABILITY, _ACTIVATE, _EXCLUDE_MASK and _EXCLUDE_BASE.
 
 What it models: the enumeration and activation registers that "BIOS" sets up
-before the kernel boots (SPEC section 2, "MSRs and enumeration"; bit layout in
+before the kernel boots (docs/spec.md 2.2; bit layout in
 MKTME-FACTS). One field table, ``FIELDS``, declares every field once (name,
 MSR, bit range, meaning); the same table builds the boot values from a
 ``MachineConfig``, decodes any value into named fields, and renders the

@@ -2,7 +2,7 @@
 
 What it models: one package with DRAM, the AES-XTS engine in the memory
 controller, the key table programmed by PCONFIG, the TME MSRs and a write-back
-cache that is not coherent across KeyIDs (SPEC section 2). Its API is the one
+cache that is not coherent across KeyIDs (docs/spec.md section 2). Its API is the one
 ``docs/architecture.md`` fixes for the kernel layer.
 
 Rules it keeps:

@@ -1,7 +1,7 @@
 """The memory-encryption engine: AES-XTS over 64-byte cache lines.
 
-What it models: the cipher MKTME puts between the cache and DRAM (SPEC section
-2, "Encryption engine"). The data unit is one 64-byte line; the tweak is the
+What it models: the cipher MKTME puts between the cache and DRAM (docs/spec.md
+2.4). The data unit is one 64-byte line; the tweak is the
 line's physical address (no KeyID bits) as a 16-byte little-endian integer;
 block j = 0..3 of a line uses the IEEE 1619 tweak multiplied by alpha^j. The
 result is byte-identical to ``cryptography``'s ``modes.XTS(tweak)`` applied line

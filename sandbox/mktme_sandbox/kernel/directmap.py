@@ -7,7 +7,7 @@ direct_mapping_size``. The size is a power of two of at least 1 TiB and at
 least the physical memory, so ``__pa()`` is a mask and ``page_to_virt()`` an
 add. If the 64 TiB direct-map area cannot hold ``nr_keyids + 1`` copies (KeyID 0
 and every MKTME KeyID), MKTME is disabled at boot, as the later reposts do
-(SPEC 3).
+(docs/spec.md section 3).
 
 Left out: the mappings are not built from page tables (64 copies of every
 page's entry would cost memory for nothing); ``pagetables/kernel`` renders the

@@ -7,7 +7,7 @@ zero page and the key service come up. The mechanisms live one per module
 (page_alloc, pgtable, vma, mmap, memory, ksm, khugepaged, keys, check, proc);
 this class holds their shared state and names the address spaces.
 
-The six mitigation switches (SPEC 3) are plain booleans read by the
+The six mitigation switches (docs/spec.md section 3) are plain booleans read by the
 mechanisms at the point where the patch they stand for acts.
 
 ``export_state``/``import_state`` carry everything a booted kernel changes

@@ -7,7 +7,7 @@ of Alison Schofield's patches): a payload of ``field=value`` words
 MKTME_KEY_PROGRAM. The KeyID is owned by whoever programmed it until it is
 cleared.
 
-Rules kept (SPEC 2 "Key table", SPEC 4 "Errors"):
+Rules kept (docs/spec.md 2.3 and 7):
 - The whole payload is checked before PCONFIG runs: EINVAL for an unknown or
   repeated field, bad hex, a wrong key length, an algorithm that is not
   activated, and a user key equal to its tweak key (XTS forbids it).

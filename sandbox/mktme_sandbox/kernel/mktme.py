@@ -8,7 +8,7 @@ bits taken from the physical address. ``mktme_keyid_shift`` and
 ``mktme_keyid_mask`` follow from those; ``pgtable.PteLayout`` computes them,
 once, for the page tables and everything else.
 
-Differences, each from SPEC section 2: AES-XTS-256 is a known policy and a
+Differences, each from docs/spec.md section 2: AES-XTS-256 is a known policy and a
 known algorithm (Linux v5 knew only AES-XTS-128); ``nr_keyids`` is also capped
 by MK_TME_MAX_KEYS of IA32_TME_CAPABILITY. Only one CPU exists, so the
 "inconsistent between CPUs" path cannot happen.

@@ -3,7 +3,7 @@ mm/mprotect.c, mm/madvise.c) for private anonymous memory with KeyIDs.
 
 Rules kept:
 - Every call checks all of its arguments and the whole range before it
-  changes anything: a rejected call leaves no trace (SPEC 4, "Nothing is
+  changes anything: a rejected call leaves no trace (docs/spec.md 7, "Nothing is
   half-applied"). Errnos are Linux's: EINVAL for bad arguments and unaligned
   addresses, ENOMEM for ranges outside the user address space or with holes
   (mprotect, madvise), EINVAL for a fixed mapping over an existing one (we

@@ -4,7 +4,7 @@ What it models
     The page tables of one or more user address spaces, as the MMU reads them:
     512-entry tables of little-endian 64-bit entries, PGD -> PUD -> PMD -> PTE
     (P4D folded, as Linux does with 4-level paging), every table a 4 KiB page of
-    emulated physical memory accessed with KeyID 0 (SPEC section 3, "Page
+    emulated physical memory accessed with KeyID 0 (docs/spec.md 3.4, "Page
     tables"). A leaf is a PTE (4 KiB), a PMD entry with PSE (2 MiB) or a PUD
     entry with PSE (1 GiB). The user address space is the canonical lower half,
     ``0 .. USER_END - 1`` (``0x00007fffffffffff``).
@@ -25,7 +25,7 @@ The KeyID in the entry (MKTME)
       (mprotect) and ``pgprot_modify()`` (vm_page_prot). ``preserve_keyid=False``
       gives the behaviour before the patch: the KeyID bits are taken from the new
       protection, which for mprotect has none, so the KeyID is dropped. This is
-      the ``pte_modify_preserve_keyid`` mitigation switch of SPEC section 3.
+      the ``pte_modify_preserve_keyid`` mitigation switch of docs/spec.md section 3.
 
 Rules it keeps
     - Bit positions as in Linux ``arch/x86/include/asm/pgtable_types.h``

@@ -3,10 +3,10 @@
 Formats follow fs/proc/task_mmu.c and Documentation/admin-guide/mm/pagemap.rst
 (checked against a live /proc/self/smaps): ``maps`` lines end in ``0 `` for
 anonymous memory, smaps values are right-aligned to column 24 with `` kB``,
-``VmFlags`` ends in a space. SPEC additions: a ``KeyID:`` line in each smaps
+``VmFlags`` ends in a space. Additions of docs/spec.md: a ``KeyID:`` line in each smaps
 entry (before ``VmFlags``), and ``mm/page_keyid`` (one u64 KeyID per PFN).
 
-pagemap: bits 0-54 PFN (KeyID bits masked out, SPEC 4), 56 exclusively
+pagemap: bits 0-54 PFN (KeyID bits masked out, docs/spec.md section 4), 56 exclusively
 mapped, 63 present. PFNs are shown to every reader: this is a sandbox for
 looking at physical memory (Linux hides them without CAP_SYS_ADMIN).
 Zero-page and non-present entries follow Linux: the zero page is present with

@@ -26,7 +26,7 @@ Rules it keeps
       the level of the table they are in (an empty PGD slot is a ``pgd`` hole,
       an empty entry of a PTE table a ``pte`` hole), so a hole changes level
       where the table structure does.
-    - SPEC addition (section 4, ``pagetables/NAME``): a present run ends with
+    - Addition of docs/spec.md (4.3, ``pagetables/NAME``): a present run ends with
       `` keyid=N``.
 
 What it leaves out

@@ -1,7 +1,7 @@
 """The translation lookaside buffer: translations cached per address space.
 
 What it models
-    The CPU's TLB as software sees it (SPEC section 3, "Page tables"): a cache
+    The CPU's TLB as software sees it (docs/spec.md 3.4): a cache
     of 4 KiB translations tagged by address space (ASID, like a PCID) and
     virtual page number. Like hardware it knows nothing of the page tables in
     memory: after a PTE changes, a cached translation keeps being served, stale,
