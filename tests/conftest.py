@@ -2,7 +2,9 @@
 
 Under CI (``CI`` set, as ``.ci/run`` is run) hypothesis draws the same examples
 every run, so a submission is judged on its own change and not on which random
-examples one run happened to draw; locally it explores new ones each run.
+examples one run happened to draw; locally it explores new ones each run, and
+``scripts/fuzz`` (``MKTME_FUZZ`` set) runs the property tests again and again
+with fresh seeds and more examples for a time budget.
 
 Mounts: a test that needs a real FUSE mount is marked ``@pytest.mark.mount``
 (a module: ``pytestmark = pytest.mark.mount``); where FUSE is missing it is
@@ -35,7 +37,17 @@ from hypothesis import settings
 from mktme_sandbox.mounting import MountedSandbox, fuse_unavailable_reason, mounted
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-if os.environ.get("CI"):
+# scripts/fuzz: fresh randomness and many more examples, no deadline.
+settings.register_profile(
+    "fuzz",
+    max_examples=int(os.environ.get("MKTME_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    database=None,
+    print_blob=True,
+)
+if os.environ.get("MKTME_FUZZ"):
+    settings.load_profile("fuzz")
+elif os.environ.get("CI"):
     settings.load_profile("ci")
 
 
