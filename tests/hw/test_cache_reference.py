@@ -144,13 +144,15 @@ def _pieces(pa: int, length: int) -> list[tuple[int, int, int]]:
     return pieces
 
 
-def machine(reference: bool = False) -> Platform:
-    """A seeded 4 MiB machine with a 64 KiB cache; KeyIDs 1..3 with CPU-generated keys."""
-    platform = Platform(MachineConfig(phys_mem=4 * MiB, seed=7, cache_size=CACHE))
+def machine(reference: bool = False, cache: int = CACHE) -> Platform:
+    """A seeded machine (4 MiB; 8 MiB for a 2 MiB cache) with a ``cache``-byte cache;
+    KeyIDs 1..3 with keys of their own."""
+    phys_mem = max(4 * MiB, 4 * cache)
+    platform = Platform(MachineConfig(phys_mem=phys_mem, seed=7, cache_size=cache))
     for keyid in KEYIDS[1:]:
         program(platform, keyid, seed=keyid)
     if reference:
-        platform.cache = ReferenceCache(CACHE, MemoryController(platform._dram, platform._keys))
+        platform.cache = ReferenceCache(cache, MemoryController(platform._dram, platform._keys))
     return platform
 
 
@@ -189,12 +191,12 @@ operations = st.one_of(
 Step = tuple[object, ...]
 
 
-def run_step(platform: Platform, step: Step) -> object:
+def run_step(platform: Platform, step: Step, region: int = REGION) -> object:
     """Apply one step; what it returns (loaded bytes, a flush count, DRAM) must agree."""
     kind, *args = step
     if kind in ("load", "store", "fill", "flush_range", "dram_write", "dram"):
         pa, length = int(args[0]), int(args[1])  # type: ignore[call-overload]
-        length = min(length, REGION - pa)
+        length = min(length, region - pa)
     if kind == "load":
         return platform.load(pa, length, int(args[2]))  # type: ignore[call-overload]
     if kind == "store":
@@ -215,6 +217,12 @@ def run_step(platform: Platform, step: Step) -> object:
         return None
     if kind == "dram_write":
         platform.dram_write(pa, bytes([int(args[2])]) * length)  # type: ignore[call-overload]
+        return None
+    if kind == "pile":  # lines ``stride`` apart share a set: more than WAYS of them overflow it
+        first, count, keyid, stride, width = (int(arg) for arg in args)  # type: ignore[call-overload]
+        for size in (8, width):  # one line each, then ``width`` bytes that partly hit
+            for i in range(count):
+                platform.store(first + i * stride, bytes([i]) * size, keyid)
         return None
     if kind == "reprogram":
         program(platform, int(args[0]), seed=int(args[1]))  # type: ignore[call-overload]
@@ -269,6 +277,83 @@ def run_fill_as_store(platform: Platform, step: Step) -> object:
     pa, length, keyid, byte = (int(arg) for arg in step[1:])  # type: ignore[call-overload]
     platform.store(pa, bytes([byte]) * min(length, REGION - pa), keyid)
     return None
+
+
+# --- the default geometry: 2 MiB, 16 ways, 2048 sets ------------------------------------
+
+DEFAULT_CACHE = MachineConfig().cache_size
+DEFAULT_REGION = 3 * DEFAULT_CACHE
+SET_STRIDE = DEFAULT_CACHE // WAYS  # lines this far apart share a set: 128 KiB
+
+
+def _operations_at_default_geometry() -> st.SearchStrategy[Step]:
+    """Steps over 6 MiB: whole pages, any byte, stores that straddle a page
+    boundary, and lines piled into one set so that the 16 ways overflow."""
+    addresses = st.one_of(
+        st.integers(0, DEFAULT_REGION // PAGE - 1).map(lambda page: page * PAGE),
+        st.integers(0, DEFAULT_REGION - 1),
+        st.tuples(st.integers(1, DEFAULT_REGION // PAGE - 1), st.integers(1, LINE)).map(
+            lambda pair: pair[0] * PAGE - pair[1]  # ends past a page boundary
+        ),
+        st.tuples(st.integers(0, 3), st.integers(0, DEFAULT_REGION // SET_STRIDE - 1)).map(
+            lambda pair: pair[0] * LINE + pair[1] * SET_STRIDE  # four sets, many lines each
+        ),
+    )
+    lengths = st.one_of(
+        st.sampled_from([PAGE, 2 * PAGE, 8, LINE + 1]),
+        st.integers(1, 200),
+        st.integers(1, 3 * PAGE),
+    )
+    return st.one_of(
+        st.tuples(st.just("load"), addresses, lengths, keyids),
+        st.tuples(st.just("store"), addresses, lengths, keyids, st.integers(0, 255)),
+        st.tuples(st.just("fill"), addresses, lengths, keyids, st.integers(0, 255)),
+        st.tuples(st.just("flush_range"), addresses, lengths, keyids),
+        st.tuples(st.just("clflush"), addresses, keyids),
+        st.tuples(st.just("wbinvd")),
+        st.tuples(st.just("dram_write"), addresses, st.integers(1, 300), st.integers(0, 255)),
+        st.tuples(st.just("reprogram"), st.sampled_from(KEYIDS[1:]), st.integers(0, 1000)),
+        st.tuples(st.just("dram"), addresses, lengths),
+        st.tuples(
+            st.just("pile"),
+            st.integers(0, 3).map(lambda s: s * LINE),
+            st.integers(WAYS - 2, 2 * WAYS + 2),
+            keyids,
+            st.just(SET_STRIDE),
+            st.sampled_from([8, 3 * LINE, 4 * LINE]),
+        ),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(_operations_at_default_geometry(), min_size=1, max_size=60))
+def test_the_default_geometry_matches_the_reference(steps: list[Step]) -> None:
+    """The same differential test at the cache every user gets (2 MiB, 16-way)."""
+    real, model = machine(cache=DEFAULT_CACHE), machine(reference=True, cache=DEFAULT_CACHE)
+    for step in steps:
+        assert run_step(real, step, DEFAULT_REGION) == run_step(model, step, DEFAULT_REGION), step
+        assert real.cache.stats == model.cache.stats, step
+    real.wbinvd()
+    model.wbinvd()
+    assert real.dram_read(0, DEFAULT_REGION) == model.dram_read(0, DEFAULT_REGION)
+
+
+def test_a_store_straddling_two_pages_then_clflush_of_each_line() -> None:
+    """A store across a page boundary dirties two lines of two pages; CLFLUSH of
+    each writes exactly that line back, under the KeyID that stored it."""
+    for cache in (CACHE, DEFAULT_CACHE):
+        real, model = machine(cache=cache), machine(reference=True, cache=cache)
+        data = bytes(range(100))
+        for platform in (real, model):
+            platform.store(PAGE - 50, data, 2)
+            platform.clflush(PAGE - LINE, 2)
+        assert real.dram_read(0, 2 * PAGE) == model.dram_read(0, 2 * PAGE)
+        before = real.dram_read(PAGE, LINE)
+        for platform in (real, model):
+            platform.clflush(PAGE, 2)
+        assert real.dram_read(PAGE, LINE) == model.dram_read(PAGE, LINE) != before
+        assert real.load(PAGE - 50, 100, 2) == data == model.load(PAGE - 50, 100, 2)
+        assert real.cache.stats == model.cache.stats
 
 
 # --- the fast paths, one at a time --------------------------------------------------------
