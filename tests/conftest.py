@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 from mktme_sandbox.mounting import MountedSandbox, fuse_unavailable_reason, mounted
 
@@ -49,6 +49,12 @@ if os.environ.get("MKTME_FUZZ"):
     settings.load_profile("fuzz")
 elif os.environ.get("CI"):
     settings.load_profile("ci")
+if os.environ.get("MKTME_NO_SHRINK"):  # planting bugs: report the first failure, fast
+    settings.register_profile(
+        "no-shrink",
+        settings(settings.default, phases=[Phase.explicit, Phase.reuse, Phase.generate]),
+    )
+    settings.load_profile("no-shrink")
 
 
 def _skip_without_fuse() -> None:

@@ -1,7 +1,10 @@
-"""Random sequences of mmap/munmap/mprotect/encrypt_mprotect/madvise, reads,
-writes and KSM passes on two address spaces, against a plain dict of the
-virtual memory. After every step the audit (``check``) must be clean; every
-read must equal the model; a command the model says must fail must fail."""
+"""Random sequences of every control command against a plain dict of the
+virtual memory: mmap, munmap, mprotect, encrypt_mprotect, every madvise
+(dontneed, mergeable, unmergeable, hugepage), reads and writes, KSM passes,
+khugepaged scans of a 2 MiB region, TLB flushes, WBINVD, key clears and
+reprogramming, free pools on and off, spaces that exit and come back. After
+every step the audit (``check``) must be clean; every read must equal the
+model; a command the model says must fail must fail with its errno."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kernel_helpers import PAGE, U, cpu_key, machine
+from kernel_helpers import HPAGE, PAGE, U, cpu_key, machine
 from mktme_sandbox import SandboxError
 
 SLOTS = 16  # pages in the region the test plays in
 SPACES = ("a", "b")
 PROTS = {"---": "", "r--": "r", "rw-": "rw"}
+HUGE = U + 16 * HPAGE  # a 2 MiB-aligned region outside the slots, for khugepaged
 
 slot = st.integers(0, SLOTS - 1)
 npages = st.integers(1, 4)
@@ -33,6 +37,7 @@ class VirtualMemory(RuleBasedStateMachine):
             cpu_key(self.m, k)
         # per space: page index -> [perms, keyid, bytearray]
         self.model: dict[str, dict[int, list]] = {}
+        self.huge: dict[str, tuple[int, bytearray]] = {}  # space -> (KeyID, 2 MiB of data)
         for name in SPACES:
             self.m.create_space(name, 0)
             self.model[name] = {}
@@ -91,7 +96,12 @@ class VirtualMemory(RuleBasedStateMachine):
             for i in pages:
                 self.model[name][i] = [PROTS[p], k, bytearray(PAGE)]
 
-    @rule(name=space_name, start=slot, n=npages, advice=st.sampled_from(["dontneed", "mergeable"]))
+    @rule(
+        name=space_name,
+        start=slot,
+        n=npages,
+        advice=st.sampled_from(["dontneed", "mergeable", "unmergeable", "hugepage"]),
+    )
     def madvise(self, name, start, n, advice):
         pages = self.pages(start, n)
         ok = all(i in self.model[name] for i in pages)
@@ -128,15 +138,54 @@ class VirtualMemory(RuleBasedStateMachine):
     def ksm(self):
         self.m.ksm_run()
 
+    @rule(name=space_name, k=keyid, seed=st.integers(0, 255))
+    def map_a_huge_candidate(self, name, k, seed):
+        """2 MiB, populated, advised hugepage: what khugepaged may collapse."""
+        ok = name not in self.huge
+        if not self.run(name, f"mmap {HUGE:#x} 2M rw- keyid={k} populate", ok, errno.EINVAL):
+            return
+        data = bytearray((seed + i) % 251 for i in range(HPAGE))
+        self.m.write_virt(name, HUGE, bytes(data))
+        self.run(name, f"madvise {HUGE:#x} 2M hugepage", True)
+        self.huge[name] = (k, data)
+
+    @precondition(lambda self: bool(self.huge))
+    @rule(name=space_name)
+    def unmap_the_huge_candidate(self, name):
+        self.run(name, f"munmap {HUGE:#x} 2M", True)
+        self.huge.pop(name, None)
+
+    @rule()
+    def khugepaged(self):
+        self.m.khugepaged_scan()
+
+    @rule(name=space_name)
+    def flush_the_tlb(self, name):
+        self.m.flush_tlb(name)
+
     @rule()
     def flush_everything(self):
         self.m.cache_command("wbinvd")
+
+    @rule(k=st.sampled_from([1, 2]), algorithm=st.sampled_from(["aes-xts-128", "aes-xts-256"]))
+    def clear_and_reprogram(self, k, algorithm):
+        """EBUSY while a VMA of any space uses KeyID k; otherwise a new key."""
+        in_use = any(page[1] == k for pages in self.model.values() for page in pages.values())
+        in_use = in_use or any(hk == k for hk, _ in self.huge.values())
+        try:
+            self.m.key_command(k, "type=clear", uid=0)
+        except SandboxError as e:
+            assert in_use and e.errno == errno.EBUSY, e
+            return
+        assert not in_use, f"KeyID {k} cleared while in use"
+        self.m.key_command(k, f"type=cpu algorithm={algorithm}", uid=0)
 
     @rule(name=space_name)
     def exit_and_respawn(self, name):
         self.m.destroy_space(name, uid=0)
         self.m.create_space(name, 0)
         self.model[name] = {}
+        self.huge.pop(name, None)
 
     @rule(on=st.booleans())
     def keyid_free_pools(self, on):
@@ -147,6 +196,11 @@ class VirtualMemory(RuleBasedStateMachine):
     @invariant()
     def audit_is_clean(self):
         assert self.m.check() == []
+
+    @invariant()
+    def the_huge_candidates_keep_their_data(self):
+        for name, (_, data) in self.huge.items():
+            assert self.m.read_virt(name, HUGE, HPAGE) == bytes(data), name
 
     @invariant()
     def readable_memory_equals_the_model(self):
