@@ -24,7 +24,7 @@ import numpy as np
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page_alloc import PG
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
 if TYPE_CHECKING:
@@ -158,9 +158,12 @@ def _usage(k: Kernel, mm: MmStruct, vma: Vma) -> dict[str, int]:
 
 
 def pagemap(k: Kernel, mm: MmStruct, offset: int, length: int) -> bytes:
-    """The bytes of /proc/PID/pagemap at ``offset`` (8 bytes per virtual page)."""
+    """The bytes of /proc/PID/pagemap at ``offset`` (8 bytes per virtual page);
+    nothing past the last user page (end of file, as Linux's pagemap_read)."""
     first = offset // PAGEMAP_ENTRY
-    last = -(-(offset + length) // PAGEMAP_ENTRY)
+    last = min(-(-(offset + length) // PAGEMAP_ENTRY), USER_END >> 12)
+    if first >= last:
+        return b""
     entries = np.zeros(max(last - first, 0), dtype="<u8")
     for vpn, value in _pagemap_entries(k, mm, first << 12, last << 12):
         entries[vpn - first] = value
