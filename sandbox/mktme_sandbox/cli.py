@@ -39,7 +39,7 @@ from mktme_sandbox.daemon import (
 __all__ = ["cli", "main"]
 
 
-class _Size(click.ParamType):
+class _Size(click.ParamType[int, Any]):
     name = "SIZE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -51,7 +51,7 @@ class _Size(click.ParamType):
             self.fail(str(err), param, ctx)
 
 
-class _Names(click.ParamType):
+class _Names(click.ParamType[tuple[str, ...], Any]):
     name = "LIST"
 
     def convert(

@@ -425,7 +425,8 @@ def wait_for_exit(daemons: Sequence[int | DaemonInfo], timeout: float = STOP_TIM
 
     def running(pid: int) -> bool:
         try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            zombie: bool = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            return not zombie
         except psutil.NoSuchProcess:
             return False
 

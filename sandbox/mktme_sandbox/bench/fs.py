@@ -57,7 +57,7 @@ SEQ_GOAL, RANDOM_GOAL = 0.25, 0.5  # least acceptable sandbox / null ratios
 NULL_README = b"null filesystem of the mktme-sandbox fs benchmark\n"
 
 
-class NullFS(mfusepy.Operations):
+class NullFS(mfusepy.Operations):  # type: ignore[misc]  # mfusepy ships no types
     """README and one file of ``size`` zero bytes; nothing else."""
 
     use_ns = True

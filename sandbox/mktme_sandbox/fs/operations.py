@@ -93,7 +93,7 @@ def _caller_uid() -> int:
     return uid
 
 
-class SandboxFS(mfusepy.Operations):
+class SandboxFS(mfusepy.Operations):  # type: ignore[misc]  # mfusepy ships no types
     """The machine as a filesystem; see ``mktme_sandbox.fs.tree`` for the paths."""
 
     use_ns = True

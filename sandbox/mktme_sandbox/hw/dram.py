@@ -71,7 +71,8 @@ class Dram:
 
     def read_lines(self, line_numbers: np.ndarray) -> np.ndarray:
         """Lines ``[L, 64]`` (a copy) at line numbers ``pa // 64``; callers have checked them."""
-        return self.lines[line_numbers]
+        lines: np.ndarray = self.lines[line_numbers]
+        return lines
 
     def write_lines(self, line_numbers: np.ndarray, data: np.ndarray) -> None:
         self.lines[line_numbers] = data
@@ -89,7 +90,8 @@ class Dram:
 
     def page_contents(self, pfns: np.ndarray) -> np.ndarray:
         """The pages ``pfns`` as ``[N, 4096]`` (a copy)."""
-        return self.bytes.reshape(-1, PAGE_SIZE)[pfns]
+        pages: np.ndarray = self.bytes.reshape(-1, PAGE_SIZE)[pfns]
+        return pages
 
     def load_pages(self, pfns: np.ndarray, contents: np.ndarray) -> None:
         """Make DRAM exactly ``contents`` at ``pfns`` and zeros everywhere else."""

@@ -246,7 +246,8 @@ class XtsKey:
                 return None
             table = self._tweaks(page + _PAGE_LINE_PAS)
             _add(self._page_tweaks, page, table, _TWEAK_PAGES)
-        return table[offsets >> _LINE_SHIFT]
+        tweaks: np.ndarray = table[offsets >> _LINE_SHIFT]
+        return tweaks
 
     def _tweaks(self, line_pas: np.ndarray) -> np.ndarray:
         """``[L, 4, 2]`` uint64: E_tweakkey(pa) * alpha^j for the four blocks of each line."""

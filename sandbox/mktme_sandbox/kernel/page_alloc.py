@@ -213,7 +213,8 @@ class PageAllocator:
         """``is_free`` for the PFNs ``first..last``, as one boolean array."""
         last = self.nr_pages if last is None else last
         buddy = (self.flags[first:last] & PG.BUDDY) != 0
-        return buddy | (np.arange(first, last) >= self._fresh)
+        free: np.ndarray = buddy | (np.arange(first, last) >= self._fresh)
+        return free
 
     def is_free(self, pfn: int) -> bool:
         return pfn >= self._fresh or bool(self.flags[pfn] & PG.BUDDY)
