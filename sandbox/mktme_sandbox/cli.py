@@ -146,6 +146,19 @@ def cli() -> None:
     default=None,
     help="Integer >= 0: CPU-generated keys and random choices become reproducible.",
 )
+@click.option(
+    "--max-keyids-per-uid",
+    type=int,
+    default=None,
+    help="KeyIDs one user may own (root and the daemon's user: no limit) [default: half].",
+)
+@click.option(
+    "--max-pages-per-uid",
+    type=int,
+    default=None,
+    help="Pages one user's spaces may hold (root and the daemon's user: no limit) "
+    "[default: half of memory].",
+)
 @click.option("--allow-other", is_flag=True, help="Let other local users use the mount.")
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 def mount(mountpoint: str, allow_other: bool, foreground: bool, **machine: Any) -> None:

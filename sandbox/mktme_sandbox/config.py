@@ -77,6 +77,10 @@ class MachineConfig:
     tme_bypass: bool = False
     cache_size: int = 2 * MiB
     seed: int | None = None
+    max_keyids_per_uid: int | None = None
+    """KeyIDs one unprivileged uid may own; None: half of ``nr_keyids``, rounded up."""
+    max_pages_per_uid: int | None = None
+    """Pages one unprivileged uid may hold; None: half of physical memory."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,6 +121,10 @@ class MachineConfig:
             )
         if self.seed is not None and self.seed < 0:
             problems.append(f"seed must be >= 0, not {self.seed}")
+        for name in ("max_keyids_per_uid", "max_pages_per_uid"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                problems.append(f"{name} must be >= 0, not {value}")
         return problems
 
     @property
@@ -125,6 +133,20 @@ class MachineConfig:
         if self.keyid_bits == 0:
             return 0
         return min((1 << self.keyid_bits) - 1, self.max_keys)
+
+    @property
+    def keyid_limit(self) -> int:
+        """``max_keyids_per_uid``, its default resolved."""
+        if self.max_keyids_per_uid is not None:
+            return self.max_keyids_per_uid
+        return (self.nr_keyids + 1) // 2
+
+    @property
+    def page_limit(self) -> int:
+        """``max_pages_per_uid``, its default resolved."""
+        if self.max_pages_per_uid is not None:
+            return self.max_pages_per_uid
+        return self.phys_mem // PAGE_SIZE // 2
 
     def replace(self, **changes: object) -> MachineConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

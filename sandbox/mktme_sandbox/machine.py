@@ -5,7 +5,9 @@ layer stays a table of paths. Every public method takes the machine's lock
 for its whole duration: calls from the multithreaded FUSE loop are
 serialized, and a command either happens entirely or raises
 ``SandboxError`` having changed nothing. ``uid`` arguments are the caller's
-(0 is root and may do anything); ``owner_uid`` is the daemon's.
+(0 is root and may do anything); ``owner_uid`` is the daemon's, and the
+default of the write methods' optional ``uid``: the daemon's user writes any
+memory, others only their own (docs/spec.md 8).
 
 Example::
 
@@ -36,7 +38,7 @@ from mktme_sandbox.commands import (
 from mktme_sandbox.config import MachineConfig
 from mktme_sandbox.errors import SandboxError, errno_name, fail
 from mktme_sandbox.hw.platform import Platform
-from mktme_sandbox.kernel import check, keyid_map, khugepaged, ksm, memory, mmap, proc
+from mktme_sandbox.kernel import check, keyid_map, khugepaged, ksm, memory, mmap, proc, rmap
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
 from mktme_sandbox.kernel.ptdump import ptdump_user, render
 from mktme_sandbox.kernel.vma import MmStruct, Vma
@@ -66,7 +68,7 @@ class Machine:
         self.owner_uid = os.getuid()
         self._lock = threading.RLock()
         self.platform = Platform(self.config)
-        self.kernel = Kernel(self.platform, self.config)
+        self.kernel = Kernel(self.platform, self.config, self.owner_uid)
 
     def __repr__(self) -> str:
         c = self.config
@@ -101,7 +103,10 @@ class Machine:
         return self.platform.dram_read(pa, self._clip(pa, length))
 
     @_locked
-    def write_dram(self, pa: int, data: bytes) -> None:
+    def write_dram(self, pa: int, data: bytes, uid: int | None = None) -> None:
+        """``dram``: only root and the daemon's user write DRAM (EACCES)."""
+        if not self._privileged(uid):
+            fail(errno.EACCES, f"dram: only root and uid {self.owner_uid} write DRAM, not {uid}")
         self._check_phys(pa, len(data))
         self.platform.dram_write(pa, bytes(data))
 
@@ -111,10 +116,35 @@ class Machine:
         return self.platform.load(pa, self._clip(pa, length), keyid)
 
     @_locked
-    def write_phys(self, keyid: int, pa: int, data: bytes) -> None:
+    def write_phys(self, keyid: int, pa: int, data: bytes, uid: int | None = None) -> None:
+        """``keyids/N/mem``: root and the daemon's user write anywhere; the owner
+        of KeyID N only pages that are its own memory (``rmap``), else EACCES
+        and nothing is written."""
         self._check_keyid(keyid)
         self._check_phys(pa, len(data))
+        if not self._privileged(uid):
+            assert uid is not None
+            self._check_own_memory(keyid, pa, len(data), uid)
         self.platform.store(pa, bytes(data), keyid)
+
+    def _privileged(self, uid: int | None) -> bool:
+        """Root, the daemon's user, or the API's default caller (None, the daemon's user)."""
+        return uid is None or uid in (0, self.owner_uid)
+
+    def _check_own_memory(self, keyid: int, pa: int, length: int, uid: int) -> None:
+        owner = self.kernel.keys.owner(keyid) if keyid else self.owner_uid
+        if owner != uid:
+            fail(errno.EACCES, f"KeyID {keyid} belongs to uid {owner}, not {uid}")
+        if not length:
+            return
+        first, last = pa >> 12, ((pa + length - 1) >> 12) + 1
+        foreign = rmap.first_foreign_page(self.kernel, uid, first, last)
+        if foreign is not None:
+            fail(
+                errno.EACCES,
+                f"pfn {foreign:#x} is not memory of uid {uid} alone: only anonymous pages "
+                "mapped by its own spaces may be written",
+            )
 
     def _clip(self, pa: int, length: int) -> int:
         if pa < 0:
@@ -206,8 +236,12 @@ class Machine:
         return memory.access_vm(self.kernel, self.kernel.space(name), addr, length, None)
 
     @_locked
-    def write_virt(self, name: str, addr: int, data: bytes) -> None:
-        memory.access_vm(self.kernel, self.kernel.space(name), addr, len(data), bytes(data))
+    def write_virt(self, name: str, addr: int, data: bytes, uid: int | None = None) -> None:
+        """``mem``: the space's owner, root or the daemon's user (EACCES otherwise)."""
+        mm = self.kernel.space(name)
+        if not self._privileged(uid) and uid != mm.owner:
+            fail(errno.EACCES, f"space {name!r} belongs to uid {mm.owner}")
+        memory.access_vm(self.kernel, mm, addr, len(data), bytes(data))
 
     @_locked
     def vmas(self, name: str) -> dict[str, Vma]:
@@ -221,7 +255,9 @@ class Machine:
         return self.read_virt(name, vma.start + offset, max(0, min(length, len(vma) - offset)))
 
     @_locked
-    def write_vma(self, name: str, vma: Vma, offset: int, data: bytes) -> None:
+    def write_vma(
+        self, name: str, vma: Vma, offset: int, data: bytes, uid: int | None = None
+    ) -> None:
         """``write_virt`` at ``vma.start + offset``; ENOSPC past the VMA's end."""
         if offset + len(data) > len(vma):
             fail(
@@ -229,7 +265,7 @@ class Machine:
                 f"{vma.start + offset:#x}+{len(data):#x} reaches past the end of the VMA "
                 f"{proc.vma_name(vma)}",
             )
-        self.write_virt(name, vma.start + offset, data)
+        self.write_virt(name, vma.start + offset, data, uid)
 
     @_locked
     def pagemap(self, name: str, offset: int, length: int) -> bytes:
@@ -381,7 +417,9 @@ class Machine:
         keep only its DRAM and boot afresh. EINVAL, changing nothing, for anything
         but a snapshot of a machine configured like this one."""
         data = source if isinstance(source, bytes) else snapshots.read_file(source)
-        self.platform, self.kernel = snapshots.boot(self.config, snapshots.decode(data), coldboot)
+        self.platform, self.kernel = snapshots.boot(
+            self.config, snapshots.decode(data), coldboot, self.owner_uid
+        )
 
     @_locked
     def snapshot_command(self, command: str | bytes, uid: int) -> None:

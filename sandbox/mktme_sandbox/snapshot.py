@@ -88,17 +88,20 @@ def capture(platform: Platform, kernel: Kernel) -> dict[str, Any]:
     return {"platform": platform.export_state(), "kernel": kernel.export_state()}
 
 
-def boot(config: MachineConfig, snapshot: Snapshot, coldboot: bool) -> tuple[Platform, Kernel]:
+def boot(
+    config: MachineConfig, snapshot: Snapshot, coldboot: bool, owner_uid: int = 0
+) -> tuple[Platform, Kernel]:
     """A new platform and kernel that are the snapshot's machine; with ``coldboot``, a
-    machine freshly booted on the snapshot's DRAM. Nothing existing is touched:
-    the caller swaps the pair in, or keeps its own when this raises."""
+    machine freshly booted on the snapshot's DRAM (``owner_uid``: the daemon's
+    user). Nothing existing is touched: the caller swaps the pair in, or keeps
+    its own when this raises."""
     snapshot.check_config(config)
     platform = Platform(config)
     try:
         if coldboot:
             platform.cold_boot(snapshot.state["platform"])
-            return platform, Kernel(platform, config)
-        kernel = Kernel(platform, config)
+            return platform, Kernel(platform, config, owner_uid)
+        kernel = Kernel(platform, config, owner_uid)
         platform.import_state(snapshot.state["platform"])
         kernel.import_state(snapshot.state["kernel"])
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as err:

@@ -43,3 +43,15 @@ def bash(sandbox) -> Callable[[str], str]:
         return done.stdout
 
     return run
+
+
+@pytest.fixture
+def as_user(sandbox, sh) -> Callable[[int, str], tuple[int, str]]:
+    """``as_user(uid, script)`` -> (exit status, stdout and stderr), in the
+    module's ``sandbox`` mount."""
+
+    def run(uid: int, script: str) -> tuple[int, str]:
+        done = sh(script, sandbox.path, user=uid)
+        return done.returncode, done.stdout + done.stderr
+
+    return run

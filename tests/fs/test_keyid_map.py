@@ -35,10 +35,10 @@ def test_the_picture_draws_every_pfn_as_page_keyid_and_kpageflags_say(sandbox):
     }  # fmt: skip
 
 
-def test_the_picture_is_a_world_readable_svg_file_of_its_real_size(sandbox, sh):
+def test_the_picture_is_a_world_readable_svg_file_read_to_its_end_as_procfs_files(sandbox, sh):
     done = sh("stat -c '%a %s' mm/keyid_map.svg && wc -c < mm/keyid_map.svg", sandbox.path)
     mode_size, read = done.stdout.split("\n")[:2]
     mode, size = mode_size.split()
-    assert mode == "444" and int(size) == int(read)
+    assert mode == "444" and int(size) == 0 and int(read) > 1000
     root = ET.fromstring((sandbox.path / "mm" / "keyid_map.svg").read_bytes())
     assert root.tag == "{http://www.w3.org/2000/svg}svg"

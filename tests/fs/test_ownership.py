@@ -9,20 +9,16 @@ enforces the owners and modes because the fs is mounted with
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-NOBODY, OTHER = 65534, 65533
+from users_helpers import AS_OTHER_USERS, NOBODY, OTHER
+
 BASE = 0x10000000
 KEY = "8899aabbccddeeff0011223344556677"
 TWEAK = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
-pytestmark = [
-    pytest.mark.mount,
-    pytest.mark.skipif(os.geteuid() != 0, reason="acting as other users needs root (setpriv)"),
-    pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing"),
-]
+pytestmark = AS_OTHER_USERS
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +30,6 @@ def sandbox(module_mount):
     sandbox.write_bytes("spaces/root/mem", BASE, b"root's secret data" * 100)
     sandbox.write_ctl("hw/cache", "wbinvd")
     return sandbox
-
-
-@pytest.fixture
-def as_user(sandbox, sh):
-    """``as_user(uid, script)`` -> (exit status, stderr)."""
-
-    def run(uid: int, script: str) -> tuple[int, str]:
-        done = sh(script, sandbox.path, user=uid)
-        return done.returncode, done.stdout + done.stderr
-
-    return run
 
 
 def allowed(result: tuple[int, str]) -> bool:
@@ -240,3 +225,38 @@ def test_an_fd_kept_open_across_a_change_of_owner_reads_nothing_of_the_new_owner
         holder.kill()
     assert out.strip() == str(errno.EACCES)
     assert allowed(as_user(OTHER, "rmdir spaces/kept"))
+
+
+# -- keyids/N/mem: a key owner writes only its own memory --------------------------
+
+
+def _pa(sandbox, space: str, va: int) -> int:
+    entry = int.from_bytes(
+        sandbox.read_bytes(f"spaces/{space}/pagemap", (va >> 12) * 8, 8), "little"
+    )
+    assert entry >> 63, f"{va:#x} is not present in {space}"
+    return (entry & ((1 << 55) - 1)) << 12
+
+
+def test_a_key_owner_writes_its_own_pages_through_its_keyid_and_no_others(as_user, sandbox):
+    setup = (
+        "set -e; echo 'type=cpu algorithm=aes-xts-128' > keys/2; mkdir spaces/raw\n"
+        f"echo 'mmap {BASE:#x} 8K rw- keyid=2 populate' > spaces/raw/ctl"
+    )
+    assert allowed(as_user(NOBODY, setup))
+    try:
+        own, roots = _pa(sandbox, "raw", BASE), _pa(sandbox, "root", BASE)
+        cr3 = int(sandbox.read_text("spaces/raw/cr3"), 16)
+        write = (
+            "printf 'raw bytes' | dd of=keyids/2/mem bs=9 count=1 seek={} oflag=seek_bytes"
+            " conv=notrunc status=none"
+        )
+        assert allowed(as_user(NOBODY, write.format(own)))
+        assert sandbox.read_bytes("spaces/raw/mem", BASE, 9) == b"raw bytes"
+        before = sandbox.read_bytes("dram", roots, 4096)
+        for pa in (roots, cr3):  # root's page, its own PGD
+            assert denied(as_user(NOBODY, write.format(pa))), hex(pa)
+        assert sandbox.read_bytes("dram", roots, 4096) == before
+        assert "keyids/2/mem: EACCES: pfn" in sandbox.dmesg()
+    finally:
+        assert allowed(as_user(NOBODY, "rmdir spaces/raw && echo type=clear > keys/2"))

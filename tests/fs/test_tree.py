@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import struct
 
 import pytest
@@ -75,11 +76,33 @@ def test_readme_is_a_guide_naming_every_top_level_entry(bash):
     assert "umount" in readme
 
 
-@pytest.mark.parametrize("path", ["README", "dmesg", "keys/1", "mm/vmstat", "mm/check", "hw/tme"])
-def test_text_files_report_their_real_size(bash, path):
-    size = int(bash(f"stat -c %s {path}"))
-    assert size == int(bash(f"cat {path} | wc -c")) > 0
-    assert bash(f"tail -c 1 {path} | xxd -p").strip() == "0a", "text files end with a newline"
+def test_the_readme_reports_its_real_size(bash):
+    assert int(bash("stat -c %s README")) == int(bash("cat README | wc -c")) > 0
+
+
+@pytest.mark.parametrize("path", ["dmesg", "keys/1", "mm/vmstat", "mm/check", "hw/tme"])
+def test_generated_text_files_report_size_0_and_every_reader_reads_them_whole(bash, path):
+    assert bash(f"stat -c %s {path}").strip() == "0", "as procfs: stat renders nothing"
+    text = bash(f"cat {path}")
+    assert len(text) > 0 and text.endswith("\n"), "text files end with a newline"
+    first = text.splitlines()[0]
+    assert bash(f"grep -cxF -- {shlex.quote(first)} {path}").strip() != "0"
+    assert bash(f"dd if={path} bs=7 status=none | sed -n 1p").rstrip("\n") == first
+    python = f"import pathlib; print(pathlib.Path({path!r}).read_text().splitlines()[0])"
+    assert bash(f"python3 -c {shlex.quote(python)}").rstrip("\n") == first
+    assert bash(f"tail -c 1 {path} | xxd -p").strip() == "0a"
+
+
+def test_a_text_file_read_in_small_chunks_is_one_snapshot(sandbox):
+    """seq_file: rendered once at open, so the chunks of one pass never mix two texts."""
+    before = (sandbox.path / "mm" / "vmstat").read_bytes()
+    with open(sandbox.path / "mm" / "vmstat", "rb", buffering=0) as f:
+        first = f.read(16)
+        sandbox.create_space("chunks")  # allocates a PGD: the counters change meanwhile
+        rest = b"".join(iter(lambda: f.read(16), b""))
+    os.rmdir(sandbox.path / "spaces" / "chunks")
+    assert first + rest == before
+    assert (sandbox.path / "mm" / "vmstat").read_bytes() != before
 
 
 def test_dmesg_starts_with_the_boot_lines_of_detect_tme(bash):

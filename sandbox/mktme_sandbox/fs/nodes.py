@@ -2,12 +2,17 @@
 
 A path resolves (``mktme_sandbox.fs.tree``) to one of three small frozen dataclasses:
 
-- ``TextFile``: rendered by the machine on every read and every ``stat`` (so
-  ``ls -l`` shows its real size); a writable one takes one command per write,
-  with the trailing newline of ``echo`` stripped.
+- ``TextFile``: rendered by the machine when it is opened for reading (and
+  again on a read from offset 0 after the first); ``stat`` reports size 0,
+  as procfs does, so that a ``stat`` or ``ls -l`` never pays for an expensive
+  file such as ``mm/check`` (readers read until end of file; the README, the
+  one page-cached file, reports its size). A writable one takes one command
+  per write, with the trailing newline of ``echo`` stripped.
 - ``BlobFile``: a fixed-size window onto a machine address range (DRAM, a
   KeyID's CPU view, a virtual address space, a table indexed by PFN); the
-  offset is the address, reads past the end are end-of-file.
+  offset is the address, reads past the end are end-of-file; a write passes
+  the caller's uid (``store(addr, data, uid)``), so that the machine can
+  check whose memory it is.
 - ``Dir``: its entries, and for ``spaces/`` the mkdir/rmdir that create and
   destroy address spaces.
 
@@ -88,6 +93,8 @@ class TextFile:
     access: Callable[[], Access]
     command: Callable[[bytes, int], None] | None = None
     direct_io: bool = True
+    follow: bool = False
+    """Render again on a read past the end (``dmesg``: ``tail -f`` sees new lines)."""
 
     @property
     def readable(self) -> bool:
@@ -98,7 +105,9 @@ class TextFile:
         return self.command is not None
 
     def size(self) -> int:
-        return len(self.content()) if self.render is not None else 0
+        """0, as for a procfs file, but for page-cached text (``direct_io`` off),
+        which the kernel reads only up to its size."""
+        return 0 if self.direct_io or self.render is None else len(self.content())
 
     def content(self) -> bytes:
         if self.render is None:
@@ -117,12 +126,12 @@ class TextFile:
 
 @dataclass(frozen=True)
 class BlobFile:
-    """Binary data at addresses ``0..size``: ``load(addr, n)``, ``store(addr, data)``."""
+    """Binary data at addresses ``0..size``: ``load(addr, n)``, ``store(addr, data, uid)``."""
 
     length: int
     load: Callable[[int, int], bytes]
     access: Callable[[], Access]
-    store: Callable[[int, bytes], None] | None = None
+    store: Callable[[int, bytes, int], None] | None = None
     direct_io: bool = True
 
     @property
@@ -143,7 +152,7 @@ class BlobFile:
     def write(self, data: bytes, offset: int, uid: int) -> int:
         if self.store is None:
             raise _refuse("written")
-        self.store(offset, data)
+        self.store(offset, data, uid)
         return len(data)
 
 
@@ -174,25 +183,40 @@ Node = TextFile | BlobFile | Dir
 class OpenFile:
     """One ``open()`` of a file, until its ``release()``.
 
-    Text is read the way Linux seq_file reads /proc files: rendered at the
-    first read and at every read from offset 0, then served from that snapshot,
-    so one pass of ``cat`` sees one consistent text even while the machine
-    changes (dmesg is a ring that drops old lines). A read at or past the end
-    of the snapshot renders again, so ``tail -f dmesg`` sees new lines.
+    Text is read the way Linux seq_file reads /proc files: rendered once when
+    the file is opened for reading (``OpenFile.opened``), then served from that
+    snapshot, so one pass of ``cat``, in as many chunks as it likes, sees one
+    consistent text even while the machine changes (dmesg is a ring that drops
+    old lines), and an expensive file (``mm/check``) is rendered once per
+    pass. A read from offset 0 after an earlier read renders again (a reader
+    that rewinds sees the machine now); so does a read past the end of
+    ``follow`` text (``dmesg``), so that ``tail -f dmesg`` sees new lines.
     """
 
     node: TextFile | BlobFile
     snapshot: bytes | None = None
+    served: bool = False
+
+    @classmethod
+    def opened(cls, node: TextFile | BlobFile, reading: bool) -> OpenFile:
+        """The open file of ``node``; text opened for reading is rendered now."""
+        if reading and isinstance(node, TextFile) and node.readable:
+            return cls(node, node.content())
+        return cls(node)
 
     def read(self, offset: int, size: int) -> bytes:
         if isinstance(self.node, BlobFile):
             return self.node.read(offset, size)
-        if self.snapshot is None or offset == 0 or offset >= len(self.snapshot):
+        again = (offset == 0 and self.served) or (
+            self.node.follow and offset >= len(self.snapshot or b"")
+        )
+        if self.snapshot is None or again:
             self.snapshot = self.node.content()
+        self.served = True
         return self.snapshot[offset : offset + size]
 
     def write(self, data: bytes, offset: int, uid: int) -> int:
-        self.snapshot = None
+        self.snapshot, self.served = None, False
         return self.node.write(data, offset, uid)
 
 

@@ -142,7 +142,7 @@ class SandboxFS(mfusepy.Operations):  # type: ignore[misc]  # mfusepy ships no t
             raise SandboxError(errno.EACCES, "this file can only be read")
         fi.fh = next(self._handles)
         fi.direct_io = int(node.direct_io)
-        self.open_files[fi.fh] = OpenFile(node)
+        self.open_files[fi.fh] = OpenFile.opened(node, reading=mode != os.O_WRONLY)
         return 0
 
     @_reported

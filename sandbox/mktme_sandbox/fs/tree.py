@@ -91,7 +91,7 @@ class Tree:
         )
         nodes: dict[tuple[str, ...], Node] = {
             ("README",): TextFile(lambda: README, info, direct_io=False),
-            ("dmesg",): TextFile(m.dmesg, info),
+            ("dmesg",): TextFile(m.dmesg, info, follow=True),
             ("dram",): BlobFile(m.phys_mem, m.read_dram, fixed(uid, 0o644), m.write_dram),
             ("keys",): Dir(partial(self._keyid_names, 1), fixed(uid, DIRECTORY)),
             ("keyids",): Dir(partial(self._keyid_names, 0), fixed(uid, DIRECTORY)),

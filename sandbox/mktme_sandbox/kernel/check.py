@@ -17,18 +17,24 @@ Invariants:
 - the per-KeyID page counts equal a recount of page_ext;
 - free pages are tagged as their pool says (KeyID 0 without pools), each is
   on exactly one free list and marked free, and no free page is lost;
-- every page-table page hangs in exactly one address space's tree;
+- every page-table page hangs in exactly one address space's tree, and every
+  PGD, PUD and PMD entry that points to a table points to a page-table page
+  (not outside memory, to a free page or to any other page);
 - every cached TLB translation equals a fresh walk of the tables.
+
+The audit runs under the machine lock, so it is vectorized: each space's
+leaves come as arrays (``PageTables.leaf_arrays``) and every rule over pages
+is one numpy expression; Python work is per table page, VMA and finding.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page_alloc import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
@@ -47,9 +53,18 @@ class _Findings:
         self._first: dict[tuple[str, str], str] = {}
         self._count: Counter[tuple[str, str]] = Counter()
 
-    def add(self, where: str, invariant: str, example: str) -> None:
+    def add(self, where: str, invariant: str, example: str, n: int = 1) -> None:
         self._first.setdefault((where, invariant), example)
-        self._count[(where, invariant)] += 1
+        self._count[(where, invariant)] += n
+
+    def add_where(
+        self, where: str, invariant: str, broken: np.ndarray, example: Callable[[int], str]
+    ) -> None:
+        """One finding for the ``True`` entries of ``broken``; ``example(i)``
+        describes the first of them."""
+        hits = np.flatnonzero(broken)
+        if len(hits):
+            self.add(where, invariant, example(int(hits[0])), len(hits))
 
     def lines(self) -> list[str]:
         return [
@@ -60,7 +75,7 @@ class _Findings:
 
 def check(k: Kernel) -> list[str]:
     found = _Findings()
-    mapped: Counter[int] = Counter()
+    mapped = np.zeros(k.alloc.nr_pages, dtype=np.int64)
     for mm in k.spaces.values():
         _check_vmas(k, mm, found)
         _check_ptes(k, mm, found, mapped)
@@ -72,21 +87,36 @@ def check(k: Kernel) -> list[str]:
 
 
 def _check_tables(k: Kernel, found: _Findings) -> None:
-    """Every page-table page belongs to exactly one address space's tree."""
+    """Every page-table page belongs to exactly one address space's tree, and
+    every upper-level entry that points to a table points to one."""
     owners: Counter[int] = Counter()
     for mm in k.spaces.values():
         owners.update(pa >> 12 for pa in k.pt.iter_tables(mm.pgd))
+        for bad in k.pt.iter_bad_pointers(mm.pgd):
+            found.add(
+                f"space {mm.name}",
+                f"{bad.level.name} entry points {_not_a_table(k, bad.pte)}",
+                f"{bad.va:#x}: entry {bad.pte:#018x}",
+            )
     for pfn, n in owners.items():
         if n > 1:
             found.add("page tables", "table page reachable more than once", f"pfn {pfn:#x} x{n}")
-        if pfn >= k.alloc.nr_pages or not k.alloc.flags[pfn] & PG.PGTABLE:
-            found.add(
-                "page tables", "table entry points to a page that is no table", f"pfn {pfn:#x}"
-            )
     tables = np.flatnonzero((k.alloc.flags & PG.PGTABLE) != 0)
-    for pfn in tables.tolist():
-        if pfn not in owners:
-            found.add("page tables", "table page in no address space (leaked)", f"pfn {pfn:#x}")
+    leaked = tables[~np.isin(tables, np.fromiter(owners, dtype=np.int64, count=len(owners)))]
+    found.add_where(
+        "page tables",
+        "table page in no address space (leaked)",
+        np.ones(len(leaked), dtype=bool),
+        lambda i: f"pfn {int(leaked[i]):#x}",
+    )
+
+
+def _not_a_table(k: Kernel, entry: int) -> str:
+    """Where an upper-level entry points instead of a page table."""
+    pfn = k.pte_layout.pte_pfn(entry)
+    if pfn >= k.alloc.nr_pages:
+        return "outside physical memory"
+    return "to a free page" if k.alloc.is_free(pfn) else "to a page that is no page table"
 
 
 def _check_vmas(k: Kernel, mm: MmStruct, found: _Findings) -> None:
@@ -103,39 +133,58 @@ def _check_vmas(k: Kernel, mm: MmStruct, found: _Findings) -> None:
             found.add(where, "VMA uses a KeyID without a key", f"{vma.start:#x} KeyID {keyid}")
 
 
-def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: Counter[int]) -> None:
-    where = f"space {mm.name}"
-    layout = k.pte_layout
-    for va, size, pte in k.pt.iter_present(mm.pgd):
-        vma = mm.find_vma(va)
-        pfn, keyid = layout.pte_pfn(pte, size), layout.pte_keyid(pte)
-        if vma is None or va + size > vma.end:
-            found.add(where, "PTE outside any VMA", f"{va:#x}")
-            continue
-        if pte_page(k, pte, size) is None or k.alloc.is_free(pfn):
-            found.add(where, "PTE maps a free or missing page", f"{va:#x} -> pfn {pfn:#x}")
-            continue
-        vkeyid = vma_keyid(vma, layout)
-        if k.alloc.flags[pfn] & PG.ZERO:
-            if vkeyid:
-                found.add(
-                    where, "zero page mapped in an encrypted VMA", f"{va:#x} VMA KeyID {vkeyid}"
-                )
-            continue
-        mapped[pfn] += 1
-        pkeyid = int(k.alloc.page_keyid[pfn])
-        if keyid != pkeyid:
-            found.add(
-                where,
-                "PTE KeyID differs from its page's page_ext KeyID",
-                f"{va:#x}: PTE KeyID {keyid}, page KeyID {pkeyid}",
-            )
-        if keyid != vkeyid:
-            found.add(
-                where,
-                "PTE KeyID differs from its VMA's KeyID",
-                f"{va:#x}: PTE KeyID {keyid}, VMA KeyID {vkeyid}",
-            )
+def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -> None:
+    """The PTE rules over all of the space's leaves at once; adds to ``mapped``
+    the PTEs that map each page (a huge leaf at its head)."""
+    where, layout, alloc = f"space {mm.name}", k.pte_layout, k.alloc
+    va, size, pte = k.pt.leaf_arrays(mm.pgd)
+    if not len(va):
+        return
+    vmas = mm.vmas()
+    starts = np.array([v.start for v in vmas] or [0], dtype=np.uint64)
+    ends = np.array([v.end for v in vmas] or [0], dtype=np.uint64)
+    vma_keyids = np.array([vma_keyid(v, layout) for v in vmas] or [0], dtype=np.int64)
+    at = np.searchsorted(starts, va, side="right") - 1
+    at_vma = np.maximum(at, 0)
+    outside = (at < 0) | (va + size > ends[at_vma]) | (va < starts[at_vma]) | (len(vmas) == 0)
+    found.add_where(where, "PTE outside any VMA", outside, lambda i: f"{int(va[i]):#x}")
+    u64 = np.uint64
+    pfn = ((pte & u64(layout.pfn_mask) & ~(size - u64(1))) >> u64(12)).astype(np.int64)
+    pages = (size >> u64(12)).astype(np.int64)
+    known = pfn + pages <= alloc.nr_pages
+    page = np.where(known, pfn, 0)
+    missing = ~outside & (~known | alloc.free_mask()[page])
+    found.add_where(
+        where,
+        "PTE maps a free or missing page",
+        missing,
+        lambda i: f"{int(va[i]):#x} -> pfn {int(pfn[i]):#x}",
+    )
+    ok = ~outside & ~missing
+    vkeyid = vma_keyids[at_vma]
+    zero = ok & ((alloc.flags[page] & PG.ZERO) != 0)
+    found.add_where(
+        where,
+        "zero page mapped in an encrypted VMA",
+        zero & (vkeyid != 0),
+        lambda i: f"{int(va[i]):#x} VMA KeyID {int(vkeyid[i])}",
+    )
+    ok &= ~zero
+    mapped += np.bincount(page[ok], minlength=len(mapped))
+    keyid = ((pte & u64(layout.keyid_mask)) >> u64(layout.keyid_shift)).astype(np.int64)
+    pkeyid = alloc.page_keyid[page].astype(np.int64)
+    found.add_where(
+        where,
+        "PTE KeyID differs from its page's page_ext KeyID",
+        ok & (keyid != pkeyid),
+        lambda i: f"{int(va[i]):#x}: PTE KeyID {int(keyid[i])}, page KeyID {int(pkeyid[i])}",
+    )
+    found.add_where(
+        where,
+        "PTE KeyID differs from its VMA's KeyID",
+        ok & (keyid != vkeyid),
+        lambda i: f"{int(va[i]):#x}: PTE KeyID {int(keyid[i])}, VMA KeyID {int(vkeyid[i])}",
+    )
 
 
 def _check_tlb(k: Kernel, mm: MmStruct, found: _Findings) -> None:
@@ -162,23 +211,19 @@ def _check_tlb(k: Kernel, mm: MmStruct, found: _Findings) -> None:
             )
 
 
-def _check_pages(k: Kernel, found: _Findings, mapped: Counter[int]) -> None:
+def _check_pages(k: Kernel, found: _Findings, mapped: np.ndarray) -> None:
     alloc = k.alloc
-    anon = np.flatnonzero((alloc.flags & PG.ANON) != 0)
-    for pfn in anon.tolist():
-        if alloc.flags[pfn] & PG.TAIL:
-            continue
-        if alloc.mapcount[pfn] != mapped.get(pfn, 0):
-            found.add(
-                "pages",
-                "map count differs from the PTEs mapping the page",
-                f"pfn {pfn:#x}: mapcount {alloc.mapcount[pfn]}, PTEs {mapped.get(pfn, 0)}",
-            )
-    counts: dict[int, int] = defaultdict(int)
-    in_use = np.flatnonzero((alloc.flags != 0) & ((alloc.flags & PG.BUDDY) == 0))
-    for keyid, n in Counter(alloc.page_keyid[in_use].tolist()).items():
-        counts[int(keyid)] = n
-    for keyid in set(counts) | set(alloc.allocated_by_keyid):
+    heads = ((alloc.flags & PG.ANON) != 0) & ((alloc.flags & PG.TAIL) == 0)
+    found.add_where(
+        "pages",
+        "map count differs from the PTEs mapping the page",
+        heads & (alloc.mapcount != mapped),
+        lambda pfn: f"pfn {pfn:#x}: mapcount {alloc.mapcount[pfn]}, PTEs {mapped[pfn]}",
+    )
+    in_use = (alloc.flags != 0) & ((alloc.flags & PG.BUDDY) == 0)
+    recount = np.bincount(alloc.page_keyid[in_use].astype(np.int64))
+    counts = {int(keyid): int(n) for keyid, n in enumerate(recount) if n}
+    for keyid in sorted(set(counts) | set(alloc.allocated_by_keyid)):
         if counts.get(keyid, 0) != alloc.allocated_by_keyid.get(keyid, 0):
             found.add(
                 "pages",
@@ -189,23 +234,35 @@ def _check_pages(k: Kernel, found: _Findings, mapped: Counter[int]) -> None:
 
 
 def _check_pools(k: Kernel, found: _Findings) -> None:
-    pools = k.alloc.pools()
-    pooled = [p for pfns in pools.values() for p in pfns]
-    counts = Counter(pooled)
-    for pfn, n in counts.items():
-        if n > 1:
-            found.add("free pools", "page on the free lists more than once", f"pfn {pfn:#x} x{n}")
-        if not k.alloc.flags[pfn] & PG.BUDDY:
-            found.add("free pools", "page on a free list is not marked free", f"pfn {pfn:#x}")
-    buddy = np.flatnonzero((k.alloc.flags[: k.alloc.never_used] & PG.BUDDY) != 0)
-    for pfn in buddy.tolist():
-        if pfn not in counts:
-            found.add("free pools", "free page on no free list (leaked)", f"pfn {pfn:#x}")
+    alloc = k.alloc
+    pools = {keyid: np.array(pfns, dtype=np.int64) for keyid, pfns in alloc.pools().items()}
+    pooled = np.concatenate([np.zeros(0, dtype=np.int64), *pools.values()])
+    times = np.bincount(pooled, minlength=alloc.nr_pages)
+    found.add_where(
+        "free pools",
+        "page on the free lists more than once",
+        times > 1,
+        lambda pfn: f"pfn {pfn:#x} x{times[pfn]}",
+    )
+    found.add_where(
+        "free pools",
+        "page on a free list is not marked free",
+        (times > 0) & ((alloc.flags & PG.BUDDY) == 0),
+        lambda pfn: f"pfn {pfn:#x}",
+    )
+    buddy = (alloc.flags & PG.BUDDY) != 0
+    buddy[alloc.never_used :] = False
+    found.add_where(
+        "free pools",
+        "free page on no free list (leaked)",
+        buddy & (times == 0),
+        lambda pfn: f"pfn {pfn:#x}",
+    )
     for keyid, pfns in pools.items():
-        wrong = [p for p in pfns if int(k.alloc.page_keyid[p]) != keyid]
-        if wrong:
+        wrong = pfns[alloc.page_keyid[pfns] != keyid]
+        if len(wrong):
             found.add(
                 f"free pool {keyid}",
                 "free page tagged with another KeyID",
-                f"pfn {wrong[0]:#x} has KeyID {int(k.alloc.page_keyid[wrong[0]])}",
+                f"pfn {int(wrong[0]):#x} has KeyID {int(alloc.page_keyid[wrong[0]])}",
             )

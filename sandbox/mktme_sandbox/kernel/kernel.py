@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mktme_sandbox.config import PAGE_SIZE, MachineConfig
@@ -57,9 +59,11 @@ _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 class Kernel:
     """One booted kernel on one platform."""
 
-    def __init__(self, platform: Platform, config: MachineConfig) -> None:
+    def __init__(self, platform: Platform, config: MachineConfig, owner_uid: int = 0) -> None:
         self.platform = platform
         self.config = config
+        self.owner_uid = owner_uid
+        """The daemon's user: like root, exempt from the per-uid limits."""
         self.log = KernelLog()
         self.vmstat = VmStat()
         self.log.printk("Linux version 4.18.0-mktme-v5 (mktme-sandbox) #1 SMP")
@@ -80,16 +84,20 @@ class Kernel:
             config.phys_mem,
             self.vmstat,
             lambda: self.mitigations["flush_on_keyid_change"],
+            lambda uid: None if self.unlimited(uid) else config.page_limit,
         )
         self.alloc.alloc_page(0, PG.RESERVED, zero=False)  # PFN 0, as on a PC
         self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)
-        self.pt = PageTables(platform, self.pte_layout, self._alloc_table, self._free_table)
+        self.pt = PageTables(
+            platform, self.pte_layout, self._alloc_table, self._free_table, self._is_table_page
+        )
         self.tlb = Tlb()
         self.spaces: dict[str, MmStruct] = {}
         self._next_asid = 1
         self.keys = KeyService(
             platform.pconfig, platform.key_state, platform.wbinvd, layout, config.algorithms,
             self.log, self.vmstat, self.keyid_in_use,
+            lambda uid: None if self.unlimited(uid) else config.keyid_limit,
         )  # fmt: skip
         self.ksm = KsmStats()
         self.khugepaged = KhugepagedStats()
@@ -108,6 +116,28 @@ class Kernel:
         self.vmstat.inc("pgtable_free")
         self.alloc.free_page(pa // PAGE_SIZE)
 
+    def _is_table_page(self, pa: int) -> bool:
+        pfn = pa // PAGE_SIZE
+        return pfn < self.alloc.nr_pages and bool(self.alloc.flags[pfn] & PG.PGTABLE)
+
+    # --- per-uid limits -----------------------------------------------------------
+
+    def unlimited(self, uid: int) -> bool:
+        """Root and the daemon's user pass every per-uid limit."""
+        return uid in (0, self.owner_uid)
+
+    @contextmanager
+    def charging(self, uid: int) -> Iterator[None]:
+        """Charge the pages allocated inside to ``uid``, the owner of the space
+        they are for (Linux charges the memcg of ``current``, the task whose
+        fault or call allocates)."""
+        saved = self.alloc.charge_uid
+        self.alloc.charge_uid = uid
+        try:
+            yield
+        finally:
+            self.alloc.charge_uid = saved
+
     # --- address spaces -----------------------------------------------------------
 
     def space(self, name: str) -> MmStruct:
@@ -123,7 +153,9 @@ class Kernel:
             fail(errno.EEXIST, f"space {name!r} exists")
         if name in RESERVED_SPACE_NAMES:
             fail(errno.EINVAL, f"space name {name!r} is taken by pagetables/{name}")
-        mm = MmStruct(name, uid, self.pt.create(), self._next_asid)
+        with self.charging(uid):
+            pgd = self.pt.create()
+        mm = MmStruct(name, uid, pgd, self._next_asid)
         self._next_asid += 1
         self.spaces[name] = mm
         return mm

@@ -15,6 +15,9 @@ Rules kept (docs/spec.md 2.3 and 7):
   reprogrammed or cleared (EBUSY). Before a KeyID is reprogrammed the cache is
   written back (WBINVD), so no dirty line of the old key is later written back
   with the new one.
+- A user owns at most ``keyid_limit(uid)`` KeyIDs (``max_keyids_per_uid``;
+  None for root and the daemon's user): programming one more is EDQUOT, as
+  ``key_alloc()`` fails when a user's ``maxkeys`` quota is exceeded.
 - PCONFIG answering ENTROPY_ERROR or DEVICE_BUSY is retried, ten tries in all,
   then EAGAIN.
 - Key material is parsed here and handed to the hardware; it is never stored,
@@ -82,6 +85,7 @@ class KeyService:
         log: KernelLog,
         vmstat: VmStat,
         in_use: Callable[[int], bool],
+        keyid_limit: Callable[[int], int | None] = lambda uid: None,
     ) -> None:
         self._pconfig = pconfig
         self._key_state = key_state
@@ -91,6 +95,7 @@ class KeyService:
         self._log = log
         self._vmstat = vmstat
         self._in_use = in_use
+        self._keyid_limit = keyid_limit
         self._owners: dict[int, int] = {}  # the one thing the key table does not know
 
     # --- queries ------------------------------------------------------------
@@ -126,6 +131,8 @@ class KeyService:
         fields = parse_payload(payload)
         program = self._build(keyid, fields)
         self._check_owner(keyid, uid)
+        if fields["type"] != "clear":
+            self._check_quota(keyid, uid)
         if self._in_use(keyid):
             fail(errno.EBUSY, f"key: KeyID {keyid} is still mapped; unmap it first")
         self._wbinvd()
@@ -145,6 +152,17 @@ class KeyService:
         owner = self._owners.get(keyid)
         if owner is not None and uid not in (0, owner):
             fail(errno.EACCES, f"key: KeyID {keyid} belongs to uid {owner}")
+
+    def _check_quota(self, keyid: int, uid: int) -> None:
+        """EDQUOT when ``uid`` already owns its limit of KeyIDs (reprogramming
+        one it owns takes none more)."""
+        limit = self._keyid_limit(uid)
+        owned = sum(1 for owner in self._owners.values() if owner == uid)
+        if limit is not None and self._owners.get(keyid) != uid and owned >= limit:
+            fail(
+                errno.EDQUOT,
+                f"key: uid {uid} owns {owned} KeyIDs, the limit max_keyids_per_uid is {limit}",
+            )
 
     def _build(self, keyid: int, fields: dict[str, str]) -> KeyProgram:
         kind = fields["type"]

@@ -97,7 +97,8 @@ def _keyids_allow(k: Kernel, vma: Vma, pfns: list[int]) -> bool:
 def _collapse(k: Kernel, mm: MmStruct, vma: Vma, haddr: int, pfns: list[int]) -> int:
     checked = k.mitigations["khugepaged_keyid_check"]
     keyid = vma_keyid(vma, k.pte_layout) if checked else 0
-    head = k.alloc.alloc_huge_page(keyid, zero=False)
+    with k.charging(mm.owner):
+        head = k.alloc.alloc_huge_page(keyid, zero=False)
     if head is None:
         k.khugepaged.collapse_alloc_failed += 1
         k.vmstat.inc("thp_collapse_alloc_failed")

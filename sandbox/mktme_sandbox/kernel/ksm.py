@@ -140,7 +140,8 @@ def unmerge_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     free = sum(k.alloc.free_pages_by_keyid().values())
     if len(shared) > free:
         fail(errno.ENOMEM, f"madvise: unmerging needs {len(shared)} pages, {free} are free")
-    for va, pte in shared:
-        vma = mm.find_vma(va)
-        assert vma is not None
-        do_wp_page(k, mm, vma, va, pte & ~int(PteFlags.RW))
+    with k.charging(mm.owner):
+        for va, pte in shared:
+            vma = mm.find_vma(va)
+            assert vma is not None
+            do_wp_page(k, mm, vma, va, pte & ~int(PteFlags.RW))

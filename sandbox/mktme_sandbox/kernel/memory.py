@@ -14,6 +14,13 @@ the page tables in emulated memory, via the TLB; like hardware, the CPU side
 uses the KeyID found in the PTE, while kernel copies go through the direct
 mapping of the page's own KeyID (``page_keyid``).
 
+A fault takes the page tables first and the page last, as
+``__handle_mm_fault()`` allocates the PUD, PMD and PTE tables before
+``do_anonymous_page()`` allocates the page, and one that fails (ENOMEM at any
+step: memory exhausted, or the owner's ``max_pages_per_uid``) frees the
+tables it left empty: it leaves the machine as it found it. Pages are charged
+to the space's owner (``Kernel.charging``).
+
 Left out: swap, file pages, userfaultfd, accessed/dirty bits set by the walker
 (PTEs are made young, and dirty on a write fault).
 """
@@ -66,9 +73,20 @@ def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
 
 
 def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
-    """Resolve a fault at ``addr``; return the new PTE."""
+    """Resolve a fault at ``addr``; return the new PTE. A fault that fails
+    frees the tables it left empty."""
     k.vmstat.inc("pgfault")
     k.vmstat.inc("pgfault_write" if write else "pgfault_read")
+    page = addr & ~(PAGE_SIZE - 1)
+    with k.charging(mm.owner):
+        try:
+            return _handle_mm_fault(k, mm, vma, addr, write)
+        except BaseException:
+            k.pt.free_empty_tables(mm.pgd, page, page + PAGE_SIZE)
+            raise
+
+
+def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
     found = k.pt.get_pte(mm.pgd, addr)
     if found is None:
         return do_anonymous_page(k, mm, vma, addr, write)
@@ -84,6 +102,7 @@ def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -
 def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
     page = addr & ~(PAGE_SIZE - 1)
     keyid = vma_keyid(vma, k.pte_layout)
+    k.pt.alloc_tables(mm.pgd, page)  # the tables first, the page last
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
             k.vmstat.inc("zero_page_map")

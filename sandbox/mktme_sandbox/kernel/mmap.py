@@ -117,7 +117,7 @@ def do_mmap(
         fail(errno.EINVAL, f"mmap: {addr:#x}-{end:#x} overlaps an existing mapping")
     k.keys.check_usable(keyid, "mmap", uid)
     if populate and prot & _ACCESS:
-        _check_populate(k, addr, end, prot, keyid)
+        _check_populate(k, mm, addr, end, prot, keyid)
     mm.insert(Vma(addr, end, prot, _prot_for(k, prot, keyid)))
     if populate:
         try:
@@ -128,9 +128,10 @@ def do_mmap(
     vma_merge(k, mm, addr, end)
 
 
-def _check_populate(k: Kernel, start: int, end: int, prot: VM, keyid: int) -> None:
-    """ENOMEM before faulting when the pages cannot all be had: a populate
-    that fails late would hold the machine for minutes, then be undone."""
+def _check_populate(k: Kernel, mm: MmStruct, start: int, end: int, prot: VM, keyid: int) -> None:
+    """ENOMEM before faulting when the pages cannot all be had, from memory or
+    within the owner's ``max_pages_per_uid``: a populate that fails late would
+    hold the machine for minutes, then be undone."""
     pages = (end - start) >> 12
     needs_pages = bool(prot & VM.WRITE) or keyid != 0  # else the zero page
     tables = -(-(end - start) // HPAGE_SIZE) + 2
@@ -138,6 +139,8 @@ def _check_populate(k: Kernel, start: int, end: int, prot: VM, keyid: int) -> No
     free = sum(k.alloc.free_pages_by_keyid().values())
     if wanted > free:
         fail(errno.ENOMEM, f"mmap: populate needs {wanted} pages, {free} are free")
+    with k.charging(mm.owner):
+        k.alloc.check_limit(wanted, "mmap: populate")
 
 
 def _populate(k: Kernel, mm: MmStruct, start: int, end: int) -> None:

@@ -22,6 +22,12 @@ Rules kept:
 - The mitigation ``flush_on_keyid_change`` off skips the flushes (and only
   them): dirty lines of the old KeyID stay in the cache and are written back
   later over the new owner's data.
+- Every page is charged to the uid in ``charge_uid`` when it is allocated
+  (the kernel sets it to the owner of the space it allocates for, as Linux
+  charges the memcg of ``current``) and uncharged when it is freed, whoever
+  frees it. ``page_limit(uid)`` caps what one uid holds (docs/spec.md 8,
+  ``max_pages_per_uid``): an allocation beyond it fails with ENOMEM before
+  anything changes.
 
 Left out: buddy merging (a freed 2M page comes back as 512 single pages; a 2M
 allocation takes never-used memory), watermarks, zones, per-CPU lists.
@@ -75,6 +81,7 @@ class PageAllocator:
         phys_mem: int,
         vmstat: VmStat,
         flush_enabled: Callable[[], bool],
+        page_limit: Callable[[int], int | None] = lambda uid: None,
     ) -> None:
         self.mem = mem
         self.vmstat = vmstat
@@ -88,19 +95,28 @@ class PageAllocator:
         self._pools: dict[int, list[int]] = {0: []}
         self._fresh = 0  # PFNs >= _fresh were never allocated
         self.allocated_by_keyid: dict[int, int] = {}
+        self._page_limit = page_limit
+        self.charge_uid: int | None = None
+        """Whom the next allocations are charged to (None: the kernel, uncharged)."""
+        self._charged = np.zeros(self.nr_pages, dtype=np.int64)  # uid + 1; 0 uncharged
+        self.pages_by_uid: dict[int, int] = {}
 
     # --- allocation -------------------------------------------------------
 
     def alloc_page(self, keyid: int, flags: PG = PG.ANON, zero: bool = True) -> int:
-        """Allocate one page for ``keyid`` (ENOMEM when memory is exhausted)."""
+        """Allocate one page for ``keyid`` (ENOMEM when memory is exhausted or
+        ``charge_uid`` holds its limit)."""
+        self.check_limit(1)
         pfn, old_keyid = self._take(keyid)
         self._prep(pfn, 0, old_keyid, keyid, flags, zero)
         return pfn
 
     def alloc_huge_page(self, keyid: int, zero: bool = True) -> int | None:
-        """A 2M-aligned order-9 page from never-used memory, or None."""
+        """A 2M-aligned order-9 page from never-used memory, or None (also
+        when ``charge_uid`` would exceed its limit)."""
         start = -(-self._fresh // HPAGE_NR) * HPAGE_NR
-        if start + HPAGE_NR > self.nr_pages:
+        left = self.pages_left()
+        if start + HPAGE_NR > self.nr_pages or (left is not None and left < HPAGE_NR):
             return None
         self._pools[0].extend(range(self._fresh, start))
         self.flags[self._fresh : start] = PG.BUDDY
@@ -109,6 +125,25 @@ class PageAllocator:
         self.flags[start] |= np.uint32(PG.HEAD)
         self.flags[start + 1 : start + HPAGE_NR] |= np.uint32(PG.TAIL)
         return start
+
+    def pages_left(self) -> int | None:
+        """Pages ``charge_uid`` may still take; None when it has no limit."""
+        uid = self.charge_uid
+        if uid is None:
+            return None
+        limit = self._page_limit(uid)
+        return None if limit is None else limit - self.pages_by_uid.get(uid, 0)
+
+    def check_limit(self, nr: int, op: str = "page allocation") -> None:
+        """ENOMEM, naming the limit, when ``charge_uid`` may not take ``nr`` pages."""
+        left = self.pages_left()
+        if left is not None and nr > left:
+            uid = self.charge_uid
+            fail(
+                errno.ENOMEM,
+                f"{op}: uid {uid} would exceed max_pages_per_uid ({left} of its pages left, "
+                f"{nr} needed)",
+            )
 
     def _take(self, keyid: int) -> tuple[int, int]:
         """Pick a free page: own pool, then KeyID 0's, then the fullest other."""
@@ -138,11 +173,26 @@ class PageAllocator:
             self.vmstat.inc("flush_avoided_pool", nr)
         self.flags[pfn : pfn + nr] = flags
         self.allocated_by_keyid[keyid] = self.allocated_by_keyid.get(keyid, 0) + nr
+        self._charge(pfn, nr, self.charge_uid)
         self.vmstat.inc("pgalloc", nr)
         if keyid:
             self.vmstat.inc("pgalloc_encrypted", nr)
         if zero:
             self.mem.fill(pfn * PAGE_SIZE, nr * PAGE_SIZE, 0, keyid)
+
+    def _charge(self, pfn: int, nr: int, uid: int | None) -> None:
+        """Charge ``nr`` pages from ``pfn`` to ``uid``; None uncharges them."""
+        old = int(self._charged[pfn]) - 1
+        if old >= 0:
+            self.pages_by_uid[old] -= nr
+        if uid is not None:
+            self.pages_by_uid[uid] = self.pages_by_uid.get(uid, 0) + nr
+        self._charged[pfn : pfn + nr] = 0 if uid is None else uid + 1
+
+    def charged_uid(self, pfn: int) -> int | None:
+        """The uid page ``pfn`` is charged to, or None."""
+        uid = int(self._charged[pfn]) - 1
+        return None if uid < 0 else uid
 
     def prep_encrypted_page(self, pfn: int, order: int, old_keyid: int, keyid: int) -> None:
         """Flush the old KeyID's lines, then give the page its new KeyID."""
@@ -162,6 +212,7 @@ class PageAllocator:
         pool.extend(range(pfn + nr - 1, pfn - 1, -1))
         self.flags[pfn : pfn + nr] = PG.BUDDY
         self.mapcount[pfn : pfn + nr] = 0
+        self._charge(pfn, nr, None)
         self.allocated_by_keyid[keyid] -= nr
         self.vmstat.inc("pgfree", nr)
         if keyid:
@@ -232,6 +283,7 @@ class PageAllocator:
             "pools": [[k, np.array(pfns, dtype=np.int64)] for k, pfns in self._pools.items()],
             "fresh": self._fresh,
             "allocated_by_keyid": [[k, n] for k, n in self.allocated_by_keyid.items()],
+            "charged": self._charged[used].copy(),
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -246,3 +298,7 @@ class PageAllocator:
         self._pools = {int(k): [int(p) for p in pfns] for k, pfns in state["pools"]}
         self._fresh = fresh
         self.allocated_by_keyid = {int(k): int(n) for k, n in state["allocated_by_keyid"]}
+        self._charged[:] = 0
+        self._charged[:fresh] = state["charged"]
+        uids, counts = np.unique(self._charged[self._charged > 0], return_counts=True)
+        self.pages_by_uid = {int(u) - 1: int(n) for u, n in zip(uids, counts)}

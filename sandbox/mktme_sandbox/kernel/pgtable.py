@@ -83,6 +83,7 @@ __all__ = [
     "SIZE_4K",
     "USER_END",
     "Leaf",
+    "LeafArrays",
     "Level",
     "Lookup",
     "PageTables",
@@ -344,6 +345,17 @@ class Leaf(NamedTuple):
     pte: int
 
 
+class LeafArrays(NamedTuple):
+    """Every non-empty leaf of a range as three parallel arrays (``leaf_arrays``)."""
+
+    va: np.ndarray
+    """The address each leaf maps (uint64)."""
+    size: np.ndarray
+    """The bytes it maps (uint64: 4K, 2M or 1G)."""
+    pte: np.ndarray
+    """Its value (uint64)."""
+
+
 class Span(NamedTuple):
     """A leaf (``pte != 0``) or a run of empty entries of one level (``pte == 0``)."""
 
@@ -379,7 +391,11 @@ class PageTables:
 
     ``alloc_table()`` returns the physical address of a zeroed 4 KiB page for a
     new table; ``free_table(pa)`` takes one back. Leaf pages are the caller's:
-    nothing here allocates or frees a page a leaf points to.
+    nothing here allocates or frees a page a leaf points to. ``is_table(pa)``
+    says whether ``pa`` is a page-table page: scans, walks that free and
+    ``destroy`` follow an upper-level entry only to such a page, so a PGD, PUD
+    or PMD entry rewritten through ``keyids/0/mem`` to point outside memory, at
+    a free page or at a data page is skipped (``iter_bad_pointers`` lists them).
     """
 
     def __init__(
@@ -388,6 +404,7 @@ class PageTables:
         layout: PteLayout,
         alloc_table: Callable[[], int],
         free_table: Callable[[int], None],
+        is_table: Callable[[int], bool] = lambda pa: True,
     ) -> None:
         self.mem = mem
         self.layout = layout
@@ -399,6 +416,7 @@ class PageTables:
         self._store = mem.store
         self._amask = layout.pfn_mask
         self._reserved = layout.reserved_mask
+        self._is_table_page = is_table
 
     # -- address spaces -------------------------------------------------------
 
@@ -447,8 +465,16 @@ class PageTables:
             fail(errno.EINVAL, f"set_pte: a {_size_name(size)} leaf needs PSE, {pte:#x} has none")
         old = _FROM(self._load(pa, 8), "little")
         self._store(pa, pte.to_bytes(8, "little"))
-        if old & _PRESENT_PSE == _PRESENT:  # collapse: the table below goes
+        if old & _PRESENT_PSE == _PRESENT and self._is_table_page(old & self._amask):
+            # collapse: the table below goes
             self._free_tree(old & self._amask, size.bit_length() - 1 - 9)
+
+    def alloc_tables(self, cr3: int, va: int, size: int = SIZE_4K) -> None:
+        """Allocate the tables a ``size`` leaf at ``va`` needs (``pud_alloc``,
+        ``pmd_alloc``, ``pte_alloc``); a fault does this before it takes a page."""
+        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_LEVEL:
+            self._bad_leaf("alloc_tables", va, size)
+        self._entry_pa(cr3, va, size, True, "alloc_tables")
 
     def clear_pte(self, cr3: int, va: int, size: int = SIZE_4K) -> int:
         """Clear the leaf of ``size`` at ``va`` (``ptep_get_and_clear``); returns the old value.
@@ -522,6 +548,20 @@ class PageTables:
         self._check_range("iter_present", start, end)
         return self._leaves(cr3, 39, 0, start, end, {cr3})
 
+    def leaf_arrays(self, cr3: int, start: int = 0, end: int = USER_END) -> LeafArrays:
+        """``iter_present`` as arrays: one numpy array per PTE table, no Python
+        work per entry (the audit and the reverse map count whole spaces)."""
+        self._check_range("leaf_arrays", start, end)
+        chunks = list(self._leaf_chunks(cr3, 39, 0, start, end, {cr3}))
+        if not chunks:
+            empty = np.zeros(0, dtype=np.uint64)
+            return LeafArrays(empty, empty, empty)
+        return LeafArrays(
+            np.concatenate([va for va, _, _ in chunks]),
+            np.concatenate([np.full(len(va), size, dtype=np.uint64) for va, size, _ in chunks]),
+            np.concatenate([pte for _, _, pte in chunks]),
+        )
+
     def iter_spans(self, cr3: int, start: int = 0, end: int = USER_END) -> Iterator[Span]:
         """``[start, end)`` cut into leaves and runs of empty entries, each with its level.
 
@@ -536,6 +576,12 @@ class PageTables:
         """The physical address of every table page of the address space, PGD first."""
         yield cr3
         yield from self._subtables(cr3, 39, {cr3})
+
+    def iter_bad_pointers(self, cr3: int) -> Iterator[Span]:
+        """Every PGD, PUD or PMD entry that points to a table (PRESENT, no PSE)
+        but not to a page-table page (``is_table``): what the walks skip. Each
+        is a ``Span`` of the entry's level, address and value."""
+        return self._bad_pointers(cr3, 39, 0, {cr3})
 
     def free_empty_tables(self, cr3: int, start: int = 0, end: int = USER_END) -> int:
         """Free the table pages under ``[start, end)`` that map nothing (``free_pgtables``).
@@ -589,13 +635,20 @@ class PageTables:
 
         ``table`` maps ``[base, base + 512 << shift)``; one 4 KiB load.
         """
+        indices, values = self._entry_array(table, shift, base, start, end)
+        return indices.tolist(), values.tolist()
+
+    def _entry_array(
+        self, table: int, shift: int, base: int, start: int, end: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``_entries`` as numpy arrays (int64 indices, uint64 values)."""
         lo = max(0, (start - base) >> shift)
         hi = min(PTRS_PER_TABLE, (end - base + (1 << shift) - 1) >> shift)
         if lo >= hi:
-            return [], []
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
         entries = np.frombuffer(self._load(table, PAGE_SIZE), "<u8")[lo:hi]
         nonzero = np.flatnonzero(entries)
-        return (nonzero + lo).tolist(), entries[nonzero].tolist()
+        return nonzero + lo, entries[nonzero].astype(np.uint64)
 
     @staticmethod
     def _is_table(e: int, shift: int) -> bool:
@@ -612,7 +665,7 @@ class PageTables:
         if not self._is_table(e, shift):
             return None
         child = e & self._amask
-        if child in seen:
+        if child in seen or not self._is_table_page(child):
             return None
         seen.add(child)
         return child
@@ -620,16 +673,47 @@ class PageTables:
     def _leaves(
         self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
     ) -> Iterator[Leaf]:
-        indices, values = self._entries(table, shift, base, start, end)
-        size = 1 << shift
+        for vas, size, ptes in self._leaf_chunks(table, shift, base, start, end, seen):
+            for va, pte in zip(vas.tolist(), ptes.tolist()):
+                yield Leaf(va, size, pte)
+
+    def _leaf_chunks(
+        self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
+    ) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
+        """The leaves under ``table`` in address order: a whole PTE table as one
+        chunk of (addresses, size, values), a huge leaf as a chunk of one."""
+        indices, values = self._entry_array(table, shift, base, start, end)
+        if shift == PAGE_SHIFT:
+            if len(indices):
+                yield (
+                    (indices.astype(np.uint64) << np.uint64(PAGE_SHIFT)) + np.uint64(base),
+                    SIZE_4K,
+                    values,
+                )
+            return
+        for i, e in zip(indices.tolist(), values.tolist()):
+            va = base + (i << shift)
+            if not self._is_table(e, shift):
+                yield np.array([va], dtype=np.uint64), 1 << shift, np.array([e], dtype=np.uint64)
+                continue
+            child = self._child(e, shift, seen)
+            if child is not None:
+                yield from self._leaf_chunks(child, shift - 9, va, start, end, seen)
+
+    def _bad_pointers(self, table: int, shift: int, base: int, seen: set[int]) -> Iterator[Span]:
+        if shift == PAGE_SHIFT:
+            return
+        indices, values = self._entries(table, shift, base, base, base + (PTRS_PER_TABLE << shift))
         for i, e in zip(indices, values):
             va = base + (i << shift)
-            if self._is_table(e, shift):
-                child = self._child(e, shift, seen)
-                if child is not None:
-                    yield from self._leaves(child, shift - 9, va, start, end, seen)
-            else:
-                yield Leaf(va, size, e)
+            if not self._is_table(e, shift):
+                continue
+            if not self._is_table_page(e & self._amask):
+                yield Span(va, 1 << shift, _SHIFT_LEVEL[shift], e)
+                continue
+            child = self._child(e, shift, seen)
+            if child is not None:
+                yield from self._bad_pointers(child, shift - 9, va, seen)
 
     def _spans(
         self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
