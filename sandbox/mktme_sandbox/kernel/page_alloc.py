@@ -185,6 +185,8 @@ class PageAllocator:
         old = int(self._charged[pfn]) - 1
         if old >= 0:
             self.pages_by_uid[old] -= nr
+            if not self.pages_by_uid[old]:
+                del self.pages_by_uid[old]  # a uid holds pages or is not listed
         if uid is not None:
             self.pages_by_uid[uid] = self.pages_by_uid.get(uid, 0) + nr
         self._charged[pfn : pfn + nr] = 0 if uid is None else uid + 1

@@ -431,7 +431,12 @@ class PageTables:
     # -- one entry ------------------------------------------------------------
 
     def get_pte(self, cr3: int, va: int) -> Lookup | None:
-        """The leaf entry mapping ``va``, or None when the walk meets an empty entry."""
+        """The leaf entry mapping ``va``, or None when the walk meets an empty entry.
+
+        An upper-level entry that points to no page table (one forged through
+        ``keyids/0/mem``) ends the walk with EIO, as an access to an unmapped
+        address does: the kernel never follows it (``mm/check`` reports it).
+        """
         if not 0 <= va < USER_END:
             self._bad_va("get_pte", va)
         load, amask = self._load, self._amask
@@ -439,7 +444,10 @@ class PageTables:
         if not e & _PRESENT:
             return None
         for shift, size in _DESCENT:
-            pa = (e & amask) + ((va >> shift) & 0xFF8)
+            table = e & amask
+            if not self._is_table_page(table):
+                fail(errno.EIO, f"{va:#x}: the walk meets an entry {e:#x} that points to no table")
+            pa = table + ((va >> shift) & 0xFF8)
             e = _FROM(load(pa, 8), "little")
             if e & _PRESENT_PSE != _PRESENT or size == SIZE_4K:
                 return Lookup(e, size, pa) if e else None
