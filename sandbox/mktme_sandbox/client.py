@@ -85,6 +85,7 @@ PAGE = 4096
 LINE = 64  # the cache line and the engine's data unit
 BLOCK = 16  # one AES block
 PAGE_OFFSET = 0xFFFF888000000000
+PAGEMAP_CHUNK = 1 << 16  # pagemap entries per read: 512 KiB
 USER_TOP = 1 << 47
 
 
@@ -735,6 +736,20 @@ class Space:
             PagemapEntry(va if i == 0 else first + i * PAGE, raw) for i, raw in enumerate(entries)
         ]
 
+    def present(self, start: int, end: int) -> Iterator[PagemapEntry]:
+        """The pagemap entries of the present pages in [start, end), read in
+        chunks of ``PAGEMAP_CHUNK`` entries; a chunk of only absent pages is
+        skipped at C speed, so a huge, mostly untouched VMA costs little memory."""
+        va = user_va(start) - start % PAGE
+        while va < end:
+            pages = min(PAGEMAP_CHUNK, -(-(end - va) // PAGE))
+            data = self.mount.read_bytes(f"{self.rel}/pagemap", va // PAGE * 8, pages * 8)
+            if data.count(0) != len(data):
+                for i, (raw,) in enumerate(struct.iter_unpack("<Q", data)):
+                    if raw & PAGEMAP_PRESENT:
+                        yield PagemapEntry(va + i * PAGE, raw)
+            va += pages * PAGE
+
     def translate(self, va: int) -> Translation:
         """Where ``va`` lives: its pagemap entry, the physical address (``.pa``)
         and the KeyID its page was allocated for (``mm/page_keyid``); ``keyid``
@@ -947,9 +962,10 @@ def mapped_pages(mount: Mount) -> dict[int, list[tuple[str, int, int | None]]]:
         except MountError:
             continue  # destroyed meanwhile, or not ours
         for vma in vmas:
-            for entry in space.pagemap(vma.start, vma.size // PAGE):
-                if entry.present:
-                    out.setdefault(entry.pfn, []).append((space.name, entry.va, vma.keyid))
+            if vma.fields.get("Rss", "").split()[:1] == ["0"]:
+                continue  # nothing of it is in memory
+            for entry in space.present(vma.start, vma.end):
+                out.setdefault(entry.pfn, []).append((space.name, entry.va, vma.keyid))
     return out
 
 

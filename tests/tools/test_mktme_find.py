@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tools_helpers import VA, Run, Tenant
@@ -10,6 +14,8 @@ from tools_helpers import VA, Run, Tenant
 from mktme_sandbox.client import Mount
 
 pytestmark = pytest.mark.mount
+
+BIN = Path(sys.executable).parent
 
 
 def test_help_teaches_with_examples_and_exit_status(tool: Run) -> None:
@@ -54,3 +60,32 @@ def test_a_pattern_found_nowhere_exits_1(tool: Run) -> None:
 def test_bad_hex_is_a_usage_error(tool: Run) -> None:
     done = tool("mktme-find", "-x", "--", "xyz")
     assert done.returncode == 2 and "not hex" in done.stderr
+
+
+def test_a_huge_sparse_mapping_costs_no_memory(mnt: Mount) -> None:
+    """A 1 TiB VMA that holds nothing and a 64 GiB one that holds one page: the
+    page is found and named, within 1 GiB of address space (the whole pagemap of
+    the terabyte would be 2 GiB)."""
+    space = mnt.new_space("sparse")
+    secret = f"sparse-{os.urandom(6).hex()}"
+    try:
+        space.mmap(0x100000000000, 1 << 40, "rw-")
+        space.mmap(0x200000000000, 64 << 30, "rw-")
+        space.write(0x200000000000 + (5 << 30), secret.encode())
+        mnt.wbinvd()
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+        done = subprocess.run(
+            [str(BIN / "mktme-find"), "-m", str(mnt.root), "--no-dram", "-k", "0", "--", secret],
+            preexec_fn=limit,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"spaces/{space.name} {0x200000000000 + (5 << 30):#x}" in done.stdout
+    finally:
+        space.destroy()
