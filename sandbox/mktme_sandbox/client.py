@@ -49,6 +49,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mktme_sandbox.config import parse_size
+
 __all__ = [
     "BLOCK",
     "LINE",
@@ -181,12 +183,14 @@ def errno_name(err: int) -> str:
 
 
 def parse_int(text: str) -> int:
-    """``"0x1000"``, ``"4096"``, ``"4K"``, ``"2M"`` -> int (addresses and sizes)."""
-    m = re.fullmatch(r"\s*(0[xX][0-9a-fA-F_]+|\d+)\s*([kKmMgG]?)\s*", text)
-    if m is None:
-        raise ValueError(f"{text!r} is not a number (examples: 0x7f0000000000, 4096, 64K, 2M)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
-    return int(m.group(1), 0) * scale
+    """``"0x1000"``, ``"4096"``, ``"4K"``, ``"16KiB"``, ``"1T"`` -> int (addresses and
+    sizes): the grammar of a LEN in control files (docs/spec.md 4.4), ASCII only."""
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a number (examples: 0x7f0000000000, 4096, 64K, 2M, 16KiB)"
+        ) from None
 
 
 def user_va(va: int) -> int:

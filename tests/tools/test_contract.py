@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from tools_helpers import BIN, LAUNCHERS, TOOLS, VA, Run, Tenant
 
+from mktme_sandbox.client import Mount, Space
 from mktme_sandbox.mounting import mounted
 
 pytestmark = pytest.mark.mount
@@ -135,3 +136,45 @@ def test_a_stale_mount_is_one_line_and_exit_2(tmp_path: Path) -> None:
             done = run_bare([str(BIN / tool), "-m", str(sandbox.path), *args], without_mnt())
             assert_one_line_usage_error(done, tool)
             assert "stale mount" in done.stderr
+
+
+def test_a_keyid_the_machine_does_not_have_is_a_usage_error(tool: Run) -> None:
+    """Before reading anything: exit 2 and the range, not a false "not found"."""
+    for argv in (
+        ["mktme-peek", "-k", "99", "0x8000"],
+        ["mktme-peek", "-o", "1,99", "0x8000"],
+        ["mktme-find", "-k", "99", "--", "x"],
+    ):
+        done = tool(*argv)
+        assert done.returncode == 2, (argv, done.stdout, done.stderr)
+        assert done.stderr.strip().endswith("no KeyID 99 on this machine (0..63)"), done.stderr
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("where", ["/nonexistent/x.svg", "/dev/full", "/"])
+def test_an_output_file_that_cannot_be_written_is_one_line(tool: Run, where: str) -> None:
+    done = tool("mktme-map", "memory", "-o", where)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("mktme-map: ")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("length", "size"), [("16KiB", 16 << 10), ("0x4000", 0x4000)])
+def test_the_tools_take_every_length_a_control_file_takes(
+    tool: Run, mnt: Mount, length: str, size: int
+) -> None:
+    name = f"len-{os.getpid()}"
+    done = tool("mktme-map", "map", name, "0x20000000", length, "-p", "none")
+    try:
+        assert done.returncode == 0, done.stderr
+        (vma,) = Space(mnt, name).maps()
+        assert vma.size == size
+    finally:
+        tool("mktme-map", "destroy", name)
+
+
+def test_a_failed_map_leaves_no_space_behind(tool: Run, mnt: Mount) -> None:
+    name = f"ghost-{os.getpid()}"
+    done = tool("mktme-map", "map", name, "0x400000", "4K", "-k", "9")
+    assert done.returncode == 1 and "ENOKEY" in done.stderr
+    assert name not in {s.name for s in mnt.spaces()}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 from mktme_sandbox.client import Mount, MountError, NotAMount, mount_from
@@ -33,6 +33,7 @@ __all__ = [
     "EXIT_USAGE",
     "ToolError",
     "ToolParser",
+    "existing_keyids",
     "print_json",
     "run",
 ]
@@ -87,6 +88,9 @@ def run(
         return _fail(prog, str(e), EXIT_USAGE)
     except MountError as e:
         return _fail(prog, str(e), rejected)
+    except OSError as e:  # a file of the user's (-o FILE, -k FILE): one line, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(prog, f"{where}{e.strerror or e}", EXIT_REJECTED)
     except (ValueError, OverflowError) as e:
         return _fail(prog, str(e), EXIT_USAGE)
     except BrokenPipeError:
@@ -106,6 +110,17 @@ def _fail(prog: str, message: str, status: int) -> int:
 def open_mount(args: argparse.Namespace) -> Mount:
     """The mount of ``-m`` or ``$MKTME_MNT``; ``NotAMount`` says what is wrong."""
     return mount_from(args.mount)
+
+
+def existing_keyids(mount: Mount, keyids: Iterable[int]) -> list[int]:
+    """``keyids`` if each is 0 or one of the machine's KeyIDs, else a usage error
+    (exit 2) naming the range, before anything is read."""
+    known = {0, *mount.keyids()}
+    for keyid in keyids:
+        if keyid not in known:
+            top = max(known)
+            raise ToolError(EXIT_USAGE, f"no KeyID {keyid} on this machine (0..{top})")
+    return list(keyids)
 
 
 def print_json(value: Any) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mktme_sandbox.client import PAGE, Mount, MountError, find_in, mapped_pages, parse_int, runs
-from mktme_sandbox.tools import EXIT_USAGE, ToolParser, open_mount, print_json, run
+from mktme_sandbox.tools import EXIT_USAGE, ToolParser, existing_keyids, open_mount, print_json, run
 
 PROG = "mktme-find"
 EXIT_FOUND, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, EXIT_USAGE
@@ -167,7 +167,7 @@ def physical_range(mount: Mount, text: str) -> list[tuple[int, int]]:
 
 def views_of(mount: Mount, finder: Finder, args: argparse.Namespace) -> list[View]:
     whole = physical_range(mount, args.range)
-    keyids = args.keyid
+    keyids = args.keyid if args.keyid is None else existing_keyids(mount, args.keyid)
     if keyids is None:
         keyids = [0] + [k.keyid for k in mount.key_table() if k.programmed]
     views: list[View] = [] if args.no_dram else [("dram", "dram", whole)]

@@ -6,7 +6,15 @@ import argparse
 import re
 import sys
 
-from mktme_sandbox.client import Mount, Space, Vma, memory_picture, parse_int, user_va
+from mktme_sandbox.client import (
+    Mount,
+    MountError,
+    Space,
+    Vma,
+    memory_picture,
+    parse_int,
+    user_va,
+)
 from mktme_sandbox.tools import EXIT_USAGE, ToolError, ToolParser, open_mount, print_json, run
 
 PROG = "mktme-map"
@@ -101,10 +109,16 @@ def range_of(addr: str, length: str) -> tuple[int, int]:
 def cmd_map(mount: Mount, args: argparse.Namespace, name: str, addr: str, length: str) -> int:
     va, size = range_of(addr, length)
     keyid = None if args.keyid is None else int(args.keyid)
-    if not (mount.root / "spaces" / checked_name(name)).is_dir():
-        mount.create_space(name)
+    created = not (mount.root / "spaces" / checked_name(name)).is_dir()
+    space = mount.create_space(name) if created else Space(mount, name)
+    try:
+        space.mmap(va, size, args.prot, keyid, args.populate)
+    except MountError:
+        if created:  # nothing half-done: the space made for this mapping goes too
+            space.destroy()
+        raise
+    if created:
         print(f"created space {name}", file=sys.stderr)
-    Space(mount, name).mmap(va, size, args.prot, keyid, args.populate)
     print(f"mapped {addr} +{length} {args.prot} KeyID {keyid or 0} in {name}")
     return 0
 

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from mktme_sandbox.client import PAGE, Mount, MountError, parse_int
-from mktme_sandbox.tools import ToolParser, open_mount, print_json, run
+from mktme_sandbox.tools import ToolParser, existing_keyids, open_mount, print_json, run
 
 PROG = "mktme-peek"
 EXIT_NOT_PRESENT = 3
@@ -98,7 +98,7 @@ def pieces(mount: Mount, args: argparse.Namespace, start: int, length: int) -> l
 
 def plaintext_keyid(mount: Mount, args: argparse.Namespace, first: Piece) -> int:
     if args.keyid is not None:
-        return int(args.keyid)
+        return existing_keyids(mount, [int(args.keyid)])[0]
     if args.space:
         vma = mount.space(args.space).vma(first.addr)
         if vma is not None and vma.keyid is not None:
@@ -112,7 +112,7 @@ def other_keyids(mount: Mount, spec: str, main: int) -> list[int]:
     if spec == "auto":
         wanted = [0] + [k.keyid for k in mount.key_table() if k.programmed]
     else:
-        wanted = [int(x, 0) for x in spec.split(",") if x.strip()]
+        wanted = existing_keyids(mount, [parse_int(x) for x in spec.split(",") if x.strip()])
     return [k for k in dict.fromkeys(wanted) if k != main]
 
 
