@@ -4,7 +4,7 @@ Registered through the ``pytest11`` entry point (docs/spec.md section 6), so ins
 ``mktme-sandbox`` is all a project needs; no conftest. The fixtures:
 
 ``mktme_machine`` / ``mktme_machine_factory(**options)``
-    an in-process ``sandbox.Machine``; no FUSE needed.
+    an in-process ``mktme_sandbox.Machine``; no FUSE needed.
 ``mktme_shared_mount``
     a mount like ``mktme_mount``'s, but one daemon serves the whole session and
     its machine is restored from a snapshot before each test (root only;
@@ -233,13 +233,13 @@ def _mktme_sandboxes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
 
 @pytest.fixture
 def mktme_machine_factory(_mktme_sandboxes: _Sandboxes) -> Callable[..., Machine]:
-    """``factory(**options)`` -> a new in-process ``sandbox.Machine``."""
+    """``factory(**options)`` -> a new in-process ``mktme_sandbox.Machine``."""
     return _mktme_sandboxes.machine
 
 
 @pytest.fixture
 def mktme_machine(mktme_machine_factory: Callable[..., Machine]) -> Machine:
-    """An in-process ``sandbox.Machine`` with the options of the ``mktme`` marker."""
+    """An in-process ``mktme_sandbox.Machine`` with the options of the ``mktme`` marker."""
     return mktme_machine_factory()
 
 
@@ -301,8 +301,8 @@ def mktme_shared_mount(request: pytest.FixtureRequest) -> MountedSandbox:
     """A mount as fresh as ``mktme_mount``'s, for a fraction of the cost: one
     daemon per set of options for the whole session (per xdist worker), its
     machine restored before each test from the snapshot taken when it came up
-    (``restore PATH`` written to ``mm/snapshot``, about 0.05 s against about
-    0.5 s for a new mount). Restoring is for root only (a snapshot holds every
+    (``restore PATH`` written to ``mm/snapshot``: set-up and tear-down measured
+    at 0.013 s per test against 0.315 s for a new mount). Restoring is for root only (a snapshot holds every
     key): where the tests do not run as root this is a mount of the test's own,
     as ``mktme_mount`` gives. ``--mktme-keep-mount`` does not apply.
     """

@@ -89,3 +89,10 @@ def test_a_huge_sparse_mapping_costs_no_memory(mnt: Mount) -> None:
         assert f"spaces/{space.name} {0x200000000000 + (5 << 30):#x}" in done.stdout
     finally:
         space.destroy()
+
+
+def test_the_summary_names_the_pattern_as_typed(tool: Run) -> None:
+    text = tool("mktme-find", "-q", "--range", "0:0x1000", "--", "needle in text")
+    assert text.stdout.startswith("'needle in text' visible in ")
+    binary = tool("mktme-find", "-q", "-x", "--range", "0:0x1000", "--", "00ff13")
+    assert binary.stdout.startswith("00ff13 visible in ")

@@ -223,10 +223,19 @@ def search_view(finder: Finder, view: str, rel: str, ranges: list[tuple[int, int
         return None
 
 
+def shown(pattern: bytes) -> str:
+    """The pattern as the user typed it: quoted text, or hex when it is not text."""
+    try:
+        text = pattern.decode()
+    except UnicodeDecodeError:
+        return pattern.hex()
+    return f"'{text}'" if text.isprintable() else pattern.hex()
+
+
 def summary_line(pattern: bytes, summary: list[tuple[str, int | None]]) -> str:
     found = [f"{view}: {n} hit{'s' if n != 1 else ''}" for view, n in summary if n]
     missing = [view for view, n in summary if n == 0]
-    line = f"{pattern!r} visible in " + ("; ".join(found) if found else "no view")
+    line = f"{shown(pattern)} visible in " + ("; ".join(found) if found else "no view")
     return line + (f"; not in: {', '.join(missing)}" if missing else "")
 
 
