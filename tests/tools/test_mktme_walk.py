@@ -57,3 +57,13 @@ def test_a_tampered_pte_keyid_differs_from_the_vma_and_exits_5(tool: Run, tenant
 def test_a_missing_space_is_rejected(tool: Run) -> None:
     done = tool("mktme-walk", "-s", "no-such-space", "0x1000")
     assert done.returncode == 1 and "no such address space" in done.stderr
+
+
+def test_a_page_inside_a_vma_not_yet_touched_is_not_present_not_unmapped(
+    tool: Run, tenant: Tenant
+) -> None:
+    tenant.space.mmap(VA + 0x100000, 0x4000, "r--")
+    done = tool("mktme-walk", "-s", tenant.space.name, f"{VA + 0x101000:#x}")
+    assert done.returncode == 4
+    assert f"is not present: inside VMA {VA + 0x100000:x}-{VA + 0x104000:x} r--p" in done.stdout
+    tenant.space.munmap(VA + 0x100000, 0x4000)

@@ -35,7 +35,7 @@ examples:
 exit status: 0 translated, and pagemap and smaps agree; 1 the sandbox rejected
 a read; 2 usage error (a bad number, an address beyond user space), not a
 mount or a stale mount; 3 the walk and pagemap disagree;
-4 the address is not mapped (pagemap agrees); 5 the leaf's KeyID differs from
+4 the address is not mapped or its page not present yet (pagemap agrees); 5 the leaf's KeyID differs from
 the VMA's KeyID.
 """
 
@@ -95,7 +95,14 @@ def verdict(w: Walk, space: Space) -> Verdict:
 def print_verdict(w: Walk, v: Verdict) -> None:
     entry, vma = v.entry, v.vma
     if w.pa is None:
-        print(f"=> {w.va:#x} is not mapped: the walk stops at {w.levels[-1].name}")
+        if vma is None:
+            print(f"=> {w.va:#x} is not mapped: the walk stops at {w.levels[-1].name}")
+        else:
+            where = f"{vma.start:x}-{vma.end:x} {vma.perms} KeyID {vma.keyid}"
+            print(
+                f"=> {w.va:#x} is not present: inside VMA {where}, not faulted in yet "
+                f"(the walk stops at {w.levels[-1].name})"
+            )
         if entry.present:
             print(f"pagemap: present, pfn {entry.pfn:#x}: DISAGREES with the walk")
         else:
