@@ -76,3 +76,10 @@ def test_options_as_typed_become_a_config():
 def test_an_unknown_option_names_the_known_ones():
     with pytest.raises(TypeError, match="unknown option colour .*phys_mem"):
         MachineConfig.from_options(colour="red")
+
+
+def test_a_bad_size_is_shown_as_a_user_would_type_it():
+    with pytest.raises(ValueError, match="not 3M$"):
+        MachineConfig(phys_mem=3 * MiB)
+    with pytest.raises(ValueError, match="not 100K$"):
+        MachineConfig(cache_size=100 * 1024)

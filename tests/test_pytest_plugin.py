@@ -229,7 +229,7 @@ def test_failing_tests_still_unmount_and_show_the_daemon_log(project: pytest.Pyt
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_setting_up_its_second_sandbox _*",
-            "*ValueError: phys_mem must be a multiple of 2M between 4M and 64G, not 3145728",
+            "*ValueError: phys_mem must be a multiple of 2M between 4M and 64G, not 3M",
             "*- mktme daemon log */mktme0.log -*",
         ]
     )

@@ -86,7 +86,8 @@ def cli() -> None:
       cat /tmp/m/README /tmp/m/spaces/demo/smaps
       mktme-sandbox umount /tmp/m
 
-    Every file of the mount is described in docs/filesystem.md; rejected
+    Every file of the mount is described in MNT/README (and in the project's
+    docs/filesystem.md and docs/spec.md); rejected
     commands explain themselves in /tmp/m/dmesg.
 
     \b
@@ -102,7 +103,7 @@ def cli() -> None:
     type=SIZE,
     default="256M",
     show_default=True,
-    help="Physical memory: a multiple of 2M from 4M to 64G (suffix K, M or G).",
+    help="Physical memory: a multiple of 2M from 4M to 64G (suffix K, M, G or T; 256MiB too).",
 )
 @click.option(
     "--maxphyaddr",

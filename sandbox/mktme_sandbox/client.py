@@ -652,10 +652,12 @@ def _require_mount(root: Path) -> None:
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise _stale(root) from None
+    missing = not root.exists()
     raise NotAMount(
         errno.ENOENT,
         str(root),
-        "not an mktme-sandbox mount (no keys/ or dram); mount one with `mktme-sandbox mount DIR`",
+        ("no such directory" if missing else "not an mktme-sandbox mount (no keys/ or dram)")
+        + "; mount one with `mktme-sandbox mount DIR`",
     )
 
 

@@ -187,7 +187,7 @@ def _length(op: str, word: str) -> int:
 
 def _prot(op: str, word: str) -> VM:
     if word not in PROTS:
-        fail(errno.EINVAL, f"{op}: PROT {word!r} is not one of --- r-- rw- r-x rwx")
+        fail(errno.EINVAL, f"{op}: PROT {word!r} is not one of {' '.join(PROTS)}")
     return PROTS[word]
 
 

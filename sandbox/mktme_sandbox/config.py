@@ -27,6 +27,7 @@ __all__ = [
     "parse_decimal",
     "parse_hex",
     "parse_size",
+    "size_text",
 ]
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -40,6 +41,14 @@ _DECIMAL = re.compile(r"[0-9]+")
 _HEX = re.compile(r"0[xX][0-9a-fA-F]+")
 _SIZE = re.compile(r"[ \t]*(0[xX][0-9a-fA-F]+|[0-9]+)[ \t]*([kKmMgGtT]?)(?:[iI]?[bB])?[ \t]*")
 _SUFFIX = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+
+
+def size_text(size: int) -> str:
+    """``3145728`` -> ``"3M"``: a size as a user would type it (``parse_size``'s inverse)."""
+    for suffix, unit in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if size and size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
 
 
 def parse_decimal(text: str) -> int | None:
@@ -100,7 +109,7 @@ class MachineConfig:
             problems.append(f"max_keys must be 3..32767, not {self.max_keys}")
         if self.phys_mem % (2 * MiB) or not 4 * MiB <= self.phys_mem <= 64 * GiB:
             problems.append(
-                f"phys_mem must be a multiple of 2M between 4M and 64G, not {self.phys_mem}"
+                f"phys_mem must be a multiple of 2M between 4M and 64G, not {size_text(self.phys_mem)}"
             )
         fits = 0 <= self.keyid_bits <= 15 and 32 <= self.maxphyaddr <= 52
         if fits and self.keyid_bits and self.phys_mem > 1 << (self.maxphyaddr - self.keyid_bits):
@@ -117,7 +126,7 @@ class MachineConfig:
         if self.cache_size and (self.cache_size % (64 * KiB) or self.cache_size > 1 * GiB):
             problems.append(
                 f"cache_size must be 0 (no cache) or a multiple of 64K up to 1G, "
-                f"not {self.cache_size}"
+                f"not {size_text(self.cache_size)}"
             )
         if self.seed is not None and self.seed < 0:
             problems.append(f"seed must be >= 0, not {self.seed}")

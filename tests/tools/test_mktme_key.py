@@ -19,7 +19,7 @@ def test_help_teaches_the_commands_with_examples_and_exit_status(tool: Run) -> N
     assert done.returncode == 0
     for text in ("list", "add cpu|user|no-encrypt", "clear KEYID", "examples:", "exit status"):
         assert text in done.stdout
-    assert "-k FILE|-" in done.stdout and "form is gone" in done.stdout
+    assert "-k FILE|-" in done.stdout and "never taken on the command line" in done.stdout
 
 
 def test_without_a_mountpoint_it_says_how_to_give_one_and_exits_2(tool: Run) -> None:

@@ -38,8 +38,7 @@ not listed.
           separated by whitespace ("KEY TWEAK"), 16 bytes each for aes-xts-128,
           32 for aes-xts-256, and different (as `keyctl padd` reads its payload
           from stdin). Key material is never taken on the command line, where
-          ps and the shell history would show it: the old `-k KEYHEX -t
-          TWEAKHEX` form is gone.
+          ps and the shell history would show it.
   clear   write "type=clear": the KeyID falls back to the TME key and is free
           again. Fails with EBUSY while pages with this KeyID are mapped.
 
@@ -124,6 +123,10 @@ def cmd_add(mount: Mount, args: argparse.Namespace) -> int:
         print(mount.add_key(payload))
     except NoFreeKeyID:
         count = len(mount.keyids())
+        if not count:
+            raise ToolError(
+                EXIT_NO_FREE, "MKTME is disabled on this machine: it has no KeyIDs (see dmesg)"
+            ) from None
         raise ToolError(
             EXIT_NO_FREE, f"no free KeyID among {count} (mktme-key list shows who holds them)"
         ) from None

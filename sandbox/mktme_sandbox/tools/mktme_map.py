@@ -35,8 +35,9 @@ An address space is a directory spaces/SPACE (a process, in Linux terms).
            "mmap ADDR LEN PROT [keyid=K] [populate]" to its ctl: an anonymous
            private mapping encrypted with KeyID K (default: KeyID 0, the TME
            key). ADDR is hex (0x...), page aligned, below 0x800000000000; LEN is
-           decimal or hex with an optional K/M/G suffix; PROT is ---, r--, rw-,
-           r-x or rwx (default rw-). --populate faults every page in now.
+           decimal or hex with an optional K/M/G/T suffix (16KiB too); PROT is ---,
+           r--, rw-, r-x or rwx, or none, r, rw, rx (default rw-). --populate
+           faults every page in now.
   unmap    write "munmap ADDR LEN".
   show     the VMAs of SPACE with their KeyIDs and resident sizes (from smaps);
            --json: the same rows as a JSON list.

@@ -192,7 +192,9 @@ def show(
         pos += n
     summarize(views)
     if not args.flush:
-        print("note: dram holds only lines already written back; --flush writes the range's first")
+        print(
+            "note: dram shows only lines already written back; --flush writes this range back first"
+        )
 
 
 def views_json(parts: list[Piece], views: list[tuple[str, bytes | str]]) -> dict[str, object]:
