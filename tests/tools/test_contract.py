@@ -120,6 +120,10 @@ def test_every_table_has_json_that_parses(tool: Run, tenant: Tenant) -> None:
     parsed = {what: json.loads(done.stdout) for what, done in outputs.items()}
     assert space in [row["name"] for row in parsed["spaces"]]
     assert parsed["vmas"][0]["keyid"] == tenant.keyid and parsed["vmas"][0]["start"] == VA
+    assert isinstance(parsed["vmas"][0]["rss"], int) and parsed["vmas"][0]["rss"] % 4096 == 0
+    key = next(row for row in parsed["keys"] if row["keyid"] == tenant.keyid)
+    assert key["state"] == "programmed" and isinstance(key["pages"], int)
+    assert key["owner"] == os.getuid() and key["type"] == "cpu"
     assert parsed["walk"]["pa"] == tenant.pa and parsed["walk"]["keyid"] == tenant.keyid
     assert parsed["peek"]["views"][0]["hex"].startswith(b"json-needle".hex())
     assert [hit["pa"] for hit in parsed["find"]["hits"]] == [tenant.pa]

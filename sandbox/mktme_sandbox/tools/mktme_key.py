@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from mktme_sandbox.client import Mount, NoFreeKeyID
+from mktme_sandbox.client import KeyStatus, Mount, NoFreeKeyID
 from mktme_sandbox.tools import EXIT_USAGE, ToolError, ToolParser, open_mount, print_json, run
 
 PROG = "mktme-key"
@@ -102,10 +102,18 @@ def payload_of(mount: Mount, kind: str, algorithm: str | None, source: str | Non
     return f"type={kind} algorithm={alg} key={key} tweak={tweak}"
 
 
+def key_row(k: KeyStatus) -> dict[str, object]:
+    """One KeyID as JSON: ``keys/N``'s fields, numbers as numbers, ``-`` as null."""
+    row: dict[str, object] = {}
+    for name, value in k.fields.items():
+        row[name] = None if value == "-" else int(value) if value.isdigit() else value
+    return {**row, "keyid": k.keyid, "state": k.state}
+
+
 def cmd_list(mount: Mount, as_json: bool) -> int:
     table = mount.key_table()
     if as_json:
-        print_json([{"keyid": k.keyid, "state": k.state, "fields": k.fields} for k in table])
+        print_json([key_row(k) for k in table])
         return 0
     if not table:
         print("no MKTME KeyIDs: MKTME is disabled on this machine (see dmesg)")

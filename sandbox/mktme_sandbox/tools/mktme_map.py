@@ -131,6 +131,11 @@ def cmd_unmap(mount: Mount, name: str, addr: str, length: str) -> int:
     return 0
 
 
+def kib_to_bytes(field_value: str | None) -> int | None:
+    """An smaps field such as ``"64 kB"`` in bytes (None when absent)."""
+    return None if field_value is None else int(field_value.split()[0]) * 1024
+
+
 def vma_row(vma: Vma) -> dict[str, object]:
     return {
         "start": vma.start,
@@ -138,7 +143,7 @@ def vma_row(vma: Vma) -> dict[str, object]:
         "size": vma.size,
         "perms": vma.perms,
         "keyid": vma.keyid,
-        "rss": vma.fields.get("Rss"),
+        "rss": kib_to_bytes(vma.fields.get("Rss")),
         "name": vma.name,
     }
 
