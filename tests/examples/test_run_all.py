@@ -44,10 +44,11 @@ def without_mnt(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k != "MKTME_MNT"}, **extra}
 
 
-def run_all_mounts() -> set[str]:
-    """Mounts that run-all made (its temporary directories are mktme-run-all-*)."""
+def mounts_under(top: Path) -> set[str]:
+    """Mounts below ``top``: this test's run-all (TMPDIR=top) and no one else's,
+    so a run-all of another test running meanwhile cannot disturb it."""
     with open("/proc/mounts") as f:
-        return {line.split()[1] for line in f if "/mktme-run-all-" in line.split()[1]}
+        return {line.split()[1] for line in f if line.split()[1].startswith(f"{top}/")}
 
 
 def test_there_are_thirteen_experiments_in_the_package() -> None:
@@ -109,7 +110,6 @@ def test_run_one_by_name_on_a_given_mount(mktme_mount: MountedSandbox) -> None:
 
 @pytest.mark.mount
 def test_run_all_mounts_a_sandbox_runs_every_experiment_and_unmounts(tmp_path: Path) -> None:
-    before = run_all_mounts()
     done = run(str(SANDBOX), "examples", "run-all", env=without_mnt(TMPDIR=str(tmp_path)))
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr
     summary = done.stdout[done.stdout.index("= summary =") :]
@@ -119,7 +119,8 @@ def test_run_all_mounts_a_sandbox_runs_every_experiment_and_unmounts(tmp_path: P
     assert "run-all: unmounting" in done.stdout
     progress = [line for line in done.stderr.splitlines() if line.startswith("run-all: [")]
     assert len(progress) == 13 and progress[-1] == "run-all: [13/13] 13-free-pools"
-    assert run_all_mounts() == before
+    assert f"run-all: mounted at {tmp_path}/mktme-run-all-" in done.stdout
+    assert mounts_under(tmp_path) == set()
 
 
 @pytest.mark.mount
