@@ -199,6 +199,22 @@ def test_every_stop_signal_unmounts_and_leaves_no_log_and_no_lock(mnt, runtime_d
     assert list(runtime_dir.iterdir()) == []
 
 
+def test_a_lock_left_by_a_killed_daemon_is_swept_by_the_next_lock(tmp_path, runtime_dir):
+    left = runtime_dir / "mktme-sandbox-0123456789abcdef.lock"
+    left.write_text("")
+    held = daemon.lock_mountpoint(tmp_path / "a")
+    try:
+        assert not left.exists()
+        with pytest.raises(daemon.DaemonError, match="already serves a sandbox"):
+            daemon.lock_mountpoint(tmp_path / "a")
+        other = daemon.lock_mountpoint(tmp_path / "b")  # a held lock is never swept
+        assert Path(held.path).exists()
+        other.release()
+    finally:
+        held.release()
+    assert list(runtime_dir.iterdir()) == []
+
+
 # -- 3. a stopped daemon blocks neither list nor umount ---------------------------------------
 
 

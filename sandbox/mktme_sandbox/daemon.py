@@ -573,8 +573,28 @@ def lock_mountpoint(mountpoint: str | os.PathLike[str]) -> MountLock:
                 f" (mktme-sandbox umount {path})"
             ) from None
         if _same_file(fd, lock_path):
+            _sweep_locks(os.path.dirname(lock_path), keep=lock_path)
             return MountLock(fd, lock_path)
         os.close(fd)  # its holder removed it meanwhile: take the new one
+
+
+def _sweep_locks(directory: str, keep: str) -> None:
+    """Remove the lock files nobody holds: those of daemons killed (SIGKILL)
+    before they could remove theirs. Each is locked while it is removed, so a
+    taker that opened it meanwhile sees it replaced and takes the new one."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if not (name.startswith("mktme-sandbox-") and name.endswith(".lock")) or path == keep:
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            MountLock(fd, path).release()
+            continue
+        os.close(fd)
 
 
 @dataclass
