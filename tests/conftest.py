@@ -75,7 +75,7 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``$XDG_RUNTIME_DIR`` of this test, under its ``tmp_path``: where the detached
     daemons it starts put their logs."""
     runtime = tmp_path / "runtime"
-    runtime.mkdir()
+    runtime.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     return runtime
 

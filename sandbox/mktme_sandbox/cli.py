@@ -1,13 +1,21 @@
 """The ``mktme-sandbox`` command line (docs/spec.md section 5).
 
 ``mount`` validates every option (``MachineConfig.validate`` and ``parse_size``
-give the messages), cleans a stale mount, starts a detached daemon and returns
-once the mount answers, printing the daemon's pid; with ``--foreground`` the
-command *is* the daemon and logs to stderr. ``umount`` unmounts, stale mounts
-too. ``list`` shows the running daemons. ``bench`` runs the benchmark suites.
+give the messages), checks that FUSE can mount here, takes the mountpoint's
+lock, cleans a stale mount, starts a detached daemon and returns once the mount
+answers, printing the daemon's pid; with ``--foreground`` the command *is* the
+daemon and logs to stderr. The seed, a secret, reaches a daemon through its
+environment only (``MKTME_SEED``): a foreground daemon given ``--seed`` on its
+command line executes itself again without it. ``umount`` unmounts, stale,
+stopped and wedged daemons' mounts too, never blocking on the mount. ``list``
+shows the running daemons and their state. ``bench`` runs the benchmark suites.
 ``examples`` lists and runs the experiments and the tour shipped in
 ``mktme_sandbox.examples`` (the work is ``mktme_sandbox.examples.run_all``'s).
 The mechanics live in ``mktme_sandbox.daemon``; this module only parses and reports.
+
+Every failure is one line on stderr and exit status 1, a usage error exit
+status 2 (click's rule); ``main`` turns anything unexpected into such a line
+too, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,22 +26,23 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import click
+from click.core import ParameterSource
 
 from mktme_sandbox import __version__
 from mktme_sandbox.config import ALGORITHMS, MachineConfig, parse_size
 from mktme_sandbox.daemon import (
+    SEED_ENV,
     DaemonError,
     DaemonInfo,
-    canonical_path,
+    daemon_command,
     find_daemons,
-    prepare_mountpoint,
+    mount_refusal,
     run_foreground,
     start_detached,
-    unmount,
-    wait_for_exit,
+    stop_sandbox,
 )
 
 __all__ = ["cli", "main"]
@@ -62,7 +71,19 @@ class _Names(click.ParamType[tuple[str, ...], Any]):
         return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
-SIZE, NAMES = _Size(), _Names()
+class _Mountpoint(click.Path):
+    """A directory path taken as it is: ``click.Path`` would ``stat`` it, which
+    blocks forever on the mount of a stopped daemon. Completion still offers
+    directories."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return os.fsdecode(value)
+
+
+SIZE, NAMES, MOUNTPOINT = _Size(), _Names(), _Mountpoint()
 
 
 def _failing_as_click(action: Callable[[], Any]) -> Any:
@@ -97,7 +118,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=MOUNTPOINT)
 @click.option(
     "--phys-mem",
     type=SIZE,
@@ -145,7 +166,18 @@ def cli() -> None:
     "--seed",
     type=int,
     default=None,
-    help="Integer >= 0: CPU-generated keys and random choices become reproducible.",
+    envvar=SEED_ENV,
+    show_envvar=True,
+    help="Integer >= 0: CPU-generated keys and random choices become reproducible."
+    " Whoever knows the seed can recompute every CPU-generated key and the TME key;"
+    " on the command line every local user sees it (ps): for demonstrations only,"
+    " else use MKTME_SEED or --seed-file.",
+)
+@click.option(
+    "--seed-file",
+    type=click.File("r"),
+    default=None,
+    help="Read the seed (one integer) from FILE, or from stdin with -.",
 )
 @click.option(
     "--max-keyids-per-uid",
@@ -162,43 +194,69 @@ def cli() -> None:
 )
 @click.option("--allow-other", is_flag=True, help="Let other local users use the mount.")
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
-def mount(mountpoint: str, allow_other: bool, foreground: bool, **machine: Any) -> None:
+@click.pass_context
+def mount(
+    ctx: click.Context,
+    /,
+    mountpoint: str,
+    allow_other: bool,
+    foreground: bool,
+    seed_file: IO[str] | None,
+    **machine: Any,
+) -> None:
     """Mount a new sandbox at MOUNTPOINT.
 
     Returns once the mount answers and prints the daemon's pid; its log file
-    is named on stderr. A stale mount at MOUNTPOINT is cleaned first.
+    is named on stderr. A stale mount at MOUNTPOINT is cleaned first; a
+    second mount of the same MOUNTPOINT fails. The seed reaches the daemon
+    through its environment, never its command line.
     """
+    seed_given = ctx.get_parameter_source("seed") is ParameterSource.COMMANDLINE
+    if seed_file is not None:
+        if seed_given:
+            raise click.UsageError("give --seed or --seed-file, not both")
+        machine["seed"] = _read_seed(seed_file)
     try:
         config = MachineConfig(**machine)
     except ValueError as err:
         raise click.UsageError(f"invalid machine: {err}") from None
+    refusal = mount_refusal(allow_other)
+    if refusal is not None:
+        raise click.ClickException(refusal)
+    options = {**machine, "phys_mem": config.phys_mem, "allow_other": allow_other}
+    if foreground and seed_given:
+        argv, env = daemon_command(mountpoint, **options)  # the seed leaves the argv
+        os.execve(argv[0], argv, env)
     if foreground:
         _log_to_stderr()
         sys.exit(_failing_as_click(lambda: run_foreground(mountpoint, config, allow_other)))
-    path = _failing_as_click(lambda: prepare_mountpoint(mountpoint))
-    options = {**machine, "phys_mem": config.phys_mem, "allow_other": allow_other}
-    pid, log_path = _failing_as_click(lambda: start_detached(path, **options))
-    click.echo(f"mktme-sandbox: {path} mounted; daemon log: {log_path}", err=True)
+    pid, log_path = _failing_as_click(lambda: start_detached(mountpoint, **options))
+    click.echo(
+        f"mktme-sandbox: {os.path.abspath(mountpoint)} mounted; daemon log: {log_path}", err=True
+    )
     click.echo(pid)
 
 
+def _read_seed(source: IO[str]) -> int:
+    text = source.read(4096).strip()
+    if not text.isdigit():
+        raise click.UsageError(f"--seed-file: expected one integer >= 0, not {text[:20]!r}")
+    return int(text)
+
+
 @cli.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint", type=MOUNTPOINT)
 def umount(mountpoint: str) -> None:
     """Unmount the sandbox at MOUNTPOINT.
 
-    Also a stale mount whose daemon died; waits until the daemon has ended.
+    Also a stale mount whose daemon died, and the mount of a stopped or
+    wedged daemon (its FUSE connection is aborted first); waits until the
+    daemon has ended. Never blocks on the mount.
     """
-    daemons = [d for d in find_daemons() if d.mountpoint and _same(d.mountpoint, mountpoint)]
-    if not _failing_as_click(lambda: unmount(mountpoint)):
+    if not _failing_as_click(lambda: stop_sandbox(mountpoint)):
         click.echo(f"{mountpoint} is not mounted")
         return
-    wait_for_exit(daemons, timeout=10.0)
     click.echo(f"unmounted {mountpoint}")
-
-
-def _same(a: str, b: str) -> bool:
-    return canonical_path(a) == canonical_path(b)
 
 
 @cli.command(name="list")
@@ -206,10 +264,12 @@ def _same(a: str, b: str) -> bool:
 def list_(as_json: bool) -> None:
     """Show running sandboxes.
 
-    One line per daemon: pid, phys_mem, RSS, uptime, mountpoint. With --json,
+    One line per daemon: pid, phys_mem, RSS, uptime, state, mountpoint. The
+    state is running, stopped (SIGSTOP) or unresponsive (its mount did not
+    answer within a second); a mount is never waited on longer. With --json,
     one object per daemon: pid, phys_mem (bytes; null when unknown), rss
-    (bytes), uptime (seconds), mountpoint (null while it starts) and log (the
-    daemon's log file; null for a foreground daemon).
+    (bytes), uptime (seconds), state, mountpoint (null while it starts) and
+    log (the daemon's log file; null for a foreground daemon).
     """
     daemons = find_daemons()
     if as_json:
@@ -218,7 +278,7 @@ def list_(as_json: bool) -> None:
     if not daemons:
         click.echo("no sandbox is running", err=True)
         return
-    click.echo(f"{'PID':>8}  {'PHYS_MEM':>8}  {'RSS':>8}  {'UPTIME':>9}  MOUNTPOINT")
+    click.echo(f"{'PID':>8}  {'PHYS_MEM':>8}  {'RSS':>8}  {'UPTIME':>9}  {'STATE':<12}  MOUNTPOINT")
     for daemon in daemons:
         click.echo(_row(daemon))
 
@@ -229,6 +289,7 @@ def _as_json(daemon: DaemonInfo) -> dict[str, Any]:
         "phys_mem": daemon.phys_mem,
         "rss": daemon.rss,
         "uptime": round(daemon.uptime, 3),
+        "state": daemon.state,
         "mountpoint": daemon.mountpoint,
         "log": daemon.log_path,
     }
@@ -248,7 +309,8 @@ def _row(daemon: DaemonInfo) -> str:
     days = int(daemon.uptime // 86400)
     uptime = f"{days}d{uptime}" if days else uptime
     sizes = f"{_human(daemon.phys_mem):>8}  {_human(daemon.rss):>8}"
-    return f"{daemon.pid:>8}  {sizes}  {uptime:>9}  {daemon.mountpoint or '(not mounted)'}"
+    where = daemon.mountpoint or "(not mounted)"
+    return f"{daemon.pid:>8}  {sizes}  {uptime:>9}  {daemon.state:<12}  {where}"
 
 
 @cli.command()
@@ -381,8 +443,14 @@ def _log_to_stderr() -> None:
     logging.getLogger("fuse").setLevel(logging.WARNING)  # mfusepy's per-errno debug lines
 
 
-def main() -> None:
-    cli(prog_name="mktme-sandbox")
+def main(args: list[str] | None = None) -> None:
+    """The console script: click's own handling, and any other exception as
+    one line ``Error: TYPE: message`` with exit status 1, never a traceback."""
+    try:
+        cli.main(args=args, prog_name="mktme-sandbox")
+    except Exception as err:  # noqa: BLE001 - the command's last word, by contract one line
+        click.echo(f"Error: {type(err).__name__}: {err}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

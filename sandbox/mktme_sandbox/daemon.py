@@ -4,17 +4,31 @@ A daemon is ``mktme-sandbox mount --foreground MNT [options]``: one process,
 one ``Machine``, one FUSE mount served by libfuse's single-threaded loop. It ends
 when MNT is unmounted (``mktme-sandbox umount``, ``fusermount3 -u``) or on
 SIGTERM, SIGINT or SIGHUP, whose handlers libfuse installs while it serves:
-they end the loop and libfuse unmounts before the process exits.
+they end the loop and libfuse unmounts before the process exits. SIGQUIT and
+SIGUSR1 end it the same way: Python catches them, and a thread woken by
+Python's wakeup pipe sends SIGTERM to the main thread, inside libfuse's loop.
 
 Reusable pieces (the CLI and ``mktme_sandbox.pytest_plugin`` call them):
 
-- ``daemon_argv(mountpoint, **options)``: the argv of a foreground daemon;
+- ``daemon_command(mountpoint, **options)``: the argv and environment of a
+  foreground daemon: the seed, a secret, goes in the environment
+  (``MKTME_SEED``), never in the argv that ``ps`` shows to every user;
+  ``daemon_argv`` is its argv alone and refuses a seed;
+- ``runtime_dir()``: where logs and locks go, private to the user;
+- ``lock_mountpoint(path)``: the one lock that lets a single daemon serve a
+  directory (``flock`` on a file in ``runtime_dir()``);
+- ``fuse_unavailable_reason()``, ``mount_refusal(allow_other)``: why a mount
+  cannot work here, as one line;
 - ``canonical_path(path)``: the form in which mountinfo names a mount point;
 - ``is_mounted(path)``, ``is_stale(path)``, ``mount_type(path)``: what
   /proc/self/mountinfo says about a path (a stale FUSE mount, whose daemon
   died, answers ENOTCONN "Transport endpoint is not connected");
 - ``clean_stale(path)``: unmount such a leftover;
 - ``unmount(path, lazy_fallback=True)``: ``fusermount3 -u``, then ``-u -z``;
+- ``abort_connection(path)``: write ``1`` to the mount's
+  ``/sys/fs/fuse/connections/N/abort`` (N from mountinfo, the mount untouched);
+- ``stop_sandbox(path)``: what ``mktme-sandbox umount`` does, also to a
+  stopped (SIGSTOP) or wedged daemon, without ever blocking on the mount;
 - ``wait_until_mounted(path, proc, timeout)``: poll until the mount answers;
 - ``start_detached(mountpoint, **options)``: spawn a daemon in its own session,
   logging to a file, and wait until it answers (on failure it is stopped,
@@ -26,12 +40,13 @@ Reusable pieces (the CLI and ``mktme_sandbox.pytest_plugin`` call them):
   log of each that exited cleanly is removed, and where a log is kept (the
   daemon failed, or still runs) a warning says where it is.
 
-Logs: ``start_detached`` names the log in the daemon's environment
-(``MKTME_SANDBOX_LOG``), so whoever later unmounts the sandbox can find it. A
-daemon that ends normally logs ``... unmounted; exit status 0`` as its last line;
-a log that ends so and holds only the daemon's own INFO/DEBUG/WARNING records
-(``LOG_TROUBLE`` finds anything else: a traceback, an ERROR, a libfuse warning)
-is removed, any other is kept.
+Logs: ``start_detached`` creates the log ``0600`` in ``runtime_dir()`` and
+names it in the daemon's environment (``MKTME_SANDBOX_LOG``). A daemon that
+ends normally (unmounted, or on a signal) logs ``... unmounted; exit status 0``
+as its last line and then disposes of its own log: a log that ends so and
+holds only the daemon's own INFO/DEBUG/WARNING records (``LOG_TROUBLE`` finds
+anything else: a traceback, an ERROR, a libfuse warning) is removed, any other
+is kept, and ``mktme-sandbox umount`` names a kept log on stderr.
 
 Left out: running as a different user than the caller, remounting a live
 sandbox elsewhere, restoring a machine's state after a crash.
@@ -39,41 +54,59 @@ sandbox elsewhere, restoring a machine's state after a crash.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from mktme_sandbox.config import MachineConfig
 
 __all__ = [
     "FSTYPE",
+    "LOCK_ENV",
     "LOG_ENV",
     "LOG_TROUBLE",
+    "SEED_ENV",
+    "STOP_SIGNALS",
     "DaemonError",
     "DaemonInfo",
+    "MountLock",
+    "abort_connection",
     "canonical_path",
     "clean_stale",
     "daemon_argv",
+    "daemon_command",
     "dispose_log",
     "find_daemons",
+    "fuse_connection",
+    "fuse_unavailable_reason",
     "is_mounted",
     "is_stale",
+    "lock_mountpoint",
     "log_tail",
+    "mount_refusal",
     "mount_type",
     "prepare_mountpoint",
     "run_foreground",
+    "runtime_dir",
     "start_detached",
+    "stop_sandbox",
     "unmount",
     "wait_for_exit",
     "wait_until_mounted",
@@ -86,7 +119,17 @@ FUSERMOUNT = "fusermount3"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 _POLL = 0.02
+PROBE_TIMEOUT = 1.0  # how long list and umount wait for a mount to answer a stat
 LOG_ENV = "MKTME_SANDBOX_LOG"  # the log start_detached made, in the daemon's environment
+SEED_ENV = "MKTME_SEED"  # the seed, in the daemon's environment (never in its argv)
+LOCK_ENV = "MKTME_SANDBOX_LOCK_FD"  # the mountpoint's lock, inherited from `mount`
+FUSE_DEVICE = "/dev/fuse"
+FUSE_CONF = "/etc/fuse.conf"
+FUSECTL = "/sys/fs/fuse/connections"  # fusectl: one directory per FUSE connection
+# The signals that end a daemon cleanly: libfuse handles the first three, the
+# daemon forwards the others to it as SIGTERM.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+_FORWARDED = (signal.SIGQUIT, signal.SIGUSR1)
 # What a healthy daemon never logs: a traceback, or an ERROR line (the fs layer logs a
 # handler's unexpected exception as "mktme-sandbox[PID] ERROR internal error in ...",
 # by type only, so that no key material reaches the log).
@@ -112,15 +155,35 @@ class _Pollable(Protocol):
 # -- the daemon's command line --------------------------------------------------------
 
 
-def daemon_argv(mountpoint: str | os.PathLike[str], **options: Any) -> list[str]:
-    """The argv that runs a daemon in the foreground at ``mountpoint``.
+def daemon_command(
+    mountpoint: str | os.PathLike[str], **options: Any
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run a daemon in the foreground at ``mountpoint``.
 
     ``options`` are the ``mount`` options with underscores: ``phys_mem="64M"``
     or ``phys_mem=64 << 20``, ``seed=1``, ``algorithms=("aes-xts-128",)``,
     ``tme_bypass=True``, ``allow_other=True``. A True flag is passed, False or
-    None is left out. The mount command validates the values, so a bad one
-    makes the daemon exit at once with the reason in its log.
+    None is left out. The seed goes in the environment as ``MKTME_SEED`` (one
+    inherited from ours is dropped when ``seed`` is None): anyone who runs
+    ``ps`` reads a process's argv, only its user and root its environment.
+    The mount command validates the values, so a bad one makes the daemon exit
+    at once with the reason in its log.
     """
+    seed = options.pop("seed", None)
+    env = {name: value for name, value in os.environ.items() if name != SEED_ENV}
+    if seed is not None:
+        env[SEED_ENV] = str(seed)
+    return daemon_argv(mountpoint, **options), env
+
+
+def daemon_argv(mountpoint: str | os.PathLike[str], **options: Any) -> list[str]:
+    """The argv of ``daemon_command``, for options that hold no secret.
+
+    A seed is refused (``ValueError``): it is a secret, which ``daemon_command``
+    passes in the environment.
+    """
+    if options.get("seed") is not None:
+        raise ValueError("the seed never goes in an argv, which ps shows: use daemon_command")
     argv = [sys.executable, "-m", "mktme_sandbox.cli", "mount", "--foreground"]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
@@ -150,13 +213,29 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _mounts() -> Iterator[tuple[str, str]]:
-    """(mount point, fstype) of every mount this process can see."""
+class _MountEntry(NamedTuple):
+    point: str
+    fstype: str
+    minor: int  # of st_dev: for FUSE, the connection's number under /sys/fs/fuse/connections
+
+
+def _mounts() -> Iterator[_MountEntry]:
+    """Every mount this process can see, from /proc/self/mountinfo (no mount is touched)."""
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
         for line in info:
             fields = line.split()
             tail = fields.index("-")
-            yield _unescape(fields[4]), fields[tail + 1]
+            minor = int(fields[2].partition(":")[2])
+            yield _MountEntry(_unescape(fields[4]), fields[tail + 1], minor)
+
+
+def _topmost(path: str | os.PathLike[str]) -> _MountEntry | None:
+    target = canonical_path(path)
+    found = None
+    for entry in _mounts():
+        if entry.point == target:
+            found = entry
+    return found
 
 
 def canonical_path(path: str | os.PathLike[str]) -> str:
@@ -167,12 +246,8 @@ def canonical_path(path: str | os.PathLike[str]) -> str:
 
 def mount_type(path: str | os.PathLike[str]) -> str | None:
     """The fstype of the topmost mount at ``path`` (``fuse.mktme-sandbox`` ...), or None."""
-    target = canonical_path(path)
-    found = None
-    for mountpoint, fstype in _mounts():
-        if mountpoint == target:
-            found = fstype
-    return found
+    entry = _topmost(path)
+    return entry.fstype if entry else None
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
@@ -184,14 +259,68 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
 
 
 def is_stale(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a FUSE mount whose daemon is gone (ENOTCONN)."""
+    """True when ``path`` is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    A mount that does not answer within ``PROBE_TIMEOUT`` (its daemon stopped
+    or wedged) is not stale: its daemon is alive.
+    """
     if not is_mounted(path):
         return False
+    answer = _probe([os.fspath(path)])[0]
+    return isinstance(answer, OSError) and answer.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def _probe(paths: Sequence[str], timeout: float = PROBE_TIMEOUT) -> list[Any]:
+    """``os.stat`` of each path, all at once, each in a thread of its own.
+
+    Each answer is the stat result, the ``OSError``, or None when it did not
+    come within ``timeout`` seconds: then the thread stays blocked in the
+    kernel until the mount answers or is aborted, and it dies with the process.
+    So nothing here ever waits on a mount longer than ``timeout``.
+    """
+    answers: list[Any] = [None] * len(paths)
+
+    def ask(index: int) -> None:
+        try:
+            answers[index] = os.stat(paths[index])
+        except OSError as err:
+            answers[index] = err
+
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(paths))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return answers
+
+
+def fuse_connection(path: str | os.PathLike[str]) -> int | None:
+    """The FUSE connection number of the mount at ``path`` (the minor of its
+    st_dev), read from mountinfo without touching the mount; None if unmounted."""
+    entry = _topmost(path)
+    return entry.minor if entry else None
+
+
+def abort_connection(path: str | os.PathLike[str]) -> bool:
+    """Abort the FUSE connection of the mount at ``path``: its pending and
+    future requests fail at once (ECONNABORTED) and its daemon's next read of
+    /dev/fuse fails, so nothing waits on a daemon that does not answer.
+
+    Needs fusectl mounted at /sys/fs/fuse/connections and to be the mount's
+    owner or root; False when it could not be done (unmounting then falls back
+    to a lazy unmount).
+    """
+    connection = fuse_connection(path)
+    if connection is None:
+        return False
     try:
-        os.stat(path)
+        with open(os.path.join(FUSECTL, str(connection), "abort"), "w") as abort:
+            abort.write("1")
     except OSError as err:
-        return err.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
+        log.info("cannot abort the FUSE connection of %s: %s", path, err.strerror)
+        return False
+    return True
 
 
 def _fusermount(path: str, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -215,6 +344,31 @@ def unmount(path: str | os.PathLike[str], lazy_fallback: bool = True) -> bool:
         done = _fusermount(target, "-u", "-z")
     if done.returncode:
         raise DaemonError(f"cannot unmount {target}: {done.stderr.strip()}")
+    return True
+
+
+def stop_sandbox(path: str | os.PathLike[str], timeout: float = STOP_TIMEOUT) -> bool:
+    """Unmount ``path`` and wait for its daemon to end; False if nothing was mounted.
+
+    What ``mktme-sandbox umount`` does. It never blocks on the mount: the
+    daemon that serves ``path`` (and no other) is found from argv and
+    mountinfo; if it is stopped (SIGSTOP) or the mount does not answer a stat
+    within ``PROBE_TIMEOUT``, the FUSE connection is aborted first. Then
+    ``unmount``, a SIGCONT to a stopped daemon (it sees the unmount and ends
+    cleanly), and ``wait_for_exit``, which removes a clean log or names a kept one.
+    """
+    target = canonical_path(path)
+    served = [info for info in find_daemons(probe=False) if info.mountpoint == target]
+    if not is_mounted(target):
+        return False
+    stopped = any(info.state == "stopped" for info in served)
+    if stopped or _probe([target])[0] is None:
+        abort_connection(target)
+    unmount(target, lazy_fallback=True)
+    for info in served:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, signal.SIGCONT)
+    wait_for_exit(served, timeout)
     return True
 
 
@@ -271,8 +425,46 @@ def wait_until_mounted(
 # -- starting and being a daemon ------------------------------------------------------
 
 
+def fuse_unavailable_reason(device: str | None = None) -> str | None:
+    """Why no FUSE mount can work here, in one line; None when one can."""
+    device = device or FUSE_DEVICE
+    if not os.path.exists(device):
+        return f"FUSE is not available: {device} does not exist"
+    if not os.access(device, os.R_OK | os.W_OK):
+        who = f"uid {os.getuid()}"
+        return f"FUSE is not available: {device} is not readable and writable by {who}"
+    if shutil.which(FUSERMOUNT) is None:
+        return f"FUSE is not available: {FUSERMOUNT} is not on PATH (install fuse3)"
+    return None
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open(FUSE_CONF, encoding="utf-8", errors="replace") as conf:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in conf)
+    except OSError:
+        return False
+
+
+def mount_refusal(allow_other: bool = False) -> str | None:
+    """Why ``mount`` cannot work for this user, in one line; None when it can.
+
+    FUSE must be usable, and ``--allow-other`` needs root or
+    ``user_allow_other`` in /etc/fuse.conf (fusermount3's rule).
+    """
+    reason = fuse_unavailable_reason()
+    if reason is None and allow_other and os.geteuid() != 0 and not _user_allow_other():
+        reason = f"--allow-other needs root or a line user_allow_other in {FUSE_CONF}"
+    return reason
+
+
 def prepare_mountpoint(mountpoint: str | os.PathLike[str]) -> str:
-    """Clean a stale mount, refuse a live sandbox, create the directory; absolute path."""
+    """Clean a stale mount, refuse a live sandbox, create the directory; absolute path.
+
+    Every refusal is a ``DaemonError`` of one line: a live sandbox there, a
+    directory that cannot be created, a file, a directory this user may not
+    mount on (not its own and not writable: fusermount3's rule).
+    """
     path = canonical_path(mountpoint)
     clean_stale(path)
     if mount_type(path) == FSTYPE:
@@ -283,12 +475,126 @@ def prepare_mountpoint(mountpoint: str | os.PathLike[str]) -> str:
         raise DaemonError(f"cannot create {path}: {err.strerror}") from None
     if not os.path.isdir(path):
         raise DaemonError(f"{path} is not a directory")
+    owner = os.stat(path).st_uid
+    if os.geteuid() not in (0, owner) and not os.access(path, os.W_OK):
+        raise DaemonError(f"cannot mount on {path}: neither owned nor writable by this user")
     return path
 
 
-def _log_dir() -> str:
+def _is_private_dir(path: str) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    mine = info.st_uid == os.geteuid() and not info.st_mode & 0o077
+    return stat.S_ISDIR(info.st_mode) and mine and os.access(path, os.W_OK | os.X_OK)
+
+
+def runtime_dir() -> str:
+    """Where daemon logs and mountpoint locks go: private to this user.
+
+    ``$XDG_RUNTIME_DIR`` when it is a directory of this user that nobody else
+    may enter (mode ``0700``), else ``mktme-sandbox-UID`` in the temp
+    directory, created ``0700``; one that exists but is not so private (a
+    symlink, another owner, a wider mode) is refused with ``DaemonError``.
+    """
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return runtime if runtime and os.access(runtime, os.W_OK) else tempfile.gettempdir()
+    if runtime and _is_private_dir(runtime):
+        return runtime
+    private = os.path.join(tempfile.gettempdir(), f"mktme-sandbox-{os.geteuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(private, 0o700)
+    if not _is_private_dir(private):
+        raise DaemonError(f"{private} is not a private directory of uid {os.geteuid()}: remove it")
+    return private
+
+
+@dataclass(frozen=True)
+class MountLock:
+    """The exclusive ``flock`` one daemon holds on its mountpoint's lock file."""
+
+    fd: int
+    path: str
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it), then let go."""
+        if _same_file(self.fd, self.path):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(self.fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _lock_path(mountpoint: str) -> str:
+    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+    return os.path.join(runtime_dir(), f"mktme-sandbox-{digest}.lock")
+
+
+def _inherited_lock(lock_path: str) -> int | None:
+    """The lock ``mount`` took and handed down (``MKTME_SANDBOX_LOCK_FD``), if it is this one."""
+    inherited = os.environ.pop(LOCK_ENV, "")
+    if inherited.isdigit() and _same_file(int(inherited), lock_path):
+        return int(inherited)
+    return None
+
+
+def lock_mountpoint(mountpoint: str | os.PathLike[str]) -> MountLock:
+    """Take the lock of ``mountpoint``, or fail with a one-line ``DaemonError``.
+
+    One lock file per mountpoint in ``runtime_dir()``; ``flock(LOCK_EX |
+    LOCK_NB)``: whoever holds it mounts or serves there, so two ``mount``s
+    racing on one directory cannot both mount. ``mount`` takes it and hands it
+    to the daemon it starts, which holds it for its life and removes the file
+    at its end (a lock file replaced meanwhile is taken again).
+    """
+    path = canonical_path(mountpoint)
+    lock_path = _lock_path(path)
+    inherited = _inherited_lock(lock_path)
+    while True:
+        fd = (
+            inherited
+            if inherited is not None
+            else os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        )
+        inherited = None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(
+                f"{path} already serves a sandbox or one is being mounted there"
+                f" (mktme-sandbox umount {path})"
+            ) from None
+        if _same_file(fd, lock_path):
+            _sweep_locks(os.path.dirname(lock_path), keep=lock_path)
+            return MountLock(fd, lock_path)
+        os.close(fd)  # its holder removed it meanwhile: take the new one
+
+
+def _sweep_locks(directory: str, keep: str) -> None:
+    """Remove the lock files nobody holds: those of daemons killed (SIGKILL)
+    before they could remove theirs. Each is locked while it is removed, so a
+    taker that opened it meanwhile sees it replaced and takes the new one."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if not (name.startswith("mktme-sandbox-") and name.endswith(".lock")) or path == keep:
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            MountLock(fd, path).release()
+            continue
+        os.close(fd)
 
 
 @dataclass
@@ -323,43 +629,91 @@ def start_detached(
 ) -> tuple[int, str]:
     """Start a daemon in its own session and wait until its mount answers.
 
-    Its output goes to a new log file in $XDG_RUNTIME_DIR (or the temp dir),
-    named in its environment as ``MKTME_SANDBOX_LOG``. Returns (pid, log path).
-    If the daemon dies or does not answer within ``timeout`` seconds it is
-    stopped, reaped and its mount (if it made one meanwhile) removed; then
+    First ``lock_mountpoint`` (a second ``mount`` racing on the same directory
+    fails here, with one line) and ``prepare_mountpoint``; the daemon inherits
+    the lock. Its output goes to a new log file, mode ``0600``, in
+    ``runtime_dir()``, named in its environment as ``MKTME_SANDBOX_LOG``; the
+    seed goes in its environment too (``daemon_command``). Returns (pid, log
+    path). If the daemon dies or does not answer within ``timeout`` seconds it
+    is stopped, reaped and its mount (if it made one meanwhile) removed; then
     ``DaemonError`` is raised with the log's tail, and the log is kept.
     """
-    path = canonical_path(mountpoint)
-    fd, log_path = tempfile.mkstemp(
-        prefix=f"mktme-sandbox-{os.path.basename(path)}-", suffix=".log", dir=_log_dir()
-    )
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)  # others may add
-    argv = daemon_argv(path, **options)
-    actions = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_DUP2, fd, 1),
-        (os.POSIX_SPAWN_DUP2, fd, 2),
-        (os.POSIX_SPAWN_CLOSE, fd),
-    ]
-    env = {**os.environ, LOG_ENV: log_path}
+    lock = lock_mountpoint(mountpoint)
     try:
-        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-    finally:
-        os.close(fd)
+        path = prepare_mountpoint(mountpoint)
+        pid, log_path = _spawn(path, lock, options)
+    except BaseException:
+        lock.release()
+        raise
     child = _Spawned(pid)
     try:
         wait_until_mounted(path, child, timeout, log_path)
     except DaemonError as err:
         child.stop()
         unmount(path, lazy_fallback=True)
+        lock.release()
         raise DaemonError(f"{err}\n(daemon {pid} stopped; its log is kept at {log_path})") from None
+    os.close(lock.fd)  # the daemon holds it now
     return pid, log_path
+
+
+def _spawn(path: str, lock: MountLock, options: dict[str, Any]) -> tuple[int, str]:
+    fd, log_path = tempfile.mkstemp(  # mode 0600
+        prefix=f"mktme-sandbox-{os.path.basename(path)}-", suffix=".log", dir=runtime_dir()
+    )
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)  # others may add
+    argv, env = daemon_command(path, **options)
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, fd, 1),
+        (os.POSIX_SPAWN_DUP2, fd, 2),
+        (os.POSIX_SPAWN_CLOSE, fd),
+    ]
+    env |= {LOG_ENV: log_path, LOCK_ENV: str(lock.fd)}
+    os.set_inheritable(lock.fd, True)
+    try:
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+    finally:
+        os.close(fd)
+    return pid, log_path
+
+
+def _forward_stop_signals() -> None:
+    """Make SIGQUIT and SIGUSR1 end the daemon as SIGTERM does.
+
+    libfuse handles only SIGTERM, SIGINT and SIGHUP, and while it serves, the
+    main thread is in C, where Python's own handlers do not run. Python's C
+    handler does write the signal's number to the wakeup fd, though: a thread
+    blocked on it sends SIGTERM to the main thread, whose read of /dev/fuse
+    it interrupts, and libfuse ends its loop and unmounts.
+    """
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda *_: None)
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def forward() -> None:
+        while True:
+            if set(os.read(wake_read, 64)) & set(_FORWARDED):
+                signal.pthread_kill(main, signal.SIGTERM)
+
+    threading.Thread(target=forward, name="stop-signals", daemon=True).start()
 
 
 def run_foreground(
     mountpoint: str | os.PathLike[str], config: MachineConfig, allow_other: bool = False
 ) -> int:
-    """Be the daemon: build the machine, mount, serve until unmounted or signalled."""
+    """Be the daemon: build the machine, mount, serve until unmounted or signalled.
+
+    Holds the mountpoint's lock (inherited from ``mount``, or taken here) as
+    long as it serves. At a normal end (unmounted, or one of ``STOP_SIGNALS``)
+    its last record is ``... unmounted; exit status 0``; then a daemon started
+    by ``start_detached`` removes its own log unless something went wrong
+    (``dispose_log``).
+    """
     from mktme_sandbox.fs import SandboxFS, serve  # FUSE loads libfuse: only in the daemon
     from mktme_sandbox.machine import Machine
 
@@ -368,12 +722,20 @@ def run_foreground(
         # traceback); libfuse installs its handlers only over SIG_DFL, and a shell's
         # `&` leaves SIGINT ignored.
         signal.signal(sig, signal.SIG_DFL)
-    path = prepare_mountpoint(mountpoint)
-    os.chdir("/")  # keep no directory busy
-    machine = Machine(config)
-    log.info("serving %s as pid %d (phys_mem %#x)", path, os.getpid(), config.phys_mem)
-    ended_by_signal = not serve(SandboxFS(machine), path, allow_other)
+    _forward_stop_signals()
+    lock = lock_mountpoint(mountpoint)
+    try:
+        path = prepare_mountpoint(mountpoint)
+        os.chdir("/")  # keep no directory busy
+        machine = Machine(config)
+        log.info("serving %s as pid %d (phys_mem %#x)", path, os.getpid(), config.phys_mem)
+        ended_by_signal = not serve(SandboxFS(machine), path, allow_other)
+    finally:
+        lock.release()
     log.info("%s unmounted%s%s", path, " on a signal" if ended_by_signal else "", _CLEAN_EXIT)
+    own_log = os.environ.get(LOG_ENV)
+    if own_log:
+        dispose_log(own_log, os.getpid())
     return 0
 
 
@@ -390,28 +752,41 @@ class DaemonInfo:
     rss: int
     uptime: float
     log_path: str | None = None  # the log start_detached made for it (None: foreground)
-
-
-def _phys_mem(mountpoint: str) -> int | None:
-    try:
-        return os.stat(os.path.join(mountpoint, "dram")).st_size
-    except OSError:
-        return None
+    state: str = "running"  # "running", "stopped" (SIGSTOP) or "unresponsive" (no answer)
 
 
 def _daemon_info(proc: Any, mounts: set[str]) -> DaemonInfo:
+    import psutil
+
     argv, cwd = proc.info["cmdline"], proc.info["cwd"] or "/"
     candidates = (os.path.normpath(os.path.join(cwd, arg)) for arg in argv[1:])
     mountpoint = next((p for p in candidates if p in mounts), None)
     memory = proc.info["memory_info"]
+    stopped = proc.info["status"] in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
     return DaemonInfo(
         pid=proc.info["pid"],
         mountpoint=mountpoint,
-        phys_mem=_phys_mem(mountpoint) if mountpoint else None,
+        phys_mem=None,
         rss=memory.rss if memory else 0,
         uptime=max(0.0, time.time() - proc.info["create_time"]),
         log_path=(proc.info["environ"] or {}).get(LOG_ENV),
+        state="stopped" if stopped else "running",
     )
+
+
+def _probed(daemons: list[DaemonInfo]) -> list[DaemonInfo]:
+    """phys_mem from each mount's ``dram``, all asked at once (``_probe``); a
+    daemon whose mount does not answer in time is ``unresponsive``. A stopped
+    daemon's mount is not asked: it could not answer."""
+    asked = [info for info in daemons if info.mountpoint and info.state == "running"]
+    answers = _probe([os.path.join(info.mountpoint or "", "dram") for info in asked])
+    probed = {}
+    for info, answer in zip(asked, answers, strict=True):
+        if answer is None:
+            probed[info.pid] = dataclasses.replace(info, state="unresponsive")
+        elif isinstance(answer, os.stat_result):
+            probed[info.pid] = dataclasses.replace(info, phys_mem=answer.st_size)
+    return [probed.get(info.pid, info) for info in daemons]
 
 
 def wait_for_exit(daemons: Sequence[int | DaemonInfo], timeout: float = STOP_TIMEOUT) -> bool:
@@ -475,20 +850,24 @@ def dispose_log(log_path: str | os.PathLike[str], pid: int, ended: bool = True) 
     return False
 
 
-def find_daemons() -> list[DaemonInfo]:
+def find_daemons(probe: bool = True) -> list[DaemonInfo]:
     """Every running daemon this user can see, by pid.
 
     A daemon is recognised by its argv (``mktme_sandbox.cli`` or ``mktme-sandbox``,
     then ``mount --foreground``); its mountpoint is the argument that is a
-    ``fuse.mktme-sandbox`` mount; phys_mem is the size of its ``dram``.
+    ``fuse.mktme-sandbox`` mount; its state ``stopped`` when it is stopped
+    (SIGSTOP, a debugger), else ``running``. With ``probe``, phys_mem is the
+    size of its ``dram``, asked with a timeout (``_probe``): a mount that does
+    not answer makes the state ``unresponsive``. Without, no mount is touched.
     """
     import psutil
 
-    mounts = {mountpoint for mountpoint, fstype in _mounts() if fstype == FSTYPE}
+    mounts = {entry.point for entry in _mounts() if entry.fstype == FSTYPE}
     found = []
     attrs = ["pid", "cmdline", "cwd", "create_time", "memory_info", "status", "environ"]
     for proc in psutil.process_iter(attrs):
         argv = proc.info["cmdline"] or []
         if proc.info["status"] != psutil.STATUS_ZOMBIE and _is_daemon_argv(argv):
             found.append(_daemon_info(proc, mounts))
-    return sorted(found, key=lambda daemon: daemon.pid)
+    found.sort(key=lambda daemon: daemon.pid)
+    return _probed(found) if probe else found

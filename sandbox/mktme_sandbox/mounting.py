@@ -7,7 +7,9 @@ nothing of pytest. ``mounted(directory, **options)`` starts
 in a log file, waits until the mount answers, yields a ``MountedSandbox`` (the
 stdlib client's ``Mount`` plus the daemon's pid and log) and at the end stops
 the daemon (SIGTERM, unmount, SIGKILL as a last resort) and fails if the log
-shows anything but the daemon's own records (``daemon.LOG_TROUBLE``).
+shows anything but the daemon's own records (``daemon.LOG_TROUBLE``). The log
+is created ``0600``; the seed reaches the daemon in its environment
+(``daemon.daemon_command``), never in its argv.
 
 The daemon's argv, the wait for the mount and ``fusermount3 -u`` are
 ``mktme_sandbox.daemon``'s; this module adds the stop sequence and the check of
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -71,14 +72,7 @@ def machine_config(options: Mapping[str, Any]) -> MachineConfig:
 
 def fuse_unavailable_reason() -> str | None:
     """Why a mount cannot work here, as a skip reason; ``None`` when it can."""
-    if not os.path.exists(FUSE_DEVICE):
-        return f"FUSE is not available: {FUSE_DEVICE} does not exist"
-    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
-        who = f"uid {os.getuid()}"
-        return f"FUSE is not available: {FUSE_DEVICE} is not readable and writable by {who}"
-    if shutil.which(FUSERMOUNT) is None:
-        return f"FUSE is not available: {FUSERMOUNT} is not on PATH (install fuse3)"
-    return None
+    return daemon.fuse_unavailable_reason(FUSE_DEVICE)
 
 
 # --- one mount -----------------------------------------------------------------
@@ -133,7 +127,7 @@ def mounted(
     mnt = Path(os.path.abspath(directory))
     log = Path(log_path) if log_path is not None else mnt.with_name(mnt.name + ".log")
     mnt.mkdir(parents=True, exist_ok=True)
-    proc = _start(daemon.daemon_argv(mnt, **options), log)
+    proc = _start(*daemon.daemon_command(mnt, **options), log)
     up = False
     try:
         _wait_until_up(proc, mnt, log, timeout)
@@ -146,10 +140,13 @@ def mounted(
         _check_log(log, mnt)
 
 
-def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    env = dict(env, PYTHONUNBUFFERED="1")
     env.pop(daemon.LOG_ENV, None)  # the log is ours to keep, not a detached daemon's
-    with open(log, "ab") as out:  # O_APPEND: the daemon's writes and ours never overlap
+    # O_APPEND: the daemon's writes and ours never overlap; 0600: the log is the user's
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with open(fd, "ab") as out:
         out.write(("$ " + " ".join(argv) + "\n").encode())
         out.flush()
         return subprocess.Popen(

@@ -286,6 +286,7 @@ class PageAllocator:
             "fresh": self._fresh,
             "allocated_by_keyid": [[k, n] for k, n in self.allocated_by_keyid.items()],
             "charged": self._charged[used].copy(),
+            "pages_by_uid": [[uid, n] for uid, n in self.pages_by_uid.items()],
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -303,4 +304,8 @@ class PageAllocator:
         self._charged[:] = 0
         self._charged[:fresh] = state["charged"]
         uids, counts = np.unique(self._charged[self._charged > 0], return_counts=True)
-        self.pages_by_uid = {int(u) - 1: int(n) for u, n in zip(uids, counts)}
+        derived = {int(u) - 1: int(n) for u, n in zip(uids, counts, strict=True)}
+        saved = {int(u): int(n) for u, n in state["pages_by_uid"]}  # in the order it grew
+        if saved != derived:
+            raise ValueError("the pages charged per uid differ from the pages' charges")
+        self.pages_by_uid = saved
