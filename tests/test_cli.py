@@ -61,8 +61,8 @@ BAD_OPTIONS = {
         ["--cache-size", "100K"],
         "cache_size must be 0 (no cache) or a multiple of 64K",
     ),
-    "seed": (["--seed", "-1"], "seed must be >= 0"),
-    "seed not a number": (["--seed", "x"], "'x' is not a valid integer"),
+    "seed": (["--seed", "-1"], "expected an integer >= 0"),
+    "seed not a number": (["--seed", "x"], "expected an integer >= 0"),
     "phys-mem over the keyid bits": (
         ["--phys-mem", "64G", "--maxphyaddr", "36"],
         "does not fit below the KeyID bits",
@@ -208,3 +208,19 @@ def wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "stdin"),
+    [
+        (["--seed", "secret42x"], {}, None),
+        ([], {"MKTME_SEED": "\u00b9secret42x"}, None),
+        (["--seed-file", "-"], {}, "secret42x\n"),
+    ],
+    ids=["option", "environment", "file"],
+)
+def test_a_bad_seed_is_refused_without_showing_it(tmp_path, args, env, stdin):
+    """The seed is a secret (docs/spec.md 8): a refusal never repeats it."""
+    result = CliRunner().invoke(cli, ["mount", str(tmp_path / "m"), *args], env=env, input=stdin)
+    assert result.exit_code == 2
+    assert "secret42x" not in result.output and "integer >= 0" in result.output

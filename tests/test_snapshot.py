@@ -6,6 +6,7 @@ The differential test of completeness is ``test_snapshot_differential.py``.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 
 import pytest
@@ -220,3 +221,54 @@ def test_a_cold_boot_of_a_seeded_machine_is_reproducible():
     first.restore(data, coldboot=True)
     second.restore(data, coldboot=True)
     assert machines_differ(first, second) == []
+
+
+def _with_header(data: bytes, change) -> bytes:
+    magic, version, header, payload = data.split(b"\n", 3)
+    fields = json.loads(header)
+    payload = change(fields, payload)
+    fields["payload_size"] = fields["payload_size"] if payload is None else len(payload)
+    if payload is not None:
+        fields["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    return b"\n".join([magic, version, json.dumps(fields).encode(), payload or b""])
+
+
+def _empty_payload(fields, payload):
+    return b""
+
+
+def _config_not_a_dict(fields, payload):
+    fields["config"] = []
+
+
+def _array_name_not_a_string(fields, payload):
+    fields["state"]["kernel"]["alloc"]["flags"] = {"$array": ["x"]}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_empty_payload, _config_not_a_dict, _array_name_not_a_string],
+    ids=lambda c: c.__name__,
+)
+def test_a_malformed_header_or_payload_is_einval_not_an_internal_error(change):
+    """Found by review: each was an EOFError, AttributeError or TypeError (EIO)."""
+    m = machine()
+    spoiled = _with_header(m.snapshot(), change)
+    m.create_space("after", uid=0)
+    with pytest.raises(SandboxError) as refused:
+        m.restore(spoiled)
+    assert refused.value.errno == errno.EINVAL
+    assert m.space_names() == ["after"]
+
+
+def test_a_host_that_swaps_scans_every_page_and_finds_the_same(monkeypatch):
+    """mincore(2) reports pages resident in RAM: with swap in use a page of ours
+    may be out of RAM, so every page is looked at instead (found by review)."""
+    from mktme_sandbox.hw import dram
+
+    m = with_secrets(machine())
+    dram_of = m.platform._dram
+    resident = dram_of.touched_pages()
+    monkeypatch.setattr(dram, "_host_swaps", lambda: True)
+    assert dram._resident_pages(dram_of.bytes) is None
+    assert dram_of.touched_pages().tolist() == resident.tolist()

@@ -32,7 +32,7 @@ import click
 from click.core import ParameterSource
 
 from mktme_sandbox import __version__
-from mktme_sandbox.config import ALGORITHMS, MachineConfig, parse_size
+from mktme_sandbox.config import ALGORITHMS, MachineConfig, parse_decimal, parse_size
 from mktme_sandbox.daemon import (
     SEED_ENV,
     DaemonError,
@@ -60,6 +60,20 @@ class _Size(click.ParamType[int, Any]):
             self.fail(str(err), param, ctx)
 
 
+class _Seed(click.ParamType[int, Any]):
+    """An integer >= 0 that is a secret: a bad one is refused without echoing it."""
+
+    name = "INTEGER"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        seed = parse_decimal(str(value).strip())
+        if seed is None:
+            self.fail("expected an integer >= 0 (ASCII digits); the value is not shown", param, ctx)
+        return seed
+
+
 class _Names(click.ParamType[tuple[str, ...], Any]):
     name = "LIST"
 
@@ -83,7 +97,7 @@ class _Mountpoint(click.Path):
         return os.fsdecode(value)
 
 
-SIZE, NAMES, MOUNTPOINT = _Size(), _Names(), _Mountpoint()
+SIZE, NAMES, MOUNTPOINT, SEED = _Size(), _Names(), _Mountpoint(), _Seed()
 
 
 def _failing_as_click(action: Callable[[], Any]) -> Any:
@@ -164,7 +178,7 @@ def cli() -> None:
 )
 @click.option(
     "--seed",
-    type=int,
+    type=SEED,
     default=None,
     envvar=SEED_ENV,
     show_envvar=True,
@@ -238,10 +252,10 @@ def mount(
 
 
 def _read_seed(source: IO[str]) -> int:
-    text = source.read(4096).strip()
-    if not text.isdigit():
-        raise click.UsageError(f"--seed-file: expected one integer >= 0, not {text[:20]!r}")
-    return int(text)
+    seed = parse_decimal(source.read(4096).strip())
+    if seed is None:  # the text is a secret: never echoed
+        raise click.UsageError("--seed-file: expected one integer >= 0 (ASCII digits)")
+    return seed
 
 
 @cli.command()

@@ -2,8 +2,8 @@
 
 Everything the filesystem of docs/spec.md section 4 shows is one method here, so that the FUSE
 layer stays a table of paths. Every public method takes the machine's lock
-for its whole duration: calls from the multithreaded FUSE loop are
-serialized, and a command either happens entirely or raises
+for its whole duration: calls from any thread (the daemon serves FUSE with
+one) are serialized, and a command either happens entirely or raises
 ``SandboxError`` having changed nothing. ``uid`` arguments are the caller's
 (0 is root and may do anything); ``owner_uid`` is the daemon's, and the
 default of the write methods' optional ``uid``: the daemon's user writes any
@@ -138,12 +138,12 @@ class Machine:
         if not length:
             return
         first, last = pa >> 12, ((pa + length - 1) >> 12) + 1
-        foreign = rmap.first_foreign_page(self.kernel, uid, first, last)
+        foreign = rmap.first_foreign_page(self.kernel, uid, first, last, keyid)
         if foreign is not None:
             fail(
                 errno.EACCES,
-                f"pfn {foreign:#x} is not memory of uid {uid} alone: only anonymous pages "
-                "mapped by its own spaces may be written",
+                f"pfn {foreign:#x} is not memory of uid {uid} alone under KeyID {keyid}: only "
+                "anonymous pages mapped by its own spaces, through their own KeyID, may be written",
             )
 
     def _clip(self, pa: int, length: int) -> int:

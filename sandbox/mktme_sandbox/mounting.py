@@ -42,7 +42,7 @@ __all__ = [
     "redacted",
 ]
 
-FUSE_DEVICE = "/dev/fuse"
+FUSE_DEVICE = daemon.FUSE_DEVICE  # here so that tests can point it elsewhere
 FUSERMOUNT = daemon.FUSERMOUNT
 DEFAULT_MOUNT_TIMEOUT = 30.0
 

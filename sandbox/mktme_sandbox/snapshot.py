@@ -184,6 +184,10 @@ def _header(line: bytes) -> dict[str, Any]:
     keys = {"config", "created", "payload_size", "payload_sha256", "state"}
     if not isinstance(header, dict) or not keys <= header.keys():
         fail(errno.EINVAL, f"snapshot: the header lacks one of {', '.join(sorted(keys))}")
+    types = {"config": dict, "state": dict, "payload_size": int, "payload_sha256": str}
+    wrong = [name for name, kind in types.items() if not isinstance(header[name], kind)]
+    if wrong:
+        fail(errno.EINVAL, f"snapshot: the header's {', '.join(wrong)} has the wrong type")
     return header
 
 
@@ -191,7 +195,7 @@ def _arrays(payload: bytes) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as members:
             return {name: members[name] for name in members.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         fail(errno.EINVAL, f"snapshot: the arrays cannot be read ({type(err).__name__})")
 
 
@@ -214,7 +218,7 @@ def _unpack(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(tree, dict):
         if tree.keys() in ({"$array"}, {"$bytes"}):
             ((kind, name),) = tree.items()
-            if name not in arrays:
+            if not isinstance(name, str) or name not in arrays:
                 fail(errno.EINVAL, f"snapshot: the array {name!r} is missing")
             return arrays[name].tobytes() if kind == "$bytes" else arrays[name]
         return {key: _unpack(value, arrays) for key, value in tree.items()}

@@ -72,6 +72,23 @@ def test_a_key_owner_writing_anything_but_its_own_pages_is_eacces_and_writes_not
     assert m.check() == []
 
 
+def test_a_page_is_written_only_through_its_own_keyid_even_by_its_owner():
+    """Alice owns KeyIDs 1 and 3 and a KeyID-1 page. A line she stored through
+    KeyID 3 would stay dirty under KeyID 3, which no flush of the page (KeyID 1)
+    removes, and after she frees the page be written back over Bob's data."""
+    m = alice_and_bob()
+    cpu_key(m, 3, ALICE)
+    pa = pfn_of(m, "alice", U) * PAGE
+    reason = refused(errno.EACCES, m.write_phys, 3, pa, b"stale line", uid=ALICE)
+    assert "under KeyID 3" in reason
+    ctl(m, "alice", f"munmap {U:#x} 64K", ALICE)
+    ctl(m, "bob", f"mmap {U + 0x100000:#x} 64K rw- keyid=2 populate", BOB)
+    m.write_virt("bob", U + 0x100000, b"bob's secret data", BOB)
+    m.cache_command("wbinvd")
+    assert m.read_virt("bob", U + 0x100000, 17) == b"bob's secret data"
+    assert m.check() == []
+
+
 def test_a_write_that_runs_into_a_foreign_page_is_refused_whole():
     m = alice_and_bob()
     mine = {pfn_of(m, "alice", U + i * PAGE) for i in range(16)}

@@ -182,3 +182,17 @@ def test_a_failed_map_leaves_no_space_behind(tool: Run, mnt: Mount) -> None:
     done = tool("mktme-map", "map", name, "0x400000", "4K", "-k", "9")
     assert done.returncode == 1 and "ENOKEY" in done.stderr
     assert name not in {s.name for s in mnt.spaces()}
+
+
+def test_a_reader_that_leaves_early_is_no_error(tool: Run, mnt: Mount) -> None:
+    """``mktme-key list | head -1``: the tool stops quietly (no "Broken pipe")."""
+    done = subprocess.run(
+        f"{BIN / 'mktme-key'} -m {mnt.root} list | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.count("\n") == 1
+    assert done.stderr == ""

@@ -102,9 +102,21 @@ class Dram:
         pages[pfns] = contents
 
 
+def _host_swaps() -> bool:
+    """True when the host has a swap area in use (/proc/swaps lists more than its header)."""
+    try:
+        with open("/proc/swaps", encoding="ascii") as swaps:
+            return len(swaps.read().splitlines()) > 1
+    except OSError:
+        return True  # unknown: assume it might
+
+
 def _resident_pages(memory: np.ndarray) -> np.ndarray | None:
-    """Candidate 4 KiB PFNs: those in host pages mincore(2) says were touched; None
-    where mincore is not available."""
+    """Candidate 4 KiB PFNs: those in host pages mincore(2) says are resident; None
+    (look at every page) where mincore is not available, or where the host swaps:
+    mincore reports pages in RAM, and a page of ours swapped out would be missed."""
+    if _host_swaps():
+        return None
     libc_name = ctypes.util.find_library("c")
     mincore = getattr(ctypes.CDLL(libc_name, use_errno=True), "mincore", None)
     host_page = mmap.PAGESIZE

@@ -30,8 +30,16 @@ if TYPE_CHECKING:
 __all__ = ["first_foreign_page"]
 
 
-def first_foreign_page(k: Kernel, uid: int, first: int, last: int) -> int | None:
-    """The first PFN of ``first..last - 1`` that is not memory of ``uid`` alone, or None."""
+def first_foreign_page(
+    k: Kernel, uid: int, first: int, last: int, keyid: int | None = None
+) -> int | None:
+    """The first PFN of ``first..last - 1`` that is not memory of ``uid`` alone, or None.
+
+    With ``keyid``, a page must also have that KeyID in page_ext: a line stored
+    through another KeyID would stay dirty in the cache under that tag, which no
+    flush of the page's own KeyID removes, and be written back over the page's
+    next owner after the page changes hands.
+    """
     if first >= last:
         return None
     alloc = k.alloc
@@ -48,6 +56,8 @@ def first_foreign_page(k: Kernel, uid: int, first: int, last: int) -> int | None
         & (mapcount > 0)
         & (mine == mapcount)
     )
+    if keyid is not None:
+        owned &= alloc.page_keyid[first:last] == keyid
     bad = np.flatnonzero(~owned)
     return int(first + bad[0]) if len(bad) else None
 

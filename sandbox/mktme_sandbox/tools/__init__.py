@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
@@ -88,14 +89,14 @@ def run(
         return _fail(prog, str(e), EXIT_USAGE)
     except MountError as e:
         return _fail(prog, str(e), rejected)
+    except BrokenPipeError:  # `tool | head`: the reader left; nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_REJECTED
     except OSError as e:  # a file of the user's (-o FILE, -k FILE): one line, no traceback
         where = f"{e.filename}: " if e.filename else ""
         return _fail(prog, f"{where}{e.strerror or e}", EXIT_REJECTED)
     except (ValueError, OverflowError) as e:
         return _fail(prog, str(e), EXIT_USAGE)
-    except BrokenPipeError:
-        sys.stderr.close()  # `tool | head`: the reader left; nothing to say
-        return EXIT_REJECTED
     except KeyboardInterrupt:
         return _fail(prog, "interrupted", 130)
     except tuple(extra) as e:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mktme_sandbox.client import KeyStatus, Mount, NoFreeKeyID
+from mktme_sandbox.config import parse_decimal
 from mktme_sandbox.tools import EXIT_USAGE, ToolError, ToolParser, open_mount, print_json, run
 
 PROG = "mktme-key"
@@ -143,13 +144,14 @@ def cmd_add(mount: Mount, args: argparse.Namespace) -> int:
 
 def cmd_clear(mount: Mount, args: argparse.Namespace) -> int:
     text = one_arg(args, "clear KEYID")
-    if not text.isdigit():
+    keyid = parse_decimal(text)
+    if keyid is None:
         raise ToolError(EXIT_USAGE, f"KEYID must be a number, not '{text}'")
     keyids = mount.keyids()
-    if int(text) not in keyids:
+    if keyid not in keyids:
         raise ToolError(EXIT_USAGE, f"no keys/{text}: KeyIDs are 1..{len(keyids)}")
-    mount.clear_key(int(text))
-    print(f"cleared KeyID {int(text)}")
+    mount.clear_key(keyid)
+    print(f"cleared KeyID {keyid}")
     return 0
 
 
