@@ -177,17 +177,26 @@ lengths = st.one_of(
     st.integers(CACHE - PAGE, CACHE + 3 * PAGE),  # wraps around the sets
 )
 keyids = st.sampled_from(KEYIDS)
-operations = st.one_of(
-    st.tuples(st.just("load"), addresses, lengths, keyids),
-    st.tuples(st.just("store"), addresses, lengths, keyids, st.integers(0, 255)),
-    st.tuples(st.just("fill"), addresses, lengths, keyids, st.integers(0, 255)),
-    st.tuples(st.just("flush_range"), addresses, lengths, keyids),
-    st.tuples(st.just("clflush"), addresses, keyids),
-    st.tuples(st.just("wbinvd")),
-    st.tuples(st.just("dram_write"), addresses, st.integers(1, 300), st.integers(0, 255)),
-    st.tuples(st.just("reprogram"), st.sampled_from(KEYIDS[1:]), st.integers(0, 1000)),
-    st.tuples(st.just("dram"), addresses, lengths),
-)
+
+
+def steps_over(
+    addresses: st.SearchStrategy[int], lengths: st.SearchStrategy[int]
+) -> list[st.SearchStrategy[tuple[object, ...]]]:
+    """Every kind of step, at ``addresses`` with ``lengths``."""
+    return [
+        st.tuples(st.just("load"), addresses, lengths, keyids),
+        st.tuples(st.just("store"), addresses, lengths, keyids, st.integers(0, 255)),
+        st.tuples(st.just("fill"), addresses, lengths, keyids, st.integers(0, 255)),
+        st.tuples(st.just("flush_range"), addresses, lengths, keyids),
+        st.tuples(st.just("clflush"), addresses, keyids),
+        st.tuples(st.just("wbinvd")),
+        st.tuples(st.just("dram_write"), addresses, st.integers(1, 300), st.integers(0, 255)),
+        st.tuples(st.just("reprogram"), st.sampled_from(KEYIDS[1:]), st.integers(0, 1000)),
+        st.tuples(st.just("dram"), addresses, lengths),
+    ]
+
+
+operations = st.one_of(steps_over(addresses, lengths))
 Step = tuple[object, ...]
 
 
@@ -305,15 +314,7 @@ def _operations_at_default_geometry() -> st.SearchStrategy[Step]:
         st.integers(1, 3 * PAGE),
     )
     return st.one_of(
-        st.tuples(st.just("load"), addresses, lengths, keyids),
-        st.tuples(st.just("store"), addresses, lengths, keyids, st.integers(0, 255)),
-        st.tuples(st.just("fill"), addresses, lengths, keyids, st.integers(0, 255)),
-        st.tuples(st.just("flush_range"), addresses, lengths, keyids),
-        st.tuples(st.just("clflush"), addresses, keyids),
-        st.tuples(st.just("wbinvd")),
-        st.tuples(st.just("dram_write"), addresses, st.integers(1, 300), st.integers(0, 255)),
-        st.tuples(st.just("reprogram"), st.sampled_from(KEYIDS[1:]), st.integers(0, 1000)),
-        st.tuples(st.just("dram"), addresses, lengths),
+        *steps_over(addresses, lengths),
         st.tuples(
             st.just("pile"),
             st.integers(0, 3).map(lambda s: s * LINE),
