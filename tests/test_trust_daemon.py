@@ -6,6 +6,7 @@ every detached daemon logs and locks in the test's own ``runtime_dir``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -213,6 +215,27 @@ def test_a_lock_left_by_a_killed_daemon_is_swept_by_the_next_lock(tmp_path, runt
     finally:
         held.release()
     assert list(runtime_dir.iterdir()) == []
+
+
+def test_a_lock_held_for_a_moment_by_a_sweeper_does_not_fail_a_mount(tmp_path, runtime_dir):
+    """A sweeper holds a stale lock file only while it removes it: a mount that
+    opened that file meanwhile waits a moment and takes the new one (found by
+    review: it failed with "already serves a sandbox")."""
+    path = daemon._lock_path(daemon.canonical_path(tmp_path / "a"))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def sweep() -> None:
+        time.sleep(0.05)
+        os.unlink(path)
+        os.close(fd)
+
+    sweeper = threading.Thread(target=sweep)
+    sweeper.start()
+    lock = daemon.lock_mountpoint(tmp_path / "a")
+    sweeper.join()
+    assert Path(lock.path).exists()
+    lock.release()
 
 
 # -- 3. a stopped daemon blocks neither list nor umount ---------------------------------------

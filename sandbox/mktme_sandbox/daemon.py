@@ -564,9 +564,7 @@ def lock_mountpoint(mountpoint: str | os.PathLike[str]) -> MountLock:
             else os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         )
         inherited = None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_briefly(fd):
             os.close(fd)
             raise DaemonError(
                 f"{path} already serves a sandbox or one is being mounted there"
@@ -576,6 +574,20 @@ def lock_mountpoint(mountpoint: str | os.PathLike[str]) -> MountLock:
             _sweep_locks(os.path.dirname(lock_path), keep=lock_path)
             return MountLock(fd, lock_path)
         os.close(fd)  # its holder removed it meanwhile: take the new one
+
+
+def _flock_briefly(fd: int, attempts: int = 10, pause: float = 0.02) -> bool:
+    """``flock(LOCK_EX)`` without blocking for long: a holder that only sweeps a
+    stale lock file lets go within moments; a daemon holds it for its life."""
+    for attempt in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if attempt + 1 < attempts:
+                time.sleep(pause)
+            continue
+        return True
+    return False
 
 
 def _sweep_locks(directory: str, keep: str) -> None:
