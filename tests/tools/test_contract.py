@@ -196,3 +196,11 @@ def test_a_reader_that_leaves_early_is_no_error(tool: Run, mnt: Mount) -> None:
     )
     assert done.stdout.count("\n") == 1
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize("tool_name", ["mktme-key", "mktme-map"])
+def test_no_command_names_the_commands(tool: Run, tool_name: str) -> None:
+    done = tool(tool_name)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"{tool_name}: a COMMAND is needed: ")
+    assert "ARG" not in done.stderr

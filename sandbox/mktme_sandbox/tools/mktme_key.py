@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-a", "--algorithm", choices=tuple(KEY_BYTES), help="the cipher")
     p.add_argument("-k", "--key", metavar="FILE", help='"KEY TWEAK" in hex, from FILE or - (stdin)')
     p.add_argument("-t", "--tweak", nargs="?", const="", help=argparse.SUPPRESS)
-    p.add_argument("command", metavar="COMMAND", help="list, add or clear")
+    p.add_argument("command", nargs="?", metavar="COMMAND", help="list, add or clear")
     p.add_argument("args", nargs="*", metavar="ARG")
     return p.parse_args(argv)
 
@@ -168,6 +168,8 @@ def body(args: argparse.Namespace) -> int:
             "-t was removed: give the key and the tweak with -k FILE or -k - (stdin), "
             "as two hex words KEY TWEAK",
         )
+    if args.command is None:
+        raise ToolError(EXIT_USAGE, "a COMMAND is needed: list, add or clear (see --help)")
     if args.command not in ("list", "add", "clear"):
         raise ToolError(EXIT_USAGE, f"unknown command '{args.command}' (list, add or clear)")
     mount = open_mount(args)

@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-p", "--prot", default="rw-", help="protection (default rw-)")
     p.add_argument("--populate", action="store_true", help="fault every page in now")
     p.add_argument("-o", "--output", metavar="FILE", help="memory: save the SVG picture to FILE")
-    p.add_argument("command", metavar="COMMAND", help=", ".join(USAGES))
+    p.add_argument("command", nargs="?", metavar="COMMAND", help=", ".join(USAGES))
     p.add_argument("args", nargs="*", metavar="ARG")
     return p.parse_args(argv)
 
@@ -212,6 +212,8 @@ def cmd_destroy(mount: Mount, name: str) -> int:
 
 
 def body(args: argparse.Namespace) -> int:
+    if args.command is None:
+        raise ToolError(EXIT_USAGE, f"a COMMAND is needed: {', '.join(USAGES)} (see --help)")
     if args.command not in USAGES:
         raise ToolError(EXIT_USAGE, f"unknown command '{args.command}' ({', '.join(USAGES)})")
     usage, count = USAGES[args.command]
