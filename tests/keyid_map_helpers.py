@@ -124,7 +124,8 @@ def decode(svg: str) -> Picture:
     root = ET.fromstring(svg)
     pages = root.find(f"{SVG}g[@id='pages']")
     legend = root.find(f"{SVG}g[@id='legend']")
-    assert pages is not None and legend is not None
+    assert pages is not None
+    assert legend is not None
     return Picture(
         pages=int(root.attrib["data-pages"]),
         pages_per_cell=int(root.attrib["data-pages-per-cell"]),

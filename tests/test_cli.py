@@ -70,7 +70,7 @@ BAD_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("args, message", BAD_OPTIONS.values(), ids=list(BAD_OPTIONS))
+@pytest.mark.parametrize(("args", "message"), BAD_OPTIONS.values(), ids=list(BAD_OPTIONS))
 def test_a_bad_mount_option_is_refused_with_a_clear_message_and_no_daemon(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["mount", str(tmp_path / "mnt"), *args])
     assert result.exit_code == 2
@@ -112,7 +112,9 @@ def test_bench_passes_the_named_suites_to_sandbox_bench_run(monkeypatch):
     )
     result = CliRunner().invoke(cli, ["bench", "fs", "--json"])
     assert result.exit_code == 0, result.output
-    assert calls and calls[0][0] == (["fs"],) and calls[0][1]["as_json"] is True
+    assert calls
+    assert calls[0][0] == (["fs"],)
+    assert calls[0][1]["as_json"] is True
 
 
 def test_bench_refuses_an_unknown_suite():
@@ -140,12 +142,17 @@ def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(mountpoint, 
     assert (mountpoint / "README").read_text()
     listed = mktme("list").stdout
     row = next(line for line in listed.splitlines() if line.split()[0] == str(pid))
-    assert row.split()[1] == "8M" and row.split()[-1] == str(mountpoint)
+    assert row.split()[1] == "8M"
+    assert row.split()[-1] == str(mountpoint)
     entry = next(d for d in json.loads(mktme("list", "--json").stdout) if d["pid"] == pid)
-    assert entry["phys_mem"] == 8 << 20 and entry["mountpoint"] == str(mountpoint)
-    assert entry["rss"] > 0 and entry["uptime"] >= 0 and entry["log"] == str(log)
+    assert entry["phys_mem"] == 8 << 20
+    assert entry["mountpoint"] == str(mountpoint)
+    assert entry["rss"] > 0
+    assert entry["uptime"] >= 0
+    assert entry["log"] == str(log)
     done = mktme("umount", str(mountpoint))
-    assert done.returncode == 0 and "unmounted" in done.stdout
+    assert done.returncode == 0
+    assert "unmounted" in done.stdout
     assert daemon.wait_for_exit([pid], timeout=0)
     assert not daemon.is_mounted(mountpoint)
     log = (
@@ -223,4 +230,5 @@ def test_a_bad_seed_is_refused_without_showing_it(tmp_path, args, env, stdin):
     """The seed is a secret (docs/spec.md 8): a refusal never repeats it."""
     result = CliRunner().invoke(cli, ["mount", str(tmp_path / "m"), *args], env=env, input=stdin)
     assert result.exit_code == 2
-    assert "secret42x" not in result.output and "integer >= 0" in result.output
+    assert "secret42x" not in result.output
+    assert "integer >= 0" in result.output

@@ -64,13 +64,15 @@ def test_smaps_gives_each_vma_its_keyid_and_fields() -> None:
         3,
     )
     assert first.fields["Rss"] == "4 kB"
-    assert 0x7F0000001FFF in first and 0x7F0000002000 not in first
+    assert 0x7F0000001FFF in first
+    assert 0x7F0000002000 not in first
     assert (second.keyid, second.name) == (0, "[anon]")
 
 
 def test_maps_lines_without_keyid_parse_with_keyid_none() -> None:
     (vma,) = parse_smaps("00400000-00401000 r-xp 00000000 00:00 0\n")
-    assert vma.keyid is None and vma.size == 4096
+    assert vma.keyid is None
+    assert vma.size == 4096
 
 
 def test_layout_splits_a_pte_into_frame_and_keyid() -> None:
@@ -88,7 +90,9 @@ def test_layout_with_fewer_physical_bits_moves_the_keyid_down() -> None:
 
 def test_pagemap_entry_has_pfn_in_bits_0_to_54_and_present_in_63() -> None:
     entry = PagemapEntry(0x7F0000000123, 1 << 63 | 1 << 55 | 0x42)
-    assert entry.present and entry.pfn == 0x42 and entry.pa == 0x42123
+    assert entry.present
+    assert entry.pfn == 0x42
+    assert entry.pa == 0x42123
     assert not PagemapEntry(0, 0x42).present
 
 
@@ -174,7 +178,8 @@ def test_a_rejected_user_key_is_not_in_the_error(mnt: Mount, payload: str) -> No
         mnt.program_key(free, payload)
     assert rejected.value.errno == errno.EINVAL
     text = " ".join([str(rejected.value), repr(rejected.value), rejected.value.reason])
-    assert KEY not in text and TWEAK not in text
+    assert KEY not in text
+    assert TWEAK not in text
     assert "key=<redacted> tweak=<redacted>" in text
     assert not mnt.key(free).programmed
 
@@ -194,7 +199,8 @@ def test_a_stale_mount_is_named_as_such(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(Path, "is_dir", not_connected)
     with pytest.raises(NotAMount) as stale:
         Mount(tmp_path)
-    assert stale.value.errno == errno.ENOTCONN and "stale mount" in str(stale.value)
+    assert stale.value.errno == errno.ENOTCONN
+    assert "stale mount" in str(stale.value)
 
 
 @pytest.mark.mount

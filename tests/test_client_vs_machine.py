@@ -104,7 +104,9 @@ def test_translate_gives_the_machines_physical_address_and_keyid(
     pages = every_page(space.smaps())
     assert [space.translate(va) for va in pages] == [machine_translate(m, va) for va in pages]
     secret = space.translate(VA + 100)
-    assert secret.present and secret.keyid == 1 and secret.pa % PAGE == 100
+    assert secret.present
+    assert secret.keyid == 1
+    assert secret.pa % PAGE == 100
     assert mount.phys(1, secret.pa, len(SECRET)) == SECRET
     assert space.translate(VA + 0x100000).keyid is None  # mapped, never touched
 

@@ -10,7 +10,9 @@ from mktme_sandbox.config import GiB, MachineConfig, MiB, parse_size
 def test_defaults_are_the_specs():
     c = MachineConfig()
     assert (c.phys_mem, c.maxphyaddr, c.keyid_bits, c.max_keys) == (256 * MiB, 46, 6, 63)
-    assert c.nr_keyids == 63 and c.cache_size == 2 * MiB and not c.tme_bypass
+    assert c.nr_keyids == 63
+    assert c.cache_size == 2 * MiB
+    assert not c.tme_bypass
 
 
 @pytest.mark.parametrize(
@@ -69,7 +71,8 @@ def test_max_keys_and_keyid_bits_both_cap_the_keyids():
 
 def test_options_as_typed_become_a_config():
     c = MachineConfig.from_options(phys_mem="64M", algorithms="aes-xts-128, aes-xts-256", seed=3)
-    assert c.phys_mem == 64 * MiB and c.algorithms == ("aes-xts-128", "aes-xts-256")
+    assert c.phys_mem == 64 * MiB
+    assert c.algorithms == ("aes-xts-128", "aes-xts-256")
     assert MachineConfig.from_options(c, keyid_bits=3).phys_mem == 64 * MiB
 
 

@@ -113,7 +113,8 @@ def test_a_plain_directory_is_neither_mounted_nor_stale_and_needs_no_unmount(tmp
 
 def test_prepare_mountpoint_creates_a_missing_directory(tmp_path):
     path = daemon.prepare_mountpoint(tmp_path / "a" / "b")
-    assert Path(path).is_dir() and os.path.isabs(path)
+    assert Path(path).is_dir()
+    assert os.path.isabs(path)
 
 
 def test_prepare_mountpoint_refuses_a_file(tmp_path):
@@ -179,7 +180,7 @@ def test_kill_9_leaves_a_stale_mount_that_clean_stale_removes(daemons, tmp_path)
     proc.kill()
     proc.wait()
     assert daemon.is_stale(mnt)
-    with pytest.raises(OSError) as raised:
+    with pytest.raises(OSError, match="Transport endpoint is not connected") as raised:
         os.stat(mnt)
     assert raised.value.errno == errno.ENOTCONN
     assert daemon.clean_stale(mnt) is True
@@ -213,7 +214,8 @@ def test_find_daemons_lists_a_running_daemon_with_its_mountpoint_and_phys_mem(da
     assert proc.pid in found
     info = found[proc.pid]
     assert (info.mountpoint, info.phys_mem) == (str(mnt), 8 << 20)
-    assert info.rss > 0 and info.uptime >= 0
+    assert info.rss > 0
+    assert info.uptime >= 0
 
 
 @pytest.mark.mount

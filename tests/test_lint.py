@@ -69,7 +69,8 @@ def test_static_check_passes(command: list[str], tmp_path: Path) -> None:
 def test_the_lint_covers_every_tool_launcher_experiment_and_script() -> None:
     tools = ("mktme-key", "mktme-map", "mktme-peek", "mktme-walk", "mktme-find")
     assert {f"mountpoint-tools/{tool}" for tool in tools} | {"scripts/load"} == set(LAUNCHERS)
-    assert (ROOT / PACKAGE / "client.py").exists() and (ROOT / PACKAGE / "tools").is_dir()
+    assert (ROOT / PACKAGE / "client.py").exists()
+    assert (ROOT / PACKAGE / "tools").is_dir()
     assert (ROOT / PACKAGE / "examples" / "run_all.py").exists()  # under "sandbox"
     assert {f"{PACKAGE}/examples/tour", "scripts/tour", "scripts/test"} <= set(BASH)
 

@@ -109,7 +109,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     _deps_without_us(venv, top / "deps")
     pip = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
     _run([*pip, "install", "-q", "--no-deps", "--no-index", "--disable-pip-version-check", wheel])
-    yield Installed(venv, wheel)
+    return Installed(venv, wheel)
 
 
 def test_the_wheel_holds_the_package_its_types_licence_and_entry_points(
@@ -167,7 +167,8 @@ def test_run_all_runs_every_experiment_from_the_installed_package(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     outcomes = json.loads(done.stdout)["outcomes"]
-    assert len(outcomes) >= 13 and {o["verdict"] for o in outcomes} == {"PASS"}
+    assert len(outcomes) >= 13
+    assert {o["verdict"] for o in outcomes} == {"PASS"}
 
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(installed: Installed) -> None:

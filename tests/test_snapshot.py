@@ -73,7 +73,8 @@ def test_a_restore_drops_the_spaces_made_since_and_brings_back_the_saved_ones_wi
     m.create_space("later", uid=0)
     m.restore(saved)
     assert m.space_names() == ["cpu", "plain"]
-    assert m.space_owner("cpu") == 1000 and m.key_owner(1) == 1000
+    assert m.space_owner("cpu") == 1000
+    assert m.key_owner(1) == 1000
     assert m.read_virt("cpu", BASE, len(SECRET)) == SECRET
     assert m.check() == []
 
@@ -152,7 +153,8 @@ def test_a_spoiled_snapshot_is_refused_with_einval_and_changes_nothing(spoil, re
     before = held(m)
     with pytest.raises(SandboxError) as refused:
         m.restore(data)
-    assert refused.value.errno == errno.EINVAL and reason in refused.value.reason
+    assert refused.value.errno == errno.EINVAL
+    assert reason in refused.value.reason
     assert held(m) == before
 
 
@@ -203,7 +205,8 @@ def test_after_a_cold_boot_dram_holds_the_same_ciphertext_but_the_keyid_no_longe
     assert m.read_phys(1, cpu, len(SECRET)) != SECRET
     assert m.read_dram(plain, len(SECRET)) == SECRET, "no-encrypt data was plaintext in DRAM"
     assert m.space_names() == []
-    assert "state=free" in m.key_status(1) and "state=free" in m.key_status(2)
+    assert "state=free" in m.key_status(1)
+    assert "state=free" in m.key_status(2)
 
 
 def test_a_cold_boot_makes_a_new_tme_key_unless_tme_is_bypassed():

@@ -210,7 +210,8 @@ def test_every_documented_command_of_the_other_control_files_is_accepted(
     tree = Tree(mktme_machine)
     (path,) = expand(file, {"NAME": [SPACE], "SWITCH": [next(iter(MITIGATIONS))]})
     node = tree.resolve(path)
-    assert node is not None and getattr(node, "command", None) is not None, path
+    assert node is not None, path
+    assert getattr(node, "command", None) is not None, path
     mktme_machine.snapshot(tmp_path / "machine.snapshot")  # for restore and coldboot
     for command in commands_of(grammar):
         for path in ARGUMENTS["PATH"]:  # a snapshot lands in this test's directory

@@ -141,7 +141,8 @@ def test_seed_and_seed_file_together_are_a_usage_error(tmp_path):
     result = CliRunner().invoke(
         cli, ["mount", str(tmp_path / "m"), "--seed", "1", "--seed-file", str(tmp_path / "seed")]
     )
-    assert result.exit_code == 2 and "not both" in result.output
+    assert result.exit_code == 2
+    assert "not both" in result.output
 
 
 def test_a_seed_file_that_holds_no_integer_is_a_usage_error(tmp_path):
@@ -149,12 +150,14 @@ def test_a_seed_file_that_holds_no_integer_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(
         cli, ["mount", str(tmp_path / "m"), "--seed-file", str(tmp_path / "seed")]
     )
-    assert result.exit_code == 2 and "expected one integer" in result.output
+    assert result.exit_code == 2
+    assert "expected one integer" in result.output
 
 
 def test_mount_help_warns_that_a_seed_on_the_command_line_is_public():
     text = " ".join(CliRunner().invoke(cli, ["mount", "--help"]).output.split())
-    assert "every local user sees it (ps)" in text and "MKTME_SEED" in text
+    assert "every local user sees it (ps)" in text
+    assert "MKTME_SEED" in text
 
 
 # -- 2. private logs, removed however the daemon ends ---------------------------------------
@@ -255,7 +258,8 @@ def test_list_shows_a_stopped_daemon_at_once_and_umount_ends_it(mnt, runtime_dir
         start = time.monotonic()
         done = mktme("umount", str(mnt))
         assert time.monotonic() - start < 5, done.stderr
-        assert done.returncode == 0 and "unmounted" in done.stdout, done.stderr
+        assert done.returncode == 0, done.stderr
+        assert "unmounted" in done.stdout, done.stderr
         assert not daemon.is_mounted(mnt)
         wait_for(lambda: ended(pid))
         assert list(runtime_dir.iterdir()) == []
@@ -290,7 +294,8 @@ def test_of_two_mounts_racing_on_one_directory_exactly_one_wins(mnt):
     results = [(racer.wait(60), *racer.communicate()) for racer in racers]
     assert sorted(code for code, _out, _err in results) == [0, 1], results
     _, _, loser = next(result for result in results if result[0] == 1)
-    assert loser.count("\n") == 1 and "already serves a sandbox" in loser, loser
+    assert loser.count("\n") == 1, loser
+    assert "already serves a sandbox" in loser, loser
     assert [e.point for e in daemon._mounts()].count(str(mnt)) == 1
 
 
@@ -301,7 +306,8 @@ def test_umount_stops_the_daemon_of_that_directory_and_no_other(mnt, tmp_path):
     other_pid = mounted_pid(mktme("mount", str(other), "--phys-mem", "8M"))
     try:
         assert mktme("umount", str(mnt)).returncode == 0
-        assert ended(pid) and not ended(other_pid)
+        assert ended(pid)
+        assert not ended(other_pid)
         assert (other / "README").read_text()
     finally:
         daemon.stop_sandbox(other)
@@ -327,7 +333,8 @@ def run_main(capsys):
 def test_without_dev_fuse_mount_fails_in_one_line(run_main, monkeypatch, tmp_path, runtime_dir):
     monkeypatch.setattr(daemon, "FUSE_DEVICE", str(tmp_path / "no-fuse"))
     code, err = run_main("mount", str(tmp_path / "m"))
-    assert (code, err.count("\n")) == (1, 1) and "no-fuse does not exist" in err
+    assert (code, err.count("\n")) == (1, 1)
+    assert "no-fuse does not exist" in err
 
 
 def test_allow_other_without_user_allow_other_fails_in_one_line_for_a_user(
@@ -338,7 +345,8 @@ def test_allow_other_without_user_allow_other_fails_in_one_line_for_a_user(
     monkeypatch.setattr(daemon, "FUSE_CONF", str(tmp_path / "fuse.conf"))
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     code, err = run_main("mount", "--allow-other", str(tmp_path / "m"))
-    assert (code, err.count("\n")) == (1, 1) and "user_allow_other" in err
+    assert (code, err.count("\n")) == (1, 1)
+    assert "user_allow_other" in err
     (tmp_path / "fuse.conf").write_text("user_allow_other  # for the sandbox\n")
     assert daemon.mount_refusal(allow_other=True) is None
 
@@ -347,7 +355,8 @@ def test_allow_other_without_user_allow_other_fails_in_one_line_for_a_user(
 def test_a_mountpoint_that_is_a_file_fails_in_one_line(run_main, tmp_path, runtime_dir):
     (tmp_path / "file").write_text("")
     code, err = run_main("mount", str(tmp_path / "file"))
-    assert (code, err.count("\n")) == (1, 1) and "file" in err
+    assert (code, err.count("\n")) == (1, 1)
+    assert "file" in err
     assert list(runtime_dir.iterdir()) == []  # the lock is gone with the attempt
 
 
@@ -393,7 +402,8 @@ def test_allow_other_as_a_user_without_user_allow_other_gets_one_line(nobodys_ba
     done = as_nobody(
         "mount", "--allow-other", str(nobodys_base / "mnt"), runtime=nobodys_base / "runtime"
     )
-    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
     assert "/dev/fuse" in done.stderr or "user_allow_other" in done.stderr
 
 
@@ -425,7 +435,9 @@ def test_a_directory_neither_owned_nor_writable_is_refused_in_one_line(
     monkeypatch.setattr(daemon, "mount_refusal", lambda allow_other=False: None)
     monkeypatch.setattr(cli_module, "mount_refusal", lambda allow_other=False: None)
     code, err = run_main("mount", str(tmp_path / "roots"))
-    assert code == 1 and err.count("\n") == 1 and "neither owned nor writable" in err
+    assert code == 1
+    assert err.count("\n") == 1
+    assert "neither owned nor writable" in err
 
 
 ODD_ARGUMENTS = [
@@ -474,4 +486,5 @@ def test_the_mount_command_module_runs_main(tmp_path):
         [sys.executable, "-m", "mktme_sandbox.cli", "umount", str(tmp_path)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert done.returncode == 0 and "is not mounted" in done.stdout
+    assert done.returncode == 0
+    assert "is not mounted" in done.stdout

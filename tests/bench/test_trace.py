@@ -37,7 +37,8 @@ def test_trace_is_deterministic_and_every_process_exits() -> None:
     assert build_trace(replace(TINY.trace, seed=2)) != TRACE
     spawned = [op.space for op in TRACE if op.kind == "spawn"]
     exited = [op.space for op in TRACE if op.kind == "exit"]
-    assert sorted(spawned) == sorted(exited) and len(spawned) == TINY.trace.processes
+    assert sorted(spawned) == sorted(exited)
+    assert len(spawned) == TINY.trace.processes
 
 
 def _two_passes(config: TraceConfig) -> tuple[TraceCounts, TraceCounts, Machine]:
@@ -50,7 +51,8 @@ def _two_passes(config: TraceConfig) -> tuple[TraceCounts, TraceCounts, Machine]
 @pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: c.label)
 def passes(request: pytest.FixtureRequest) -> tuple[TraceConfig, TraceCounts, TraceCounts]:
     cold, warm, machine = _two_passes(request.param)
-    assert machine.space_names() == [] and machine.check() == []
+    assert machine.space_names() == []
+    assert machine.check() == []
     return request.param, cold, warm
 
 

@@ -62,7 +62,8 @@ def test_list_shows_number_name_and_title_of_each() -> None:
     assert done.returncode == 0, done.stderr
     rows = done.stdout.splitlines()
     assert len(rows) == 13
-    assert rows[0].split()[:2] == ["1", "wrong-key"] and "wrong key" in rows[0]
+    assert rows[0].split()[:2] == ["1", "wrong-key"]
+    assert "wrong key" in rows[0]
 
 
 def test_an_experiment_is_found_by_number_name_or_file_name() -> None:
@@ -78,7 +79,8 @@ def test_an_experiment_is_found_by_number_name_or_file_name() -> None:
 def test_each_experiment_explains_itself_in_help(experiment: Experiment) -> None:
     done = run(sys.executable, "-m", experiment.module, "--help")
     assert done.returncode == 0
-    assert "exit status" in done.stdout and "-m MOUNT" in done.stdout
+    assert "exit status" in done.stdout
+    assert "-m MOUNT" in done.stdout
 
 
 def test_an_experiment_without_a_mount_is_an_error_not_a_failure() -> None:
@@ -104,7 +106,8 @@ def test_a_mountpoint_that_is_not_a_mount_fails_once_in_one_line(
 def test_run_one_by_name_on_a_given_mount(mktme_mount: MountedSandbox) -> None:
     done = run(str(SANDBOX), "examples", "run", "replay", "-m", str(mktme_mount.path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "VERDICT: PASS" in done.stdout and "04-replay  PASS" in done.stdout
+    assert "VERDICT: PASS" in done.stdout
+    assert "04-replay  PASS" in done.stdout
     assert "run-all: [1/1] 04-replay" in done.stderr
 
 
@@ -114,11 +117,13 @@ def test_run_all_mounts_a_sandbox_runs_every_experiment_and_unmounts(tmp_path: P
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr
     summary = done.stdout[done.stdout.index("= summary =") :]
     rows = [line for line in summary.splitlines() if re.match(r"^\d\d-", line)]
-    assert len(rows) == 13 and all(" PASS " in row for row in rows)
+    assert len(rows) == 13
+    assert all(" PASS " in row for row in rows)
     assert "13 PASS, 0 FAIL, 0 ERROR of 13" in summary
     assert "run-all: unmounting" in done.stdout
     progress = [line for line in done.stderr.splitlines() if line.startswith("run-all: [")]
-    assert len(progress) == 13 and progress[-1] == "run-all: [13/13] 13-free-pools"
+    assert len(progress) == 13
+    assert progress[-1] == "run-all: [13/13] 13-free-pools"
     assert f"run-all: mounted at {tmp_path}/mktme-run-all-" in done.stdout
     assert mounts_under(tmp_path) == set()
 

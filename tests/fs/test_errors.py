@@ -170,7 +170,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("script, path, err", CASES.values(), ids=list(CASES))
+@pytest.mark.parametrize(("script", "path", "err"), CASES.values(), ids=list(CASES))
 def test_a_rejected_operation_gives_its_errno_and_one_dmesg_line(sandbox, sh, script, path, err):
     maps_before = sandbox.read_text("spaces/err/maps")
     lines_before = len(sandbox.dmesg().splitlines())
@@ -203,14 +203,15 @@ def test_a_write_longer_than_a_page_is_refused_whole(sandbox):
     payload = b"type=clear" + b" " * (1 << 20) + b"\ntype=cpu algorithm=aes-xts-256\n"
     fd = os.open(sandbox.path / "keys/1", os.O_WRONLY)
     try:
-        with pytest.raises(OSError) as raised:
+        with pytest.raises(OSError, match="Invalid argument") as raised:
             os.write(fd, payload)
     finally:
         os.close(fd)
     assert raised.value.errno == errno.EINVAL
     assert sandbox.read_text("keys/1") == before
     new_lines = sandbox.dmesg().splitlines()[lines_before:]
-    assert len(new_lines) == 1 and "a command is at most 4096 bytes" in new_lines[0]
+    assert len(new_lines) == 1
+    assert "a command is at most 4096 bytes" in new_lines[0]
 
 
 def test_a_command_of_exactly_one_page_is_still_a_command(sandbox):
@@ -224,7 +225,7 @@ def test_a_shared_mapping_of_a_memory_file_is_refused_by_the_kernel(sandbox):
     the coherency needed for MAP_SHARED" -> -ENODEV; a private mapping is a copy."""
     fd = os.open(sandbox.path / "dram", os.O_RDONLY)
     try:
-        with pytest.raises(OSError) as raised:
+        with pytest.raises(OSError, match="No such device") as raised:
             mmap.mmap(fd, 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         assert raised.value.errno == errno.ENODEV
         with mmap.mmap(fd, 4096, offset=0x3000, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as m:
@@ -247,7 +248,7 @@ def test_a_misspelled_fuse_handler_fails_at_import():
 def test_a_rejected_write_raises_oserror_with_the_errno_in_python(sandbox):
     fd = os.open(sandbox.path / "spaces/err/ctl", os.O_WRONLY)
     try:
-        with pytest.raises(OSError) as raised:
+        with pytest.raises(OSError, match="Required key not available") as raised:
             os.write(fd, b"mmap 0x30000000 4096 rw- keyid=3\n")
     finally:
         os.close(fd)

@@ -29,7 +29,8 @@ def test_one_user_cannot_program_every_keyid_and_another_still_can(as_user, sand
     for keyid in (1, 2, 3, 4):
         assert as_user(NOBODY, take.format(keyid))[0] == 0
     code, output = as_user(NOBODY, take.format(5))
-    assert code != 0 and "Disk quota exceeded" in output
+    assert code != 0
+    assert "Disk quota exceeded" in output
     assert "keys/5: EDQUOT: key: uid 65534 owns 4 KeyIDs" in sandbox.dmesg()
     assert as_user(OTHER, take.format(5))[0] == 0
     for uid, keyids in ((NOBODY, (1, 2, 3, 4)), (OTHER, (5,))):
@@ -41,7 +42,8 @@ def test_one_user_cannot_take_every_page_and_another_still_maps(as_user, sandbox
     code, output = as_user(
         NOBODY, f"mkdir spaces/hog && echo 'mmap {BASE:#x} 4M rw- populate' > spaces/hog/ctl"
     )
-    assert code != 0 and "Cannot allocate memory" in output
+    assert code != 0
+    assert "Cannot allocate memory" in output
     assert "max_pages_per_uid" in sandbox.dmesg().splitlines()[-1]
     fill = (
         f"echo 'mmap {BASE:#x} 4M rw-' > spaces/hog/ctl\n"
@@ -49,7 +51,8 @@ def test_one_user_cannot_take_every_page_and_another_still_maps(as_user, sandbox
         " conv=notrunc status=none"
     )
     code, output = as_user(NOBODY, fill)
-    assert code != 0 and "Cannot allocate memory" in output
+    assert code != 0
+    assert "Cannot allocate memory" in output
     other = (
         f"set -e; mkdir spaces/other; echo 'mmap {BASE:#x} 512K rw- populate' > spaces/other/ctl\n"
         f"printf still | dd of=spaces/other/mem bs=4096 seek=$(({BASE} / 4096)) conv=notrunc"

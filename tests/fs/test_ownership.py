@@ -127,7 +127,8 @@ def test_the_vma_files_of_a_space_belong_to_its_creator_alone(as_user, sandbox):
 def test_a_user_cannot_map_memory_with_a_key_it_does_not_own(as_user):
     script = "mkdir spaces/thief && echo 'mmap 0x20000000 4K rw- keyid=1' > spaces/thief/ctl"
     code, output = as_user(NOBODY, script)
-    assert code != 0 and "Permission denied" in output
+    assert code != 0
+    assert "Permission denied" in output
     assert allowed(as_user(NOBODY, "rmdir spaces/thief"))
 
 

@@ -69,7 +69,8 @@ def test_the_daemons_own_unprivileged_user_is_refused_with_eacces_and_a_dmesg_li
 )
 def test_a_malformed_command_is_einval_with_its_usage(fs_as, command, reason):
     err, line = refusal(fs_as(0), command)
-    assert err == errno.EINVAL and reason in line
+    assert err == errno.EINVAL
+    assert reason in line
 
 
 def test_restoring_a_corrupted_file_is_einval_with_a_dmesg_line_and_keeps_the_machine(
@@ -81,13 +82,15 @@ def test_restoring_a_corrupted_file_is_einval_with_a_dmesg_line_and_keeps_the_ma
     path.write_bytes(path.read_bytes()[:-10])
     fs.machine.create_space("kept", uid=0)
     err, line = refusal(fs, f"restore {path}")
-    assert err == errno.EINVAL and "mm/snapshot: EINVAL: snapshot: truncated" in line
+    assert err == errno.EINVAL
+    assert "mm/snapshot: EINVAL: snapshot: truncated" in line
     assert fs.machine.space_names() == ["kept"]
 
 
 def test_restoring_a_file_that_is_not_there_is_enoent(fs_as, tmp_path):
     err, line = refusal(fs_as(0), f"restore {tmp_path}/none")
-    assert err == errno.ENOENT and "mm/snapshot: ENOENT" in line
+    assert err == errno.ENOENT
+    assert "mm/snapshot: ENOENT" in line
 
 
 # -- through the mount ---------------------------------------------------------------
@@ -143,5 +146,6 @@ def test_root_saves_and_restores_the_machine_through_mm_snapshot(bash, tmp_path)
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
 def test_nobody_can_neither_save_nor_restore(bash, tmp_path):
     code, output = bash(f"echo 'save {tmp_path}/x.snap' > mm/snapshot", user=NOBODY)
-    assert code != 0 and "Permission denied" in output
+    assert code != 0
+    assert "Permission denied" in output
     assert not (tmp_path / "x.snap").exists()

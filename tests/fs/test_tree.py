@@ -84,7 +84,8 @@ def test_the_readme_reports_its_real_size(bash):
 def test_generated_text_files_report_size_0_and_every_reader_reads_them_whole(bash, path):
     assert bash(f"stat -c %s {path}").strip() == "0", "as procfs: stat renders nothing"
     text = bash(f"cat {path}")
-    assert len(text) > 0 and text.endswith("\n"), "text files end with a newline"
+    assert text, "the file is not empty"
+    assert text.endswith("\n"), "text files end with a newline"
     first = text.splitlines()[0]
     assert bash(f"grep -cxF -- {shlex.quote(first)} {path}").strip() != "0"
     assert bash(f"dd if={path} bs=7 status=none | sed -n 1p").rstrip("\n") == first
@@ -228,7 +229,9 @@ def test_pagemap_gives_the_pfn_and_page_keyid_the_keyid_of_a_populated_page(bash
 def test_cr3_is_a_page_aligned_physical_address_and_tlb_takes_flush(bash):
     bash("mkdir spaces/cr3")
     cr3 = bash("cat spaces/cr3/cr3").strip()
-    assert cr3.startswith("0x") and int(cr3, 16) % 4096 == 0 and int(cr3, 16) < PHYS_MEM
+    assert cr3.startswith("0x")
+    assert int(cr3, 16) % 4096 == 0
+    assert int(cr3, 16) < PHYS_MEM
     bash("echo flush > spaces/cr3/tlb")
     bash("rmdir spaces/cr3")
 
@@ -321,7 +324,8 @@ def test_msr_gives_the_tme_msrs_as_hw_tme_decodes_them(bash):
 
 def test_cache_counts_and_takes_wbinvd_and_clflush(bash):
     stats = bash("cat hw/cache")
-    assert "hits" in stats and "misses" in stats
+    assert "hits" in stats
+    assert "misses" in stats
     assert stat_line(bash, "hw/cache").startswith("600 0")
     bash("echo wbinvd > hw/cache")
     bash("echo 'clflush 0x1000 keyid=0' > hw/cache")

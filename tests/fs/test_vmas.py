@@ -118,13 +118,13 @@ def test_writes_follow_the_rules_of_mem_and_stop_at_the_vma_end(sandbox, space):
     writable = f"spaces/{space}/vmas/{vma(BASE, BASE + K16)}"
     sandbox.write_bytes(writable, 0x10, SECRET)
     assert sandbox.read_bytes(f"spaces/{space}/mem", BASE + 0x10, len(SECRET)) == SECRET
-    with pytest.raises(OSError) as past_end:
+    with pytest.raises(OSError, match="ENOSPC") as past_end:
         sandbox.write_bytes(writable, K16 - 4, b"overflow")
     assert past_end.value.errno == errno.ENOSPC
     assert "reaches past the end of the VMA" in sandbox.dmesg().splitlines()[-1]
     assert sandbox.read_bytes(f"spaces/{space}/mem", BASE + K16 - 4, 8) == bytes(8)
     read_only = f"spaces/{space}/vmas/{vma(BASE + 2 * K16, BASE + 3 * K16)}"
-    with pytest.raises(OSError) as refused:
+    with pytest.raises(OSError, match="EIO") as refused:
         sandbox.write_bytes(read_only, 0, b"x")
     assert refused.value.errno == errno.EIO
     assert "EIO" in sandbox.dmesg().splitlines()[-1]
@@ -132,6 +132,6 @@ def test_writes_follow_the_rules_of_mem_and_stop_at_the_vma_end(sandbox, space):
 
 def test_a_prot_none_vma_reads_as_eio_like_mem(sandbox, space):
     sandbox.map(space, BASE, "4K", "---")
-    with pytest.raises(OSError) as refused:
+    with pytest.raises(OSError, match="EIO") as refused:
         sandbox.read_bytes(f"spaces/{space}/vmas/{vma(BASE, BASE + 0x1000)}", 0, 16)
     assert refused.value.errno == errno.EIO

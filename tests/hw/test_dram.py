@@ -30,7 +30,7 @@ def test_whole_lines_are_gathered_and_scattered_by_line_number() -> None:
 
 
 @pytest.mark.parametrize(
-    "pa, length",
+    ("pa", "length"),
     [(4 * MiB - 1, 2), (4 * MiB, 1), (-64, 64), (0, 4 * MiB + 1), (1 << 50, 8)],
 )
 def test_access_outside_dram_is_einval_naming_the_address(pa: int, length: int) -> None:

@@ -75,7 +75,7 @@ class TestStructLayout:
         assert KeyProgram.decode(program.encode()) == program
 
     @pytest.mark.parametrize(
-        "keyid, command, algorithm, f1",
+        ("keyid", "command", "algorithm", "f1"),
         [(0x10000, 0, 1, b""), (1, 256, 1, b""), (1, 0, 0x10000, b""), (1, 0, 1, bytes(65))],
     )
     def test_fields_that_do_not_fit_cannot_be_encoded(
@@ -87,7 +87,9 @@ class TestStructLayout:
 
     def test_repr_shows_no_key_field(self) -> None:
         text = repr(KeyProgram(1, DIRECT, 1, KEY, TWEAK))
-        assert "11" * 4 not in text and "\\x11" not in text and "22" * 4 not in text
+        assert "11" * 4 not in text
+        assert "\\x11" not in text
+        assert "22" * 4 not in text
 
 
 class TestMalformedStructFaults:
@@ -122,7 +124,8 @@ class TestMalformedStructFaults:
         raw[field_offset + 16] = 0xFF  # byte 16 of a 16-byte AES-XTS-128 key
         with pytest.raises(PconfigFault) as caught:
             platform.pconfig(bytes(raw))
-        assert "\\xff" not in str(caught.value) and "ff" not in caught.value.reason
+        assert "\\xff" not in str(caught.value)
+        assert "ff" not in caught.value.reason
         assert platform.key_state(1).mode == "unprogrammed"
 
     def test_aes_xts_256_allows_32_key_bytes_but_not_33(self, make_platform: MakePlatform) -> None:
@@ -202,7 +205,8 @@ class TestStatusCodes:
         platform = make_platform()
         with pytest.raises(SandboxError) as caught:
             program(platform, 1, DIRECT, key=KEY, tweak=KEY)
-        assert caught.value.errno == errno.EINVAL and "key == tweak" in str(caught.value)
+        assert caught.value.errno == errno.EINVAL
+        assert "key == tweak" in str(caught.value)
         assert platform.key_state(1).mode == "unprogrammed"
 
 
@@ -238,7 +242,7 @@ class TestFaultInjection:
         assert program(platform, 1, NO_ENCRYPT) is S.PROG_SUCCESS
 
     @pytest.mark.parametrize(
-        "status, count", [(S.PROG_SUCCESS, 1), (S.INVALID_KEYID, 1), (S.DEVICE_BUSY, -1)]
+        ("status", "count"), [(S.PROG_SUCCESS, 1), (S.INVALID_KEYID, 1), (S.DEVICE_BUSY, -1)]
     )
     def test_only_busy_or_entropy_error_a_nonnegative_number_of_times_can_be_injected(
         self, make_platform: MakePlatform, status: PconfigStatus, count: int
@@ -253,7 +257,8 @@ class TestKeyState:
         self, make_platform: MakePlatform
     ) -> None:
         state = make_platform().key_state(5)
-        assert state == KeyState(5, "unprogrammed", None) and not state.programmed
+        assert state == KeyState(5, "unprogrammed", None)
+        assert not state.programmed
 
     def test_cleared_keyid_is_not_programmed_but_direct_random_and_no_encrypt_are(
         self, make_platform: MakePlatform, program: Program

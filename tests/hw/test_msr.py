@@ -39,8 +39,10 @@ class TestBootValues:
         self, make_platform: MakePlatform
     ) -> None:
         cap = make_platform().rdmsr(0x981)
-        assert bits(cap, 0, 0) == 1 and bits(cap, 2, 2) == 1  # AES-XTS-128, AES-XTS-256
-        assert bits(cap, 1, 1) == 0 and bits(cap, 3, 3) == 0  # no integrity variants
+        assert bits(cap, 0, 0) == 1
+        assert bits(cap, 2, 2) == 1
+        assert bits(cap, 1, 1) == 0
+        assert bits(cap, 3, 3) == 0
         assert bits(cap, 31, 31) == 1  # TME bypass supported
         assert bits(cap, 35, 32) == 6  # MK_TME_MAX_KEYID_BITS
         assert bits(cap, 50, 36) == 63  # MK_TME_MAX_KEYS
@@ -50,7 +52,8 @@ class TestBootValues:
         self, make_platform: MakePlatform
     ) -> None:
         act = make_platform().rdmsr(0x982)
-        assert bits(act, 0, 0) == 1 and bits(act, 1, 1) == 1  # lock, enable
+        assert bits(act, 0, 0) == 1
+        assert bits(act, 1, 1) == 1
         assert bits(act, 7, 4) == 0  # policy AES-XTS-128
         assert bits(act, 31, 31) == 0  # no bypass
         assert bits(act, 35, 32) == 6  # MK_TME_KEYID_BITS
@@ -59,7 +62,8 @@ class TestBootValues:
 
     def test_exclusion_msrs_are_present_and_disabled(self, make_platform: MakePlatform) -> None:
         platform = make_platform()
-        assert platform.rdmsr(0x983) == 0 and platform.rdmsr(0x984) == 0
+        assert platform.rdmsr(0x983) == 0
+        assert platform.rdmsr(0x984) == 0
 
     def test_bypass_sets_activate_bit_31(self, make_platform: MakePlatform) -> None:
         assert bits(make_platform(tme_bypass=True).rdmsr(0x982), 31, 31) == 1
@@ -80,7 +84,8 @@ class TestBootValues:
         platform = make_platform(keyid_bits=0)
         cap, act = platform.rdmsr(0x981), platform.rdmsr(0x982)
         assert bits(cap, 50, 32) == 0
-        assert bits(act, 35, 32) == 0 and bits(act, 63, 48) == 0
+        assert bits(act, 35, 32) == 0
+        assert bits(act, 63, 48) == 0
         assert bits(act, 1, 0) == 0b11  # TME itself stays on
 
     def test_activation_decoded_from_the_msrs_matches_the_config(self) -> None:
@@ -152,7 +157,8 @@ class TestFaults:
     ) -> None:
         with pytest.raises(MsrFault) as caught:
             make_platform().rdmsr(addr)
-        assert caught.value.errno == errno.EIO and f"{addr:#x}" in str(caught.value)
+        assert caught.value.errno == errno.EIO
+        assert f"{addr:#x}" in str(caught.value)
 
     @pytest.mark.parametrize("addr", [0x981, 0x982, 0x983, 0x984, 0x985])
     def test_every_wrmsr_faults_because_activate_is_locked_and_capability_read_only(

@@ -68,7 +68,7 @@ class TestArgumentChecks:
                 call()
             assert caught.value.errno == errno.EINVAL
 
-    @pytest.mark.parametrize("pa, length", [(16 * MiB - 4, 8), (16 * MiB, 1), (-8, 8)])
+    @pytest.mark.parametrize(("pa", "length"), [(16 * MiB - 4, 8), (16 * MiB, 1), (-8, 8)])
     def test_range_outside_physical_memory_is_einval(
         self, make_platform: MakePlatform, pa: int, length: int
     ) -> None:
@@ -244,7 +244,8 @@ class TestSeeds:
         base = self.dram_after_workload(make_platform(seed=7))
         other_seed = self.dram_after_workload(make_platform(seed=8))
         other_entropy = self.dram_after_workload(make_platform(seed=7), entropy=b"\x01")
-        assert base[:4096] != other_seed[:4096] and base[4096:] != other_seed[4096:]
+        assert base[:4096] != other_seed[:4096]
+        assert base[4096:] != other_seed[4096:]
         assert base[:4096] == other_entropy[:4096]  # the TME key comes first and is the same
         assert base[4096:] != other_entropy[4096:]
 

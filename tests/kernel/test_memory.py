@@ -4,6 +4,7 @@ garbage in a page table gives EIO, never a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import random
 
@@ -81,10 +82,8 @@ def test_garbage_in_the_page_tables_gives_errors_never_a_crash(m):
         lambda: m.ksm_run(),
     ]
     for call in calls:
-        try:
+        with contextlib.suppress(SandboxError):
             call()
-        except SandboxError:
-            pass
     assert m.key_status(1)  # the machine still answers
 
 
@@ -117,10 +116,8 @@ def test_page_tables_that_point_back_at_themselves_are_walked_once(m):
     def walk_everything():
         for call in (m.check, lambda: m.smaps("a"), lambda: m.ptdump("a"),
                      lambda: m.pagemap("a", 0, 4096)):  # fmt: skip
-            try:
+            with contextlib.suppress(SandboxError):
                 call()
-            except SandboxError:
-                pass
         m.destroy_space("a", uid=0)
         results.append("done")
 

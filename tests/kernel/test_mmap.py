@@ -266,7 +266,8 @@ def test_a_populate_larger_than_memory_is_refused_before_any_fault(m):
     with pytest.raises(SandboxError) as info:
         ctl(m, "a", "mmap 0x100000000000 0x100000000000 r-- populate")  # 16 TiB
     assert info.value.errno == errno.ENOMEM
-    assert vmstat(m)["pgfault"] == faults and m.maps("a") == ""
+    assert vmstat(m)["pgfault"] == faults
+    assert m.maps("a") == ""
 
 
 def test_zero_length_mprotect_and_madvise_succeed_doing_nothing_as_in_linux(m):

@@ -124,7 +124,8 @@ class VirtualMemory(RuleBasedStateMachine):
         try:
             self.m.write_virt(name, addr, data)
         except SandboxError as e:
-            assert not ok and e.errno == errno.EIO, e
+            assert not ok, e
+            assert e.errno == errno.EIO, e
             return
         assert ok
         for i in pages:
@@ -175,7 +176,8 @@ class VirtualMemory(RuleBasedStateMachine):
         try:
             self.m.key_command(k, "type=clear", uid=0)
         except SandboxError as e:
-            assert in_use and e.errno == errno.EBUSY, e
+            assert in_use, e
+            assert e.errno == errno.EBUSY, e
             return
         assert not in_use, f"KeyID {k} cleared while in use"
         self.m.key_command(k, f"type=cpu algorithm={algorithm}", uid=0)

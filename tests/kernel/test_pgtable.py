@@ -103,7 +103,8 @@ def test_flag_bits_sit_where_pgtable_types_h_puts_them() -> None:
         "NX": 63,
     }
     assert {name: int(F.__members__[name]).bit_length() - 1 for name in expected} == expected
-    assert F.PAT is F.PSE and F.PROTNONE is F.GLOBAL
+    assert F.PAT is F.PSE
+    assert F.PROTNONE is F.GLOBAL
     assert int(PAGE_TABLE) == 0x67  # _PAGE_TABLE: PRESENT|RW|USER|ACCESSED|DIRTY
 
 
@@ -120,7 +121,8 @@ def test_keyid_of_52_bit_layout_is_bits_51_to_46_as_in_the_patch_example() -> No
     layout = PteLayout(52, 6)
     pte = layout.make_pte(0x1234, 0x3F, 0)
     assert pte == (0x1234 | 0x3F << 34) << 12
-    assert pte >> 46 == 0x3F and layout.pte_keyid(pte) == 0x3F
+    assert pte >> 46 == 0x3F
+    assert layout.pte_keyid(pte) == 0x3F
     assert layout.pte_pfn(pte) == 0x1234
 
 
@@ -159,7 +161,8 @@ def test_keyid_bits_zero_has_no_keyid_bits_at_all() -> None:
     layout = PteLayout(46, 0)
     assert (layout.keyid_shift, layout.keyid_mask, layout.max_keyid) == (46, 0, 0)
     pte = layout.make_pte((1 << 34) - 1, 0, F.PRESENT)
-    assert layout.pte_pfn(pte) == (1 << 34) - 1 and layout.pte_keyid(pte) == 0
+    assert layout.pte_pfn(pte) == (1 << 34) - 1
+    assert layout.pte_keyid(pte) == 0
     with pytest.raises(SandboxError):
         layout.make_pte(1, 1, 0)
     assert layout.pte_modify(pte, F.PRESENT | F.NX, preserve_keyid=False) == pte | F.NX
@@ -197,7 +200,7 @@ def test_pmd_modify_keeps_pse() -> None:
 
 def test_layout_rejects_impossible_widths() -> None:
     for maxphyaddr, keyid_bits in [(53, 0), (31, 0), (46, -1), (46, 34)]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"maxphyaddr|keyid_bits|KeyID|bits"):
             PteLayout(maxphyaddr, keyid_bits)
 
 
@@ -241,14 +244,16 @@ def test_walk_steps_index_each_level_and_stop_at_the_first_hole() -> None:
         ("PMD", 7),
         ("PTE", 9),
     ]
-    assert steps[0].entry_pa == cr3 + 3 * 8 and steps[0].table_pa == cr3
+    assert steps[0].entry_pa == cr3 + 3 * 8
+    assert steps[0].table_pa == cr3
     assert steps[-1].entry == pte
     for upper, lower in itertools.pairwise(steps):
         assert lower.table_pa == upper.entry & LAYOUT.pfn_mask
     hole = pt.walk(cr3, va + (1 << 39))
     assert [(s.level.name, s.index, s.entry) for s in hole] == [("PGD", 4, 0)]
     missing_pmd = pt.walk(cr3, va + (1 << 30))
-    assert [s.level.name for s in missing_pmd] == ["PGD", "PUD"] and missing_pmd[-1].entry == 0
+    assert [s.level.name for s in missing_pmd] == ["PGD", "PUD"]
+    assert missing_pmd[-1].entry == 0
 
 
 def test_walk_stops_at_a_2m_leaf() -> None:
@@ -257,7 +262,8 @@ def test_walk_stops_at_a_2m_leaf() -> None:
     pmd = LAYOUT.make_pte(0x400, 2, USER_RW | F.PSE)
     pt.set_pte(cr3, SIZE_2M * 3, pmd, SIZE_2M)
     steps = pt.walk(cr3, SIZE_2M * 3 + 0x1234)
-    assert [s.level.name for s in steps] == ["PGD", "PUD", "PMD"] and steps[-1].entry == pmd
+    assert [s.level.name for s in steps] == ["PGD", "PUD", "PMD"]
+    assert steps[-1].entry == pmd
 
 
 def test_2m_leaf_is_a_pmd_entry_with_pse_found_from_any_address_inside() -> None:
@@ -266,7 +272,8 @@ def test_2m_leaf_is_a_pmd_entry_with_pse_found_from_any_address_inside() -> None
     pmd = LAYOUT.make_pte(0x200, 4, USER_RW | F.PSE)
     pt.set_pte(cr3, 0x20_0000, pmd, SIZE_2M)
     found = pt.get_pte(cr3, 0x3F_F000)
-    assert found is not None and (found.pte, found.size, found.level) == (pmd, SIZE_2M, Level.PMD)
+    assert found is not None
+    assert (found.pte, found.size, found.level) == (pmd, SIZE_2M, Level.PMD)
 
 
 def test_huge_leaf_without_pse_is_refused() -> None:
@@ -286,7 +293,8 @@ def test_4k_entry_inside_a_2m_leaf_is_refused_until_split() -> None:
         pt.clear_pte(cr3, 0x1000)
     tables = len(pool.in_use)
     table = pt.split_huge_pmd(cr3, 0x1000)
-    assert len(pool.in_use) == tables + 1 and table in pool.in_use
+    assert len(pool.in_use) == tables + 1
+    assert table in pool.in_use
     leaves = list(pt.iter_present(cr3))
     assert len(leaves) == 512
     assert leaves[5] == Leaf(0x5000, SIZE_4K, LAYOUT.make_pte(0x205, 4, USER_RW | F.PAT))
@@ -352,7 +360,8 @@ def test_1g_leaf_over_a_pmd_table_frees_the_whole_subtree() -> None:
     pt.set_pte(cr3, SIZE_1G, pud, SIZE_1G)
     assert len(pool.in_use) == 2
     found = pt.get_pte(cr3, SIZE_1G + 12345)
-    assert found is not None and (found.pte, found.level) == (pud, Level.PUD)
+    assert found is not None
+    assert (found.pte, found.level) == (pud, Level.PUD)
 
 
 # -- costs -------------------------------------------------------------------------
@@ -364,7 +373,8 @@ def test_get_pte_costs_four_8_byte_loads() -> None:
     pt.set_pte(cr3, 0x1234_5000, LAYOUT.make_pte(1, 1, USER_RW))
     mem.reset_counts()
     pt.get_pte(cr3, 0x1234_5000)
-    assert [n for _, n in mem.loads] == [8, 8, 8, 8] and mem.stores == []
+    assert [n for _, n in mem.loads] == [8, 8, 8, 8]
+    assert mem.stores == []
 
 
 def test_set_pte_with_tables_present_costs_three_loads_and_one_store() -> None:
@@ -373,7 +383,8 @@ def test_set_pte_with_tables_present_costs_three_loads_and_one_store() -> None:
     pt.set_pte(cr3, 0x1234_5000, LAYOUT.make_pte(1, 1, USER_RW))
     mem.reset_counts()
     pt.set_pte(cr3, 0x1234_6000, LAYOUT.make_pte(2, 1, USER_RW))
-    assert [n for _, n in mem.loads] == [8, 8, 8] and [n for _, n in mem.stores] == [8]
+    assert [n for _, n in mem.loads] == [8, 8, 8]
+    assert [n for _, n in mem.stores] == [8]
 
 
 def test_scans_read_each_table_page_with_one_4k_load() -> None:
@@ -435,11 +446,13 @@ def test_free_empty_tables_frees_tables_left_empty_bottom_up() -> None:
     pt.clear_pte(cr3, SIZE_1G * 5 + 0x3000)
     pt.clear_pte(cr3, SIZE_2M * 7)
     assert pt.free_empty_tables(cr3, SIZE_2M * 7, SIZE_1G * 6) == 3  # PTE, PMD, PTE
-    assert len(pool.in_use) == 4 and cr3 in pool.in_use
+    assert len(pool.in_use) == 4
+    assert cr3 in pool.in_use
     assert list(pt.iter_present(cr3)) == [Leaf(0x1000, SIZE_4K, keep)]
     assert pt.walk(cr3, SIZE_1G * 5)[-1].entry == 0  # the PUD entry was cleared
     pt.clear_pte(cr3, 0x1000)
-    assert pt.free_empty_tables(cr3) == 3 and pool.in_use == {cr3}
+    assert pt.free_empty_tables(cr3) == 3
+    assert pool.in_use == {cr3}
 
 
 def test_destroy_frees_every_table() -> None:
@@ -450,7 +463,8 @@ def test_destroy_frees_every_table() -> None:
         pt.set_pte(cr3, va, LAYOUT.make_pte(1, 0, USER_RW))
     assert sorted(pt.iter_tables(cr3)) == sorted(pool.in_use - {other})
     assert pt.destroy(cr3) == 9  # PGD; PUD, 2 PMD, 2 PTE; PUD, PMD, PTE
-    assert pool.in_use == {other} and pt.table_pages == 1
+    assert pool.in_use == {other}
+    assert pt.table_pages == 1
 
 
 # -- model-based ----------------------------------------------------------------
@@ -537,9 +551,11 @@ def test_set_get_clear_agree_with_a_dict_model(ops: list[Op]) -> None:
         assert list(pt.iter_present(cr3)) == model.expected()
     for va, (size, pte) in model.leaves.items():
         found = pt.get_pte(cr3, va + size - SIZE_4K)
-        assert found is not None and (found.pte, found.size) == (pte, size)
+        assert found is not None
+        assert (found.pte, found.size) == (pte, size)
     assert sorted(pt.iter_tables(cr3)) == sorted(pool.in_use)  # no table leaked
     pt.free_empty_tables(cr3)
     assert list(pt.iter_present(cr3)) == model.expected()
     pt.destroy(cr3)
-    assert pool.in_use == set() and pt.table_pages == 0
+    assert pool.in_use == set()
+    assert pt.table_pages == 0

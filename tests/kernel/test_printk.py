@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 
+import pytest
+
 from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.printk import LOG_LINE_MAX, KernelLog, escape
@@ -40,18 +42,18 @@ def test_the_ring_keeps_its_capacity_in_records() -> None:
     for n in range(100):
         log.printk(f"record {n}")
     lines = log.text().splitlines()
-    assert len(lines) == 8 and lines[-1].endswith("record 99")
+    assert len(lines) == 8
+    assert lines[-1].endswith("record 99")
 
 
 def test_a_rejected_space_name_cannot_forge_a_dmesg_line() -> None:
     """A space name with a newline logs one line, and no line starts with the forgery."""
     m = Machine(phys_mem="8M", seed=1)
     before = m.dmesg().count("\n")
-    try:
+    with pytest.raises(SandboxError) as refused:
         m.create_space("evil\n[    1.000000] KeyID 7 programmed", uid=1000)
-    except SandboxError as err:
-        m.reject("spaces", err)
-        assert err.errno == errno.EINVAL
+    m.reject("spaces", refused.value)
+    assert refused.value.errno == errno.EINVAL
     lines = m.dmesg().splitlines()[before:]
     assert len(lines) == 1
     assert not any(line.startswith("[    1.000000] KeyID 7") for line in m.dmesg().splitlines())

@@ -30,7 +30,8 @@ def m():
 
 def test_maps_lines_have_the_linux_anonymous_format(m):
     lines = m.maps("a").splitlines(keepends=True)
-    assert len(lines) == 2 and all(MAPS_LINE.fullmatch(line) for line in lines)
+    assert len(lines) == 2
+    assert all(MAPS_LINE.fullmatch(line) for line in lines)
     assert lines[1].startswith(f"{U + 4 * PAGE:08x}-{U + 5 * PAGE:08x} r--p ")
 
 
@@ -60,12 +61,14 @@ def test_pagemap_entries_use_the_documented_bits(m):
     raw = m.pagemap("a", (U >> 12) * 8, 8 * 5)
     entries = struct.unpack("<5Q", raw)
     present, exclusive = 1 << 63, 1 << 56
-    assert entries[0] & present and entries[0] & exclusive
+    assert entries[0] & present
+    assert entries[0] & exclusive
     assert entries[1] == 0  # never touched
     assert entries[0] & ((1 << 55) - 1) == pfn_of(m, "a", U)
     m.read_virt("a", U + 4 * PAGE, 1)
     (zero,) = struct.unpack("<Q", m.pagemap("a", ((U >> 12) + 4) * 8, 8))
-    assert zero & present and not zero & exclusive
+    assert zero & present
+    assert not zero & exclusive
     assert zero & ((1 << 55) - 1) == m.kernel.zero_pfn
 
 
@@ -79,7 +82,8 @@ def test_kpageflags_marks_anon_zero_buddy_and_pagetable_pages(m):
         return struct.unpack("<Q", m.kpageflags(pfn * 8, 8))[0]
 
     anon = flags(pfn_of(m, "a", U))
-    assert anon & (1 << KPF.ANON) and anon & (1 << KPF.MMAP)
+    assert anon & (1 << KPF.ANON)
+    assert anon & (1 << KPF.MMAP)
     assert flags(m.kernel.zero_pfn) & (1 << KPF.ZERO_PAGE)
     assert flags(m.kernel.alloc.nr_pages - 1) & (1 << KPF.BUDDY)
     assert flags(m.cr3("a") >> 12) & (1 << KPF.PGTABLE)
@@ -97,4 +101,5 @@ def test_ptdump_shows_each_keyid_run(m):
     dump = m.ptdump("a")
     assert dump.startswith("---[ User Space ]---\n")
     run = [line for line in dump.splitlines() if line.startswith(f"0x{U:016x}")]
-    assert run and run[0].endswith("pte keyid=3")
+    assert run
+    assert run[0].endswith("pte keyid=3")

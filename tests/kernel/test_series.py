@@ -114,7 +114,8 @@ def test_without_the_ksm_check_a_tenant_reads_garbage():
     m.set_mitigation("ksm_keyid_check", False)
     assert m.ksm_run() == 1
     seen = {m.read_virt(a, U, len(SECRET)), m.read_virt(b, U, len(SECRET))}
-    assert SECRET in seen and len(seen) == 2  # one tenant lost its data
+    assert SECRET in seen
+    assert len(seen) == 2
     assert any("page_ext KeyID" in line for line in m.check())
 
 
@@ -183,7 +184,8 @@ def test_pte_holds_keyid_in_upper_pfn_bits_and_pagemap_masks_them():
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=2 populate")
     pte = m.kernel.pt.get_pte(m.cr3(a), U).pte
     shift = m.kernel.pte_layout.keyid_shift  # 46 - 6 = 40
-    assert shift == 40 and (pte >> shift) & 0x3F == 2
+    assert shift == 40
+    assert (pte >> shift) & 0x3F == 2
     assert pfn_of(m, a, U) == (pte & ((1 << shift) - 1)) >> 12
     assert page_keyid(m, pfn_of(m, a, U)) == 2
     assert smaps_keyids(m, a) == [2]
@@ -277,7 +279,7 @@ def test_keyid_bits_zero_gives_a_machine_without_mktme():
     ctl(m, a, f"mmap {U:#x} 4K rw-")
     m.write_virt(a, U, SECRET)
     assert m.read_virt(a, U, len(SECRET)) == SECRET
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="KeyID 1 does not exist"):
         ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=1")
 
 
@@ -290,7 +292,8 @@ def test_too_many_keyids_for_the_direct_map_area_disable_mktme_at_boot():
 
 def test_nr_keyids_plus_one_copies_that_fill_the_area_exactly_still_fit():
     m = machine(keyid_bits=7, max_keys=63)  # 64 copies of 1 TiB = 64 TiB
-    assert m.nr_keyids == 63 and m.kernel.directmap.copies == 64
+    assert m.nr_keyids == 63
+    assert m.kernel.directmap.copies == 64
 
 
 def test_the_kernel_maps_only_the_keyids_it_has():
@@ -305,13 +308,16 @@ def test_max_keys_caps_the_keyids():
 def test_direct_mapping_is_one_power_of_two_region_per_keyid():
     m = machine(keyid_bits=3)
     dm = m.kernel.directmap
-    assert dm.size == 1 << 40 and dm.copies == 8
+    assert dm.size == 1 << 40
+    assert dm.copies == 8
     va = dm.page_to_virt(0x1234, 5)
     assert va == PAGE_OFFSET + 5 * (1 << 40) + 0x1234000
-    assert dm.pa(va) == 0x1234000 and dm.keyid_of(va) == 5
+    assert dm.pa(va) == 0x1234000
+    assert dm.keyid_of(va) == 5
     dump = m.ptdump_kernel()
     assert dump.count("---[ Kernel Mapping KeyID") == 8
-    assert f"0x{PAGE_OFFSET + 3 * (1 << 40):016x}" in dump and "keyid=7" in dump
+    assert f"0x{PAGE_OFFSET + 3 * (1 << 40):016x}" in dump
+    assert "keyid=7" in dump
 
 
 def test_hw_tme_names_the_keyid_layout_for_tools():

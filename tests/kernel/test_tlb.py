@@ -52,8 +52,11 @@ def test_flush_all_drops_one_space_and_flush_everything_all() -> None:
     for asid in (1, 2):
         for vpn in range(3):
             tlb.insert(asid, vpn, TlbEntry(vpn, asid, vpn << 12))
-    assert tlb.flush_all(1) == 3 and len(tlb) == 3 and tlb.lookup(2, 0) is not None
-    assert tlb.flush_everything() == 3 and len(tlb) == 0
+    assert tlb.flush_all(1) == 3
+    assert len(tlb) == 3
+    assert tlb.lookup(2, 0) is not None
+    assert tlb.flush_everything() == 3
+    assert len(tlb) == 0
     assert tlb.stats == TlbStats(
         hits=1, misses=0, flushes=2, entries_flushed=6, evictions=0, entries=0
     )
@@ -63,11 +66,12 @@ def test_capacity_evicts_the_oldest_translation() -> None:
     tlb = Tlb(capacity=2)
     for vpn in range(3):
         tlb.insert(1, vpn, TlbEntry(vpn, 0, vpn << 12))
-    assert tlb.lookup(1, 0) is None and tlb.lookup(1, 2) is not None
+    assert tlb.lookup(1, 0) is None
+    assert tlb.lookup(1, 2) is not None
     assert tlb.stats.evictions == 1
     tlb.insert(1, 2, TlbEntry(7, 0, 7 << 12))  # replacing an entry evicts nothing
     assert tlb.stats.evictions == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="capacity"):
         Tlb(capacity=0)
 
 

@@ -190,15 +190,20 @@ def test_a_user_holds_at_most_max_pages_per_uid_pages_and_another_still_maps():
     free = free_pages(m)
     reason = refused(errno.ENOMEM, ctl, m, "alice", f"mmap {U:#x} 1M rw- keyid=1 populate", ALICE)
     assert "max_pages_per_uid" in reason
-    assert free_pages(m) == free and m.maps("alice") == ""
+    assert free_pages(m) == free
+    assert m.maps("alice") == ""
     ctl(m, "alice", f"mmap {U:#x} 1M rw- keyid=1", ALICE)
     reason = refused(errno.ENOMEM, m.write_virt, "alice", U, bytes(1 << 20), ALICE)
+    refusal = None
     for page in range(U, U + (1 << 20), PAGE):
         try:
             m.write_virt("alice", page, b"x", ALICE)
         except SandboxError as err:
-            assert err.errno == errno.ENOMEM and "max_pages_per_uid" in err.reason
+            refusal = err
             break
+    assert refusal is not None
+    assert refusal.errno == errno.ENOMEM
+    assert "max_pages_per_uid" in refusal.reason
     assert m.kernel.alloc.pages_by_uid[ALICE] == 100
     assert m.check() == []
     space(m, "bob", BOB)
@@ -226,7 +231,7 @@ def leave_free(m: Machine, n: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "free, fails_at",
+    ("free", "fails_at"),
     [(0, "the PUD table"), (1, "the PMD table"), (2, "the PTE table"), (3, "the data page")],
 )
 def test_a_fault_that_runs_out_of_memory_at_any_step_gives_back_all_it_took(free, fails_at):
@@ -249,7 +254,8 @@ def test_a_read_fault_on_the_zero_page_that_runs_out_of_tables_gives_them_back()
     ctl(m, "t", f"mmap {1 << 40:#x} 4K r--")
     leave_free(m, 2)
     refused(errno.ENOMEM, m.read_virt, "t", 1 << 40, 1)
-    assert free_pages(m) == 2 and m.check() == []
+    assert free_pages(m) == 2
+    assert m.check() == []
 
 
 # --- 5. upper-level entries rewritten through keyids/0/mem ----------------------------
@@ -286,5 +292,6 @@ def test_a_tampered_upper_level_entry_is_reported_shown_and_destroyed_safely(lev
     assert "User Space" in m.ptdump("t")
     m.destroy_space("t", 0)
     assert m.read_virt("bob", U, 10) == b"bob's data"
-    assert pfn_of(m, "bob", U) == bob and not m.kernel.alloc.is_free(bob)
+    assert pfn_of(m, "bob", U) == bob
+    assert not m.kernel.alloc.is_free(bob)
     assert not [line for line in m.check() if "pfn" in line and f"{bob:#x}" in line]

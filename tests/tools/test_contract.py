@@ -43,7 +43,8 @@ def without_mnt() -> dict[str, str]:
 def assert_one_line_usage_error(done: subprocess.CompletedProcess[str], tool: str) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
-    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(f"{tool}: ")
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith(f"{tool}: ")
 
 
 # A harmless command of each tool, that needs the mount.
@@ -61,7 +62,8 @@ def test_the_console_script_and_the_launcher_answer_help(tool: str) -> None:
     for program in (BIN / tool, LAUNCHERS / tool):
         done = run_bare([str(program), "--help"], without_mnt())
         assert done.returncode == 0, done.stderr
-        assert "exit status" in done.stdout and "-m MNT" in done.stdout + done.stderr
+        assert "exit status" in done.stdout
+        assert "-m MNT" in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -119,12 +121,17 @@ def test_every_table_has_json_that_parses(tool: Run, tenant: Tenant) -> None:
         assert done.returncode == 0, f"{what}: {done.stderr}"
     parsed = {what: json.loads(done.stdout) for what, done in outputs.items()}
     assert space in [row["name"] for row in parsed["spaces"]]
-    assert parsed["vmas"][0]["keyid"] == tenant.keyid and parsed["vmas"][0]["start"] == VA
-    assert isinstance(parsed["vmas"][0]["rss"], int) and parsed["vmas"][0]["rss"] % 4096 == 0
+    assert parsed["vmas"][0]["keyid"] == tenant.keyid
+    assert parsed["vmas"][0]["start"] == VA
+    assert isinstance(parsed["vmas"][0]["rss"], int)
+    assert parsed["vmas"][0]["rss"] % 4096 == 0
     key = next(row for row in parsed["keys"] if row["keyid"] == tenant.keyid)
-    assert key["state"] == "programmed" and isinstance(key["pages"], int)
-    assert key["owner"] == os.getuid() and key["type"] == "cpu"
-    assert parsed["walk"]["pa"] == tenant.pa and parsed["walk"]["keyid"] == tenant.keyid
+    assert key["state"] == "programmed"
+    assert isinstance(key["pages"], int)
+    assert key["owner"] == os.getuid()
+    assert key["type"] == "cpu"
+    assert parsed["walk"]["pa"] == tenant.pa
+    assert parsed["walk"]["keyid"] == tenant.keyid
     assert parsed["peek"]["views"][0]["hex"].startswith(b"json-needle".hex())
     assert [hit["pa"] for hit in parsed["find"]["hits"]] == [tenant.pa]
     assert parsed["find"]["views"][f"keyid {tenant.keyid}"] == 1
@@ -159,7 +166,8 @@ def test_a_keyid_the_machine_does_not_have_is_a_usage_error(tool: Run) -> None:
 def test_an_output_file_that_cannot_be_written_is_one_line(tool: Run, where: str) -> None:
     done = tool("mktme-map", "memory", "-o", where)
     assert done.returncode == 1
-    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("mktme-map: ")
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith("mktme-map: ")
     assert "Traceback" not in done.stderr
 
 
@@ -180,7 +188,8 @@ def test_the_tools_take_every_length_a_control_file_takes(
 def test_a_failed_map_leaves_no_space_behind(tool: Run, mnt: Mount) -> None:
     name = f"ghost-{os.getpid()}"
     done = tool("mktme-map", "map", name, "0x400000", "4K", "-k", "9")
-    assert done.returncode == 1 and "ENOKEY" in done.stderr
+    assert done.returncode == 1
+    assert "ENOKEY" in done.stderr
     assert name not in {s.name for s in mnt.spaces()}
 
 

@@ -20,7 +20,9 @@ BIN = Path(sys.executable).parent
 
 def test_help_teaches_with_examples_and_exit_status(tool: Run) -> None:
     done = tool("mktme-find", "--help")
-    assert done.returncode == 0 and "examples:" in done.stdout and "exit status" in done.stdout
+    assert done.returncode == 0
+    assert "examples:" in done.stdout
+    assert "exit status" in done.stdout
 
 
 def test_an_encrypted_secret_is_visible_through_its_keyid_only(tool: Run, tenant: Tenant) -> None:
@@ -32,7 +34,8 @@ def test_an_encrypted_secret_is_visible_through_its_keyid_only(tool: Run, tenant
     hit = next(
         line for line in done.stdout.splitlines() if line.startswith(f"keyid {tenant.keyid}")
     )
-    assert f"{tenant.pa + 100:#014x}" in hit and f"spaces/{tenant.space.name} {VA + 100:#x}" in hit
+    assert f"{tenant.pa + 100:#014x}" in hit
+    assert f"spaces/{tenant.space.name} {VA + 100:#x}" in hit
     assert "not in: dram, keyid 0" in done.stdout
 
 
@@ -46,7 +49,8 @@ def test_a_no_encrypt_secret_is_in_dram_once_written_back(tool: Run, mnt: Mount)
         mnt.clflush(space.translate(VA).pa, 64, keyid)
         done = tool("mktme-find", "-x", "-k", str(keyid), "--", secret.hex())
         assert done.returncode == 0
-        assert done.stdout.startswith("dram ") and "dram: 1 hit" in done.stdout
+        assert done.stdout.startswith("dram ")
+        assert "dram: 1 hit" in done.stdout
     finally:
         space.destroy()
         mnt.clear_key(keyid)
@@ -54,12 +58,14 @@ def test_a_no_encrypt_secret_is_in_dram_once_written_back(tool: Run, mnt: Mount)
 
 def test_a_pattern_found_nowhere_exits_1(tool: Run) -> None:
     done = tool("mktme-find", "-q", "--range", "0:0x100000", "--", f"absent-{os.urandom(8).hex()}")
-    assert done.returncode == 1 and "visible in no view" in done.stdout
+    assert done.returncode == 1
+    assert "visible in no view" in done.stdout
 
 
 def test_bad_hex_is_a_usage_error(tool: Run) -> None:
     done = tool("mktme-find", "-x", "--", "xyz")
-    assert done.returncode == 2 and "not hex" in done.stderr
+    assert done.returncode == 2
+    assert "not hex" in done.stderr
 
 
 def test_a_huge_sparse_mapping_costs_no_memory(mnt: Mount) -> None:

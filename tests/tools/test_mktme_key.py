@@ -19,7 +19,8 @@ def test_help_teaches_the_commands_with_examples_and_exit_status(tool: Run) -> N
     assert done.returncode == 0
     for text in ("list", "add cpu|user|no-encrypt", "clear KEYID", "examples:", "exit status"):
         assert text in done.stdout
-    assert "-k FILE|-" in done.stdout and "never taken on the command line" in done.stdout
+    assert "-k FILE|-" in done.stdout
+    assert "never taken on the command line" in done.stdout
 
 
 def test_without_a_mountpoint_it_says_how_to_give_one_and_exits_2(tool: Run) -> None:
@@ -31,7 +32,8 @@ def test_without_a_mountpoint_it_says_how_to_give_one_and_exits_2(tool: Run) -> 
 
 def test_a_directory_that_is_not_a_mount_is_refused(tool: Run, tmp_path: object) -> None:
     done = tool("mktme-key", "-m", str(tmp_path), "list")
-    assert done.returncode == 2 and "not an mktme-sandbox mount" in done.stderr
+    assert done.returncode == 2
+    assert "not an mktme-sandbox mount" in done.stderr
 
 
 def test_add_cpu_prints_the_keyid_list_shows_it_and_clear_frees_it(tool: Run, mnt: Mount) -> None:
@@ -62,7 +64,8 @@ def test_equal_key_and_tweak_is_rejected_with_einval_and_the_reason(tool: Run) -
     same = "00112233445566778899aabbccddeeff"
     done = tool("mktme-key", "add", "user", "-k", "-", stdin=f"{same} {same}\n")
     assert done.returncode == 1
-    assert "EINVAL" in done.stderr and "equal" in done.stderr
+    assert "EINVAL" in done.stderr
+    assert "equal" in done.stderr
 
 
 KEY, TWEAK = "a1b2c3d4e5f60718293a4b5c6d7e8f90", "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
@@ -82,9 +85,11 @@ def test_a_rejected_key_is_shown_redacted_never_in_hex(
 ) -> None:
     done = tool("mktme-key", "add", *args, "-k", "-", stdin=material)
     assert done.returncode == 1, done.stderr
-    assert "EINVAL" in done.stderr and "key=<redacted> tweak=<redacted>" in done.stderr
+    assert "EINVAL" in done.stderr
+    assert "key=<redacted> tweak=<redacted>" in done.stderr
     for secret in (KEY, TWEAK[:-1]):
-        assert secret not in done.stderr and secret not in done.stdout
+        assert secret not in done.stderr
+        assert secret not in done.stdout
 
 
 def test_a_user_key_from_stdin_is_programmed_and_never_shown(tool: Run, mnt: Mount) -> None:
@@ -94,10 +99,12 @@ def test_a_user_key_from_stdin_is_programmed_and_never_shown(tool: Run, mnt: Mou
     keyid = int(done.stdout)
     try:
         status = mnt.key(keyid)
-        assert status.programmed and status.type == "user"
+        assert status.programmed
+        assert status.type == "user"
         seen = " ".join([done.args[-1], *done.args, done.stdout, done.stderr, mnt.dmesg()])
         seen += " ".join(k.line for k in mnt.key_table())
-        assert key not in seen and tweak not in seen
+        assert key not in seen
+        assert tweak not in seen
     finally:
         mnt.clear_key(keyid)
 
@@ -123,9 +130,11 @@ def test_key_material_on_the_command_line_is_a_usage_error_that_never_echoes_it(
     tool: Run, args: list[str], stdin: str | None, message: str
 ) -> None:
     done = tool("mktme-key", "add", "user", *args, stdin=stdin)
-    assert done.returncode == 2 and message in done.stderr
+    assert done.returncode == 2
+    assert message in done.stderr
     assert len(done.stderr.splitlines()) == 1
-    assert KEY not in done.stderr + done.stdout and TWEAK not in done.stderr + done.stdout
+    assert KEY not in done.stderr + done.stdout
+    assert TWEAK not in done.stderr + done.stdout
 
 
 def test_list_json_is_one_object_per_keyid(tool: Run, mnt: Mount) -> None:
@@ -138,10 +147,12 @@ def test_list_json_is_one_object_per_keyid(tool: Run, mnt: Mount) -> None:
 
 def test_clearing_a_keyid_that_is_still_mapped_is_ebusy(tool: Run, tenant: Tenant) -> None:
     done = tool("mktme-key", "clear", str(tenant.keyid))
-    assert done.returncode == 1 and "EBUSY" in done.stderr
+    assert done.returncode == 1
+    assert "EBUSY" in done.stderr
     assert tenant.space.translate(VA).present
 
 
 def test_unknown_type_is_a_usage_error(tool: Run) -> None:
     done = tool("mktme-key", "add", "quantum")
-    assert done.returncode == 2 and "unknown key type" in done.stderr
+    assert done.returncode == 2
+    assert "unknown key type" in done.stderr

@@ -60,7 +60,8 @@ def test_mapping_with_a_keyid_never_programmed_is_enokey(tool: Run, mnt: Mount) 
     try:
         done = tool("mktme-map", "map", name, "0x7f0000000000", "4096", "-k", str(free))
         assert done.returncode == 1
-        assert "ENOKEY" in done.stderr and "spaces/" in done.stderr
+        assert "ENOKEY" in done.stderr
+        assert "spaces/" in done.stderr
     finally:
         if (mnt.root / "spaces" / name).exists():
             mnt.space(name).destroy()
@@ -70,7 +71,8 @@ def test_an_unaligned_address_is_einval(tool: Run, mnt: Mount) -> None:
     name = space_name() + "-einval"
     try:
         done = tool("mktme-map", "map", name, "0x7f0000000001", "4096")
-        assert done.returncode == 1 and "EINVAL" in done.stderr
+        assert done.returncode == 1
+        assert "EINVAL" in done.stderr
     finally:
         if (mnt.root / "spaces" / name).exists():
             mnt.space(name).destroy()
@@ -78,7 +80,8 @@ def test_an_unaligned_address_is_einval(tool: Run, mnt: Mount) -> None:
 
 def test_showing_a_missing_space_exits_3(tool: Run) -> None:
     done = tool("mktme-map", "show", "no-such-space")
-    assert done.returncode == 3 and "no space" in done.stderr
+    assert done.returncode == 3
+    assert "no space" in done.stderr
 
 
 def test_memory_counts_the_pages_of_each_keyid_as_page_keyid_does(
@@ -101,7 +104,8 @@ def test_memory_counts_the_pages_of_each_keyid_as_page_keyid_does(
             for pfn in range(len(keyids))
         ]
         in_use = sum(1 for k, f in zip(keyids, free, strict=True) if k == keyid and not f)
-        assert counts["pages"] == len(keyids) and counts["pages_per_cell"] == 1
+        assert counts["pages"] == len(keyids)
+        assert counts["pages_per_cell"] == 1
         assert sum(v for c, v in counts["keyids"][str(keyid)].items() if c != "free") == in_use
         assert in_use >= 32  # the 128K just populated
         table = tool("mktme-map", "memory").stdout.splitlines()

@@ -243,7 +243,9 @@ def run_trace(
                 run.cold = counts
                 continue
             run.warm = run.warm + counts
-            run.segment_s = [min(pair) for pair in zip(run.segment_s or seconds, seconds)]
+            run.segment_s = [
+                min(pair) for pair in zip(run.segment_s or seconds, seconds, strict=False)
+            ]
     return runs
 
 

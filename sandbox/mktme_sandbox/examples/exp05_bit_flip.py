@@ -43,6 +43,7 @@ def run(lab: Lab) -> None:
         for a, b in zip(
             seen[FLIP_OFFSET // BLOCK * BLOCK :][:BLOCK],
             data[FLIP_OFFSET // BLOCK * BLOCK :][:BLOCK],
+            strict=False,
         )
     )
     lab.expect(changed > 1, "the whole block is garbled, not one bit")

@@ -33,7 +33,7 @@ def trial(lab: Lab, k1: int, k2: int, check: bool) -> dict[str, bool]:
         f"tenant A: two identical pages under KeyID {k1}; tenant B: the same page under "
         f"KeyID {k2}; all madvise(MERGEABLE)"
     )
-    for n in range(1, PASSES + 1):
+    for n in range(1, PASSES + 1):  # noqa: B007 - n counts the passes for the report below
         m.write_ctl("mm/ksm/run", "1")
         a0, a1 = (e.pfn for e in a.pagemap(BASE, 2))
         b0 = b.translate(BASE).pfn

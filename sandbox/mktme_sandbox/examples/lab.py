@@ -127,7 +127,9 @@ class Snapshot:
         out = []
         if after.keys != self.keys:
             changed = [
-                f"KeyID {a[0]}: {a[1]} -> {b[1]}" for a, b in zip(self.keys, after.keys) if a != b
+                f"KeyID {a[0]}: {a[1]} -> {b[1]}"
+                for a, b in zip(self.keys, after.keys, strict=False)
+                if a != b
             ]
             out.append("keys changed: " + ", ".join(changed))
         if after.spaces != self.spaces:

@@ -174,7 +174,7 @@ class Platform:
         8-byte accesses per fault. An empty access passes ``_check`` and does nothing.
         """
         return (
-            0 <= keyid <= self.nr_keyids and 0 <= pa and 0 < length and pa + length <= self.phys_mem
+            0 <= keyid <= self.nr_keyids and pa >= 0 and length > 0 and pa + length <= self.phys_mem
         )
 
     def _check(self, pa: int, length: int, keyid: int) -> None:

@@ -682,7 +682,7 @@ class PageTables:
         self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
     ) -> Iterator[Leaf]:
         for vas, size, ptes in self._leaf_chunks(table, shift, base, start, end, seen):
-            for va, pte in zip(vas.tolist(), ptes.tolist()):
+            for va, pte in zip(vas.tolist(), ptes.tolist(), strict=False):
                 yield Leaf(va, size, pte)
 
     def _leaf_chunks(
@@ -699,7 +699,7 @@ class PageTables:
                     values,
                 )
             return
-        for i, e in zip(indices.tolist(), values.tolist()):
+        for i, e in zip(indices.tolist(), values.tolist(), strict=False):
             va = base + (i << shift)
             if not self._is_table(e, shift):
                 yield np.array([va], dtype=np.uint64), 1 << shift, np.array([e], dtype=np.uint64)
@@ -712,7 +712,7 @@ class PageTables:
         if shift == PAGE_SHIFT:
             return
         indices, values = self._entries(table, shift, base, base, base + (PTRS_PER_TABLE << shift))
-        for i, e in zip(indices, values):
+        for i, e in zip(indices, values, strict=False):
             va = base + (i << shift)
             if not self._is_table(e, shift):
                 continue
@@ -729,7 +729,7 @@ class PageTables:
         indices, values = self._entries(table, shift, base, start, end)
         size, level = 1 << shift, _SHIFT_LEVEL[shift]
         cursor, stop = max(start, base), min(end, base + (PTRS_PER_TABLE << shift))
-        for i, e in zip(indices, values):
+        for i, e in zip(indices, values, strict=False):
             va = base + (i << shift)
             if va > cursor:
                 yield Span(cursor, va - cursor, level, 0)
@@ -774,7 +774,7 @@ class PageTables:
         """Free the empty tables under ``table`` within the range; True if ``table`` is empty."""
         indices, values = self._entries(table, shift, base, base, base + (PTRS_PER_TABLE << shift))
         left = len(values)
-        for i, e in zip(indices, values):
+        for i, e in zip(indices, values, strict=False):
             va = base + (i << shift)
             if va >= end or va + (1 << shift) <= start:
                 continue
