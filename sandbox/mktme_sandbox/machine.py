@@ -326,7 +326,7 @@ class Machine:
 
     @_locked
     def ksm_run(self) -> int:
-        return ksm.ksm_scan(self.kernel)
+        return ksm.ksm_do_scan(self.kernel)
 
     @_locked
     def ksm_stats(self) -> str:

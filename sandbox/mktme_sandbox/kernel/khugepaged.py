@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
-from mktme_sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, mk_pte, pte_page, put_page
+from mktme_sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, pfn_pte, pte_page, put_page
 from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
@@ -106,7 +106,7 @@ def _collapse(k: Kernel, mm: MmStruct, vma: Vma, haddr: int, pfns: list[int]) ->
     for i, pfn in enumerate(pfns):
         data = k.platform.load(pfn * PAGE_SIZE, PAGE_SIZE, int(k.alloc.page_keyid[pfn]))
         k.platform.store((head + i) * PAGE_SIZE, data, keyid)
-    pmd = mk_pte(head, vma.vm_page_prot) | int(PteFlags.PSE | PteFlags.RW | PteFlags.DIRTY)
+    pmd = pfn_pte(head, vma.vm_page_prot) | int(PteFlags.PSE | PteFlags.RW | PteFlags.DIRTY)
     k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
     k.alloc.mapcount[head] = 1
     for pfn in pfns:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.memory import do_wp_page, mk_pte, pte_page, put_page
+from mktme_sandbox.kernel.memory import do_wp_page, pfn_pte, pte_page, put_page
 from mktme_sandbox.kernel.page_alloc import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
@@ -34,7 +34,7 @@ from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
-__all__ = ["KsmStats", "ksm_scan", "unmerge_range"]
+__all__ = ["KsmStats", "ksm_do_scan", "unmerge_ksm_pages"]
 
 
 @dataclass
@@ -65,7 +65,7 @@ class _Candidate:
     pfn: int
 
 
-def ksm_scan(k: Kernel) -> int:
+def ksm_do_scan(k: Kernel) -> int:
     """One full pass; returns the number of pages merged."""
     groups: dict[bytes, list[_Candidate]] = defaultdict(list)
     for cand in _candidates(k):
@@ -116,7 +116,7 @@ def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
     merged = 0
     for cand in cands:
         # replace_page(): the new PTE is made from the sharer's own pgprot
-        pte = mk_pte(kpage, cand.vma.vm_page_prot)
+        pte = pfn_pte(kpage, cand.vma.vm_page_prot)
         k.pt.set_pte(cand.mm.pgd, cand.va, pte, PAGE_SIZE)
         k.tlb.flush_range(cand.mm.asid, cand.va, cand.va + PAGE_SIZE)
         if cand.pfn != kpage:
@@ -126,7 +126,7 @@ def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
     return merged
 
 
-def unmerge_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+def unmerge_ksm_pages(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     """MADV_UNMERGEABLE: break every KSM page mapped in [start, end).
 
     Each break takes a new page: ENOMEM before the first one when there are

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HPAGE_SIZE",
     "access_vm",
-    "follow_page",
+    "get_user_pages",
     "handle_mm_fault",
     "pte_page",
     "zap_page_range",
@@ -53,7 +53,7 @@ HPAGE_SIZE = 2 << 20
 _WRITE_BITS = int(PteFlags.RW | PteFlags.DIRTY)
 
 
-def mk_pte(pfn: int, prot: int) -> int:
+def pfn_pte(pfn: int, prot: int) -> int:
     """``pfn_pte()``: the page frame plus the pgprot, KeyID bits included."""
     return (pfn << 12) | prot
 
@@ -106,7 +106,7 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
             k.vmstat.inc("zero_page_map")
-            pte = mk_pte(k.zero_pfn, vma.vm_page_prot)
+            pte = pfn_pte(k.zero_pfn, vma.vm_page_prot)
             k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
             return pte
         k.vmstat.inc("zero_page_refused_encrypted")
@@ -115,7 +115,7 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
 
 
 def _map_new_page(k: Kernel, mm: MmStruct, vma: Vma, page: int, pfn: int) -> int:
-    pte = mk_pte(pfn, vma.vm_page_prot)
+    pte = pfn_pte(pfn, vma.vm_page_prot)
     if vma.vm_flags & VM.WRITE:
         pte |= _WRITE_BITS
     k.alloc.mapcount[pfn] += 1
@@ -163,8 +163,10 @@ def put_page(k: Kernel, pfn: int) -> None:
 # --- access -------------------------------------------------------------------
 
 
-def follow_page(k: Kernel, mm: MmStruct, addr: int, write: bool) -> tuple[int, int]:
-    """Translate ``addr`` as the CPU would, faulting as needed.
+def get_user_pages(k: Kernel, mm: MmStruct, addr: int, write: bool) -> tuple[int, int]:
+    """Translate ``addr`` as the CPU would, faulting as needed (Linux's
+    ``get_user_pages()`` with ``FOLL_WRITE`` for a write, one page at a time;
+    ``follow_page()`` would not fault).
 
     Returns (physical address, KeyID from the PTE). EIO where unmapped, where
     the VMA's protection forbids the access, or where a tampered PTE points
@@ -256,7 +258,7 @@ def _physical_runs(
     end = addr + length
     while addr < end:
         n = min(PAGE_SIZE - (addr & 0xFFF), end - addr)
-        pa, keyid = follow_page(k, mm, addr, write)
+        pa, keyid = get_user_pages(k, mm, addr, write)
         if runs and runs[-1][2] == keyid and runs[-1][0] + runs[-1][1] == pa:
             runs[-1] = (runs[-1][0], runs[-1][1] + n, keyid)
         else:

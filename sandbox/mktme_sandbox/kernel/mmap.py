@@ -237,9 +237,9 @@ def do_madvise(k: Kernel, mm: MmStruct, addr: int, length: int, advice: str) -> 
         zap_page_range(k, mm, addr, end)
         return
     if advice == "unmergeable":
-        from mktme_sandbox.kernel.ksm import unmerge_range
+        from mktme_sandbox.kernel.ksm import unmerge_ksm_pages
 
-        unmerge_range(k, mm, addr, end)  # checks it can break every KSM page first
+        unmerge_ksm_pages(k, mm, addr, end)  # checks it can break every KSM page first
     flag = VM.HUGEPAGE if advice == "hugepage" else VM.MERGEABLE
     for vma in mm.isolate(addr, end):
         flags = vma.vm_flags & ~flag if advice == "unmergeable" else vma.vm_flags | flag
