@@ -277,9 +277,7 @@ class Machine:
 
     @_locked
     def flush_tlb(self, name: str) -> None:
-        mm = self.kernel.space(name)
-        self.kernel.tlb.flush_all(mm.asid)
-        self.kernel.vmstat.inc("tlb_flush")
+        memory.flush_tlb_mm(self.kernel, self.kernel.space(name))
 
     @_locked
     def ptdump(self, name: str) -> str:
@@ -385,7 +383,7 @@ class Machine:
 
     @_locked
     def cache_stats(self) -> str:
-        return self.platform.cache.stats.text()
+        return self.platform.cache_stats()
 
     @_locked
     def cache_command(self, command: str | bytes) -> None:

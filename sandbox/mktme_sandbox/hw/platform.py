@@ -107,6 +107,10 @@ class Platform:
     def wbinvd(self) -> None:
         self.cache.wbinvd()
 
+    def cache_stats(self) -> str:
+        """The cache's counters as ``hw/cache`` shows them."""
+        return self.cache.stats.text()
+
     # DRAM view: ciphertext as stored.
 
     def dram_read(self, pa: int, length: int) -> bytes:

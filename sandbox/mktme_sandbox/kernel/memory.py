@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HPAGE_SIZE",
     "access_vm",
+    "flush_tlb_mm",
     "get_user_pages",
     "handle_mm_fault",
     "pte_page",
@@ -302,6 +303,12 @@ def compound_head(k: Kernel, pfn: int) -> int:
 
 def flush_tlb_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     k.tlb.flush_range(mm.asid, start, end)
+    k.vmstat.inc("tlb_flush")
+
+
+def flush_tlb_mm(k: Kernel, mm: MmStruct) -> None:
+    """Every translation of the address space (``spaces/NAME/tlb``)."""
+    k.tlb.flush_all(mm.asid)
     k.vmstat.inc("tlb_flush")
 
 
