@@ -14,13 +14,25 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import ClassVar
 
 from mktme_sandbox.config import parse_decimal, parse_hex, parse_size
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.mmap import ADVICE, PROTS
 from mktme_sandbox.kernel.vma import VM
 
-__all__ = ["COMMAND_MAX", "USAGE", "SpaceCommand", "decode_command", "parse_space_command"]
+__all__ = [
+    "COMMAND_MAX",
+    "USAGE",
+    "EncryptMprotect",
+    "Madvise",
+    "Mmap",
+    "Mprotect",
+    "Munmap",
+    "SpaceCommand",
+    "decode_command",
+    "parse_space_command",
+]
 
 USAGE = {
     "mmap": "mmap ADDR LEN PROT [keyid=N] [populate]",
@@ -32,14 +44,50 @@ USAGE = {
 
 
 @dataclass(frozen=True)
-class SpaceCommand:
-    op: str
+class Mmap:
     addr: int
     length: int
-    prot: VM = VM.NONE
+    prot: VM
     keyid: int = 0
     populate: bool = False
-    advice: str = ""
+    op: ClassVar[str] = "mmap"
+
+
+@dataclass(frozen=True)
+class Munmap:
+    addr: int
+    length: int
+    op: ClassVar[str] = "munmap"
+
+
+@dataclass(frozen=True)
+class Mprotect:
+    addr: int
+    length: int
+    prot: VM
+    op: ClassVar[str] = "mprotect"
+
+
+@dataclass(frozen=True)
+class EncryptMprotect:
+    addr: int
+    length: int
+    prot: VM
+    keyid: int
+    op: ClassVar[str] = "encrypt_mprotect"
+
+
+@dataclass(frozen=True)
+class Madvise:
+    addr: int
+    length: int
+    advice: str
+    op: ClassVar[str] = "madvise"
+
+
+# One dataclass per command of spaces/NAME/ctl; Machine.space_command matches
+# on them exhaustively (assert_never), so a new one cannot fall into another.
+SpaceCommand = Mmap | Munmap | Mprotect | EncryptMprotect | Madvise
 
 
 COMMAND_MAX = 4096  # one page, as a sysfs or procfs store takes at most PAGE_SIZE
@@ -79,11 +127,11 @@ def parse_space_command(text: str) -> SpaceCommand:
     rest = args[2:]
     if op == "munmap":
         _no_more(op, rest)
-        return SpaceCommand(op, addr, length)
+        return Munmap(addr, length)
     if op == "madvise":
         if len(rest) != 1 or rest[0] not in ADVICE:
             fail(errno.EINVAL, f"madvise: usage: {USAGE[op]}")
-        return SpaceCommand(op, addr, length, advice=rest[0])
+        return Madvise(addr, length, rest[0])
     if not rest:
         fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")
     prot = _prot(op, rest[0])
@@ -102,9 +150,13 @@ def _with_options(op: str, addr: int, length: int, prot: VM, words: list[str]) -
             keyid = _keyid(op, value)
         else:
             populate = True
-    if op == "encrypt_mprotect" and "keyid" not in seen:
+    if op == "mmap":
+        return Mmap(addr, length, prot, keyid, populate)
+    if op == "mprotect":
+        return Mprotect(addr, length, prot)
+    if "keyid" not in seen:
         fail(errno.EINVAL, f"encrypt_mprotect: keyid=N is required; usage: {USAGE[op]}")
-    return SpaceCommand(op, addr, length, prot, keyid, populate)
+    return EncryptMprotect(addr, length, prot, keyid)
 
 
 @dataclass(frozen=True)

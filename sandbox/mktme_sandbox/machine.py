@@ -26,10 +26,15 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, assert_never
 
 from mktme_sandbox import snapshot as snapshots
 from mktme_sandbox.commands import (
+    EncryptMprotect,
+    Madvise,
+    Mmap,
+    Mprotect,
+    Munmap,
     decode_command,
     parse_cache_command,
     parse_snapshot_command,
@@ -212,16 +217,19 @@ class Machine:
         mm = self._own_space(name, uid)
         cmd = parse_space_command(decode_command(command, "ctl"))
         k = self.kernel
-        if cmd.op == "mmap":
-            mmap.do_mmap(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, cmd.populate, uid)
-        elif cmd.op == "munmap":
-            mmap.do_munmap(k, mm, cmd.addr, cmd.length)
-        elif cmd.op == "mprotect":
-            mmap.do_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot)
-        elif cmd.op == "encrypt_mprotect":
-            mmap.do_encrypt_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, uid)
-        else:
-            mmap.do_madvise(k, mm, cmd.addr, cmd.length, cmd.advice)
+        match cmd:
+            case Mmap():
+                mmap.do_mmap(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, cmd.populate, uid)
+            case Munmap():
+                mmap.do_munmap(k, mm, cmd.addr, cmd.length)
+            case Mprotect():
+                mmap.do_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot)
+            case EncryptMprotect():
+                mmap.do_encrypt_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, uid)
+            case Madvise():
+                mmap.do_madvise(k, mm, cmd.addr, cmd.length, cmd.advice)
+            case _:
+                assert_never(cmd)
 
     @_locked
     def maps(self, name: str) -> str:
