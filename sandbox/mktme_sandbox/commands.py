@@ -160,10 +160,18 @@ def _with_options(op: str, addr: int, length: int, prot: VM, words: list[str]) -
 
 
 @dataclass(frozen=True)
-class CacheCommand:
-    op: str  # "wbinvd" or "clflush"
-    pa: int = 0
+class Wbinvd:
+    op: ClassVar[str] = "wbinvd"
+
+
+@dataclass(frozen=True)
+class Clflush:
+    pa: int
     keyid: int = 0
+    op: ClassVar[str] = "clflush"
+
+
+CacheCommand = Wbinvd | Clflush
 
 
 CACHE_USAGE = "wbinvd | clflush PA [keyid=N]"
@@ -173,7 +181,7 @@ def parse_cache_command(text: str) -> CacheCommand:
     """``hw/cache``: ``wbinvd`` or ``clflush PA [keyid=N]`` (PA ``0x`` hex)."""
     words = text.split()
     if words == ["wbinvd"]:
-        return CacheCommand("wbinvd")
+        return Wbinvd()
     if words[0] != "clflush" or not 2 <= len(words) <= 3:
         fail(errno.EINVAL, f"cache: usage: {CACHE_USAGE}")
     pa = _hex("clflush", "PA", words[1], "0x3000")
@@ -183,7 +191,7 @@ def parse_cache_command(text: str) -> CacheCommand:
         if name != "keyid":
             fail(errno.EINVAL, f"clflush: expected keyid=N, not {words[2]!r}")
         keyid = _keyid("clflush", value)
-    return CacheCommand("clflush", pa, keyid)
+    return Clflush(pa, keyid)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from mktme_sandbox.commands import (
     Mmap,
     Mprotect,
     Munmap,
+    Wbinvd,
     decode_command,
     parse_cache_command,
     parse_snapshot_command,
@@ -396,7 +397,7 @@ class Machine:
     @_locked
     def cache_command(self, command: str | bytes) -> None:
         cmd = parse_cache_command(decode_command(command, "cache"))
-        if cmd.op == "wbinvd":
+        if isinstance(cmd, Wbinvd):
             self.platform.wbinvd()
             return
         self._check_keyid(cmd.keyid)
