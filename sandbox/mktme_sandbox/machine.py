@@ -117,8 +117,13 @@ class Machine:
         self.platform.dram_write(pa, bytes(data))
 
     @_locked
-    def read_phys(self, keyid: int, pa: int, length: int) -> bytes:
+    def read_phys(self, keyid: int, pa: int, length: int, uid: int | None = None) -> bytes:
+        """``keyids/N/mem``: the owner of KeyID N (N > 0), root or the daemon's user."""
         self._check_keyid(keyid)
+        if not self._privileged(uid):
+            owner = self.kernel.keys.owner(keyid) if keyid else self.owner_uid
+            if owner != uid:
+                fail(errno.EACCES, f"KeyID {keyid} belongs to uid {owner}, not {uid}")
         return self.platform.load(pa, self._clip(pa, length), keyid)
 
     @_locked
@@ -232,36 +237,46 @@ class Machine:
             case _:
                 assert_never(cmd)
 
-    @_locked
-    def maps(self, name: str) -> str:
-        return proc.maps(self.kernel.space(name))
+    def _space_for(self, name: str, uid: int | None) -> MmStruct:
+        """The space ``name`` if ``uid`` may see it: its owner, root or the daemon's
+        user (``None``, the API's default caller, is the daemon's user)."""
+        mm = self.kernel.space(name)
+        if not self._privileged(uid) and uid != mm.owner:
+            fail(errno.EACCES, f"space {name!r} belongs to uid {mm.owner}")
+        return mm
 
     @_locked
-    def smaps(self, name: str) -> str:
-        return proc.smaps(self.kernel, self.kernel.space(name))
+    def maps(self, name: str, uid: int | None = None) -> str:
+        return proc.maps(self._space_for(name, uid))
 
     @_locked
-    def read_virt(self, name: str, addr: int, length: int) -> bytes:
-        return memory.access_vm(self.kernel, self.kernel.space(name), addr, length, None)
+    def smaps(self, name: str, uid: int | None = None) -> str:
+        return proc.smaps(self.kernel, self._space_for(name, uid))
+
+    @_locked
+    def read_virt(self, name: str, addr: int, length: int, uid: int | None = None) -> bytes:
+        mm = self._space_for(name, uid)
+        return memory.access_vm(self.kernel, mm, addr, length, None)
 
     @_locked
     def write_virt(self, name: str, addr: int, data: bytes, uid: int | None = None) -> None:
         """``mem``: the space's owner, root or the daemon's user (EACCES otherwise)."""
-        mm = self.kernel.space(name)
-        if not self._privileged(uid) and uid != mm.owner:
-            fail(errno.EACCES, f"space {name!r} belongs to uid {mm.owner}")
+        mm = self._space_for(name, uid)
         memory.access_vm(self.kernel, mm, addr, len(data), bytes(data))
 
     @_locked
-    def vmas(self, name: str) -> dict[str, Vma]:
+    def vmas(self, name: str, uid: int | None = None) -> dict[str, Vma]:
         """The space's VMAs by the ``START-END`` that begins their maps line."""
-        return {proc.vma_name(vma): vma for vma in self.kernel.space(name).vmas()}
+        return {proc.vma_name(vma): vma for vma in self._space_for(name, uid).vmas()}
 
     @_locked
-    def read_vma(self, name: str, vma: Vma, offset: int, length: int) -> bytes:
+    def read_vma(
+        self, name: str, vma: Vma, offset: int, length: int, uid: int | None = None
+    ) -> bytes:
         """``spaces/NAME/vmas/START-END``: ``read_virt`` at ``vma.start + offset``,
         cut at the VMA's end."""
-        return self.read_virt(name, vma.start + offset, max(0, min(length, len(vma) - offset)))
+        length = max(0, min(length, len(vma) - offset))
+        return self.read_virt(name, vma.start + offset, length, uid)
 
     @_locked
     def write_vma(
@@ -277,20 +292,20 @@ class Machine:
         self.write_virt(name, vma.start + offset, data, uid)
 
     @_locked
-    def pagemap(self, name: str, offset: int, length: int) -> bytes:
-        return proc.pagemap(self.kernel, self.kernel.space(name), offset, length)
+    def pagemap(self, name: str, offset: int, length: int, uid: int | None = None) -> bytes:
+        return proc.pagemap(self.kernel, self._space_for(name, uid), offset, length)
 
     @_locked
-    def cr3(self, name: str) -> int:
-        return self.kernel.space(name).pgd
+    def cr3(self, name: str, uid: int | None = None) -> int:
+        return self._space_for(name, uid).pgd
 
     @_locked
-    def flush_tlb(self, name: str) -> None:
-        memory.flush_tlb_mm(self.kernel, self.kernel.space(name))
+    def flush_tlb(self, name: str, uid: int | None = None) -> None:
+        memory.flush_tlb_mm(self.kernel, self._space_for(name, uid))
 
     @_locked
-    def ptdump(self, name: str) -> str:
-        return ptdump_user(self.kernel.pt, self.kernel.space(name).pgd)
+    def ptdump(self, name: str, uid: int | None = None) -> str:
+        return ptdump_user(self.kernel.pt, self._space_for(name, uid).pgd)
 
     @_locked
     def ptdump_kernel(self) -> str:

@@ -72,6 +72,30 @@ def test_a_key_owner_writing_anything_but_its_own_pages_is_eacces_and_writes_not
     assert m.check() == []
 
 
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda m, uid: m.maps("bob", uid=uid),
+        lambda m, uid: m.smaps("bob", uid=uid),
+        lambda m, uid: m.read_virt("bob", U, 8, uid=uid),
+        lambda m, uid: m.pagemap("bob", (U >> 12) * 8, 8, uid=uid),
+        lambda m, uid: m.cr3("bob", uid=uid),
+        lambda m, uid: m.ptdump("bob", uid=uid),
+        lambda m, uid: m.vmas("bob", uid=uid),
+        lambda m, uid: m.flush_tlb("bob", uid=uid),
+        lambda m, uid: m.read_phys(2, 0, 8, uid=uid),
+    ],
+    ids=["maps", "smaps", "read_virt", "pagemap", "cr3", "ptdump", "vmas", "tlb", "read_phys"],
+)
+def test_the_api_checks_the_owner_of_a_space_or_keyid_as_the_mount_does(read):
+    """The mount's modes keep Alice out of Bob's space and KeyID; the API, given
+    a uid, says the same (EACCES), and lets the owner, root and the daemon's user in."""
+    m = alice_and_bob()
+    refused(errno.EACCES, read, m, ALICE)
+    for allowed in (BOB, 0, None):
+        read(m, allowed)
+
+
 def test_a_page_is_written_only_through_its_own_keyid_even_by_its_owner():
     """Alice owns KeyIDs 1 and 3 and a KeyID-1 page. A line she stored through
     KeyID 3 would stay dirty under KeyID 3, which no flush of the page (KeyID 1)
