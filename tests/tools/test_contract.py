@@ -6,6 +6,7 @@ address no file offset or user space holds."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from tools_helpers import BIN, LAUNCHERS, TOOLS, VA, Run, Tenant
 
+from mktme_sandbox import tools
 from mktme_sandbox.client import Mount, Space
 from mktme_sandbox.mounting import mounted
 
@@ -213,3 +215,17 @@ def test_no_command_names_the_commands(tool: Run, tool_name: str) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith(f"{tool_name}: a COMMAND is needed: ")
     assert "ARG" not in done.stderr
+
+
+def test_a_file_error_in_a_grep_like_tool_is_not_found_nowhere(capsys) -> None:
+    """mktme-find's 1 means "found nowhere": any failed read or write is its 2."""
+
+    def fails() -> int:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
+
+    assert tools.run("mktme-find", fails, rejected=2) == 2
+    assert tools.run("mktme-map", fails) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "mktme-find: /nowhere: No such file or directory",
+        "mktme-map: /nowhere: No such file or directory",
+    ]

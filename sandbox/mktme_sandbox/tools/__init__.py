@@ -77,7 +77,9 @@ def run(
 ) -> int:
     """Run a tool's body and turn every failure into one line on stderr and its status.
 
-    ``rejected`` is the status of a ``MountError`` (the sandbox refused);
+    ``rejected`` is the status of a failed read or write, the sandbox's
+    ``MountError`` or a file of the user's (mktme-find, grep-like, makes it 2
+    so that 1 keeps meaning "found nowhere");
     ``statuses`` adds a tool's own exception types.
     """
     extra = dict(statuses or {})
@@ -91,10 +93,10 @@ def run(
         return _fail(prog, str(e), rejected)
     except BrokenPipeError:  # `tool | head`: the reader left; nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_REJECTED
+        return rejected
     except OSError as e:  # a file of the user's (-o FILE, -k FILE): one line, no traceback
         where = f"{e.filename}: " if e.filename else ""
-        return _fail(prog, f"{where}{e.strerror or e}", EXIT_REJECTED)
+        return _fail(prog, f"{where}{e.strerror or e}", rejected)
     except (ValueError, OverflowError) as e:
         return _fail(prog, str(e), EXIT_USAGE)
     except KeyboardInterrupt:
