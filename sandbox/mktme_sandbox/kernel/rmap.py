@@ -30,12 +30,11 @@ if TYPE_CHECKING:
 __all__ = ["first_foreign_page"]
 
 
-def first_foreign_page(
-    k: Kernel, uid: int, first: int, last: int, keyid: int | None = None
-) -> int | None:
-    """The first PFN of ``first..last - 1`` that is not memory of ``uid`` alone, or None.
+def first_foreign_page(k: Kernel, uid: int, first: int, last: int, keyid: int) -> int | None:
+    """The first PFN of ``first..last - 1`` that is not memory of ``uid`` alone
+    under ``keyid``, or None.
 
-    With ``keyid``, a page must also have that KeyID in page_ext: a line stored
+    A page must also have ``keyid`` in page_ext: a line stored
     through another KeyID would stay dirty in the cache under that tag, which no
     flush of the page's own KeyID removes, and be written back over the page's
     next owner after the page changes hands.
@@ -55,9 +54,8 @@ def first_foreign_page(
         & ((head_flags & (PG.ZERO | PG.PGTABLE | PG.BUDDY | PG.RESERVED)) == 0)
         & (mapcount > 0)
         & (mine == mapcount)
+        & (alloc.page_keyid[first:last] == keyid)
     )
-    if keyid is not None:
-        owned &= alloc.page_keyid[first:last] == keyid
     bad = np.flatnonzero(~owned)
     return int(first + bad[0]) if len(bad) else None
 
