@@ -121,9 +121,7 @@ class Machine:
         """``keyids/N/mem``: the owner of KeyID N (N > 0), root or the daemon's user."""
         self._check_keyid(keyid)
         if not self._privileged(uid):
-            owner = self.kernel.keys.owner(keyid) if keyid else self.owner_uid
-            if owner != uid:
-                fail(errno.EACCES, f"KeyID {keyid} belongs to uid {owner}, not {uid}")
+            self._own_keyid(keyid, uid)
         return self.platform.load(pa, self._clip(pa, length), keyid)
 
     @_locked
@@ -142,10 +140,14 @@ class Machine:
         """Root, the daemon's user, or the API's default caller (None, the daemon's user)."""
         return uid is None or uid in (0, self.owner_uid)
 
-    def _check_own_memory(self, keyid: int, pa: int, length: int, uid: int) -> None:
+    def _own_keyid(self, keyid: int, uid: int | None) -> None:
+        """EACCES unless ``uid`` owns KeyID ``keyid`` (KeyID 0: the daemon's user)."""
         owner = self.kernel.keys.owner(keyid) if keyid else self.owner_uid
         if owner != uid:
             fail(errno.EACCES, f"KeyID {keyid} belongs to uid {owner}, not {uid}")
+
+    def _check_own_memory(self, keyid: int, pa: int, length: int, uid: int) -> None:
+        self._own_keyid(keyid, uid)
         if not length:
             return
         first, last = pa >> 12, ((pa + length - 1) >> 12) + 1
