@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -219,9 +220,10 @@ def test_find_daemons_lists_a_running_daemon_with_its_mountpoint_and_phys_mem(da
 
 
 @pytest.mark.mount
-def test_start_detached_returns_the_pid_and_log_once_the_mount_answers(tmp_path, runtime_dir):
+def test_start_daemon_returns_the_pid_and_log_once_the_mount_answers(tmp_path, runtime_dir):
     mnt = tmp_path / "mnt"
-    pid, log = daemon.start_detached(mnt, phys_mem="8M")
+    started = daemon.start_daemon(mnt, phys_mem="8M")
+    pid, log = started.pid, started.log_path
     try:
         assert Path(log).parent == runtime_dir
         assert (mnt / "README").read_text()
@@ -235,12 +237,12 @@ def test_start_detached_returns_the_pid_and_log_once_the_mount_answers(tmp_path,
 
 
 @pytest.mark.mount
-def test_start_detached_stops_reaps_and_unmounts_a_daemon_that_does_not_answer_in_time(
+def test_start_daemon_stops_reaps_and_unmounts_a_daemon_that_does_not_answer_in_time(
     tmp_path, runtime_dir
 ):
     mnt = tmp_path / "mnt"
     with pytest.raises(DaemonError, match="did not answer within 0 s") as failed:
-        daemon.start_detached(mnt, timeout=0, phys_mem="8M")
+        daemon.start_daemon(mnt, timeout=0, phys_mem="8M")
     stopped = re.search(r"daemon (\d+) stopped; its log is kept at (\S+)\)$", str(failed.value))
     assert stopped is not None, str(failed.value)
     with pytest.raises(ChildProcessError):
@@ -256,7 +258,8 @@ def _detached_daemon_info(mnt: Path) -> daemon.DaemonInfo:
 @pytest.mark.mount
 def test_unmounting_a_detached_daemon_that_exits_cleanly_removes_its_log(tmp_path, runtime_dir):
     mnt = tmp_path / "mnt"
-    pid, log = daemon.start_detached(mnt, phys_mem="8M")
+    started = daemon.start_daemon(mnt, phys_mem="8M")
+    pid, log = started.pid, started.log_path
     info = _detached_daemon_info(mnt)
     assert (info.pid, info.log_path) == (pid, log)
     assert daemon.unmount(mnt) is True
@@ -271,7 +274,8 @@ def test_unmounting_a_detached_daemon_that_exits_cleanly_removes_its_log(tmp_pat
 @pytest.mark.mount
 def test_the_log_of_a_daemon_that_died_is_kept_and_named(tmp_path, runtime_dir, caplog):
     mnt = tmp_path / "mnt"
-    pid, log = daemon.start_detached(mnt, phys_mem="8M")
+    started = daemon.start_daemon(mnt, phys_mem="8M")
+    pid, log = started.pid, started.log_path
     info = _detached_daemon_info(mnt)
     os.kill(pid, signal.SIGKILL)
     try:
@@ -341,3 +345,40 @@ def test_a_clean_daemon_log_has_no_foreign_line(daemons: Daemons, tmp_path: Path
     text = daemons.log(proc)
     assert "serving" in text
     assert daemon.LOG_TROUBLE.search(text) is None, text
+
+
+@pytest.mark.mount
+def test_stopping_a_started_daemon_unmounts_reaps_it_and_removes_its_log_and_lock(
+    tmp_path, runtime_dir
+):
+    """One stop path: ``Daemon.stop`` is what ``mktme-sandbox umount`` does, plus reaping."""
+    mnt = tmp_path / "mnt"
+    started = daemon.start_daemon(mnt, phys_mem="8M")
+    started.stop()
+    assert started.returncode == 0
+    assert not daemon.is_mounted(mnt)
+    assert list(runtime_dir.iterdir()) == []
+
+
+@pytest.mark.mount
+def test_a_log_the_caller_names_is_appended_to_and_kept(tmp_path, runtime_dir):
+    mnt, log = tmp_path / "mnt", tmp_path / "daemon.log"
+    log.write_text("earlier line\n")
+    started = daemon.start_daemon(mnt, log_path=log, phys_mem="8M")
+    started.stop()
+    text = log.read_text()
+    assert text.startswith("earlier line\n$ ")
+    assert "unmounted; exit status 0" in text
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+@pytest.mark.mount
+def test_a_second_daemon_on_a_served_directory_is_refused_in_one_line(tmp_path, runtime_dir):
+    mnt = tmp_path / "mnt"
+    started = daemon.start_daemon(mnt, phys_mem="8M")
+    try:
+        with pytest.raises(DaemonError, match="already serves a sandbox") as refused:
+            daemon.start_daemon(mnt, phys_mem="8M")
+        assert "\n" not in str(refused.value)
+    finally:
+        started.stop()

@@ -256,7 +256,7 @@ def test_a_daemon_that_never_comes_up_is_stopped_and_reported(project: pytest.Py
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         [
-            "*MountError: mktme daemon (pid *, log */mktme0.log): * did not answer within 0 s",
+            "*MountError: mktme daemon (log */mktme0.log): * did not answer within 0 s",
             "*- mktme daemon log */mktme0.log -*",
         ]
     )

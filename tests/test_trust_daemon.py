@@ -6,6 +6,7 @@ every detached daemon logs and locks in the test's own ``runtime_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -73,10 +74,11 @@ def mnt(tmp_path, runtime_dir):
     yield path
     daemon.stop_sandbox(path)
     for info in daemon.find_daemons(probe=False):
-        if info.mountpoint == str(path) or str(path) in " ".join(
-            psutil.Process(info.pid).cmdline()
-        ):
-            os.kill(info.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):  # it may end (a zombie) meanwhile
+            if info.mountpoint == str(path) or str(path) in " ".join(
+                psutil.Process(info.pid).cmdline()
+            ):
+                os.kill(info.pid, signal.SIGKILL)
     for leftover in runtime_dir.iterdir():
         assert "Traceback" not in leftover.read_text(), leftover.read_text()
 

@@ -41,7 +41,7 @@ from mktme_sandbox.daemon import (
     find_daemons,
     mount_refusal,
     run_foreground,
-    start_detached,
+    start_daemon,
     stop_sandbox,
 )
 
@@ -244,11 +244,11 @@ def mount(
     if foreground:
         _log_to_stderr()
         sys.exit(_failing_as_click(lambda: run_foreground(mountpoint, config, allow_other)))
-    pid, log_path = _failing_as_click(lambda: start_detached(mountpoint, **options))
+    started = _failing_as_click(lambda: start_daemon(mountpoint, **options))
     click.echo(
-        f"mktme-sandbox: {os.path.abspath(mountpoint)} mounted; daemon log: {log_path}", err=True
+        f"mktme-sandbox: {started.mountpoint} mounted; daemon log: {started.log_path}", err=True
     )
-    click.echo(pid)
+    click.echo(started.pid)
 
 
 def _read_seed(source: IO[str]) -> int:

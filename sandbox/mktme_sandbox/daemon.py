@@ -30,17 +30,19 @@ Reusable pieces (the CLI and ``mktme_sandbox.pytest_plugin`` call them):
 - ``stop_sandbox(path)``: what ``mktme-sandbox umount`` does, also to a
   stopped (SIGSTOP) or wedged daemon, without ever blocking on the mount;
 - ``wait_until_mounted(path, proc, timeout)``: poll until the mount answers;
-- ``start_detached(mountpoint, **options)``: spawn a daemon in its own session,
-  logging to a file, and wait until it answers (on failure it is stopped,
-  reaped and unmounted);
+- ``start_daemon(mountpoint, log_path=None, **options)``: the one way a daemon
+  is started (the CLI's ``mount``, ``mounting.mounted``, the pytest plugin):
+  spawn it in its own session, logging to a file, and wait until it answers
+  (on failure it is stopped, reaped and unmounted); the ``Daemon`` it returns
+  has ``stop()``, which is ``stop_sandbox`` plus SIGTERM/SIGKILL and reaping;
 - ``run_foreground(mountpoint, config, allow_other)``: be the daemon;
 - ``find_daemons()``: the running daemons, for ``mktme-sandbox list``, each with
-  the log ``start_detached`` made for it;
+  the log ``start_daemon`` made for it;
 - ``wait_for_exit(daemons, timeout)``: until those daemons have ended; then the
   log of each that exited cleanly is removed, and where a log is kept (the
   daemon failed, or still runs) a warning says where it is.
 
-Logs: ``start_detached`` creates the log ``0600`` in ``runtime_dir()`` and
+Logs: ``start_daemon`` creates the log ``0600`` in ``runtime_dir()`` and
 names it in the daemon's environment (``MKTME_SANDBOX_LOG``). A daemon that
 ends normally (unmounted, or on a signal) logs ``... unmounted; exit status 0``
 as its last line and then disposes of its own log: a log that ends so and
@@ -84,6 +86,7 @@ __all__ = [
     "LOG_TROUBLE",
     "SEED_ENV",
     "STOP_SIGNALS",
+    "Daemon",
     "DaemonError",
     "DaemonInfo",
     "MountLock",
@@ -105,7 +108,7 @@ __all__ = [
     "prepare_mountpoint",
     "run_foreground",
     "runtime_dir",
-    "start_detached",
+    "start_daemon",
     "stop_sandbox",
     "unmount",
     "wait_for_exit",
@@ -120,7 +123,7 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 _POLL = 0.02
 PROBE_TIMEOUT = 1.0  # how long list and umount wait for a mount to answer a stat
-LOG_ENV = "MKTME_SANDBOX_LOG"  # the log start_detached made, in the daemon's environment
+LOG_ENV = "MKTME_SANDBOX_LOG"  # the log start_daemon made, in the daemon's environment
 SEED_ENV = "MKTME_SEED"  # the seed, in the daemon's environment (never in its argv)
 LOCK_ENV = "MKTME_SANDBOX_LOCK_FD"  # the mountpoint's lock, inherited from `mount`
 FUSE_DEVICE = "/dev/fuse"
@@ -347,7 +350,11 @@ def unmount(path: str | os.PathLike[str], lazy_fallback: bool = True) -> bool:
     return True
 
 
-def stop_sandbox(path: str | os.PathLike[str], timeout: float = STOP_TIMEOUT) -> bool:
+def stop_sandbox(
+    path: str | os.PathLike[str],
+    timeout: float = STOP_TIMEOUT,
+    served: Sequence[DaemonInfo] | None = None,
+) -> bool:
     """Unmount ``path`` and wait for its daemon to end; False if nothing was mounted.
 
     What ``mktme-sandbox umount`` does. It never blocks on the mount: the
@@ -356,9 +363,11 @@ def stop_sandbox(path: str | os.PathLike[str], timeout: float = STOP_TIMEOUT) ->
     within ``PROBE_TIMEOUT``, the FUSE connection is aborted first. Then
     ``unmount``, a SIGCONT to a stopped daemon (it sees the unmount and ends
     cleanly), and ``wait_for_exit``, which removes a clean log or names a kept one.
+    ``served``: the daemons known to serve ``path`` (default: found from argv).
     """
     target = canonical_path(path)
-    served = [info for info in find_daemons(probe=False) if info.mountpoint == target]
+    if served is None:
+        served = [info for info in find_daemons(probe=False) if info.mountpoint == target]
     if not is_mounted(target):
         return False
     stopped = any(info.state == "stopped" for info in served)
@@ -610,23 +619,59 @@ def _sweep_locks(directory: str, keep: str) -> None:
 
 
 @dataclass
-class _Spawned:
-    """A detached child as a pollable: its exit status once it has ended."""
+class Daemon:
+    """A daemon this process started (``start_daemon``): pollable, stoppable, reaped.
+
+    ``log_path`` is its log; ``owns_log`` is True when ``start_daemon`` made
+    the log (removed after a clean exit), False when the caller named it (kept).
+    """
 
     pid: int
+    mountpoint: str
+    log_path: str
+    owns_log: bool = True
     returncode: int | None = None
 
     def poll(self) -> int | None:
+        """Its exit status once it has ended (reaping it), else None."""
         if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def stop(self, grace: float = STOP_TIMEOUT) -> None:
-        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL; reaped either way."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """What ``mktme-sandbox umount`` does (``stop_sandbox``), then SIGTERM and,
+        ``timeout`` seconds later, SIGKILL if it is still running; reaped either way
+        and its mount gone (also when it had died leaving a stale mount)."""
+        alive = self.poll() is None
+        served = [self._info()] if alive else []
+        stop_sandbox(self.mountpoint, timeout, served=served)
+        self._terminate(timeout)
+
+    def _info(self) -> DaemonInfo:
+        import psutil
+
+        try:
+            status = psutil.Process(self.pid).status()
+        except psutil.NoSuchProcess:
+            status = psutil.STATUS_ZOMBIE
+        stopped = status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        return DaemonInfo(
+            pid=self.pid,
+            mountpoint=self.mountpoint,
+            phys_mem=None,
+            rss=0,
+            uptime=0.0,
+            log_path=self.log_path if self.owns_log else None,
+            state="stopped" if stopped else "running",
+        )
+
+    def _terminate(self, grace: float) -> None:
         if self.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+                os.kill(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + grace
             while self.poll() is None and time.monotonic() < deadline:
                 time.sleep(_POLL)
@@ -636,58 +681,82 @@ class _Spawned:
             self.returncode = os.waitstatus_to_exitcode(status)
 
 
-def start_detached(
-    mountpoint: str | os.PathLike[str], timeout: float = READY_TIMEOUT, **options: Any
-) -> tuple[int, str]:
+def start_daemon(
+    mountpoint: str | os.PathLike[str],
+    *,
+    log_path: str | os.PathLike[str] | None = None,
+    timeout: float = READY_TIMEOUT,
+    **options: Any,
+) -> Daemon:
     """Start a daemon in its own session and wait until its mount answers.
 
-    First ``lock_mountpoint`` (a second ``mount`` racing on the same directory
-    fails here, with one line) and ``prepare_mountpoint``; the daemon inherits
-    the lock. Its output goes to a new log file, mode ``0600``, in
-    ``runtime_dir()``, named in its environment as ``MKTME_SANDBOX_LOG``; the
-    seed goes in its environment too (``daemon_command``). Returns (pid, log
-    path). If the daemon dies or does not answer within ``timeout`` seconds it
-    is stopped, reaped and its mount (if it made one meanwhile) removed; then
-    ``DaemonError`` is raised with the log's tail, and the log is kept.
+    The one way a daemon is started: by ``mktme-sandbox mount``, by
+    ``mounting.mounted`` and so by the pytest plugin. First ``lock_mountpoint``
+    (a second ``mount`` racing on the same directory fails here, with one
+    line) and ``prepare_mountpoint``; the daemon inherits the lock. Its output
+    goes to ``log_path`` (appended to, created ``0600``), or by default to a
+    new log file, mode ``0600``, in ``runtime_dir()``, named in its
+    environment as ``MKTME_SANDBOX_LOG`` (removed after a clean exit); the
+    seed goes in its environment (``daemon_command``). If the daemon dies or
+    does not answer within ``timeout`` seconds it is stopped, reaped and its
+    mount (if it made one meanwhile) removed; then ``DaemonError`` is raised
+    with the log's tail, and the log is kept.
     """
     lock = lock_mountpoint(mountpoint)
     try:
         path = prepare_mountpoint(mountpoint)
-        pid, log_path = _spawn(path, lock, options)
+        child = _spawn(path, lock, options, log_path)
     except BaseException:
         lock.release()
         raise
-    child = _Spawned(pid)
     try:
-        wait_until_mounted(path, child, timeout, log_path)
+        wait_until_mounted(path, child, timeout, child.log_path)
     except DaemonError as err:
+        child.owns_log = False  # kept: it says why
         child.stop()
-        unmount(path, lazy_fallback=True)
         lock.release()
-        raise DaemonError(f"{err}\n(daemon {pid} stopped; its log is kept at {log_path})") from None
+        raise DaemonError(
+            f"{err}\n(daemon {child.pid} stopped; its log is kept at {child.log_path})"
+        ) from None
     os.close(lock.fd)  # the daemon holds it now
-    return pid, log_path
+    return child
 
 
-def _spawn(path: str, lock: MountLock, options: dict[str, Any]) -> tuple[int, str]:
-    fd, log_path = tempfile.mkstemp(  # mode 0600
+def _open_log(path: str, log_path: str | os.PathLike[str] | None) -> tuple[int, str, bool]:
+    """(fd, path, owned): the caller's log opened for appending, or a new one of ours."""
+    if log_path is not None:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        return fd, os.fspath(log_path), False
+    fd, made = tempfile.mkstemp(  # mode 0600
         prefix=f"mktme-sandbox-{os.path.basename(path)}-", suffix=".log", dir=runtime_dir()
     )
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)  # others may add
+    return fd, made, True
+
+
+def _spawn(
+    path: str, lock: MountLock, options: dict[str, Any], log_path: str | os.PathLike[str] | None
+) -> Daemon:
+    fd, log_name, owned = _open_log(path, log_path)
     argv, env = daemon_command(path, **options)
+    os.write(fd, ("$ " + " ".join(argv) + "\n").encode())
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, fd, 1),
         (os.POSIX_SPAWN_DUP2, fd, 2),
         (os.POSIX_SPAWN_CLOSE, fd),
     ]
-    env |= {LOG_ENV: log_path, LOCK_ENV: str(lock.fd)}
+    env |= {LOCK_ENV: str(lock.fd), "PYTHONUNBUFFERED": "1"}
+    env.pop(LOG_ENV, None)
+    if owned:
+        env[LOG_ENV] = log_name
     os.set_inheritable(lock.fd, True)
     try:
         pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
     finally:
         os.close(fd)
-    return pid, log_path
+    return Daemon(pid, path, log_name, owns_log=owned)
 
 
 def _forward_stop_signals() -> None:
@@ -723,7 +792,7 @@ def run_foreground(
     Holds the mountpoint's lock (inherited from ``mount``, or taken here) as
     long as it serves. At a normal end (unmounted, or one of ``STOP_SIGNALS``)
     its last record is ``... unmounted; exit status 0``; then a daemon started
-    by ``start_detached`` removes its own log unless something went wrong
+    by ``start_daemon`` removes its own log unless something went wrong
     (``dispose_log``).
     """
     from mktme_sandbox.fs import SandboxFS, serve  # FUSE loads libfuse: only in the daemon
@@ -763,7 +832,7 @@ class DaemonInfo:
     phys_mem: int | None
     rss: int
     uptime: float
-    log_path: str | None = None  # the log start_detached made for it (None: foreground)
+    log_path: str | None = None  # the log start_daemon made for it (None: foreground)
     state: str = "running"  # "running", "stopped" (SIGSTOP) or "unresponsive" (no answer)
 
 

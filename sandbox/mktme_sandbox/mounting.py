@@ -2,26 +2,25 @@
 
 The mount fixtures of the pytest plugin (``mktme_sandbox.pytest_plugin``) are
 built on this module, and so is anyone's script outside pytest: it imports
-nothing of pytest. ``mounted(directory, **options)`` starts
-``mktme-sandbox mount DIRECTORY --foreground`` in a subprocess with its output
-in a log file, waits until the mount answers, yields a ``MountedSandbox`` (the
-stdlib client's ``Mount`` plus the daemon's pid and log) and at the end stops
-the daemon (SIGTERM, unmount, SIGKILL as a last resort) and fails if the log
-shows anything but the daemon's own records (``daemon.LOG_TROUBLE``). The log
-is created ``0600``; the seed reaches the daemon in its environment
+nothing of pytest. ``mounted(directory, **options)`` starts a daemon the way
+``mktme-sandbox mount`` does (``daemon.start_daemon``: the mountpoint's lock,
+a stale mount cleaned, the daemon in its own session) with its output in a log
+file, waits until the mount answers, yields a ``MountedSandbox`` (the stdlib
+client's ``Mount`` plus the daemon's pid and log) and at the end stops the
+daemon the way ``mktme-sandbox umount`` does (``Daemon.stop``: unmount, wait,
+SIGTERM and SIGKILL as a last resort) and fails if the log shows anything but
+the daemon's own records (``daemon.LOG_TROUBLE``). The log is created
+``0600``; the seed reaches the daemon in its environment
 (``daemon.daemon_command``), never in its argv.
 
-The daemon's argv, the wait for the mount and ``fusermount3 -u`` are
-``mktme_sandbox.daemon``'s; this module adds the stop sequence and the check of
-the log.
+Starting and stopping are ``mktme_sandbox.daemon``'s, one path for the CLI,
+this module and the plugin; this module adds the check of the log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -126,60 +125,17 @@ def mounted(
     machine_config(options)
     mnt = Path(os.path.abspath(directory))
     log = Path(log_path) if log_path is not None else mnt.with_name(mnt.name + ".log")
-    mnt.mkdir(parents=True, exist_ok=True)
-    proc = _start(*daemon.daemon_command(mnt, **options), log)
-    up = False
     try:
-        _wait_until_up(proc, mnt, log, timeout)
-        up = True
-        yield MountedSandbox(mnt, proc.pid, log, dict(options))
+        started = daemon.start_daemon(mnt, log_path=log, timeout=timeout, **options)
+    except daemon.DaemonError as err:
+        raise MountError(f"mktme daemon (log {log}): {err}") from None
+    try:
+        yield MountedSandbox(mnt, started.pid, log, dict(options))
     finally:
-        if not (keep and up):
-            _stop(proc, mnt)
+        if not keep:
+            started.stop()
     if not keep:
         _check_log(log, mnt)
-
-
-def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(env, PYTHONUNBUFFERED="1")
-    env.pop(daemon.LOG_ENV, None)  # the log is ours to keep, not a detached daemon's
-    # O_APPEND: the daemon's writes and ours never overlap; 0600: the log is the user's
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)
-    with open(fd, "ab") as out:
-        out.write(("$ " + " ".join(argv) + "\n").encode())
-        out.flush()
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches pytest, whose teardown stops the daemon
-        )
-
-
-def _wait_until_up(proc: subprocess.Popen[bytes], mnt: Path, log: Path, timeout: float) -> None:
-    try:
-        daemon.wait_until_mounted(mnt, proc, timeout, log)
-    except daemon.DaemonError as err:
-        raise MountError(f"mktme daemon (pid {proc.pid}, log {log}): {err}") from None
-
-
-def _stop(proc: subprocess.Popen[bytes], mnt: Path, grace: float = 10.0) -> None:
-    """SIGTERM (the daemon unmounts), wait; then fusermount3 -u / -uz; then SIGKILL."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    try:
-        daemon.unmount(mnt, lazy_fallback=True)
-    finally:
-        try:
-            proc.wait(2.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _check_log(log: Path, mnt: Path) -> None:

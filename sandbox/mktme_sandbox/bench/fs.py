@@ -182,11 +182,12 @@ def _mounts(workdir: Path) -> Iterator[tuple[Path, Path, dict[str, float]]]:
     try:
         null_pid, null_ready = _timed(lambda: _start_null(null_mnt))
         started.append((null_mnt, null_pid))
-        (pid, log), ready = _timed(
-            lambda: daemon.start_detached(sandbox_mnt, phys_mem="64M", seed=1)
+        sandbox, ready = _timed(  # its log is removed with the work directory
+            lambda: daemon.start_daemon(
+                sandbox_mnt, log_path=workdir / "sandbox.log", phys_mem="64M", seed=1
+            )
         )
-        started.append((sandbox_mnt, pid))
-        os.replace(log, workdir / "sandbox.log")  # removed with the work directory
+        started.append((sandbox_mnt, sandbox.pid))
         yield sandbox_mnt, null_mnt, {"mount_ready_s": ready, "null_mount_ready_s": null_ready}
     finally:
         for mnt, pid in started:
