@@ -231,7 +231,7 @@ def mount(
             raise click.UsageError("give --seed or --seed-file, not both")
         machine["seed"] = _read_seed(seed_file)
     try:
-        config = MachineConfig(**machine)
+        config = MachineConfig.from_options(None, **machine)
     except ValueError as err:
         raise click.UsageError(f"invalid machine: {err}") from None
     refusal = mount_refusal(allow_other)
