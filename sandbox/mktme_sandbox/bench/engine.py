@@ -3,7 +3,7 @@
 Measured side by side in one run (``interleaved``, best of the rounds):
 
 - The XTS engine on 64 KiB and 1 MiB buffers against one bulk AES-ECB pass
-  over the same bytes with the same data key (goal: ratio >= 0.10).
+  over the same bytes with the same data key (goal: ratio >= 0.25).
 - CPU loads and stores of 4 KiB pages through an MKTME KeyID, warm (the page is
   cached) and cold (every page misses: loads fill and decrypt, stores evict
   dirty lines and encrypt them), in MB/s and as a ratio to AES-ECB over 4 KiB.
@@ -39,7 +39,8 @@ from mktme_sandbox.hw.xts import AES_XTS_128, XtsKey
 __all__ = ["run"]
 
 PAGE = 4 * KiB
-RATIO_GOAL = Goal(0.10)
+RATIO_GOAL = Goal(0.10)  # CPU loads and stores of a page
+XTS_GOAL = Goal(0.25)  # the engine alone
 RSS_TOUCHED = 64 * MiB
 COLD_REGION = 16 * MiB
 
@@ -77,7 +78,7 @@ def _xts_vs_ecb(engine: XtsKey, ecb: CipherContext, data: bytes, label: str) -> 
         Result(f"xts_encrypt_MBps_{label}", _mbps(size, best["encrypt"]), "MB/s"),
         Result(f"xts_decrypt_MBps_{label}", _mbps(size, best["decrypt"]), "MB/s"),
         Result(f"ecb_MBps_{label}", _mbps(size, best["ecb"]), "MB/s"),
-        Result(f"xts_vs_ecb_ratio_{label}", best["ecb"] / best["encrypt"], "x", RATIO_GOAL),
+        Result(f"xts_vs_ecb_ratio_{label}", best["ecb"] / best["encrypt"], "x", XTS_GOAL),
         Result(f"xts_decrypt_vs_ecb_ratio_{label}", best["ecb"] / best["decrypt"], "x"),
     ]
 

@@ -36,9 +36,15 @@ once (the kernel flushes every page it allocates for a new KeyID, usually with
 nothing cached), and a chunk of such pages misses everywhere (a page being
 zeroed) with no search for hits.
 
-An access inside one line that hits takes a short path with no array
-arithmetic; the slot of a recent hit is remembered and trusted once its tag
-confirms it (the page-table walk's 8-byte loads).
+An access inside one line takes a short path with no array arithmetic: a hit
+(the slot of a recent hit is remembered and trusted once its tag confirms it,
+for the page-table walk's 8-byte loads), and a miss (victim, write-back, tag,
+page bound, fill and age with Python scalars: a 64-byte read of a cold line).
+A load whose chunk misses everywhere is decrypted from its DRAM slice straight
+into the output, then copied into the cache. These two miss paths exist only
+for speed: ``fast = False`` sends every access down the chunked path, and
+tests/hw/test_cache_fast_paths.py holds both ways to the same bytes, DRAM and
+full cache state.
 
 ``export_state``/``import_state`` carry every line (tag, dirty bit, age, data),
 the clock, the per-page bound and the counters, for machine snapshots; the
@@ -194,6 +200,7 @@ class WriteBackCache:
         self._pages = -(-memory.size // PAGE_SIZE)
         self._resident = self._nothing_resident()
         self._hints: dict[int, int] = {}  # line << 16 | keyid -> the slot it was last hit in
+        self.fast = True  # False: only the chunked path (the differential tests' reference)
         self._hits = self._misses = self._writebacks = self._flushes = self._wbinvds = 0
 
     def __repr__(self) -> str:
@@ -204,21 +211,19 @@ class WriteBackCache:
         return CacheStats(self._hits, self._misses, self._writebacks, self._flushes, self._wbinvds)
 
     def load(self, pa: int, length: int, keyid: int) -> bytes:
-        slot = self._hit_within_line(pa, length, keyid)
+        slot = self._one_line(pa, length, keyid, fill=True)
         if slot != FREE:
             start = slot * LINE_SIZE + pa % LINE_SIZE
             return self._bytes[start : start + length].tobytes()
         span = _Span.of(pa, length)
-        parts = [
-            self._data[self._lookup(span.first + start, stop - start, keyid)]
-            for start, stop in span.chunks(self.sets)
-        ]
-        lines = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return lines.reshape(-1)[span.offset : span.offset + length].tobytes()
+        out = np.empty((span.lines, LINE_SIZE), dtype=np.uint8)
+        for start, stop in span.chunks(self.sets):
+            self._lookup(span.first + start, stop - start, keyid, out=out[start:stop])
+        return out.reshape(-1)[span.offset : span.offset + length].tobytes()
 
     def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None:
         length = len(data)
-        slot = self._hit_within_line(pa, length, keyid)
+        slot = self._one_line(pa, length, keyid, fill=length < LINE_SIZE)
         if slot != FREE:
             start = slot * LINE_SIZE + pa % LINE_SIZE
             self._bytes[start : start + length] = data
@@ -228,7 +233,7 @@ class WriteBackCache:
 
     def fill(self, pa: int, length: int, byte: int, keyid: int) -> None:
         """``store(pa, bytes([byte]) * length, keyid)``, without building the bytes."""
-        slot = self._hit_within_line(pa, length, keyid)
+        slot = self._one_line(pa, length, keyid, fill=length < LINE_SIZE)
         if slot != FREE:
             offset = pa % LINE_SIZE
             self._data[slot, offset : offset + length] = byte
@@ -299,12 +304,13 @@ class WriteBackCache:
         self._hints = {}
         self._hits, self._misses, self._writebacks, self._flushes, self._wbinvds = state["counters"]
 
-    def _hit_within_line(self, pa: int, length: int, keyid: int) -> int:
-        """The slot of a hit on an access inside one line, else FREE (take the long path).
+    def _one_line(self, pa: int, length: int, keyid: int, fill: bool) -> int:
+        """The slot of an access inside one line, after a hit or (``fast``) a
+        miss handled line by line; FREE: take the chunked path.
 
         ``_hints`` remembers where recent hits were (line and KeyID -> slot); a
         hint is only trusted once the slot's tag confirms it, so nothing that
-        moves lines has to keep the hints up to date.
+        moves lines has to keep the hints up to date. The caller marks a store dirty.
         """
         if pa % LINE_SIZE + length > LINE_SIZE:
             return FREE
@@ -314,10 +320,10 @@ class WriteBackCache:
         key = line << KEYID_TAG_BITS | keyid
         slot = self._hints.get(key, FREE)
         if slot == FREE or self._tags.item(slot) != tag:
-            try:
-                slot = index * WAYS + self._tag_rows[index].tolist().index(tag)
-            except ValueError:
-                return FREE
+            row = self._tag_rows[index].tolist()
+            if tag not in row:
+                return self._miss_line(line, index, tag, keyid, fill) if self.fast else FREE
+            slot = index * WAYS + row.index(tag)
             if len(self._hints) >= _HINTS:
                 self._hints.clear()
             self._hints[key] = slot
@@ -325,6 +331,28 @@ class WriteBackCache:
         self._clock += 1
         self._hits += 1
         return slot
+
+    def _miss_line(self, line: int, index: int, tag: int, keyid: int, fill: bool) -> int:
+        """``_lookup`` of one line that missed, with Python scalars: its slot now.
+
+        The same victim (the first way of the oldest age), write-back, tag,
+        page bound, fill, age and counters as the chunked path, without its
+        per-call numpy cost (a 64-byte read of a cold line lands here).
+        """
+        ages: list[int] = self._age_rows[index].tolist()
+        victim = index * WAYS + ages.index(min(ages))
+        if self._dirty.item(victim):
+            self._write_back(np.array([victim], dtype=np.int64))
+        self._tags[victim] = tag
+        page = line // PAGE_LINES
+        self._resident[page] = min(self._resident.item(page) + 1, self._resident_cap)
+        if fill:
+            start = victim * LINE_SIZE
+            self._bytes[start : start + LINE_SIZE] = self._memory.read_line(line, keyid)
+        self._ages[victim] = self._clock
+        self._clock += 1
+        self._misses += 1
+        return victim
 
     def _write(self, span: _Span, source: Source, keyid: int) -> None:
         """Store ``source`` (bytes, or one byte for every position) over ``span``."""
@@ -355,13 +383,15 @@ class WriteBackCache:
         keyid: int,
         fill: np.ndarray | bool = True,
         store: bool = False,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Slots holding lines ``first..first+count-1`` for ``keyid``; the lines share no set.
 
         Misses evict the least recently used way, writing it back if dirty, and
         are filled from DRAM where ``fill`` says the old contents are needed (True:
         all lines, False: none, a mask: those lines; a store that overwrites a
-        whole line needs no fill). A ``store`` leaves every slot dirty.
+        whole line needs no fill). A ``store`` leaves every slot dirty. ``out``
+        (``[count, 64]``, loads only) receives the lines' data.
         """
         tag = self._tag(first, keyid)
         if self._maybe_resident(first, count):
@@ -371,7 +401,12 @@ class WriteBackCache:
             hits += first % self.sets * WAYS
         else:  # no line of these pages is cached (a page being zeroed): nothing to look for
             hits = _NO_SLOTS
-        slots = hits if hits.size == count else self._miss(first, count, tag, hits, keyid, fill)
+        if hits.size == count:
+            slots = hits
+            if out is not None:
+                np.take(self._data, slots, axis=0, out=out)
+        else:
+            slots = self._miss(first, count, tag, hits, keyid, fill, out)
         self._ages[slots] = self._clock
         self._clock += 1
         if store:
@@ -388,11 +423,14 @@ class WriteBackCache:
         hits: np.ndarray,
         keyid: int,
         fill: np.ndarray | bool,
+        out: np.ndarray | None,
     ) -> np.ndarray:
         """``_lookup`` for a chunk with misses: all its slots, the missed lines now allocated.
 
         Each victim is written back (which leaves it clean) before any line is
         filled: a victim may be the very line being filled, under another KeyID.
+        A chunk that missed everywhere (``fast``) is decrypted from its DRAM
+        slice straight into ``out``, then copied into the cache.
         """
         set0 = first % self.sets
         missed: np.ndarray | None = None
@@ -411,9 +449,15 @@ class WriteBackCache:
         self._write_back(victims)
         self._tags[victims] = tag
         self._count_resident(first, count, missed)
+        if out is not None and missed is None and self.fast:
+            self._memory.read_run(first, keyid, out)
+            self._data[slots] = out
+            return slots
         needed = _selected(count, missed, fill)
         if needed.size:
             self._data[slots[needed]] = self._memory.read_lines(first + needed, keyid)
+        if out is not None:
+            np.take(self._data, slots, axis=0, out=out)
         return slots
 
     def _room(self, line: int) -> int:

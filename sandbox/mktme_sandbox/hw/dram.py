@@ -69,6 +69,11 @@ class Dram:
         self.check(pa, len(data))
         self.bytes[pa : pa + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
+    def read_line(self, line: int) -> bytes:
+        """The 64 bytes of line ``line`` (``pa // 64``), which the caller has checked."""
+        pa = line * LINE_SIZE
+        return self._mapping[pa : pa + LINE_SIZE]
+
     def read_lines(self, line_numbers: np.ndarray) -> np.ndarray:
         """Lines ``[L, 64]`` (a copy) at line numbers ``pa // 64``; callers have checked them."""
         lines: np.ndarray = self.lines[line_numbers]
