@@ -28,9 +28,11 @@ def observables(m: Machine) -> dict[str, object]:
         "mm/free_pools": m.free_pools(),
         "mm/keyid_free_pools": m.keyid_free_pools,
         "mm/check": m.check(),
-        "mm/ksm/run": m.ksm_stats(),
-        "mm/khugepaged/scan": m.khugepaged_stats(),
+        "mm/meminfo": m.meminfo(),
+        "mm/ksm/": m.ksm_stats(),
+        "mm/khugepaged/": m.khugepaged_stats(),
         "mm/kpageflags": m.kpageflags(0, 8 * (m.phys_mem >> 12)),
+        "mm/kpagecount": m.kpagecount(0, 8 * (m.phys_mem >> 12)),
         "mm/page_keyid": m.page_keyid(0, 8 * (m.phys_mem >> 12)),
         "hw/cache": m.cache_stats(),
         "spaces": [(name, m.space_owner(name)) for name in m.space_names()],
@@ -42,6 +44,8 @@ def observables(m: Machine) -> dict[str, object]:
     for name in m.space_names():
         seen[f"spaces/{name}/maps"] = m.maps(name)
         seen[f"spaces/{name}/smaps"] = m.smaps(name)
+        seen[f"spaces/{name}/smaps_rollup"] = m.smaps_rollup(name)
+        seen[f"spaces/{name}/status"] = m.status(name)
         seen[f"spaces/{name}/pagemap"] = m.pagemap(name, (BASE >> 12) * 8, 8 * 1024)
         seen[f"spaces/{name}/cr3"] = m.cr3(name)
         seen[f"pagetables/{name}"] = m.ptdump(name)

@@ -9,7 +9,8 @@ environment only (``MKTME_SEED``): a foreground daemon given ``--seed`` on its
 command line executes itself again without it. ``umount`` unmounts, stale,
 stopped and wedged daemons' mounts too, never blocking on the mount. ``list``
 shows the running daemons and their state. ``bench`` runs the benchmark suites.
-``examples`` lists and runs the experiments and the tour shipped in
+``shell`` runs a command with the sandbox bound over ``/proc`` (the work is
+``mktme_sandbox.procshell``'s). ``examples`` lists and runs the experiments and the tour shipped in
 ``mktme_sandbox.examples`` (the work is ``mktme_sandbox.examples.run_all``'s).
 The mechanics live in ``mktme_sandbox.daemon``; this module only parses and reports.
 
@@ -44,6 +45,7 @@ from mktme_sandbox.daemon import (
     start_daemon,
     stop_sandbox,
 )
+from mktme_sandbox.procshell import ShellError, shell_argv
 
 __all__ = ["cli", "main"]
 
@@ -271,6 +273,29 @@ def umount(mountpoint: str) -> None:
         click.echo(f"{mountpoint} is not mounted")
         return
     click.echo(f"unmounted {mountpoint}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("mountpoint", type=MOUNTPOINT)
+@click.option("--space", metavar="NAME", help="Show this space as the process $MKTME_SPACE_PID.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def shell(mountpoint: str, space: str | None, command: tuple[str, ...]) -> None:
+    """Run a shell, or COMMAND after --, with the sandbox over /proc (as root).
+
+    In private mount and PID namespaces the sandbox's mm/meminfo, mm/vmstat,
+    mm/kpageflags and mm/kpagecount stand over /proc's, mm/ksm over
+    /sys/kernel/mm/ksm and mm/khugepaged over
+    /sys/kernel/mm/transparent_hugepage/khugepaged, so that free, vmstat -s
+    and grep -r . /sys/kernel/mm/ksm show the sandbox. With --space NAME, the
+    space's maps, smaps, smaps_rollup and status stand over those of a helper
+    process whose pid is in $MKTME_SPACE_PID: pmap -X $MKTME_SPACE_PID.
+    Exits with the command's status.
+    """
+    try:
+        argv = shell_argv(mountpoint, space, list(command))
+    except ShellError as err:
+        raise click.ClickException(str(err)) from None
+    os.execvp(argv[0], argv)
 
 
 @cli.command(name="list")

@@ -132,6 +132,7 @@ class Kpf(enum.IntEnum):
     THP = 22
     ZERO_PAGE = 24
     PGTABLE = 26
+    RESERVED = 32  # PG_reserved: PFN 0 and the zero page
 
 
 PAGEMAP_PRESENT = 1 << 63

@@ -256,6 +256,15 @@ class Machine:
         return proc.smaps(self.kernel, self._space_for(name, uid))
 
     @_locked
+    def smaps_rollup(self, name: str, uid: int | None = None) -> str:
+        return proc.smaps_rollup(self.kernel, self._space_for(name, uid))
+
+    @_locked
+    def status(self, name: str, uid: int | None = None) -> str:
+        """``spaces/NAME/status``: ``Name:`` and the Vm* and Rss* lines of /proc/PID/status."""
+        return proc.status(self.kernel, self._space_for(name, uid))
+
+    @_locked
     def read_virt(self, name: str, addr: int, length: int, uid: int | None = None) -> bytes:
         mm = self._space_for(name, uid)
         return memory.access_vm(self.kernel, mm, addr, length, None)
@@ -317,12 +326,17 @@ class Machine:
 
     @_locked
     def vmstat(self) -> str:
-        return self.kernel.vmstat.text()
+        return proc.vmstat_text(self.kernel)
 
     @_locked
     def vmstat_counts(self) -> dict[str, int]:
-        """``mm/vmstat`` as numbers, for scripts and benchmarks."""
-        return self.kernel.vmstat.snapshot()
+        """``mm/vmstat`` as numbers (gauges and counters), for scripts and benchmarks."""
+        return proc.vmstat(self.kernel)
+
+    @_locked
+    def meminfo(self) -> str:
+        """``mm/meminfo``, in the format of /proc/meminfo."""
+        return proc.meminfo(self.kernel)
 
     @_locked
     def free_pools(self) -> str:
@@ -353,20 +367,26 @@ class Machine:
         return ksm.ksm_do_scan(self.kernel)
 
     @_locked
-    def ksm_stats(self) -> str:
-        return self.kernel.ksm.text(self.kernel)
+    def ksm_stats(self) -> dict[str, int]:
+        """The files of ``mm/ksm/`` and their values."""
+        return ksm.ksm_sysfs(self.kernel)
 
     @_locked
     def khugepaged_scan(self) -> int:
         return khugepaged.khugepaged_scan(self.kernel)
 
     @_locked
-    def khugepaged_stats(self) -> str:
-        return self.kernel.khugepaged.text()
+    def khugepaged_stats(self) -> dict[str, int]:
+        """The files of ``mm/khugepaged/`` and their values."""
+        return khugepaged.khugepaged_sysfs(self.kernel)
 
     @_locked
     def kpageflags(self, offset: int, length: int) -> bytes:
         return proc.kpageflags(self.kernel, offset, length)
+
+    @_locked
+    def kpagecount(self, offset: int, length: int) -> bytes:
+        return proc.kpagecount(self.kernel, offset, length)
 
     @_locked
     def page_keyid(self, offset: int, length: int) -> bytes:

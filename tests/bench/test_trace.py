@@ -20,9 +20,9 @@ V5_LINES_PER_FAULT = 128
 def test_counts_between_two_vmstat_snapshots() -> None:
     before = dict.fromkeys(VMSTAT_ITEMS, 0)
     after = before | {
-        "pgfault": 10, "pgalloc": 14, "pgalloc_encrypted": 10, "prep_encrypted_flush": 4,
-        "arch_free_page_flush": 3, "keyid_pool_flush": 1, "flush_avoided_pool": 6,
-        "flush_lines": 100,
+        "pgfault": 10, "pgalloc_normal": 14, "mktme_pgalloc_encrypted": 10, "mktme_prep_encrypted_flush": 4,
+        "mktme_arch_free_page_flush": 3, "mktme_keyid_pool_flush": 1, "mktme_flush_avoided_pool": 6,
+        "mktme_flush_lines": 100,
     }  # fmt: skip
     counts = TraceCounts.between(before, after)
     assert counts == TraceCounts(10, 14, 10, 8, 6, 100)
@@ -89,8 +89,8 @@ def test_v5_flushes_every_encrypted_alloc_and_free() -> None:
     assert warm.lines_flushed == V5_LINES_PER_FAULT * warm.faults
     assert warm.model_pct() == pytest.approx(MODEL.v5_pct())
     stats = vmstat(machine)
-    assert stats["prep_encrypted_flush"] == stats["arch_free_page_flush"]
-    assert stats["prep_encrypted_flush"] == stats["pgalloc_encrypted"]
+    assert stats["mktme_prep_encrypted_flush"] == stats["mktme_arch_free_page_flush"]
+    assert stats["mktme_prep_encrypted_flush"] == stats["mktme_pgalloc_encrypted"]
 
 
 def test_pools_flush_only_while_they_fill() -> None:

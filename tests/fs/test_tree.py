@@ -178,6 +178,8 @@ def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash):
         "mem",
         "pagemap",
         "smaps",
+        "smaps_rollup",
+        "status",
         "tlb",
         "vmas",
     ]
@@ -284,14 +286,29 @@ def test_the_mitigations_directory_has_one_file_per_switch(bash):
     assert bash("ls mm/mitigations").split() == sorted(Machine.MITIGATIONS)
 
 
-@pytest.mark.parametrize("path", ["mm/ksm/run", "mm/khugepaged/scan"])
-def test_writing_1_runs_one_pass_and_the_counters_show_it(bash, path):
-    before = counter(bash(f"cat {path}"), "full_scans")
-    bash(f"echo 1 > {path}")
-    assert counter(bash(f"cat {path}"), "full_scans") == before + 1
+@pytest.mark.parametrize("folder", ["mm/ksm", "mm/khugepaged"])
+def test_writing_1_runs_one_pass_and_full_scans_counts_it(bash, folder):
+    control = "run" if folder == "mm/ksm" else "scan"
+    before = int(bash(f"cat {folder}/full_scans"))
+    bash(f"echo 1 > {folder}/{control}")
+    assert int(bash(f"cat {folder}/full_scans")) == before + 1
 
 
-@pytest.mark.parametrize("path", ["mm/kpageflags", "mm/page_keyid"])
+def test_ksm_and_khugepaged_folders_hold_one_value_per_file_as_sysfs(bash):
+    """Documentation/admin-guide/mm/ksm.rst and transhuge.rst: one value per file,
+    named as in /sys/kernel/mm/ksm/ and .../transparent_hugepage/khugepaged/."""
+    for line in bash("grep -r . mm/ksm mm/khugepaged/full_scans").splitlines():
+        _, value = line.split(":")
+        assert value.isdigit(), line
+    ksm = set(bash("ls mm/ksm").split())
+    assert {"run", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+            "full_scans", "pages_to_scan", "sleep_millisecs"} <= ksm  # fmt: skip
+    assert {"pages_to_scan", "pages_collapsed", "full_scans"} <= set(
+        bash("ls mm/khugepaged").split()
+    )
+
+
+@pytest.mark.parametrize("path", ["mm/kpageflags", "mm/kpagecount", "mm/page_keyid"])
 def test_pfn_tables_have_one_u64_per_page_frame(bash, path):
     assert stat_line(bash, path) == f"444 0 {8 * (PHYS_MEM >> 12)}"
     assert bash(f"cat {path} | wc -c").strip() == str(8 * (PHYS_MEM >> 12))

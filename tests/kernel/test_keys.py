@@ -121,7 +121,7 @@ def test_pconfig_busy_or_entropy_errors_are_retried(status):
     m.inject_pconfig_faults(status, 9)
     cpu_key(m, 1)
     assert "state=programmed" in m.key_status(1)
-    assert "key_program_retry 9" in m.vmstat()
+    assert "mktme_key_program_retry 9" in m.vmstat()
 
 
 @pytest.mark.parametrize("status", [2, 5])

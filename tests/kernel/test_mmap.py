@@ -31,7 +31,7 @@ def test_mmap_shows_in_maps_in_the_proc_format(m):
 
 def test_mmap_populate_faults_every_page_for_write(m):
     ctl(m, "a", f"mmap {U:#x} 16K rw- keyid=1 populate")
-    assert vmstat(m)["pgfault_write"] == 4
+    assert vmstat(m)["mktme_pgfault_write"] == 4
     assert "Rss:                  16 kB" in m.smaps("a")
 
 
@@ -112,7 +112,9 @@ def test_destroying_a_space_frees_every_page_and_table(m):
     m.destroy_space("a", uid=0)
     after = vmstat(m)
     pgd = 1  # allocated with the space, before `base`
-    assert after["pgfree"] - base["pgfree"] == after["pgalloc"] - base["pgalloc"] + pgd
+    assert (
+        after["pgfree"] - base["pgfree"] == after["pgalloc_normal"] - base["pgalloc_normal"] + pgd
+    )
     assert m.kernel.pages_of(1) == 0
 
 

@@ -26,25 +26,25 @@ def m(m):
 
 def test_without_pools_every_encrypted_alloc_and_free_flushes(m):
     d = churn(m, 1)
-    assert d["pgalloc_encrypted"] == 40
-    assert d["prep_encrypted_flush"] == 40
-    assert d["arch_free_page_flush"] == 40
-    assert d["flush_avoided_pool"] == 0
+    assert d["mktme_pgalloc_encrypted"] == 40
+    assert d["mktme_prep_encrypted_flush"] == 40
+    assert d["mktme_arch_free_page_flush"] == 40
+    assert d["mktme_flush_avoided_pool"] == 0
 
 
 def test_with_pools_a_page_reused_by_its_keyid_is_not_flushed(m):
     m.keyid_free_pools = True
     d = churn(m, 1)
-    assert d["arch_free_page_flush"] == 0
-    assert d["prep_encrypted_flush"] == 8  # only the first round takes KeyID-0 pages
-    assert d["flush_avoided_pool"] == 32
+    assert d["mktme_arch_free_page_flush"] == 0
+    assert d["mktme_prep_encrypted_flush"] == 8  # only the first round takes KeyID-0 pages
+    assert d["mktme_flush_avoided_pool"] == 32
 
 
 def test_with_pools_a_page_changes_keyid_only_through_a_flush(m):
     m.keyid_free_pools = True
     churn(m, 1, rounds=1)
     d = churn(m, 2, rounds=1)
-    assert d["keyid_pool_flush"] + d["prep_encrypted_flush"] == 8
+    assert d["mktme_keyid_pool_flush"] + d["mktme_prep_encrypted_flush"] == 8
     assert m.check() == []
 
 
@@ -52,7 +52,12 @@ def test_keyid0_allocations_never_flush_whatever_the_setting(m):
     for pools in (False, True):
         m.keyid_free_pools = pools
         d = churn(m, 0)
-        assert d["prep_encrypted_flush"] == d["arch_free_page_flush"] == d["keyid_pool_flush"] == 0
+        assert (
+            d["mktme_prep_encrypted_flush"]
+            == d["mktme_arch_free_page_flush"]
+            == d["mktme_keyid_pool_flush"]
+            == 0
+        )
 
 
 def test_free_pages_keep_their_keyid_in_a_pool_and_show_in_free_pools(m):

@@ -15,7 +15,7 @@ the pools' first pass from boot.
 The counters are priced with ``mktme_sandbox.bench.flush_model``. Lines are
 counted as the flush loop issues them (64 per flushed page), the unit the
 model's calibration divides by; ``lines_in_cache`` is the sandbox's
-``flush_lines`` counter, the lines the flushes actually found in the emulated
+``mktme_flush_lines`` counter, the lines the flushes actually found in the emulated
 cache, shown for comparison. ``trace_table`` lays it all out as lines of text.
 
 Left out: the emulator's own time is no model of a real machine's, so the
@@ -172,13 +172,13 @@ class TraceCounts:
         d = {name: after[name] - before[name] for name in after}
         return cls(
             faults=d["pgfault"],
-            pgalloc=d["pgalloc"],
-            pgalloc_encrypted=d["pgalloc_encrypted"],
-            pages_flushed=d["prep_encrypted_flush"]
-            + d["arch_free_page_flush"]
-            + d["keyid_pool_flush"],
-            flushes_avoided=d["flush_avoided_pool"],
-            lines_in_cache=d["flush_lines"],
+            pgalloc=d["pgalloc_normal"],
+            pgalloc_encrypted=d["mktme_pgalloc_encrypted"],
+            pages_flushed=d["mktme_prep_encrypted_flush"]
+            + d["mktme_arch_free_page_flush"]
+            + d["mktme_keyid_pool_flush"],
+            flushes_avoided=d["mktme_flush_avoided_pool"],
+            lines_in_cache=d["mktme_flush_lines"],
         )
 
     def __add__(self, other: TraceCounts) -> TraceCounts:

@@ -45,8 +45,11 @@ def trial(lab: Lab, k1: int, k2: int, check: bool) -> dict[str, bool]:
         "B": b.read(BASE, PAGE) == content,
     }
     lab.saw(f"A reads its content: {reads['A']}; B reads its content: {reads['B']}")
-    stats = " ".join(m.read_text("mm/ksm/run").split())
-    lab.saw(f"mm/ksm/run: {stats}")
+    stats = " ".join(
+        f"{n}={m.read_text(f'mm/ksm/{n}').strip()}"
+        for n in ("pages_shared", "pages_sharing", "full_scans")
+    )
+    lab.saw(f"mm/ksm/: {stats}")
     lab.destroy(b)
     lab.destroy(a)
     return {"control": a0 == a1, "cross": b0 in (a0, a1), "garbage": not all(reads.values())}

@@ -36,14 +36,14 @@ def run(lab: Lab) -> None:
     leftover = m.phys(k, pa, LINE)
     lab.saw(f"keyids/{k}/mem at {pa:#x}: {hexline(leftover)}")
     lab.expect(leftover == secret, "the old key still decrypts the freed page")
-    stat = m.vmstat().get("key_wbinvd")
+    stat = m.vmstat().get("mktme_key_wbinvd")
     m.write_ctl(f"keys/{k}", payload)
     lab.step(f"reprogrammed KeyID {k} with a new CPU key ({payload})")
     after = m.phys(k, pa, LINE)
     lab.saw(f"keyids/{k}/mem at {pa:#x}: {hexline(after)}")
     if stat is not None:
         lab.note(
-            f"key_wbinvd {stat} -> {m.vmstat().get('key_wbinvd')}: the kernel wrote the "
+            f"mktme_key_wbinvd {stat} -> {m.vmstat().get('mktme_key_wbinvd')}: the kernel wrote the "
             "cache back before the new key, so no line of the old key survives"
         )
     lab.expect(after != secret and secret[:16] not in after, "the new key reads garbage")

@@ -99,15 +99,19 @@ class Tree:
             ("pagetables",): Dir(lambda: ["kernel", *m.space_names()], fixed(uid, DIRECTORY)),
             ("pagetables", "kernel"): TextFile(m.ptdump_kernel, info),
             ("mm", "vmstat"): TextFile(m.vmstat, info),
+            ("mm", "meminfo"): TextFile(m.meminfo, info),
             ("mm", "free_pools"): TextFile(m.free_pools, info),
             ("mm", "keyid_free_pools"): TextFile(
                 lambda: f"{int(m.keyid_free_pools)}\n", control, _flag(self._set_free_pools)
             ),
-            ("mm", "ksm", "run"): TextFile(m.ksm_stats, control, _on_word(b"1", m.ksm_run)),
+            ("mm", "ksm", "run"): TextFile(
+                partial(self._sysfs_value, m.ksm_stats, "run"), control, _on_word(b"1", m.ksm_run)
+            ),
             ("mm", "khugepaged", "scan"): TextFile(
-                m.khugepaged_stats, control, _on_word(b"1", m.khugepaged_scan)
+                None, fixed(uid, 0o200), _on_word(b"1", m.khugepaged_scan)
             ),
             ("mm", "kpageflags"): BlobFile(8 * (m.phys_mem >> 12), m.kpageflags, info),
+            ("mm", "kpagecount"): BlobFile(8 * (m.phys_mem >> 12), m.kpagecount, info),
             ("mm", "page_keyid"): BlobFile(8 * (m.phys_mem >> 12), m.page_keyid, info),
             ("mm", "check"): TextFile(lambda: _lines(m.check()), info),
             ("mm", "keyid_map.svg"): TextFile(m.keyid_map_svg, info),
@@ -120,6 +124,10 @@ class Tree:
                 m.cache_stats, control, lambda text, uid: m.cache_command(text)
             ),
         }
+        for folder, values in (("ksm", m.ksm_stats), ("khugepaged", m.khugepaged_stats)):
+            for name in values():
+                path = ("mm", folder, name)
+                nodes.setdefault(path, TextFile(partial(self._sysfs_value, values, name), info))
         for name in m.MITIGATIONS:
             nodes[("mm", "mitigations", name)] = TextFile(
                 partial(lambda n: f"{int(m.mitigation(n))}\n", name),
@@ -141,6 +149,11 @@ class Tree:
             if path not in nodes
         }
         return nodes | dirs
+
+    @staticmethod
+    def _sysfs_value(values: Callable[[], dict[str, int]], name: str) -> str:
+        """One value of a sysfs folder (mm/ksm/, mm/khugepaged/), as its own file."""
+        return f"{values()[name]}\n"
 
     def _set_free_pools(self, on: bool) -> None:
         self.machine.keyid_free_pools = on
@@ -213,6 +226,8 @@ class Tree:
             "ctl": TextFile(None, access(0o200), partial(m.space_command, name)),
             "maps": TextFile(partial(m.maps, name), access(INFO)),
             "smaps": TextFile(partial(m.smaps, name), access(INFO)),
+            "smaps_rollup": TextFile(partial(m.smaps_rollup, name), access(INFO)),
+            "status": TextFile(partial(m.status, name), access(INFO)),
             "mem": BlobFile(
                 USER_SPACE_END,
                 partial(m.read_virt, name),

@@ -109,11 +109,11 @@ class Kernel:
     # --- page-table pages -------------------------------------------------------
 
     def _alloc_table(self) -> int:
-        self.vmstat.inc("pgtable_alloc")
+        self.vmstat.inc("mktme_pgtable_alloc")
         return self.alloc.alloc_page(0, PG.PGTABLE) * PAGE_SIZE
 
     def _free_table(self, pa: int) -> None:
-        self.vmstat.inc("pgtable_free")
+        self.vmstat.inc("mktme_pgtable_free")
         self.alloc.free_page(pa // PAGE_SIZE)
 
     def _is_table_page(self, pa: int) -> bool:

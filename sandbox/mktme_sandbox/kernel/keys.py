@@ -136,7 +136,7 @@ class KeyService:
         if self._in_use(keyid):
             fail(errno.EBUSY, f"key: KeyID {keyid} is still mapped; unmap it first")
         self._wbinvd()
-        self._vmstat.inc("key_wbinvd")
+        self._vmstat.inc("mktme_key_wbinvd")
         self._execute(program)
         kind = fields["type"]
         if kind == "clear":
@@ -187,12 +187,12 @@ class KeyService:
         for attempt in range(PCONFIG_TRIES):
             status = self._pconfig(struct)
             if status == PconfigStatus.PROG_SUCCESS:
-                self._vmstat.inc("key_program")
+                self._vmstat.inc("mktme_key_program")
                 return
             if status not in _RETRY:
                 fail(errno.EINVAL, f"key: PCONFIG refused the key: {status.name}")
             if attempt < PCONFIG_TRIES - 1:
-                self._vmstat.inc("key_program_retry")
+                self._vmstat.inc("mktme_key_program_retry")
         fail(errno.EAGAIN, f"key: PCONFIG answered {status.name} {PCONFIG_TRIES} times; try again")
 
     def owners(self) -> dict[int, int]:

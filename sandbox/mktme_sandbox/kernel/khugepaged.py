@@ -29,7 +29,7 @@ from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
-__all__ = ["KhugepagedStats", "khugepaged_scan"]
+__all__ = ["KHUGEPAGED_TUNABLES", "KhugepagedStats", "khugepaged_scan", "khugepaged_sysfs"]
 
 
 @dataclass
@@ -39,8 +39,27 @@ class KhugepagedStats:
     collapse_refused_keyid: int = 0
     collapse_alloc_failed: int = 0
 
-    def text(self) -> str:
-        return "".join(f"{name} {value}\n" for name, value in vars(self).items())
+
+# khugepaged.c's defaults for the timers; max_ptes_* as this model collapses:
+# every PTE present and exclusive, nothing swapped
+KHUGEPAGED_TUNABLES = {
+    "pages_to_scan": 4096,
+    "scan_sleep_millisecs": 10000,
+    "alloc_sleep_millisecs": 60000,
+    "max_ptes_none": 0,
+    "max_ptes_swap": 0,
+    "max_ptes_shared": 0,
+}
+_LINUX_COUNTERS = ("full_scans", "pages_collapsed")
+
+
+def khugepaged_sysfs(k: Kernel) -> dict[str, int]:
+    """The files of /sys/kernel/mm/transparent_hugepage/khugepaged/
+    (Documentation/admin-guide/mm/transhuge.rst), one value each; the
+    sandbox's own counters under ``mktme_``."""
+    counts = vars(k.khugepaged)
+    own = {f"mktme_{n}": v for n, v in counts.items() if n not in _LINUX_COUNTERS}
+    return {n: counts[n] for n in _LINUX_COUNTERS} | KHUGEPAGED_TUNABLES | own
 
 
 def khugepaged_scan(k: Kernel) -> int:
@@ -90,7 +109,7 @@ def _keyids_allow(k: Kernel, vma: Vma, pfns: list[int]) -> bool:
     if all(int(k.alloc.page_keyid[p]) == keyid for p in pfns):
         return True
     k.khugepaged.collapse_refused_keyid += 1
-    k.vmstat.inc("thp_collapse_refused_keyid")
+    k.vmstat.inc("mktme_thp_collapse_refused_keyid")
     return False
 
 

@@ -34,7 +34,7 @@ from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
-__all__ = ["KsmStats", "ksm_do_scan", "unmerge_ksm_pages"]
+__all__ = ["KSM_TUNABLES", "KsmStats", "ksm_do_scan", "ksm_sysfs", "unmerge_ksm_pages"]
 
 
 @dataclass
@@ -42,19 +42,31 @@ class KsmStats:
     full_scans: int = 0
     pages_merged: int = 0
     merge_refused_keyid: int = 0
+    pages_unshared: int = 0  # unique pages left by the last pass (Linux's unstable tree)
 
-    def text(self, k: Kernel) -> str:
-        shared = int(((k.alloc.flags & PG.KSM) != 0).sum())
-        sharing = int(k.alloc.mapcount[(k.alloc.flags & PG.KSM) != 0].sum()) - shared
-        rows = {
-            "run": 0,
-            "pages_shared": shared,
-            "pages_sharing": sharing,
-            "full_scans": self.full_scans,
-            "pages_merged": self.pages_merged,
-            "merge_refused_keyid": self.merge_refused_keyid,
-        }
-        return "".join(f"{name} {value}\n" for name, value in rows.items())
+
+KSM_TUNABLES = {"pages_to_scan": 100, "sleep_millisecs": 20}  # ksm.c's defaults; a pass takes all
+
+
+def ksm_sysfs(k: Kernel) -> dict[str, int]:
+    """The files of /sys/kernel/mm/ksm/ (Documentation/admin-guide/mm/ksm.rst)
+    this model has, one value each: ``run`` is 0 (no ksmd; writing 1 runs one
+    pass), ``pages_shared`` the KSM pages, ``pages_sharing`` the mappings of
+    them beyond the first, ``pages_volatile`` 0 (a pass merges at once); then
+    the sandbox's own counters under ``mktme_``."""
+    kpages = (k.alloc.flags & PG.KSM) != 0
+    shared = int(kpages.sum())
+    return {
+        "run": 0,
+        "pages_shared": shared,
+        "pages_sharing": int(k.alloc.mapcount[kpages].sum()) - shared,
+        "pages_unshared": k.ksm.pages_unshared,
+        "pages_volatile": 0,
+        "full_scans": k.ksm.full_scans,
+        **KSM_TUNABLES,
+        "mktme_pages_merged": k.ksm.pages_merged,
+        "mktme_merge_refused_keyid": k.ksm.merge_refused_keyid,
+    }
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,8 @@ def ksm_do_scan(k: Kernel) -> int:
     merged = sum(_merge_group(k, group) for group in groups.values() if len(group) > 1)
     k.ksm.full_scans += 1
     k.ksm.pages_merged += merged
-    k.vmstat.inc("ksm_pages_merged", merged)
+    k.ksm.pages_unshared = sum(not k.alloc.flags[c.pfn] & PG.KSM for c in _candidates(k))
+    k.vmstat.inc("mktme_ksm_pages_merged", merged)
     return merged
 
 
@@ -105,8 +118,8 @@ def _merge_group(k: Kernel, group: list[_Candidate]) -> int:
     if len(by_keyid) > 1:
         refused = sum(len(c) for c in by_keyid.values()) - max(len(c) for c in by_keyid.values())
         k.ksm.merge_refused_keyid += refused
-        k.vmstat.inc("ksm_merge_refused_keyid", refused)
-    return sum(_merge_into_one(k, cands) for cands in by_keyid.values())
+        k.vmstat.inc("mktme_ksm_merge_refused_keyid", refused)
+    return sum(_merge_into_one(k, cands) for cands in by_keyid.values() if len(cands) > 1)
 
 
 def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:

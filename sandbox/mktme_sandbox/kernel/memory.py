@@ -77,7 +77,7 @@ def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -
     """Resolve a fault at ``addr``; return the new PTE. A fault that fails
     frees the tables it left empty."""
     k.vmstat.inc("pgfault")
-    k.vmstat.inc("pgfault_write" if write else "pgfault_read")
+    k.vmstat.inc("mktme_pgfault_write" if write else "mktme_pgfault_read")
     page = addr & ~(PAGE_SIZE - 1)
     with k.charging(mm.owner):
         try:
@@ -106,11 +106,11 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
     k.pt.alloc_tables(mm.pgd, page)  # the tables first, the page last
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
-            k.vmstat.inc("zero_page_map")
+            k.vmstat.inc("mktme_zero_page_map")
             pte = pfn_pte(k.zero_pfn, vma.vm_page_prot)
             k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
             return pte
-        k.vmstat.inc("zero_page_refused_encrypted")
+        k.vmstat.inc("mktme_zero_page_refused_encrypted")
     pfn = k.alloc.alloc_page(keyid, PG.ANON)
     return _map_new_page(k, mm, vma, page, pfn)
 
@@ -137,7 +137,7 @@ def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
         k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
         k.tlb.flush_range(mm.asid, page, page + PAGE_SIZE)
         return pte
-    k.vmstat.inc("cow_fault")
+    k.vmstat.inc("mktme_cow_fault")
     new = k.alloc.alloc_page(vma_keyid(vma, k.pte_layout), PG.ANON, zero=bool(flags & PG.ZERO))
     if not flags & PG.ZERO:
         copy_page(k, src=pfn, dst=new)
@@ -303,13 +303,13 @@ def compound_head(k: Kernel, pfn: int) -> int:
 
 def flush_tlb_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     k.tlb.flush_range(mm.asid, start, end)
-    k.vmstat.inc("tlb_flush")
+    k.vmstat.inc("mktme_tlb_flush")
 
 
 def flush_tlb_mm(k: Kernel, mm: MmStruct) -> None:
     """Every translation of the address space (``spaces/NAME/tlb``)."""
     k.tlb.flush_all(mm.asid)
-    k.vmstat.inc("tlb_flush")
+    k.vmstat.inc("mktme_tlb_flush")
 
 
 def split_huge_pmds(k: Kernel, mm: MmStruct, start: int, end: int) -> None:

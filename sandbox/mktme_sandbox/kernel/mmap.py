@@ -261,7 +261,7 @@ def vma_merge(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
             vma = prev.with_(end=vma.end)  # the merged VMA keeps prev's pgprot
             mm.insert(vma)
             merged[-1] = vma
-            k.vmstat.inc("vma_merge")
+            k.vmstat.inc("mktme_vma_merge")
         else:
             merged.append(vma)
 
@@ -272,6 +272,6 @@ def _can_merge(k: Kernel, prev: Vma, vma: Vma) -> bool:
     if vma_keyid(prev, k.pte_layout) == vma_keyid(vma, k.pte_layout):
         return True
     if k.mitigations["vma_merge_keyid_check"]:
-        k.vmstat.inc("vma_merge_refused_keyid")
+        k.vmstat.inc("mktme_vma_merge_refused_keyid")
         return False
     return True

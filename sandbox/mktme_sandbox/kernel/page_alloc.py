@@ -170,13 +170,13 @@ class PageAllocator:
         if keyid != old_keyid:
             self.prep_encrypted_page(pfn, order, old_keyid, keyid)
         elif keyid != 0:
-            self.vmstat.inc("flush_avoided_pool", nr)
+            self.vmstat.inc("mktme_flush_avoided_pool", nr)
         self.flags[pfn : pfn + nr] = flags
         self.allocated_by_keyid[keyid] = self.allocated_by_keyid.get(keyid, 0) + nr
         self._charge(pfn, nr, self.charge_uid)
-        self.vmstat.inc("pgalloc", nr)
+        self.vmstat.inc("pgalloc_normal", nr)
         if keyid:
-            self.vmstat.inc("pgalloc_encrypted", nr)
+            self.vmstat.inc("mktme_pgalloc_encrypted", nr)
         if zero:
             self.mem.fill(pfn * PAGE_SIZE, nr * PAGE_SIZE, 0, keyid)
 
@@ -198,7 +198,7 @@ class PageAllocator:
 
     def prep_encrypted_page(self, pfn: int, order: int, old_keyid: int, keyid: int) -> None:
         """Flush the old KeyID's lines, then give the page its new KeyID."""
-        counter = "prep_encrypted_flush" if old_keyid == 0 else "keyid_pool_flush"
+        counter = "mktme_prep_encrypted_flush" if old_keyid == 0 else "mktme_keyid_pool_flush"
         self._flush(pfn, order, old_keyid, counter)
         self.page_keyid[pfn : pfn + (1 << order)] = keyid
 
@@ -218,23 +218,23 @@ class PageAllocator:
         self.allocated_by_keyid[keyid] -= nr
         self.vmstat.inc("pgfree", nr)
         if keyid:
-            self.vmstat.inc("pgfree_encrypted", nr)
+            self.vmstat.inc("mktme_pgfree_encrypted", nr)
 
     def arch_free_page(self, pfn: int, order: int, keyid: int) -> None:
         """v5: flush an encrypted page and reset its KeyID; pools: keep both."""
         if keyid == 0 or self.keyid_free_pools:
             return
-        self._flush(pfn, order, keyid, "arch_free_page_flush")
+        self._flush(pfn, order, keyid, "mktme_arch_free_page_flush")
         self.page_keyid[pfn : pfn + (1 << order)] = 0
 
     def _flush(self, pfn: int, order: int, keyid: int, counter: str) -> None:
         nr = 1 << order
         if not self._flush_enabled():
-            self.vmstat.inc("flush_skipped_mitigation_off", nr)
+            self.vmstat.inc("mktme_flush_skipped_mitigation_off", nr)
             return
         lines = self.mem.flush_range(pfn * PAGE_SIZE, nr * PAGE_SIZE, keyid)
         self.vmstat.inc(counter, nr)
-        self.vmstat.inc("flush_lines", lines)
+        self.vmstat.inc("mktme_flush_lines", lines)
 
     # --- pools --------------------------------------------------------------
 
@@ -243,7 +243,7 @@ class PageAllocator:
         if not on and self.keyid_free_pools:
             for keyid in [k for k in self._pools if k]:
                 for pfn in self._pools.pop(keyid):
-                    self._flush(pfn, 0, keyid, "keyid_pool_flush")
+                    self._flush(pfn, 0, keyid, "mktme_keyid_pool_flush")
                     self.page_keyid[pfn] = 0
                     self._pools[0].append(pfn)
         self.keyid_free_pools = on

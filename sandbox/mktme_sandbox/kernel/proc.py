@@ -16,6 +16,7 @@ its PFN but neither exclusive nor counted in Rss.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
-from mktme_sandbox.kernel.page_alloc import PG
+from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 PAGEMAP_ENTRY = 8
+PSS_SHIFT = 12  # fs/proc/task_mmu.c: Pss is summed in bytes << PSS_SHIFT
 PM_PFN_MASK = (1 << 55) - 1
 PM_MMAP_EXCLUSIVE = 1 << 56
 PM_PRESENT = 1 << 63
@@ -68,6 +70,7 @@ class KPF(IntEnum):
     THP = 22
     ZERO_PAGE = 24
     PGTABLE = 26
+    RESERVED = 32  # a "kernel hacking" flag, exported as is (PG_reserved)
 
 
 _VMFLAG_MNEMONICS = (  # mm/proc task_mmu.c order; mr mw me always for anon private
@@ -95,63 +98,127 @@ def maps(mm: MmStruct) -> str:
 
 
 def smaps(k: Kernel, mm: MmStruct) -> str:
-    return "".join(_smaps_entry(k, mm, vma) for vma in mm.vmas())
+    return "".join(_maps_line(vma) + _smaps_fields(k, mm, vma) for vma in mm.vmas())
 
 
-def _smaps_entry(k: Kernel, mm: MmStruct, vma: Vma) -> str:
-    usage = _usage(k, mm, vma)
-    lines = [_maps_line(vma)]
-    for name, kb in (
-        ("Size", len(vma) >> 10), ("KernelPageSize", 4), ("MMUPageSize", 4),
-        ("Rss", usage["rss"]), ("Pss", usage["pss"]), ("Pss_Dirty", usage["pss_dirty"]),
-        ("Shared_Clean", usage["shared_clean"]), ("Shared_Dirty", usage["shared_dirty"]),
-        ("Private_Clean", usage["private_clean"]), ("Private_Dirty", usage["private_dirty"]),
-        ("Referenced", usage["rss"]), ("Anonymous", usage["rss"]), ("KSM", usage["ksm"]),
-        ("LazyFree", 0), ("AnonHugePages", usage["anon_huge"]), ("ShmemPmdMapped", 0),
+def smaps_rollup(k: Kernel, mm: MmStruct) -> str:
+    """``/proc/PID/smaps_rollup``: one header from the first VMA's start to the
+    last one's end (``00000000-00000000`` without VMAs), padded to column 73
+    and ``[rollup]``, then the smaps fields summed over every VMA (show_smaps_rollup)."""
+    vmas = mm.vmas()
+    start, end = (vmas[0].start, vmas[-1].end) if vmas else (0, 0)
+    header = f"{start:08x}-{end:08x} ---p 00000000 00:00 0"
+    mss = MemSizeStats()
+    for vma in vmas:
+        _account_vma(k, mm, vma, mss)
+    return f"{header:<72} [rollup]\n" + _show_smap(mss, rollup=True)
+
+
+def _smaps_fields(k: Kernel, mm: MmStruct, vma: Vma) -> str:
+    mss = MemSizeStats()
+    _account_vma(k, mm, vma, mss)
+    lines = [_kb("Size", len(vma)), _kb("KernelPageSize", PAGE_SIZE), _kb("MMUPageSize", PAGE_SIZE)]
+    thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= 2 << 20)
+    flags = " ".join(m for bit, m in _VMFLAG_MNEMONICS if bit is None or vma.vm_flags & bit)
+    return (
+        "".join(lines)
+        + _show_smap(mss, rollup=False)
+        + (
+            f"{'THPeligible:':<16}{thp:>8}\n"
+            f"{'ProtectionKey:':<16}{0:>8}\n"
+            f"{'KeyID:':<16}{vma_keyid(vma, k.pte_layout):>8}\n"
+            f"VmFlags: {flags} \n"
+        )
+    )
+
+
+def _kb(name: str, nbytes: int) -> str:
+    """``Name:`` padded to 16, the value in kB right-aligned in 8 (SEQ_PUT_DEC)."""
+    return f"{name + ':':<16}{nbytes >> 10:>8} kB\n"
+
+
+@dataclass
+class MemSizeStats:
+    """struct mem_size_stats of fs/proc/task_mmu.c: bytes, and ``pss`` in
+    bytes << PSS_SHIFT so that a page shared by three adds exactly a third."""
+
+    resident: int = 0
+    pss: int = 0
+    pss_dirty: int = 0
+    shared_clean: int = 0
+    shared_dirty: int = 0
+    private_clean: int = 0
+    private_dirty: int = 0
+    ksm: int = 0
+    anonymous_thp: int = 0
+
+
+def _show_smap(mss: MemSizeStats, rollup: bool) -> str:
+    """__show_smap(): the fields from ``Rss`` to ``Locked``; ``Pss_Anon``,
+    ``Pss_File``, ``Pss_Shmem`` only in smaps_rollup."""
+    pss, pss_dirty = mss.pss >> PSS_SHIFT, mss.pss_dirty >> PSS_SHIFT
+    fields = [("Rss", mss.resident), ("Pss", pss), ("Pss_Dirty", pss_dirty)]
+    if rollup:
+        fields += [("Pss_Anon", pss), ("Pss_File", 0), ("Pss_Shmem", 0)]
+    fields += [
+        ("Shared_Clean", mss.shared_clean), ("Shared_Dirty", mss.shared_dirty),
+        ("Private_Clean", mss.private_clean), ("Private_Dirty", mss.private_dirty),
+        ("Referenced", mss.resident), ("Anonymous", mss.resident), ("KSM", mss.ksm),
+        ("LazyFree", 0), ("AnonHugePages", mss.anonymous_thp), ("ShmemPmdMapped", 0),
         ("FilePmdMapped", 0), ("Shared_Hugetlb", 0), ("Private_Hugetlb", 0),
         ("Swap", 0), ("SwapPss", 0), ("Locked", 0),
-    ):  # fmt: skip
-        lines.append(f"{name + ':':<16}{kb:>8} kB\n")
-    thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= 2 << 20)
-    lines.append(f"{'THPeligible:':<16}{thp:>8}\n")
-    lines.append(f"{'ProtectionKey:':<16}{0:>8}\n")
-    lines.append(f"{'KeyID:':<16}{vma_keyid(vma, k.pte_layout):>8}\n")
-    flags = " ".join(m for bit, m in _VMFLAG_MNEMONICS if bit is None or vma.vm_flags & bit)
-    lines.append(f"VmFlags: {flags} \n")
-    return "".join(lines)
+    ]  # fmt: skip
+    return "".join(_kb(name, value) for name, value in fields)
 
 
-def _usage(k: Kernel, mm: MmStruct, vma: Vma) -> dict[str, int]:
-    """Rss and friends in kB, as smaps_pte_entry() counts them."""
-    u = dict.fromkeys(
-        (
-            "rss",
-            "pss",
-            "pss_dirty",
-            "shared_clean",
-            "shared_dirty",
-            "private_clean",
-            "private_dirty",
-            "ksm",
-            "anon_huge",
-        ),
-        0,
-    )
+def _account_vma(k: Kernel, mm: MmStruct, vma: Vma, mss: MemSizeStats) -> None:
+    """smaps_pte_entry() / smaps_account() over the VMA's present pages."""
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
         pfn = pte_page(k, pte, size)
         if pfn is None or k.alloc.flags[pfn] & PG.ZERO:
             continue  # vm_normal_page() is NULL for the zero page and bad frames
-        flags = int(k.alloc.flags[pfn])
-        kb, count = size >> 10, max(int(k.alloc.mapcount[pfn]), 1)
-        dirty = bool(pte & PteFlags.DIRTY)
-        shared = count > 1
-        u["rss"] += kb
-        u["pss"] += kb // count
-        u["pss_dirty"] += kb // count if dirty else 0
-        u[f"{'shared' if shared else 'private'}_{'dirty' if dirty else 'clean'}"] += kb
-        u["ksm"] += kb if flags & PG.KSM else 0
-        u["anon_huge"] += kb if size != PAGE_SIZE else 0
-    return u
+        ksm = bool(k.alloc.flags[pfn] & PG.KSM)
+        count = max(int(k.alloc.mapcount[pfn]), 1)
+        # a KSM page is PageDirty (ksm.c: set_page_dirty on merge), whatever its PTE says
+        dirty = bool(pte & PteFlags.DIRTY) or ksm
+        pss = (size << PSS_SHIFT) // count
+        mss.resident += size
+        mss.pss += pss
+        mss.pss_dirty += pss if dirty else 0
+        kind = f"{'shared' if count > 1 else 'private'}_{'dirty' if dirty else 'clean'}"
+        setattr(mss, kind, getattr(mss, kind) + size)
+        mss.ksm += size if ksm else 0
+        mss.anonymous_thp += size if size != PAGE_SIZE else 0
+
+
+# --- status ---------------------------------------------------------------------
+
+
+def status(k: Kernel, mm: MmStruct) -> str:
+    """``/proc/PID/status``: ``Name:`` and the lines of task_mem() (fs/proc/task_mmu.c),
+    each ``Name:\\t`` and the value in kB right-aligned in 8."""
+    vm = sum(len(v) for v in mm.vmas())
+    rss = sum(size for _, size, pte in _mapped_pages(k, mm))
+    data = sum(len(v) for v in mm.vmas() if v.vm_flags & VM.WRITE)  # is_data_mapping
+    lib = sum(
+        len(v) for v in mm.vmas() if v.vm_flags & (VM.EXEC | VM.WRITE) == VM.EXEC
+    )  # is_exec_mapping
+    ptes = (sum(1 for _ in k.pt.iter_tables(mm.pgd)) - 1) * PAGE_SIZE  # the PGD is not counted
+    lines = (
+        ("VmPeak", vm), ("VmSize", vm), ("VmLck", 0), ("VmPin", 0), ("VmHWM", rss),
+        ("VmRSS", rss), ("RssAnon", rss), ("RssFile", 0), ("RssShmem", 0), ("VmData", data),
+        ("VmStk", 0), ("VmExe", 0), ("VmLib", lib), ("VmPTE", ptes), ("VmSwap", 0),
+        ("HugetlbPages", 0),
+    )  # fmt: skip
+    return f"Name:\t{mm.name[:15]}\n" + "".join(f"{n}:\t{b >> 10:>8} kB\n" for n, b in lines)
+
+
+def _mapped_pages(k: Kernel, mm: MmStruct) -> Iterator[tuple[int, int, int]]:
+    """(va, size, pte) of the pages counted in MM_ANONPAGES: the zero page is not."""
+    for va, size, pte in k.pt.iter_present(mm.pgd):
+        pfn = pte_page(k, pte, size)
+        if pfn is not None and not k.alloc.flags[pfn] & PG.ZERO:
+            yield va, size, pte
 
 
 # --- pagemap --------------------------------------------------------------------
@@ -194,6 +261,7 @@ _PG_TO_KPF = (
     (PG.KSM, (KPF.KSM,)),
     (PG.HEAD, (KPF.COMPOUND_HEAD, KPF.THP)),
     (PG.TAIL, (KPF.COMPOUND_TAIL, KPF.THP)),
+    (PG.RESERVED, (KPF.RESERVED,)),
 )
 
 
@@ -212,9 +280,28 @@ def kpageflags(k: Kernel, offset: int, length: int) -> bytes:
         bits = sum(1 << int(b) for b in kpfs)
         out[(flags & pg) != 0] |= np.uint64(bits)
     out[k.alloc.free_mask(first, last)] |= np.uint64(1 << KPF.BUDDY)
-    mapped = k.alloc.mapcount[first:last] > 0
-    out[mapped] |= np.uint64(1 << KPF.MMAP)
+    out[_mapcounts(k, first, last) > 0] |= np.uint64(1 << KPF.MMAP)  # page_mapped()
     return out.tobytes()[skip : skip + length]
+
+
+def _mapcounts(k: Kernel, first: int, last: int) -> np.ndarray:
+    """The mapcount of each PFN as Linux sees it: a tail page of a PMD-mapped
+    huge page is mapped as often as its head (the folio's entire mapcount);
+    the model keeps the count on the head only."""
+    counts = k.alloc.mapcount[first:last].astype(np.int64)
+    tails = np.flatnonzero(k.alloc.flags[first:last] & PG.TAIL)
+    heads = (tails + first) & ~(HPAGE_NR - 1)
+    counts[tails] = k.alloc.mapcount[heads]
+    counts[(k.alloc.flags[first:last] & PG.ZERO) != 0] = 0  # mappings Linux does not count
+    return counts
+
+
+def kpagecount(k: Kernel, offset: int, length: int) -> bytes:
+    """/proc/kpagecount bytes at ``offset``: one u64 per PFN, the times the page
+    is mapped (0 for free pages, page tables and the zero page, whose mappings
+    Linux does not count)."""
+    first, last, skip = _pfn_window(k, offset, length)
+    return _mapcounts(k, first, last).astype("<u8").tobytes()[skip : skip + length]
 
 
 def page_keyid(k: Kernel, offset: int, length: int) -> bytes:
@@ -222,3 +309,77 @@ def page_keyid(k: Kernel, offset: int, length: int) -> bytes:
     first, last, skip = _pfn_window(k, offset, length)
     out = k.alloc.page_keyid[first:last].astype("<u8")
     return out.tobytes()[skip : skip + length]
+
+
+# --- vmstat / meminfo -----------------------------------------------------------
+
+
+def node_page_state(k: Kernel) -> dict[str, int]:
+    """The gauges of /proc/vmstat, in its order (mm/vmstat.c vmstat_text), in
+    pages; ``nr_anon_transparent_hugepages`` in huge pages, as vmstat_show()
+    prints it. Read from the allocator, so they are always exact."""
+    flags = k.alloc.flags
+    return {
+        "nr_free_pages": int(k.alloc.free_mask().sum()),
+        "nr_anon_pages": int(((flags & PG.ANON) != 0).sum()),
+        "nr_anon_transparent_hugepages": int(((flags & PG.HEAD) != 0).sum()),
+        "nr_page_table_pages": int(((flags & PG.PGTABLE) != 0).sum()),
+    }
+
+
+def vmstat(k: Kernel) -> dict[str, int]:
+    """/proc/vmstat as numbers: the gauges, then the event counters."""
+    return node_page_state(k) | k.vmstat.snapshot()
+
+
+def vmstat_text(k: Kernel) -> str:
+    return "".join(f"{name} {value}\n" for name, value in vmstat(k).items())
+
+
+VMALLOC_TOTAL_KB = 34359738367  # x86-64 4-level: (VMALLOC_END - VMALLOC_START) >> 10
+OVERCOMMIT_RATIO = 50  # vm.overcommit_ratio's default
+
+
+def meminfo(k: Kernel) -> str:
+    """/proc/meminfo (fs/proc/meminfo.c): ``Name:`` padded to 16 and the value in
+    kB right-aligned in 8 (show_val_kb), the HugePages_* counts in 5 after
+    their padding (hugetlb_report_meminfo), the fields of an x86-64 kernel."""
+    return "".join(_meminfo_line(name, value) for name, value in _meminfo_values(k).items())
+
+
+def _meminfo_line(name: str, value: int) -> str:
+    if name.startswith("HugePages_"):
+        return f"{name + ':':<19}{value:>5}\n"
+    return f"{name + ':':<16}{value:>8} kB\n"
+
+
+def _meminfo_values(k: Kernel) -> dict[str, int]:
+    """Values in kB (HugePages_* in pages). The model has one memory zone, no
+    page cache, slab, swap or hugetlbfs: those fields are 0. New anonymous
+    pages go to the inactive anon LRU (lru_cache_add_inactive_or_unevictable)
+    and nothing ages them, so ``Active(anon)`` stays 0."""
+    state, kb = node_page_state(k), PAGE_SIZE >> 10
+    reserved = int(((k.alloc.flags & PG.RESERVED) != 0).sum())
+    total = (k.alloc.nr_pages - reserved) * kb  # totalram_pages: reserved pages are not RAM
+    free, anon = state["nr_free_pages"] * kb, state["nr_anon_pages"] * kb
+    committed = sum(len(v) for mm in k.spaces.values() for v in mm.vmas() if v.vm_flags & VM.WRITE)
+    zeros = dict.fromkeys
+    return {
+        "MemTotal": total, "MemFree": free, "MemAvailable": free,
+        **zeros(("Buffers", "Cached", "SwapCached", "Active"), 0), "Inactive": anon,
+        "Active(anon)": 0, "Inactive(anon)": anon,
+        **zeros(("Active(file)", "Inactive(file)", "Unevictable", "Mlocked", "SwapTotal",
+                 "SwapFree", "Zswap", "Zswapped", "Dirty", "Writeback"), 0),
+        "AnonPages": anon,
+        **zeros(("Mapped", "Shmem", "KReclaimable", "Slab", "SReclaimable", "SUnreclaim",
+                 "KernelStack"), 0),
+        "PageTables": state["nr_page_table_pages"] * kb,
+        **zeros(("SecPageTables", "NFS_Unstable", "Bounce", "WritebackTmp"), 0),
+        "CommitLimit": total * OVERCOMMIT_RATIO // 100, "Committed_AS": committed >> 10,
+        "VmallocTotal": VMALLOC_TOTAL_KB, **zeros(("VmallocUsed", "VmallocChunk", "Percpu"), 0),
+        "AnonHugePages": state["nr_anon_transparent_hugepages"] * (HPAGE_NR * kb),
+        **zeros(("ShmemHugePages", "ShmemPmdMapped", "FileHugePages", "FilePmdMapped",
+                 "HugePages_Total", "HugePages_Free", "HugePages_Rsvd", "HugePages_Surp"), 0),
+        "Hugepagesize": HPAGE_NR * kb, "Hugetlb": 0,
+        "DirectMap4k": 0, "DirectMap2M": k.alloc.nr_pages * kb, "DirectMap1G": 0,
+    }  # fmt: skip

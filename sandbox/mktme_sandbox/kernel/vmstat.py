@@ -1,9 +1,13 @@
 """Event counters of the simulated mm, rendered like ``/proc/vmstat``.
 
 Every counter is declared once in ``VMSTAT_ITEMS`` with what it counts; the
-mechanisms increment them by name. Names follow Linux where Linux has the
-event (``pgfault``, ``pgalloc_normal``, ``thp_collapse_alloc``); the MKTME
-ones are this sandbox's own and say what the series costs or saves.
+mechanisms increment them by name. A name without prefix is Linux's own
+``vm_event_item`` text from mm/vmstat.c (``pgalloc_normal``: the sandbox has
+one zone, ZONE_NORMAL; ``pgfree``, ``pgfault``, ``thp_collapse_alloc``,
+``thp_collapse_alloc_failed``, ``thp_split_pmd``), counting what Linux counts.
+Everything Linux has no counter for is this sandbox's own and starts with
+``mktme_``. The gauges of ``/proc/vmstat`` (``nr_free_pages`` ...) are read
+from the allocator when the file is rendered (kernel/proc.py).
 """
 
 from __future__ import annotations
@@ -11,36 +15,38 @@ from __future__ import annotations
 __all__ = ["VMSTAT_ITEMS", "VmStat"]
 
 VMSTAT_ITEMS: dict[str, str] = {
-    "pgfault": "page faults handled",
-    "pgfault_read": "faults on a load",
-    "pgfault_write": "faults on a store",
-    "pgalloc": "pages allocated (all KeyIDs)",
-    "pgalloc_encrypted": "pages allocated for a KeyID other than 0",
+    # Linux's vm_event_item names, in mm/vmstat.c vmstat_text order
+    "pgalloc_normal": "pages allocated (ZONE_NORMAL, the only zone; all KeyIDs)",
     "pgfree": "pages freed",
-    "pgfree_encrypted": "pages freed while tagged with a KeyID other than 0",
-    "pgtable_alloc": "page-table pages allocated",
-    "pgtable_free": "page-table pages freed",
-    "prep_encrypted_flush": "page flushes in prep_encrypted_page (allocation)",
-    "arch_free_page_flush": "page flushes in arch_free_page (free)",
-    "keyid_pool_flush": "page flushes when a page moves between KeyID pools",
-    "flush_avoided_pool": "flushes skipped because the page came from its KeyID's pool",
-    "flush_lines": "cache lines written back or invalidated by those flushes",
-    "flush_skipped_mitigation_off": "flushes skipped because flush_on_keyid_change is off",
-    "zero_page_map": "read faults that mapped the shared zero page",
-    "zero_page_refused_encrypted": "zero-page mappings refused in encrypted VMAs",
-    "cow_fault": "copy-on-write breaks",
-    "vma_merge": "VMAs merged",
-    "vma_merge_refused_keyid": "VMA merges refused because the KeyIDs differ",
-    "ksm_pages_merged": "pages merged by KSM",
-    "ksm_merge_refused_keyid": "KSM merges refused because the KeyIDs differ",
+    "pgfault": "page faults handled",
     "thp_collapse_alloc": "huge pages collapsed by khugepaged",
-    "thp_collapse_refused_keyid": "collapses refused because a page's KeyID differs",
     "thp_collapse_alloc_failed": "collapses that found no free 2M page",
     "thp_split_pmd": "huge PMDs split into page tables",
-    "tlb_flush": "TLB flushes",
-    "key_program": "PCONFIG key programming calls that succeeded",
-    "key_program_retry": "PCONFIG calls retried after busy or entropy error",
-    "key_wbinvd": "cache write-backs before a key was reprogrammed",
+    # this sandbox's own, under the mktme_ prefix
+    "mktme_pgfault_read": "faults on a load",
+    "mktme_pgfault_write": "faults on a store",
+    "mktme_pgalloc_encrypted": "pages allocated for a KeyID other than 0",
+    "mktme_pgfree_encrypted": "pages freed while tagged with a KeyID other than 0",
+    "mktme_pgtable_alloc": "page-table pages allocated",
+    "mktme_pgtable_free": "page-table pages freed",
+    "mktme_prep_encrypted_flush": "page flushes in prep_encrypted_page (allocation)",
+    "mktme_arch_free_page_flush": "page flushes in arch_free_page (free)",
+    "mktme_keyid_pool_flush": "page flushes when a page moves between KeyID pools",
+    "mktme_flush_avoided_pool": "flushes skipped because the page came from its KeyID's pool",
+    "mktme_flush_lines": "cache lines written back or invalidated by those flushes",
+    "mktme_flush_skipped_mitigation_off": "flushes skipped because flush_on_keyid_change is off",
+    "mktme_zero_page_map": "read faults that mapped the shared zero page",
+    "mktme_zero_page_refused_encrypted": "zero-page mappings refused in encrypted VMAs",
+    "mktme_cow_fault": "copy-on-write breaks",
+    "mktme_vma_merge": "VMAs merged",
+    "mktme_vma_merge_refused_keyid": "VMA merges refused because the KeyIDs differ",
+    "mktme_ksm_pages_merged": "pages merged by KSM",
+    "mktme_ksm_merge_refused_keyid": "KSM merges refused because the KeyIDs differ",
+    "mktme_thp_collapse_refused_keyid": "collapses refused because a page's KeyID differs",
+    "mktme_tlb_flush": "TLB flushes",
+    "mktme_key_program": "PCONFIG key programming calls that succeeded",
+    "mktme_key_program_retry": "PCONFIG calls retried after busy or entropy error",
+    "mktme_key_wbinvd": "cache write-backs before a key was reprogrammed",
 }
 
 
@@ -58,9 +64,6 @@ class VmStat:
 
     def snapshot(self) -> dict[str, int]:
         return dict(self._counts)
-
-    def text(self) -> str:
-        return "".join(f"{name} {value}\n" for name, value in self._counts.items())
 
     def import_state(self, counts: dict[str, int]) -> None:
         """Counts as ``snapshot()`` gave them (ValueError unless every counter is there)."""
