@@ -34,7 +34,6 @@ VMSTAT_ITEMS: dict[str, str] = {
     "ksm_pages_merged": "pages merged by KSM",
     "ksm_merge_refused_keyid": "KSM merges refused because the KeyIDs differ",
     "thp_collapse_alloc": "huge pages collapsed by khugepaged",
-    "thp_collapse_refused_keyid": "collapses refused because a page's KeyID differs",
     "thp_collapse_alloc_failed": "collapses that found no free 2M page",
     "thp_split_pmd": "huge PMDs split into page tables",
     "tlb_flush": "TLB flushes",
