@@ -267,9 +267,9 @@ def test_no_key_byte_appears_in_any_repr_str_or_exception(
     texts += [repr(value) for value in vars(platform._keys).values()]  # the table's insides
     texts += [repr(entry) for entry in platform._keys._entries.values()]
     failing = [
-        lambda: program(platform, 2, DIRECT, key=key_1.key, tweak=key_1.key),
+        lambda: program(platform, 2, DIRECT, key=key_1.key * 5, tweak=key_1.tweak),
         lambda: program(platform, 2, DIRECT, key=key_1.key + b"\x01", tweak=key_1.tweak),
-        lambda: platform.pconfig(bytes(KeyProgram(2, DIRECT, 1, key_1.key).encode()[:-1])),
+        lambda: platform.pconfig(bytes(KeyProgram(2, DIRECT, 1, key_1.key).encode()[:191])),
     ]
     for call in failing:
         with pytest.raises(SandboxError) as caught:
