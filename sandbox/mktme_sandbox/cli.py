@@ -161,7 +161,8 @@ def cli() -> None:
     type=int,
     default=63,
     show_default=True,
-    help="MK_TME_MAX_KEYS, 3..32767: KeyIDs = min(2^bits - 1, this).",
+    help="MK_TME_MAX_KEYS, 3..32767: the keys the hardware has (the kernel, as v5,"
+    " counts 2^bits - 1 KeyIDs).",
 )
 @click.option(
     "--algorithms",
@@ -171,6 +172,21 @@ def cli() -> None:
     help="Activated algorithms, comma-separated, from aes-xts-128,aes-xts-256.",
 )
 @click.option("--tme-bypass", is_flag=True, help="KeyID 0 memory is plaintext in DRAM.")
+@click.option(
+    "--tme-exclude-base",
+    type=SIZE,
+    default="0",
+    show_default=True,
+    help="TME exclusion range base (IA32_TME_EXCLUDE_BASE): a multiple of its size.",
+)
+@click.option(
+    "--tme-exclude-size",
+    type=SIZE,
+    default="0",
+    show_default=True,
+    help="TME exclusion range size, a power of two >= 4K (0: none): KeyID 0 is plaintext"
+    " there, other KeyIDs stay encrypted.",
+)
 @click.option(
     "--cache-size",
     type=SIZE,

@@ -240,14 +240,20 @@ class Layout:
             raise ValueError(
                 "no maxphyaddr, keyid_shift and keyid_mask lines (a sandbox older than the tools?)"
             ) from None
-        layout = cls(maxphyaddr, maxphyaddr - shift)
+        layout = cls(maxphyaddr, maxphyaddr - shift if mask else 0)  # mktme_disable(): 0 and 0
         if layout.keyid_mask != mask:
             raise ValueError(f"keyid_mask {mask:#x} is not bits {shift}..{maxphyaddr - 1}")
         return layout
 
     @property
     def keyid_shift(self) -> int:
-        return self.maxphyaddr - self.keyid_bits
+        """0 without KeyID bits, as Linux's ``mktme_disable()`` leaves it."""
+        return self.maxphyaddr - self.keyid_bits if self.keyid_bits else 0
+
+    @property
+    def address_mask(self) -> int:
+        """The physical-address bits of an entry below the KeyID."""
+        return (1 << (self.maxphyaddr - self.keyid_bits)) - 1
 
     @property
     def keyid_mask(self) -> int:
@@ -847,7 +853,7 @@ def walk(space: Space, va: int) -> Walk:
     mount = space.mount
     layout = mount.layout
     cr3 = space.cr3()
-    table = cr3 & ~0xFFF & ((1 << layout.keyid_shift) - 1)
+    table = cr3 & ~0xFFF & layout.address_mask
     levels: list[Level] = []
     for name, shift in LEVELS:
         index = (va >> shift) & 0x1FF

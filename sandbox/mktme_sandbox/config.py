@@ -84,6 +84,10 @@ class MachineConfig:
     max_keys: int = 63
     algorithms: tuple[str, ...] = ALGORITHMS
     tme_bypass: bool = False
+    tme_exclude_base: int = 0
+    """Physical base of the TME exclusion range (IA32_TME_EXCLUDE_BASE)."""
+    tme_exclude_size: int = 0
+    """Its size, a power of two >= 4K; 0: no exclusion range."""
     cache_size: int = 2 * MiB
     seed: int | None = None
     max_keyids_per_uid: int | None = None
@@ -128,6 +132,7 @@ class MachineConfig:
                 f"cache_size must be 0 (no cache) or a multiple of 64K up to 1G, "
                 f"not {size_text(self.cache_size)}"
             )
+        problems += self._exclusion_problems()
         if self.seed is not None and self.seed < 0:
             problems.append(f"seed must be >= 0, not {self.seed}")
         for name in ("max_keyids_per_uid", "max_pages_per_uid"):
@@ -135,6 +140,20 @@ class MachineConfig:
             if value is not None and value < 0:
                 problems.append(f"{name} must be >= 0, not {value}")
         return problems
+
+    def _exclusion_problems(self) -> list[str]:
+        base, size = self.tme_exclude_base, self.tme_exclude_size
+        limit = 1 << max(self.maxphyaddr - self.keyid_bits, 0)
+        if size == 0:
+            return [] if base == 0 else ["tme_exclude_base needs a tme_exclude_size"]
+        if size < PAGE_SIZE or size & (size - 1) or base < 0 or base % size:
+            shape = f"{size_text(size)} at {base:#x}"
+            return [
+                f"the TME exclusion range must be a power of two >= 4K at its alignment: {shape}"
+            ]
+        if base + size > limit:
+            return [f"the TME exclusion range ends above the physical addresses ({limit:#x})"]
+        return []
 
     @property
     def nr_keyids(self) -> int:
@@ -177,7 +196,8 @@ class MachineConfig:
 
 
 def _normalize(name: str, value: object) -> object:
-    if name in ("phys_mem", "cache_size") and isinstance(value, str):
+    sizes = ("phys_mem", "cache_size", "tme_exclude_base", "tme_exclude_size")
+    if name in sizes and isinstance(value, str):
         return parse_size(value)
     if name == "algorithms" and isinstance(value, str | tuple | list):
         parts = value.split(",") if isinstance(value, str) else value

@@ -181,3 +181,45 @@ def _or_all(masks: list[int]) -> int:
     for mask in masks:
         result |= mask
     return result
+
+
+class TestExclusionRange:
+    """Intel's MKTME spec, Table 4-5 (IA32_TME_EXCLUDE_MASK, 983H: bit 11 Enable,
+    bits MAXPHYADDR-1:12 TMEEMASK, 63:MAXPHYADDR reserved) and Table 4-6
+    (IA32_TME_EXCLUDE_BASE, 984H: bits MAXPHYADDR-1:12 TMEEBASE): an address is in
+    the range when its TMEEMASK bits match TMEEBASE."""
+
+    def test_the_mount_options_set_enable_mask_and_base(self, make_platform: MakePlatform) -> None:
+        platform = make_platform(maxphyaddr=39, tme_exclude_base=8 << 20, tme_exclude_size=4 << 20)
+        mask, base = platform.rdmsr(0x983), platform.rdmsr(0x984)
+        assert mask == (1 << 11) | (((1 << 39) - 1) & ~((4 << 20) - 1))
+        assert base == 8 << 20
+        assert bits(mask, 63, 39) == 0  # bits from MAXPHYADDR up are reserved
+        text = platform.tme_text()
+        assert "exclude_enable 1\n" in text
+        assert f"exclude_mask {mask >> 12 & ((1 << 27) - 1)}\n" in text
+        assert f"exclude_base {(8 << 20) >> 12}\n" in text
+
+    def test_without_the_options_exclusion_is_off(self, make_platform: MakePlatform) -> None:
+        platform = make_platform()
+        assert (platform.rdmsr(0x983), platform.rdmsr(0x984)) == (0, 0)
+
+    def test_fields_end_at_maxphyaddr_and_higher_bits_decode_as_reserved(self) -> None:
+        value = 1 << 11 | 1 << 38 | 1 << 45
+        assert decode(Msr.IA32_TME_EXCLUDE_MASK, value, 39) == [
+            FieldValue("exclude_enable", 1),
+            FieldValue("exclude_mask", 1 << 26),
+            FieldValue("reserved", 1 << 45),
+        ]
+        assert dict(decode(Msr.IA32_TME_EXCLUDE_BASE, value, 46))["exclude_base"] == (
+            1 << 26 | 1 << 33
+        )
+
+    @pytest.mark.parametrize(
+        ("base", "size"), [(0, 3 << 12), (4096, 8192), (4096, 0), (0, 2048), (1 << 40, 4096)]
+    )
+    def test_a_range_that_is_not_an_aligned_power_of_two_is_refused(
+        self, base: int, size: int
+    ) -> None:
+        with pytest.raises(ValueError, match="tme_exclude|TME exclusion range"):
+            MachineConfig(tme_exclude_base=base, tme_exclude_size=size)

@@ -267,9 +267,9 @@ def test_no_key_byte_appears_in_any_repr_str_or_exception(
     texts += [repr(value) for value in vars(platform._keys).values()]  # the table's insides
     texts += [repr(entry) for entry in platform._keys._entries.values()]
     failing = [
-        lambda: program(platform, 2, DIRECT, key=key_1.key, tweak=key_1.key),
+        lambda: program(platform, 2, DIRECT, key=key_1.key * 5, tweak=key_1.tweak),
         lambda: program(platform, 2, DIRECT, key=key_1.key + b"\x01", tweak=key_1.tweak),
-        lambda: platform.pconfig(bytes(KeyProgram(2, DIRECT, 1, key_1.key).encode()[:-1])),
+        lambda: platform.pconfig(bytes(KeyProgram(2, DIRECT, 1, key_1.key).encode()[:191])),
     ]
     for call in failing:
         with pytest.raises(SandboxError) as caught:
@@ -279,3 +279,28 @@ def test_no_key_byte_appears_in_any_repr_str_or_exception(
         blob = text.encode("latin-1", "backslashreplace")
         for secret in key_1.secrets() + key_2.secrets():
             assert secret not in blob, f"key material in {text!r}"
+
+
+def test_keyid_0_is_plaintext_in_the_tme_exclusion_range_and_keyid_n_is_not(
+    make_platform: MakePlatform, program: Program
+) -> None:
+    """Intel MKTME spec, Tables 4-5/4-6: the exclusion range is excluded from
+    TME/TME-MK encryption "for KeyID=0 only"; other KeyIDs are encrypted there."""
+    platform = make_platform(tme_exclude_base=1 << 20, tme_exclude_size=1 << 20)
+    assert program(platform, 1, KeyProgramCommand.SET_KEY_RANDOM) is PconfigStatus.PROG_SUCCESS
+    secret = b"S" * 64
+    inside, outside, other = 1 << 20, 3 << 20, (1 << 20) + 4096
+    platform.store(inside, secret, 0)
+    platform.store(outside, secret, 0)
+    platform.store(other, secret, 1)
+    edge = (2 << 20) - 64  # the last line of the range, then the first after it
+    platform.store(edge, secret + secret, 0)
+    platform.wbinvd()
+    assert platform.dram_read(inside, 64) == secret
+    assert platform.dram_read(outside, 64) != secret
+    assert platform.dram_read(other, 64) != secret
+    assert platform.load(inside, 64, 0) == platform.load(outside, 64, 0) == secret
+    assert platform.load(other, 64, 1) == secret
+    assert platform.dram_read(edge, 64) == secret
+    assert platform.dram_read(edge + 64, 64) != secret
+    assert platform.load(edge, 128, 0) == secret + secret

@@ -74,11 +74,22 @@ def test_scattered_lines_use_each_line_own_address_as_tweak() -> None:
     assert (engine.decrypt_lines(crypted, addresses) == lines).all()
 
 
-def test_key_equal_to_tweak_is_rejected_with_einval() -> None:
-    with pytest.raises(SandboxError) as caught:
-        XtsKey(bytes(16), bytes(16))
-    assert caught.value.errno == errno.EINVAL
-    assert "XTS forbids key == tweak" in str(caught.value)
+def test_key_equal_to_tweak_is_accepted_as_pconfig_accepts_it() -> None:
+    """PCONFIG's KEYID_SET_KEY_DIRECT writes DATA_KEY and TWEAK_KEY with no weak-key
+    check (Intel ISE Programming Reference, May 2019, PCONFIG "Operation"), so the
+    engine takes equal keys. ``cryptography`` refuses them ("duplicated keys"), so
+    the first block is checked against IEEE 1619 by hand: C = E_K1(P ^ T) ^ T with
+    T = E_K2(tweak)."""
+    key = bytes(range(16))
+    engine = XtsKey(key, key)
+    plain = bytes(range(64))
+    crypted = engine.encrypt(plain, 0x1000)
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    t = ecb.update((0x1000).to_bytes(16, "little"))
+    first = bytes(a ^ b for a, b in zip(plain[:16], t, strict=True))
+    expected = bytes(a ^ b for a, b in zip(ecb.update(first), t, strict=True))
+    assert crypted[:16] == expected
+    assert engine.decrypt(crypted, 0x1000) == plain
 
 
 @pytest.mark.parametrize("sizes", [(16, 32), (24, 24), (0, 0), (64, 64)])

@@ -158,8 +158,11 @@ def test_make_pte_refuses_what_the_entry_cannot_hold() -> None:
 
 
 def test_keyid_bits_zero_has_no_keyid_bits_at_all() -> None:
+    """As v5's mktme_disable() leaves it ([PATCHv5 14/19]): ``mktme_keyid_mask = 0``,
+    ``mktme_keyid_shift = 0``, ``physical_mask = (1ULL << __PHYSICAL_MASK_SHIFT) - 1``."""
     layout = PteLayout(46, 0)
-    assert (layout.keyid_shift, layout.keyid_mask, layout.max_keyid) == (46, 0, 0)
+    assert (layout.keyid_shift, layout.keyid_mask, layout.max_keyid) == (0, 0, 0)
+    assert layout.physical_mask == (1 << 52) - 1
     pte = layout.make_pte((1 << 34) - 1, 0, F.PRESENT)
     assert layout.pte_pfn(pte) == (1 << 34) - 1
     assert layout.pte_keyid(pte) == 0

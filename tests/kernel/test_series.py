@@ -150,13 +150,19 @@ def test_khugepaged_collapses_into_a_huge_page_of_the_vmas_keyid():
     assert m.check() == []
 
 
-def test_khugepaged_refuses_a_range_whose_pages_have_another_keyid():
-    m, a, _pattern = hugepage_region(1)
+def test_khugepaged_copies_a_small_page_of_another_keyid_through_its_own_keyid():
+    """[PATCHv5 06/19] mm/khugepaged: Handle encrypted pages: the huge page is
+    prepared "for KeyID we need, based on vma_keyid()"; each small page is read
+    through its own KeyID (page_to_virt(), patch 18). v5 does not refuse a
+    range because a small page's KeyID differs from the VMA's."""
+    m, a, pattern = hugepage_region(1)
     m.set_mitigation("pte_modify_preserve_keyid", False)
-    ctl(m, a, f"mprotect {U:#x} 2M rw-")  # PTEs lose KeyID 1, VMA too
+    ctl(m, a, f"mprotect {U:#x} 2M rw-")  # the VMA and its PTEs lose KeyID 1, the pages keep it
     m.set_mitigation("pte_modify_preserve_keyid", True)
-    assert m.khugepaged_scan() == 0
-    assert m.khugepaged_stats()["mktme_collapse_refused_keyid"] == 1
+    assert page_keyid(m, pfn_of(m, a, U)) == 1
+    assert m.khugepaged_scan() == 1
+    assert page_keyid(m, pfn_of(m, a, U)) == 0  # the VMA's KeyID now
+    assert m.read_virt(a, U, HPAGE) == pattern
 
 
 def test_without_the_khugepaged_check_the_collapsed_page_reads_as_garbage():
@@ -291,18 +297,43 @@ def test_too_many_keyids_for_the_direct_map_area_disable_mktme_at_boot():
 
 
 def test_nr_keyids_plus_one_copies_that_fill_the_area_exactly_still_fit():
-    m = machine(keyid_bits=7, max_keys=63)  # 64 copies of 1 TiB = 64 TiB
+    m = machine(keyid_bits=6)  # 64 copies of 1 TiB = 64 TiB
     assert m.nr_keyids == 63
     assert m.kernel.directmap.copies == 64
 
 
-def test_the_kernel_maps_only_the_keyids_it_has():
-    assert machine(max_keys=3).ptdump_kernel().count("---[ Kernel Mapping KeyID") == 4
+def test_disabling_mktme_after_enumeration_restores_the_full_physical_mask():
+    """[PATCHv5 14/19] x86/mm: Allow to disable MKTME after enumeration:
+    ``mktme_disable()`` sets ``physical_mask = (1ULL << __PHYSICAL_MASK_SHIFT) - 1``,
+    ``mktme_keyid_mask = 0``, ``mktme_keyid_shift = 0``, ``mktme_nr_keyids = 0``."""
+    m = machine(keyid_bits=7, max_keys=127)  # enumerated, then too big for the direct map
+    pte = m.kernel.pte_layout
+    assert (pte.keyid_mask, pte.keyid_shift, m.nr_keyids) == (0, 0, 0)
+    assert pte.physical_mask == (1 << 52) - 1
+    assert "keyid_shift 0\nkeyid_mask 0x0000000000000000\nnr_keyids 0\n" in m.tme_text()
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw-")
+    m.write_virt(a, U, SECRET)
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
 
 
-def test_max_keys_caps_the_keyids():
-    assert machine(max_keys=5).nr_keyids == 5
-    assert "x86/mktme: 5 KeyIDs available" in machine(max_keys=5).dmesg()
+def test_the_kernel_maps_every_keyid_the_bits_allow():
+    """[PATCHv5 17/19] maps one direct mapping per KeyID 0..mktme_nr_keyids, and
+    v5's detect_tme() makes that ``(1UL << keyid_bits) - 1``: MK_TME_MAX_KEYS
+    is not read, so a part with 3 keys still gets 64 mappings."""
+    assert machine(max_keys=3).ptdump_kernel().count("---[ Kernel Mapping KeyID") == 64
+
+
+def test_detect_tme_does_not_cap_the_keyids_by_max_keys():
+    """v5 detect_tme(): ``nr_keyids = (1UL << keyid_bits) - 1;`` then
+    ``pr_info_once("x86/mktme: %d KeyIDs available\\n", nr_keyids)``; the
+    hardware limit stays in IA32_TME_CAPABILITY (``mk_tme_max_keys`` in hw/tme)."""
+    m = machine(max_keys=5)
+    assert m.nr_keyids == 63
+    assert "x86/mktme: 63 KeyIDs available" in m.dmesg()
+    text = m.tme_text()
+    assert "mk_tme_max_keys 5\n" in text
+    assert "nr_keyids 63\n" in text
 
 
 def test_direct_mapping_is_one_power_of_two_region_per_keyid():

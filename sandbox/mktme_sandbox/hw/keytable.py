@@ -1,33 +1,38 @@
 """The key table and PCONFIG leaf MKTME_KEY_PROGRAM.
 
 What it models: the per-KeyID keys inside the memory controller and the one
-instruction that programs them (docs/spec.md 2.3; struct layout and
-status codes in MKTME-FACTS). ``KeyProgram`` is the 256-byte
-MKTME_KEY_PROGRAM_STRUCT; ``KeyTable.pconfig`` executes it and answers a
-``PconfigStatus``; ``KeyTable.cipher`` gives the memory controller a KeyID's
-current cipher.
+instruction that programs them (docs/spec.md 2.3). ``KeyProgram`` is the
+MKTME_KEY_PROGRAM_STRUCT as Linux lays it out (256 bytes, 256-byte aligned);
+``KeyTable.pconfig`` executes it and answers a ``PconfigStatus``;
+``KeyTable.cipher`` gives the memory controller a KeyID's current cipher.
 
-Rules it keeps, in the order the instruction checks them:
-1. The struct is read first. It must be 256 bytes with reserved bytes (6-63,
-   192-255) and KEYID_CTRL bits 31:24 zero; otherwise ``PconfigFault`` (EINVAL),
-   the sandbox's #GP(0). No status code fits a malformed struct.
-2. Injected faults (``inject``): the next ``count`` calls answer DEVICE_BUSY or
-   ENTROPY_ERROR and change nothing.
-3. KeyID 0 or above ``nr_keyids`` -> INVALID_KEYID.
+Rules it keeps, in the order of the PCONFIG "Operation" flow of Intel's
+Architecture Instruction Set Extensions Programming Reference (May 2019):
+1. "Load TMP_KEY_PROGRAM_STRUCT from 192 bytes": the instruction reads bytes
+   0-191 only (a shorter buffer faults; bytes from 192 on are never read).
+   #GP(0), here ``PconfigFault`` (EINVAL), before any status: reserved bytes
+   6-63 or KEYID_CTRL bits 31:24 set, or key-field bytes past the key length
+   nonzero ("KEY_FIELD_1.BYTES[63:16] != 0"; with AES-XTS-256, added in spec
+   rev 1.3, the tail starts at byte 32; a field naming no known algorithm is
+   checked past 32, the longest key).
+2. A command other than 0..3 -> INVALID_PROG_CMD.
+3. KeyID 0, above ``2**MK_TME_KEYID_BITS - 1`` or above MK_TME_MAX_KEYS ->
+   INVALID_KEYID.
 4. The algorithm field (KEYID_CTRL bits 23:8) must have exactly one bit set, and
    that algorithm must be activated for MKTME -> else INVALID_ENC_ALG. This
    holds for CLEAR_KEY and NO_ENCRYPT too. Field bit n is algorithm code n:
    AES-XTS-128 is bit 0 (KEYID_CTRL bit 8, as documented); AES-XTS-256 is bit 2
    (KEYID_CTRL bit 10), the sandbox's choice, matching its number in
    IA32_TME_CAPABILITY and IA32_TME_ACTIVATE.
-5. A command other than 0..3 -> INVALID_PROG_CMD.
-6. Key-field bytes past the algorithm's key length must be zero (for every
-   command) -> else ``PconfigFault``.
-7. SET_KEY_DIRECT takes the key fields as data and tweak key (equal keys raise
-   EINVAL from the engine: XTS forbids them). SET_KEY_RANDOM makes both keys
-   from the CPU's generator XORed with the key fields as entropy; if that gives
-   key == tweak it answers ENTROPY_ERROR. CLEAR_KEY sends the KeyID back to the
-   TME key; NO_ENCRYPT makes it plaintext in DRAM.
+5. The key-table lock: injected faults (``inject``) answer here, after the
+   checks: the next ``count`` well-formed calls answer DEVICE_BUSY or
+   ENTROPY_ERROR and change nothing (an injected ENTROPY_ERROR is answered for
+   any command, the sandbox's way to provoke it).
+6. SET_KEY_DIRECT takes the key fields as data and tweak key. SET_KEY_RANDOM
+   makes both keys from the CPU's generator XORed with the key fields as
+   entropy. Neither checks for a weak key: a key equal to its tweak key is
+   accepted, as the flow has no such check. CLEAR_KEY sends the KeyID back to
+   the TME key; NO_ENCRYPT makes it plaintext in DRAM.
 
 KeyID 0 always uses the TME key: random at boot, AES-XTS per the TME policy,
 or plaintext under TME bypass. Never-programmed and cleared KeyIDs use that
@@ -44,6 +49,8 @@ included, so that a restored seeded machine makes the keys the original would.
 
 Left out: the PCONFIG targets other than MKTME, per-package tables, and the
 struct's 256-byte alignment (the caller hands over bytes, not an address).
+Later SDM editions turn statuses 1, 3 and 4 into #GP; the sandbox follows the
+MKTME specification's status table (Table 6-6), as Linux v5 does.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from mktme_sandbox.hw.xts import (
 
 __all__ = [
     "KEY_FIELD_SIZE",
+    "READ_SIZE",
     "STRUCT_SIZE",
     "KeyMode",
     "KeyProgram",
@@ -109,10 +117,13 @@ class PconfigFault(SandboxError):
 
 
 # MKTME_KEY_PROGRAM_STRUCT: KEYID u16, KEYID_CTRL u32, 58 reserved bytes,
-# KEY_FIELD_1 [64], KEY_FIELD_2 [64], 64 reserved bytes; little-endian.
-_LAYOUT = struct.Struct("<HI58s64s64s64s")
-STRUCT_SIZE = _LAYOUT.size
+# KEY_FIELD_1 [64], KEY_FIELD_2 [64]; little-endian. Linux pads it to 256 bytes
+# (its alignment); PCONFIG reads the first 192.
+_LAYOUT = struct.Struct("<HI58s64s64s")
+READ_SIZE = _LAYOUT.size
+STRUCT_SIZE = 256
 KEY_FIELD_SIZE = 64
+_LONGEST_KEY = max(a.key_bytes for a in ALGORITHMS)
 CTRL_COMMAND_BITS = 8  # KEYID_CTRL bits 7:0 command, 23:8 algorithm, 31:24 reserved
 CTRL_ALGORITHM_MASK = 0xFFFF
 CTRL_RESERVED_SHIFT = 24
@@ -143,21 +154,24 @@ class KeyProgram:
         return self.command | self.algorithm << CTRL_COMMAND_BITS
 
     def encode(self) -> bytes:
-        zeros = bytes(64)
-        return _LAYOUT.pack(
-            self.keyid, self.keyid_ctrl, zeros[:58], self.key_field_1, self.key_field_2, zeros
+        """The 256 bytes Linux hands to PCONFIG (192 read, zero padding)."""
+        packed = _LAYOUT.pack(
+            self.keyid, self.keyid_ctrl, bytes(58), self.key_field_1, self.key_field_2
         )
+        return packed.ljust(STRUCT_SIZE, b"\0")
 
     @classmethod
     def decode(cls, raw: bytes) -> KeyProgram:
-        """256 bytes -> the struct; ``PconfigFault`` for a wrong size or reserved bits set."""
-        if len(raw) != STRUCT_SIZE:
-            raise PconfigFault(f"MKTME_KEY_PROGRAM_STRUCT is {STRUCT_SIZE} bytes, not {len(raw)}")
-        keyid, ctrl, reserved_1, field_1, field_2, reserved_2 = _LAYOUT.unpack(raw)
+        """The first 192 bytes -> the struct; ``PconfigFault`` (#GP) for a shorter
+        buffer, reserved bits set or nonzero key-field tails."""
+        if len(raw) < READ_SIZE:
+            raise PconfigFault(f"PCONFIG reads {READ_SIZE} bytes, the buffer has {len(raw)}")
+        keyid, ctrl, reserved, field_1, field_2 = _LAYOUT.unpack(bytes(raw[:READ_SIZE]))
         if ctrl >> CTRL_RESERVED_SHIFT:
             raise PconfigFault(f"KEYID_CTRL reserved bits 31:24 are set ({ctrl:#010x})")
-        if any(reserved_1) or any(reserved_2):
+        if any(reserved):
             raise PconfigFault("reserved bytes of MKTME_KEY_PROGRAM_STRUCT are not zero")
+        _check_key_tails(ctrl >> CTRL_COMMAND_BITS & CTRL_ALGORITHM_MASK, field_1, field_2)
         return cls(
             keyid=keyid,
             command=ctrl & ((1 << CTRL_COMMAND_BITS) - 1),
@@ -240,17 +254,16 @@ class KeyTable:
     def pconfig(self, raw: bytes) -> PconfigStatus:
         """Execute MKTME_KEY_PROGRAM with the 256-byte struct ``raw``."""
         program = KeyProgram.decode(raw)
-        if self._injected_count:
-            self._injected_count -= 1
-            return self._injected
+        if program.command not in _COMMANDS:
+            return PconfigStatus.INVALID_PROG_CMD
         if not 0 < program.keyid <= self.nr_keyids:
             return PconfigStatus.INVALID_KEYID
         algorithm = _one_hot_algorithm(program.algorithm)
         if algorithm is None or algorithm not in self._algorithms:
             return PconfigStatus.INVALID_ENC_ALG
-        if program.command not in _COMMANDS:
-            return PconfigStatus.INVALID_PROG_CMD
-        _check_key_bytes(program, algorithm)
+        if self._injected_count:  # KEY_TABLE_LOCK.ACQUIRE(WRITE) failed
+            self._injected_count -= 1
+            return self._injected
         return self._execute(program, algorithm)
 
     def _entry(self, keyid: int) -> _Entry:
@@ -283,8 +296,6 @@ class KeyTable:
         elif command is KeyProgramCommand.SET_KEY_RANDOM:
             data_key = _xor(self._random_bytes(size), data_key)
             tweak_key = _xor(self._random_bytes(size), tweak_key)
-            if data_key == tweak_key:
-                return PconfigStatus.ENTROPY_ERROR
             entry = _keyed("random", algorithm, data_key, tweak_key)
         elif command is KeyProgramCommand.CLEAR_KEY:
             entry = _Entry("cleared", algorithm, self._tme.cipher, self._tme.material)
@@ -357,12 +368,14 @@ def _one_hot_algorithm(field_value: int) -> Algorithm | None:
     return None
 
 
-def _check_key_bytes(program: KeyProgram, algorithm: Algorithm) -> None:
-    for name, value in (("KEY_FIELD_1", program.key_field_1), ("KEY_FIELD_2", program.key_field_2)):
-        if any(value[algorithm.key_bytes :]):
-            raise PconfigFault(
-                f"{name} has nonzero bytes past the {algorithm.key_bytes}-byte {algorithm.name} key"
-            )
+def _check_key_tails(algorithm_field: int, *fields: bytes) -> None:
+    """#GP for key-field bytes past the key of the algorithm the field names
+    (past the longest key when it names none): checked before any status."""
+    algorithm = _one_hot_algorithm(algorithm_field)
+    length = algorithm.key_bytes if algorithm else _LONGEST_KEY
+    for number, value in enumerate(fields, start=1):
+        if any(value[length:]):
+            raise PconfigFault(f"KEY_FIELD_{number} has nonzero bytes past byte {length - 1}")
 
 
 def _check_range(name: str, value: int, maximum: int) -> None:

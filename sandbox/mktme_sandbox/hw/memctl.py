@@ -12,16 +12,25 @@ KeyID is looked up once per batch, so a batch never mixes keys, and always by
 lines: one line as bytes (a single-line miss, with no numpy per-call cost) and
 a run of consecutive lines decrypted from its DRAM slice into the caller's buffer.
 
-Left out: the TME exclusion range and memory-controller queues and timing.
+The TME exclusion range (Intel MKTME spec, Tables 4-5 and 4-6: the range is
+excluded from TME/TME-MK encryption "for KeyID=0 only"): lines of KeyID 0
+inside it go to DRAM as plaintext; every other KeyID is encrypted there as
+anywhere. ``_tme_excluded`` is the one place that decides it, for batches,
+single lines and runs alike.
+
+Left out: memory-controller queues and timing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
 from mktme_sandbox.config import LINE_SIZE
 from mktme_sandbox.hw.dram import Dram
 from mktme_sandbox.hw.keytable import KeyTable
+from mktme_sandbox.hw.msr import TmeExclusion
 from mktme_sandbox.hw.xts import LineCipher
 
 __all__ = ["MemoryController"]
@@ -30,34 +39,71 @@ __all__ = ["MemoryController"]
 class MemoryController:
     """Line reads and writes through the engine with a KeyID's current key."""
 
-    def __init__(self, dram: Dram, keys: KeyTable) -> None:
+    def __init__(self, dram: Dram, keys: KeyTable, exclusion: TmeExclusion | None = None) -> None:
         self._dram = dram
         self._keys = keys
+        self._exclusion = exclusion if exclusion is not None and exclusion.enabled else None
         self.size = dram.size  # bytes of DRAM behind it
 
     def read_lines(self, line_numbers: np.ndarray, keyid: int) -> np.ndarray:
         """Plaintext ``[L, 64]`` of lines ``line_numbers`` (``pa // 64``) as KeyID ``keyid`` sees them."""
         ciphertext = self._dram.read_lines(line_numbers)
-        return self._cipher(keyid).decrypt_lines(ciphertext, _line_addresses(line_numbers))
+        decrypt = self._cipher(keyid).decrypt_lines
+        return self._crypt(decrypt, ciphertext, _line_addresses(line_numbers), keyid)
 
     def read_line(self, line: int, keyid: int) -> bytes:
         """``read_lines`` of one line, as 64 bytes."""
-        return self._cipher(keyid).decrypt_line(self._dram.read_line(line), line * LINE_SIZE)
+        stored = self._dram.read_line(line)
+        if self._exclusion is not None and self._excluded_pa(line * LINE_SIZE, keyid):
+            return stored
+        return self._cipher(keyid).decrypt_line(stored, line * LINE_SIZE)
 
     def read_run(self, first: int, keyid: int, out: np.ndarray) -> None:
         """``read_lines`` of the ``len(out)`` lines from line ``first``, into ``out [L, 64]``."""
         ciphertext = self._dram.lines[first : first + len(out)]
         pas = np.arange(first, first + len(out), dtype=np.uint64) * np.uint64(LINE_SIZE)
-        self._cipher(keyid).decrypt_lines(ciphertext, pas, out)
+        decrypt = self._cipher(keyid).decrypt_lines
+        if self._tme_excluded(pas, keyid) is None:
+            decrypt(ciphertext, pas, out)
+        else:
+            out[:] = self._crypt(decrypt, ciphertext, pas, keyid)
 
     def write_lines(self, line_numbers: np.ndarray, keyid: int, lines: np.ndarray) -> None:
         """Encrypt plaintext ``lines [L, 64]`` with ``keyid``'s current key into DRAM."""
-        ciphertext = self._cipher(keyid).encrypt_lines(lines, _line_addresses(line_numbers))
-        self._dram.write_lines(line_numbers, ciphertext)
+        encrypt = self._cipher(keyid).encrypt_lines
+        pas = _line_addresses(line_numbers)
+        self._dram.write_lines(line_numbers, self._crypt(encrypt, lines, pas, keyid))
 
     def _cipher(self, keyid: int) -> LineCipher:
         """The cipher that encrypts KeyID ``keyid``'s lines now."""
         return self._keys.cipher(keyid)
+
+    def _crypt(self, crypt: _Crypt, lines: np.ndarray, pas: np.ndarray, keyid: int) -> np.ndarray:
+        """``crypt`` over the lines, except KeyID-0 lines in the exclusion range (as stored)."""
+        excluded = self._tme_excluded(pas, keyid)
+        if excluded is None:
+            return crypt(lines, pas)
+        out = np.array(lines, dtype=np.uint8, copy=True)
+        keep = ~excluded
+        if keep.any():
+            out[keep] = crypt(lines[keep], pas[keep])
+        return out
+
+    def _tme_excluded(self, pas: np.ndarray, keyid: int) -> np.ndarray | None:
+        """Which of these lines the TME key does not encrypt: KeyID 0 inside the
+        exclusion range. None when no line is excluded (the common case)."""
+        exclusion = self._exclusion
+        if keyid != 0 or exclusion is None:
+            return None
+        excluded = pas & np.uint64(exclusion.mask) == np.uint64(exclusion.base & exclusion.mask)
+        return excluded if excluded.any() else None
+
+    def _excluded_pa(self, pa: int, keyid: int) -> bool:
+        """``_tme_excluded`` of one address."""
+        return self._tme_excluded(np.array([pa], dtype=np.uint64), keyid) is not None
+
+
+_Crypt = Callable[..., np.ndarray]
 
 
 def _line_addresses(line_numbers: np.ndarray) -> np.ndarray:

@@ -15,7 +15,11 @@ Rules it keeps:
   configured, else AES-XTS-256; the bypass bit from ``tme_bypass``;
   MK_TME_KEYID_BITS ``config.keyid_bits``; MK_TME_CRYPTO_ALGS one bit per
   configured algorithm (none when MKTME is off).
-- EXCLUDE_MASK/BASE: present, exclusion disabled (0).
+- EXCLUDE_MASK/BASE (Intel MKTME spec, Tables 4-5 and 4-6): from
+  ``config.tme_exclude_base``/``tme_exclude_size``; enable is bit 11, TMEEMASK
+  and TMEEBASE are bits MAXPHYADDR-1:12 (bits from MAXPHYADDR up are reserved
+  and decode as ``reserved``). An address is in the range when ``pa & mask ==
+  base & mask``; ``TmeExclusion`` holds the decoded range.
 - Faults: ``rdmsr``/``wrmsr`` of an MSR that does not exist, and every
   ``wrmsr`` (CAPABILITY is read-only; ACTIVATE is locked at boot and the
   exclusion registers lock with it) raise ``MsrFault``. Its errno is EIO, what
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -46,6 +50,7 @@ __all__ = [
     "MsrFault",
     "MsrField",
     "TmeActivation",
+    "TmeExclusion",
     "TmeMsrs",
     "boot_values",
     "decode",
@@ -134,6 +139,7 @@ FIELDS: tuple[MsrField, ...] = (
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
+_ADDRESS_FIELDS = ("exclude_mask", "exclude_base")  # bits MAXPHYADDR-1:12
 
 
 class FieldValue(NamedTuple):
@@ -152,9 +158,11 @@ def encode(msr: Msr, values: Mapping[str, int]) -> int:
     return result
 
 
-def decode(msr: int, value: int) -> list[FieldValue]:
-    """An MSR value -> its fields in bit order, plus ``reserved`` when reserved bits are set."""
-    fields = _fields_of(_msr(msr))
+def decode(msr: int, value: int, maxphyaddr: int = 52) -> list[FieldValue]:
+    """An MSR value -> its fields in bit order, plus ``reserved`` when reserved bits are set.
+
+    The exclusion fields end at bit ``maxphyaddr - 1``; bits above are reserved."""
+    fields = _fields_of(_msr(msr), maxphyaddr)
     pairs = [FieldValue(f.name, f.get(value)) for f in fields]
     reserved = value & ~sum(f.mask for f in fields)
     if reserved:
@@ -162,12 +170,12 @@ def decode(msr: int, value: int) -> list[FieldValue]:
     return pairs
 
 
-def render(values: Mapping[Msr, int]) -> str:
+def render(values: Mapping[Msr, int], maxphyaddr: int = 52) -> str:
     """The ``hw/tme`` text: per MSR one ``NAME 0x...`` line, then ``field value`` lines."""
     lines = []
     for msr, value in sorted(values.items()):
         lines.append(f"{msr.name} {value:#018x}")
-        lines.extend(f"{name} {field}" for name, field in decode(msr, value))
+        lines.extend(f"{name} {field}" for name, field in decode(msr, value, maxphyaddr))
     return "\n".join(lines) + "\n"
 
 
@@ -196,9 +204,40 @@ def boot_values(config: MachineConfig) -> dict[Msr, int]:
     return {
         Msr.IA32_TME_CAPABILITY: encode(Msr.IA32_TME_CAPABILITY, capability),
         Msr.IA32_TME_ACTIVATE: encode(Msr.IA32_TME_ACTIVATE, activate),
-        Msr.IA32_TME_EXCLUDE_MASK: 0,
-        Msr.IA32_TME_EXCLUDE_BASE: 0,
+        **_exclusion_values(config),
     }
+
+
+def _exclusion_values(config: MachineConfig) -> dict[Msr, int]:
+    size = config.tme_exclude_size
+    if not size:
+        return {Msr.IA32_TME_EXCLUDE_MASK: 0, Msr.IA32_TME_EXCLUDE_BASE: 0}
+    mask = ((1 << config.maxphyaddr) - 1) & ~(size - 1)
+    return {
+        Msr.IA32_TME_EXCLUDE_MASK: encode(
+            Msr.IA32_TME_EXCLUDE_MASK, {"exclude_enable": 1, "exclude_mask": mask >> 12}
+        ),
+        Msr.IA32_TME_EXCLUDE_BASE: encode(
+            Msr.IA32_TME_EXCLUDE_BASE, {"exclude_base": config.tme_exclude_base >> 12}
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class TmeExclusion:
+    """The TME exclusion range: ``pa`` is in it when ``pa & mask == base & mask``."""
+
+    enabled: bool
+    mask: int
+    base: int
+
+    @classmethod
+    def from_msrs(cls, mask_msr: int, base_msr: int, maxphyaddr: int) -> TmeExclusion:
+        mask = dict(decode(Msr.IA32_TME_EXCLUDE_MASK, mask_msr, maxphyaddr))
+        base = dict(decode(Msr.IA32_TME_EXCLUDE_BASE, base_msr, maxphyaddr))
+        return cls(
+            bool(mask["exclude_enable"]), mask["exclude_mask"] << 12, base["exclude_base"] << 12
+        )
 
 
 @dataclass(frozen=True)
@@ -238,6 +277,7 @@ class TmeMsrs:
 
     def __init__(self, config: MachineConfig) -> None:
         self._values = boot_values(config)
+        self._maxphyaddr = config.maxphyaddr
 
     def rdmsr(self, addr: int) -> int:
         if addr not in self._values:
@@ -256,8 +296,15 @@ class TmeMsrs:
             self._values[Msr.IA32_TME_CAPABILITY], self._values[Msr.IA32_TME_ACTIVATE]
         )
 
+    def exclusion(self) -> TmeExclusion:
+        return TmeExclusion.from_msrs(
+            self._values[Msr.IA32_TME_EXCLUDE_MASK],
+            self._values[Msr.IA32_TME_EXCLUDE_BASE],
+            self._maxphyaddr,
+        )
+
     def text(self) -> str:
-        return render(self._values)
+        return render(self._values, self._maxphyaddr)
 
 
 def _msr(addr: int) -> Msr:
@@ -267,8 +314,13 @@ def _msr(addr: int) -> Msr:
         raise MsrFault(f"MSR {addr:#x} is not a TME MSR") from None
 
 
-def _fields_of(msr: Msr) -> tuple[MsrField, ...]:
-    return tuple(f for f in FIELDS if f.msr == msr)
+def _fields_of(msr: Msr, maxphyaddr: int = 52) -> tuple[MsrField, ...]:
+    """The MSR's fields; the exclusion address fields end at bit ``maxphyaddr - 1``."""
+    return tuple(
+        replace(f, high=maxphyaddr - 1) if f.name in _ADDRESS_FIELDS else f
+        for f in FIELDS
+        if f.msr == msr
+    )
 
 
 def _policy_algorithm(policy: int) -> Algorithm:

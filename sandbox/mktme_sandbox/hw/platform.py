@@ -64,7 +64,8 @@ class Platform:
         self.nr_keyids = activation.nr_keyids
         self._dram = Dram(config.phys_mem)
         self._keys = KeyTable(activation, config.seed)
-        self.cache: Cache = make_cache(config.cache_size, MemoryController(self._dram, self._keys))
+        controller = MemoryController(self._dram, self._keys, self._msrs.exclusion())
+        self.cache: Cache = make_cache(config.cache_size, controller)
 
     def __repr__(self) -> str:
         return (

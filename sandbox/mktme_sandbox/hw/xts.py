@@ -7,8 +7,9 @@ block j = 0..3 of a line uses the IEEE 1619 tweak multiplied by alpha^j. The
 result is byte-identical to ``cryptography``'s ``modes.XTS(tweak)`` applied line
 by line with key = data_key || tweak_key.
 
-Rules it keeps: key and tweak key of equal size (16 + 16 or 32 + 32 bytes) and
-never equal ("XTS forbids key == tweak", EINVAL). Key material lives only
+Rules it keeps: key and tweak key of equal size (16 + 16 or 32 + 32 bytes).
+A key equal to its tweak key is accepted, as PCONFIG accepts it (the
+instruction has no weak-key check; the engine needs no guard). Key material lives only
 inside the cipher contexts: an ``XtsKey`` keeps no bytes of its own, and its
 repr names the algorithm only.
 
@@ -188,8 +189,6 @@ class XtsKey:
 
     def __init__(self, data_key: bytes, tweak_key: bytes) -> None:
         self.algorithm = _algorithm_for(len(data_key), len(tweak_key))
-        if data_key == tweak_key:
-            fail(errno.EINVAL, "XTS forbids key == tweak")
         self._tweak_encryptor: CipherContext = _ecb(tweak_key).encryptor()
         self._data_encryptor: CipherContext = _ecb(data_key).encryptor()
         self._data_decryptor: CipherContext = _ecb(data_key).decryptor()

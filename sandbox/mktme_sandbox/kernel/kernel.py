@@ -34,7 +34,7 @@ from mktme_sandbox.kernel.keys import KeyService
 from mktme_sandbox.kernel.khugepaged import KhugepagedStats
 from mktme_sandbox.kernel.ksm import KsmStats
 from mktme_sandbox.kernel.memory import zap_page_range
-from mktme_sandbox.kernel.mktme import detect_tme, mktme_disabled
+from mktme_sandbox.kernel.mktme import detect_tme, mktme_disable
 from mktme_sandbox.kernel.page_alloc import PG, PageAllocator
 from mktme_sandbox.kernel.pgtable import USER_END, PageTables, PteLayout
 from mktme_sandbox.kernel.printk import KernelLog
@@ -74,7 +74,7 @@ class Kernel:
                 f"{layout.nr_keyids + 1} direct mappings of "
                 f"{DirectMap(config.phys_mem, 1).size >> 40} TiB exceed the 64 TiB area"
             )
-            layout = mktme_disabled(layout)
+            layout = mktme_disable(config.maxphyaddr)
         self.layout = layout
         self.directmap = DirectMap(config.phys_mem, layout.nr_keyids + 1)
         self.pte_layout = PteLayout(config.maxphyaddr, layout.keyid_bits)

@@ -10,7 +10,8 @@ cleared.
 Rules kept (docs/spec.md 2.3 and 7):
 - The whole payload is checked before PCONFIG runs: EINVAL for an unknown or
   repeated field, bad hex, a wrong key length, an algorithm that is not
-  activated, and a user key equal to its tweak key (XTS forbids it).
+  activated, and a user key equal to its tweak key (the key service's policy:
+  NIST SP 800-38E wants the two XTS keys to differ; PCONFIG itself accepts them).
 - A KeyID still referenced by a VMA or by an allocated page cannot be
   reprogrammed or cleared (EBUSY). Before a KeyID is reprogrammed the cache is
   written back (WBINVD), so no dirty line of the old key is later written back

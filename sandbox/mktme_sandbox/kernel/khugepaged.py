@@ -1,11 +1,14 @@
 """khugepaged: one collapse pass (mm/khugepaged.c, reduced).
 
-Models "mm/khugepaged: Handle encrypted pages". khugepaged allocates its huge
-page before it knows which VMA it will collapse, so it used to get a KeyID-0
-page; the series gives the new page the VMA's KeyID (prep_encrypted_page) and
-collapses only when all 512 small pages have that KeyID. Switch
-``khugepaged_keyid_check`` off and the collapse uses a KeyID-0 huge page mapped
-through the VMA's KeyID: the process then reads its memory as garbage.
+Models "[PATCHv5 06/19] mm/khugepaged: Handle encrypted pages": "khugepaged
+allocates page in advance, before we found a VMA for collapse. [...] The page
+is allocated with KeyID-0. Once we know that the VMA is suitable for
+collapsing, we prepare the page for KeyID we need, based on vma_keyid()."
+Each small page is copied through its own KeyID (``page_keyid()``, patch 18);
+a small page whose KeyID differs from the VMA's is no reason to refuse the
+collapse (v5 has no such check). Switch ``khugepaged_keyid_check`` off and the
+patch goes: the huge page keeps KeyID 0 and is mapped through the VMA's KeyID,
+so the process reads its memory as garbage.
 
 A pass: for every VM_HUGEPAGE VMA, each 2M-aligned range inside it whose 512
 PTEs are present and map exclusive anonymous pages is copied into one 2M page
@@ -36,7 +39,6 @@ __all__ = ["KHUGEPAGED_TUNABLES", "KhugepagedStats", "khugepaged_scan", "khugepa
 class KhugepagedStats:
     full_scans: int = 0
     pages_collapsed: int = 0
-    collapse_refused_keyid: int = 0
     collapse_alloc_failed: int = 0
 
 
@@ -79,7 +81,7 @@ def _scan_vma(k: Kernel, mm: MmStruct, vma: Vma) -> int:
     done = 0
     for haddr in range(first, vma.end - HPAGE_SIZE + 1, HPAGE_SIZE):
         pfns = _collapsible(k, mm, haddr)
-        if pfns is not None and _keyids_allow(k, vma, pfns):
+        if pfns is not None:
             done += _collapse(k, mm, vma, haddr, pfns)
     return done
 
@@ -102,20 +104,9 @@ def _collapsible(k: Kernel, mm: MmStruct, haddr: int) -> list[int] | None:
     return pages
 
 
-def _keyids_allow(k: Kernel, vma: Vma, pfns: list[int]) -> bool:
-    keyid = vma_keyid(vma, k.pte_layout)
-    if not k.mitigations["khugepaged_keyid_check"]:
-        return True
-    if all(int(k.alloc.page_keyid[p]) == keyid for p in pfns):
-        return True
-    k.khugepaged.collapse_refused_keyid += 1
-    k.vmstat.inc("mktme_thp_collapse_refused_keyid")
-    return False
-
-
 def _collapse(k: Kernel, mm: MmStruct, vma: Vma, haddr: int, pfns: list[int]) -> int:
-    checked = k.mitigations["khugepaged_keyid_check"]
-    keyid = vma_keyid(vma, k.pte_layout) if checked else 0
+    patched = k.mitigations["khugepaged_keyid_check"]
+    keyid = vma_keyid(vma, k.pte_layout) if patched else 0  # before patch 06: KeyID 0
     with k.charging(mm.owner):
         head = k.alloc.alloc_huge_page(keyid, zero=False)
     if head is None:

@@ -8,9 +8,15 @@ bits taken from the physical address. ``mktme_keyid_shift`` and
 ``mktme_keyid_mask`` follow from those; ``pgtable.PteLayout`` computes them,
 once, for the page tables and everything else.
 
-Differences, each from docs/spec.md section 2: AES-XTS-256 is a known policy and a
-known algorithm (Linux v5 knew only AES-XTS-128); ``nr_keyids`` is also capped
-by MK_TME_MAX_KEYS of IA32_TME_CAPABILITY. Only one CPU exists, so the
+As in v5, ``nr_keyids`` is ``2**keyid_bits - 1``: detect_tme() never reads
+MK_TME_MAX_KEYS. The hardware limit stays in IA32_TME_CAPABILITY (the
+``mk_tme_max_keys`` line of ``hw/tme``), and PCONFIG answers INVALID_KEYID for
+a KeyID above it. When MKTME is not used (not enabled by BIOS, no known
+algorithm, no KeyID bits, or disabled later at boot) ``mktme_disable()`` leaves
+a layout without KeyID bits: mask and shift 0, the full physical mask.
+
+Difference, from docs/spec.md section 2: AES-XTS-256 is a known policy and a
+known algorithm (Linux v5 knew only AES-XTS-128). Only one CPU exists, so the
 "inconsistent between CPUs" path cannot happen.
 """
 
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 
 from mktme_sandbox.hw.msr import Msr, decode
 
-__all__ = ["KeyIdLayout", "detect_tme", "mktme_disabled"]
+__all__ = ["KeyIdLayout", "detect_tme", "mktme_disable"]
 
 _KNOWN_POLICIES = {0: "AES-XTS-128", 2: "AES-XTS-256"}
 
@@ -35,8 +41,8 @@ def _fields(rdmsr: Callable[[int], int], msr: Msr) -> dict[str, int]:
 class KeyIdLayout:
     """Where the KeyID sits in a physical address, as the kernel sees it.
 
-    ``keyid_bits`` counts the bits the BIOS took from MAXPHYADDR even when the
-    kernel does not use MKTME (the physical bits stay lowered, as in Linux).
+    ``keyid_bits`` counts the KeyID bits the kernel uses: those the BIOS took
+    from MAXPHYADDR while MKTME is enabled, 0 once ``mktme_disable()`` ran.
     """
 
     enabled: bool
@@ -53,10 +59,9 @@ def detect_tme(
 ) -> KeyIdLayout:
     """Parse the TME MSRs as Linux does and return the KeyID layout."""
     act = _fields(rdmsr, Msr.IA32_TME_ACTIVATE)
-    keyid_bits = act["mk_tme_keyid_bits"]
     if not (act["lock"] and act["tme_enable"]):
         printk("x86/tme: not enabled by BIOS")
-        return KeyIdLayout(False, maxphyaddr, keyid_bits, 0)
+        return mktme_disable(maxphyaddr)
     printk("x86/tme: enabled by BIOS")
     usable = True
     if act["tme_policy"] not in _KNOWN_POLICIES:
@@ -68,17 +73,20 @@ def detect_tme(
             f"{rdmsr(Msr.IA32_TME_ACTIVATE) >> 48:#x}"
         )
         usable = False
-    if keyid_bits == 0:
+    keyid_bits = act["mk_tme_keyid_bits"]
+    nr_keyids = (1 << keyid_bits) - 1  # v5: MK_TME_MAX_KEYS is not read
+    if not nr_keyids:
         printk("x86/mktme: disabled by BIOS")
-        return KeyIdLayout(False, maxphyaddr, 0, 0)
-    max_keys = _fields(rdmsr, Msr.IA32_TME_CAPABILITY)["mk_tme_max_keys"]
-    nr_keyids = min((1 << keyid_bits) - 1, max_keys or (1 << keyid_bits) - 1)
+        return mktme_disable(maxphyaddr)
     printk("x86/mktme: enabled by BIOS")
     printk(f"x86/mktme: {nr_keyids} KeyIDs available")
-    return KeyIdLayout(usable, maxphyaddr, keyid_bits, nr_keyids if usable else 0)
+    if not usable:
+        return mktme_disable(maxphyaddr)
+    return KeyIdLayout(True, maxphyaddr, keyid_bits, nr_keyids)
 
 
-def mktme_disabled(layout: KeyIdLayout) -> KeyIdLayout:
-    """ "x86/mm: Allow to disable MKTME after enumeration": no KeyIDs in use,
-    the physical bits stay lowered."""
-    return KeyIdLayout(False, layout.maxphyaddr, layout.keyid_bits, 0)
+def mktme_disable(maxphyaddr: int) -> KeyIdLayout:
+    """ "x86/mm: Allow to disable MKTME after enumeration" (v5 patch 14): no
+    KeyIDs, ``mktme_keyid_mask`` and ``mktme_keyid_shift`` 0 and the full
+    physical mask, which ``PteLayout(maxphyaddr, 0)`` derives."""
+    return KeyIdLayout(False, maxphyaddr, 0, 0)

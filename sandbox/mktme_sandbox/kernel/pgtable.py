@@ -198,7 +198,9 @@ class PteLayout:
     ``keyid_shift = maxphyaddr - keyid_bits``; the KeyID is entry bits
     ``keyid_shift .. maxphyaddr - 1`` (physical-address bits; the entry's
     address field keeps each physical-address bit at its own position).
-    ``keyid_bits == 0`` is a machine without MKTME: no KeyID bits at all.
+    ``keyid_bits == 0`` is a kernel without MKTME (never enabled, or disabled
+    after enumeration): as v5's ``mktme_disable()`` leaves it, shift and mask
+    are 0 and ``physical_mask`` is the full ``(1 << 52) - 1``.
     The derived masks have Linux's names in their docstrings.
     """
 
@@ -225,12 +227,13 @@ class PteLayout:
                 f"keyid_bits must leave frame-number bits below maxphyaddr "
                 f"{self.maxphyaddr}, not {self.keyid_bits}"
             )
-        shift = self.maxphyaddr - self.keyid_bits
+        shift = self.maxphyaddr - self.keyid_bits if self.keyid_bits else 0
+        physical_bits = shift or PHYSICAL_MASK_SHIFT
         derived = {
             "keyid_shift": shift,
             "keyid_mask": ((1 << self.keyid_bits) - 1) << shift,
-            "physical_mask": (1 << shift) - 1,
-            "pfn_mask": ((1 << shift) - 1) & ~(PAGE_SIZE - 1),
+            "physical_mask": (1 << physical_bits) - 1,
+            "pfn_mask": ((1 << physical_bits) - 1) & ~(PAGE_SIZE - 1),
             "pfn_mask_max": ((1 << PHYSICAL_MASK_SHIFT) - 1) & ~(PAGE_SIZE - 1),
             "reserved_mask": ((1 << PHYSICAL_MASK_SHIFT) - 1) & ~((1 << self.maxphyaddr) - 1),
         }
@@ -255,14 +258,14 @@ class PteLayout:
 
         For a 2M/1G leaf pass the head pfn (aligned) and PSE in ``flags``.
         """
-        if not 0 <= pfn < 1 << (self.keyid_shift - PAGE_SHIFT):
+        if not 0 <= pfn <= (self.physical_mask & ~self.reserved_mask) >> PAGE_SHIFT:
             fail(errno.EINVAL, f"pfn {pfn:#x} does not fit below the KeyID bits")
         if not 0 <= keyid <= self.max_keyid:
             fail(errno.EINVAL, f"KeyID {keyid} does not fit in {self.keyid_bits} KeyID bits")
         flags = int(flags)
         if flags & self.pfn_mask_max & ~_PAT_LARGE or not 0 <= flags <= _U64:
             fail(errno.EINVAL, f"flags {flags:#x} overlap the address field")
-        return (pfn | keyid << (self.keyid_shift - PAGE_SHIFT)) << PAGE_SHIFT | flags
+        return pfn << PAGE_SHIFT | keyid << self.keyid_shift | flags
 
     def pte_pfn(self, pte: int, size: int = SIZE_4K) -> int:
         """``pte_pfn()``/``pmd_pfn()`` after patch 07: the frame number, KeyID bits masked out.

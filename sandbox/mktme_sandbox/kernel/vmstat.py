@@ -42,7 +42,6 @@ VMSTAT_ITEMS: dict[str, str] = {
     "mktme_vma_merge_refused_keyid": "VMA merges refused because the KeyIDs differ",
     "mktme_ksm_pages_merged": "pages merged by KSM",
     "mktme_ksm_merge_refused_keyid": "KSM merges refused because the KeyIDs differ",
-    "mktme_thp_collapse_refused_keyid": "collapses refused because a page's KeyID differs",
     "mktme_tlb_flush": "TLB flushes",
     "mktme_key_program": "PCONFIG key programming calls that succeeded",
     "mktme_key_program_retry": "PCONFIG calls retried after busy or entropy error",
