@@ -35,7 +35,8 @@ from mktme_sandbox.kernel.khugepaged import KhugepagedStats
 from mktme_sandbox.kernel.ksm import KsmStats
 from mktme_sandbox.kernel.memory import zap_page_range
 from mktme_sandbox.kernel.mktme import detect_tme, mktme_disabled
-from mktme_sandbox.kernel.page_alloc import PG, PageAllocator
+from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.page_alloc import PageAllocator
 from mktme_sandbox.kernel.pgtable import USER_END, PageTables, PteLayout
 from mktme_sandbox.kernel.printk import KernelLog
 from mktme_sandbox.kernel.tlb import Tlb
@@ -86,6 +87,8 @@ class Kernel:
             lambda: self.mitigations["flush_on_keyid_change"],
             lambda uid: None if self.unlimited(uid) else config.page_limit,
         )
+        self.pages = self.alloc.pages
+        """struct page and page_ext of every PFN: the only way to a page's state."""
         self.alloc.alloc_page(0, PG.RESERVED, zero=False)  # PFN 0, as on a PC
         self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)
         self.pt = PageTables(
@@ -118,7 +121,7 @@ class Kernel:
 
     def _is_table_page(self, pa: int) -> bool:
         pfn = pa // PAGE_SIZE
-        return pfn < self.alloc.nr_pages and bool(self.alloc.flags[pfn] & PG.PGTABLE)
+        return self.pages.pfn_valid(pfn) and self.pages.PageTable(pfn)
 
     # --- per-uid limits -----------------------------------------------------------
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
+from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
@@ -67,7 +67,7 @@ def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
     through here so that such garbage is skipped, never indexed.
     """
     pfn = k.pte_layout.pte_pfn(pte, size)
-    return pfn if pfn + (size >> 12) <= k.alloc.nr_pages else None
+    return pfn if pfn + (size >> 12) <= k.pages.nr_pages else None
 
 
 # --- faults -----------------------------------------------------------------
@@ -119,7 +119,7 @@ def _map_new_page(k: Kernel, mm: MmStruct, vma: Vma, page: int, pfn: int) -> int
     pte = pfn_pte(pfn, vma.vm_page_prot)
     if vma.vm_flags & VM.WRITE:
         pte |= _WRITE_BITS
-    k.alloc.mapcount[pfn] += 1
+    k.pages.get_page(pfn)
     k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
     k.tlb.flush_range(mm.asid, page, page + PAGE_SIZE)
     return pte
@@ -131,34 +131,24 @@ def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
     pfn = pte_page(k, pte)
     if pfn is None:
         fail(errno.EIO, f"{addr:#x}: the PTE {pte:#x} maps no page of this machine")
-    flags = int(k.alloc.flags[pfn])
-    if not flags & (PG.ZERO | PG.KSM) and k.alloc.mapcount[pfn] == 1:
+    if k.pages.page_exclusive(pfn):
         pte |= _WRITE_BITS  # exclusive: reuse (wp_page_reuse)
         k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
         k.tlb.flush_range(mm.asid, page, page + PAGE_SIZE)
         return pte
     k.vmstat.inc("cow_fault")
-    new = k.alloc.alloc_page(vma_keyid(vma, k.pte_layout), PG.ANON, zero=bool(flags & PG.ZERO))
-    if not flags & PG.ZERO:
+    zero = k.pages.is_zero_pfn(pfn)
+    new = k.alloc.alloc_page(vma_keyid(vma, k.pte_layout), PG.ANON, zero=zero)
+    if not zero:
         copy_page(k, src=pfn, dst=new)
-    put_page(k, pfn)
+    k.pages.put_page(pfn)
     return _map_new_page(k, mm, vma, page, new)
 
 
 def copy_page(k: Kernel, src: int, dst: int) -> None:
     """``copy_user_highpage()`` through each page's own direct mapping."""
-    data = k.platform.load(src * PAGE_SIZE, PAGE_SIZE, int(k.alloc.page_keyid[src]))
-    k.platform.store(dst * PAGE_SIZE, data, int(k.alloc.page_keyid[dst]))
-
-
-def put_page(k: Kernel, pfn: int) -> None:
-    """Drop one mapping of a page; free it when none is left."""
-    if k.alloc.flags[pfn] & PG.ZERO:
-        return
-    head = compound_head(k, pfn)
-    k.alloc.mapcount[head] -= 1
-    if k.alloc.mapcount[head] <= 0:
-        k.alloc.free_page(head)
+    data = k.platform.load(src * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(src))
+    k.platform.store(dst * PAGE_SIZE, data, k.pages.page_keyid(dst))
 
 
 # --- access -------------------------------------------------------------------
@@ -280,7 +270,7 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
         if pfn is None or not _mapped_page(k, pfn):
             k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
             continue
-        put_page(k, pfn)
+        k.pages.put_page(pfn)
     k.pt.free_empty_tables(mm.pgd, start, end)
     flush_tlb_range(k, mm, start, end)
 
@@ -290,15 +280,9 @@ def _mapped_page(k: Kernel, pfn: int) -> bool:
     (never a page table, a free page or a reserved one). A PTE rewritten to
     point anywhere else is reported and left alone, as Linux's
     vm_normal_page() reports a bad page map."""
-    flags = int(k.alloc.flags[pfn])
-    if flags & PG.ZERO:
+    if k.pages.is_zero_pfn(pfn):
         return True
-    return bool(flags & PG.ANON) and k.alloc.mapcount[compound_head(k, pfn)] > 0
-
-
-def compound_head(k: Kernel, pfn: int) -> int:
-    """The first page of the 2M page ``pfn`` is part of, or ``pfn`` itself."""
-    return pfn & ~(HPAGE_NR - 1) if k.alloc.flags[pfn] & PG.TAIL else pfn
+    return k.pages.PageAnon(pfn) and k.pages.page_mapped(pfn)
 
 
 def flush_tlb_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
@@ -327,7 +311,6 @@ def split_huge_pmd(k: Kernel, mm: MmStruct, addr: int, pmd: int) -> None:
     k.vmstat.inc("thp_split_pmd")
     head = k.pte_layout.pte_pfn(pmd, HPAGE_SIZE)
     k.pt.split_huge_pmd(mm.pgd, addr)
-    k.alloc.flags[head : head + 512] = PG.ANON
-    k.alloc.mapcount[head : head + 512] = 1
+    k.pages.split_huge_page(head)
     haddr = addr & ~(HPAGE_SIZE - 1)
     flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)

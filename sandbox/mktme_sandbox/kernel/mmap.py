@@ -37,7 +37,6 @@ from mktme_sandbox.kernel.memory import (
     split_huge_pmds,
     zap_page_range,
 )
-from mktme_sandbox.kernel.page_alloc import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.vma import (
     MMAP_MIN_ADDR,
@@ -204,7 +203,7 @@ def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> Non
 
 
 def _exclusive(k: Kernel, pfn: int) -> bool:
-    return not k.alloc.flags[pfn] & (PG.ZERO | PG.KSM) and k.alloc.mapcount[pfn] == 1
+    return k.pages.page_exclusive(pfn)
 
 
 def do_encrypt_mprotect(

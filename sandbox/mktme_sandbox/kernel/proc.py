@@ -23,7 +23,7 @@ import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
-from mktme_sandbox.kernel.page_alloc import PG
+from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -139,17 +139,16 @@ def _usage(k: Kernel, mm: MmStruct, vma: Vma) -> dict[str, int]:
     )
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
         pfn = pte_page(k, pte, size)
-        if pfn is None or k.alloc.flags[pfn] & PG.ZERO:
+        if pfn is None or k.pages.is_zero_pfn(pfn):
             continue  # vm_normal_page() is NULL for the zero page and bad frames
-        flags = int(k.alloc.flags[pfn])
-        kb, count = size >> 10, max(int(k.alloc.mapcount[pfn]), 1)
+        kb, count = size >> 10, max(k.pages.page_mapcount(pfn), 1)
         dirty = bool(pte & PteFlags.DIRTY)
         shared = count > 1
         u["rss"] += kb
         u["pss"] += kb // count
         u["pss_dirty"] += kb // count if dirty else 0
         u[f"{'shared' if shared else 'private'}_{'dirty' if dirty else 'clean'}"] += kb
-        u["ksm"] += kb if flags & PG.KSM else 0
+        u["ksm"] += kb if k.pages.PageKsm(pfn) else 0
         u["anon_huge"] += kb if size != PAGE_SIZE else 0
     return u
 
@@ -176,7 +175,7 @@ def _pagemap_entries(k: Kernel, mm: MmStruct, start: int, end: int) -> Iterator[
         pfn = k.pte_layout.pte_pfn(pte, size)
         page = pte_page(k, pte, size)
         exclusive = (
-            page is not None and not k.alloc.flags[page] & PG.ZERO and k.alloc.mapcount[page] == 1
+            page is not None and not k.pages.is_zero_pfn(page) and k.pages.page_mapcount(page) == 1
         )
         base = PM_PRESENT | (PM_MMAP_EXCLUSIVE if exclusive else 0)
         lo, hi = max(va, start), min(va + size, end)
@@ -199,20 +198,20 @@ _PG_TO_KPF = (
 
 def _pfn_window(k: Kernel, offset: int, length: int) -> tuple[int, int, int]:
     first = offset // 8
-    last = min(-(-(offset + length) // 8), k.alloc.nr_pages)
+    last = min(-(-(offset + length) // 8), k.pages.nr_pages)
     return first, max(last, first), offset - first * 8
 
 
 def kpageflags(k: Kernel, offset: int, length: int) -> bytes:
     """/proc/kpageflags bytes at ``offset``: one u64 of KPF bits per PFN."""
     first, last, skip = _pfn_window(k, offset, length)
-    flags = k.alloc.flags[first:last]
+    flags = k.pages.flags_of(first, last)
     out = np.zeros(last - first, dtype="<u8")
     for pg, kpfs in _PG_TO_KPF:
         bits = sum(1 << int(b) for b in kpfs)
         out[(flags & pg) != 0] |= np.uint64(bits)
     out[k.alloc.free_mask(first, last)] |= np.uint64(1 << KPF.BUDDY)
-    mapped = k.alloc.mapcount[first:last] > 0
+    mapped = k.pages.mapcounts_of(first, last) > 0
     out[mapped] |= np.uint64(1 << KPF.MMAP)
     return out.tobytes()[skip : skip + length]
 
@@ -220,5 +219,5 @@ def kpageflags(k: Kernel, offset: int, length: int) -> bytes:
 def page_keyid(k: Kernel, offset: int, length: int) -> bytes:
     """``mm/page_keyid`` bytes: one little-endian u64 KeyID per PFN."""
     first, last, skip = _pfn_window(k, offset, length)
-    out = k.alloc.page_keyid[first:last].astype("<u8")
+    out = k.pages.keyids_of(first, last).astype("<u8")
     return out.tobytes()[skip : skip + length]
