@@ -11,7 +11,9 @@ Invariants:
 - VMAs are page-aligned, ordered, and use a programmed KeyID (or 0);
 - every present PTE lies in a VMA and maps an allocated page;
 - its KeyID equals the page's page_ext KeyID and the VMA's KeyID;
-- the zero page is never mapped in an encrypted VMA;
+- the zero page (and the huge zero page) is never mapped in an encrypted VMA;
+- a page mapped more than once (shared by fork) is never writable through a
+  PTE (copy-on-write), and every page of a VM_LOCKED VMA is PG_mlocked;
 - each page's map count equals the number of PTEs that map it, and no
   anonymous page is allocated without a mapping;
 - the per-KeyID page counts equal a recount of page_ext;
@@ -39,7 +41,7 @@ from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
-from mktme_sandbox.kernel.vma import MmStruct, vma_keyid
+from mktme_sandbox.kernel.vma import VM, MmStruct, vma_keyid
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -145,6 +147,7 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
     starts = np.array([v.start for v in vmas] or [0], dtype=np.uint64)
     ends = np.array([v.end for v in vmas] or [0], dtype=np.uint64)
     vma_keyids = np.array([vma_keyid(v, layout) for v in vmas] or [0], dtype=np.int64)
+    vma_locked = np.array([bool(v.vm_flags & VM.LOCKED) for v in vmas] or [False], dtype=bool)
     at = np.searchsorted(starts, va, side="right") - 1
     at_vma = np.maximum(at, 0)
     outside = (at < 0) | (va + size > ends[at_vma]) | (va < starts[at_vma]) | (len(vmas) == 0)
@@ -185,6 +188,36 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
         "PTE KeyID differs from its VMA's KeyID",
         ok & (keyid != vkeyid),
         lambda i: f"{int(va[i]):#x}: PTE KeyID {int(keyid[i])}, VMA KeyID {int(vkeyid[i])}",
+    )
+    _check_cow_and_mlock(k, where, va, pte, page, ok, vma_locked[at_vma], found)
+
+
+def _check_cow_and_mlock(
+    k: Kernel,
+    where: str,
+    va: np.ndarray,
+    pte: np.ndarray,
+    page: np.ndarray,
+    ok: np.ndarray,
+    locked: np.ndarray,
+    found: _Findings,
+) -> None:
+    """A page mapped more than once (fork) is never writable through any of its
+    PTEs, and every page of a VM_LOCKED VMA is PG_mlocked."""
+    mapcount = k.pages.mapcounts_of()[page]
+    writable = (pte & np.uint64(PteFlags.RW)) != 0
+    found.add_where(
+        where,
+        "writable PTE maps a shared page (a missed copy-on-write)",
+        ok & writable & (mapcount > 1),
+        lambda i: f"{int(va[i]):#x} -> pfn {int(page[i]):#x}, mapcount {int(mapcount[i])}",
+    )
+    mlocked = (k.pages.flags_of()[page] & PG.MLOCKED) != 0
+    found.add_where(
+        where,
+        "page of a VM_LOCKED VMA is not mlocked",
+        ok & locked & ~mlocked,
+        lambda i: f"{int(va[i]):#x} -> pfn {int(page[i]):#x}",
     )
 
 

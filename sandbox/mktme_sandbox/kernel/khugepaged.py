@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
-from mktme_sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, pfn_pte, pte_page
+from mktme_sandbox.kernel.memory import (
+    HPAGE_SIZE,
+    alloc_hugepage_vma,
+    flush_tlb_range,
+    mlock_vma_page,
+    pfn_pte,
+    pte_page,
+)
 from mktme_sandbox.kernel.page import HPAGE_NR
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
@@ -92,19 +99,21 @@ def _keyids_allow(k: Kernel, vma: Vma, pfns: list[int]) -> bool:
 
 def _collapse(k: Kernel, mm: MmStruct, vma: Vma, haddr: int, pfns: list[int]) -> int:
     checked = k.mitigations["khugepaged_keyid_check"]
-    keyid = vma_keyid(vma, k.pte_layout) if checked else 0
-    with k.charging(mm.owner):
-        head = k.alloc.alloc_huge_page(keyid, zero=False)
+    with k.charging(mm.owner):  # the THP fault's path (patch 04); KeyID 0 before patch 06
+        head = alloc_hugepage_vma(k, vma, zero=False, keyid=None if checked else 0)
     if head is None:
         k.khugepaged.collapse_alloc_failed += 1
         k.vmstat.inc("thp_collapse_alloc_failed")
         return 0
+    keyid = k.pages.page_keyid(head)
     for i, pfn in enumerate(pfns):
         data = k.platform.load(pfn * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(pfn))
         k.platform.store((head + i) * PAGE_SIZE, data, keyid)
     pmd = pfn_pte(head, vma.vm_page_prot) | int(PteFlags.PSE | PteFlags.RW | PteFlags.DIRTY)
     k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
     k.pages.get_page(head)
+    if vma.vm_flags & VM.LOCKED:
+        mlock_vma_page(k, head)
     for pfn in pfns:
         k.pages.put_page(pfn)
     flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)

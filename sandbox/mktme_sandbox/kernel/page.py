@@ -54,6 +54,7 @@ class PG(IntFlag):
     HEAD = 1 << 5  # first page of a 2M compound page
     TAIL = 1 << 6
     RESERVED = 1 << 7
+    MLOCKED = 1 << 8  # PG_mlocked: mapped by a VM_LOCKED VMA (kept on the head of a THP)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -126,6 +127,16 @@ class MemMap:
         """The shared zero page."""
         return self._test(pfn, PG.ZERO)
 
+    def PageMlocked(self, pfn: int) -> bool:
+        """PG_mlocked, asked of the compound head (PF_NO_TAIL)."""
+        return self._test(self.compound_head(pfn), PG.MLOCKED)
+
+    def SetPageMlocked(self, pfn: int) -> None:
+        self._flags[self.compound_head(pfn)] |= np.uint32(PG.MLOCKED)
+
+    def ClearPageMlocked(self, pfn: int) -> None:
+        self._flags[self.compound_head(pfn)] &= np.uint32(0xFFFFFFFF ^ PG.MLOCKED)
+
     def SetPageKsm(self, pfn: int) -> None:
         self._flags[pfn] |= np.uint32(PG.KSM)
 
@@ -179,8 +190,9 @@ class MemMap:
 
     def split_huge_page(self, head: int) -> None:
         """512 order-0 anonymous pages, each mapped once (by the PTEs that
-        replace the huge page's one PMD)."""
-        self._flags[head : head + HPAGE_NR] = PG.ANON
+        replace the huge page's one PMD); PG_mlocked goes to every page."""
+        mlocked = self._flags[head] & np.uint32(PG.MLOCKED)
+        self._flags[head : head + HPAGE_NR] = np.uint32(PG.ANON) | mlocked
         self._mapcount[head : head + HPAGE_NR] = 1
 
     # --- the allocator's writers ------------------------------------------------------

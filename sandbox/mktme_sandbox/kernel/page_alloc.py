@@ -97,7 +97,7 @@ class PageAllocator:
         self._prep(pfn, 0, old_keyid, keyid, flags, zero)
         return pfn
 
-    def alloc_huge_page(self, keyid: int, zero: bool = True) -> int | None:
+    def alloc_huge_page(self, keyid: int, zero: bool = True, flags: PG = PG.ANON) -> int | None:
         """A 2M-aligned order-9 page from never-used memory, or None (also
         when ``charge_uid`` would exceed its limit)."""
         start = -(-self._fresh // HPAGE_NR) * HPAGE_NR
@@ -107,7 +107,7 @@ class PageAllocator:
         self._pools[0].extend(range(self._fresh, start))
         self.pages.free_pages_prepare(self._fresh, start - self._fresh)
         self._fresh = start + HPAGE_NR
-        self._prep(start, HPAGE_ORDER, 0, keyid, PG.ANON, zero)
+        self._prep(start, HPAGE_ORDER, 0, keyid, flags, zero)
         self.pages.prep_compound_page(start, HPAGE_ORDER)
         return start
 

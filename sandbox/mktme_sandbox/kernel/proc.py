@@ -23,7 +23,7 @@ import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
-from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.page import HPAGE_NR, PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -68,11 +68,12 @@ class KPF(IntEnum):
     THP = 22
     ZERO_PAGE = 24
     PGTABLE = 26
+    MLOCKED = 33
 
 
 _VMFLAG_MNEMONICS = (  # mm/proc task_mmu.c order; mr mw me always for anon private
     (VM.READ, "rd"), (VM.WRITE, "wr"), (VM.EXEC, "ex"),
-    (None, "mr"), (None, "mw"), (None, "me"),
+    (None, "mr"), (None, "mw"), (None, "me"), (VM.LOCKED, "lo"),
     (VM.WRITE, "ac"),
     (VM.HUGEPAGE, "hg"), (VM.NOHUGEPAGE, "nh"), (VM.MERGEABLE, "mg"),
 )  # fmt: skip
@@ -106,10 +107,11 @@ def _smaps_entry(k: Kernel, mm: MmStruct, vma: Vma) -> str:
         ("Rss", usage["rss"]), ("Pss", usage["pss"]), ("Pss_Dirty", usage["pss_dirty"]),
         ("Shared_Clean", usage["shared_clean"]), ("Shared_Dirty", usage["shared_dirty"]),
         ("Private_Clean", usage["private_clean"]), ("Private_Dirty", usage["private_dirty"]),
-        ("Referenced", usage["rss"]), ("Anonymous", usage["rss"]), ("KSM", usage["ksm"]),
+        ("Referenced", usage["rss"]), ("Anonymous", usage["anonymous"]), ("KSM", usage["ksm"]),
         ("LazyFree", 0), ("AnonHugePages", usage["anon_huge"]), ("ShmemPmdMapped", 0),
         ("FilePmdMapped", 0), ("Shared_Hugetlb", 0), ("Private_Hugetlb", 0),
-        ("Swap", 0), ("SwapPss", 0), ("Locked", 0),
+        ("Swap", 0), ("SwapPss", 0),
+        ("Locked", usage["pss"] if vma.vm_flags & VM.LOCKED else 0),
     ):  # fmt: skip
         lines.append(f"{name + ':':<16}{kb:>8} kB\n")
     thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= 2 << 20)
@@ -122,35 +124,36 @@ def _smaps_entry(k: Kernel, mm: MmStruct, vma: Vma) -> str:
 
 
 def _usage(k: Kernel, mm: MmStruct, vma: Vma) -> dict[str, int]:
-    """Rss and friends in kB, as smaps_pte_entry() counts them."""
-    u = dict.fromkeys(
-        (
-            "rss",
-            "pss",
-            "pss_dirty",
-            "shared_clean",
-            "shared_dirty",
-            "private_clean",
-            "private_dirty",
-            "ksm",
-            "anon_huge",
-        ),
-        0,
-    )
+    """Rss and friends in kB, as smaps_pte_entry()/smaps_account() count them.
+
+    Pss is exact as Linux keeps it: each page adds ``(size << PSS_SHIFT) /
+    mapcount`` and the sum is shifted down once, at the end (PSS_SHIFT 12), so
+    three 4 kB pages each mapped by three spaces give 4 kB, not 3."""
+    u = dict.fromkeys(_USAGE, 0)
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
         pfn = pte_page(k, pte, size)
         if pfn is None or k.pages.is_zero_pfn(pfn):
             continue  # vm_normal_page() is NULL for the zero page and bad frames
         kb, count = size >> 10, max(k.pages.page_mapcount(pfn), 1)
         dirty = bool(pte & PteFlags.DIRTY)
-        shared = count > 1
+        pss = (size << _PSS_SHIFT) // count
         u["rss"] += kb
-        u["pss"] += kb // count
-        u["pss_dirty"] += kb // count if dirty else 0
-        u[f"{'shared' if shared else 'private'}_{'dirty' if dirty else 'clean'}"] += kb
+        u["pss"] += pss
+        u["pss_dirty"] += pss if dirty else 0
+        u[f"{'shared' if count > 1 else 'private'}_{'dirty' if dirty else 'clean'}"] += kb
+        u["anonymous"] += kb if k.pages.PageAnon(pfn) else 0
         u["ksm"] += kb if k.pages.PageKsm(pfn) else 0
         u["anon_huge"] += kb if size != PAGE_SIZE else 0
+    u["pss"] >>= 10 + _PSS_SHIFT
+    u["pss_dirty"] >>= 10 + _PSS_SHIFT
     return u
+
+
+_PSS_SHIFT = 12
+_USAGE = (
+    "rss", "pss", "pss_dirty", "shared_clean", "shared_dirty", "private_clean",
+    "private_dirty", "anonymous", "ksm", "anon_huge",
+)  # fmt: skip
 
 
 # --- pagemap --------------------------------------------------------------------
@@ -211,8 +214,12 @@ def kpageflags(k: Kernel, offset: int, length: int) -> bytes:
         bits = sum(1 << int(b) for b in kpfs)
         out[(flags & pg) != 0] |= np.uint64(bits)
     out[k.alloc.free_mask(first, last)] |= np.uint64(1 << KPF.BUDDY)
-    mapped = k.pages.mapcounts_of(first, last) > 0
-    out[mapped] |= np.uint64(1 << KPF.MMAP)
+    # page_mapped() and PageMlocked() of a tail page answer for its compound head
+    pfns = np.arange(first, last)
+    heads = np.where((flags & PG.TAIL) != 0, pfns & ~(HPAGE_NR - 1), pfns)
+    out[k.pages.mapcounts_of()[heads] > 0] |= np.uint64(1 << KPF.MMAP)
+    mlocked = (k.pages.flags_of()[heads] & PG.MLOCKED) != 0
+    out[mlocked] |= np.uint64(1 << KPF.MLOCKED)
     return out.tobytes()[skip : skip + length]
 
 
