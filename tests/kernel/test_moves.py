@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from kernel_helpers import HPAGE, PAGE, U, ctl, pfn_of, space, two_keys, vmstat
+from kernel_helpers import HPAGE, PAGE, U, ctl, pfn_of, two_keys, vmstat
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.proc import KPF
 
@@ -17,7 +17,9 @@ SECRET = b"attack at dawn!!" * 4
 
 
 def smaps_field(m, name: str, field: str, vma: int = 0) -> int:
-    values = [int(line.split()[1]) for line in m.smaps(name).splitlines() if line.startswith(field + ":")]
+    values = [
+        int(line.split()[1]) for line in m.smaps(name).splitlines() if line.startswith(field + ":")
+    ]
     return values[vma]
 
 
@@ -66,7 +68,8 @@ def test_a_write_after_fork_copies_into_a_page_of_the_vmas_keyid_and_both_keep_t
     shared = pfn_of(m, a, U)
     m.write_virt("b", U, b"child's own data")
     copy = pfn_of(m, "b", U)
-    assert copy != shared and pfn_of(m, a, U) == shared
+    assert copy != shared
+    assert pfn_of(m, a, U) == shared
     assert m.read_virt("b", U, 16) == b"child's own data"
     assert m.read_virt("b", U + 16, len(SECRET) - 16) == SECRET[16:]
     assert m.read_virt(a, U, len(SECRET)) == SECRET
@@ -89,7 +92,7 @@ def test_without_the_allocation_keyid_the_cow_copy_reads_as_garbage():
     """Before patch 05 ("mm/page_alloc: Handle allocation for encrypted memory")
     alloc_page_vma() knew no KeyID: the copy lands in a KeyID-0 page that the
     PTE (made from vm_page_prot) reads through KeyID 1."""
-    m, a = forked()
+    m, _a = forked()
     m.set_mitigation("alloc_page_vma_keyid", False)
     m.write_virt("b", U + 1000, b"!")
     assert m.read_virt("b", U, len(SECRET)) != SECRET
@@ -101,13 +104,16 @@ def test_fork_accounting_shares_rss_and_splits_pss_exactly():
     once: six pages mapped by three spaces give 7 kB (8 less Linux's truncation
     of 12 fractional bits), where rounding each page to kB would give 6."""
     m, a = forked(pages=6)
-    assert smaps_field(m, a, "Rss") == 24 and smaps_field(m, a, "Pss") == 12
-    assert smaps_field(m, a, "Shared_Dirty") == 24 and smaps_field(m, a, "Private_Dirty") == 0
+    assert smaps_field(m, a, "Rss") == 24
+    assert smaps_field(m, a, "Pss") == 12
+    assert smaps_field(m, a, "Shared_Dirty") == 24
+    assert smaps_field(m, a, "Private_Dirty") == 0
     assert smaps_field(m, "b", "Anonymous") == 24
     m.fork("b", "c", 0)
     assert smaps_field(m, "c", "Pss") == 7
     flags = kpageflags(m, pfn_of(m, a, U))
-    assert flags >> KPF.MMAP & 1 and flags >> KPF.ANON & 1
+    assert flags >> KPF.MMAP & 1
+    assert flags >> KPF.ANON & 1
     assert not pagemap_entry(m, a, U) >> 56 & 1  # shared: not exclusive
 
 
@@ -144,13 +150,17 @@ def test_a_write_fault_in_a_hugepage_vma_maps_a_2m_page_of_the_vmas_keyid():
     m.write_virt(a, U + 5 * PAGE, SECRET)
     head = pfn_of(m, a, U)
     assert pfn_of(m, a, U + 5 * PAGE) == head + 5  # pagemap per 4K
-    assert head % 512 == 0 and m.read_virt(a, U + 5 * PAGE, len(SECRET)) == SECRET
+    assert head % 512 == 0
+    assert m.read_virt(a, U + 5 * PAGE, len(SECRET)) == SECRET
     assert m.kernel.pages.page_keyid(head) == 1
     assert smaps_field(m, a, "AnonHugePages") == 2048
     assert vmstat(m)["thp_fault_alloc"] == 1
-    assert " pmd" in m.ptdump(a) and "2M" in m.ptdump(a)
+    assert " pmd" in m.ptdump(a)
+    assert "2M" in m.ptdump(a)
     flags = kpageflags(m, head + 1)
-    assert flags >> KPF.THP & 1 and flags >> KPF.COMPOUND_TAIL & 1 and flags >> KPF.MMAP & 1
+    assert flags >> KPF.THP & 1
+    assert flags >> KPF.COMPOUND_TAIL & 1
+    assert flags >> KPF.MMAP & 1
     assert m.check() == []
 
 
@@ -161,14 +171,18 @@ def test_a_read_fault_maps_the_huge_zero_page_only_in_a_keyid0_vma():
     assert m.read_virt(a, U, 64) == bytes(64)
     zero = pfn_of(m, a, U)
     assert kpageflags(m, zero) >> KPF.ZERO_PAGE & 1
-    assert vmstat(m)["thp_zero_page_alloc"] == 1 and smaps_field(m, a, "Rss") == 0
+    assert vmstat(m)["thp_zero_page_alloc"] == 1
+    assert smaps_field(m, a, "Rss") == 0
     m.write_virt(a, U, SECRET)  # the huge zero page goes, a THP comes
-    assert pfn_of(m, a, U) != zero and vmstat(m)["thp_fault_alloc"] == 1
+    assert pfn_of(m, a, U) != zero
+    assert vmstat(m)["thp_fault_alloc"] == 1
     m2, b = hugepage_vma(1)
     assert m2.read_virt(b, U, 64) == bytes(64)
     assert not kpageflags(m2, pfn_of(m2, b, U)) >> KPF.ZERO_PAGE & 1
-    assert vmstat(m2)["thp_zero_page_alloc"] == 0 and vmstat(m2)["thp_fault_alloc"] == 1
-    assert m.check() == [] and m2.check() == []
+    assert vmstat(m2)["thp_zero_page_alloc"] == 0
+    assert vmstat(m2)["thp_fault_alloc"] == 1
+    assert m.check() == []
+    assert m2.check() == []
 
 
 def test_without_patch_02_an_encrypted_hugepage_vma_reads_the_huge_zero_page_as_garbage():
@@ -183,7 +197,8 @@ def test_a_fault_outside_a_whole_2m_range_falls_back_to_4k():
     ctl(m, a, f"mmap {U:#x} 1M rw- keyid=1")
     ctl(m, a, f"madvise {U:#x} 1M hugepage")
     m.write_virt(a, U, b"x")
-    assert smaps_field(m, a, "AnonHugePages") == 0 and vmstat(m)["thp_fault_alloc"] == 0
+    assert smaps_field(m, a, "AnonHugePages") == 0
+    assert vmstat(m)["thp_fault_alloc"] == 0
 
 
 def test_fork_splits_a_thp_and_shares_its_pages():
@@ -205,7 +220,8 @@ def test_mlock_populates_marks_the_pages_and_shows_locked():
     ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
     ctl(m, a, f"mlock {U + PAGE:#x} 8K")
     assert len(m.maps(a).splitlines()) == 3
-    assert smaps_field(m, a, "Locked", 1) == 8 and smaps_field(m, a, "Rss", 0) == 0
+    assert smaps_field(m, a, "Locked", 1) == 8
+    assert smaps_field(m, a, "Rss", 0) == 0
     assert " lo " in m.smaps(a)
     assert kpageflags(m, pfn_of(m, a, U + PAGE)) >> KPF.MLOCKED & 1
     assert vmstat(m)["unevictable_pgs_mlocked"] == 2
@@ -238,7 +254,8 @@ def test_a_child_does_not_inherit_vm_locked():
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
     ctl(m, a, f"mlock {U:#x} 4K")
     m.fork(a, "b", 0)
-    assert " lo " in m.smaps(a) and " lo " not in m.smaps("b")
+    assert " lo " in m.smaps(a)
+    assert " lo " not in m.smaps("b")
     m.write_virt(a, U, b"x")  # the COW copy in a locked VMA is mlocked
     assert kpageflags(m, pfn_of(m, a, U)) >> KPF.MLOCKED & 1
     assert m.check() == []
@@ -293,4 +310,16 @@ def test_mremap_grows_and_shrinks_in_place_and_errnos_are_linuxs():
     assert errno_of(lambda: ctl(m, a, f"mremap {U + 8 * PAGE:#x} 4K 8K")) == 14  # EFAULT
     assert errno_of(lambda: ctl(m, a, f"mremap {U:#x} 4K 8K {U + 1:#x}")) == 22
     assert errno_of(lambda: ctl(m, a, f"mremap {U:#x} 4K 8K {U:#x}")) == 22  # overlap
+    assert m.check() == []
+
+
+def test_the_huge_zero_page_is_freed_when_its_last_mapping_goes_also_after_fork():
+    m, a = hugepage_vma(0)
+    m.read_virt(a, U, 8)
+    m.fork(a, "b", 0)
+    ctl(m, a, f"munmap {U:#x} 4M")
+    assert m.kernel.huge_zero_pfn is not None  # the child still maps it
+    m.destroy_space("b", 0)
+    assert m.kernel.huge_zero_pfn is None
+    ctl(m, a, f"mmap {U:#x} 4M rw-")
     assert m.check() == []

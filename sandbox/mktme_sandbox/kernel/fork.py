@@ -9,7 +9,7 @@ Rules kept:
   parent and the child" (``ptep_set_wrprotect(src_mm, addr, src_pte); pte =
   pte_wrprotect(pte)``); the child's PTE is the parent's, KeyID bits
   included, and the page gains a mapping (``get_page``, ``page_dup_rmap``).
-  The zero page and the huge zero page are shared without a count.
+  The zero page is shared without a count, the huge zero page with one.
 - The first write on either side breaks COW in ``do_wp_page()`` (memory.py):
   a new page from ``alloc_page_vma()`` with the VMA's KeyID, filled through
   each page's own KeyID; the last mapper reuses the page.
@@ -73,5 +73,7 @@ def copy_page_range(k: Kernel, src: MmStruct, dst: MmStruct, vma: Vma) -> None:
             pte &= ~_RW
             k.pt.set_pte(src.pgd, va, pte, size)
         k.pt.set_pte(dst.pgd, va, pte, size)
+        if size == HPAGE_SIZE and k.pages.is_zero_pfn(pfn):
+            k.huge_zero_refs += 1  # mm_get_huge_zero_page()
         k.pages.get_page(pfn)
     flush_tlb_range(k, src, vma.start, vma.end)

@@ -94,6 +94,8 @@ class Kernel:
         self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)
         self.huge_zero_pfn: int | None = None
         """The huge zero page, allocated at its first use (``mm_get_huge_zero_page``)."""
+        self.huge_zero_refs = 0
+        """The PMDs that map the huge zero page; the last one to go frees it."""
         self.pt = PageTables(
             platform, self.pte_layout, self._alloc_table, self._free_table, self._is_table_page
         )
@@ -190,6 +192,7 @@ class Kernel:
             "ksm": dataclasses.asdict(self.ksm),
             "khugepaged": dataclasses.asdict(self.khugepaged),
             "huge_zero_pfn": self.huge_zero_pfn,
+            "huge_zero_refs": self.huge_zero_refs,
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -211,6 +214,7 @@ class Kernel:
         self.khugepaged = KhugepagedStats(**state["khugepaged"])
         huge_zero = state.get("huge_zero_pfn")
         self.huge_zero_pfn = None if huge_zero is None else int(huge_zero)
+        self.huge_zero_refs = int(state.get("huge_zero_refs", 0))
 
     # --- KeyIDs ---------------------------------------------------------------
 

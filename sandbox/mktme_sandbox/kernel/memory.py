@@ -157,7 +157,8 @@ def _pmd_none(k: Kernel, mm: MmStruct, haddr: int) -> bool:
 
 
 def mm_get_huge_zero_page(k: Kernel) -> int | None:
-    """The huge zero page, allocated (uncharged, KeyID 0) at its first use."""
+    """The huge zero page with one more mapping, allocated (uncharged, KeyID 0)
+    when none exists; None when no 2M page is free."""
     if k.huge_zero_pfn is None:
         with k.charging(None):
             pfn = k.alloc.alloc_huge_page(0, flags=PG.ZERO | PG.RESERVED)
@@ -166,7 +167,24 @@ def mm_get_huge_zero_page(k: Kernel) -> int | None:
             return None
         k.vmstat.inc("thp_zero_page_alloc")
         k.huge_zero_pfn = pfn
+    k.huge_zero_refs += 1
     return k.huge_zero_pfn
+
+
+def put_huge_zero_page(k: Kernel) -> None:
+    """One mapping of the huge zero page less; the last one frees it (Linux's
+    shrinker frees it later, once unused: here at once, so that memory comes
+    back as it was)."""
+    k.huge_zero_refs -= 1
+    if k.huge_zero_refs == 0 and k.huge_zero_pfn is not None:
+        k.alloc.free_page(k.huge_zero_pfn)
+        k.huge_zero_pfn = None
+
+
+def _zap_huge_zero_pmd(k: Kernel, mm: MmStruct, haddr: int) -> None:
+    k.pt.clear_pte(mm.pgd, haddr, HPAGE_SIZE)
+    put_huge_zero_page(k)
+    flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)
 
 
 def do_huge_pmd_anonymous_page(
@@ -205,8 +223,7 @@ def do_huge_pmd_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pmd: int) 
     if head is None:
         fail(errno.EIO, f"{addr:#x}: the PMD {pmd:#x} maps no page of this machine")
     if k.pages.is_zero_pfn(head):
-        k.pt.clear_pte(mm.pgd, haddr, HPAGE_SIZE)
-        flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)
+        _zap_huge_zero_pmd(k, mm, haddr)
         return _handle_mm_fault(k, mm, vma, addr, True)
     if k.pages.page_exclusive(head):
         pmd |= _WRITE_BITS
@@ -414,6 +431,9 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
         if pfn is None or not mapped_page(k, pfn):
             k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
             continue
+        if size == HPAGE_SIZE and k.pages.is_zero_pfn(pfn):
+            put_huge_zero_page(k)
+            continue
         k.pages.put_page(pfn)
     k.pt.free_empty_tables(mm.pgd, start, end)
     flush_tlb_range(k, mm, start, end)
@@ -457,8 +477,7 @@ def split_huge_pmd(k: Kernel, mm: MmStruct, addr: int, pmd: int) -> None:
     head = k.pte_layout.pte_pfn(pmd, HPAGE_SIZE)
     haddr = addr & ~(HPAGE_SIZE - 1)
     if k.pages.pfn_valid(head) and k.pages.is_zero_pfn(head):
-        k.pt.clear_pte(mm.pgd, haddr, HPAGE_SIZE)
-        flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)
+        _zap_huge_zero_pmd(k, mm, haddr)
         return
     k.vmstat.inc("thp_split_pmd")
     k.pt.split_huge_pmd(mm.pgd, addr)
