@@ -132,6 +132,7 @@ class Kpf(enum.IntEnum):
     THP = 22
     ZERO_PAGE = 24
     PGTABLE = 26
+    MLOCKED = 33
 
 
 PAGEMAP_PRESENT = 1 << 63

@@ -51,8 +51,8 @@ def mounts_under(top: Path) -> set[str]:
         return {line.split()[1] for line in f if line.split()[1].startswith(f"{top}/")}
 
 
-def test_there_are_thirteen_experiments_in_the_package() -> None:
-    assert [e.number for e in EXPERIMENTS] == list(range(1, 14))
+def test_there_are_fifteen_experiments_in_the_package() -> None:
+    assert [e.number for e in EXPERIMENTS] == list(range(1, 16))
     assert EXPERIMENTS[0].stem == "01-wrong-key"
     assert EXPERIMENTS[0].module == "mktme_sandbox.examples.exp01_wrong_key"
 
