@@ -133,6 +133,7 @@ class Kpf(enum.IntEnum):
     ZERO_PAGE = 24
     PGTABLE = 26
     RESERVED = 32  # PG_reserved: PFN 0 and the zero page
+    MLOCKED = 33
 
 
 PAGEMAP_PRESENT = 1 << 63
@@ -722,6 +723,23 @@ class Space:
 
     def munmap(self, va: int, length: int) -> None:
         self.ctl(f"munmap {va:#x} {length}")
+
+    def fork(self, child: str) -> Space:
+        """``fork CHILD``: a new space sharing this one's pages copy-on-write."""
+        self.ctl(f"fork {child}")
+        return Space(self.mount, child)
+
+    def mremap(self, va: int, old_len: int, new_len: int, new_va: int | None = None) -> None:
+        """``mremap OLD OLDLEN NEWLEN [NEWADDR]``."""
+        self.ctl(
+            f"mremap {va:#x} {old_len} {new_len}" + ("" if new_va is None else f" {new_va:#x}")
+        )
+
+    def mlock(self, va: int, length: int) -> None:
+        self.ctl(f"mlock {va:#x} {length}")
+
+    def munlock(self, va: int, length: int) -> None:
+        self.ctl(f"munlock {va:#x} {length}")
 
     def smaps(self) -> list[Vma]:
         return parse_smaps(self.mount.read_text(f"{self.rel}/smaps"))

@@ -3,7 +3,9 @@
 Grammar (docs/spec.md 4.4): ``mmap ADDR LEN PROT [keyid=N] [populate]``,
 ``munmap ADDR LEN``, ``mprotect ADDR LEN PROT``,
 ``encrypt_mprotect ADDR LEN PROT keyid=N``,
-``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed``; for ``mm/snapshot``
+``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed``,
+``mlock ADDR LEN``, ``munlock ADDR LEN``, ``mremap OLD OLDLEN NEWLEN [NEWADDR]``,
+``fork CHILD``; for ``mm/snapshot``
 ``save|restore|coldboot /ABSOLUTE/PATH``. ADDR is hex
 (``0x...``), LEN decimal or hex with an optional K/M/G suffix, PROT one of
 ``--- r-- rw- r-x rwx`` (or ``none r rw rx rwx``). Anything else is EINVAL
@@ -25,9 +27,13 @@ __all__ = [
     "COMMAND_MAX",
     "USAGE",
     "EncryptMprotect",
+    "Fork",
     "Madvise",
+    "Mlock",
     "Mmap",
     "Mprotect",
+    "Mremap",
+    "Munlock",
     "Munmap",
     "SpaceCommand",
     "decode_command",
@@ -40,6 +46,10 @@ USAGE = {
     "mprotect": "mprotect ADDR LEN PROT",
     "encrypt_mprotect": "encrypt_mprotect ADDR LEN PROT keyid=N",
     "madvise": f"madvise ADDR LEN {'|'.join(ADVICE)}",
+    "mlock": "mlock ADDR LEN",
+    "munlock": "munlock ADDR LEN",
+    "mremap": "mremap OLD OLDLEN NEWLEN [NEWADDR]",
+    "fork": "fork CHILD",
 }
 
 
@@ -85,9 +95,40 @@ class Madvise:
     op: ClassVar[str] = "madvise"
 
 
+@dataclass(frozen=True)
+class Mlock:
+    addr: int
+    length: int
+    op: ClassVar[str] = "mlock"
+
+
+@dataclass(frozen=True)
+class Munlock:
+    addr: int
+    length: int
+    op: ClassVar[str] = "munlock"
+
+
+@dataclass(frozen=True)
+class Mremap:
+    addr: int
+    old_len: int
+    new_len: int
+    new_addr: int | None = None  # MREMAP_MAYMOVE | MREMAP_FIXED when given
+    op: ClassVar[str] = "mremap"
+
+
+@dataclass(frozen=True)
+class Fork:
+    child: str
+    op: ClassVar[str] = "fork"
+
+
 # One dataclass per command of spaces/NAME/ctl; Machine.space_command matches
 # on them exhaustively (assert_never), so a new one cannot fall into another.
-SpaceCommand = Mmap | Munmap | Mprotect | EncryptMprotect | Madvise
+SpaceCommand = (
+    Mmap | Munmap | Mprotect | EncryptMprotect | Madvise | Mlock | Munlock | Mremap | Fork
+)
 
 
 COMMAND_MAX = 4096  # one page, as a sysfs or procfs store takes at most PAGE_SIZE
@@ -116,18 +157,34 @@ def decode_command(command: str | bytes, what: str) -> str:
     return text
 
 
+_RANGE_COMMANDS: dict[str, type[Munmap | Mlock | Munlock]] = {
+    "munmap": Munmap,
+    "mlock": Mlock,
+    "munlock": Munlock,
+}
+
+
 def parse_space_command(text: str) -> SpaceCommand:
     words = text.split()
     op, args = words[0], words[1:]
     if op not in USAGE:
         fail(errno.EINVAL, f"unknown command {op!r} (one of {', '.join(USAGE)})")
+    if op == "fork":
+        if len(args) != 1:
+            fail(errno.EINVAL, f"fork: usage: {USAGE[op]}")
+        return Fork(args[0])
     if len(args) < 2:
         fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")
     addr, length = _addr(op, args[0]), _length(op, args[1])
     rest = args[2:]
-    if op == "munmap":
+    if op in ("munmap", "mlock", "munlock"):
         _no_more(op, rest)
-        return Munmap(addr, length)
+        return _RANGE_COMMANDS[op](addr, length)
+    if op == "mremap":
+        if not 1 <= len(rest) <= 2:
+            fail(errno.EINVAL, f"mremap: usage: {USAGE[op]}")
+        new_addr = _addr(op, rest[1]) if len(rest) == 2 else None
+        return Mremap(addr, length, _length(op, rest[0]), new_addr)
     if op == "madvise":
         if len(rest) != 1 or rest[0] not in ADVICE:
             fail(errno.EINVAL, f"madvise: usage: {USAGE[op]}")

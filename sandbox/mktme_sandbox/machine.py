@@ -31,9 +31,13 @@ from typing import Any, ParamSpec, TypeVar, assert_never
 from mktme_sandbox import snapshot as snapshots
 from mktme_sandbox.commands import (
     EncryptMprotect,
+    Fork,
     Madvise,
+    Mlock,
     Mmap,
     Mprotect,
+    Mremap,
+    Munlock,
     Munmap,
     Wbinvd,
     decode_command,
@@ -44,7 +48,19 @@ from mktme_sandbox.commands import (
 from mktme_sandbox.config import MachineConfig
 from mktme_sandbox.errors import SandboxError, errno_name, fail
 from mktme_sandbox.hw.platform import Platform
-from mktme_sandbox.kernel import check, keyid_map, khugepaged, ksm, memory, mmap, proc, rmap
+from mktme_sandbox.kernel import (
+    check,
+    fork,
+    keyid_map,
+    khugepaged,
+    ksm,
+    memory,
+    mlock,
+    mmap,
+    mremap,
+    proc,
+    rmap,
+)
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
 from mktme_sandbox.kernel.ptdump import ptdump_user, render
 from mktme_sandbox.kernel.vma import MmStruct, Vma
@@ -207,6 +223,12 @@ class Machine:
         self.kernel.destroy_space(name)
 
     @_locked
+    def fork(self, name: str, child: str, uid: int) -> None:
+        """``fork CHILD`` in ``spaces/NAME/ctl``: CHILD, owned by ``uid``, shares
+        NAME's pages copy-on-write (EACCES unless ``uid`` owns NAME or is root)."""
+        self.space_command(name, f"fork {child}", uid)
+
+    @_locked
     def space_names(self) -> list[str]:
         return sorted(self.kernel.spaces)
 
@@ -236,6 +258,14 @@ class Machine:
                 mmap.do_encrypt_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, uid)
             case Madvise():
                 mmap.do_madvise(k, mm, cmd.addr, cmd.length, cmd.advice)
+            case Mlock():
+                mlock.do_mlock(k, mm, cmd.addr, cmd.length)
+            case Munlock():
+                mlock.do_munlock(k, mm, cmd.addr, cmd.length)
+            case Mremap():
+                mremap.do_mremap(k, mm, cmd.addr, cmd.old_len, cmd.new_len, cmd.new_addr)
+            case Fork():
+                fork.dup_mm(k, mm, cmd.child, uid)
             case _:
                 assert_never(cmd)
 

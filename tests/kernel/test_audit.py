@@ -17,7 +17,7 @@ import pytest
 
 from mktme_sandbox import Machine, SandboxError
 from mktme_sandbox.kernel.kernel import Kernel
-from mktme_sandbox.kernel.page_alloc import PG
+from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.vma import MmStruct, Vma
 
@@ -116,7 +116,7 @@ def test_the_zero_page_in_an_encrypted_vma(scene: Scene) -> None:
 
 
 def test_a_pte_keyid_that_differs_from_its_page(scene: Scene) -> None:
-    scene.k.alloc.page_keyid[scene.pfn("a", ENC)] = 2
+    scene.k.pages.set_page_keyid(scene.pfn("a", ENC), 2)
     fires(scene, "space a", "PTE KeyID differs from its page's page_ext KeyID")
 
 
@@ -139,7 +139,7 @@ def test_a_tlb_entry_left_after_its_pte_changed(scene: Scene) -> None:
 
 
 def test_a_map_count_that_differs_from_the_ptes(scene: Scene) -> None:
-    scene.k.alloc.mapcount[scene.pfn("a", ENC)] += 1
+    scene.k.pages.get_page(scene.pfn("a", ENC))
     fires(scene, "pages", "map count differs from the PTEs mapping the page")
 
 
@@ -158,7 +158,7 @@ def _twice(scene: Scene, pfn: int) -> None:
 
 
 def _not_marked_free(scene: Scene, pfn: int) -> None:
-    scene.k.alloc.flags[pfn] = 0
+    scene.k.pages.ClearPageBuddy(pfn)
 
 
 def _on_no_list(scene: Scene, pfn: int) -> None:
@@ -166,7 +166,7 @@ def _on_no_list(scene: Scene, pfn: int) -> None:
 
 
 def _tagged_with_another_keyid(scene: Scene, pfn: int) -> None:
-    scene.k.alloc.page_keyid[pfn] = 2
+    scene.k.pages.set_page_keyid(pfn, 2)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,6 @@ def test_free_pages_keep_their_keyid_in_a_pool_and_show_in_free_pools(m):
 def test_page_ext_keyid_follows_the_page(m):
     ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=2 populate")
     pfn = pfn_of(m, "a", U)
-    assert m.kernel.alloc.page_keyid[pfn] == 2
+    assert m.kernel.pages.page_keyid(pfn) == 2
     ctl(m, "a", f"munmap {U:#x} 4K")
-    assert m.kernel.alloc.page_keyid[pfn] == 0  # arch_free_page reset it (v5)
+    assert m.kernel.pages.page_keyid(pfn) == 0  # arch_free_page reset it (v5)

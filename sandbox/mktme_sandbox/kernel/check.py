@@ -11,7 +11,9 @@ Invariants:
 - VMAs are page-aligned, ordered, and use a programmed KeyID (or 0);
 - every present PTE lies in a VMA and maps an allocated page;
 - its KeyID equals the page's page_ext KeyID and the VMA's KeyID;
-- the zero page is never mapped in an encrypted VMA;
+- the zero page (and the huge zero page) is never mapped in an encrypted VMA;
+- a page mapped more than once (shared by fork) is never writable through a
+  PTE (copy-on-write), and every page of a VM_LOCKED VMA is PG_mlocked;
 - each page's map count equals the number of PTEs that map it, and no
   anonymous page is allocated without a mapping;
 - the per-KeyID page counts equal a recount of page_ext;
@@ -36,10 +38,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mktme_sandbox.errors import SandboxError
-from mktme_sandbox.kernel.page_alloc import PG
+from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
-from mktme_sandbox.kernel.vma import MmStruct, vma_keyid
+from mktme_sandbox.kernel.vma import VM, MmStruct, vma_keyid
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -76,7 +78,7 @@ class _Findings:
 
 def check(k: Kernel) -> list[str]:
     found = _Findings()
-    mapped = np.zeros(k.alloc.nr_pages, dtype=np.int64)
+    mapped = np.zeros(k.pages.nr_pages, dtype=np.int64)
     for mm in k.spaces.values():
         _check_vmas(k, mm, found)
         _check_ptes(k, mm, found, mapped)
@@ -102,7 +104,7 @@ def _check_tables(k: Kernel, found: _Findings) -> None:
     for pfn, n in owners.items():
         if n > 1:
             found.add("page tables", "table page reachable more than once", f"pfn {pfn:#x} x{n}")
-    tables = np.flatnonzero((k.alloc.flags & PG.PGTABLE) != 0)
+    tables = np.flatnonzero((k.pages.flags_of() & PG.PGTABLE) != 0)
     leaked = tables[~np.isin(tables, np.fromiter(owners, dtype=np.int64, count=len(owners)))]
     found.add_where(
         "page tables",
@@ -115,7 +117,7 @@ def _check_tables(k: Kernel, found: _Findings) -> None:
 def _not_a_table(k: Kernel, entry: int) -> str:
     """Where an upper-level entry points instead of a page table."""
     pfn = k.pte_layout.pte_pfn(entry)
-    if pfn >= k.alloc.nr_pages:
+    if not k.pages.pfn_valid(pfn):
         return "outside physical memory"
     return "to a free page" if k.alloc.is_free(pfn) else "to a page that is no page table"
 
@@ -137,7 +139,7 @@ def _check_vmas(k: Kernel, mm: MmStruct, found: _Findings) -> None:
 def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -> None:
     """The PTE rules over all of the space's leaves at once; adds to ``mapped``
     the PTEs that map each page (a huge leaf at its head)."""
-    where, layout, alloc = f"space {mm.name}", k.pte_layout, k.alloc
+    where, layout, pages = f"space {mm.name}", k.pte_layout, k.pages
     va, size, pte = k.pt.leaf_arrays(mm.pgd)
     if not len(va):
         return
@@ -145,16 +147,17 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
     starts = np.array([v.start for v in vmas] or [0], dtype=np.uint64)
     ends = np.array([v.end for v in vmas] or [0], dtype=np.uint64)
     vma_keyids = np.array([vma_keyid(v, layout) for v in vmas] or [0], dtype=np.int64)
+    vma_locked = np.array([bool(v.vm_flags & VM.LOCKED) for v in vmas] or [False], dtype=bool)
     at = np.searchsorted(starts, va, side="right") - 1
     at_vma = np.maximum(at, 0)
     outside = (at < 0) | (va + size > ends[at_vma]) | (va < starts[at_vma]) | (len(vmas) == 0)
     found.add_where(where, "PTE outside any VMA", outside, lambda i: f"{int(va[i]):#x}")
     u64 = np.uint64
     pfn = ((pte & u64(layout.pfn_mask) & ~(size - u64(1))) >> u64(12)).astype(np.int64)
-    pages = (size >> u64(12)).astype(np.int64)
-    known = pfn + pages <= alloc.nr_pages
+    nr = (size >> u64(12)).astype(np.int64)
+    known = pfn + nr <= pages.nr_pages
     page = np.where(known, pfn, 0)
-    missing = ~outside & (~known | alloc.free_mask()[page])
+    missing = ~outside & (~known | k.alloc.free_mask()[page])
     found.add_where(
         where,
         "PTE maps a free or missing page",
@@ -163,7 +166,7 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
     )
     ok = ~outside & ~missing
     vkeyid = vma_keyids[at_vma]
-    zero = ok & ((alloc.flags[page] & PG.ZERO) != 0)
+    zero = ok & ((pages.flags_of()[page] & PG.ZERO) != 0)
     found.add_where(
         where,
         "zero page mapped in an encrypted VMA",
@@ -173,7 +176,7 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
     ok &= ~zero
     mapped += np.bincount(page[ok], minlength=len(mapped))
     keyid = ((pte & u64(layout.keyid_mask)) >> u64(layout.keyid_shift)).astype(np.int64)
-    pkeyid = alloc.page_keyid[page].astype(np.int64)
+    pkeyid = pages.keyids_of()[page].astype(np.int64)
     found.add_where(
         where,
         "PTE KeyID differs from its page's page_ext KeyID",
@@ -185,6 +188,36 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
         "PTE KeyID differs from its VMA's KeyID",
         ok & (keyid != vkeyid),
         lambda i: f"{int(va[i]):#x}: PTE KeyID {int(keyid[i])}, VMA KeyID {int(vkeyid[i])}",
+    )
+    _check_cow_and_mlock(k, where, va, pte, page, ok, vma_locked[at_vma], found)
+
+
+def _check_cow_and_mlock(
+    k: Kernel,
+    where: str,
+    va: np.ndarray,
+    pte: np.ndarray,
+    page: np.ndarray,
+    ok: np.ndarray,
+    locked: np.ndarray,
+    found: _Findings,
+) -> None:
+    """A page mapped more than once (fork) is never writable through any of its
+    PTEs, and every page of a VM_LOCKED VMA is PG_mlocked."""
+    mapcount = k.pages.mapcounts_of()[page]
+    writable = (pte & np.uint64(PteFlags.RW)) != 0
+    found.add_where(
+        where,
+        "writable PTE maps a shared page (a missed copy-on-write)",
+        ok & writable & (mapcount > 1),
+        lambda i: f"{int(va[i]):#x} -> pfn {int(page[i]):#x}, mapcount {int(mapcount[i])}",
+    )
+    mlocked = (k.pages.flags_of()[page] & PG.MLOCKED) != 0
+    found.add_where(
+        where,
+        "page of a VM_LOCKED VMA is not mlocked",
+        ok & locked & ~mlocked,
+        lambda i: f"{int(va[i]):#x} -> pfn {int(page[i]):#x}",
     )
 
 
@@ -216,16 +249,16 @@ def _check_tlb(k: Kernel, mm: MmStruct, found: _Findings) -> None:
 
 
 def _check_pages(k: Kernel, found: _Findings, mapped: np.ndarray) -> None:
-    alloc = k.alloc
-    heads = ((alloc.flags & PG.ANON) != 0) & ((alloc.flags & PG.TAIL) == 0)
+    alloc, flags, mapcount = k.alloc, k.pages.flags_of(), k.pages.mapcounts_of()
+    heads = ((flags & PG.ANON) != 0) & ((flags & PG.TAIL) == 0)
     found.add_where(
         "pages",
         "map count differs from the PTEs mapping the page",
-        heads & (alloc.mapcount != mapped),
-        lambda pfn: f"pfn {pfn:#x}: mapcount {alloc.mapcount[pfn]}, PTEs {mapped[pfn]}",
+        heads & (mapcount != mapped),
+        lambda pfn: f"pfn {pfn:#x}: mapcount {mapcount[pfn]}, PTEs {mapped[pfn]}",
     )
-    in_use = (alloc.flags != 0) & ((alloc.flags & PG.BUDDY) == 0)
-    recount = np.bincount(alloc.page_keyid[in_use].astype(np.int64))
+    in_use = (flags != 0) & ((flags & PG.BUDDY) == 0)
+    recount = np.bincount(k.pages.keyids_of()[in_use].astype(np.int64))
     counts = {int(keyid): int(n) for keyid, n in enumerate(recount) if n}
     for keyid in sorted(set(counts) | set(alloc.allocated_by_keyid)):
         if counts.get(keyid, 0) != alloc.allocated_by_keyid.get(keyid, 0):
@@ -238,10 +271,10 @@ def _check_pages(k: Kernel, found: _Findings, mapped: np.ndarray) -> None:
 
 
 def _check_pools(k: Kernel, found: _Findings) -> None:
-    alloc = k.alloc
+    alloc, flags, keyids = k.alloc, k.pages.flags_of(), k.pages.keyids_of()
     pools = {keyid: np.array(pfns, dtype=np.int64) for keyid, pfns in alloc.pools().items()}
     pooled = np.concatenate([np.zeros(0, dtype=np.int64), *pools.values()])
-    times = np.bincount(pooled, minlength=alloc.nr_pages)
+    times = np.bincount(pooled, minlength=k.pages.nr_pages)
     found.add_where(
         "free pools",
         "page on the free lists more than once",
@@ -251,10 +284,10 @@ def _check_pools(k: Kernel, found: _Findings) -> None:
     found.add_where(
         "free pools",
         "page on a free list is not marked free",
-        (times > 0) & ((alloc.flags & PG.BUDDY) == 0),
+        (times > 0) & ((flags & PG.BUDDY) == 0),
         lambda pfn: f"pfn {pfn:#x}",
     )
-    buddy = (alloc.flags & PG.BUDDY) != 0
+    buddy = (flags & PG.BUDDY) != 0
     buddy[alloc.never_used :] = False
     found.add_where(
         "free pools",
@@ -263,10 +296,10 @@ def _check_pools(k: Kernel, found: _Findings) -> None:
         lambda pfn: f"pfn {pfn:#x}",
     )
     for keyid, pfns in pools.items():
-        wrong = pfns[alloc.page_keyid[pfns] != keyid]
+        wrong = pfns[keyids[pfns] != keyid]
         if len(wrong):
             found.add(
                 f"free pool {keyid}",
                 "free page tagged with another KeyID",
-                f"pfn {int(wrong[0]):#x} has KeyID {int(alloc.page_keyid[wrong[0]])}",
+                f"pfn {int(wrong[0]):#x} has KeyID {int(keyids[wrong[0]])}",
             )

@@ -7,7 +7,7 @@ zero page and the key service come up. The mechanisms live one per module
 (page_alloc, pgtable, vma, mmap, memory, ksm, khugepaged, keys, check, proc);
 this class holds their shared state and names the address spaces.
 
-The six mitigation switches (docs/spec.md section 3) are plain booleans read by the
+The mitigation switches (docs/spec.md section 3) are plain booleans read by the
 mechanisms at the point where the patch they stand for acts.
 
 ``export_state``/``import_state`` carry everything a booted kernel changes
@@ -35,7 +35,8 @@ from mktme_sandbox.kernel.khugepaged import KhugepagedStats
 from mktme_sandbox.kernel.ksm import KsmStats
 from mktme_sandbox.kernel.memory import zap_page_range
 from mktme_sandbox.kernel.mktme import detect_tme, mktme_disable
-from mktme_sandbox.kernel.page_alloc import PG, PageAllocator
+from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.page_alloc import PageAllocator
 from mktme_sandbox.kernel.pgtable import USER_END, PageTables, PteLayout
 from mktme_sandbox.kernel.printk import KernelLog
 from mktme_sandbox.kernel.tlb import Tlb
@@ -51,6 +52,7 @@ MITIGATIONS: dict[str, str] = {
     "khugepaged_keyid_check": "mm/khugepaged: Handle encrypted pages",
     "pte_modify_preserve_keyid": "x86/mm: Preserve KeyID on pte_modify() and pgprot_modify()",
     "flush_on_keyid_change": "x86/mm: Implement prep_encrypted_page() and arch_free_page()",
+    "alloc_page_vma_keyid": "mm/page_alloc: Handle allocation for encrypted memory",
 }
 RESERVED_SPACE_NAMES = ("kernel",)  # pagetables/kernel shows the direct mappings
 _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -86,8 +88,14 @@ class Kernel:
             lambda: self.mitigations["flush_on_keyid_change"],
             lambda uid: None if self.unlimited(uid) else config.page_limit,
         )
+        self.pages = self.alloc.pages
+        """struct page and page_ext of every PFN: the only way to a page's state."""
         self.alloc.alloc_page(0, PG.RESERVED, zero=False)  # PFN 0, as on a PC
         self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)
+        self.huge_zero_pfn: int | None = None
+        """The huge zero page, allocated at its first use (``mm_get_huge_zero_page``)."""
+        self.huge_zero_refs = 0
+        """The PMDs that map the huge zero page; the last one to go frees it."""
         self.pt = PageTables(
             platform, self.pte_layout, self._alloc_table, self._free_table, self._is_table_page
         )
@@ -118,7 +126,7 @@ class Kernel:
 
     def _is_table_page(self, pa: int) -> bool:
         pfn = pa // PAGE_SIZE
-        return pfn < self.alloc.nr_pages and bool(self.alloc.flags[pfn] & PG.PGTABLE)
+        return self.pages.pfn_valid(pfn) and self.pages.PageTable(pfn)
 
     # --- per-uid limits -----------------------------------------------------------
 
@@ -127,10 +135,10 @@ class Kernel:
         return uid in (0, self.owner_uid)
 
     @contextmanager
-    def charging(self, uid: int) -> Iterator[None]:
+    def charging(self, uid: int | None) -> Iterator[None]:
         """Charge the pages allocated inside to ``uid``, the owner of the space
         they are for (Linux charges the memcg of ``current``, the task whose
-        fault or call allocates)."""
+        fault or call allocates); None: to no one (the kernel's own pages)."""
         saved = self.alloc.charge_uid
         self.alloc.charge_uid = uid
         try:
@@ -183,6 +191,8 @@ class Kernel:
             "key_owners": list(self.keys.owners().items()),
             "ksm": dataclasses.asdict(self.ksm),
             "khugepaged": dataclasses.asdict(self.khugepaged),
+            "huge_zero_pfn": self.huge_zero_pfn,
+            "huge_zero_refs": self.huge_zero_refs,
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -202,6 +212,9 @@ class Kernel:
         self.keys.set_owners({int(k): int(uid) for k, uid in state["key_owners"]})
         self.ksm = KsmStats(**state["ksm"])
         self.khugepaged = KhugepagedStats(**state["khugepaged"])
+        huge_zero = state.get("huge_zero_pfn")
+        self.huge_zero_pfn = None if huge_zero is None else int(huge_zero)
+        self.huge_zero_refs = int(state.get("huge_zero_refs", 0))
 
     # --- KeyIDs ---------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mktme_sandbox.config import GiB, MiB
-from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
+from mktme_sandbox.kernel.page import HPAGE_NR, PG
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -162,14 +162,14 @@ def page_codes(k: Kernel) -> np.ndarray:
     looked at (on a sparse machine that is nearly all of them).
     """
     used = k.alloc.never_used
-    codes = np.full(k.alloc.nr_pages, PageKind.FREE, dtype=np.int32)
-    flags = k.alloc.flags[:used]
+    codes = np.full(k.pages.nr_pages, PageKind.FREE, dtype=np.int32)
+    flags = k.pages.flags_of(0, used)
     kinds = codes[:used]
     kinds[:] = PageKind.USED
     for pg, kind in _FLAG_KINDS:
         kinds[(flags & pg) != 0] = kind
     kinds[k.alloc.free_mask(0, used)] = PageKind.FREE
-    kinds += k.alloc.page_keyid[:used].astype(np.int32) * _NR_KINDS
+    kinds += k.pages.keyids_of(0, used).astype(np.int32) * _NR_KINDS
     return codes
 
 

@@ -24,10 +24,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
-from mktme_sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, pfn_pte, pte_page, put_page
-from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
+from mktme_sandbox.kernel.memory import (
+    HPAGE_SIZE,
+    alloc_hugepage_vma,
+    flush_tlb_range,
+    mlock_vma_page,
+    pfn_pte,
+    pte_page,
+)
+from mktme_sandbox.kernel.page import HPAGE_NR
 from mktme_sandbox.kernel.pgtable import PteFlags
-from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -95,32 +102,30 @@ def _collapsible(k: Kernel, mm: MmStruct, haddr: int) -> list[int] | None:
     if any(p is None for p in pfns) or any(not pte & PteFlags.PRESENT for _, _, pte in entries):
         return None
     pages = [p for p in pfns if p is not None]
-    bad = PG.ZERO | PG.KSM
-    if any(
-        k.alloc.flags[p] & bad or not k.alloc.flags[p] & PG.ANON or k.alloc.mapcount[p] != 1
-        for p in pages
-    ):
+    if any(not k.pages.PageAnon(p) or not k.pages.page_exclusive(p) for p in pages):
         return None
     return pages
 
 
 def _collapse(k: Kernel, mm: MmStruct, vma: Vma, haddr: int, pfns: list[int]) -> int:
     patched = k.mitigations["khugepaged_keyid_check"]
-    keyid = vma_keyid(vma, k.pte_layout) if patched else 0  # before patch 06: KeyID 0
-    with k.charging(mm.owner):
-        head = k.alloc.alloc_huge_page(keyid, zero=False)
+    with k.charging(mm.owner):  # the THP fault's path (patch 04); KeyID 0 before patch 06
+        head = alloc_hugepage_vma(k, vma, zero=False, keyid=None if patched else 0)
     if head is None:
         k.khugepaged.collapse_alloc_failed += 1
         k.vmstat.inc("thp_collapse_alloc_failed")
         return 0
+    keyid = k.pages.page_keyid(head)
     for i, pfn in enumerate(pfns):
-        data = k.platform.load(pfn * PAGE_SIZE, PAGE_SIZE, int(k.alloc.page_keyid[pfn]))
+        data = k.platform.load(pfn * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(pfn))
         k.platform.store((head + i) * PAGE_SIZE, data, keyid)
     pmd = pfn_pte(head, vma.vm_page_prot) | int(PteFlags.PSE | PteFlags.RW | PteFlags.DIRTY)
     k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
-    k.alloc.mapcount[head] = 1
+    k.pages.get_page(head)
+    if vma.vm_flags & VM.LOCKED:
+        mlock_vma_page(k, head)
     for pfn in pfns:
-        put_page(k, pfn)
+        k.pages.put_page(pfn)
     flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)
     k.vmstat.inc("thp_collapse_alloc")
     return 1

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.memory import do_wp_page, pfn_pte, pte_page, put_page
-from mktme_sandbox.kernel.page_alloc import PG
+from mktme_sandbox.kernel.memory import do_wp_page, pfn_pte, pte_page
+from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
@@ -54,12 +54,12 @@ def ksm_sysfs(k: Kernel) -> dict[str, int]:
     pass), ``pages_shared`` the KSM pages, ``pages_sharing`` the mappings of
     them beyond the first, ``pages_volatile`` 0 (a pass merges at once); then
     the sandbox's own counters under ``mktme_``."""
-    kpages = (k.alloc.flags & PG.KSM) != 0
+    kpages = (k.pages.flags_of() & PG.KSM) != 0
     shared = int(kpages.sum())
     return {
         "run": 0,
         "pages_shared": shared,
-        "pages_sharing": int(k.alloc.mapcount[kpages].sum()) - shared,
+        "pages_sharing": int(k.pages.mapcounts_of()[kpages].sum()) - shared,
         "pages_unshared": k.ksm.pages_unshared,
         "pages_volatile": 0,
         "full_scans": k.ksm.full_scans,
@@ -81,12 +81,12 @@ def ksm_do_scan(k: Kernel) -> int:
     """One full pass; returns the number of pages merged."""
     groups: dict[bytes, list[_Candidate]] = defaultdict(list)
     for cand in _candidates(k):
-        data = k.platform.load(cand.pfn * PAGE_SIZE, PAGE_SIZE, int(k.alloc.page_keyid[cand.pfn]))
+        data = k.platform.load(cand.pfn * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(cand.pfn))
         groups[data].append(cand)
     merged = sum(_merge_group(k, group) for group in groups.values() if len(group) > 1)
     k.ksm.full_scans += 1
     k.ksm.pages_merged += merged
-    k.ksm.pages_unshared = sum(not k.alloc.flags[c.pfn] & PG.KSM for c in _candidates(k))
+    k.ksm.pages_unshared = sum(not k.pages.PageKsm(c.pfn) for c in _candidates(k))
     k.vmstat.inc("mktme_ksm_pages_merged", merged)
     return merged
 
@@ -101,10 +101,9 @@ def _candidates(k: Kernel) -> list[_Candidate]:
                 pfn = pte_page(k, pte, size)
                 if pfn is None or size != PAGE_SIZE or not pte & PteFlags.PRESENT:
                     continue
-                flags = int(k.alloc.flags[pfn])
-                if flags & PG.ZERO or not flags & PG.ANON:
+                if k.pages.is_zero_pfn(pfn) or not k.pages.PageAnon(pfn):
                     continue
-                if flags & PG.KSM or k.alloc.mapcount[pfn] == 1:
+                if k.pages.PageKsm(pfn) or k.pages.page_mapcount(pfn) == 1:
                     found.append(_Candidate(mm, vma, va, pfn))
     return found
 
@@ -113,7 +112,7 @@ def _merge_group(k: Kernel, group: list[_Candidate]) -> int:
     """Merge pages of equal content; partition by KeyID when the check is on."""
     by_keyid: dict[int, list[_Candidate]] = defaultdict(list)
     for cand in group:
-        keyid = int(k.alloc.page_keyid[cand.pfn])
+        keyid = k.pages.page_keyid(cand.pfn)
         by_keyid[keyid if k.mitigations["ksm_keyid_check"] else 0].append(cand)
     if len(by_keyid) > 1:
         refused = sum(len(c) for c in by_keyid.values()) - max(len(c) for c in by_keyid.values())
@@ -123,9 +122,9 @@ def _merge_group(k: Kernel, group: list[_Candidate]) -> int:
 
 
 def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
-    ksm_pages = [c for c in cands if k.alloc.flags[c.pfn] & PG.KSM]
+    ksm_pages = [c for c in cands if k.pages.PageKsm(c.pfn)]
     kpage = (ksm_pages or cands)[0].pfn
-    k.alloc.flags[kpage] |= PG.KSM
+    k.pages.SetPageKsm(kpage)
     merged = 0
     for cand in cands:
         # replace_page(): the new PTE is made from the sharer's own pgprot
@@ -133,8 +132,8 @@ def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
         k.pt.set_pte(cand.mm.pgd, cand.va, pte, PAGE_SIZE)
         k.tlb.flush_range(cand.mm.asid, cand.va, cand.va + PAGE_SIZE)
         if cand.pfn != kpage:
-            k.alloc.mapcount[kpage] += 1
-            put_page(k, cand.pfn)
+            k.pages.get_page(kpage)
+            k.pages.put_page(cand.pfn)
             merged += 1
     return merged
 
@@ -148,7 +147,7 @@ def unmerge_ksm_pages(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     shared = []
     for va, size, pte in k.pt.iter_present(mm.pgd, start, end):
         pfn = pte_page(k, pte, size)
-        if pfn is not None and size == PAGE_SIZE and k.alloc.flags[pfn] & PG.KSM:
+        if pfn is not None and size == PAGE_SIZE and k.pages.PageKsm(pfn):
             shared.append((va, pte))
     free = sum(k.alloc.free_pages_by_keyid().values())
     if len(shared) > free:

@@ -21,8 +21,19 @@ step: memory exhausted, or the owner's ``max_pages_per_uid``) frees the
 tables it left empty: it leaves the machine as it found it. Pages are charged
 to the space's owner (``Kernel.charging``).
 
-Left out: swap, file pages, userfaultfd, accessed/dirty bits set by the walker
-(PTEs are made young, and dirty on a write fault).
+Transparent huge pages at fault (``do_huge_pmd_anonymous_page``): in a
+``madvise hugepage`` VMA, a fault on an empty PMD whose 2M range lies inside
+the VMA maps a 2M page allocated for the VMA's KeyID through the one
+``alloc_hugepage_vma()`` (patch 04; khugepaged uses it too), or, for a read in
+a KeyID-0 VMA only, the huge zero page (patch 02's huge_memory.c hunk). No 2M
+page free: the fault falls back to 4K (``thp_fault_fallback``).
+
+Every page a fault or a COW allocates comes from ``alloc_page_vma()``, which
+gives it the VMA's KeyID (patch 05; switch ``alloc_page_vma_keyid``).
+
+Left out: swap, file pages, accessed/dirty bits set by the walker
+(PTEs are made young, and dirty on a write fault), sharing a THP across fork
+(fork splits it first).
 """
 
 from __future__ import annotations
@@ -32,8 +43,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
-from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
+from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.pgtable import USER_END, Level, PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -52,6 +63,7 @@ __all__ = [
 
 HPAGE_SIZE = 2 << 20
 _WRITE_BITS = int(PteFlags.RW | PteFlags.DIRTY)
+_PSE = int(PteFlags.PSE)
 
 
 def pfn_pte(pfn: int, prot: int) -> int:
@@ -67,7 +79,7 @@ def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
     through here so that such garbage is skipped, never indexed.
     """
     pfn = k.pte_layout.pte_pfn(pte, size)
-    return pfn if pfn + (size >> 12) <= k.alloc.nr_pages else None
+    return pfn if pfn + (size >> 12) <= k.pages.nr_pages else None
 
 
 # --- faults -----------------------------------------------------------------
@@ -90,14 +102,141 @@ def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -
 def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
     found = k.pt.get_pte(mm.pgd, addr)
     if found is None:
+        haddr = addr & ~(HPAGE_SIZE - 1)
+        if transhuge_vma_suitable(vma, haddr) and _pmd_none(k, mm, haddr):
+            pmd = do_huge_pmd_anonymous_page(k, mm, vma, haddr, write)
+            if pmd is not None:
+                return pmd
         return do_anonymous_page(k, mm, vma, addr, write)
     if not found.pte & PteFlags.PRESENT:
         fail(errno.EIO, f"{addr:#x}: the PTE {found.pte:#x} is neither present nor empty")
-    if found.size == HPAGE_SIZE:  # do_huge_pmd_wp_page() falls back to splitting
-        split_huge_pmd(k, mm, addr, found.pte)
-        found = k.pt.get_pte(mm.pgd, addr)
-        assert found is not None
+    if found.size == HPAGE_SIZE:
+        return do_huge_pmd_wp_page(k, mm, vma, addr, found.pte)
     return do_wp_page(k, mm, vma, addr, found.pte)
+
+
+# --- allocation for a VMA (patches 04 and 05) ------------------------------------
+
+
+def _alloc_keyid(k: Kernel, vma: Vma) -> int:
+    """The KeyID a page for ``vma`` is allocated with: the VMA's (patch 05,
+    ``alloc_pages_vma()`` passes ``vma_keyid(vma)`` down to
+    ``prep_encrypted_page()``); KeyID 0 with ``alloc_page_vma_keyid`` off."""
+    return vma_keyid(vma, k.pte_layout) if k.mitigations["alloc_page_vma_keyid"] else 0
+
+
+def alloc_page_vma(k: Kernel, vma: Vma, zero: bool = True) -> int:
+    """``alloc_page_vma()``: one anonymous page for ``vma`` (faults, COW, UFFDIO_COPY)."""
+    return k.alloc.alloc_page(_alloc_keyid(k, vma), PG.ANON, zero=zero)
+
+
+def alloc_hugepage_vma(
+    k: Kernel, vma: Vma, zero: bool = True, keyid: int | None = None
+) -> int | None:
+    """``alloc_hugepage_vma()``: the one path for a 2M anonymous page of a VMA
+    (patch 04 unifies it with ``alloc_pages_vma()``, so the KeyID follows);
+    THP faults and khugepaged both come here. ``keyid`` overrides the VMA's
+    (khugepaged with its switch off). None when no 2M page can be had."""
+    return k.alloc.alloc_huge_page(_alloc_keyid(k, vma) if keyid is None else keyid, zero)
+
+
+# --- transparent huge pages at fault (mm/huge_memory.c) --------------------------
+
+
+def transhuge_vma_suitable(vma: Vma, haddr: int) -> bool:
+    """A ``madvise hugepage`` VMA that holds the whole 2M range at ``haddr``."""
+    if not vma.vm_flags & VM.HUGEPAGE or vma.vm_flags & VM.NOHUGEPAGE:
+        return False
+    return vma.start <= haddr and haddr + HPAGE_SIZE <= vma.end
+
+
+def _pmd_none(k: Kernel, mm: MmStruct, haddr: int) -> bool:
+    """``pmd_none()``: the walk ends at an empty entry at PMD level or above."""
+    last = k.pt.walk(mm.pgd, haddr)[-1]
+    return last.entry == 0 and last.level <= Level.PMD
+
+
+def mm_get_huge_zero_page(k: Kernel) -> int | None:
+    """The huge zero page with one more mapping, allocated (uncharged, KeyID 0)
+    when none exists; None when no 2M page is free."""
+    if k.huge_zero_pfn is None:
+        with k.charging(None):
+            pfn = k.alloc.alloc_huge_page(0, flags=PG.ZERO | PG.RESERVED)
+        if pfn is None:
+            k.vmstat.inc("thp_zero_page_alloc_failed")
+            return None
+        k.vmstat.inc("thp_zero_page_alloc")
+        k.huge_zero_pfn = pfn
+    k.huge_zero_refs += 1
+    return k.huge_zero_pfn
+
+
+def put_huge_zero_page(k: Kernel) -> None:
+    """One mapping of the huge zero page less; the last one frees it (Linux's
+    shrinker frees it later, once unused: here at once, so that memory comes
+    back as it was)."""
+    k.huge_zero_refs -= 1
+    if k.huge_zero_refs == 0 and k.huge_zero_pfn is not None:
+        k.alloc.free_page(k.huge_zero_pfn)
+        k.huge_zero_pfn = None
+
+
+def _zap_huge_zero_pmd(k: Kernel, mm: MmStruct, haddr: int) -> None:
+    k.pt.clear_pte(mm.pgd, haddr, HPAGE_SIZE)
+    put_huge_zero_page(k)
+    flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)
+
+
+def do_huge_pmd_anonymous_page(
+    k: Kernel, mm: MmStruct, vma: Vma, haddr: int, write: bool
+) -> int | None:
+    """A fault on an empty PMD of a hugepage VMA: the huge zero page for a read
+    (only in a KeyID-0 VMA: patch 02's huge_memory.c hunk), else a 2M page of
+    the VMA's KeyID; None to fall back to 4K pages (``VM_FAULT_FALLBACK``)."""
+    keyid = vma_keyid(vma, k.pte_layout)
+    k.pt.alloc_tables(mm.pgd, haddr, HPAGE_SIZE)
+    if not write:
+        if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
+            zero = mm_get_huge_zero_page(k)
+            if zero is None:
+                k.vmstat.inc("thp_fault_fallback")
+                return None
+            k.vmstat.inc("mktme_zero_page_map")
+            pmd = pfn_pte(zero, vma.vm_page_prot) | _PSE
+            k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
+            return pmd
+        k.vmstat.inc("mktme_zero_page_refused_encrypted")
+    head = alloc_hugepage_vma(k, vma)
+    if head is None:
+        k.vmstat.inc("thp_fault_fallback")
+        return None
+    k.vmstat.inc("thp_fault_alloc")
+    return _map_new_page(k, mm, vma, haddr, head, HPAGE_SIZE)
+
+
+def do_huge_pmd_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pmd: int) -> int:
+    """A write to a read-only 2M mapping: the huge zero page goes and the fault
+    starts again on an empty PMD; an exclusive THP is reused; otherwise the PMD
+    is split and the 4K page copied (do_huge_pmd_wp_page's fallback)."""
+    haddr = addr & ~(HPAGE_SIZE - 1)
+    head = pte_page(k, pmd, HPAGE_SIZE)
+    if head is None:
+        fail(errno.EIO, f"{addr:#x}: the PMD {pmd:#x} maps no page of this machine")
+    if k.pages.is_zero_pfn(head):
+        _zap_huge_zero_pmd(k, mm, haddr)
+        return _handle_mm_fault(k, mm, vma, addr, True)
+    if k.pages.page_exclusive(head):
+        pmd |= _WRITE_BITS
+        k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
+        k.tlb.flush_range(mm.asid, haddr, haddr + HPAGE_SIZE)
+        return pmd
+    split_huge_pmd(k, mm, addr, pmd)
+    found = k.pt.get_pte(mm.pgd, addr)
+    assert found is not None
+    return do_wp_page(k, mm, vma, addr, found.pte)
+
+
+# --- 4K pages ---------------------------------------------------------------------
 
 
 def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
@@ -111,54 +250,63 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
             k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
             return pte
         k.vmstat.inc("mktme_zero_page_refused_encrypted")
-    pfn = k.alloc.alloc_page(keyid, PG.ANON)
-    return _map_new_page(k, mm, vma, page, pfn)
+    return _map_new_page(k, mm, vma, page, alloc_page_vma(k, vma))
 
 
-def _map_new_page(k: Kernel, mm: MmStruct, vma: Vma, page: int, pfn: int) -> int:
-    pte = pfn_pte(pfn, vma.vm_page_prot)
+def _map_new_page(
+    k: Kernel, mm: MmStruct, vma: Vma, va: int, pfn: int, size: int = PAGE_SIZE
+) -> int:
+    """Map a page just allocated (or copied) for ``vma``: writable and dirty where
+    the VMA may be written (``maybe_mkwrite(pte_mkdirty())``), PG_mlocked in a
+    VM_LOCKED VMA (``lru_cache_add_active_or_unevictable``)."""
+    pte = pfn_pte(pfn, vma.vm_page_prot) | (_PSE if size != PAGE_SIZE else 0)
     if vma.vm_flags & VM.WRITE:
         pte |= _WRITE_BITS
-    k.alloc.mapcount[pfn] += 1
-    k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
-    k.tlb.flush_range(mm.asid, page, page + PAGE_SIZE)
+    k.pages.get_page(pfn)
+    if vma.vm_flags & VM.LOCKED:
+        mlock_vma_page(k, pfn)
+    k.pt.set_pte(mm.pgd, va, pte, size)
+    k.tlb.flush_range(mm.asid, va, va + size)
     return pte
 
 
+def mlock_vma_page(k: Kernel, pfn: int) -> None:
+    """Set PG_mlocked (once) and count it as Linux does."""
+    if not k.pages.PageMlocked(pfn):
+        k.pages.SetPageMlocked(pfn)
+        k.vmstat.inc("unevictable_pgs_mlocked")
+
+
 def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
-    """A write to a present read-only page: reuse it or copy it."""
+    """A write to a present read-only page: reuse it or copy it.
+
+    ``wp_page_copy()``: the new page comes from ``alloc_page_vma()`` (the VMA's
+    KeyID, patch 05) and ``cow_user_page()`` copies through each page's own
+    direct mapping (patch 18); the last mapper of an anonymous page reuses it
+    (``wp_page_reuse()``), as does the child or parent left alone after a fork.
+    """
     page = addr & ~(PAGE_SIZE - 1)
     pfn = pte_page(k, pte)
     if pfn is None:
         fail(errno.EIO, f"{addr:#x}: the PTE {pte:#x} maps no page of this machine")
-    flags = int(k.alloc.flags[pfn])
-    if not flags & (PG.ZERO | PG.KSM) and k.alloc.mapcount[pfn] == 1:
+    if k.pages.page_exclusive(pfn):
         pte |= _WRITE_BITS  # exclusive: reuse (wp_page_reuse)
         k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
         k.tlb.flush_range(mm.asid, page, page + PAGE_SIZE)
         return pte
     k.vmstat.inc("mktme_cow_fault")
-    new = k.alloc.alloc_page(vma_keyid(vma, k.pte_layout), PG.ANON, zero=bool(flags & PG.ZERO))
-    if not flags & PG.ZERO:
+    zero = k.pages.is_zero_pfn(pfn)
+    new = alloc_page_vma(k, vma, zero=zero)
+    if not zero:
         copy_page(k, src=pfn, dst=new)
-    put_page(k, pfn)
+    k.pages.put_page(pfn)
     return _map_new_page(k, mm, vma, page, new)
 
 
 def copy_page(k: Kernel, src: int, dst: int) -> None:
     """``copy_user_highpage()`` through each page's own direct mapping."""
-    data = k.platform.load(src * PAGE_SIZE, PAGE_SIZE, int(k.alloc.page_keyid[src]))
-    k.platform.store(dst * PAGE_SIZE, data, int(k.alloc.page_keyid[dst]))
-
-
-def put_page(k: Kernel, pfn: int) -> None:
-    """Drop one mapping of a page; free it when none is left."""
-    if k.alloc.flags[pfn] & PG.ZERO:
-        return
-    head = compound_head(k, pfn)
-    k.alloc.mapcount[head] -= 1
-    if k.alloc.mapcount[head] <= 0:
-        k.alloc.free_page(head)
+    data = k.platform.load(src * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(src))
+    k.platform.store(dst * PAGE_SIZE, data, k.pages.page_keyid(dst))
 
 
 # --- access -------------------------------------------------------------------
@@ -185,7 +333,10 @@ def get_user_pages(k: Kernel, mm: MmStruct, addr: int, write: bool) -> tuple[int
         ):
             pte, size = found.pte, found.size
         else:
-            pte, size = handle_mm_fault(k, mm, vma, addr, write), PAGE_SIZE
+            handle_mm_fault(k, mm, vma, addr, write)
+            done = k.pt.get_pte(mm.pgd, addr)
+            assert done is not None
+            pte, size = done.pte, done.size
         hit = tlb_entry(k.pte_layout, pte, size, vpn)
         k.tlb.insert(mm.asid, vpn, hit)
     if hit.pfn >= k.alloc.nr_pages or hit.keyid > k.platform.nr_keyids:
@@ -277,28 +428,25 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
         k.pt.clear_pte(mm.pgd, va, size)
         pfn = pte_page(k, pte, size)
-        if pfn is None or not _mapped_page(k, pfn):
+        if pfn is None or not mapped_page(k, pfn):
             k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
             continue
-        put_page(k, pfn)
+        if size == HPAGE_SIZE and k.pages.is_zero_pfn(pfn):
+            put_huge_zero_page(k)
+            continue
+        k.pages.put_page(pfn)
     k.pt.free_empty_tables(mm.pgd, start, end)
     flush_tlb_range(k, mm, start, end)
 
 
-def _mapped_page(k: Kernel, pfn: int) -> bool:
+def mapped_page(k: Kernel, pfn: int) -> bool:
     """A page a user PTE may map: the zero page or a mapped anonymous page
     (never a page table, a free page or a reserved one). A PTE rewritten to
     point anywhere else is reported and left alone, as Linux's
     vm_normal_page() reports a bad page map."""
-    flags = int(k.alloc.flags[pfn])
-    if flags & PG.ZERO:
+    if k.pages.is_zero_pfn(pfn):
         return True
-    return bool(flags & PG.ANON) and k.alloc.mapcount[compound_head(k, pfn)] > 0
-
-
-def compound_head(k: Kernel, pfn: int) -> int:
-    """The first page of the 2M page ``pfn`` is part of, or ``pfn`` itself."""
-    return pfn & ~(HPAGE_NR - 1) if k.alloc.flags[pfn] & PG.TAIL else pfn
+    return k.pages.PageAnon(pfn) and k.pages.page_mapped(pfn)
 
 
 def flush_tlb_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
@@ -323,11 +471,15 @@ def split_huge_pmds(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
 
 
 def split_huge_pmd(k: Kernel, mm: MmStruct, addr: int, pmd: int) -> None:
-    """512 PTEs for one 2M mapping, and 512 order-0 pages for its compound page."""
-    k.vmstat.inc("thp_split_pmd")
+    """512 PTEs for one 2M mapping, and 512 order-0 pages for its compound page.
+    The huge zero page is not split: its PMD is cleared, and the range faults
+    again (Linux puts 512 small zero-page PTEs there; reading gives zeros either way)."""
     head = k.pte_layout.pte_pfn(pmd, HPAGE_SIZE)
-    k.pt.split_huge_pmd(mm.pgd, addr)
-    k.alloc.flags[head : head + 512] = PG.ANON
-    k.alloc.mapcount[head : head + 512] = 1
     haddr = addr & ~(HPAGE_SIZE - 1)
+    if k.pages.pfn_valid(head) and k.pages.is_zero_pfn(head):
+        _zap_huge_zero_pmd(k, mm, haddr)
+        return
+    k.vmstat.inc("thp_split_pmd")
+    k.pt.split_huge_pmd(mm.pgd, addr)
+    k.pages.split_huge_page(head)
     flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)

@@ -37,7 +37,6 @@ from mktme_sandbox.kernel.memory import (
     split_huge_pmds,
     zap_page_range,
 )
-from mktme_sandbox.kernel.page_alloc import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.vma import (
     MMAP_MIN_ADDR,
@@ -74,7 +73,7 @@ ADVICE = ("mergeable", "unmergeable", "hugepage", "dontneed")
 _ACCESS = VM.READ | VM.WRITE | VM.EXEC
 
 
-def _check_range(op: str, addr: int, length: int) -> int:
+def check_range(op: str, addr: int, length: int) -> int:
     """Alignment and bounds as Linux checks them; returns the aligned end."""
     if addr & (PAGE_SIZE - 1):
         fail(errno.EINVAL, f"{op}: address {addr:#x} is not page aligned")
@@ -90,7 +89,7 @@ def _check_range(op: str, addr: int, length: int) -> int:
     return end
 
 
-def _check_mapped(op: str, mm: MmStruct, addr: int, end: int) -> None:
+def check_mapped(op: str, mm: MmStruct, addr: int, end: int) -> None:
     if not mm.covers(addr, end):
         fail(errno.ENOMEM, f"{op}: {addr:#x}-{end:#x} is not fully mapped")
 
@@ -112,23 +111,25 @@ def do_mmap(
     populate: bool,
     uid: int = 0,
 ) -> None:
-    end = _check_range("mmap", addr, length)
+    end = check_range("mmap", addr, length)
     if any(True for _ in mm.overlapping(addr, end)):
         fail(errno.EINVAL, f"mmap: {addr:#x}-{end:#x} overlaps an existing mapping")
     k.keys.check_usable(keyid, "mmap", uid)
     if populate and prot & _ACCESS:
-        _check_populate(k, mm, addr, end, prot, keyid)
+        check_populate(k, mm, addr, end, prot, keyid)
     mm.insert(Vma(addr, end, prot, _prot_for(k, prot, keyid)))
     if populate:
         try:
-            _populate(k, mm, addr, end)
+            mm_populate(k, mm, addr, end)
         except BaseException:
             do_munmap(k, mm, addr, end - addr)
             raise
     vma_merge(k, mm, addr, end)
 
 
-def _check_populate(k: Kernel, mm: MmStruct, start: int, end: int, prot: VM, keyid: int) -> None:
+def check_populate(
+    k: Kernel, mm: MmStruct, start: int, end: int, prot: VM, keyid: int, op: str = "mmap"
+) -> None:
     """ENOMEM before faulting when the pages cannot all be had, from memory or
     within the owner's ``max_pages_per_uid``: a populate that fails late would
     hold the machine for minutes, then be undone."""
@@ -138,12 +139,12 @@ def _check_populate(k: Kernel, mm: MmStruct, start: int, end: int, prot: VM, key
     wanted = (pages if needs_pages else 0) + tables
     free = sum(k.alloc.free_pages_by_keyid().values())
     if wanted > free:
-        fail(errno.ENOMEM, f"mmap: populate needs {wanted} pages, {free} are free")
+        fail(errno.ENOMEM, f"{op}: populate needs {wanted} pages, {free} are free")
     with k.charging(mm.owner):
-        k.alloc.check_limit(wanted, "mmap: populate")
+        k.alloc.check_limit(wanted, f"{op}: populate")
 
 
-def _populate(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+def mm_populate(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     """MAP_POPULATE: fault every page, for write where the VMA is writable."""
     for vma in list(mm.overlapping(start, end)):
         if not vma.vm_flags & _ACCESS:
@@ -165,16 +166,16 @@ def do_munmap(k: Kernel, mm: MmStruct, addr: int, length: int) -> None:
 # --- mprotect / encrypt_mprotect ------------------------------------------------
 
 
-def _nothing_to_do(addr: int, length: int) -> bool:
+def nothing_to_do(addr: int, length: int) -> bool:
     """Linux: an aligned zero-length mprotect or madvise succeeds doing nothing."""
     return length == 0 and not addr & (PAGE_SIZE - 1)
 
 
 def do_mprotect(k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM) -> None:
-    if _nothing_to_do(addr, length):
+    if nothing_to_do(addr, length):
         return
-    end = _check_range("mprotect", addr, length)
-    _check_mapped("mprotect", mm, addr, end)
+    end = check_range("mprotect", addr, length)
+    check_mapped("mprotect", mm, addr, end)
     split_huge_pmds(k, mm, addr, end)
     preserve = k.mitigations["pte_modify_preserve_keyid"]
     for vma in mm.isolate(addr, end):
@@ -204,18 +205,18 @@ def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> Non
 
 
 def _exclusive(k: Kernel, pfn: int) -> bool:
-    return not k.alloc.flags[pfn] & (PG.ZERO | PG.KSM) and k.alloc.mapcount[pfn] == 1
+    return k.pages.page_exclusive(pfn)
 
 
 def do_encrypt_mprotect(
     k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM, keyid: int, uid: int = 0
 ) -> None:
-    if _nothing_to_do(addr, length):
+    if nothing_to_do(addr, length):
         k.keys.check_usable(keyid, "encrypt_mprotect", uid)
         return
-    end = _check_range("encrypt_mprotect", addr, length)
+    end = check_range("encrypt_mprotect", addr, length)
     k.keys.check_usable(keyid, "encrypt_mprotect", uid)
-    _check_mapped("encrypt_mprotect", mm, addr, end)
+    check_mapped("encrypt_mprotect", mm, addr, end)
     zap_page_range(k, mm, addr, end)
     for vma in mm.isolate(addr, end):
         flags = (vma.vm_flags & ~_ACCESS) | prot
@@ -229,10 +230,10 @@ def do_encrypt_mprotect(
 def do_madvise(k: Kernel, mm: MmStruct, addr: int, length: int, advice: str) -> None:
     if advice not in ADVICE:
         fail(errno.EINVAL, f"madvise: unknown advice {advice!r} (one of {', '.join(ADVICE)})")
-    if _nothing_to_do(addr, length):
+    if nothing_to_do(addr, length):
         return
-    end = _check_range("madvise", addr, length)
-    _check_mapped("madvise", mm, addr, end)
+    end = check_range("madvise", addr, length)
+    check_mapped("madvise", mm, addr, end)
     if advice == "dontneed":
         zap_page_range(k, mm, addr, end)
         return

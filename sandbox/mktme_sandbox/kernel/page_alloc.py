@@ -29,6 +29,10 @@ Rules kept:
   ``max_pages_per_uid``): an allocation beyond it fails with ENOMEM before
   anything changes.
 
+The page state itself (flags, map counts, page_ext KeyIDs) is ``MemMap`` of
+``kernel/page.py``, which this allocator owns as ``pages`` and writes through
+``prep_new_page``/``free_pages_prepare``/``set_page_keyid``.
+
 Left out: buddy merging (a freed 2M page comes back as 512 single pages; a 2M
 allocation takes never-used memory), watermarks, zones, per-CPU lists.
 """
@@ -37,19 +41,16 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from enum import IntFlag
 from typing import Any, Protocol
 
 import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
+from mktme_sandbox.kernel.page import HPAGE_NR, HPAGE_ORDER, PG, MemMap
 from mktme_sandbox.kernel.vmstat import VmStat
 
-__all__ = ["HPAGE_NR", "HPAGE_ORDER", "PG", "PageAllocator", "PhysicalMemory"]
-
-HPAGE_ORDER = 9
-HPAGE_NR = 1 << HPAGE_ORDER
+__all__ = ["PageAllocator", "PhysicalMemory"]
 
 
 class PhysicalMemory(Protocol):
@@ -57,19 +58,6 @@ class PhysicalMemory(Protocol):
 
     def fill(self, pa: int, length: int, byte: int, keyid: int = 0) -> None: ...
     def flush_range(self, pa: int, length: int, keyid: int) -> int: ...
-
-
-class PG(IntFlag):
-    """The page->flags this model keeps (a subset of Linux's)."""
-
-    BUDDY = 1 << 0  # free
-    ANON = 1 << 1
-    PGTABLE = 1 << 2
-    ZERO = 1 << 3  # the shared zero page
-    KSM = 1 << 4
-    HEAD = 1 << 5  # first page of a 2M compound page
-    TAIL = 1 << 6
-    RESERVED = 1 << 7
 
 
 class PageAllocator:
@@ -87,10 +75,8 @@ class PageAllocator:
         self.vmstat = vmstat
         self.nr_pages = phys_mem // PAGE_SIZE
         self._flush_enabled = flush_enabled
-        # page_ext and struct page, one entry per PFN (np.zeros is lazily backed)
-        self.page_keyid = np.zeros(self.nr_pages, dtype=np.uint16)
-        self.mapcount = np.zeros(self.nr_pages, dtype=np.int32)
-        self.flags = np.zeros(self.nr_pages, dtype=np.uint32)
+        self.pages = MemMap(self.nr_pages, self.free_page)
+        """struct page and page_ext of every PFN (``mem_map``)."""
         self.keyid_free_pools = False
         self._pools: dict[int, list[int]] = {0: []}
         self._fresh = 0  # PFNs >= _fresh were never allocated
@@ -111,7 +97,7 @@ class PageAllocator:
         self._prep(pfn, 0, old_keyid, keyid, flags, zero)
         return pfn
 
-    def alloc_huge_page(self, keyid: int, zero: bool = True) -> int | None:
+    def alloc_huge_page(self, keyid: int, zero: bool = True, flags: PG = PG.ANON) -> int | None:
         """A 2M-aligned order-9 page from never-used memory, or None (also
         when ``charge_uid`` would exceed its limit)."""
         start = -(-self._fresh // HPAGE_NR) * HPAGE_NR
@@ -119,11 +105,10 @@ class PageAllocator:
         if start + HPAGE_NR > self.nr_pages or (left is not None and left < HPAGE_NR):
             return None
         self._pools[0].extend(range(self._fresh, start))
-        self.flags[self._fresh : start] = PG.BUDDY
+        self.pages.free_pages_prepare(self._fresh, start - self._fresh)
         self._fresh = start + HPAGE_NR
-        self._prep(start, HPAGE_ORDER, 0, keyid, PG.ANON, zero)
-        self.flags[start] |= np.uint32(PG.HEAD)
-        self.flags[start + 1 : start + HPAGE_NR] |= np.uint32(PG.TAIL)
+        self._prep(start, HPAGE_ORDER, 0, keyid, flags, zero)
+        self.pages.prep_compound_page(start, HPAGE_ORDER)
         return start
 
     def pages_left(self) -> int | None:
@@ -171,7 +156,7 @@ class PageAllocator:
             self.prep_encrypted_page(pfn, order, old_keyid, keyid)
         elif keyid != 0:
             self.vmstat.inc("mktme_flush_avoided_pool", nr)
-        self.flags[pfn : pfn + nr] = flags
+        self.pages.prep_new_page(pfn, nr, flags)
         self.allocated_by_keyid[keyid] = self.allocated_by_keyid.get(keyid, 0) + nr
         self._charge(pfn, nr, self.charge_uid)
         self.vmstat.inc("pgalloc_normal", nr)
@@ -200,20 +185,19 @@ class PageAllocator:
         """Flush the old KeyID's lines, then give the page its new KeyID."""
         counter = "mktme_prep_encrypted_flush" if old_keyid == 0 else "mktme_keyid_pool_flush"
         self._flush(pfn, order, old_keyid, counter)
-        self.page_keyid[pfn : pfn + (1 << order)] = keyid
+        self.pages.set_page_keyid(pfn, keyid, 1 << order)
 
     # --- free -------------------------------------------------------------
 
     def free_page(self, pfn: int) -> None:
         """Return one page (a compound head frees all of it)."""
-        order = HPAGE_ORDER if self.flags[pfn] & PG.HEAD else 0
+        order = self.pages.compound_order(pfn)
         nr = 1 << order
-        keyid = int(self.page_keyid[pfn])
+        keyid = self.pages.page_keyid(pfn)
         self.arch_free_page(pfn, order, keyid)
-        pool = self._pools.setdefault(int(self.page_keyid[pfn]), [])
+        pool = self._pools.setdefault(self.pages.page_keyid(pfn), [])
         pool.extend(range(pfn + nr - 1, pfn - 1, -1))
-        self.flags[pfn : pfn + nr] = PG.BUDDY
-        self.mapcount[pfn : pfn + nr] = 0
+        self.pages.free_pages_prepare(pfn, nr)
         self._charge(pfn, nr, None)
         self.allocated_by_keyid[keyid] -= nr
         self.vmstat.inc("pgfree", nr)
@@ -225,7 +209,7 @@ class PageAllocator:
         if keyid == 0 or self.keyid_free_pools:
             return
         self._flush(pfn, order, keyid, "mktme_arch_free_page_flush")
-        self.page_keyid[pfn : pfn + (1 << order)] = 0
+        self.pages.set_page_keyid(pfn, 0, 1 << order)
 
     def _flush(self, pfn: int, order: int, keyid: int, counter: str) -> None:
         nr = 1 << order
@@ -244,7 +228,7 @@ class PageAllocator:
             for keyid in [k for k in self._pools if k]:
                 for pfn in self._pools.pop(keyid):
                     self._flush(pfn, 0, keyid, "mktme_keyid_pool_flush")
-                    self.page_keyid[pfn] = 0
+                    self.pages.set_page_keyid(pfn, 0)
                     self._pools[0].append(pfn)
         self.keyid_free_pools = on
 
@@ -265,12 +249,12 @@ class PageAllocator:
     def free_mask(self, first: int = 0, last: int | None = None) -> np.ndarray:
         """``is_free`` for the PFNs ``first..last``, as one boolean array."""
         last = self.nr_pages if last is None else last
-        buddy = (self.flags[first:last] & PG.BUDDY) != 0
+        buddy = (self.pages.flags_of(first, last) & PG.BUDDY) != 0
         free: np.ndarray = buddy | (np.arange(first, last) >= self._fresh)
         return free
 
     def is_free(self, pfn: int) -> bool:
-        return pfn >= self._fresh or bool(self.flags[pfn] & PG.BUDDY)
+        return pfn >= self._fresh or self.pages.PageBuddy(pfn)
 
     # --- snapshots ------------------------------------------------------------
 
@@ -278,9 +262,7 @@ class PageAllocator:
         """Pages from ``never_used`` up are all zeros in every array: left out."""
         used = slice(0, self._fresh)
         return {
-            "page_keyid": self.page_keyid[used].copy(),
-            "mapcount": self.mapcount[used].copy(),
-            "flags": self.flags[used].copy(),
+            **self.pages.export_state(self._fresh),
             "keyid_free_pools": self.keyid_free_pools,
             "pools": [[k, np.array(pfns, dtype=np.int64)] for k, pfns in self._pools.items()],
             "fresh": self._fresh,
@@ -293,10 +275,7 @@ class PageAllocator:
         fresh = int(state["fresh"])
         if not 0 <= fresh <= self.nr_pages:
             raise ValueError(f"allocator state of {fresh} pages, this machine has {self.nr_pages}")
-        for name in ("page_keyid", "mapcount", "flags"):
-            array = getattr(self, name)
-            array[:] = 0
-            array[:fresh] = state[name]
+        self.pages.import_state(state, fresh)
         self.keyid_free_pools = bool(state["keyid_free_pools"])
         self._pools = {int(k): [int(p) for p in pfns] for k, pfns in state["pools"]}
         self._fresh = fresh

@@ -24,7 +24,7 @@ import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
-from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
+from mktme_sandbox.kernel.page import HPAGE_NR, PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -71,11 +71,12 @@ class KPF(IntEnum):
     ZERO_PAGE = 24
     PGTABLE = 26
     RESERVED = 32  # a "kernel hacking" flag, exported as is (PG_reserved)
+    MLOCKED = 33
 
 
 _VMFLAG_MNEMONICS = (  # mm/proc task_mmu.c order; mr mw me always for anon private
     (VM.READ, "rd"), (VM.WRITE, "wr"), (VM.EXEC, "ex"),
-    (None, "mr"), (None, "mw"), (None, "me"),
+    (None, "mr"), (None, "mw"), (None, "me"), (VM.LOCKED, "lo"),
     (VM.WRITE, "ac"),
     (VM.HUGEPAGE, "hg"), (VM.NOHUGEPAGE, "nh"), (VM.MERGEABLE, "mg"),
 )  # fmt: skip
@@ -149,8 +150,10 @@ class MemSizeStats:
     shared_dirty: int = 0
     private_clean: int = 0
     private_dirty: int = 0
+    anonymous: int = 0
     ksm: int = 0
     anonymous_thp: int = 0
+    locked: int = 0  # << PSS_SHIFT, as pss
 
 
 def _show_smap(mss: MemSizeStats, rollup: bool) -> str:
@@ -163,10 +166,10 @@ def _show_smap(mss: MemSizeStats, rollup: bool) -> str:
     fields += [
         ("Shared_Clean", mss.shared_clean), ("Shared_Dirty", mss.shared_dirty),
         ("Private_Clean", mss.private_clean), ("Private_Dirty", mss.private_dirty),
-        ("Referenced", mss.resident), ("Anonymous", mss.resident), ("KSM", mss.ksm),
+        ("Referenced", mss.resident), ("Anonymous", mss.anonymous), ("KSM", mss.ksm),
         ("LazyFree", 0), ("AnonHugePages", mss.anonymous_thp), ("ShmemPmdMapped", 0),
         ("FilePmdMapped", 0), ("Shared_Hugetlb", 0), ("Private_Hugetlb", 0),
-        ("Swap", 0), ("SwapPss", 0), ("Locked", 0),
+        ("Swap", 0), ("SwapPss", 0), ("Locked", mss.locked >> PSS_SHIFT),
     ]  # fmt: skip
     return "".join(_kb(name, value) for name, value in fields)
 
@@ -175,10 +178,10 @@ def _account_vma(k: Kernel, mm: MmStruct, vma: Vma, mss: MemSizeStats) -> None:
     """smaps_pte_entry() / smaps_account() over the VMA's present pages."""
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
         pfn = pte_page(k, pte, size)
-        if pfn is None or k.alloc.flags[pfn] & PG.ZERO:
+        if pfn is None or k.pages.is_zero_pfn(pfn):
             continue  # vm_normal_page() is NULL for the zero page and bad frames
-        ksm = bool(k.alloc.flags[pfn] & PG.KSM)
-        count = max(int(k.alloc.mapcount[pfn]), 1)
+        ksm = k.pages.PageKsm(pfn)
+        count = max(k.pages.page_mapcount(pfn), 1)
         # a KSM page is PageDirty (ksm.c: set_page_dirty on merge), whatever its PTE says
         dirty = bool(pte & PteFlags.DIRTY) or ksm
         pss = (size << PSS_SHIFT) // count
@@ -187,7 +190,9 @@ def _account_vma(k: Kernel, mm: MmStruct, vma: Vma, mss: MemSizeStats) -> None:
         mss.pss_dirty += pss if dirty else 0
         kind = f"{'shared' if count > 1 else 'private'}_{'dirty' if dirty else 'clean'}"
         setattr(mss, kind, getattr(mss, kind) + size)
+        mss.anonymous += size if k.pages.PageAnon(pfn) else 0
         mss.ksm += size if ksm else 0
+        mss.locked += pss if vma.vm_flags & VM.LOCKED else 0
         mss.anonymous_thp += size if size != PAGE_SIZE else 0
 
 
@@ -198,6 +203,7 @@ def status(k: Kernel, mm: MmStruct) -> str:
     """``/proc/PID/status``: ``Name:`` and the lines of task_mem() (fs/proc/task_mmu.c),
     each ``Name:\\t`` and the value in kB right-aligned in 8."""
     vm = sum(len(v) for v in mm.vmas())
+    locked = sum(len(v) for v in mm.vmas() if v.vm_flags & VM.LOCKED)  # mm->locked_vm
     rss = sum(size for _, size, pte in _mapped_pages(k, mm))
     data = sum(len(v) for v in mm.vmas() if v.vm_flags & VM.WRITE)  # is_data_mapping
     lib = sum(
@@ -205,7 +211,7 @@ def status(k: Kernel, mm: MmStruct) -> str:
     )  # is_exec_mapping
     ptes = (sum(1 for _ in k.pt.iter_tables(mm.pgd)) - 1) * PAGE_SIZE  # the PGD is not counted
     lines = (
-        ("VmPeak", vm), ("VmSize", vm), ("VmLck", 0), ("VmPin", 0), ("VmHWM", rss),
+        ("VmPeak", vm), ("VmSize", vm), ("VmLck", locked), ("VmPin", 0), ("VmHWM", rss),
         ("VmRSS", rss), ("RssAnon", rss), ("RssFile", 0), ("RssShmem", 0), ("VmData", data),
         ("VmStk", 0), ("VmExe", 0), ("VmLib", lib), ("VmPTE", ptes), ("VmSwap", 0),
         ("HugetlbPages", 0),
@@ -217,7 +223,7 @@ def _mapped_pages(k: Kernel, mm: MmStruct) -> Iterator[tuple[int, int, int]]:
     """(va, size, pte) of the pages counted in MM_ANONPAGES: the zero page is not."""
     for va, size, pte in k.pt.iter_present(mm.pgd):
         pfn = pte_page(k, pte, size)
-        if pfn is not None and not k.alloc.flags[pfn] & PG.ZERO:
+        if pfn is not None and not k.pages.is_zero_pfn(pfn):
             yield va, size, pte
 
 
@@ -243,7 +249,7 @@ def _pagemap_entries(k: Kernel, mm: MmStruct, start: int, end: int) -> Iterator[
         pfn = k.pte_layout.pte_pfn(pte, size)
         page = pte_page(k, pte, size)
         exclusive = (
-            page is not None and not k.alloc.flags[page] & PG.ZERO and k.alloc.mapcount[page] == 1
+            page is not None and not k.pages.is_zero_pfn(page) and k.pages.page_mapcount(page) == 1
         )
         base = PM_PRESENT | (PM_MMAP_EXCLUSIVE if exclusive else 0)
         lo, hi = max(va, start), min(va + size, end)
@@ -267,20 +273,25 @@ _PG_TO_KPF = (
 
 def _pfn_window(k: Kernel, offset: int, length: int) -> tuple[int, int, int]:
     first = offset // 8
-    last = min(-(-(offset + length) // 8), k.alloc.nr_pages)
+    last = min(-(-(offset + length) // 8), k.pages.nr_pages)
     return first, max(last, first), offset - first * 8
 
 
 def kpageflags(k: Kernel, offset: int, length: int) -> bytes:
     """/proc/kpageflags bytes at ``offset``: one u64 of KPF bits per PFN."""
     first, last, skip = _pfn_window(k, offset, length)
-    flags = k.alloc.flags[first:last]
+    flags = k.pages.flags_of(first, last)
     out = np.zeros(last - first, dtype="<u8")
     for pg, kpfs in _PG_TO_KPF:
         bits = sum(1 << int(b) for b in kpfs)
         out[(flags & pg) != 0] |= np.uint64(bits)
     out[k.alloc.free_mask(first, last)] |= np.uint64(1 << KPF.BUDDY)
     out[_mapcounts(k, first, last) > 0] |= np.uint64(1 << KPF.MMAP)  # page_mapped()
+    # PageMlocked() of a tail page answers for its compound head
+    pfns = np.arange(first, last)
+    heads = np.where((flags & PG.TAIL) != 0, pfns & ~(HPAGE_NR - 1), pfns)
+    mlocked = (k.pages.flags_of()[heads] & PG.MLOCKED) != 0
+    out[mlocked] |= np.uint64(1 << KPF.MLOCKED)
     return out.tobytes()[skip : skip + length]
 
 
@@ -288,11 +299,12 @@ def _mapcounts(k: Kernel, first: int, last: int) -> np.ndarray:
     """The mapcount of each PFN as Linux sees it: a tail page of a PMD-mapped
     huge page is mapped as often as its head (the folio's entire mapcount);
     the model keeps the count on the head only."""
-    counts = k.alloc.mapcount[first:last].astype(np.int64)
-    tails = np.flatnonzero(k.alloc.flags[first:last] & PG.TAIL)
+    flags = k.pages.flags_of(first, last)
+    counts = k.pages.mapcounts_of(first, last).astype(np.int64)
+    tails = np.flatnonzero(flags & PG.TAIL)
     heads = (tails + first) & ~(HPAGE_NR - 1)
-    counts[tails] = k.alloc.mapcount[heads]
-    counts[(k.alloc.flags[first:last] & PG.ZERO) != 0] = 0  # mappings Linux does not count
+    counts[tails] = k.pages.mapcounts_of()[heads]
+    counts[(flags & PG.ZERO) != 0] = 0  # mappings Linux does not count
     return counts
 
 
@@ -307,7 +319,7 @@ def kpagecount(k: Kernel, offset: int, length: int) -> bytes:
 def page_keyid(k: Kernel, offset: int, length: int) -> bytes:
     """``mm/page_keyid`` bytes: one little-endian u64 KeyID per PFN."""
     first, last, skip = _pfn_window(k, offset, length)
-    out = k.alloc.page_keyid[first:last].astype("<u8")
+    out = k.pages.keyids_of(first, last).astype("<u8")
     return out.tobytes()[skip : skip + length]
 
 
@@ -318,7 +330,7 @@ def node_page_state(k: Kernel) -> dict[str, int]:
     """The gauges of /proc/vmstat, in its order (mm/vmstat.c vmstat_text), in
     pages; ``nr_anon_transparent_hugepages`` in huge pages, as vmstat_show()
     prints it. Read from the allocator, so they are always exact."""
-    flags = k.alloc.flags
+    flags = k.pages.flags_of()
     return {
         "nr_free_pages": int(k.alloc.free_mask().sum()),
         "nr_anon_pages": int(((flags & PG.ANON) != 0).sum()),
@@ -359,7 +371,7 @@ def _meminfo_values(k: Kernel) -> dict[str, int]:
     pages go to the inactive anon LRU (lru_cache_add_inactive_or_unevictable)
     and nothing ages them, so ``Active(anon)`` stays 0."""
     state, kb = node_page_state(k), PAGE_SIZE >> 10
-    reserved = int(((k.alloc.flags & PG.RESERVED) != 0).sum())
+    reserved = int(((k.pages.flags_of() & PG.RESERVED) != 0).sum())
     total = (k.alloc.nr_pages - reserved) * kb  # totalram_pages: reserved pages are not RAM
     free, anon = state["nr_free_pages"] * kb, state["nr_anon_pages"] * kb
     committed = sum(len(v) for mm in k.spaces.values() for v in mm.vmas() if v.vm_flags & VM.WRITE)

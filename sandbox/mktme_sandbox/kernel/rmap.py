@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mktme_sandbox.kernel.page_alloc import HPAGE_NR, PG
+from mktme_sandbox.kernel.page import HPAGE_NR, PG
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -41,20 +41,20 @@ def first_foreign_page(k: Kernel, uid: int, first: int, last: int, keyid: int) -
     """
     if first >= last:
         return None
-    alloc = k.alloc
+    pages = k.pages
     pfns = np.arange(first, last)
-    flags = alloc.flags[first:last]
+    flags = pages.flags_of(first, last)
     heads = np.where((flags & PG.TAIL) != 0, pfns & ~(HPAGE_NR - 1), pfns)
     lo = int(heads.min())
     mine = _ptes_per_page(k, uid, lo, last)[heads - lo]
-    head_flags = alloc.flags[heads]
-    mapcount = alloc.mapcount[heads]
+    head_flags = pages.flags_of()[heads]
+    mapcount = pages.mapcounts_of()[heads]
     owned = (
         ((head_flags & PG.ANON) != 0)
         & ((head_flags & (PG.ZERO | PG.PGTABLE | PG.BUDDY | PG.RESERVED)) == 0)
         & (mapcount > 0)
         & (mine == mapcount)
-        & (alloc.page_keyid[first:last] == keyid)
+        & (pages.keyids_of(first, last) == keyid)
     )
     bad = np.flatnonzero(~owned)
     return int(first + bad[0]) if len(bad) else None

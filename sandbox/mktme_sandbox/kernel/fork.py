@@ -1,0 +1,79 @@
+"""fork(): a copy of an address space, its pages shared copy-on-write (kernel/fork.c
+``dup_mmap()``, mm/memory.c ``copy_page_range()``).
+
+Rules kept:
+- The child gets a copy of every VMA, ``vm_page_prot`` and so the KeyID
+  included; VM_LOCKED is not inherited (``dup_mmap()``: ``tmp->vm_flags &=
+  ~(VM_LOCKED | VM_LOCKONFAULT)``).
+- ``copy_one_pte()``: "If it's a COW mapping, write protect it both in the
+  parent and the child" (``ptep_set_wrprotect(src_mm, addr, src_pte); pte =
+  pte_wrprotect(pte)``); the child's PTE is the parent's, KeyID bits
+  included, and the page gains a mapping (``get_page``, ``page_dup_rmap``).
+  The zero page is shared without a count, the huge zero page with one.
+- The first write on either side breaks COW in ``do_wp_page()`` (memory.py):
+  a new page from ``alloc_page_vma()`` with the VMA's KeyID, filled through
+  each page's own KeyID; the last mapper reuses the page.
+- The child belongs to the caller; its name follows ``create_space``'s rules
+  (EINVAL, EEXIST). A fork that cannot get its page tables (ENOMEM) leaves
+  no child.
+
+Left out: sharing a THP across fork (``copy_huge_pmd()``): the parent's huge
+PMDs are split first, so both sides share 4K pages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mktme_sandbox.kernel.memory import (
+    HPAGE_SIZE,
+    flush_tlb_range,
+    mapped_page,
+    pte_page,
+    split_huge_pmd,
+)
+from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
+
+if TYPE_CHECKING:
+    from mktme_sandbox.kernel.kernel import Kernel
+
+__all__ = ["dup_mm"]
+
+_RW = int(PteFlags.RW)
+
+
+def dup_mm(k: Kernel, parent: MmStruct, name: str, uid: int) -> MmStruct:
+    """The space ``name``, owned by ``uid``: a copy-on-write copy of ``parent``."""
+    child = k.create_space(name, uid)
+    try:
+        with k.charging(uid):
+            for vma in parent.vmas():
+                child.insert(vma.with_(vm_flags=vma.vm_flags & ~VM.LOCKED))
+                copy_page_range(k, parent, child, vma)
+    except BaseException:
+        k.destroy_space(name)
+        raise
+    k.log.printk(f"fork: space {parent.name} -> {name} ({len(parent.vmas())} VMAs)")
+    return child
+
+
+def copy_page_range(k: Kernel, src: MmStruct, dst: MmStruct, vma: Vma) -> None:
+    """Share every mapped page of ``vma``, write-protected on both sides."""
+    for va, size, pte in list(k.pt.iter_present(src.pgd, vma.start, vma.end)):
+        page = pte_page(k, pte, size)
+        if size == HPAGE_SIZE and page is not None and not k.pages.is_zero_pfn(page):
+            split_huge_pmd(k, src, va, pte)
+    for va, size, pte in list(k.pt.iter_present(src.pgd, vma.start, vma.end)):
+        pfn = pte_page(k, pte, size)
+        if pfn is None or not mapped_page(k, pfn):
+            k.log.printk(f"BUG: Bad page map in space {src.name}: {va:#x} pte:{pte:#018x}")
+            continue
+        if pte & _RW:
+            pte &= ~_RW
+            k.pt.set_pte(src.pgd, va, pte, size)
+        k.pt.set_pte(dst.pgd, va, pte, size)
+        if size == HPAGE_SIZE and k.pages.is_zero_pfn(pfn):
+            k.huge_zero_refs += 1  # mm_get_huge_zero_page()
+        k.pages.get_page(pfn)
+    flush_tlb_range(k, src, vma.start, vma.end)

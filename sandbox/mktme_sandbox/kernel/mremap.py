@@ -1,0 +1,134 @@
+"""mremap (mm/mremap.c) for private anonymous memory with KeyIDs.
+
+``mremap OLD OLDLEN NEWLEN [NEWADDR]``: without NEWADDR the mapping shrinks
+or grows in place (no MREMAP_MAYMOVE); with NEWADDR it moves there
+(MREMAP_MAYMOVE | MREMAP_FIXED), taking NEWLEN bytes.
+
+Rules kept:
+- ``move_vma()`` -> ``copy_vma()``: the new VMA is a copy of the old one,
+  ``vm_page_prot`` and so the KeyID included, and ``copy_vma()`` first tries
+  ``vma_merge()`` with the new place's neighbours, which patch 01 makes compare
+  KeyIDs ("mm: Do no merge VMAs with different encryption KeyIDs" passes
+  ``vma_keyid(vma)`` there): a moved encrypted VMA never joins a neighbour of
+  another KeyID. With ``vma_merge_keyid_check`` off it does, and the merged
+  VMA keeps the first one's KeyID: the moved pages keep theirs in the PTEs,
+  later faults take the other.
+- ``move_page_tables()`` moves the PTEs unchanged (frame, KeyID, flags); a
+  huge PMD is split first. The old range is then unmapped.
+- Growing in place needs free room after the VMA (ENOMEM otherwise, as
+  without MREMAP_MAYMOVE); shrinking unmaps the tail.
+- MREMAP_FIXED unmaps whatever the new range held (Linux's ``do_munmap()`` of
+  it); the new range may not overlap the old one.
+- Errnos as Linux's: EINVAL for an unaligned OLD or NEWADDR, a zero NEWLEN, an
+  overlap of the two ranges or a new range outside the user space; EFAULT when
+  OLD is not mapped or OLDLEN runs past the end of its VMA (growing or
+  moving); ENOMEM when the page tables for the move cannot be had. Every check
+  runs before anything changes.
+
+Left out: MREMAP_MAYMOVE without NEWADDR (the kernel choosing a place),
+mremap of a locked VMA accounting (VM_LOCKED is moved with the VMA).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from mktme_sandbox.config import PAGE_SIZE
+from mktme_sandbox.errors import fail
+from mktme_sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, pte_page, split_huge_pmd
+from mktme_sandbox.kernel.mmap import do_munmap, vma_merge
+from mktme_sandbox.kernel.vma import MMAP_MIN_ADDR, TASK_SIZE, MmStruct, Vma
+
+if TYPE_CHECKING:
+    from mktme_sandbox.kernel.kernel import Kernel
+
+__all__ = ["do_mremap"]
+
+
+def _page_align(length: int) -> int:
+    return (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def do_mremap(
+    k: Kernel, mm: MmStruct, old: int, old_len: int, new_len: int, new_addr: int | None
+) -> None:
+    if old & (PAGE_SIZE - 1):
+        fail(errno.EINVAL, f"mremap: address {old:#x} is not page aligned")
+    if new_len <= 0 or old_len < 0:
+        fail(errno.EINVAL, f"mremap: lengths {old_len:#x} -> {new_len:#x}: NEWLEN must be positive")
+    old_len, new_len = _page_align(old_len), _page_align(new_len)
+    if new_addr is not None:
+        _check_fixed(old, old_len, new_addr, new_len)
+        vma = _vma_to_resize(mm, old, old_len)
+        _check_tables(k, new_len)
+        do_munmap(k, mm, new_addr, new_len)
+        if old_len > new_len:
+            do_munmap(k, mm, old + new_len, old_len - new_len)
+        move_vma(k, mm, vma, old, min(old_len, new_len), new_addr, new_len)
+        return
+    if new_len <= old_len:
+        if old_len > new_len:
+            do_munmap(k, mm, old + new_len, old_len - new_len)
+        return
+    vma = _vma_to_resize(mm, old, old_len)
+    end = old + new_len
+    if old + old_len != vma.end or end > TASK_SIZE or any(mm.overlapping(vma.end, end)):
+        fail(
+            errno.ENOMEM, f"mremap: no room to grow {old:#x}+{old_len:#x} to {new_len:#x} in place"
+        )
+    mm.replace(vma, vma.with_(end=end))  # vma_adjust()
+    vma_merge(k, mm, vma.start, end)
+
+
+def _check_fixed(old: int, old_len: int, new_addr: int, new_len: int) -> None:
+    if new_addr & (PAGE_SIZE - 1):
+        fail(errno.EINVAL, f"mremap: NEWADDR {new_addr:#x} is not page aligned")
+    if new_addr < MMAP_MIN_ADDR or new_addr + new_len > TASK_SIZE:
+        fail(errno.EINVAL, f"mremap: {new_addr:#x}+{new_len:#x} is outside the user address space")
+    if new_addr < old + old_len and old < new_addr + new_len:
+        fail(errno.EINVAL, f"mremap: {new_addr:#x}+{new_len:#x} overlaps {old:#x}+{old_len:#x}")
+
+
+def _vma_to_resize(mm: MmStruct, old: int, old_len: int) -> Vma:
+    """``vma_to_resize()``: the VMA holding [old, old + old_len), else EFAULT."""
+    vma = mm.find_vma(old)
+    if vma is None:
+        fail(errno.EFAULT, f"mremap: {old:#x} is not mapped")
+    if old + old_len > vma.end:
+        fail(errno.EFAULT, f"mremap: {old:#x}+{old_len:#x} runs past the end of its VMA")
+    return vma
+
+
+def _check_tables(k: Kernel, new_len: int) -> None:
+    """ENOMEM up front when the page tables of the new place may not be had."""
+    wanted = -(-new_len // HPAGE_SIZE) + 2
+    free = sum(k.alloc.free_pages_by_keyid().values())
+    if wanted > free:
+        fail(errno.ENOMEM, f"mremap: moving needs up to {wanted} page-table pages, {free} are free")
+
+
+def move_vma(
+    k: Kernel, mm: MmStruct, vma: Vma, old: int, length: int, new_addr: int, new_len: int
+) -> None:
+    """``copy_vma()`` at ``new_addr``, ``move_page_tables()``, then the old range goes."""
+    mm.insert(vma.with_(start=new_addr, end=new_addr + new_len))  # copy_vma: same pgprot
+    move_page_tables(k, mm, old, new_addr, length)
+    for part in mm.isolate(old, old + length):
+        mm.remove(part)
+    k.pt.free_empty_tables(mm.pgd, old, old + length)
+    flush_tlb_range(k, mm, old, old + length)
+    vma_merge(k, mm, new_addr, new_addr + new_len)  # copy_vma's vma_merge (patch 01)
+
+
+def move_page_tables(k: Kernel, mm: MmStruct, old: int, new_addr: int, length: int) -> None:
+    """Every leaf of [old, old + length) to the same offset from ``new_addr``, unchanged."""
+    for va, size, pte in list(k.pt.iter_present(mm.pgd, old, old + length)):
+        if size == HPAGE_SIZE:
+            split_huge_pmd(k, mm, va, pte)
+    with k.charging(mm.owner):
+        for va, size, pte in list(k.pt.iter_present(mm.pgd, old, old + length)):
+            if pte_page(k, pte, size) is None:
+                continue  # a forged entry stays behind and goes with the old range
+            k.pt.clear_pte(mm.pgd, va, size)
+            k.pt.set_pte(mm.pgd, new_addr + (va - old), pte, size)

@@ -1,0 +1,325 @@
+"""Pages that move: fork and copy-on-write, THP at fault, mlock, mremap
+(issue 12). Each rule is quoted from the series or from Linux of 2018 (v4.19
+mm/), and where the series keeps a KeyID with the page, its switch off shows
+the failure."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kernel_helpers import HPAGE, PAGE, U, ctl, pfn_of, two_keys, vmstat
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.kernel.proc import KPF
+
+SECRET = b"attack at dawn!!" * 4
+
+
+def smaps_field(m, name: str, field: str, vma: int = 0) -> int:
+    values = [
+        int(line.split()[1]) for line in m.smaps(name).splitlines() if line.startswith(field + ":")
+    ]
+    return values[vma]
+
+
+def kpageflags(m, pfn: int) -> int:
+    (flags,) = struct.unpack("<Q", m.kpageflags(pfn * 8, 8))
+    return flags
+
+
+def pagemap_entry(m, name: str, addr: int) -> int:
+    (entry,) = struct.unpack("<Q", m.pagemap(name, (addr >> 12) * 8, 8))
+    return entry
+
+
+def errno_of(call) -> int | None:
+    with pytest.raises(SandboxError) as caught:
+        call()
+    return caught.value.errno
+
+
+# --- fork and copy-on-write ---------------------------------------------------------
+
+
+def forked(keyid: int = 1, pages: int = 2):
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} {pages * PAGE} rw- keyid={keyid} populate")
+    m.write_virt(a, U, SECRET)
+    m.fork(a, "b", 0)
+    return m, a
+
+
+def test_fork_shares_every_page_write_protected_with_the_keyid_kept():
+    """copy_one_pte(): "If it's a COW mapping, write protect it both in the
+    parent and the child" - the child's PTE is the parent's, KeyID bits included."""
+    m, a = forked()
+    assert m.maps("b") == m.maps(a)
+    assert pfn_of(m, "b", U) == pfn_of(m, a, U)
+    assert m.read_virt("b", U, len(SECRET)) == SECRET
+    assert "KeyID:                 1" in m.smaps("b")
+    assert m.check() == []
+
+
+def test_a_write_after_fork_copies_into_a_page_of_the_vmas_keyid_and_both_keep_their_data():
+    """wp_page_copy(): new_page = alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma, vmf->address)
+    (patch 05 gives it the VMA's KeyID), then cow_user_page() through each page's own KeyID."""
+    m, a = forked()
+    shared = pfn_of(m, a, U)
+    m.write_virt("b", U, b"child's own data")
+    copy = pfn_of(m, "b", U)
+    assert copy != shared
+    assert pfn_of(m, a, U) == shared
+    assert m.read_virt("b", U, 16) == b"child's own data"
+    assert m.read_virt("b", U + 16, len(SECRET) - 16) == SECRET[16:]
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert vmstat(m)["mktme_cow_fault"] == 1
+    assert m.check() == []
+
+
+def test_the_last_mapper_reuses_the_page_after_the_other_side_copied():
+    """do_wp_page(): an anonymous page mapped once is reused (wp_page_reuse), not copied."""
+    m, a = forked()
+    shared = pfn_of(m, a, U)
+    m.write_virt("b", U, b"x")
+    m.write_virt(a, U, b"y")
+    assert pfn_of(m, a, U) == shared
+    assert vmstat(m)["mktme_cow_fault"] == 1
+    assert pagemap_entry(m, a, U) >> 56 & 1  # exclusive again
+
+
+def test_without_the_allocation_keyid_the_cow_copy_reads_as_garbage():
+    """Before patch 05 ("mm/page_alloc: Handle allocation for encrypted memory")
+    alloc_page_vma() knew no KeyID: the copy lands in a KeyID-0 page that the
+    PTE (made from vm_page_prot) reads through KeyID 1."""
+    m, _a = forked()
+    m.set_mitigation("alloc_page_vma_keyid", False)
+    m.write_virt("b", U + 1000, b"!")
+    assert m.read_virt("b", U, len(SECRET)) != SECRET
+    assert any("page_ext KeyID" in line for line in m.check())
+
+
+def test_fork_accounting_shares_rss_and_splits_pss_exactly():
+    """smaps: Pss adds (PAGE_SIZE << PSS_SHIFT) / mapcount per page and shifts
+    once: six pages mapped by three spaces give 7 kB (8 less Linux's truncation
+    of 12 fractional bits), where rounding each page to kB would give 6."""
+    m, a = forked(pages=6)
+    assert smaps_field(m, a, "Rss") == 24
+    assert smaps_field(m, a, "Pss") == 12
+    assert smaps_field(m, a, "Shared_Dirty") == 24
+    assert smaps_field(m, a, "Private_Dirty") == 0
+    assert smaps_field(m, "b", "Anonymous") == 24
+    m.fork("b", "c", 0)
+    assert smaps_field(m, "c", "Pss") == 7
+    flags = kpageflags(m, pfn_of(m, a, U))
+    assert flags >> KPF.MMAP & 1
+    assert flags >> KPF.ANON & 1
+    assert not pagemap_entry(m, a, U) >> 56 & 1  # shared: not exclusive
+
+
+def test_fork_child_name_and_owner_follow_create_space():
+    m, a = forked()
+    assert m.space_owner("b") == 0
+    assert errno_of(lambda: m.fork(a, "b", 0)) == 17  # EEXIST
+    assert errno_of(lambda: m.fork(a, "kernel", 0)) == 22  # EINVAL
+    assert errno_of(lambda: m.fork(a, "bad/name", 0)) == 22
+
+
+def test_the_audit_sees_a_writable_pte_on_a_shared_page():
+    m, a = forked()
+    m.set_mitigation("alloc_page_vma_keyid", True)
+    found = m.kernel.pt.get_pte(m.kernel.space(a).pgd, U)
+    m.kernel.pt.set_pte(m.kernel.space(a).pgd, U, found.pte | 2)
+    assert any("missed copy-on-write" in line for line in m.check())
+
+
+# --- THP at fault -------------------------------------------------------------------
+
+
+def hugepage_vma(keyid: int):
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4M rw- keyid={keyid}")
+    ctl(m, a, f"madvise {U:#x} 4M hugepage")
+    return m, a
+
+
+def test_a_write_fault_in_a_hugepage_vma_maps_a_2m_page_of_the_vmas_keyid():
+    """do_huge_pmd_anonymous_page(): page = alloc_hugepage_vma(gfp, vma, haddr,
+    HPAGE_PMD_ORDER) - one allocation path that patch 04 gives the VMA's KeyID."""
+    m, a = hugepage_vma(1)
+    m.write_virt(a, U + 5 * PAGE, SECRET)
+    head = pfn_of(m, a, U)
+    assert pfn_of(m, a, U + 5 * PAGE) == head + 5  # pagemap per 4K
+    assert head % 512 == 0
+    assert m.read_virt(a, U + 5 * PAGE, len(SECRET)) == SECRET
+    assert m.kernel.pages.page_keyid(head) == 1
+    assert smaps_field(m, a, "AnonHugePages") == 2048
+    assert vmstat(m)["thp_fault_alloc"] == 1
+    assert " pmd" in m.ptdump(a)
+    assert "2M" in m.ptdump(a)
+    flags = kpageflags(m, head + 1)
+    assert flags >> KPF.THP & 1
+    assert flags >> KPF.COMPOUND_TAIL & 1
+    assert flags >> KPF.MMAP & 1
+    assert m.check() == []
+
+
+def test_a_read_fault_maps_the_huge_zero_page_only_in_a_keyid0_vma():
+    """Patch 02, mm/huge_memory.c: the huge zero page only when
+    transparent_hugepage_use_zero_page() && !vma_is_encrypted(vma)."""
+    m, a = hugepage_vma(0)
+    assert m.read_virt(a, U, 64) == bytes(64)
+    zero = pfn_of(m, a, U)
+    assert kpageflags(m, zero) >> KPF.ZERO_PAGE & 1
+    assert vmstat(m)["thp_zero_page_alloc"] == 1
+    assert smaps_field(m, a, "Rss") == 0
+    m.write_virt(a, U, SECRET)  # the huge zero page goes, a THP comes
+    assert pfn_of(m, a, U) != zero
+    assert vmstat(m)["thp_fault_alloc"] == 1
+    m2, b = hugepage_vma(1)
+    assert m2.read_virt(b, U, 64) == bytes(64)
+    assert not kpageflags(m2, pfn_of(m2, b, U)) >> KPF.ZERO_PAGE & 1
+    assert vmstat(m2)["thp_zero_page_alloc"] == 0
+    assert vmstat(m2)["thp_fault_alloc"] == 1
+    assert m.check() == []
+    assert m2.check() == []
+
+
+def test_without_patch_02_an_encrypted_hugepage_vma_reads_the_huge_zero_page_as_garbage():
+    m, a = hugepage_vma(1)
+    m.set_mitigation("no_zero_page_encrypted", False)
+    assert m.read_virt(a, U, 64) != bytes(64)
+    assert any("zero page mapped in an encrypted VMA" in line for line in m.check())
+
+
+def test_a_fault_outside_a_whole_2m_range_falls_back_to_4k():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 1M rw- keyid=1")
+    ctl(m, a, f"madvise {U:#x} 1M hugepage")
+    m.write_virt(a, U, b"x")
+    assert smaps_field(m, a, "AnonHugePages") == 0
+    assert vmstat(m)["thp_fault_alloc"] == 0
+
+
+def test_fork_splits_a_thp_and_shares_its_pages():
+    m, a = hugepage_vma(1)
+    m.write_virt(a, U, SECRET)
+    m.fork(a, "b", 0)
+    m.write_virt("b", U, b"child")
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert m.read_virt("b", U + 5, len(SECRET) - 5) == SECRET[5:]
+    assert m.check() == []
+
+
+# --- mlock --------------------------------------------------------------------------
+
+
+def test_mlock_populates_marks_the_pages_and_shows_locked():
+    """mlock_fixup() sets VM_LOCKED; __mm_populate() faults the range in."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
+    ctl(m, a, f"mlock {U + PAGE:#x} 8K")
+    assert len(m.maps(a).splitlines()) == 3
+    assert smaps_field(m, a, "Locked", 1) == 8
+    assert smaps_field(m, a, "Rss", 0) == 0
+    assert " lo " in m.smaps(a)
+    assert kpageflags(m, pfn_of(m, a, U + PAGE)) >> KPF.MLOCKED & 1
+    assert vmstat(m)["unevictable_pgs_mlocked"] == 2
+    ctl(m, a, f"munlock {U + PAGE:#x} 8K")
+    assert len(m.maps(a).splitlines()) == 1  # merged back
+    assert not kpageflags(m, pfn_of(m, a, U + PAGE)) >> KPF.MLOCKED & 1
+    assert m.check() == []
+
+
+def test_mlock_never_merges_locked_vmas_of_two_keyids():
+    """Patch 01 passes vma_keyid(vma) to vma_merge() in mlock_fixup()."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=2")
+    ctl(m, a, f"mlock {U:#x} 8K")
+    assert len(m.maps(a).splitlines()) == 2
+    assert m.check() == []
+
+
+def test_mlock_errnos_are_linuxs():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw-")
+    assert errno_of(lambda: ctl(m, a, f"mlock {U + 1:#x} 4K")) == 22
+    assert errno_of(lambda: ctl(m, a, f"mlock {U:#x} 8K")) == 12  # a hole
+    assert errno_of(lambda: ctl(m, a, f"munlock {U + PAGE:#x} 4K")) == 12
+
+
+def test_a_child_does_not_inherit_vm_locked():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, a, f"mlock {U:#x} 4K")
+    m.fork(a, "b", 0)
+    assert " lo " in m.smaps(a)
+    assert " lo " not in m.smaps("b")
+    m.write_virt(a, U, b"x")  # the COW copy in a locked VMA is mlocked
+    assert kpageflags(m, pfn_of(m, a, U)) >> KPF.MLOCKED & 1
+    assert m.check() == []
+
+
+# --- mremap -------------------------------------------------------------------------
+
+
+def test_mremap_moves_the_pages_with_their_keyid():
+    """move_vma() -> copy_vma(): the new VMA is the old one's copy, vm_page_prot included."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 8K rw- keyid=1 populate")
+    m.write_virt(a, U, SECRET)
+    pfn = pfn_of(m, a, U)
+    ctl(m, a, f"mremap {U:#x} 8K 16K {U + HPAGE:#x}")
+    assert m.maps(a).startswith(f"{U + HPAGE:08x}-{U + HPAGE + 4 * PAGE:08x}")
+    assert pfn_of(m, a, U + HPAGE) == pfn
+    assert m.read_virt(a, U + HPAGE, len(SECRET)) == SECRET
+    assert "KeyID:                 1" in m.smaps(a)
+    assert m.check() == []
+
+
+def test_mremap_into_a_neighbour_of_another_keyid_stays_apart():
+    """Patch 01: copy_vma() calls vma_merge(..., vma_keyid(vma))."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1 populate")
+    ctl(m, a, f"mmap {U + HPAGE:#x} 4K rw- keyid=2 populate")
+    ctl(m, a, f"mremap {U:#x} 4K 4K {U + HPAGE + PAGE:#x}")
+    assert len(m.maps(a).splitlines()) == 2
+    assert m.check() == []
+
+
+def test_without_the_merge_check_a_moved_vma_takes_its_neighbours_keyid():
+    m, a = two_keys()
+    m.set_mitigation("vma_merge_keyid_check", False)
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1 populate")
+    ctl(m, a, f"mmap {U + HPAGE:#x} 4K rw- keyid=2 populate")
+    ctl(m, a, f"mremap {U:#x} 4K 4K {U + HPAGE + PAGE:#x}")
+    assert len(m.maps(a).splitlines()) == 1
+    assert any("differs from its VMA's KeyID" in line for line in m.check())
+
+
+def test_mremap_grows_and_shrinks_in_place_and_errnos_are_linuxs():
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 8K rw- populate")
+    ctl(m, a, f"mremap {U:#x} 8K 16K")
+    assert m.maps(a).startswith(f"{U:08x}-{U + 4 * PAGE:08x}")
+    ctl(m, a, f"mremap {U:#x} 16K 4K")
+    assert m.maps(a).startswith(f"{U:08x}-{U + PAGE:08x}")
+    ctl(m, a, f"mmap {U + PAGE:#x} 4K r--")
+    assert errno_of(lambda: ctl(m, a, f"mremap {U:#x} 4K 8K")) == 12  # no room, no MAYMOVE
+    assert errno_of(lambda: ctl(m, a, f"mremap {U + 8 * PAGE:#x} 4K 8K")) == 14  # EFAULT
+    assert errno_of(lambda: ctl(m, a, f"mremap {U:#x} 4K 8K {U + 1:#x}")) == 22
+    assert errno_of(lambda: ctl(m, a, f"mremap {U:#x} 4K 8K {U:#x}")) == 22  # overlap
+    assert m.check() == []
+
+
+def test_the_huge_zero_page_is_freed_when_its_last_mapping_goes_also_after_fork():
+    m, a = hugepage_vma(0)
+    m.read_virt(a, U, 8)
+    m.fork(a, "b", 0)
+    ctl(m, a, f"munmap {U:#x} 4M")
+    assert m.kernel.huge_zero_pfn is not None  # the child still maps it
+    m.destroy_space("b", 0)
+    assert m.kernel.huge_zero_pfn is None
+    ctl(m, a, f"mmap {U:#x} 4M rw-")
+    assert m.check() == []
