@@ -46,7 +46,7 @@ from mktme_sandbox.errors import SandboxError, errno_name, fail
 from mktme_sandbox.hw.platform import Platform
 from mktme_sandbox.kernel import check, keyid_map, khugepaged, ksm, memory, mmap, proc, rmap
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
-from mktme_sandbox.kernel.ptdump import ptdump_user, render
+from mktme_sandbox.kernel.ptdump import ptdump_kernel, ptdump_mm
 from mktme_sandbox.kernel.vma import MmStruct, Vma
 
 __all__ = ["Machine"]
@@ -80,7 +80,7 @@ class Machine:
         c = self.config
         return (
             f"Machine(phys_mem={c.phys_mem:#x}, keyid_bits={c.keyid_bits}, "
-            f"nr_keyids={self.nr_keyids}, spaces={sorted(self.kernel.spaces)})"
+            f"nr_keyids={self.nr_keyids}, spaces={self.kernel.space_names()})"
         )
 
     @property
@@ -89,18 +89,18 @@ class Machine:
 
     @property
     def nr_keyids(self) -> int:
-        return self.kernel.layout.nr_keyids
+        return self.kernel.nr_keyids
 
     # --- log ----------------------------------------------------------------
 
     @_locked
     def dmesg(self) -> str:
-        return self.kernel.log.text()
+        return self.kernel.dmesg()
 
     @_locked
     def reject(self, path: str, err: SandboxError) -> None:
         """Log one rejected operation: file, errno name, reason."""
-        self.kernel.log.printk(f"{path}: {errno_name(err.errno or 0)}: {err.reason}")
+        self.kernel.printk(f"{path}: {errno_name(err.errno or 0)}: {err.reason}")
 
     # --- physical memory -------------------------------------------------------
 
@@ -142,7 +142,7 @@ class Machine:
 
     def _own_keyid(self, keyid: int, uid: int | None) -> None:
         """EACCES unless ``uid`` owns KeyID ``keyid`` (KeyID 0: the daemon's user)."""
-        owner = self.kernel.keys.owner(keyid) if keyid else self.owner_uid
+        owner = self.kernel.key_owner(keyid) if keyid else self.owner_uid
         if owner != uid:
             fail(errno.EACCES, f"KeyID {keyid} belongs to uid {owner}, not {uid}")
 
@@ -179,16 +179,15 @@ class Machine:
 
     @_locked
     def key_status(self, keyid: int) -> str:
-        self.kernel.keys.check_exists(keyid, f"keys/{keyid}")
-        return self.kernel.keys.status_line(keyid, self.kernel.pages_of(keyid))
+        return self.kernel.key_status(keyid)
 
     @_locked
     def key_command(self, keyid: int, payload: str | bytes, uid: int) -> None:
-        self.kernel.keys.program(keyid, decode_command(payload, "key"), uid)
+        self.kernel.key_program(keyid, decode_command(payload, "key"), uid)
 
     @_locked
     def key_owner(self, keyid: int) -> int | None:
-        return self.kernel.keys.owner(keyid)
+        return self.kernel.key_owner(keyid)
 
     @_locked
     def inject_pconfig_faults(self, status: int, count: int) -> None:
@@ -208,7 +207,7 @@ class Machine:
 
     @_locked
     def space_names(self) -> list[str]:
-        return sorted(self.kernel.spaces)
+        return self.kernel.space_names()
 
     @_locked
     def space_owner(self, name: str) -> int:
@@ -307,42 +306,39 @@ class Machine:
 
     @_locked
     def ptdump(self, name: str, uid: int | None = None) -> str:
-        return ptdump_user(self.kernel.pt, self._space_for(name, uid).pgd)
+        return ptdump_mm(self.kernel, self._space_for(name, uid))
 
     @_locked
     def ptdump_kernel(self) -> str:
-        return render(self.kernel.directmap.ptdump_items())
+        return ptdump_kernel(self.kernel)
 
     # --- mm/ ----------------------------------------------------------------
 
     @_locked
     def vmstat(self) -> str:
-        return self.kernel.vmstat.text()
+        return self.kernel.vmstat_text()
 
     @_locked
     def vmstat_counts(self) -> dict[str, int]:
         """``mm/vmstat`` as numbers, for scripts and benchmarks."""
-        return self.kernel.vmstat.snapshot()
+        return self.kernel.vmstat_counts()
 
     @_locked
     def free_pools(self) -> str:
-        counts = self.kernel.alloc.free_pages_by_keyid()
-        return "".join(f"keyid={k} free={n}\n" for k, n in counts.items())
+        return self.kernel.free_pools()
 
     @property
     def keyid_free_pools(self) -> bool:
-        return self.kernel.alloc.keyid_free_pools
+        return self.kernel.keyid_free_pools()
 
     @keyid_free_pools.setter
     def keyid_free_pools(self, on: bool) -> None:
         with self._lock:
-            self.kernel.alloc.set_keyid_free_pools(bool(on))
+            self.kernel.set_keyid_free_pools(bool(on))
 
     @_locked
     def mitigation(self, name: str) -> bool:
-        if name not in MITIGATIONS:
-            fail(errno.ENOENT, f"no mitigation named {name!r}")
-        return self.kernel.mitigations[name]
+        return self.kernel.mitigation(name)
 
     @_locked
     def set_mitigation(self, name: str, on: bool) -> None:
@@ -354,7 +350,7 @@ class Machine:
 
     @_locked
     def ksm_stats(self) -> str:
-        return self.kernel.ksm.text(self.kernel)
+        return ksm.ksm_stats(self.kernel)
 
     @_locked
     def khugepaged_scan(self) -> int:
@@ -362,7 +358,7 @@ class Machine:
 
     @_locked
     def khugepaged_stats(self) -> str:
-        return self.kernel.khugepaged.text()
+        return khugepaged.khugepaged_stats(self.kernel)
 
     @_locked
     def kpageflags(self, offset: int, length: int) -> bytes:
@@ -396,16 +392,8 @@ class Machine:
 
     @_locked
     def tme_text(self) -> str:
-        """The MSRs decoded, then the address layout the kernel derived from
-        them and from CPUID's MAXPHYADDR (what a tool needs to find the KeyID
-        bits in a PTE)."""
-        pte = self.kernel.pte_layout  # the shift and mask, derived once
-        return self.platform.tme_text() + (
-            f"maxphyaddr {pte.maxphyaddr}\n"
-            f"keyid_shift {pte.keyid_shift}\n"
-            f"keyid_mask {pte.keyid_mask:#018x}\n"
-            f"nr_keyids {self.nr_keyids}\n"
-        )
+        """The MSRs decoded, then the address layout the kernel derived from them."""
+        return self.kernel.tme_text()
 
     @_locked
     def cache_stats(self) -> str:

@@ -29,7 +29,7 @@ from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
-__all__ = ["KhugepagedStats", "khugepaged_scan"]
+__all__ = ["KhugepagedStats", "khugepaged_scan", "khugepaged_stats"]
 
 
 @dataclass
@@ -41,6 +41,11 @@ class KhugepagedStats:
 
     def text(self) -> str:
         return "".join(f"{name} {value}\n" for name, value in vars(self).items())
+
+
+def khugepaged_stats(k: Kernel) -> str:
+    """``mm/khugepaged``: the pass counters."""
+    return k.khugepaged.text()
 
 
 def khugepaged_scan(k: Kernel) -> int:

@@ -34,7 +34,7 @@ from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
-__all__ = ["KsmStats", "ksm_do_scan", "unmerge_ksm_pages"]
+__all__ = ["KsmStats", "ksm_do_scan", "ksm_stats", "unmerge_ksm_pages"]
 
 
 @dataclass
@@ -56,6 +56,11 @@ class KsmStats:
             "merge_refused_keyid": self.merge_refused_keyid,
         }
         return "".join(f"{name} {value}\n" for name, value in rows.items())
+
+
+def ksm_stats(k: Kernel) -> str:
+    """``mm/ksm``: the counters of /sys/kernel/mm/ksm."""
+    return k.ksm.text(k)
 
 
 @dataclass(frozen=True)
