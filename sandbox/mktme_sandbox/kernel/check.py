@@ -37,7 +37,7 @@ import numpy as np
 
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import MmStruct, vma_keyid
 

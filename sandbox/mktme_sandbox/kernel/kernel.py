@@ -4,7 +4,7 @@ Boot follows the series' order: ``detect_tme()`` reads the MSRs early, the
 direct-mapping size is computed and MKTME is disabled when nr_keyids + 1
 copies do not fit the 64 TiB direct-map area, then the page allocator, the
 zero page and the key service come up. The mechanisms live one per module
-(page_alloc, pgtable, vma, mmap, memory, ksm, khugepaged, keys, check, proc);
+(page, page_alloc, pgtable, vma, mmap, memory, ksm, khugepaged, keys, check, proc);
 this class holds their shared state and names the address spaces.
 
 The six mitigation switches (docs/spec.md section 3) are plain booleans read by the
@@ -42,7 +42,8 @@ from mktme_sandbox.kernel.memory import zap_page_range
 from mktme_sandbox.kernel.mktme import detect_tme, mktme_disabled
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.page_alloc import PageAllocator
-from mktme_sandbox.kernel.pgtable import USER_END, PageTables, PteLayout
+from mktme_sandbox.kernel.pgtable import PageTables
+from mktme_sandbox.kernel.pgtable_types import USER_END, PteLayout
 from mktme_sandbox.kernel.printk import KernelLog
 from mktme_sandbox.kernel.tlb import Tlb
 from mktme_sandbox.kernel.vma import MmStruct, vma_keyid

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, pfn_pte, pte_page
 from mktme_sandbox.kernel.page import HPAGE_NR
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
 if TYPE_CHECKING:

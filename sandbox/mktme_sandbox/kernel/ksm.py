@@ -28,7 +28,7 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import do_wp_page, pfn_pte, pte_page
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
 if TYPE_CHECKING:

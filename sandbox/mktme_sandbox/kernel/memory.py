@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, NoReturn
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
+from mktme_sandbox.kernel.pgtable_types import USER_END, PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 

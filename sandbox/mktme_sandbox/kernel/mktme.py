@@ -5,7 +5,7 @@ Models ``detect_tme()`` of arch/x86/kernel/cpu/intel.c as the v5 series uses it
 shift and mask of KeyIDs"): read IA32_TME_ACTIVATE, log what the BIOS enabled
 in the same words Linux does, and derive ``mktme_nr_keyids`` and the KeyID
 bits taken from the physical address. ``mktme_keyid_shift`` and
-``mktme_keyid_mask`` follow from those; ``pgtable.PteLayout`` computes them,
+``mktme_keyid_mask`` follow from those; ``pgtable_types.PteLayout`` computes them,
 once, for the page tables and everything else.
 
 Differences, each from docs/spec.md section 2: AES-XTS-256 is a known policy and a

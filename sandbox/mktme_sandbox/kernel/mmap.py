@@ -37,7 +37,7 @@ from mktme_sandbox.kernel.memory import (
     split_huge_pmds,
     zap_page_range,
 )
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.vma import (
     MMAP_MIN_ADDR,
     TASK_SIZE,

@@ -24,7 +24,7 @@ import numpy as np
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
+from mktme_sandbox.kernel.pgtable_types import USER_END, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
 if TYPE_CHECKING:

@@ -45,7 +45,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from mktme_sandbox.kernel.pgtable import USER_END, Level, PageTables, PteFlags, PteLayout, Span
+from mktme_sandbox.kernel.pgtable import PageTables, Span
+from mktme_sandbox.kernel.pgtable_types import USER_END, Level, PteFlags, PteLayout
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel

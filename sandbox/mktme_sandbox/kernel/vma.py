@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import IntFlag
 from typing import Any
 
-from mktme_sandbox.kernel.pgtable import PAGE_NONE, PteFlags, PteLayout
+from mktme_sandbox.kernel.pgtable_types import PAGE_NONE, PteFlags, PteLayout
 
 __all__ = ["MMAP_MIN_ADDR", "TASK_SIZE", "VM", "MmStruct", "Vma", "vm_get_page_prot"]
 
