@@ -172,7 +172,7 @@ class Machine:
             )
 
     def _check_keyid(self, keyid: int) -> None:
-        if keyid and not 1 <= keyid <= self.nr_keyids:
+        if not self.kernel.valid_keyid(keyid):
             fail(errno.EINVAL, f"KeyID {keyid} does not exist (this machine has {self.nr_keyids})")
 
     # --- keys ---------------------------------------------------------------

@@ -243,6 +243,9 @@ class Kernel:
     def nr_keyids(self) -> int:
         return self.layout.nr_keyids
 
+    def valid_keyid(self, keyid: int) -> bool:
+        return self.layout.valid_keyid(keyid)
+
     def dmesg(self) -> str:
         return self.log.text()
 

@@ -8,7 +8,7 @@ come out as garbage (switch ``no_zero_page_encrypted`` off to watch that).
 Write faults allocate with the VMA's KeyID (``vma_keyid``); a write to the zero
 page or to a KSM page breaks copy-on-write.
 
-PTEs are made as Linux makes them, ``pfn << 12 | vma->vm_page_prot``, so the
+PTEs are made as Linux makes them, ``pfn_pte(pfn, vma->vm_page_prot)``, so the
 KeyID comes from the VMA's protection bits. Every access translates through
 the page tables in emulated memory, via the TLB; like hardware, the CPU side
 uses the KeyID found in the PTE, while kernel copies go through the direct
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, NoReturn
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable_types import USER_END, PteFlags
+from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, USER_END, PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
 __all__ = [
-    "HPAGE_SIZE",
     "access_vm",
     "flush_tlb_mm",
     "get_user_pages",
@@ -50,13 +49,7 @@ __all__ = [
     "zap_page_range",
 ]
 
-HPAGE_SIZE = 2 << 20
 _WRITE_BITS = int(PteFlags.RW | PteFlags.DIRTY)
-
-
-def pfn_pte(pfn: int, prot: int) -> int:
-    """``pfn_pte()``: the page frame plus the pgprot, KeyID bits included."""
-    return (pfn << 12) | prot
 
 
 def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
@@ -107,7 +100,7 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
             k.vmstat.inc("zero_page_map")
-            pte = pfn_pte(k.zero_pfn, vma.vm_page_prot)
+            pte = k.pte_layout.pfn_pte(k.zero_pfn, vma.vm_page_prot)
             k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
             return pte
         k.vmstat.inc("zero_page_refused_encrypted")
@@ -116,7 +109,7 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
 
 
 def _map_new_page(k: Kernel, mm: MmStruct, vma: Vma, page: int, pfn: int) -> int:
-    pte = pfn_pte(pfn, vma.vm_page_prot)
+    pte = k.pte_layout.pfn_pte(pfn, vma.vm_page_prot)
     if vma.vm_flags & VM.WRITE:
         pte |= _WRITE_BITS
     k.pages.get_page(pfn)

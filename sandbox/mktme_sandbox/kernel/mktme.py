@@ -45,6 +45,7 @@ class KeyIdLayout:
     nr_keyids: int
 
     def valid_keyid(self, keyid: int) -> bool:
+        """The one range check of a KeyID: 0 (no encryption) or 1..nr_keyids."""
         return 0 <= keyid <= self.nr_keyids
 
 

@@ -15,7 +15,9 @@ in sight. ``pgtable.py`` builds and walks the tables from these; ``vma``,
 - ``PteLayout``: where the frame number, the KeyID and the flags sit in an
   entry of a machine with ``maxphyaddr`` physical-address bits and
   ``keyid_bits`` KeyID bits; ``pfn_pte`` is the one constructor of an entry.
-- ``USER_END``: the top of the user half, ``TASK_SIZE_MAX`` rounded to the page.
+- ``USER_END``: the top of the user half (``TASK_SIZE`` is its last page
+  excluded); ``HPAGE_SIZE``/``HPAGE_ORDER``/``HPAGE_NR``: a PMD leaf, the
+  transparent huge page.
 
 The KeyID in the entry (MKTME)
     A present leaf holds ``PFN | keyid << (keyid_shift - 12)`` in its address
@@ -43,10 +45,16 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from itertools import pairwise
 
+import numpy as np
+
 from mktme_sandbox.config import PAGE_SHIFT, PAGE_SIZE
 from mktme_sandbox.errors import fail
 
 __all__ = [
+    "HPAGE_NR",
+    "HPAGE_ORDER",
+    "HPAGE_SHIFT",
+    "HPAGE_SIZE",
     "PAGE_COPY",
     "PAGE_COPY_EXEC",
     "PAGE_KERNEL",
@@ -64,6 +72,7 @@ __all__ = [
     "SIZE_1G",
     "SIZE_2M",
     "SIZE_4K",
+    "TASK_SIZE",
     "USER_END",
     "WALK_LEVELS",
     "Level",
@@ -181,6 +190,14 @@ SIZE_2M = Level.PMD.size
 SIZE_1G = Level.PUD.size
 USER_END = 1 << (Level.PGD.shift + 8)
 """End (exclusive) of the user half, 256 PGD slots: the last user address is 0x00007fffffffffff."""
+TASK_SIZE = USER_END - PAGE_SIZE
+"""Linux ``TASK_SIZE_MAX`` with 4-level paging: the last user page is never mapped."""
+HPAGE_SHIFT = Level.PMD.shift
+HPAGE_SIZE = Level.PMD.size
+"""A transparent huge page: what one PMD leaf maps (``HPAGE_PMD_SIZE``)."""
+HPAGE_ORDER = HPAGE_SHIFT - PAGE_SHIFT
+HPAGE_NR = 1 << HPAGE_ORDER
+"""Base pages in a huge page (``HPAGE_PMD_NR``)."""
 
 
 @dataclass(frozen=True)
@@ -242,19 +259,39 @@ class PteLayout:
         """
         return (self.pfn_mask_max if preserve_keyid else self.pfn_mask) | _CHG_FLAGS
 
-    def make_pte(self, pfn: int, keyid: int, flags: int) -> int:
-        """``pfn_pte()`` with a KeyID: ``(pfn | keyid << (keyid_shift - 12)) << 12 | flags``.
+    def pfn_pte(self, pfn: int, prot: int) -> int:
+        """``pfn_pte()``: the one constructor of an entry, ``pfn << 12 | prot``.
 
-        For a 2M/1G leaf pass the head pfn (aligned) and PSE in ``flags``.
+        ``prot`` is a pgprot value: flags plus, for an encrypted VMA, the KeyID
+        bits its ``vm_page_prot`` carries (``keyid_prot``), as Linux makes a PTE
+        from ``vma->vm_page_prot``. For a 2M/1G leaf pass the head pfn (aligned)
+        and PSE in ``prot``. EINVAL when the frame does not fit below the KeyID
+        bits or ``prot`` has frame-number or reserved bits.
         """
-        if not 0 <= pfn < 1 << (self.keyid_shift - PAGE_SHIFT):
-            fail(errno.EINVAL, f"pfn {pfn:#x} does not fit below the KeyID bits")
-        if not 0 <= keyid <= self.max_keyid:
-            fail(errno.EINVAL, f"KeyID {keyid} does not fit in {self.keyid_bits} KeyID bits")
+        self._check_pfn(pfn)
+        prot = int(prot)
+        if prot & (self.pfn_mask | self.reserved_mask) & ~_PAT_LARGE or not 0 <= prot <= _U64:
+            fail(errno.EINVAL, f"pgprot {prot:#x} overlaps the frame number")
+        return pfn << PAGE_SHIFT | prot
+
+    def make_pte(self, pfn: int, keyid: int, flags: int) -> int:
+        """``pfn_pte(pfn, keyid_prot(keyid) | flags)``: ``(pfn | keyid << (keyid_shift
+        - 12)) << 12 | flags``, with ``flags`` outside the address field."""
+        self._check_pfn(pfn)
+        self.check_keyid(keyid)
         flags = int(flags)
         if flags & self.pfn_mask_max & ~_PAT_LARGE or not 0 <= flags <= _U64:
             fail(errno.EINVAL, f"flags {flags:#x} overlap the address field")
-        return (pfn | keyid << (self.keyid_shift - PAGE_SHIFT)) << PAGE_SHIFT | flags
+        return self.pfn_pte(pfn, self.keyid_prot(keyid) | flags)
+
+    def _check_pfn(self, pfn: int) -> None:
+        if not 0 <= pfn < 1 << (self.keyid_shift - PAGE_SHIFT):
+            fail(errno.EINVAL, f"pfn {pfn:#x} does not fit below the KeyID bits")
+
+    def check_keyid(self, keyid: int) -> None:
+        """EINVAL unless ``keyid`` fits in the entry's KeyID bits (0..``max_keyid``)."""
+        if not 0 <= keyid <= self.max_keyid:
+            fail(errno.EINVAL, f"KeyID {keyid} does not fit in {self.keyid_bits} KeyID bits")
 
     def pte_pfn(self, pte: int, size: int = SIZE_4K) -> int:
         """``pte_pfn()``/``pmd_pfn()`` after patch 07: the frame number, KeyID bits masked out.
@@ -268,6 +305,21 @@ class PteLayout:
         """The KeyID of an entry (or of a pgprot value carrying one, as ``vma_keyid()``)."""
         return (pte & self.keyid_mask) >> self.keyid_shift
 
+    def pte_pfns(self, ptes: np.ndarray, sizes: np.ndarray | int = SIZE_4K) -> np.ndarray:
+        """``pte_pfn`` of many leaves at once (uint64 entries and sizes): int64 PFNs."""
+        u64 = np.uint64
+        frame = ptes & u64(self.pfn_mask) & ~(np.asarray(sizes, dtype=u64) - u64(1))
+        pfns: np.ndarray = (frame >> u64(PAGE_SHIFT)).astype(np.int64)
+        return pfns
+
+    def pte_keyids(self, ptes: np.ndarray) -> np.ndarray:
+        """``pte_keyid`` of many entries at once (uint64): int64 KeyIDs."""
+        u64 = np.uint64
+        keyids: np.ndarray = ((ptes & u64(self.keyid_mask)) >> u64(self.keyid_shift)).astype(
+            np.int64
+        )
+        return keyids
+
     def pte_flags(self, pte: int, size: int = SIZE_4K) -> PteFlags:
         """The flag bits: everything outside bits 12..51 (and bit 12 on a 2M/1G leaf).
 
@@ -279,8 +331,7 @@ class PteLayout:
 
     def keyid_prot(self, keyid: int) -> int:
         """The KeyID bits of a pgprot value, as an encrypted VMA's ``vm_page_prot`` holds them."""
-        if not 0 <= keyid <= self.max_keyid:
-            fail(errno.EINVAL, f"KeyID {keyid} does not fit in {self.keyid_bits} KeyID bits")
+        self.check_keyid(keyid)
         return keyid << self.keyid_shift
 
     def pte_modify(

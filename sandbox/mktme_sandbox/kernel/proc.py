@@ -24,7 +24,7 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import MmWalkOps, PteTable
-from mktme_sandbox.kernel.pgtable_types import USER_END, Level, PteFlags
+from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, USER_END, Level, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def _smaps_entry(k: Kernel, mm: MmStruct, vma: Vma) -> str:
         ("Swap", 0), ("SwapPss", 0), ("Locked", 0),
     ):  # fmt: skip
         lines.append(f"{name + ':':<16}{kb:>8} kB\n")
-    thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= 2 << 20)
+    thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= HPAGE_SIZE)
     lines.append(f"{'THPeligible:':<16}{thp:>8}\n")
     lines.append(f"{'ProtectionKey:':<16}{0:>8}\n")
     lines.append(f"{'KeyID:':<16}{vma_keyid(vma, k.pte_layout):>8}\n")
