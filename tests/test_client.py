@@ -29,7 +29,7 @@ from mktme_sandbox.client import (
     redacted,
     runs,
 )
-from mktme_sandbox.kernel.pgtable import PteLayout
+from mktme_sandbox.kernel.pgtable_types import PteLayout
 from mktme_sandbox.kernel.proc import KPF
 from mktme_sandbox.machine import Machine
 from mktme_sandbox.mounting import MountedSandbox

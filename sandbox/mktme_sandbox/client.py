@@ -222,7 +222,7 @@ class Layout:
     """Where the KeyID sits in a physical address (docs/spec.md section 2): the top
     ``keyid_bits`` of the ``maxphyaddr`` physical-address bits.
 
-    A stdlib copy of the part of ``mktme_sandbox.kernel.pgtable.PteLayout`` a tool
+    A stdlib copy of the part of ``mktme_sandbox.kernel.pgtable_types.PteLayout`` a tool
     needs; tests/test_client.py keeps the two in agreement.
     """
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 __all__ = [
     "ALGORITHMS",
     "LINE_SIZE",
+    "PAGE_SHIFT",
     "PAGE_SIZE",
     "GiB",
     "KiB",
@@ -31,7 +32,8 @@ __all__ = [
 ]
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
 LINE_SIZE = 64
 ALGORITHMS = ("aes-xts-128", "aes-xts-256")
 

@@ -62,7 +62,7 @@ from mktme_sandbox.kernel import (
     rmap,
 )
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
-from mktme_sandbox.kernel.ptdump import ptdump_user, render
+from mktme_sandbox.kernel.ptdump import ptdump_kernel, ptdump_mm
 from mktme_sandbox.kernel.vma import MmStruct, Vma
 
 __all__ = ["Machine"]
@@ -96,7 +96,7 @@ class Machine:
         c = self.config
         return (
             f"Machine(phys_mem={c.phys_mem:#x}, keyid_bits={c.keyid_bits}, "
-            f"nr_keyids={self.nr_keyids}, spaces={sorted(self.kernel.spaces)})"
+            f"nr_keyids={self.nr_keyids}, spaces={self.kernel.space_names()})"
         )
 
     @property
@@ -105,18 +105,18 @@ class Machine:
 
     @property
     def nr_keyids(self) -> int:
-        return self.kernel.layout.nr_keyids
+        return self.kernel.nr_keyids
 
     # --- log ----------------------------------------------------------------
 
     @_locked
     def dmesg(self) -> str:
-        return self.kernel.log.text()
+        return self.kernel.dmesg()
 
     @_locked
     def reject(self, path: str, err: SandboxError) -> None:
         """Log one rejected operation: file, errno name, reason."""
-        self.kernel.log.printk(f"{path}: {errno_name(err.errno or 0)}: {err.reason}")
+        self.kernel.printk(f"{path}: {errno_name(err.errno or 0)}: {err.reason}")
 
     # --- physical memory -------------------------------------------------------
 
@@ -158,7 +158,7 @@ class Machine:
 
     def _own_keyid(self, keyid: int, uid: int | None) -> None:
         """EACCES unless ``uid`` owns KeyID ``keyid`` (KeyID 0: the daemon's user)."""
-        owner = self.kernel.keys.owner(keyid) if keyid else self.owner_uid
+        owner = self.kernel.key_owner(keyid) if keyid else self.owner_uid
         if owner != uid:
             fail(errno.EACCES, f"KeyID {keyid} belongs to uid {owner}, not {uid}")
 
@@ -188,23 +188,22 @@ class Machine:
             )
 
     def _check_keyid(self, keyid: int) -> None:
-        if keyid and not 1 <= keyid <= self.nr_keyids:
+        if not self.kernel.valid_keyid(keyid):
             fail(errno.EINVAL, f"KeyID {keyid} does not exist (this machine has {self.nr_keyids})")
 
     # --- keys ---------------------------------------------------------------
 
     @_locked
     def key_status(self, keyid: int) -> str:
-        self.kernel.keys.check_exists(keyid, f"keys/{keyid}")
-        return self.kernel.keys.status_line(keyid, self.kernel.pages_of(keyid))
+        return self.kernel.key_status(keyid)
 
     @_locked
     def key_command(self, keyid: int, payload: str | bytes, uid: int) -> None:
-        self.kernel.keys.program(keyid, decode_command(payload, "key"), uid)
+        self.kernel.key_program(keyid, decode_command(payload, "key"), uid)
 
     @_locked
     def key_owner(self, keyid: int) -> int | None:
-        return self.kernel.keys.owner(keyid)
+        return self.kernel.key_owner(keyid)
 
     @_locked
     def inject_pconfig_faults(self, status: int, count: int) -> None:
@@ -230,7 +229,7 @@ class Machine:
 
     @_locked
     def space_names(self) -> list[str]:
-        return sorted(self.kernel.spaces)
+        return self.kernel.space_names()
 
     @_locked
     def space_owner(self, name: str) -> int:
@@ -346,11 +345,11 @@ class Machine:
 
     @_locked
     def ptdump(self, name: str, uid: int | None = None) -> str:
-        return ptdump_user(self.kernel.pt, self._space_for(name, uid).pgd)
+        return ptdump_mm(self.kernel, self._space_for(name, uid))
 
     @_locked
     def ptdump_kernel(self) -> str:
-        return render(self.kernel.directmap.ptdump_items())
+        return ptdump_kernel(self.kernel)
 
     # --- mm/ ----------------------------------------------------------------
 
@@ -370,23 +369,20 @@ class Machine:
 
     @_locked
     def free_pools(self) -> str:
-        counts = self.kernel.alloc.free_pages_by_keyid()
-        return "".join(f"keyid={k} free={n}\n" for k, n in counts.items())
+        return self.kernel.free_pools()
 
     @property
     def keyid_free_pools(self) -> bool:
-        return self.kernel.alloc.keyid_free_pools
+        return self.kernel.keyid_free_pools()
 
     @keyid_free_pools.setter
     def keyid_free_pools(self, on: bool) -> None:
         with self._lock:
-            self.kernel.alloc.set_keyid_free_pools(bool(on))
+            self.kernel.set_keyid_free_pools(bool(on))
 
     @_locked
     def mitigation(self, name: str) -> bool:
-        if name not in MITIGATIONS:
-            fail(errno.ENOENT, f"no mitigation named {name!r}")
-        return self.kernel.mitigations[name]
+        return self.kernel.mitigation(name)
 
     @_locked
     def set_mitigation(self, name: str, on: bool) -> None:
@@ -446,16 +442,8 @@ class Machine:
 
     @_locked
     def tme_text(self) -> str:
-        """The MSRs decoded, then the address layout the kernel derived from
-        them and from CPUID's MAXPHYADDR (what a tool needs to find the KeyID
-        bits in a PTE)."""
-        pte = self.kernel.pte_layout  # the shift and mask, derived once
-        return self.platform.tme_text() + (
-            f"maxphyaddr {pte.maxphyaddr}\n"
-            f"keyid_shift {pte.keyid_shift}\n"
-            f"keyid_mask {pte.keyid_mask:#018x}\n"
-            f"nr_keyids {self.nr_keyids}\n"
-        )
+        """The MSRs decoded, then the address layout the kernel derived from them."""
+        return self.kernel.tme_text()
 
     @_locked
     def cache_stats(self) -> str:

@@ -18,7 +18,7 @@ import pytest
 from mktme_sandbox import Machine, SandboxError
 from mktme_sandbox.kernel.kernel import Kernel
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.vma import MmStruct, Vma
 
 ENC = 0x10000000  # space "a": 4 pages with KeyID 1, populated

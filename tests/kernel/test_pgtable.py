@@ -10,19 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mktme_sandbox.errors import SandboxError
-from mktme_sandbox.kernel.pgtable import (
+from mktme_sandbox.kernel.pgtable import Leaf, PageTables, Span
+from mktme_sandbox.kernel.pgtable_types import (
     PAGE_SHARED,
     PAGE_TABLE,
     SIZE_1G,
     SIZE_2M,
     SIZE_4K,
     USER_END,
-    Leaf,
     Level,
-    PageTables,
     PteFlags,
     PteLayout,
-    Span,
 )
 
 F = PteFlags

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mktme_sandbox.kernel.pgtable import SIZE_2M, Level, PageTables, PteFlags, PteLayout
+from mktme_sandbox.kernel.pgtable import PageTables
+from mktme_sandbox.kernel.pgtable_types import SIZE_2M, Level, PteFlags, PteLayout
 from mktme_sandbox.kernel.ptdump import (
     Marker,
     Run,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mktme_sandbox.kernel.pgtable import SIZE_2M, PteFlags, PteLayout
+from mktme_sandbox.kernel.pgtable_types import SIZE_2M, PteFlags, PteLayout
 from mktme_sandbox.kernel.tlb import Tlb, TlbEntry, TlbStats, tlb_entry
 
 LAYOUT = PteLayout(46, 6)

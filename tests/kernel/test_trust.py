@@ -11,7 +11,7 @@ import pytest
 
 from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, space
 from mktme_sandbox import Machine, MachineConfig, SandboxError
-from mktme_sandbox.kernel.pgtable import PAGE_TABLE, Level
+from mktme_sandbox.kernel.pgtable_types import PAGE_TABLE, Level
 
 ALICE, BOB = 65534, 65533
 

@@ -29,14 +29,15 @@ from mktme_sandbox.commands import SNAPSHOT_USAGE, expect_word, parse_switch
 from mktme_sandbox.config import parse_decimal
 from mktme_sandbox.fs.nodes import Access, BlobFile, Dir, Node, TextFile, fixed
 from mktme_sandbox.fs.readme import README
+from mktme_sandbox.kernel.pgtable_types import PAGE_SIZE, USER_END
 
 if TYPE_CHECKING:
     from mktme_sandbox.machine import Machine
 
 __all__ = ["MSR_SPACE", "PAGEMAP_SIZE", "USER_SPACE_END", "Tree"]
 
-USER_SPACE_END = 0x800000000000  # the x86-64 user address space (47 bits)
-PAGEMAP_SIZE = 8 * (USER_SPACE_END >> 12)  # one u64 per user page
+USER_SPACE_END = USER_END  # the x86-64 user address space (47 bits)
+PAGEMAP_SIZE = 8 * (USER_SPACE_END // PAGE_SIZE)  # one u64 per user page
 MSR_SPACE = 1 << 32  # hw/msr: offset = MSR address, as /dev/cpu/0/msr
 
 INFO, CONTROL, DIRECTORY = 0o444, 0o600, 0o555

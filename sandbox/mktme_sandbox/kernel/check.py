@@ -39,7 +39,7 @@ import numpy as np
 
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import PAGE_SIZE, PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, vma_keyid
 
@@ -152,9 +152,8 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
     at_vma = np.maximum(at, 0)
     outside = (at < 0) | (va + size > ends[at_vma]) | (va < starts[at_vma]) | (len(vmas) == 0)
     found.add_where(where, "PTE outside any VMA", outside, lambda i: f"{int(va[i]):#x}")
-    u64 = np.uint64
-    pfn = ((pte & u64(layout.pfn_mask) & ~(size - u64(1))) >> u64(12)).astype(np.int64)
-    nr = (size >> u64(12)).astype(np.int64)
+    pfn = layout.pte_pfns(pte, size)
+    nr = (size // PAGE_SIZE).astype(np.int64)
     known = pfn + nr <= pages.nr_pages
     page = np.where(known, pfn, 0)
     missing = ~outside & (~known | k.alloc.free_mask()[page])
@@ -175,7 +174,7 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
     )
     ok &= ~zero
     mapped += np.bincount(page[ok], minlength=len(mapped))
-    keyid = ((pte & u64(layout.keyid_mask)) >> u64(layout.keyid_shift)).astype(np.int64)
+    keyid = layout.pte_keyids(pte)
     pkeyid = pages.keyids_of()[page].astype(np.int64)
     found.add_where(
         where,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mktme_sandbox.kernel.pgtable import PAGE_KERNEL_LARGE, Level
+from mktme_sandbox.kernel.pgtable_types import PAGE_KERNEL_LARGE, Level
 from mktme_sandbox.kernel.ptdump import Marker, Run
 
 __all__ = ["DIRECT_MAP_AREA", "PAGE_OFFSET", "DirectMap", "direct_mapping_size"]

@@ -25,14 +25,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mktme_sandbox.kernel.memory import (
-    HPAGE_SIZE,
-    flush_tlb_range,
-    mapped_page,
-    pte_page,
-    split_huge_pmd,
-)
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.memory import flush_tlb_range, mapped_page, pte_page, split_huge_pmd
+from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
 if TYPE_CHECKING:

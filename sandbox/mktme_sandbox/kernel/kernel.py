@@ -4,11 +4,16 @@ Boot follows the series' order: ``detect_tme()`` reads the MSRs early, the
 direct-mapping size is computed and MKTME is disabled when nr_keyids + 1
 copies do not fit the 64 TiB direct-map area, then the page allocator, the
 zero page and the key service come up. The mechanisms live one per module
-(page_alloc, pgtable, vma, mmap, memory, ksm, khugepaged, keys, check, proc);
+(page, page_alloc, pgtable, vma, mmap, memory, ksm, khugepaged, keys, check, proc);
 this class holds their shared state and names the address spaces.
 
 The mitigation switches (docs/spec.md section 3) are plain booleans read by the
 mechanisms at the point where the patch they stand for acts.
+
+The methods under "what the Machine asks" are the facade's way in: each
+public method of ``Machine`` makes one call into the kernel (one of them, or
+one function of a mechanism's module given this kernel), so the facade holds
+locks and checks callers while every computation stays here.
 
 ``export_state``/``import_state`` carry everything a booted kernel changes
 (log, counters, switches, allocator, page-table count, TLB, spaces and their
@@ -37,7 +42,8 @@ from mktme_sandbox.kernel.memory import zap_page_range
 from mktme_sandbox.kernel.mktme import detect_tme, mktme_disable
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.page_alloc import PageAllocator
-from mktme_sandbox.kernel.pgtable import USER_END, PageTables, PteLayout
+from mktme_sandbox.kernel.pgtable import PageTables
+from mktme_sandbox.kernel.pgtable_types import USER_END, PteLayout
 from mktme_sandbox.kernel.printk import KernelLog
 from mktme_sandbox.kernel.tlb import Tlb
 from mktme_sandbox.kernel.vma import MmStruct, vma_keyid
@@ -231,8 +237,64 @@ class Kernel:
     def pages_of(self, keyid: int) -> int:
         return self.alloc.allocated_by_keyid.get(keyid, 0)
 
-    def set_mitigation(self, name: str, on: bool) -> None:
+    def mitigation(self, name: str) -> bool:
         if name not in MITIGATIONS:
             fail(errno.ENOENT, f"no mitigation named {name!r}")
+        return self.mitigations[name]
+
+    def set_mitigation(self, name: str, on: bool) -> None:
+        self.mitigation(name)  # ENOENT for an unknown name
         self.mitigations[name] = on
         self.log.printk(f"mktme: mitigation {name} {'on' if on else 'OFF'} ({MITIGATIONS[name]})")
+
+    # --- what the Machine asks --------------------------------------------------
+
+    @property
+    def nr_keyids(self) -> int:
+        return self.layout.nr_keyids
+
+    def valid_keyid(self, keyid: int) -> bool:
+        return self.layout.valid_keyid(keyid)
+
+    def dmesg(self) -> str:
+        return self.log.text()
+
+    def printk(self, line: str) -> None:
+        self.log.printk(line)
+
+    def space_names(self) -> list[str]:
+        return sorted(self.spaces)
+
+    def key_status(self, keyid: int) -> str:
+        """``keys/N``: the slot's state and the pages it encrypts."""
+        self.keys.check_exists(keyid, f"keys/{keyid}")
+        return self.keys.status_line(keyid, self.pages_of(keyid))
+
+    def key_program(self, keyid: int, payload: str, uid: int) -> None:
+        self.keys.program(keyid, payload, uid)
+
+    def key_owner(self, keyid: int) -> int | None:
+        return self.keys.owner(keyid)
+
+    def free_pools(self) -> str:
+        """``mm/free_pools``: the free pages of each KeyID's pool."""
+        counts = self.alloc.free_pages_by_keyid()
+        return "".join(f"keyid={k} free={n}\n" for k, n in counts.items())
+
+    def keyid_free_pools(self) -> bool:
+        return self.alloc.keyid_free_pools
+
+    def set_keyid_free_pools(self, on: bool) -> None:
+        self.alloc.set_keyid_free_pools(on)
+
+    def tme_text(self) -> str:
+        """``hw/tme``: the MSRs decoded, then the address layout this kernel
+        derived from them and from CPUID's MAXPHYADDR (what a tool needs to
+        find the KeyID bits in a PTE)."""
+        pte = self.pte_layout  # the shift and mask, derived once
+        return self.platform.tme_text() + (
+            f"maxphyaddr {pte.maxphyaddr}\n"
+            f"keyid_shift {pte.keyid_shift}\n"
+            f"keyid_mask {pte.keyid_mask:#018x}\n"
+            f"nr_keyids {self.nr_keyids}\n"
+        )

@@ -52,7 +52,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mktme_sandbox.config import GiB, MiB
-from mktme_sandbox.kernel.page import HPAGE_NR, PG
+from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, PAGE_SIZE
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -249,13 +250,13 @@ def _size(nbytes: int) -> str:
 
 def _title(picture: KeyIdMap, per_row: int) -> str:
     head = (
-        f"Physical memory by KeyID: {_size(picture.nr_pages * 4096)}, "
+        f"Physical memory by KeyID: {_size(picture.nr_pages * PAGE_SIZE)}, "
         f"{picture.nr_pages} pages, {per_row} cells per row, "
     )
     if picture.pages_per_cell == 1:
         return head + "one page per cell"
     return head + (
-        f"one cell per {_size(picture.pages_per_cell * 4096)} block "
+        f"one cell per {_size(picture.pages_per_cell * PAGE_SIZE)} block "
         f"({picture.pages_per_cell} pages), drawn as its majority class"
     )
 

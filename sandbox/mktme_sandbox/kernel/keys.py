@@ -108,7 +108,7 @@ class KeyService:
         return self._owners.get(keyid)
 
     def check_exists(self, keyid: int, op: str) -> None:
-        if not 1 <= keyid <= self.layout.nr_keyids:
+        if keyid == 0 or not self.layout.valid_keyid(keyid):
             have = f"KeyIDs 1..{self.layout.nr_keyids}" if self.layout.nr_keyids else "no KeyIDs"
             fail(errno.EINVAL, f"{op}: KeyID {keyid} does not exist (this machine has {have})")
 

@@ -25,15 +25,12 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import (
-    HPAGE_SIZE,
     alloc_hugepage_vma,
     flush_tlb_range,
     mlock_vma_page,
-    pfn_pte,
     pte_page,
 )
-from mktme_sandbox.kernel.page import HPAGE_NR
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_SIZE, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
 if TYPE_CHECKING:
@@ -119,7 +116,7 @@ def _collapse(k: Kernel, mm: MmStruct, vma: Vma, haddr: int, pfns: list[int]) ->
     for i, pfn in enumerate(pfns):
         data = k.platform.load(pfn * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(pfn))
         k.platform.store((head + i) * PAGE_SIZE, data, keyid)
-    pmd = pfn_pte(head, vma.vm_page_prot) | int(PteFlags.PSE | PteFlags.RW | PteFlags.DIRTY)
+    pmd = k.pte_layout.pfn_pte(head, vma.vm_page_prot | PteFlags.PSE | PteFlags.RW | PteFlags.DIRTY)
     k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
     k.pages.get_page(head)
     if vma.vm_flags & VM.LOCKED:

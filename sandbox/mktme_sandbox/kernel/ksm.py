@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.memory import do_wp_page, pfn_pte, pte_page
+from mktme_sandbox.kernel.memory import do_wp_page, pte_page
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
     merged = 0
     for cand in cands:
         # replace_page(): the new PTE is made from the sharer's own pgprot
-        pte = pfn_pte(kpage, cand.vma.vm_page_prot)
+        pte = k.pte_layout.pfn_pte(kpage, cand.vma.vm_page_prot)
         k.pt.set_pte(cand.mm.pgd, cand.va, pte, PAGE_SIZE)
         k.tlb.flush_range(cand.mm.asid, cand.va, cand.va + PAGE_SIZE)
         if cand.pfn != kpage:

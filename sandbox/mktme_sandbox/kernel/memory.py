@@ -8,7 +8,7 @@ come out as garbage (switch ``no_zero_page_encrypted`` off to watch that).
 Write faults allocate with the VMA's KeyID (``vma_keyid``); a write to the zero
 page or to a KSM page breaks copy-on-write.
 
-PTEs are made as Linux makes them, ``pfn << 12 | vma->vm_page_prot``, so the
+PTEs are made as Linux makes them, ``pfn_pte(pfn, vma->vm_page_prot)``, so the
 KeyID comes from the VMA's protection bits. Every access translates through
 the page tables in emulated memory, via the TLB; like hardware, the CPU side
 uses the KeyID found in the PTE, while kernel copies go through the direct
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, NoReturn
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import USER_END, Level, PteFlags
+from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, USER_END, Level, PteFlags
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
 __all__ = [
-    "HPAGE_SIZE",
     "access_vm",
     "flush_tlb_mm",
     "get_user_pages",
@@ -61,14 +60,8 @@ __all__ = [
     "zap_page_range",
 ]
 
-HPAGE_SIZE = 2 << 20
 _WRITE_BITS = int(PteFlags.RW | PteFlags.DIRTY)
 _PSE = int(PteFlags.PSE)
-
-
-def pfn_pte(pfn: int, prot: int) -> int:
-    """``pfn_pte()``: the page frame plus the pgprot, KeyID bits included."""
-    return (pfn << 12) | prot
 
 
 def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
@@ -202,7 +195,7 @@ def do_huge_pmd_anonymous_page(
                 k.vmstat.inc("thp_fault_fallback")
                 return None
             k.vmstat.inc("mktme_zero_page_map")
-            pmd = pfn_pte(zero, vma.vm_page_prot) | _PSE
+            pmd = k.pte_layout.pfn_pte(zero, vma.vm_page_prot) | _PSE
             k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
             return pmd
         k.vmstat.inc("mktme_zero_page_refused_encrypted")
@@ -246,7 +239,7 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
             k.vmstat.inc("mktme_zero_page_map")
-            pte = pfn_pte(k.zero_pfn, vma.vm_page_prot)
+            pte = k.pte_layout.pfn_pte(k.zero_pfn, vma.vm_page_prot)
             k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
             return pte
         k.vmstat.inc("mktme_zero_page_refused_encrypted")
@@ -259,7 +252,7 @@ def _map_new_page(
     """Map a page just allocated (or copied) for ``vma``: writable and dirty where
     the VMA may be written (``maybe_mkwrite(pte_mkdirty())``), PG_mlocked in a
     VM_LOCKED VMA (``lru_cache_add_active_or_unevictable``)."""
-    pte = pfn_pte(pfn, vma.vm_page_prot) | (_PSE if size != PAGE_SIZE else 0)
+    pte = k.pte_layout.pfn_pte(pfn, vma.vm_page_prot) | (_PSE if size != PAGE_SIZE else 0)
     if vma.vm_flags & VM.WRITE:
         pte |= _WRITE_BITS
     k.pages.get_page(pfn)

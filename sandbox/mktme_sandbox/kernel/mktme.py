@@ -5,7 +5,7 @@ Models ``detect_tme()`` of arch/x86/kernel/cpu/intel.c as the v5 series uses it
 shift and mask of KeyIDs"): read IA32_TME_ACTIVATE, log what the BIOS enabled
 in the same words Linux does, and derive ``mktme_nr_keyids`` and the KeyID
 bits taken from the physical address. ``mktme_keyid_shift`` and
-``mktme_keyid_mask`` follow from those; ``pgtable.PteLayout`` computes them,
+``mktme_keyid_mask`` follow from those; ``pgtable_types.PteLayout`` computes them,
 once, for the page tables and everything else.
 
 As in v5, ``nr_keyids`` is ``2**keyid_bits - 1``: detect_tme() never reads
@@ -51,6 +51,7 @@ class KeyIdLayout:
     nr_keyids: int
 
     def valid_keyid(self, keyid: int) -> bool:
+        """The one range check of a KeyID: 0 (no encryption) or 1..nr_keyids."""
         return 0 <= keyid <= self.nr_keyids
 
 

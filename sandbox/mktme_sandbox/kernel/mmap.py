@@ -30,17 +30,15 @@ from typing import TYPE_CHECKING
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import (
-    HPAGE_SIZE,
     flush_tlb_range,
     handle_mm_fault,
     pte_page,
     split_huge_pmds,
     zap_page_range,
 )
-from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, TASK_SIZE, PteFlags
 from mktme_sandbox.kernel.vma import (
     MMAP_MIN_ADDR,
-    TASK_SIZE,
     VM,
     MmStruct,
     Vma,

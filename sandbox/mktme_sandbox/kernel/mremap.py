@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, pte_page, split_huge_pmd
+from mktme_sandbox.kernel.memory import flush_tlb_range, pte_page, split_huge_pmd
 from mktme_sandbox.kernel.mmap import do_munmap, vma_merge
-from mktme_sandbox.kernel.vma import MMAP_MIN_ADDR, TASK_SIZE, MmStruct, Vma
+from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, TASK_SIZE
+from mktme_sandbox.kernel.vma import MMAP_MIN_ADDR, MmStruct, Vma
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel

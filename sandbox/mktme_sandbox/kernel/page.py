@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HPAGE_NR", "HPAGE_ORDER", "PG", "MemMap"]
+from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_ORDER
 
-HPAGE_ORDER = 9
-HPAGE_NR = 1 << HPAGE_ORDER
+__all__ = ["PG", "MemMap"]
 
 
 class PG(IntFlag):

@@ -47,7 +47,8 @@ import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.page import HPAGE_NR, HPAGE_ORDER, PG, MemMap
+from mktme_sandbox.kernel.page import PG, MemMap
+from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_ORDER
 from mktme_sandbox.kernel.vmstat import VmStat
 
 __all__ = ["PageAllocator", "PhysicalMemory"]

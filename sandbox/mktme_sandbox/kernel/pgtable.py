@@ -7,30 +7,28 @@ What it models
     emulated physical memory accessed with KeyID 0 (docs/spec.md 3.4, "Page
     tables"). A leaf is a PTE (4 KiB), a PMD entry with PSE (2 MiB) or a PUD
     entry with PSE (1 GiB). The user address space is the canonical lower half,
-    ``0 .. USER_END - 1`` (``0x00007fffffffffff``).
+    ``0 .. USER_END - 1`` (``0x00007fffffffffff``). What an entry holds (bits,
+    protections, the KeyID, the levels' geometry) is ``pgtable_types``.
 
-The KeyID in the entry (MKTME)
-    A present leaf holds ``PFN | keyid << (keyid_shift - 12)`` in its address
-    field, bits 12 and up: the KeyID takes the top ``keyid_bits`` physical-address
-    bits, entry bits ``keyid_shift .. maxphyaddr - 1``. ``PteLayout`` follows two
-    patches of the MKTME v5 series:
-
-    - "x86/mm: Mask out KeyID bits from page table entry pfn" (07): the KeyID
-      bits are not part of the physical address, so ``PTE_PFN_MASK`` (here
-      ``PteLayout.pfn_mask``) excludes them and ``pte_pfn()`` never sees them.
-      Example of the patch: 52 physical bits, 6 KeyID bits -> bits 51:46.
-    - "x86/mm: Preserve KeyID on pte_modify() and pgprot_modify()" (09):
-      ``_PAGE_CHG_MASK`` is built from ``PTE_PFN_MASK_MAX`` (every bit below
-      ``__PHYSICAL_MASK_SHIFT`` = 52) so the KeyID survives ``pte_modify()``
-      (mprotect) and ``pgprot_modify()`` (vm_page_prot). ``preserve_keyid=False``
-      gives the behaviour before the patch: the KeyID bits are taken from the new
-      protection, which for mprotect has none, so the KeyID is dropped. This is
-      the ``pte_modify_preserve_keyid`` mitigation switch of docs/spec.md section 3.
+One walker
+    ``walk_page_range(cr3, start, end, ops)`` is the one range walker, in the
+    shape of Linux's mm/pagewalk.c: it descends the tables under ``[start,
+    end)`` in address order and calls the callbacks of a frozen ``MmWalkOps``:
+    ``pte_table`` (every PTE table once, its non-empty entries in the range as
+    numpy arrays: the bulk path), ``pte_entry`` (one PTE at a time),
+    ``huge_entry`` (a leaf above the PTE level), ``pte_hole`` (a run of empty
+    entries, at the level of the table it is in), ``pre_table``/``post_table``
+    (a table before and after its entries, ``post_table`` told whether it is
+    empty and able to unlink it) and ``bad_entry`` (an upper-level entry
+    pointing to no page-table page, never followed). Every scan is a few lines
+    of ops over it: ``iter_present``, ``leaf_arrays``, ``iter_spans``,
+    ``iter_tables``, ``iter_bad_pointers``, ``free_empty_tables``,
+    ``destroy``; and through those ptdump, zap, mprotect, pagemap, smaps, the
+    audit, rmap, khugepaged and KSM. Single addresses go down with the
+    ``pgd_offset`` ... ``pte_offset`` helpers (``get_pte``, ``set_pte``,
+    ``walk``), which read only the entries on the way.
 
 Rules it keeps
-    - Bit positions as in Linux ``arch/x86/include/asm/pgtable_types.h``
-      (``_PAGE_BIT_PRESENT`` 0 ... ``_PAGE_BIT_NX`` 63), declared once in
-      ``PteFlags`` and used by the tables, ``ptdump`` and the tools.
     - Intermediate entries are ``_PAGE_TABLE`` (PRESENT|RW|USER|ACCESSED|DIRTY)
       and never carry KeyID bits: page-table pages are KeyID-0 pages.
     - An entry is *none* when it is 0 (``pte_none``). A PUD/PMD entry is a table
@@ -38,9 +36,10 @@ Rules it keeps
       there is a leaf (present or not, e.g. a PROT_NONE huge page).
     - Hot paths cost only the platform accesses a page walk needs: ``get_pte``
       4 loads of 8 bytes; ``set_pte`` 3 loads + 1 store once the tables exist;
-      ``clear_pte`` 4 loads + 1 store. Scans (``iter_present``, ``iter_spans``,
-      ``free_empty_tables``) read each table page with one 4 KiB load and find
-      the non-empty entries with numpy, with no Python work per empty entry.
+      ``clear_pte`` 4 loads + 1 store. The walker reads each table page it
+      visits with one 4 KiB load and finds the non-empty entries with numpy,
+      with no Python work per empty entry; it loads a PTE table only when a
+      callback wants PTEs, holes or emptiness.
 
 What it leaves out
     5-level paging (LA57), the kernel half and PTI's user/kernel PGD pair (the
@@ -55,132 +54,53 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from enum import IntEnum, IntFlag
+from dataclasses import dataclass
 from typing import NamedTuple, NoReturn, Protocol
 
 import numpy as np
 
 from mktme_sandbox.errors import fail
+from mktme_sandbox.kernel.pgtable_types import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGE_TABLE,
+    PTRS_PER_TABLE,
+    SIZE_2M,
+    SIZE_4K,
+    USER_END,
+    WALK_LEVELS,
+    Level,
+    PteFlags,
+    PteLayout,
+)
 
 __all__ = [
-    "PAGE_COPY",
-    "PAGE_COPY_EXEC",
-    "PAGE_KERNEL",
-    "PAGE_KERNEL_LARGE",
-    "PAGE_NONE",
-    "PAGE_READONLY",
-    "PAGE_READONLY_EXEC",
-    "PAGE_SHARED",
-    "PAGE_SHARED_EXEC",
-    "PAGE_SHIFT",
-    "PAGE_SIZE",
-    "PAGE_TABLE",
-    "PHYSICAL_MASK_SHIFT",
-    "PTRS_PER_TABLE",
-    "SIZE_1G",
-    "SIZE_2M",
-    "SIZE_4K",
-    "USER_END",
     "Leaf",
     "LeafArrays",
-    "Level",
     "Lookup",
+    "MmWalkOps",
     "PageTables",
     "PhysMem",
-    "PteFlags",
-    "PteLayout",
+    "PteTable",
     "Span",
+    "TableRef",
     "WalkStep",
+    "p4d_offset",
+    "pgd_offset",
+    "pmd_offset",
+    "pte_offset",
+    "pud_offset",
 ]
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-PTRS_PER_TABLE = 512
-SIZE_4K = 1 << 12
-SIZE_2M = 1 << 21
-SIZE_1G = 1 << 30
-USER_END = 1 << 47
-"""End (exclusive) of the user half: the last user address is 0x00007fffffffffff."""
-PHYSICAL_MASK_SHIFT = 52
-"""Linux ``__PHYSICAL_MASK_SHIFT`` on x86-64: the architectural limit of the address field."""
-
 _U64 = (1 << 64) - 1
-
-
-class PteFlags(IntFlag):
-    """Bits of a page-table entry, ``arch/x86/include/asm/pgtable_types.h``.
-
-    Aliases, as in Linux: PAT is bit 7 on 4 KiB PTEs where PSE is bit 7 of a
-    PMD/PUD; PROTNONE is GLOBAL on an entry whose PRESENT bit is clear (a
-    PROT_NONE mapping); PAT_LARGE (bit 12) is PAT on 2M/1G leaves, where bit 12
-    is not part of the frame number. SPECIAL (``_PAGE_BIT_SOFTW1``) marks a pte
-    with no struct page behind it in the sandbox's sense: Linux sets it with
-    ``pte_mkspecial()`` when it maps the shared zero page (``vm_normal_page``
-    then skips it). SOFT_DIRTY is ``_PAGE_BIT_SOFTW3``.
-    """
-
-    PRESENT = 1 << 0
-    RW = 1 << 1
-    USER = 1 << 2
-    PWT = 1 << 3
-    PCD = 1 << 4
-    ACCESSED = 1 << 5
-    DIRTY = 1 << 6
-    PSE = 1 << 7
-    PAT = 1 << 7
-    GLOBAL = 1 << 8
-    PROTNONE = 1 << 8
-    SPECIAL = 1 << 9
-    SOFT_DIRTY = 1 << 11
-    PAT_LARGE = 1 << 12
-    NX = 1 << 63
-
-
-_P = PteFlags
-PAGE_TABLE = _P.PRESENT | _P.RW | _P.USER | _P.ACCESSED | _P.DIRTY
-"""Linux ``_PAGE_TABLE``: the flags of every intermediate entry."""
-# The protections of pgtable_types.h (x86-64, NX supported).
-PAGE_NONE = _P.PROTNONE | _P.ACCESSED
-PAGE_SHARED = _P.PRESENT | _P.RW | _P.USER | _P.ACCESSED | _P.NX
-PAGE_SHARED_EXEC = _P.PRESENT | _P.RW | _P.USER | _P.ACCESSED
-PAGE_COPY = _P.PRESENT | _P.USER | _P.ACCESSED | _P.NX
-PAGE_COPY_EXEC = _P.PRESENT | _P.USER | _P.ACCESSED
-PAGE_READONLY = _P.PRESENT | _P.USER | _P.ACCESSED | _P.NX
-PAGE_READONLY_EXEC = _P.PRESENT | _P.USER | _P.ACCESSED
-PAGE_KERNEL = _P.PRESENT | _P.RW | _P.DIRTY | _P.ACCESSED | _P.GLOBAL | _P.NX
-PAGE_KERNEL_LARGE = PAGE_KERNEL | _P.PSE
-
-_CHG_FLAGS = int(_P.PCD | _P.PWT | _P.SPECIAL | _P.ACCESSED | _P.DIRTY | _P.SOFT_DIRTY)
 _TABLE = int(PAGE_TABLE)
-_PRESENT = int(_P.PRESENT)
-_PSE = int(_P.PSE)
+_PRESENT = int(PteFlags.PRESENT)
+_PSE = int(PteFlags.PSE)
 _PRESENT_PSE = _PRESENT | _PSE
-_PAT = int(_P.PAT)
-_PAT_LARGE = int(_P.PAT_LARGE)
-
-
-class Level(IntEnum):
-    """Page-table levels, numbered as ``level_name[]`` of arch/x86/mm/dump_pagetables.c.
-
-    P4D is folded with 4-level paging: no entry of the sandbox is at that level.
-    """
-
-    PGD = 1
-    P4D = 2
-    PUD = 3
-    PMD = 4
-    PTE = 5
-
-    @property
-    def shift(self) -> int:
-        """log2 of the bytes one entry of this level maps (PGD 39 ... PTE 12)."""
-        return _LEVEL_SHIFT[self]
-
-
-_LEVEL_SHIFT = {Level.PGD: 39, Level.P4D: 39, Level.PUD: 30, Level.PMD: 21, Level.PTE: 12}
-_SHIFT_LEVEL = {39: Level.PGD, 30: Level.PUD, 21: Level.PMD, 12: Level.PTE}
-_LEAF_LEVEL = {SIZE_4K: Level.PTE, SIZE_2M: Level.PMD, SIZE_1G: Level.PUD}
+_PAT = int(PteFlags.PAT)
+_PAT_LARGE = int(PteFlags.PAT_LARGE)
+_TREE_END = PTRS_PER_TABLE << Level.PGD.shift
+"""The end of what one PGD maps: whole-tree walks cover the kernel-half slots too."""
 
 
 def _size_name(size: int) -> str:
@@ -191,130 +111,44 @@ def _size_name(size: int) -> str:
     return str(size)
 
 
-@dataclass(frozen=True)
-class PteLayout:
-    """Where the frame number, the KeyID and the flags sit in an entry.
+# --- the entry of an address in a table of each level -----------------------------
 
-    ``keyid_shift = maxphyaddr - keyid_bits``; the KeyID is entry bits
-    ``keyid_shift .. maxphyaddr - 1`` (physical-address bits; the entry's
-    address field keeps each physical-address bit at its own position).
-    ``keyid_bits == 0`` is a kernel without MKTME (never enabled, or disabled
-    after enumeration): as v5's ``mktme_disable()`` leaves it, shift and mask
-    are 0 and ``physical_mask`` is the full ``(1 << 52) - 1``.
-    The derived masks have Linux's names in their docstrings.
-    """
 
-    maxphyaddr: int
-    keyid_bits: int
-    keyid_shift: int = field(init=False)
-    """``mktme_keyid_shift``: the lowest KeyID bit (physical-address bit number)."""
-    keyid_mask: int = field(init=False)
-    """``mktme_keyid_mask``: the KeyID bits, in entry (= physical-address) terms."""
-    physical_mask: int = field(init=False)
-    """``__PHYSICAL_MASK`` after patch 07: the usable physical-address bits."""
-    pfn_mask: int = field(init=False)
-    """``PTE_PFN_MASK``: the frame-number bits of an entry, KeyID excluded."""
-    pfn_mask_max: int = field(init=False)
-    """``PTE_PFN_MASK_MAX`` (patch 09): bits 12..51, frame number and KeyID together."""
-    reserved_mask: int = field(init=False)
-    """Address-field bits at or above MAXPHYADDR: must be 0 (the MMU faults otherwise)."""
+def pgd_offset(cr3: int, va: int) -> int:
+    """Physical address of the PGD entry of ``va`` in the PGD at ``cr3``."""
+    return cr3 + 8 * Level.PGD.index(va)
 
-    def __post_init__(self) -> None:
-        if not 32 <= self.maxphyaddr <= PHYSICAL_MASK_SHIFT:
-            raise ValueError(f"maxphyaddr must be 32..52, not {self.maxphyaddr}")
-        if not 0 <= self.keyid_bits < self.maxphyaddr - PAGE_SHIFT:
-            raise ValueError(
-                f"keyid_bits must leave frame-number bits below maxphyaddr "
-                f"{self.maxphyaddr}, not {self.keyid_bits}"
-            )
-        shift = self.maxphyaddr - self.keyid_bits if self.keyid_bits else 0
-        physical_bits = shift or PHYSICAL_MASK_SHIFT
-        derived = {
-            "keyid_shift": shift,
-            "keyid_mask": ((1 << self.keyid_bits) - 1) << shift,
-            "physical_mask": (1 << physical_bits) - 1,
-            "pfn_mask": ((1 << physical_bits) - 1) & ~(PAGE_SIZE - 1),
-            "pfn_mask_max": ((1 << PHYSICAL_MASK_SHIFT) - 1) & ~(PAGE_SIZE - 1),
-            "reserved_mask": ((1 << PHYSICAL_MASK_SHIFT) - 1) & ~((1 << self.maxphyaddr) - 1),
-        }
-        for name, value in derived.items():
-            object.__setattr__(self, name, value)
 
-    @property
-    def max_keyid(self) -> int:
-        """The largest KeyID the entry can hold: ``2**keyid_bits - 1``."""
-        return (1 << self.keyid_bits) - 1
+def p4d_offset(pgd: int, va: int) -> int:
+    """The P4D entry: with 4-level paging the P4D is folded, it is the PGD entry."""
+    return pgd
 
-    def chg_mask(self, preserve_keyid: bool = True) -> int:
-        """``_PAGE_CHG_MASK``: the bits ``pte_modify()`` keeps from the old entry.
 
-        With ``preserve_keyid`` (patch 09) it is built on ``PTE_PFN_MASK_MAX`` and
-        covers the KeyID; without, on ``PTE_PFN_MASK`` as before the patch.
-        """
-        return (self.pfn_mask_max if preserve_keyid else self.pfn_mask) | _CHG_FLAGS
+def pud_offset(table: int, va: int) -> int:
+    """Physical address of the PUD entry of ``va`` in the PUD table at ``table``."""
+    return table + 8 * Level.PUD.index(va)
 
-    def make_pte(self, pfn: int, keyid: int, flags: int) -> int:
-        """``pfn_pte()`` with a KeyID: ``(pfn | keyid << (keyid_shift - 12)) << 12 | flags``.
 
-        For a 2M/1G leaf pass the head pfn (aligned) and PSE in ``flags``.
-        """
-        if not 0 <= pfn <= (self.physical_mask & ~self.reserved_mask) >> PAGE_SHIFT:
-            fail(errno.EINVAL, f"pfn {pfn:#x} does not fit below the KeyID bits")
-        if not 0 <= keyid <= self.max_keyid:
-            fail(errno.EINVAL, f"KeyID {keyid} does not fit in {self.keyid_bits} KeyID bits")
-        flags = int(flags)
-        if flags & self.pfn_mask_max & ~_PAT_LARGE or not 0 <= flags <= _U64:
-            fail(errno.EINVAL, f"flags {flags:#x} overlap the address field")
-        return pfn << PAGE_SHIFT | keyid << self.keyid_shift | flags
+def pmd_offset(table: int, va: int) -> int:
+    return table + 8 * Level.PMD.index(va)
 
-    def pte_pfn(self, pte: int, size: int = SIZE_4K) -> int:
-        """``pte_pfn()``/``pmd_pfn()`` after patch 07: the frame number, KeyID bits masked out.
 
-        This is what /proc/PID/pagemap reports in bits 0-54
-        (Documentation/admin-guide/mm/pagemap.rst): never the KeyID.
-        """
-        return (pte & self.pfn_mask & -size) >> PAGE_SHIFT
+def pte_offset(table: int, va: int) -> int:
+    return table + 8 * Level.PTE.index(va)
 
-    def pte_keyid(self, pte: int) -> int:
-        """The KeyID of an entry (or of a pgprot value carrying one, as ``vma_keyid()``)."""
-        return (pte & self.keyid_mask) >> self.keyid_shift
 
-    def pte_flags(self, pte: int, size: int = SIZE_4K) -> PteFlags:
-        """The flag bits: everything outside bits 12..51 (and bit 12 on a 2M/1G leaf).
-
-        Linux's ``pte_flags()`` after patch 07 also returns the KeyID bits (its
-        ``PTE_FLAGS_MASK`` is ``~PTE_PFN_MASK``); here the KeyID has its own
-        accessor, so ``make_pte(pte_pfn(p), pte_keyid(p), pte_flags(p)) == p``.
-        """
-        return PteFlags(pte & ~(self.pfn_mask_max & -size) & _U64)
-
-    def keyid_prot(self, keyid: int) -> int:
-        """The KeyID bits of a pgprot value, as an encrypted VMA's ``vm_page_prot`` holds them."""
-        if not 0 <= keyid <= self.max_keyid:
-            fail(errno.EINVAL, f"KeyID {keyid} does not fit in {self.keyid_bits} KeyID bits")
-        return keyid << self.keyid_shift
-
-    def pte_modify(
-        self, pte: int, newprot: int, preserve_keyid: bool = True, size: int = SIZE_4K
-    ) -> int:
-        """``pte_modify()`` (``pmd_modify()`` with ``size`` 2M/1G, which also keeps PSE).
-
-        Keeps the ``_PAGE_CHG_MASK`` bits of ``pte`` (frame number, PCD, PWT,
-        SPECIAL, ACCESSED, DIRTY, SOFT_DIRTY, and with ``preserve_keyid`` the
-        KeyID) and takes every other bit from ``newprot``.
-        """
-        chg = self.chg_mask(preserve_keyid) | (_PSE if size != SIZE_4K else 0)
-        return (pte & chg) | (int(newprot) & ~chg & _U64)
-
-    def pgprot_modify(self, oldprot: int, newprot: int, preserve_keyid: bool = True) -> int:
-        """``pgprot_modify()``: how mprotect recomputes ``vm_page_prot``.
-
-        Without ``preserve_keyid`` the KeyID of ``oldprot`` is lost, the bug
-        patch 09 fixes ("they are going to be stripped from vm_page_prot on the
-        first pgprot_modify()").
-        """
-        chg = self.chg_mask(preserve_keyid)
-        return (int(oldprot) & chg) | (int(newprot) & ~chg & _U64)
+_OFFSET = {
+    Level.PGD: pgd_offset,
+    Level.PUD: pud_offset,
+    Level.PMD: pmd_offset,
+    Level.PTE: pte_offset,
+}
+# The hot single-address descents (get_pte, _entry_pa) inline the offsets:
+# (va >> (shift - 3)) & 0xFF8 is 8 * index, for each level below the PGD, with
+# the bytes a leaf of that level maps.
+_DESCENT = tuple((level.shift - 3, level.size) for level in WALK_LEVELS[1:])
+_PGD_OFFSET_SHIFT = Level.PGD.shift - 3
+_FROM = int.from_bytes
 
 
 class PhysMem(Protocol):
@@ -337,7 +171,7 @@ class Lookup(NamedTuple):
 
     @property
     def level(self) -> Level:
-        return _LEAF_LEVEL[self.size]
+        return Level.of_leaf_size(self.size)
 
 
 class Leaf(NamedTuple):
@@ -382,11 +216,73 @@ class WalkStep:
         return self.entry_pa - 8 * self.index
 
 
-_WALK_LEVELS = ((Level.PGD, 39), (Level.PUD, 30), (Level.PMD, 21), (Level.PTE, 12))
-# (va >> s) & 0xFF8 is the byte offset of the entry (index * 8) in the table of
-# the level below the one whose leaf maps `size` bytes.
-_DESCENT = ((27, SIZE_1G), (18, SIZE_2M), (9, SIZE_4K))
-_FROM = int.from_bytes
+class PteTable(NamedTuple):
+    """One PTE table as ``walk_page_range`` hands it to ``MmWalkOps.pte_table``:
+    its non-empty entries inside the walked range, as arrays."""
+
+    pa: int
+    """Physical address of the table page."""
+    base: int
+    """The address its entry 0 maps."""
+    indices: np.ndarray
+    """The entries' indices (int64, ascending)."""
+    pte: np.ndarray
+    """Their values (uint64)."""
+
+    @property
+    def va(self) -> np.ndarray:
+        """The address each entry maps (uint64)."""
+        return (self.indices.astype(np.uint64) << np.uint64(PAGE_SHIFT)) + np.uint64(self.base)
+
+
+class TableRef(NamedTuple):
+    """A table page met by ``walk_page_range``."""
+
+    level: Level
+    """The level of its entries (a PUD table's entries are PUD entries)."""
+    pa: int
+    """Physical address of the table page."""
+    base: int
+    """The address its entry 0 maps."""
+    entry_pa: int
+    """Physical address of the entry that points to it (-1 for the PGD)."""
+
+
+@dataclass(frozen=True)
+class MmWalkOps:
+    """The callbacks of one walk (Linux's ``struct mm_walk_ops``); each may be None.
+
+    Addresses are virtual, entries are values, levels are ``Level``.
+    """
+
+    pte_table: Callable[[PteTable], None] | None = None
+    """Every PTE table under the range that has non-empty entries in it, once,
+    with those entries as arrays: the bulk path, no Python work per entry."""
+    pte_entry: Callable[[int, int], None] | None = None
+    """``(va, pte)`` for each non-empty PTE in the range, in address order."""
+    huge_entry: Callable[[int, Level, int], None] | None = None
+    """``(va, level, entry)`` for each non-empty entry above the PTE level that
+    is not a table pointer: a 2M/1G leaf, present or not (Linux's
+    ``pmd_entry``/``pud_entry`` on a huge entry)."""
+    pte_hole: Callable[[int, int, Level], None] | None = None
+    """``(start, end, level)`` for each run of empty entries in the range, at
+    the level of the table it is in."""
+    pre_table: Callable[[TableRef], None] | None = None
+    """A table below the PGD, before the walk enters it."""
+    post_table: Callable[[TableRef, bool], bool] | None = None
+    """A table below the PGD after its entries in the range, with whether the
+    whole table is now empty; returns True when it cleared the entry that
+    points to the table (the parent then counts one entry fewer)."""
+    bad_entry: Callable[[int, Level, int], None] | None = None
+    """``(va, level, entry)`` for an entry that points to a table (PRESENT, no
+    PSE) but not to a page-table page: the walk never follows it."""
+
+    @property
+    def wants_pte_tables(self) -> bool:
+        """Whether PTE tables must be read at all."""
+        return any(
+            f is not None for f in (self.pte_table, self.pte_entry, self.pte_hole, self.post_table)
+        )
 
 
 class PageTables:
@@ -429,7 +325,7 @@ class PageTables:
 
     def destroy(self, cr3: int) -> int:
         """Free every table of the address space, the PGD last; returns the count."""
-        return self._free_tree(cr3, 39)
+        return self._free_tree(TableRef(Level.PGD, cr3, 0, -1))
 
     # -- one entry ------------------------------------------------------------
 
@@ -443,7 +339,7 @@ class PageTables:
         if not 0 <= va < USER_END:
             self._bad_va("get_pte", va)
         load, amask = self._load, self._amask
-        e = _FROM(load(cr3 + ((va >> 36) & 0xFF8), 8), "little")
+        e = _FROM(load(cr3 + ((va >> _PGD_OFFSET_SHIFT) & 0xFF8), 8), "little")
         if not e & _PRESENT:
             return None
         for shift, size in _DESCENT:
@@ -464,7 +360,7 @@ class PageTables:
         and freed, with any tables under it. A 4K/2M entry inside a bigger
         leaf is refused (EINVAL): split it first.
         """
-        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_LEVEL:
+        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_SIZES:
             self._bad_leaf("set_pte", va, size)
         if not 0 <= pte <= _U64 or pte & self._reserved:
             fail(errno.EINVAL, f"set_pte: {pte:#x} sets reserved bits")
@@ -478,12 +374,12 @@ class PageTables:
         self._store(pa, pte.to_bytes(8, "little"))
         if old & _PRESENT_PSE == _PRESENT and self._is_table_page(old & self._amask):
             # collapse: the table below goes
-            self._free_tree(old & self._amask, size.bit_length() - 1 - 9)
+            self._free_tree(TableRef(Level.of_leaf_size(size).next, old & self._amask, va, pa))
 
     def alloc_tables(self, cr3: int, va: int, size: int = SIZE_4K) -> None:
         """Allocate the tables a ``size`` leaf at ``va`` needs (``pud_alloc``,
         ``pmd_alloc``, ``pte_alloc``); a fault does this before it takes a page."""
-        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_LEVEL:
+        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_SIZES:
             self._bad_leaf("alloc_tables", va, size)
         self._entry_pa(cr3, va, size, True, "alloc_tables")
 
@@ -494,7 +390,7 @@ class PageTables:
         ``free_empty_tables``. Clearing a 2M/1G entry that points to a table,
         or a 4K entry inside a huge leaf, is refused (EINVAL).
         """
-        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_LEVEL:
+        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_SIZES:
             self._bad_leaf("clear_pte", va, size)
         pa = self._entry_pa(cr3, va, size, False, "clear_pte")
         if pa < 0:
@@ -537,17 +433,102 @@ class PageTables:
             self._bad_va("walk", va)
         steps = []
         table = cr3
-        for level, shift in _WALK_LEVELS:
-            index = (va >> shift) & 511
-            pa = table + 8 * index
+        for level in WALK_LEVELS:
+            pa = _OFFSET[level](table, va)
             e = _FROM(self._load(pa, 8), "little")
-            steps.append(WalkStep(level, index, pa, e))
+            steps.append(WalkStep(level, level.index(va), pa, e))
             if e & _PRESENT_PSE != _PRESENT or level == Level.PTE:
                 break
             table = e & self._amask
         return steps
 
-    # -- ranges ---------------------------------------------------------------
+    # -- ranges: the one walker and the scans made of it ------------------------
+
+    def walk_page_range(self, cr3: int, start: int, end: int, ops: MmWalkOps) -> None:
+        """Walk the tables of ``cr3`` under ``[start, end)``, calling ``ops``
+        (``walk_page_range()`` of mm/pagewalk.c)."""
+        self._check_range("walk_page_range", start, end)
+        self._walk(cr3, start, end, ops)
+
+    def _walk(self, cr3: int, start: int, end: int, ops: MmWalkOps) -> None:
+        """``walk_page_range`` without the range check: whole-tree walks pass
+        ``_TREE_END`` and meet the PGD's kernel-half slots too."""
+        self._walk_table(TableRef(Level.PGD, cr3, 0, -1), start, end, ops, {cr3})
+
+    def _walk_table(
+        self, table: TableRef, start: int, end: int, ops: MmWalkOps, seen: set[int]
+    ) -> int:
+        """Visit the entries of ``table`` overlapping ``[start, end)``; return
+        how many entries of the whole table are non-empty afterwards (counted
+        only for ``post_table``).
+
+        ``seen``: tables rewritten through ``keyids/0/mem`` may point back up or
+        twice at one table; a table already walked is skipped, so a walk ends.
+        """
+        level, base = table.level, table.base
+        shift = level.shift
+        if level == Level.PTE and not ops.wants_pte_tables:
+            return 0
+        entries = np.frombuffer(self._load(table.pa, PAGE_SIZE), "<u8")
+        left = int(np.count_nonzero(entries)) if ops.post_table is not None else 0
+        lo = max(0, (start - base) >> shift)
+        hi = min(PTRS_PER_TABLE, (end - base + (1 << shift) - 1) >> shift)
+        if lo >= hi:
+            return left
+        nonzero = np.flatnonzero(entries[lo:hi])
+        indices, values = nonzero + lo, entries[lo:hi][nonzero].astype(np.uint64)
+        if level == Level.PTE and ops.pte_table is not None and len(indices):
+            ops.pte_table(PteTable(table.pa, base, indices, values))
+        if level == Level.PTE and ops.pte_entry is None and ops.pte_hole is None:
+            return left
+        size, hole = 1 << shift, ops.pte_hole
+        cursor = max(start, base)
+        for i, e in zip(indices.tolist(), values.tolist(), strict=True):
+            va = base + (i << shift)
+            if hole is not None and va > cursor:
+                hole(cursor, va, level)
+            cursor = va + size
+            if level == Level.PTE:
+                if ops.pte_entry is not None:
+                    ops.pte_entry(va, e)
+            elif e & _PRESENT_PSE != _PRESENT:
+                if ops.huge_entry is not None:
+                    ops.huge_entry(va, level, e)
+            else:
+                left -= self._walk_child(table, i, e, va, start, end, ops, seen)
+        stop = min(end, base + (PTRS_PER_TABLE << shift))
+        if hole is not None and stop > cursor:
+            hole(cursor, stop, level)
+        return left
+
+    def _walk_child(
+        self,
+        table: TableRef,
+        i: int,
+        e: int,
+        va: int,
+        start: int,
+        end: int,
+        ops: MmWalkOps,
+        seen: set[int],
+    ) -> int:
+        """Walk the table entry ``i`` of ``table`` points to; 1 when
+        ``post_table`` unlinked it, else 0."""
+        child_pa = e & self._amask
+        if not self._is_table_page(child_pa):
+            if ops.bad_entry is not None:
+                ops.bad_entry(va, table.level, e)
+            return 0
+        if child_pa in seen:
+            return 0
+        seen.add(child_pa)
+        child = TableRef(table.level.next, child_pa, va, table.pa + 8 * i)
+        if ops.pre_table is not None:
+            ops.pre_table(child)
+        left = self._walk_table(child, start, end, ops, seen)
+        if ops.post_table is not None and ops.post_table(child, left == 0):
+            return 1
+        return 0
 
     def iter_present(self, cr3: int, start: int = 0, end: int = USER_END) -> Iterator[Leaf]:
         """Every non-empty leaf overlapping ``[start, end)``, ascending by address.
@@ -557,13 +538,18 @@ class PageTables:
         A huge leaf that starts below ``start`` is yielded with its own address.
         """
         self._check_range("iter_present", start, end)
-        return self._leaves(cr3, 39, 0, start, end, {cr3})
+        return self._leaves(cr3, start, end)
+
+    def _leaves(self, cr3: int, start: int, end: int) -> Iterator[Leaf]:
+        for vas, size, ptes in self._leaf_chunks(cr3, start, end):
+            for va, pte in zip(vas.tolist(), ptes.tolist(), strict=True):
+                yield Leaf(va, size, pte)
 
     def leaf_arrays(self, cr3: int, start: int = 0, end: int = USER_END) -> LeafArrays:
         """``iter_present`` as arrays: one numpy array per PTE table, no Python
         work per entry (the audit and the reverse map count whole spaces)."""
         self._check_range("leaf_arrays", start, end)
-        chunks = list(self._leaf_chunks(cr3, 39, 0, start, end, {cr3}))
+        chunks = self._leaf_chunks(cr3, start, end)
         if not chunks:
             empty = np.zeros(0, dtype=np.uint64)
             return LeafArrays(empty, empty, empty)
@@ -573,6 +559,23 @@ class PageTables:
             np.concatenate([pte for _, _, pte in chunks]),
         )
 
+    def _leaf_chunks(
+        self, cr3: int, start: int, end: int
+    ) -> list[tuple[np.ndarray, int, np.ndarray]]:
+        """The leaves in address order: a whole PTE table as one chunk of
+        (addresses, size, values), a huge leaf as a chunk of one."""
+        chunks: list[tuple[np.ndarray, int, np.ndarray]] = []
+
+        def huge(va: int, level: Level, e: int) -> None:
+            one = np.array([va], dtype=np.uint64), level.size, np.array([e], dtype=np.uint64)
+            chunks.append(one)
+
+        def ptes(table: PteTable) -> None:
+            chunks.append((table.va, SIZE_4K, table.pte))
+
+        self._walk(cr3, start, end, MmWalkOps(pte_table=ptes, huge_entry=huge))
+        return chunks
+
     def iter_spans(self, cr3: int, start: int = 0, end: int = USER_END) -> Iterator[Span]:
         """``[start, end)`` cut into leaves and runs of empty entries, each with its level.
 
@@ -581,18 +584,33 @@ class PageTables:
         which is how arch/x86/mm/dump_pagetables.c reports holes.
         """
         self._check_range("iter_spans", start, end)
-        return self._spans(cr3, 39, 0, start, end, {cr3})
+        spans: list[Span] = []
+        ops = MmWalkOps(
+            pte_entry=lambda va, e: spans.append(Span(va, SIZE_4K, Level.PTE, e)),
+            huge_entry=lambda va, level, e: spans.append(Span(va, level.size, level, e)),
+            pte_hole=lambda lo, hi, level: spans.append(Span(lo, hi - lo, level, 0)),
+        )
+        self._walk(cr3, start, end, ops)
+        return iter(spans)
 
     def iter_tables(self, cr3: int) -> Iterator[int]:
         """The physical address of every table page of the address space, PGD first."""
-        yield cr3
-        yield from self._subtables(cr3, 39, {cr3})
+        return iter([cr3, *(t.pa for t in self._subtables(cr3))])
+
+    def _subtables(self, cr3: int) -> list[TableRef]:
+        """The tables under the PGD ``cr3``, each before the tables under it."""
+        tables: list[TableRef] = []
+        self._walk(cr3, 0, _TREE_END, MmWalkOps(pre_table=tables.append))
+        return tables
 
     def iter_bad_pointers(self, cr3: int) -> Iterator[Span]:
         """Every PGD, PUD or PMD entry that points to a table (PRESENT, no PSE)
         but not to a page-table page (``is_table``): what the walks skip. Each
         is a ``Span`` of the entry's level, address and value."""
-        return self._bad_pointers(cr3, 39, 0, {cr3})
+        bad: list[Span] = []
+        ops = MmWalkOps(bad_entry=lambda va, level, e: bad.append(Span(va, level.size, level, e)))
+        self._walk(cr3, 0, _TREE_END, ops)
+        return iter(bad)
 
     def free_empty_tables(self, cr3: int, start: int = 0, end: int = USER_END) -> int:
         """Free the table pages under ``[start, end)`` that map nothing (``free_pgtables``).
@@ -602,7 +620,15 @@ class PageTables:
         """
         self._check_range("free_empty_tables", start, end)
         freed: list[int] = []
-        self._prune(cr3, 39, 0, start, end, freed, {cr3})
+
+        def unlink_if_empty(table: TableRef, empty: bool) -> bool:
+            if empty:
+                self._store(table.entry_pa, bytes(8))
+                self._release(table.pa)
+                freed.append(table.pa)
+            return empty
+
+        self._walk(cr3, start, end, MmWalkOps(post_table=unlink_if_empty))
         return len(freed)
 
     # -- internals ------------------------------------------------------------
@@ -621,7 +647,7 @@ class PageTables:
     def _entry_pa(self, cr3: int, va: int, size: int, alloc: bool, op: str) -> int:
         """Physical address of the entry for a ``size`` leaf at ``va``; -1 if a table is missing."""
         load, amask = self._load, self._amask
-        pa = cr3 + ((va >> 36) & 0xFF8)
+        pa = cr3 + ((va >> _PGD_OFFSET_SHIFT) & 0xFF8)
         for shift, entry_size in _DESCENT:
             e = _FROM(load(pa, 8), "little")
             if e & _PRESENT_PSE != _PRESENT:  # not a table pointer
@@ -639,155 +665,19 @@ class PageTables:
                 return pa
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _entries(
-        self, table: int, shift: int, base: int, start: int, end: int
-    ) -> tuple[list[int], list[int]]:
-        """Indices and values of the non-empty entries of ``table`` overlapping ``[start, end)``.
-
-        ``table`` maps ``[base, base + 512 << shift)``; one 4 KiB load.
-        """
-        indices, values = self._entry_array(table, shift, base, start, end)
-        return indices.tolist(), values.tolist()
-
-    def _entry_array(
-        self, table: int, shift: int, base: int, start: int, end: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``_entries`` as numpy arrays (int64 indices, uint64 values)."""
-        lo = max(0, (start - base) >> shift)
-        hi = min(PTRS_PER_TABLE, (end - base + (1 << shift) - 1) >> shift)
-        if lo >= hi:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
-        entries = np.frombuffer(self._load(table, PAGE_SIZE), "<u8")[lo:hi]
-        nonzero = np.flatnonzero(entries)
-        return nonzero + lo, entries[nonzero].astype(np.uint64)
-
-    @staticmethod
-    def _is_table(e: int, shift: int) -> bool:
-        """True when ``e``, an entry of a table with ``1 << shift``-byte entries, points to a table."""
-        return shift != PAGE_SHIFT and e & _PRESENT_PSE == _PRESENT
-
-    def _child(self, e: int, shift: int, seen: set[int]) -> int | None:
-        """The table ``e`` points to, once per walk.
-
-        In tables the kernel built every table hangs from exactly one entry;
-        tables rewritten through ``keyids/0/mem`` may point back up or twice at
-        one table, and a walk must still end: a table already seen is skipped.
-        """
-        if not self._is_table(e, shift):
-            return None
-        child = e & self._amask
-        if child in seen or not self._is_table_page(child):
-            return None
-        seen.add(child)
-        return child
-
-    def _leaves(
-        self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
-    ) -> Iterator[Leaf]:
-        for vas, size, ptes in self._leaf_chunks(table, shift, base, start, end, seen):
-            for va, pte in zip(vas.tolist(), ptes.tolist(), strict=False):
-                yield Leaf(va, size, pte)
-
-    def _leaf_chunks(
-        self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
-    ) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
-        """The leaves under ``table`` in address order: a whole PTE table as one
-        chunk of (addresses, size, values), a huge leaf as a chunk of one."""
-        indices, values = self._entry_array(table, shift, base, start, end)
-        if shift == PAGE_SHIFT:
-            if len(indices):
-                yield (
-                    (indices.astype(np.uint64) << np.uint64(PAGE_SHIFT)) + np.uint64(base),
-                    SIZE_4K,
-                    values,
-                )
-            return
-        for i, e in zip(indices.tolist(), values.tolist(), strict=False):
-            va = base + (i << shift)
-            if not self._is_table(e, shift):
-                yield np.array([va], dtype=np.uint64), 1 << shift, np.array([e], dtype=np.uint64)
-                continue
-            child = self._child(e, shift, seen)
-            if child is not None:
-                yield from self._leaf_chunks(child, shift - 9, va, start, end, seen)
-
-    def _bad_pointers(self, table: int, shift: int, base: int, seen: set[int]) -> Iterator[Span]:
-        if shift == PAGE_SHIFT:
-            return
-        indices, values = self._entries(table, shift, base, base, base + (PTRS_PER_TABLE << shift))
-        for i, e in zip(indices, values, strict=False):
-            va = base + (i << shift)
-            if not self._is_table(e, shift):
-                continue
-            if not self._is_table_page(e & self._amask):
-                yield Span(va, 1 << shift, _SHIFT_LEVEL[shift], e)
-                continue
-            child = self._child(e, shift, seen)
-            if child is not None:
-                yield from self._bad_pointers(child, shift - 9, va, seen)
-
-    def _spans(
-        self, table: int, shift: int, base: int, start: int, end: int, seen: set[int]
-    ) -> Iterator[Span]:
-        indices, values = self._entries(table, shift, base, start, end)
-        size, level = 1 << shift, _SHIFT_LEVEL[shift]
-        cursor, stop = max(start, base), min(end, base + (PTRS_PER_TABLE << shift))
-        for i, e in zip(indices, values, strict=False):
-            va = base + (i << shift)
-            if va > cursor:
-                yield Span(cursor, va - cursor, level, 0)
-            if self._is_table(e, shift):
-                child = self._child(e, shift, seen)
-                if child is not None:
-                    yield from self._spans(child, shift - 9, va, start, end, seen)
-            else:
-                yield Span(va, size, level, e)
-            cursor = va + size
-        if stop > cursor:
-            yield Span(cursor, stop - cursor, level, 0)
-
-    def _subtables(self, table: int, shift: int, seen: set[int]) -> Iterator[int]:
-        if shift == 12:
-            return
-        _, values = self._entries(table, shift, 0, 0, PTRS_PER_TABLE << shift)
-        for e in values:
-            child = self._child(e, shift, seen)
-            if child is not None:
-                yield child
-                yield from self._subtables(child, shift - 9, seen)
-
-    def _free_tree(self, table: int, shift: int) -> int:
-        """Free ``table`` (entries of ``1 << shift`` bytes) and every table under it."""
-        children = list(self._subtables(table, shift, {table}))
+    def _free_tree(self, table: TableRef) -> int:
+        """Free ``table`` and every table under it, the lowest first."""
+        children = self._subtables_of(table)
         for child in reversed(children):
-            self._release(child)
-        self._release(table)
+            self._release(child.pa)
+        self._release(table.pa)
         return len(children) + 1
 
-    def _prune(
-        self,
-        table: int,
-        shift: int,
-        base: int,
-        start: int,
-        end: int,
-        freed: list[int],
-        seen: set[int],
-    ) -> bool:
-        """Free the empty tables under ``table`` within the range; True if ``table`` is empty."""
-        indices, values = self._entries(table, shift, base, base, base + (PTRS_PER_TABLE << shift))
-        left = len(values)
-        for i, e in zip(indices, values, strict=False):
-            va = base + (i << shift)
-            if va >= end or va + (1 << shift) <= start:
-                continue
-            child = self._child(e, shift, seen)
-            if child is not None and self._prune(child, shift - 9, va, start, end, freed, seen):
-                self._store(table + 8 * i, bytes(8))
-                self._release(child)
-                freed.append(child)
-                left -= 1
-        return left == 0
+    def _subtables_of(self, table: TableRef) -> list[TableRef]:
+        tables: list[TableRef] = []
+        end = table.base + (PTRS_PER_TABLE << table.level.shift)
+        self._walk_table(table, table.base, end, MmWalkOps(pre_table=tables.append), {table.pa})
+        return tables
 
     @staticmethod
     def _bad_va(op: str, va: int) -> NoReturn:
@@ -795,7 +685,7 @@ class PageTables:
 
     @staticmethod
     def _bad_leaf(op: str, va: int, size: int) -> NoReturn:
-        if size not in _LEAF_LEVEL:
+        if size not in _LEAF_SIZES:
             fail(errno.EINVAL, f"{op}: {size:#x} is not a page size (4K, 2M or 1G)")
         if not 0 <= va < USER_END:
             PageTables._bad_va(op, va)
@@ -805,3 +695,6 @@ class PageTables:
     def _check_range(op: str, start: int, end: int) -> None:
         if not 0 <= start <= end <= USER_END:
             fail(errno.EINVAL, f"{op}: [{start:#x}, {end:#x}) is not a user range")
+
+
+_LEAF_SIZES = frozenset(level.size for level in WALK_LEVELS[1:])

@@ -24,8 +24,9 @@ import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
-from mktme_sandbox.kernel.page import HPAGE_NR, PG
-from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
+from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.pgtable import MmWalkOps, PteTable
+from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_SIZE, USER_END, Level, PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def _smaps_fields(k: Kernel, mm: MmStruct, vma: Vma) -> str:
     mss = MemSizeStats()
     _account_vma(k, mm, vma, mss)
     lines = [_kb("Size", len(vma)), _kb("KernelPageSize", PAGE_SIZE), _kb("MMUPageSize", PAGE_SIZE)]
-    thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= 2 << 20)
+    thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= HPAGE_SIZE)
     flags = " ".join(m for bit, m in _VMFLAG_MNEMONICS if bit is None or vma.vm_flags & bit)
     return (
         "".join(lines)
@@ -238,14 +239,36 @@ def pagemap(k: Kernel, mm: MmStruct, offset: int, length: int) -> bytes:
     if first >= last:
         return b""
     entries = np.zeros(max(last - first, 0), dtype="<u8")
-    for vpn, value in _pagemap_entries(k, mm, first << 12, last << 12):
-        entries[vpn - first] = value
+    k.pt.walk_page_range(mm.pgd, first << 12, last << 12, _pagemap_ops(k, entries, first))
     skip = offset - first * PAGEMAP_ENTRY
     return entries.tobytes()[skip : skip + length]
 
 
-def _pagemap_entries(k: Kernel, mm: MmStruct, start: int, end: int) -> Iterator[tuple[int, int]]:
-    for va, size, pte in k.pt.iter_present(mm.pgd, start, end):
+def _pagemap_ops(k: Kernel, entries: np.ndarray, first: int) -> MmWalkOps:
+    """pagemap_pmd_range(): a PTE table at once, a huge leaf page by page.
+
+    Every non-empty entry is reported present with its frame (PROT_NONE
+    included); exclusive when it maps a page of this machine, not the zero
+    page, mapped once.
+    """
+    start, end = first << 12, (first + len(entries)) << 12
+    pfn_mask, nr_pages = np.uint64(k.pte_layout.pfn_mask), k.pages.nr_pages
+
+    def pte_table(table: PteTable) -> None:
+        pfn = ((table.pte & pfn_mask) >> np.uint64(12)).astype(np.int64)
+        known = pfn < nr_pages
+        page = np.where(known, pfn, 0)
+        exclusive = (
+            known
+            & ((k.pages.flags_of()[page] & PG.ZERO) == 0)
+            & (k.pages.mapcounts_of()[page] == 1)
+        )
+        value = np.uint64(PM_PRESENT) | (pfn.astype(np.uint64) & np.uint64(PM_PFN_MASK))
+        value[exclusive] |= np.uint64(PM_MMAP_EXCLUSIVE)
+        entries[(table.va >> np.uint64(12)).astype(np.int64) - first] = value
+
+    def huge_entry(va: int, level: Level, pte: int) -> None:
+        size = level.size
         pfn = k.pte_layout.pte_pfn(pte, size)
         page = pte_page(k, pte, size)
         exclusive = (
@@ -253,8 +276,10 @@ def _pagemap_entries(k: Kernel, mm: MmStruct, start: int, end: int) -> Iterator[
         )
         base = PM_PRESENT | (PM_MMAP_EXCLUSIVE if exclusive else 0)
         lo, hi = max(va, start), min(va + size, end)
-        for page in range(lo, hi, PAGE_SIZE):
-            yield page >> 12, base | ((pfn + ((page - va) >> 12)) & PM_PFN_MASK)
+        for addr in range(lo, hi, PAGE_SIZE):
+            entries[(addr >> 12) - first] = base | ((pfn + ((addr - va) >> 12)) & PM_PFN_MASK)
+
+    return MmWalkOps(pte_table=pte_table, huge_entry=huge_entry)
 
 
 # --- kpageflags / page_keyid --------------------------------------------------------

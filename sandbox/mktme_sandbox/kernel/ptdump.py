@@ -43,8 +43,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from mktme_sandbox.kernel.pgtable import USER_END, Level, PageTables, PteFlags, PteLayout, Span
+from mktme_sandbox.kernel.pgtable import PageTables, Span
+from mktme_sandbox.kernel.pgtable_types import USER_END, Level, PteFlags, PteLayout
+
+if TYPE_CHECKING:
+    from mktme_sandbox.kernel.kernel import Kernel
+    from mktme_sandbox.kernel.vma import MmStruct
 
 __all__ = [
     "USER_SPACE",
@@ -55,6 +61,8 @@ __all__ = [
     "format_run",
     "format_size",
     "merge_runs",
+    "ptdump_kernel",
+    "ptdump_mm",
     "ptdump_user",
     "render",
     "runs_from_spans",
@@ -185,3 +193,13 @@ def ptdump_user(pt: PageTables, cr3: int) -> str:
     """The user half of an address space, as /sys/kernel/debug/page_tables/current_user shows it."""
     spans = pt.iter_spans(cr3, 0, USER_END)
     return render([Marker(USER_SPACE), *runs_from_spans(spans, pt.layout)])
+
+
+def ptdump_mm(k: Kernel, mm: MmStruct) -> str:
+    """``pagetables/NAME``: the user half of the space ``mm``."""
+    return ptdump_user(k.pt, mm.pgd)
+
+
+def ptdump_kernel(k: Kernel) -> str:
+    """``pagetables/kernel``: the direct mappings, one per KeyID."""
+    return render(k.directmap.ptdump_items())

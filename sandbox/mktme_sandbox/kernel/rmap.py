@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mktme_sandbox.kernel.page import HPAGE_NR, PG
+from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.pgtable_types import HPAGE_NR
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -63,14 +64,11 @@ def first_foreign_page(k: Kernel, uid: int, first: int, last: int, keyid: int) -
 def _ptes_per_page(k: Kernel, uid: int, lo: int, hi: int) -> np.ndarray:
     """For each PFN in ``lo..hi - 1``: the leaves of ``uid``'s spaces that map it."""
     counts = np.zeros(hi - lo, dtype=np.int64)
-    mask = np.uint64(k.pte_layout.pfn_mask)
     for mm in k.spaces.values():
         if mm.owner != uid:
             continue
         leaves = k.pt.leaf_arrays(mm.pgd)
-        pfn = ((leaves.pte & mask & ~(leaves.size - np.uint64(1))) >> np.uint64(12)).astype(
-            np.int64
-        )
+        pfn = k.pte_layout.pte_pfns(leaves.pte, leaves.size)
         inside = pfn[(pfn >= lo) & (pfn < hi)]
         counts += np.bincount(inside - lo, minlength=hi - lo)
     return counts

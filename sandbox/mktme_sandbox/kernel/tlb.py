@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mktme_sandbox.kernel.pgtable import PAGE_SHIFT, PteLayout
+from mktme_sandbox.kernel.pgtable_types import PAGE_SHIFT, PteLayout
 
 __all__ = ["Tlb", "TlbEntry", "TlbStats", "tlb_entry"]
 

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from enum import IntFlag
 from typing import Any
 
-from mktme_sandbox.kernel.pgtable import PAGE_NONE, PteFlags, PteLayout
+from mktme_sandbox.kernel.pgtable_types import PAGE_NONE, PteFlags, PteLayout
 
-__all__ = ["MMAP_MIN_ADDR", "TASK_SIZE", "VM", "MmStruct", "Vma", "vm_get_page_prot"]
+__all__ = ["MMAP_MIN_ADDR", "VM", "MmStruct", "Vma", "vm_get_page_prot"]
 
-TASK_SIZE = 0x00007FFFFFFFF000  # 4-level paging: 47 bits, last page excluded
 MMAP_MIN_ADDR = 0x10000
 
 
