@@ -90,6 +90,10 @@ class MachineConfig:
     """KeyIDs one unprivileged uid may own; None: half of ``nr_keyids``, rounded up."""
     max_pages_per_uid: int | None = None
     """Pages one unprivileged uid may hold; None: half of physical memory."""
+    swap: int = 16 * MiB
+    """The swap partition's size (0: no swap), its first page the header."""
+    numa_nodes: int = 1
+    """NUMA nodes physical memory is split into, equal ranges of whole 2 MiB blocks."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,6 +134,15 @@ class MachineConfig:
             )
         if self.seed is not None and self.seed < 0:
             problems.append(f"seed must be >= 0, not {self.seed}")
+        if self.swap % PAGE_SIZE or not (self.swap == 0 or 2 * PAGE_SIZE <= self.swap <= 64 * GiB):
+            problems.append(
+                f"swap must be 0 (no swap) or whole pages from 8K to 64G, not {size_text(self.swap)}"
+            )
+        blocks = self.phys_mem // (2 * MiB)
+        if not 1 <= self.numa_nodes <= min(64, max(blocks, 1)):
+            problems.append(
+                f"numa_nodes must be 1..64 and at most one per 2M of phys_mem, not {self.numa_nodes}"
+            )
         for name in ("max_keyids_per_uid", "max_pages_per_uid"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -177,7 +190,7 @@ class MachineConfig:
 
 
 def _normalize(name: str, value: object) -> object:
-    if name in ("phys_mem", "cache_size") and isinstance(value, str):
+    if name in ("phys_mem", "cache_size", "swap") and isinstance(value, str):
         return parse_size(value)
     if name == "algorithms" and isinstance(value, str | tuple | list):
         parts = value.split(",") if isinstance(value, str) else value

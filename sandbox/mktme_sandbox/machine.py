@@ -373,6 +373,33 @@ class Machine:
         return proc.page_keyid(self.kernel, offset, length)
 
     @_locked
+    def read_swap(self, offset: int, length: int) -> bytes:
+        """``swap``: the swap partition's bytes, header page first (a disk, like ``dram``)."""
+        if offset < 0:
+            fail(errno.EINVAL, f"swap offset {offset:#x} is negative")
+        return self.kernel.swap.read(offset, length)
+
+    @property
+    def swap_size(self) -> int:
+        return self.kernel.swap.size
+
+    @_locked
+    def swaps(self) -> str:
+        return proc.swaps(self.kernel)
+
+    @property
+    def swap_encryption(self) -> bool:
+        """Encrypted swap (dm-crypt ``aes-xts-plain64``, the device's own key) for
+        the slots written from now on."""
+        return self.kernel.swap.swap_encryption
+
+    @swap_encryption.setter
+    def swap_encryption(self, on: bool) -> None:
+        with self._lock:
+            self.kernel.swap.swap_encryption = bool(on)
+            self.kernel.log.printk(f"swap: encryption {'on' if on else 'off'} for new slots")
+
+    @_locked
     def check(self) -> list[str]:
         return check.check(self.kernel)
 

@@ -39,6 +39,7 @@ from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.page_alloc import PageAllocator
 from mktme_sandbox.kernel.pgtable import USER_END, PageTables, PteLayout
 from mktme_sandbox.kernel.printk import KernelLog
+from mktme_sandbox.kernel.swapfile import SwapDevice
 from mktme_sandbox.kernel.tlb import Tlb
 from mktme_sandbox.kernel.vma import MmStruct, vma_keyid
 from mktme_sandbox.kernel.vmstat import VmStat
@@ -88,6 +89,11 @@ class Kernel:
             lambda uid: None if self.unlimited(uid) else config.page_limit,
         )
         self.pages = self.alloc.pages
+        self.swap = SwapDevice(config.swap, config.seed)
+        """The swap partition (``swap``), its slots and its dm-crypt key."""
+        self.pinned: set[int] = set()
+        """PFNs a ``get_user_pages()`` in progress holds: reclaim leaves them."""
+        self.alloc.reclaim = self._reclaim
         """struct page and page_ext of every PFN: the only way to a page's state."""
         self.alloc.alloc_page(0, PG.RESERVED, zero=False)  # PFN 0, as on a PC
         self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)
@@ -122,6 +128,11 @@ class Kernel:
     def _is_table_page(self, pa: int) -> bool:
         pfn = pa // PAGE_SIZE
         return self.pages.pfn_valid(pfn) and self.pages.PageTable(pfn)
+
+    def _reclaim(self) -> int:
+        from mktme_sandbox.kernel.vmscan import try_to_free_pages
+
+        return try_to_free_pages(self)
 
     # --- per-uid limits -----------------------------------------------------------
 
@@ -186,6 +197,7 @@ class Kernel:
             "key_owners": list(self.keys.owners().items()),
             "ksm": dataclasses.asdict(self.ksm),
             "khugepaged": dataclasses.asdict(self.khugepaged),
+            "swap": self.swap.export_state(),
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -205,6 +217,7 @@ class Kernel:
         self.keys.set_owners({int(k): int(uid) for k, uid in state["key_owners"]})
         self.ksm = KsmStats(**state["ksm"])
         self.khugepaged = KhugepagedStats(**state["khugepaged"])
+        self.swap.import_state(state["swap"])
 
     # --- KeyIDs ---------------------------------------------------------------
 

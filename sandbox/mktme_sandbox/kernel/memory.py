@@ -21,7 +21,14 @@ step: memory exhausted, or the owner's ``max_pages_per_uid``) frees the
 tables it left empty: it leaves the machine as it found it. Pages are charged
 to the space's owner (``Kernel.charging``).
 
-Left out: swap, file pages, userfaultfd, accessed/dirty bits set by the walker
+Swap (``do_swap_page``): a fault on a swap entry allocates a page for the
+VMA's KeyID (prepared as any allocation), reads the slot into it through that
+KeyID, frees the slot and maps the page, writable at once on a write fault
+(the page is exclusive). Pages an access has translated stay pinned
+(``Kernel.pinned``) until it has copied them, so that reclaim run by a later
+page's fault cannot take them.
+
+Left out: file pages, userfaultfd, the swap cache, accessed/dirty bits set by the walker
 (PTEs are made young, and dirty on a write fault).
 """
 
@@ -34,6 +41,7 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
+from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
@@ -91,6 +99,8 @@ def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) 
     found = k.pt.get_pte(mm.pgd, addr)
     if found is None:
         return do_anonymous_page(k, mm, vma, addr, write)
+    if is_swap_pte(found.pte):
+        return do_swap_page(k, mm, vma, addr, found.pte, write)
     if not found.pte & PteFlags.PRESENT:
         fail(errno.EIO, f"{addr:#x}: the PTE {found.pte:#x} is neither present nor empty")
     if found.size == HPAGE_SIZE:  # do_huge_pmd_wp_page() falls back to splitting
@@ -115,9 +125,24 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
     return _map_new_page(k, mm, vma, page, pfn)
 
 
-def _map_new_page(k: Kernel, mm: MmStruct, vma: Vma, page: int, pfn: int) -> int:
+def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int, write: bool) -> int:
+    """Swap-in: a page for the VMA's KeyID, the slot's data written through it."""
+    offset = swp_offset(pte)
+    if swp_type(pte) != 0 or not k.swap.valid_slot(offset):
+        fail(errno.EIO, f"{addr:#x}: the swap entry {pte:#x} names no slot in use (SIGBUS)")
+    page = addr & ~(PAGE_SIZE - 1)
+    pfn = k.alloc.alloc_page(vma_keyid(vma, k.pte_layout), PG.ANON, zero=False)
+    k.platform.store(pfn * PAGE_SIZE, k.swap.readpage(offset), k.pages.page_keyid(pfn))
+    k.swap.swap_free(offset)
+    k.vmstat.inc("pswpin")
+    return _map_new_page(k, mm, vma, page, pfn, writable=write)
+
+
+def _map_new_page(
+    k: Kernel, mm: MmStruct, vma: Vma, page: int, pfn: int, writable: bool = True
+) -> int:
     pte = pfn_pte(pfn, vma.vm_page_prot)
-    if vma.vm_flags & VM.WRITE:
+    if writable and vma.vm_flags & VM.WRITE:
         pte |= _WRITE_BITS
     k.pages.get_page(pfn)
     k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
@@ -224,14 +249,17 @@ def access_vm(k: Kernel, mm: MmStruct, addr: int, length: int, data: bytes | Non
     done = accessible_prefix(mm, addr, length, write)
     if done < length and (write or not done):
         _refuse(mm, addr + done, write)
-    runs = _physical_runs(k, mm, addr, done, write)
-    if data is None:
-        return b"".join(k.platform.load(pa, n, keyid) for pa, n, keyid in runs)
-    view = memoryview(data)
-    for pa, n, keyid in runs:
-        k.platform.store(pa, view[:n], keyid)
-        view = view[n:]
-    return b""
+    try:
+        runs = _physical_runs(k, mm, addr, done, write)
+        if data is None:
+            return b"".join(k.platform.load(pa, n, keyid) for pa, n, keyid in runs)
+        view = memoryview(data)
+        for pa, n, keyid in runs:
+            k.platform.store(pa, view[:n], keyid)
+            view = view[n:]
+        return b""
+    finally:
+        k.pinned.clear()
 
 
 def _refuse(mm: MmStruct, addr: int, write: bool) -> NoReturn:
@@ -250,6 +278,7 @@ def _physical_runs(
     while addr < end:
         n = min(PAGE_SIZE - (addr & 0xFFF), end - addr)
         pa, keyid = get_user_pages(k, mm, addr, write)
+        k.pinned.add(pa >> 12)
         if runs and runs[-1][2] == keyid and runs[-1][0] + runs[-1][1] == pa:
             runs[-1] = (runs[-1][0], runs[-1][1] + n, keyid)
         else:
@@ -266,6 +295,9 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     split_huge_pmds(k, mm, start, end)
     for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
         k.pt.clear_pte(mm.pgd, va, size)
+        if is_swap_pte(pte):
+            _free_swap_entry(k, mm, va, pte)
+            continue
         pfn = pte_page(k, pte, size)
         if pfn is None or not _mapped_page(k, pfn):
             k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
@@ -273,6 +305,15 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
         k.pages.put_page(pfn)
     k.pt.free_empty_tables(mm.pgd, start, end)
     flush_tlb_range(k, mm, start, end)
+
+
+def _free_swap_entry(k: Kernel, mm: MmStruct, va: int, pte: int) -> None:
+    """``free_swap_and_cache()``; a forged entry is reported, as a bad page map is."""
+    offset = swp_offset(pte)
+    if swp_type(pte) == 0 and k.swap.valid_slot(offset):
+        k.swap.swap_free(offset)
+    else:
+        k.log.printk(f"BUG: Bad swap entry in space {mm.name}: {va:#x} pte:{pte:#018x}")
 
 
 def _mapped_page(k: Kernel, pfn: int) -> bool:

@@ -12,6 +12,8 @@ Rules kept:
   ``pte_modify()``, which with patch 09 ("Preserve KeyID on pte_modify() and
   pgprot_modify()") keeps the KeyID bits; switch
   ``pte_modify_preserve_keyid`` off and they are dropped.
+- ``madvise pageout`` (``MADV_PAGEOUT``) swaps the range's pages out
+  (``kernel/vmscan.py``); mprotect leaves swap entries as they are.
 - ``encrypt_mprotect`` is mprotect plus a KeyID; it discards the pages of the
   range (the data is not preserved, as in the proposed Linux API).
 - After a change, neighbours are merged by ``vma_merge()``, which refuses
@@ -38,6 +40,7 @@ from mktme_sandbox.kernel.memory import (
     zap_page_range,
 )
 from mktme_sandbox.kernel.pgtable import PteFlags
+from mktme_sandbox.kernel.swapfile import is_swap_pte
 from mktme_sandbox.kernel.vma import (
     MMAP_MIN_ADDR,
     TASK_SIZE,
@@ -69,7 +72,7 @@ PROTS: dict[str, VM] = {
     "r-x": VM.READ | VM.EXEC, "rx": VM.READ | VM.EXEC,
     "rwx": VM.READ | VM.WRITE | VM.EXEC,
 }  # fmt: skip
-ADVICE = ("mergeable", "unmergeable", "hugepage", "dontneed")
+ADVICE = ("mergeable", "unmergeable", "hugepage", "dontneed", "pageout")
 _ACCESS = VM.READ | VM.WRITE | VM.EXEC
 
 
@@ -190,6 +193,8 @@ def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> Non
     """change_pte_range(): every present PTE through pte_modify()."""
     base = vm_get_page_prot(vma.vm_flags)
     for va, size, pte in list(k.pt.iter_present(mm.pgd, vma.start, vma.end)):
+        if is_swap_pte(pte):
+            continue  # a swap entry holds no protection: the page gets the VMA's at swap-in
         new = k.pte_layout.pte_modify(pte, base, preserve, size)
         pfn = pte_page(k, pte, size)
         if (
@@ -234,6 +239,11 @@ def do_madvise(k: Kernel, mm: MmStruct, addr: int, length: int, advice: str) -> 
     _check_mapped("madvise", mm, addr, end)
     if advice == "dontneed":
         zap_page_range(k, mm, addr, end)
+        return
+    if advice == "pageout":
+        from mktme_sandbox.kernel.vmscan import madvise_pageout
+
+        madvise_pageout(k, mm, addr, end)
         return
     if advice == "unmergeable":
         from mktme_sandbox.kernel.ksm import unmerge_ksm_pages

@@ -86,6 +86,8 @@ class PageAllocator:
         """Whom the next allocations are charged to (None: the kernel, uncharged)."""
         self._charged = np.zeros(self.nr_pages, dtype=np.int64)  # uid + 1; 0 uncharged
         self.pages_by_uid: dict[int, int] = {}
+        self.reclaim: Callable[[], int] = lambda: 0
+        """Direct reclaim: frees some pages, returns how many (0: none could be)."""
 
     # --- allocation -------------------------------------------------------
 
@@ -131,7 +133,16 @@ class PageAllocator:
             )
 
     def _take(self, keyid: int) -> tuple[int, int]:
-        """Pick a free page: own pool, then KeyID 0's, then the fullest other."""
+        """Pick a free page: own pool, then KeyID 0's, then the fullest other;
+        when none is left, reclaim some (swap) and try again, then ENOMEM."""
+        while True:
+            found = self._take_free(keyid)
+            if found is not None:
+                return found
+            if not self.reclaim():
+                fail(errno.ENOMEM, "physical memory exhausted: no free page left")
+
+    def _take_free(self, keyid: int) -> tuple[int, int] | None:
         for pool_keyid in self._pool_order(keyid):
             pool = self._pools.get(pool_keyid)
             if pool:
@@ -139,7 +150,7 @@ class PageAllocator:
             if pool_keyid == 0 and self._fresh < self.nr_pages:
                 self._fresh += 1
                 return self._fresh - 1, 0
-        fail(errno.ENOMEM, "physical memory exhausted: no free page left")
+        return None
 
     def _pool_order(self, keyid: int) -> list[int]:
         others = sorted(

@@ -7,7 +7,8 @@ anonymous memory, smaps values are right-aligned to column 24 with `` kB``,
 entry (before ``VmFlags``), and ``mm/page_keyid`` (one u64 KeyID per PFN).
 
 pagemap: bits 0-54 PFN (KeyID bits masked out, docs/spec.md section 4), 56 exclusively
-mapped, 63 present. PFNs are shown to every reader: this is a sandbox for
+mapped, 63 present; a swapped page has bit 62 and, in bits 0-4, the swap type
+and, in bits 5-54, the offset. ``swaps`` is /proc/swaps. PFNs are shown to every reader: this is a sandbox for
 looking at physical memory (Linux hides them without CAP_SYS_ADMIN).
 Zero-page and non-present entries follow Linux: the zero page is present with
 its PFN but neither exclusive nor counted in Rss.
@@ -25,6 +26,7 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
+from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
 
 if TYPE_CHECKING:
@@ -35,17 +37,21 @@ __all__ = [
     "PAGEMAP_ENTRY",
     "PM_MMAP_EXCLUSIVE",
     "PM_PRESENT",
+    "PM_SWAP",
     "kpageflags",
     "maps",
     "page_keyid",
     "pagemap",
     "smaps",
+    "swaps",
     "vma_name",
 ]
 
 PAGEMAP_ENTRY = 8
 PM_PFN_MASK = (1 << 55) - 1
 PM_MMAP_EXCLUSIVE = 1 << 56
+PM_SWAP = 1 << 62
+MAX_SWAPFILES_SHIFT = 5
 PM_PRESENT = 1 << 63
 
 
@@ -109,7 +115,7 @@ def _smaps_entry(k: Kernel, mm: MmStruct, vma: Vma) -> str:
         ("Referenced", usage["rss"]), ("Anonymous", usage["rss"]), ("KSM", usage["ksm"]),
         ("LazyFree", 0), ("AnonHugePages", usage["anon_huge"]), ("ShmemPmdMapped", 0),
         ("FilePmdMapped", 0), ("Shared_Hugetlb", 0), ("Private_Hugetlb", 0),
-        ("Swap", 0), ("SwapPss", 0), ("Locked", 0),
+        ("Swap", usage["swap"]), ("SwapPss", usage["swap_pss"]), ("Locked", 0),
     ):  # fmt: skip
         lines.append(f"{name + ':':<16}{kb:>8} kB\n")
     thp = int(bool(vma.vm_flags & VM.HUGEPAGE) and len(vma) >= 2 << 20)
@@ -134,10 +140,16 @@ def _usage(k: Kernel, mm: MmStruct, vma: Vma) -> dict[str, int]:
             "private_dirty",
             "ksm",
             "anon_huge",
+            "swap",
+            "swap_pss",
         ),
         0,
     )
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
+        if is_swap_pte(pte):
+            u["swap"] += 4
+            u["swap_pss"] += 4 // max(k.swap.swap_count(swp_offset(pte)), 1)
+            continue
         pfn = pte_page(k, pte, size)
         if pfn is None or k.pages.is_zero_pfn(pfn):
             continue  # vm_normal_page() is NULL for the zero page and bad frames
@@ -172,6 +184,9 @@ def pagemap(k: Kernel, mm: MmStruct, offset: int, length: int) -> bytes:
 
 def _pagemap_entries(k: Kernel, mm: MmStruct, start: int, end: int) -> Iterator[tuple[int, int]]:
     for va, size, pte in k.pt.iter_present(mm.pgd, start, end):
+        if is_swap_pte(pte):
+            yield va >> 12, PM_SWAP | swp_type(pte) | swp_offset(pte) << MAX_SWAPFILES_SHIFT
+            continue
         pfn = k.pte_layout.pte_pfn(pte, size)
         page = pte_page(k, pte, size)
         exclusive = (
@@ -221,3 +236,17 @@ def page_keyid(k: Kernel, offset: int, length: int) -> bytes:
     first, last, skip = _pfn_window(k, offset, length)
     out = k.pages.keyids_of(first, last).astype("<u8")
     return out.tobytes()[skip : skip + length]
+
+
+# --- swaps ---------------------------------------------------------------------------
+
+
+def swaps(k: Kernel) -> str:
+    """/proc/swaps (``swap_show``): the header, then the device named by its path
+    in the mount, sizes in KiB without the header page, priority -2 (the first
+    device ``swapon`` enables without one)."""
+    lines = ["Filename\t\t\t\tType\t\tSize\tUsed\tPriority\n"]
+    if k.swap.total:
+        size, used = k.swap.total * 4, k.swap.in_use() * 4
+        lines.append(f"{'/swap':<40}partition\t{size}\t{used}\t-2\n")
+    return "".join(lines)

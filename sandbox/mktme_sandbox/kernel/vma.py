@@ -40,6 +40,7 @@ class VM(IntFlag):
     READ = 0x1
     WRITE = 0x2
     EXEC = 0x4
+    LOCKED = 0x2000
     MERGEABLE = 0x80000000
     HUGEPAGE = 0x20000000
     NOHUGEPAGE = 0x40000000
