@@ -32,6 +32,8 @@ from mktme_sandbox import snapshot as snapshots
 from mktme_sandbox.commands import (
     EncryptMprotect,
     Madvise,
+    Mbind,
+    Migrate,
     Mmap,
     Mprotect,
     Munmap,
@@ -44,7 +46,17 @@ from mktme_sandbox.commands import (
 from mktme_sandbox.config import MachineConfig
 from mktme_sandbox.errors import SandboxError, errno_name, fail
 from mktme_sandbox.hw.platform import Platform
-from mktme_sandbox.kernel import check, keyid_map, khugepaged, ksm, memory, mmap, proc, rmap
+from mktme_sandbox.kernel import (
+    check,
+    keyid_map,
+    khugepaged,
+    ksm,
+    memory,
+    migrate,
+    mmap,
+    proc,
+    rmap,
+)
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
 from mktme_sandbox.kernel.ptdump import ptdump_user, render
 from mktme_sandbox.kernel.vma import MmStruct, Vma
@@ -236,6 +248,12 @@ class Machine:
                 mmap.do_encrypt_mprotect(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, uid)
             case Madvise():
                 mmap.do_madvise(k, mm, cmd.addr, cmd.length, cmd.advice)
+            case Mbind():
+                end = mmap.check_mapped_range("mbind", mm, cmd.addr, cmd.length)
+                migrate.do_mbind(k, mm, cmd.addr, end, migrate.parse_nodelist(k, cmd.nodes))
+            case Migrate():
+                end = mmap.check_mapped_range("migrate", mm, cmd.addr, cmd.length)
+                migrate.do_move_pages(k, mm, cmd.addr, end, cmd.node)
             case _:
                 assert_never(cmd)
 
@@ -371,6 +389,15 @@ class Machine:
     @_locked
     def page_keyid(self, offset: int, length: int) -> bytes:
         return proc.page_keyid(self.kernel, offset, length)
+
+    @_locked
+    def numa_maps(self, name: str, uid: int | None = None) -> str:
+        return proc.numa_maps(self.kernel, self._space_for(name, uid))
+
+    @_locked
+    def compact_memory(self) -> int:
+        """``mm/compact_memory``: compact every node; the pages moved."""
+        return migrate.compact_memory(self.kernel)
 
     @_locked
     def read_swap(self, offset: int, length: int) -> bytes:

@@ -116,6 +116,9 @@ class Tree:
             ("mm", "kpageflags"): BlobFile(8 * (m.phys_mem >> 12), m.kpageflags, info),
             ("mm", "page_keyid"): BlobFile(8 * (m.phys_mem >> 12), m.page_keyid, info),
             ("mm", "check"): TextFile(lambda: _lines(m.check()), info),
+            ("mm", "compact_memory"): TextFile(
+                None, fixed(uid, 0o200), _on_word(b"1", m.compact_memory)
+            ),
             ("mm", "keyid_map.svg"): TextFile(m.keyid_map_svg, info),
             ("mm", "snapshot"): TextFile(
                 lambda: f"usage: {SNAPSHOT_USAGE}\n", control, m.snapshot_command
@@ -222,6 +225,7 @@ class Tree:
             "ctl": TextFile(None, access(0o200), partial(m.space_command, name)),
             "maps": TextFile(partial(m.maps, name), access(INFO)),
             "smaps": TextFile(partial(m.smaps, name), access(INFO)),
+            "numa_maps": TextFile(partial(m.numa_maps, name), access(INFO)),
             "mem": BlobFile(
                 USER_SPACE_END,
                 partial(m.read_virt, name),

@@ -53,6 +53,7 @@ MITIGATIONS: dict[str, str] = {
     "khugepaged_keyid_check": "mm/khugepaged: Handle encrypted pages",
     "pte_modify_preserve_keyid": "x86/mm: Preserve KeyID on pte_modify() and pgprot_modify()",
     "flush_on_keyid_change": "x86/mm: Implement prep_encrypted_page() and arch_free_page()",
+    "migrate_keyid": "mm/page_alloc: Handle allocation for encrypted memory",
 }
 RESERVED_SPACE_NAMES = ("kernel",)  # pagetables/kernel shows the direct mappings
 _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -87,6 +88,7 @@ class Kernel:
             self.vmstat,
             lambda: self.mitigations["flush_on_keyid_change"],
             lambda uid: None if self.unlimited(uid) else config.page_limit,
+            config.numa_nodes,
         )
         self.pages = self.alloc.pages
         self.swap = SwapDevice(config.swap, config.seed)

@@ -43,7 +43,7 @@ from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.tlb import tlb_entry
-from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid, vma_policy_nodes
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -121,7 +121,7 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
             k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
             return pte
         k.vmstat.inc("zero_page_refused_encrypted")
-    pfn = k.alloc.alloc_page(keyid, PG.ANON)
+    pfn = k.alloc.alloc_page(keyid, PG.ANON, nodes=vma_policy_nodes(vma))
     return _map_new_page(k, mm, vma, page, pfn)
 
 
@@ -131,7 +131,7 @@ def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int, write: 
     if swp_type(pte) != 0 or not k.swap.valid_slot(offset):
         fail(errno.EIO, f"{addr:#x}: the swap entry {pte:#x} names no slot in use (SIGBUS)")
     page = addr & ~(PAGE_SIZE - 1)
-    pfn = k.alloc.alloc_page(vma_keyid(vma, k.pte_layout), PG.ANON, zero=False)
+    pfn = alloc_page_vma(k, vma, zero=False)
     k.platform.store(pfn * PAGE_SIZE, k.swap.readpage(offset), k.pages.page_keyid(pfn))
     k.swap.swap_free(offset)
     k.vmstat.inc("pswpin")
@@ -163,11 +163,18 @@ def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
         return pte
     k.vmstat.inc("cow_fault")
     zero = k.pages.is_zero_pfn(pfn)
-    new = k.alloc.alloc_page(vma_keyid(vma, k.pte_layout), PG.ANON, zero=zero)
+    new = alloc_page_vma(k, vma, zero=zero)
     if not zero:
         copy_page(k, src=pfn, dst=new)
     k.pages.put_page(pfn)
     return _map_new_page(k, mm, vma, page, new)
+
+
+def alloc_page_vma(k: Kernel, vma: Vma, zero: bool = True) -> int:
+    """``alloc_page_vma()``: a page of the VMA's KeyID (patch 05), on the nodes of
+    its ``MPOL_BIND`` policy if it has one."""
+    keyid = vma_keyid(vma, k.pte_layout)
+    return k.alloc.alloc_page(keyid, PG.ANON, zero=zero, nodes=vma_policy_nodes(vma))
 
 
 def copy_page(k: Kernel, src: int, dst: int) -> None:

@@ -92,6 +92,14 @@ def _check_range(op: str, addr: int, length: int) -> int:
     return end
 
 
+def check_mapped_range(op: str, mm: MmStruct, addr: int, length: int) -> int:
+    """A range a command needs mapped whole (mbind, migrate): EINVAL/ENOMEM as
+    madvise; returns the aligned end."""
+    end = _check_range(op, addr, length)
+    _check_mapped(op, mm, addr, end)
+    return end
+
+
 def _check_mapped(op: str, mm: MmStruct, addr: int, end: int) -> None:
     if not mm.covers(addr, end):
         fail(errno.ENOMEM, f"{op}: {addr:#x}-{end:#x} is not fully mapped")
@@ -276,7 +284,7 @@ def vma_merge(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
 
 
 def _can_merge(k: Kernel, prev: Vma, vma: Vma) -> bool:
-    if prev.end != vma.start or prev.vm_flags != vma.vm_flags:
+    if prev.end != vma.start or (prev.vm_flags, prev.vm_policy) != (vma.vm_flags, vma.vm_policy):
         return False
     if vma_keyid(prev, k.pte_layout) == vma_keyid(vma, k.pte_layout):
         return True

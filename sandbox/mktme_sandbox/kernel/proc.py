@@ -27,7 +27,7 @@ from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
-from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid, vma_policy_nodes
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -40,6 +40,7 @@ __all__ = [
     "PM_SWAP",
     "kpageflags",
     "maps",
+    "numa_maps",
     "page_keyid",
     "pagemap",
     "smaps",
@@ -250,3 +251,48 @@ def swaps(k: Kernel) -> str:
         size, used = k.swap.total * 4, k.swap.in_use() * 4
         lines.append(f"{'/swap':<40}partition\t{size}\t{used}\t-2\n")
     return "".join(lines)
+
+
+# --- numa_maps ------------------------------------------------------------------------
+
+
+def nodelist(nodes: tuple[int, ...] | list[int]) -> str:
+    """``%*pbl``: ``0-2,5``."""
+    runs: list[list[int]] = []
+    for nid in sorted(nodes):
+        if runs and runs[-1][1] == nid - 1:
+            runs[-1][1] = nid
+        else:
+            runs.append([nid, nid])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def numa_maps(k: Kernel, mm: MmStruct) -> str:
+    """/proc/PID/numa_maps (fs/proc/task_mmu.c show_numa_map) for anonymous VMAs."""
+    return "".join(_numa_map(k, mm, vma) for vma in mm.vmas())
+
+
+def _numa_map(k: Kernel, mm: MmStruct, vma: Vma) -> str:
+    nodes = vma_policy_nodes(vma)
+    policy = "default" if nodes is None else f"bind:{nodelist(nodes)}"
+    pages = anon = dirty = mapmax = 0
+    per_node = [0] * k.alloc.numa_nodes
+    for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
+        pfn = pte_page(k, pte, size) if pte & (PteFlags.PRESENT | PteFlags.PROTNONE) else None
+        if pfn is None or k.pages.is_zero_pfn(pfn):
+            continue  # vm_normal_page() is NULL: not gathered
+        nr = size >> 12
+        pages += nr
+        anon += nr if k.pages.PageAnon(pfn) else 0
+        dirty += nr if pte & PteFlags.DIRTY else 0
+        mapmax = max(mapmax, k.pages.page_mapcount(pfn))
+        per_node[k.alloc.pfn_to_nid(pfn)] += nr
+    line = f"{vma.start:08x} {policy}"
+    if pages:
+        line += f" anon={anon}" if anon else ""
+        line += f" dirty={dirty}" if dirty else ""
+        line += f" mapped={pages}" if pages not in (anon, dirty) else ""
+        line += f" mapmax={mapmax}" if mapmax > 1 else ""
+        line += "".join(f" N{nid}={n}" for nid, n in enumerate(per_node) if n)
+        line += " kernelpagesize_kB=4"
+    return line + "\n"
