@@ -177,6 +177,7 @@ def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash):
         "ctl",
         "maps",
         "mem",
+        "numa_maps",
         "pagemap",
         "smaps",
         "tlb",
