@@ -62,6 +62,7 @@ __all__ = [
 SWAP_MAGIC = b"SWAPSPACE2"
 SWAP_MAP_BAD = 0x3F
 SECTOR = 512
+SWAPFILE_CLUSTER = 256
 SWP_TYPE_BITS = 5
 SWP_OFFSET_FIRST_BIT = 9  # _PAGE_BIT_PROTNONE + 1
 _NOT_SWAP = int(PteFlags.PRESENT | PteFlags.PROTNONE)
@@ -102,6 +103,7 @@ class SwapDevice:
         self.size = self.nr_pages * PAGE_SIZE
         self._data = np.zeros(self.size, dtype=np.uint8)  # lazily backed
         self.swap_map = np.zeros(self.nr_pages, dtype=np.uint8)
+        self._lowest = 1  # no free slot below this one
         self._encrypted = np.zeros(self.nr_pages, dtype=bool)
         self.swap_encryption = False
         secret = (
@@ -127,19 +129,27 @@ class SwapDevice:
         return max(self.nr_pages - 1, 0)
 
     def in_use(self) -> int:
-        return int(np.count_nonzero(self.swap_map[1:]))
+        return int(np.count_nonzero(self.swap_map[1:]))  # one pass over one byte per slot
 
     def free(self) -> int:
         return self.total - self.in_use()
 
     def get_swap_page(self) -> int | None:
-        """The lowest free slot, taken (map count 1); None when the device is full."""
-        free = np.flatnonzero(self.swap_map[1:] == 0)
-        if not len(free):
-            return None
-        offset = int(free[0]) + 1
-        self.swap_map[offset] = 1
-        return offset
+        """The lowest free slot, taken (map count 1); None when the device is full.
+        The search starts at ``_lowest``, below which no slot is free, and reads
+        the map a cluster (``SWAPFILE_CLUSTER``, 256 slots) at a time."""
+        start = self._lowest
+        while start < self.nr_pages:
+            chunk = self.swap_map[start : start + SWAPFILE_CLUSTER]
+            free = np.flatnonzero(chunk == 0)
+            if len(free):
+                offset = start + int(free[0])
+                self.swap_map[offset] = 1
+                self._lowest = offset + 1
+                return offset
+            start += SWAPFILE_CLUSTER
+        self._lowest = self.nr_pages
+        return None
 
     def swap_count(self, offset: int) -> int:
         return int(self.swap_map[offset]) if 0 < offset < self.nr_pages else 0
@@ -147,6 +157,8 @@ class SwapDevice:
     def swap_free(self, offset: int) -> None:
         """Drop one reference to a slot; its bytes stay on the disk, as on a real one."""
         self.swap_map[offset] -= 1
+        if not self.swap_map[offset]:
+            self._lowest = min(self._lowest, offset)
 
     def valid_slot(self, offset: int) -> bool:
         return 0 < offset < self.nr_pages and 0 < self.swap_map[offset] != SWAP_MAP_BAD
@@ -209,6 +221,7 @@ class SwapDevice:
         for slot, page in zip(np.asarray(state["slots"]).tolist(), pages, strict=True):
             self._data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE] = page
         self.swap_map[:] = state["swap_map"]
+        self._lowest = 1
         self._encrypted[:] = state["encrypted"]
         self.swap_encryption = bool(state["swap_encryption"])
         self._key = bytes(state["key"])

@@ -100,9 +100,11 @@ def madvise_pageout(k: Kernel, mm: MmStruct, start: int, end: int) -> int:
     done = 0
     for vma in vmas:
         for va, pte in _small_ptes(k, mm, vma, start, end):
-            if not k.swap.free():
-                return done
-            done += pageout(k, mm, va, pte)
+            if _swappable(k, pte) is None:
+                continue
+            if not pageout(k, mm, va, pte):
+                return done  # the device is full
+            done += 1
     return done
 
 
@@ -119,8 +121,10 @@ def try_to_free_pages(k: Kernel, nr: int = SWAP_CLUSTER_MAX) -> int:
                 k.pt.set_pte(mm.pgd, va, pte & ~_ACCESSED)  # ptep_clear_flush_young
                 flush_tlb_range(k, mm, va, va + PAGE_SIZE)
                 continue
-            freed += pageout(k, mm, va, pte)
-            if freed >= nr or not k.swap.free():
+            if not pageout(k, mm, va, pte):
+                return freed  # the device is full
+            freed += 1
+            if freed >= nr:
                 return freed
     return freed
 
