@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.kernel.memory import PTE_MAPPED
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.swapfile import SWP_OFFSET_FIRST_BIT, SWP_TYPE_BITS
@@ -203,7 +204,7 @@ def _swap_entries(
 ) -> np.ndarray:
     """Which leaves are swap entries; counts the valid ones into ``swapped``."""
     u64 = np.uint64
-    swap: np.ndarray = (pte & u64(PteFlags.PRESENT | PteFlags.PROTNONE)) == 0
+    swap: np.ndarray = (pte & u64(PTE_MAPPED)) == 0
     offset = ((pte & u64((1 << (64 - SWP_TYPE_BITS)) - 1)) >> u64(SWP_OFFSET_FIRST_BIT)).astype(
         np.int64
     )

@@ -41,7 +41,7 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
-from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
+from mktme_sandbox.kernel.swapfile import PTE_MAPPED, is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid, vma_policy_nodes
 
@@ -50,11 +50,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HPAGE_SIZE",
+    "PTE_MAPPED",
     "access_vm",
     "flush_tlb_mm",
     "get_user_pages",
     "handle_mm_fault",
+    "movable_page",
     "pte_page",
+    "split_huge_pages_in",
     "zap_page_range",
 ]
 
@@ -342,6 +345,26 @@ def flush_tlb_mm(k: Kernel, mm: MmStruct) -> None:
     """Every translation of the address space (``spaces/NAME/tlb``)."""
     k.tlb.flush_all(mm.asid)
     k.vmstat.inc("tlb_flush")
+
+
+def movable_page(k: Kernel, pte: int) -> int | None:
+    """The PFN of a page that may leave its frame (swap-out, migration), or
+    None: a mapped 4 KiB anonymous page mapped by this PTE only, neither the
+    zero page nor KSM's, and not pinned by an access in progress."""
+    if not pte & PTE_MAPPED:
+        return None
+    pfn = pte_page(k, pte)
+    pages = k.pages
+    if pfn is None or pfn in k.pinned or not pages.PageAnon(pfn) or pages.PageCompound(pfn):
+        return None
+    return pfn if pages.page_exclusive(pfn) else None
+
+
+def split_huge_pages_in(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+    """``split_huge_pmd()`` for every mapped 2M leaf of the range (pageout, move_pages)."""
+    for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
+        if size == HPAGE_SIZE and pte & PTE_MAPPED:
+            split_huge_pmd(k, mm, va, pte)
 
 
 def split_huge_pmds(k: Kernel, mm: MmStruct, start: int, end: int) -> None:

@@ -44,33 +44,20 @@ import numpy as np
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import (
-    HPAGE_SIZE,
+    PTE_MAPPED,
     copy_page,
     flush_tlb_range,
+    movable_page,
     pte_page,
-    split_huge_pmd,
+    split_huge_pages_in,
 )
 from mktme_sandbox.kernel.page import HPAGE_NR, PG
-from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.vma import MmStruct
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
 __all__ = ["compact_memory", "do_mbind", "do_move_pages", "parse_nodelist"]
-
-_MAPPED = int(PteFlags.PRESENT | PteFlags.PROTNONE)
-
-
-def _movable(k: Kernel, pte: int) -> int | None:
-    """The PFN of a page migration may move, or None."""
-    if not pte & _MAPPED:
-        return None
-    pfn = pte_page(k, pte)
-    pages = k.pages
-    if pfn is None or pfn in k.pinned or not pages.PageAnon(pfn) or pages.PageCompound(pfn):
-        return None
-    return pfn if pages.page_exclusive(pfn) else None
 
 
 def _target_keyid(k: Kernel, src: int) -> int:
@@ -112,14 +99,12 @@ def do_move_pages(k: Kernel, mm: MmStruct, start: int, end: int, nid: int) -> in
     """``move_pages(MPOL_MF_MOVE)`` of every page of a mapped range to node
     ``nid``: ENOMEM, moving nothing, when the node lacks the free pages."""
     parse_nodelist(k, str(nid))
-    for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
-        if size == HPAGE_SIZE and pte & _MAPPED:
-            split_huge_pmd(k, mm, va, pte)
+    split_huge_pages_in(k, mm, start, end)
     moving, stuck = [], 0
     for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
-        pfn = _movable(k, pte) if size == PAGE_SIZE else None
+        pfn = movable_page(k, pte) if size == PAGE_SIZE else None
         if pfn is None:
-            page = pte_page(k, pte) if pte & _MAPPED else None
+            page = pte_page(k, pte) if pte & PTE_MAPPED else None
             stuck += page is not None and not k.pages.is_zero_pfn(page)  # shared, KSM
         elif k.alloc.pfn_to_nid(pfn) != nid:
             moving.append((va, pte, pfn))
@@ -154,7 +139,7 @@ def _movable_pages(k: Kernel) -> dict[int, tuple[MmStruct, int, int]]:
     found: dict[int, tuple[MmStruct, int, int]] = {}
     for mm in k.spaces.values():
         for va, size, pte in k.pt.iter_present(mm.pgd):
-            pfn = _movable(k, pte) if size == PAGE_SIZE else None
+            pfn = movable_page(k, pte) if size == PAGE_SIZE else None
             if pfn is not None:
                 found[pfn] = (mm, va, pte)
     return found

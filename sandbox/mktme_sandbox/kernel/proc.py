@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
-from mktme_sandbox.kernel.memory import pte_page
+from mktme_sandbox.kernel.memory import PTE_MAPPED, pte_page
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import USER_END, PteFlags
 from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
@@ -278,7 +278,7 @@ def _numa_map(k: Kernel, mm: MmStruct, vma: Vma) -> str:
     pages = anon = dirty = mapmax = 0
     per_node = [0] * k.alloc.numa_nodes
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
-        pfn = pte_page(k, pte, size) if pte & (PteFlags.PRESENT | PteFlags.PROTNONE) else None
+        pfn = pte_page(k, pte, size) if pte & PTE_MAPPED else None
         if pfn is None or k.pages.is_zero_pfn(pfn):
             continue  # vm_normal_page() is NULL: not gathered
         nr = size >> 12

@@ -22,15 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mktme_sandbox.kernel.memory import PTE_MAPPED
 from mktme_sandbox.kernel.page import HPAGE_NR, PG
-from mktme_sandbox.kernel.pgtable import PteFlags
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
 __all__ = ["first_foreign_page"]
-
-_MAPPED = int(PteFlags.PRESENT | PteFlags.PROTNONE)
 
 
 def first_foreign_page(k: Kernel, uid: int, first: int, last: int, keyid: int) -> int | None:
@@ -74,7 +72,7 @@ def _ptes_per_page(k: Kernel, uid: int, lo: int, hi: int) -> np.ndarray:
         pfn = ((leaves.pte & mask & ~(leaves.size - np.uint64(1))) >> np.uint64(12)).astype(
             np.int64
         )
-        mapping = (leaves.pte & np.uint64(_MAPPED)) != 0  # a swap entry maps no page
+        mapping = (leaves.pte & np.uint64(PTE_MAPPED)) != 0  # a swap entry maps no page
         inside = pfn[mapping & (pfn >= lo) & (pfn < hi)]
         counts += np.bincount(inside - lo, minlength=hi - lo)
     return counts

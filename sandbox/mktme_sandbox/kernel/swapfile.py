@@ -51,6 +51,7 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.pgtable import PteFlags
 
 __all__ = [
+    "PTE_MAPPED",
     "SWAP_MAGIC",
     "SwapDevice",
     "is_swap_pte",
@@ -65,12 +66,13 @@ SECTOR = 512
 SWAPFILE_CLUSTER = 256
 SWP_TYPE_BITS = 5
 SWP_OFFSET_FIRST_BIT = 9  # _PAGE_BIT_PROTNONE + 1
-_NOT_SWAP = int(PteFlags.PRESENT | PteFlags.PROTNONE)
+PTE_MAPPED = int(PteFlags.PRESENT | PteFlags.PROTNONE)
+"""``pte_present()``: a PTE with either bit maps a page (PROT_NONE ones too)."""
 
 
 def is_swap_pte(pte: int) -> bool:
     """``is_swap_pte()``: neither ``pte_none`` nor ``pte_present``."""
-    return pte != 0 and not pte & _NOT_SWAP
+    return pte != 0 and not pte & PTE_MAPPED
 
 
 def swp_entry_to_pte(swp_type: int, offset: int) -> int:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.memory import HPAGE_SIZE, flush_tlb_range, pte_page, split_huge_pmd
+from mktme_sandbox.kernel.memory import flush_tlb_range, movable_page, split_huge_pages_in
 from mktme_sandbox.kernel.pgtable import PteFlags
 from mktme_sandbox.kernel.swapfile import swp_entry_to_pte
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
@@ -46,24 +46,12 @@ if TYPE_CHECKING:
 __all__ = ["SWAP_CLUSTER_MAX", "madvise_pageout", "try_to_free_pages"]
 
 SWAP_CLUSTER_MAX = 32
-_MAPPED = int(PteFlags.PRESENT | PteFlags.PROTNONE)
 _ACCESSED = int(PteFlags.ACCESSED)
-
-
-def _swappable(k: Kernel, pte: int) -> int | None:
-    """The PFN of a page ``pageout`` may take, or None."""
-    if not pte & _MAPPED:
-        return None
-    pfn = pte_page(k, pte)
-    pages = k.pages
-    if pfn is None or pfn in k.pinned or not pages.PageAnon(pfn) or pages.PageCompound(pfn):
-        return None
-    return pfn if pages.page_exclusive(pfn) else None
 
 
 def pageout(k: Kernel, mm: MmStruct, va: int, pte: int) -> bool:
     """``try_to_unmap_one()`` + ``swap_writepage()`` for the page ``pte`` maps at ``va``."""
-    pfn = _swappable(k, pte)
+    pfn = movable_page(k, pte)
     if pfn is None:
         return False
     offset = k.swap.get_swap_page()
@@ -94,13 +82,11 @@ def madvise_pageout(k: Kernel, mm: MmStruct, start: int, end: int) -> int:
     locked = next((v for v in vmas if v.vm_flags & VM.LOCKED), None)
     if locked is not None:
         fail(errno.EINVAL, f"madvise: pageout: {locked.start:#x}-{locked.end:#x} is mlocked")
-    for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
-        if size == HPAGE_SIZE and pte & _MAPPED:
-            split_huge_pmd(k, mm, va, pte)
+    split_huge_pages_in(k, mm, start, end)
     done = 0
     for vma in vmas:
         for va, pte in _small_ptes(k, mm, vma, start, end):
-            if _swappable(k, pte) is None:
+            if movable_page(k, pte) is None:
                 continue
             if not pageout(k, mm, va, pte):
                 return done  # the device is full
@@ -136,5 +122,5 @@ def _clock(k: Kernel) -> Iterator[tuple[MmStruct, int, int]]:
             if vma.vm_flags & VM.LOCKED:
                 continue
             for va, pte in _small_ptes(k, mm, vma, vma.start, vma.end):
-                if _swappable(k, pte) is not None:
+                if movable_page(k, pte) is not None:
                     yield mm, va, pte
