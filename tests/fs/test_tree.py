@@ -72,7 +72,17 @@ def test_root_lists_exactly_the_entries_of_the_spec(bash):
 
 def test_readme_is_a_guide_naming_every_top_level_entry(bash):
     readme = bash("cat README")
-    for name in ("dmesg", "dram", "swap", "keys/N", "keyids/N/mem", "spaces/", "pagetables/", "mm/", "hw/"):
+    for name in (
+        "dmesg",
+        "dram",
+        "swap",
+        "keys/N",
+        "keyids/N/mem",
+        "spaces/",
+        "pagetables/",
+        "mm/",
+        "hw/",
+    ):
         assert name in readme
     assert "umount" in readme
 
