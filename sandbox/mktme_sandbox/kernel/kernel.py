@@ -219,7 +219,8 @@ class Kernel:
         self.keys.set_owners({int(k): int(uid) for k, uid in state["key_owners"]})
         self.ksm = KsmStats(**state["ksm"])
         self.khugepaged = KhugepagedStats(**state["khugepaged"])
-        self.swap.import_state(state["swap"])
+        if "swap" in state:  # a snapshot taken before swap existed has none in use
+            self.swap.import_state(state["swap"])
 
     # --- KeyIDs ---------------------------------------------------------------
 
