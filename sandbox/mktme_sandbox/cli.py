@@ -224,6 +224,20 @@ def cli() -> None:
     help="Pages one user's spaces may hold (root and the daemon's user: no limit) "
     "[default: half of memory].",
 )
+@click.option(
+    "--swap",
+    type=SIZE,
+    default="16M",
+    show_default=True,
+    help="Swap partition (the file swap): 0 (none) or whole pages from 8K to 64G.",
+)
+@click.option(
+    "--numa-nodes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="NUMA nodes that split physical memory, 1..64 (at most one per 2M).",
+)
 @click.option("--allow-other", is_flag=True, help="Let other local users use the mount.")
 @click.option("--foreground", is_flag=True, help="Stay attached and log to stderr.")
 @click.pass_context

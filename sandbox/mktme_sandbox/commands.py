@@ -3,9 +3,9 @@
 Grammar (docs/spec.md 4.4): ``mmap ADDR LEN PROT [keyid=N] [populate]``,
 ``munmap ADDR LEN``, ``mprotect ADDR LEN PROT``,
 ``encrypt_mprotect ADDR LEN PROT keyid=N``,
-``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed``,
+``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed|pageout``,
 ``mlock ADDR LEN``, ``munlock ADDR LEN``, ``mremap OLD OLDLEN NEWLEN [NEWADDR]``,
-``fork CHILD``; for ``mm/snapshot``
+``fork CHILD``, ``mbind ADDR LEN NODES``, ``migrate ADDR LEN NODE``; for ``mm/snapshot``
 ``save|restore|coldboot /ABSOLUTE/PATH``. ADDR is hex
 (``0x...``), LEN decimal or hex with an optional K/M/G suffix, PROT one of
 ``--- r-- rw- r-x rwx`` (or ``none r rw rx rwx``). Anything else is EINVAL
@@ -15,6 +15,7 @@ with a reason that shows the expected form.
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,6 +30,8 @@ __all__ = [
     "EncryptMprotect",
     "Fork",
     "Madvise",
+    "Mbind",
+    "Migrate",
     "Mlock",
     "Mmap",
     "Mprotect",
@@ -50,6 +53,8 @@ USAGE = {
     "munlock": "munlock ADDR LEN",
     "mremap": "mremap OLD OLDLEN NEWLEN [NEWADDR]",
     "fork": "fork CHILD",
+    "mbind": "mbind ADDR LEN NODES",
+    "migrate": "migrate ADDR LEN NODE",
 }
 
 
@@ -124,13 +129,40 @@ class Fork:
     op: ClassVar[str] = "fork"
 
 
+@dataclass(frozen=True)
+class Mbind:
+    addr: int
+    length: int
+    nodes: str  # a nodelist: N, N,M or N-M (checked against the machine's nodes)
+    op: ClassVar[str] = "mbind"
+
+
+@dataclass(frozen=True)
+class Migrate:
+    addr: int
+    length: int
+    node: int
+    op: ClassVar[str] = "migrate"
+
+
 # One dataclass per command of spaces/NAME/ctl; Machine.space_command matches
 # on them exhaustively (assert_never), so a new one cannot fall into another.
 SpaceCommand = (
-    Mmap | Munmap | Mprotect | EncryptMprotect | Madvise | Mlock | Munlock | Mremap | Fork
+    Mmap
+    | Munmap
+    | Mprotect
+    | EncryptMprotect
+    | Madvise
+    | Mlock
+    | Munlock
+    | Mremap
+    | Fork
+    | Mbind
+    | Migrate
 )
 
 
+_NODELIST = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
 COMMAND_MAX = 4096  # one page, as a sysfs or procfs store takes at most PAGE_SIZE
 
 
@@ -189,6 +221,15 @@ def parse_space_command(text: str) -> SpaceCommand:
         if len(rest) != 1 or rest[0] not in ADVICE:
             fail(errno.EINVAL, f"madvise: usage: {USAGE[op]}")
         return Madvise(addr, length, rest[0])
+    if op in ("mbind", "migrate"):
+        if len(rest) != 1 or not _NODELIST.fullmatch(rest[0]):
+            fail(errno.EINVAL, f"{op}: usage: {USAGE[op]} (NODES: N, N,M or N-M)")
+        if op == "mbind":
+            return Mbind(addr, length, rest[0])
+        node = parse_decimal(rest[0])
+        if node is None:
+            fail(errno.EINVAL, f"migrate: NODE {rest[0]!r} is not one node number")
+        return Migrate(addr, length, node)
     if not rest:
         fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")
     prot = _prot(op, rest[0])

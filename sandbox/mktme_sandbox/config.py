@@ -96,6 +96,10 @@ class MachineConfig:
     """KeyIDs one unprivileged uid may own; None: half of ``nr_keyids``, rounded up."""
     max_pages_per_uid: int | None = None
     """Pages one unprivileged uid may hold; None: half of physical memory."""
+    swap: int = 16 * MiB
+    """The swap partition's size (0: no swap), its first page the header."""
+    numa_nodes: int = 1
+    """NUMA nodes physical memory is split into, equal ranges of whole 2 MiB blocks."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -137,6 +141,15 @@ class MachineConfig:
         problems += self._exclusion_problems()
         if self.seed is not None and self.seed < 0:
             problems.append(f"seed must be >= 0, not {self.seed}")
+        if self.swap % PAGE_SIZE or not (self.swap == 0 or 2 * PAGE_SIZE <= self.swap <= 64 * GiB):
+            problems.append(
+                f"swap must be 0 (no swap) or whole pages from 8K to 64G, not {size_text(self.swap)}"
+            )
+        blocks = self.phys_mem // (2 * MiB)
+        if not 1 <= self.numa_nodes <= min(64, max(blocks, 1)):
+            problems.append(
+                f"numa_nodes must be 1..64 and at most one per 2M of phys_mem, not {self.numa_nodes}"
+            )
         for name in ("max_keyids_per_uid", "max_pages_per_uid"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -198,7 +211,7 @@ class MachineConfig:
 
 
 def _normalize(name: str, value: object) -> object:
-    sizes = ("phys_mem", "cache_size", "tme_exclude_base", "tme_exclude_size")
+    sizes = ("phys_mem", "cache_size", "tme_exclude_base", "tme_exclude_size", "swap")
     if name in sizes and isinstance(value, str):
         return parse_size(value)
     if name == "algorithms" and isinstance(value, str | tuple | list):

@@ -33,6 +33,8 @@ from mktme_sandbox.commands import (
     EncryptMprotect,
     Fork,
     Madvise,
+    Mbind,
+    Migrate,
     Mlock,
     Mmap,
     Mprotect,
@@ -55,6 +57,7 @@ from mktme_sandbox.kernel import (
     khugepaged,
     ksm,
     memory,
+    migrate,
     mlock,
     mmap,
     mremap,
@@ -265,6 +268,12 @@ class Machine:
                 mremap.do_mremap(k, mm, cmd.addr, cmd.old_len, cmd.new_len, cmd.new_addr)
             case Fork():
                 fork.dup_mm(k, mm, cmd.child, uid)
+            case Mbind():
+                end = mmap.check_mapped_range("mbind", mm, cmd.addr, cmd.length)
+                migrate.do_mbind(k, mm, cmd.addr, end, migrate.parse_nodelist(k, cmd.nodes))
+            case Migrate():
+                end = mmap.check_mapped_range("migrate", mm, cmd.addr, cmd.length)
+                migrate.do_move_pages(k, mm, cmd.addr, end, cmd.node)
             case _:
                 assert_never(cmd)
 
@@ -417,6 +426,42 @@ class Machine:
     @_locked
     def page_keyid(self, offset: int, length: int) -> bytes:
         return proc.page_keyid(self.kernel, offset, length)
+
+    @_locked
+    def numa_maps(self, name: str, uid: int | None = None) -> str:
+        return proc.numa_maps(self.kernel, self._space_for(name, uid))
+
+    @_locked
+    def compact_memory(self) -> int:
+        """``mm/compact_memory``: compact every node; the pages moved."""
+        return migrate.compact_memory(self.kernel)
+
+    @_locked
+    def read_swap(self, offset: int, length: int) -> bytes:
+        """``swap``: the swap partition's bytes, header page first (a disk, like ``dram``)."""
+        if offset < 0:
+            fail(errno.EINVAL, f"swap offset {offset:#x} is negative")
+        return self.kernel.swap.read(offset, length)
+
+    @property
+    def swap_size(self) -> int:
+        return self.kernel.swap.size
+
+    @_locked
+    def swaps(self) -> str:
+        return proc.swaps(self.kernel)
+
+    @property
+    def swap_encryption(self) -> bool:
+        """Encrypted swap (dm-crypt ``aes-xts-plain64``, the device's own key) for
+        the slots written from now on."""
+        return self.kernel.swap.swap_encryption
+
+    @swap_encryption.setter
+    def swap_encryption(self, on: bool) -> None:
+        with self._lock:
+            self.kernel.swap.swap_encryption = bool(on)
+            self.kernel.log.printk(f"swap: encryption {'on' if on else 'off'} for new slots")
 
     @_locked
     def check(self) -> list[str]:

@@ -66,12 +66,23 @@ def test_root_lists_exactly_the_entries_of_the_spec(bash):
         "mm",
         "pagetables",
         "spaces",
+        "swap",
     ]
 
 
 def test_readme_is_a_guide_naming_every_top_level_entry(bash):
     readme = bash("cat README")
-    for name in ("dmesg", "dram", "keys/N", "keyids/N/mem", "spaces/", "pagetables/", "mm/", "hw/"):
+    for name in (
+        "dmesg",
+        "dram",
+        "swap",
+        "keys/N",
+        "keyids/N/mem",
+        "spaces/",
+        "pagetables/",
+        "mm/",
+        "hw/",
+    ):
         assert name in readme
     assert "umount" in readme
 
@@ -176,6 +187,7 @@ def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash):
         "ctl",
         "maps",
         "mem",
+        "numa_maps",
         "pagemap",
         "smaps",
         "smaps_rollup",

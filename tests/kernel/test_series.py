@@ -10,6 +10,7 @@ from kernel_helpers import (
     HPAGE,
     PAGE,
     U,
+    cpu_key,
     ctl,
     machine,
     page_keyid,
@@ -370,3 +371,78 @@ def test_a_write_to_a_read_only_exclusive_huge_page_reuses_it_and_keeps_the_data
     assert m.read_virt(a, U, 8) == b"new!" + pattern[4:8]
     assert "AnonHugePages:      2048 kB" in m.smaps(a)
     assert m.check() == []
+
+
+# --- 05 mm/page_alloc: Handle allocation for encrypted memory (migration) -------
+
+
+def two_nodes_with_a_secret():
+    """KeyID 1 pages on node 0 of a two-node machine, holding SECRET."""
+    m, a = two_keys(phys_mem="16M", numa_nodes=2)
+    ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
+    for va in range(U, U + 4 * PAGE, PAGE):
+        m.write_virt(a, va, SECRET)
+    return m, a
+
+
+def test_a_migrated_page_keeps_its_keyid_and_its_data():
+    """Patch 05: "An encrypted page has to be migrated to the same KeyID as the
+    source page." move_pages() allocates the target for page_keyid() of the
+    source, copies through that KeyID and keeps the KeyID in the PTE."""
+    m, a = two_nodes_with_a_secret()
+    before = pfn_of(m, a, U)
+    ctl(m, a, f"migrate {U:#x} 16K 1")
+    after = pfn_of(m, a, U)
+    assert m.kernel.alloc.pfn_to_nid(after) == 1
+    assert after != before
+    assert page_keyid(m, after) == 1
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert vmstat(m)["pgmigrate_success"] == 4
+    assert m.check() == []
+
+
+def test_without_the_keyid_rule_a_migrated_page_reads_as_garbage():
+    """Before patch 05 the target came from KeyID 0 (alloc_pages_node): the
+    copy lands through KeyID 0, the PTE still names KeyID 1."""
+    m, a = two_nodes_with_a_secret()
+    m.set_mitigation("migrate_keyid", False)
+    ctl(m, a, f"migrate {U:#x} 16K 1")
+    assert page_keyid(m, pfn_of(m, a, U)) == 0
+    assert m.read_virt(a, U, len(SECRET)) != SECRET
+    assert any("PTE KeyID differs from its page's page_ext KeyID" in p for p in m.check())
+
+
+def fragmented(switch_on: bool):
+    """Three tenants (KeyIDs 1-3) whose faults interleave over 7 MiB of an 8
+    MiB machine, then each frees three pages of four: every 2 MiB block is
+    fragmented. Returns the machine and the pages left, (space, va, data)."""
+    m = machine(phys_mem="8M")
+    m.set_mitigation("migrate_keyid", switch_on)
+    for keyid in (1, 2, 3):
+        cpu_key(m, keyid)
+        space(m, f"t{keyid}")
+        ctl(m, f"t{keyid}", f"mmap {U:#x} 4M rw- keyid={keyid}")
+    pages = [(f"t{i % 3 + 1}", U + (i // 3) * PAGE, SECRET + bytes([i % 256])) for i in range(1800)]
+    for name, va, data in pages:
+        m.write_virt(name, va, data)
+    for name, va, _ in pages[1::4] + pages[2::4] + pages[3::4]:
+        ctl(m, name, f"madvise {va:#x} 4K dontneed")
+    kept = pages[::4]
+    return m, kept
+
+
+def test_compaction_moves_pages_with_their_keyids():
+    """mm/compaction.c: the free page compaction_alloc() hands out is
+    prepared for the KeyID of the page that moves into it (patch 05)."""
+    m, kept = fragmented(switch_on=True)
+    assert m.compact_memory() > 0
+    assert vmstat(m)["compact_success"] == 1
+    assert all(m.read_virt(name, va, len(data)) == data for name, va, data in kept)
+    assert m.check() == []
+
+
+def test_without_the_keyid_rule_compaction_garbles_the_pages_it_moves():
+    m, kept = fragmented(switch_on=False)
+    assert m.compact_memory() > 0
+    assert any(m.read_virt(name, va, len(data)) != data for name, va, data in kept)
+    assert any("page_ext KeyID" in line for line in m.check())

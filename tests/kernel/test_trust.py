@@ -259,7 +259,7 @@ def leave_free(m: Machine, n: int) -> None:
     [(0, "the PUD table"), (1, "the PMD table"), (2, "the PTE table"), (3, "the data page")],
 )
 def test_a_fault_that_runs_out_of_memory_at_any_step_gives_back_all_it_took(free, fails_at):
-    m = machine(phys_mem="4M")
+    m = machine(phys_mem="4M", swap=0)  # with swap, reclaim would make room
     cpu_key(m, 1, ALICE)
     space(m, "t", ALICE)
     ctl(m, "t", f"mmap {1 << 40:#x} 4K rw- keyid=1", ALICE)  # a PGD slot of its own
@@ -273,7 +273,7 @@ def test_a_fault_that_runs_out_of_memory_at_any_step_gives_back_all_it_took(free
 
 
 def test_a_read_fault_on_the_zero_page_that_runs_out_of_tables_gives_them_back():
-    m = machine(phys_mem="4M")
+    m = machine(phys_mem="4M", swap=0)  # with swap, reclaim would make room
     space(m, "t")
     ctl(m, "t", f"mmap {1 << 40:#x} 4K r--")
     leave_free(m, 2)

@@ -11,6 +11,8 @@ each of which says what it measures:
 - ``mktme_sandbox.bench.trace``: a kernel-build-like trace of short-lived
   address spaces, replayed on the cover letter's five machines, its counters
   and its table (the ``trace_...`` figures).
+- ``mktme_sandbox.bench.moves``: swap-out, swap-in and migration throughput,
+  KeyID 0 against KeyID 1 (the ``swap_...`` and ``migrate_...`` figures).
 - ``mktme_sandbox.bench.flush_model``: the flush-cost model, calibrated on the
   cover letter's own ``perf stat`` (the ``model_...`` and ``letter_...``
   figures); pure arithmetic, no machine.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 from mktme_sandbox.bench import Progress, Result
 from mktme_sandbox.bench.faults import fault_contenders, fault_results, fault_samples
+from mktme_sandbox.bench.moves import move_results
 from mktme_sandbox.bench.trace import TraceShape, build_trace, run_trace, trace_results, trace_table
 
 __all__ = ["FULL", "TINY", "Sizes", "run"]
@@ -42,6 +45,8 @@ class Sizes:
     past_cache_rounds: int = 5
     trace: TraceShape = field(default_factory=TraceShape)
     trace_passes: int = 3
+    move_pages: int = 256
+    move_rounds: int = 5
 
 
 FULL = Sizes()
@@ -59,6 +64,8 @@ TINY = Sizes(
         buffer_kib=(16, 32),
     ),
     trace_passes=1,
+    move_pages=8,
+    move_rounds=1,
 )
 
 
@@ -77,4 +84,6 @@ def run(progress: Progress, sizes: Sizes = FULL) -> list[Result]:
     runs = run_trace(trace, sizes.trace_passes, progress)
     for line in trace_table(runs, trace, sizes.trace_passes):
         progress(line)
-    return fault_results(warm, past_cache) + trace_results(runs)
+    progress(f"kernel: swap and migration, {sizes.move_rounds} rounds of {sizes.move_pages} pages")
+    moves = move_results(sizes.move_pages, sizes.move_rounds)
+    return fault_results(warm, past_cache) + trace_results(runs) + moves

@@ -200,8 +200,11 @@ def the_mount(mnt: str | None, out: TextIO) -> Iterator[str]:
         yield str(Mount(given).root)
         return
     signal.signal(signal.SIGTERM, on_signal)
-    print(f"run-all: mounting a fresh sandbox: {sandbox_command()} mount DIR --seed 1", file=out)
-    with fresh_sandbox("--seed", "1", prefix="mktme-run-all-") as mount:
+    print(
+        f"run-all: mounting a fresh sandbox: {sandbox_command()} mount DIR --seed 1 --numa-nodes 2",
+        file=out,
+    )
+    with fresh_sandbox("--seed", "1", "--numa-nodes", "2", prefix="mktme-run-all-") as mount:
         print(f"run-all: mounted at {mount.root}", file=out, flush=True)
         try:
             yield str(mount.root)

@@ -7,6 +7,7 @@ encryption) under a simulated Linux memory manager, mounted as files.
   README            this guide
   dmesg             kernel log: boot lines, one line per refused command
   dram              raw DRAM, offset = physical address: ciphertext as stored
+  swap              the swap partition as stored (madvise ... pageout fills it)
   keys/N            KeyID N: read its state, write a key command
   keyids/N/mem      physical memory through KeyID N, as the CPU sees it
   spaces/           mkdir NAME: a new address space; rmdir NAME: gone
@@ -20,7 +21,8 @@ encryption) under a simulated Linux memory manager, mounted as files.
   mm/               counters, free pools, mitigation switches, ksm,
                     khugepaged, kpageflags, page_keyid, check ("ok"),
                     keyid_map.svg (a picture: one cell per page, by KeyID),
-                    snapshot (root: save/restore/coldboot PATH)
+                    snapshot (root: save/restore/coldboot PATH),
+                    swaps, swap_encryption
   hw/               msr (8-byte reads at 0x981..0x984), tme, cache
 
 Control files take one command per write and refuse a bad one with an

@@ -12,6 +12,7 @@ mounted with ``default_permissions``:
   and hw/ are 0600, read-only information 0444, directories 0555
   (``mm/snapshot`` also refuses every caller but root);
 - ``dram`` is 0644 (world-readable: what an attacker on the memory bus sees);
+  ``swap``, the disk, is 0400 (root and the daemon's user);
 - ``keys/N`` is 0666 while KeyID N is free, then 0644 owned by its programmer;
 - ``keyids/N/mem`` is 0600, owned by KeyID N's owner (N > 0) once programmed;
 - ``spaces/`` is 1777 so anyone can create a space; ``spaces/NAME`` is 0700
@@ -94,6 +95,7 @@ class Tree:
             ("README",): TextFile(lambda: README, info, direct_io=False),
             ("dmesg",): TextFile(m.dmesg, info, follow=True),
             ("dram",): BlobFile(m.phys_mem, m.read_dram, fixed(uid, 0o644), m.write_dram),
+            ("swap",): BlobFile(m.swap_size, m.read_swap, fixed(uid, 0o400)),
             ("keys",): Dir(partial(self._keyid_names, 1), fixed(uid, DIRECTORY)),
             ("keyids",): Dir(partial(self._keyid_names, 0), fixed(uid, DIRECTORY)),
             ("spaces",): Dir(m.space_names, fixed(uid, 0o1777), m.create_space, m.destroy_space),
@@ -102,6 +104,10 @@ class Tree:
             ("mm", "vmstat"): TextFile(m.vmstat, info),
             ("mm", "meminfo"): TextFile(m.meminfo, info),
             ("mm", "free_pools"): TextFile(m.free_pools, info),
+            ("mm", "swaps"): TextFile(m.swaps, info),
+            ("mm", "swap_encryption"): TextFile(
+                lambda: f"{int(m.swap_encryption)}\n", control, _flag(self._set_swap_encryption)
+            ),
             ("mm", "keyid_free_pools"): TextFile(
                 lambda: f"{int(m.keyid_free_pools)}\n", control, _flag(self._set_free_pools)
             ),
@@ -115,6 +121,9 @@ class Tree:
             ("mm", "kpagecount"): BlobFile(8 * (m.phys_mem >> 12), m.kpagecount, info),
             ("mm", "page_keyid"): BlobFile(8 * (m.phys_mem >> 12), m.page_keyid, info),
             ("mm", "check"): TextFile(lambda: _lines(m.check()), info),
+            ("mm", "compact_memory"): TextFile(
+                None, fixed(uid, 0o200), _on_word(b"1", m.compact_memory)
+            ),
             ("mm", "keyid_map.svg"): TextFile(m.keyid_map_svg, info),
             ("mm", "snapshot"): TextFile(
                 lambda: f"usage: {SNAPSHOT_USAGE}\n", control, m.snapshot_command
@@ -158,6 +167,9 @@ class Tree:
 
     def _set_free_pools(self, on: bool) -> None:
         self.machine.keyid_free_pools = on
+
+    def _set_swap_encryption(self, on: bool) -> None:
+        self.machine.swap_encryption = on
 
     # -- paths named by a KeyID or an address space ----------------------------------
 
@@ -229,6 +241,7 @@ class Tree:
             "smaps": TextFile(partial(m.smaps, name), access(INFO)),
             "smaps_rollup": TextFile(partial(m.smaps_rollup, name), access(INFO)),
             "status": TextFile(partial(m.status, name), access(INFO)),
+            "numa_maps": TextFile(partial(m.numa_maps, name), access(INFO)),
             "mem": BlobFile(
                 USER_SPACE_END,
                 partial(m.read_virt, name),

@@ -22,7 +22,10 @@ Invariants:
 - every page-table page hangs in exactly one address space's tree, and every
   PGD, PUD and PMD entry that points to a table points to a page-table page
   (not outside memory, to a free page or to any other page);
-- every cached TLB translation equals a fresh walk of the tables.
+- every cached TLB translation equals a fresh walk of the tables;
+- every swap entry names a slot of the one swap device that is in use, and
+  each slot's ``swap_map`` count equals the swap entries that name it (a
+  slot no entry names is leaked).
 
 The audit runs under the machine lock, so it is vectorized: each space's
 leaves come as arrays (``PageTables.leaf_arrays``) and every rule over pages
@@ -38,8 +41,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.kernel.memory import PTE_MAPPED
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable_types import PAGE_SIZE, PteFlags
+from mktme_sandbox.kernel.swapfile import SWP_OFFSET_FIRST_BIT, SWP_TYPE_BITS
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, vma_keyid
 
@@ -79,10 +84,12 @@ class _Findings:
 def check(k: Kernel) -> list[str]:
     found = _Findings()
     mapped = np.zeros(k.pages.nr_pages, dtype=np.int64)
+    swapped = np.zeros(max(k.swap.nr_pages, 1), dtype=np.int64)
     for mm in k.spaces.values():
         _check_vmas(k, mm, found)
-        _check_ptes(k, mm, found, mapped)
+        _check_ptes(k, mm, found, mapped, swapped)
         _check_tlb(k, mm, found)
+    _check_swap(k, found, swapped)
     _check_pages(k, found, mapped)
     _check_pools(k, found)
     _check_tables(k, found)
@@ -136,9 +143,12 @@ def _check_vmas(k: Kernel, mm: MmStruct, found: _Findings) -> None:
             found.add(where, "VMA uses a KeyID without a key", f"{vma.start:#x} KeyID {keyid}")
 
 
-def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -> None:
+def _check_ptes(
+    k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray, swapped: np.ndarray
+) -> None:
     """The PTE rules over all of the space's leaves at once; adds to ``mapped``
-    the PTEs that map each page (a huge leaf at its head)."""
+    the PTEs that map each page (a huge leaf at its head), to ``swapped`` the
+    swap entries that name each slot."""
     where, layout, pages = f"space {mm.name}", k.pte_layout, k.pages
     va, size, pte = k.pt.leaf_arrays(mm.pgd)
     if not len(va):
@@ -152,18 +162,19 @@ def _check_ptes(k: Kernel, mm: MmStruct, found: _Findings, mapped: np.ndarray) -
     at_vma = np.maximum(at, 0)
     outside = (at < 0) | (va + size > ends[at_vma]) | (va < starts[at_vma]) | (len(vmas) == 0)
     found.add_where(where, "PTE outside any VMA", outside, lambda i: f"{int(va[i]):#x}")
+    swap = _swap_entries(k, mm, found, va, pte, swapped)
     pfn = layout.pte_pfns(pte, size)
     nr = (size // PAGE_SIZE).astype(np.int64)
     known = pfn + nr <= pages.nr_pages
     page = np.where(known, pfn, 0)
-    missing = ~outside & (~known | k.alloc.free_mask()[page])
+    missing = ~outside & ~swap & (~known | k.alloc.free_mask()[page])
     found.add_where(
         where,
         "PTE maps a free or missing page",
         missing,
         lambda i: f"{int(va[i]):#x} -> pfn {int(pfn[i]):#x}",
     )
-    ok = ~outside & ~missing
+    ok = ~outside & ~missing & ~swap
     vkeyid = vma_keyids[at_vma]
     zero = ok & ((pages.flags_of()[page] & PG.ZERO) != 0)
     found.add_where(
@@ -217,6 +228,43 @@ def _check_cow_and_mlock(
         "page of a VM_LOCKED VMA is not mlocked",
         ok & locked & ~mlocked,
         lambda i: f"{int(va[i]):#x} -> pfn {int(page[i]):#x}",
+    )
+
+
+def _swap_entries(
+    k: Kernel, mm: MmStruct, found: _Findings, va: np.ndarray, pte: np.ndarray, swapped: np.ndarray
+) -> np.ndarray:
+    """Which leaves are swap entries; counts the valid ones into ``swapped``."""
+    u64 = np.uint64
+    swap: np.ndarray = (pte & u64(PTE_MAPPED)) == 0
+    offset = ((pte & u64((1 << (64 - SWP_TYPE_BITS)) - 1)) >> u64(SWP_OFFSET_FIRST_BIT)).astype(
+        np.int64
+    )
+    typed = (pte >> u64(64 - SWP_TYPE_BITS)) == 0
+    known = typed & (offset > 0) & (offset < k.swap.nr_pages)
+    slot = np.where(known, offset, 0)
+    swap_map = np.append(k.swap.swap_map, np.uint8(0))  # never empty: no swap has no slot
+    in_use = known & (swap_map[slot] > 0)
+    found.add_where(
+        f"space {mm.name}",
+        "swap entry names no slot in use",
+        swap & ~in_use,
+        lambda i: f"{int(va[i]):#x}: entry {int(pte[i]):#018x}",
+    )
+    swapped += np.bincount(slot[swap & in_use], minlength=len(swapped))[: len(swapped)]
+    return swap
+
+
+def _check_swap(k: Kernel, found: _Findings, swapped: np.ndarray) -> None:
+    if not k.swap.nr_pages:
+        return
+    counts = k.swap.swap_map.astype(np.int64)
+    counts[0] = 0  # the header
+    found.add_where(
+        "swap",
+        "slot count differs from the swap entries naming it",
+        counts != swapped,
+        lambda slot: f"slot {slot}: swap_map {counts[slot]}, entries {swapped[slot]}",
     )
 
 

@@ -45,6 +45,7 @@ from mktme_sandbox.kernel.page_alloc import PageAllocator
 from mktme_sandbox.kernel.pgtable import PageTables
 from mktme_sandbox.kernel.pgtable_types import USER_END, PteLayout
 from mktme_sandbox.kernel.printk import KernelLog
+from mktme_sandbox.kernel.swapfile import SwapDevice
 from mktme_sandbox.kernel.tlb import Tlb
 from mktme_sandbox.kernel.vma import MmStruct, vma_keyid
 from mktme_sandbox.kernel.vmstat import VmStat
@@ -59,6 +60,7 @@ MITIGATIONS: dict[str, str] = {
     "pte_modify_preserve_keyid": "x86/mm: Preserve KeyID on pte_modify() and pgprot_modify()",
     "flush_on_keyid_change": "x86/mm: Implement prep_encrypted_page() and arch_free_page()",
     "alloc_page_vma_keyid": "mm/page_alloc: Handle allocation for encrypted memory",
+    "migrate_keyid": "mm/page_alloc: Handle allocation for encrypted memory",
 }
 RESERVED_SPACE_NAMES = ("kernel",)  # pagetables/kernel shows the direct mappings
 _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -93,8 +95,14 @@ class Kernel:
             self.vmstat,
             lambda: self.mitigations["flush_on_keyid_change"],
             lambda uid: None if self.unlimited(uid) else config.page_limit,
+            config.numa_nodes,
         )
         self.pages = self.alloc.pages
+        self.swap = SwapDevice(config.swap, config.seed)
+        """The swap partition (``swap``), its slots and its dm-crypt key."""
+        self.pinned: set[int] = set()
+        """PFNs a ``get_user_pages()`` in progress holds: reclaim leaves them."""
+        self.alloc.reclaim = self._reclaim
         """struct page and page_ext of every PFN: the only way to a page's state."""
         self.alloc.alloc_page(0, PG.RESERVED, zero=False)  # PFN 0, as on a PC
         self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)
@@ -133,6 +141,11 @@ class Kernel:
     def _is_table_page(self, pa: int) -> bool:
         pfn = pa // PAGE_SIZE
         return self.pages.pfn_valid(pfn) and self.pages.PageTable(pfn)
+
+    def _reclaim(self) -> int:
+        from mktme_sandbox.kernel.vmscan import try_to_free_pages
+
+        return try_to_free_pages(self)
 
     # --- per-uid limits -----------------------------------------------------------
 
@@ -199,6 +212,7 @@ class Kernel:
             "khugepaged": dataclasses.asdict(self.khugepaged),
             "huge_zero_pfn": self.huge_zero_pfn,
             "huge_zero_refs": self.huge_zero_refs,
+            "swap": self.swap.export_state(),
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -221,6 +235,8 @@ class Kernel:
         huge_zero = state.get("huge_zero_pfn")
         self.huge_zero_pfn = None if huge_zero is None else int(huge_zero)
         self.huge_zero_refs = int(state.get("huge_zero_refs", 0))
+        if "swap" in state:  # a snapshot taken before swap existed has none in use
+            self.swap.import_state(state["swap"])
 
     # --- KeyIDs ---------------------------------------------------------------
 

@@ -31,9 +31,16 @@ page free: the fault falls back to 4K (``thp_fault_fallback``).
 Every page a fault or a COW allocates comes from ``alloc_page_vma()``, which
 gives it the VMA's KeyID (patch 05; switch ``alloc_page_vma_keyid``).
 
-Left out: swap, file pages, accessed/dirty bits set by the walker
-(PTEs are made young, and dirty on a write fault), sharing a THP across fork
-(fork splits it first).
+Swap (``do_swap_page``): a fault on a swap entry allocates a page for the
+VMA's KeyID (prepared as any allocation), reads the slot into it through that
+KeyID, frees the slot and maps the page, writable at once on a write fault
+(the page is exclusive). Pages an access has translated stay pinned
+(``Kernel.pinned``) until it has copied them, so that reclaim run by a later
+page's fault cannot take them.
+
+Left out: file pages, userfaultfd, the swap cache, accessed/dirty bits set by the
+walker (PTEs are made young, and dirty on a write fault), sharing a THP across
+fork (fork splits it first).
 """
 
 from __future__ import annotations
@@ -45,18 +52,22 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, USER_END, Level, PteFlags
+from mktme_sandbox.kernel.swapfile import PTE_MAPPED, is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.tlb import tlb_entry
-from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid, vma_policy_nodes
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
 
 __all__ = [
+    "PTE_MAPPED",
     "access_vm",
     "flush_tlb_mm",
     "get_user_pages",
     "handle_mm_fault",
+    "movable_page",
     "pte_page",
+    "split_huge_pages_in",
     "zap_page_range",
 ]
 
@@ -101,6 +112,8 @@ def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) 
             if pmd is not None:
                 return pmd
         return do_anonymous_page(k, mm, vma, addr, write)
+    if is_swap_pte(found.pte):
+        return do_swap_page(k, mm, vma, addr, found.pte, write)
     if not found.pte & PteFlags.PRESENT:
         fail(errno.EIO, f"{addr:#x}: the PTE {found.pte:#x} is neither present nor empty")
     if found.size == HPAGE_SIZE:
@@ -119,8 +132,9 @@ def _alloc_keyid(k: Kernel, vma: Vma) -> int:
 
 
 def alloc_page_vma(k: Kernel, vma: Vma, zero: bool = True) -> int:
-    """``alloc_page_vma()``: one anonymous page for ``vma`` (faults, COW, UFFDIO_COPY)."""
-    return k.alloc.alloc_page(_alloc_keyid(k, vma), PG.ANON, zero=zero)
+    """``alloc_page_vma()``: one anonymous page for ``vma`` (faults, COW, swap-in),
+    on the nodes of its ``MPOL_BIND`` policy if it has one."""
+    return k.alloc.alloc_page(_alloc_keyid(k, vma), PG.ANON, zero=zero, nodes=vma_policy_nodes(vma))
 
 
 def alloc_hugepage_vma(
@@ -246,14 +260,33 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
     return _map_new_page(k, mm, vma, page, alloc_page_vma(k, vma))
 
 
+def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int, write: bool) -> int:
+    """Swap-in: a page for the VMA's KeyID, the slot's data written through it."""
+    offset = swp_offset(pte)
+    if swp_type(pte) != 0 or not k.swap.valid_slot(offset):
+        fail(errno.EIO, f"{addr:#x}: the swap entry {pte:#x} names no slot in use (SIGBUS)")
+    page = addr & ~(PAGE_SIZE - 1)
+    pfn = alloc_page_vma(k, vma, zero=False)
+    k.platform.store(pfn * PAGE_SIZE, k.swap.readpage(offset), k.pages.page_keyid(pfn))
+    k.swap.swap_free(offset)
+    k.vmstat.inc("pswpin")
+    return _map_new_page(k, mm, vma, page, pfn, writable=write)
+
+
 def _map_new_page(
-    k: Kernel, mm: MmStruct, vma: Vma, va: int, pfn: int, size: int = PAGE_SIZE
+    k: Kernel,
+    mm: MmStruct,
+    vma: Vma,
+    va: int,
+    pfn: int,
+    size: int = PAGE_SIZE,
+    writable: bool = True,
 ) -> int:
     """Map a page just allocated (or copied) for ``vma``: writable and dirty where
     the VMA may be written (``maybe_mkwrite(pte_mkdirty())``), PG_mlocked in a
     VM_LOCKED VMA (``lru_cache_add_active_or_unevictable``)."""
     pte = k.pte_layout.pfn_pte(pfn, vma.vm_page_prot) | (_PSE if size != PAGE_SIZE else 0)
-    if vma.vm_flags & VM.WRITE:
+    if writable and vma.vm_flags & VM.WRITE:
         pte |= _WRITE_BITS
     k.pages.get_page(pfn)
     if vma.vm_flags & VM.LOCKED:
@@ -378,14 +411,17 @@ def access_vm(k: Kernel, mm: MmStruct, addr: int, length: int, data: bytes | Non
     done = accessible_prefix(mm, addr, length, write)
     if done < length and (write or not done):
         _refuse(mm, addr + done, write)
-    runs = _physical_runs(k, mm, addr, done, write)
-    if data is None:
-        return b"".join(k.platform.load(pa, n, keyid) for pa, n, keyid in runs)
-    view = memoryview(data)
-    for pa, n, keyid in runs:
-        k.platform.store(pa, view[:n], keyid)
-        view = view[n:]
-    return b""
+    try:
+        runs = _physical_runs(k, mm, addr, done, write)
+        if data is None:
+            return b"".join(k.platform.load(pa, n, keyid) for pa, n, keyid in runs)
+        view = memoryview(data)
+        for pa, n, keyid in runs:
+            k.platform.store(pa, view[:n], keyid)
+            view = view[n:]
+        return b""
+    finally:
+        k.pinned.clear()
 
 
 def _refuse(mm: MmStruct, addr: int, write: bool) -> NoReturn:
@@ -404,6 +440,7 @@ def _physical_runs(
     while addr < end:
         n = min(PAGE_SIZE - (addr & 0xFFF), end - addr)
         pa, keyid = get_user_pages(k, mm, addr, write)
+        k.pinned.add(pa >> 12)
         if runs and runs[-1][2] == keyid and runs[-1][0] + runs[-1][1] == pa:
             runs[-1] = (runs[-1][0], runs[-1][1] + n, keyid)
         else:
@@ -420,6 +457,9 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     split_huge_pmds(k, mm, start, end)
     for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
         k.pt.clear_pte(mm.pgd, va, size)
+        if is_swap_pte(pte):
+            _free_swap_entry(k, mm, va, pte)
+            continue
         pfn = pte_page(k, pte, size)
         if pfn is None or not mapped_page(k, pfn):
             k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
@@ -430,6 +470,15 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
         k.pages.put_page(pfn)
     k.pt.free_empty_tables(mm.pgd, start, end)
     flush_tlb_range(k, mm, start, end)
+
+
+def _free_swap_entry(k: Kernel, mm: MmStruct, va: int, pte: int) -> None:
+    """``free_swap_and_cache()``; a forged entry is reported, as a bad page map is."""
+    offset = swp_offset(pte)
+    if swp_type(pte) == 0 and k.swap.valid_slot(offset):
+        k.swap.swap_free(offset)
+    else:
+        k.log.printk(f"BUG: Bad swap entry in space {mm.name}: {va:#x} pte:{pte:#018x}")
 
 
 def mapped_page(k: Kernel, pfn: int) -> bool:
@@ -451,6 +500,26 @@ def flush_tlb_mm(k: Kernel, mm: MmStruct) -> None:
     """Every translation of the address space (``spaces/NAME/tlb``)."""
     k.tlb.flush_all(mm.asid)
     k.vmstat.inc("mktme_tlb_flush")
+
+
+def movable_page(k: Kernel, pte: int) -> int | None:
+    """The PFN of a page that may leave its frame (swap-out, migration), or
+    None: a mapped 4 KiB anonymous page mapped by this PTE only, neither the
+    zero page nor KSM's, and not pinned by an access in progress."""
+    if not pte & PTE_MAPPED:
+        return None
+    pfn = pte_page(k, pte)
+    pages = k.pages
+    if pfn is None or pfn in k.pinned or not pages.PageAnon(pfn) or pages.PageCompound(pfn):
+        return None
+    return pfn if pages.page_exclusive(pfn) else None
+
+
+def split_huge_pages_in(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
+    """``split_huge_pmd()`` for every mapped 2M leaf of the range (pageout, move_pages)."""
+    for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
+        if size == HPAGE_SIZE and pte & PTE_MAPPED:
+            split_huge_pmd(k, mm, va, pte)
 
 
 def split_huge_pmds(k: Kernel, mm: MmStruct, start: int, end: int) -> None:

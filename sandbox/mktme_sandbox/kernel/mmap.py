@@ -12,6 +12,8 @@ Rules kept:
   ``pte_modify()``, which with patch 09 ("Preserve KeyID on pte_modify() and
   pgprot_modify()") keeps the KeyID bits; switch
   ``pte_modify_preserve_keyid`` off and they are dropped.
+- ``madvise pageout`` (``MADV_PAGEOUT``) swaps the range's pages out
+  (``kernel/vmscan.py``); mprotect leaves swap entries as they are.
 - ``encrypt_mprotect`` is mprotect plus a KeyID; it discards the pages of the
   range (the data is not preserved, as in the proposed Linux API).
 - After a change, neighbours are merged by ``vma_merge()``, which refuses
@@ -37,6 +39,7 @@ from mktme_sandbox.kernel.memory import (
     zap_page_range,
 )
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, TASK_SIZE, PteFlags
+from mktme_sandbox.kernel.swapfile import is_swap_pte
 from mktme_sandbox.kernel.vma import (
     MMAP_MIN_ADDR,
     VM,
@@ -67,7 +70,7 @@ PROTS: dict[str, VM] = {
     "r-x": VM.READ | VM.EXEC, "rx": VM.READ | VM.EXEC,
     "rwx": VM.READ | VM.WRITE | VM.EXEC,
 }  # fmt: skip
-ADVICE = ("mergeable", "unmergeable", "hugepage", "dontneed")
+ADVICE = ("mergeable", "unmergeable", "hugepage", "dontneed", "pageout")
 _ACCESS = VM.READ | VM.WRITE | VM.EXEC
 
 
@@ -84,6 +87,14 @@ def check_range(op: str, addr: int, length: int) -> int:
             f"{op}: {addr:#x}-{end:#x} is outside the user address space "
             f"{MMAP_MIN_ADDR:#x}-{TASK_SIZE:#x}",
         )
+    return end
+
+
+def check_mapped_range(op: str, mm: MmStruct, addr: int, length: int) -> int:
+    """A range a command needs mapped whole (mbind, migrate): EINVAL/ENOMEM as
+    madvise; returns the aligned end."""
+    end = check_range(op, addr, length)
+    check_mapped(op, mm, addr, end)
     return end
 
 
@@ -190,6 +201,8 @@ def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> Non
     """change_pte_range(): every present PTE through pte_modify()."""
     base = vm_get_page_prot(vma.vm_flags)
     for va, size, pte in list(k.pt.iter_present(mm.pgd, vma.start, vma.end)):
+        if is_swap_pte(pte):
+            continue  # a swap entry holds no protection: the page gets the VMA's at swap-in
         new = k.pte_layout.pte_modify(pte, base, preserve, size)
         pfn = pte_page(k, pte, size)
         if (
@@ -235,6 +248,11 @@ def do_madvise(k: Kernel, mm: MmStruct, addr: int, length: int, advice: str) -> 
     if advice == "dontneed":
         zap_page_range(k, mm, addr, end)
         return
+    if advice == "pageout":
+        from mktme_sandbox.kernel.vmscan import madvise_pageout
+
+        madvise_pageout(k, mm, addr, end)
+        return
     if advice == "unmergeable":
         from mktme_sandbox.kernel.ksm import unmerge_ksm_pages
 
@@ -266,7 +284,7 @@ def vma_merge(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
 
 
 def _can_merge(k: Kernel, prev: Vma, vma: Vma) -> bool:
-    if prev.end != vma.start or prev.vm_flags != vma.vm_flags:
+    if prev.end != vma.start or (prev.vm_flags, prev.vm_policy) != (vma.vm_flags, vma.vm_policy):
         return False
     if vma_keyid(prev, k.pte_layout) == vma_keyid(vma, k.pte_layout):
         return True

@@ -39,8 +39,9 @@ allocation takes never-used memory), watermarks, zones, per-CPU lists.
 
 from __future__ import annotations
 
+import bisect
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -71,6 +72,7 @@ class PageAllocator:
         vmstat: VmStat,
         flush_enabled: Callable[[], bool],
         page_limit: Callable[[int], int | None] = lambda uid: None,
+        numa_nodes: int = 1,
     ) -> None:
         self.mem = mem
         self.vmstat = vmstat
@@ -87,30 +89,108 @@ class PageAllocator:
         """Whom the next allocations are charged to (None: the kernel, uncharged)."""
         self._charged = np.zeros(self.nr_pages, dtype=np.int64)  # uid + 1; 0 uncharged
         self.pages_by_uid: dict[int, int] = {}
+        blocks = self.nr_pages // HPAGE_NR
+        self.node_start = [i * blocks // numa_nodes * HPAGE_NR for i in range(numa_nodes)]
+        """The first PFN of each NUMA node: equal ranges of whole 2M blocks."""
+        self.reclaim: Callable[[], int] = lambda: 0
+        """Direct reclaim: frees some pages, returns how many (0: none could be)."""
 
     # --- allocation -------------------------------------------------------
 
-    def alloc_page(self, keyid: int, flags: PG = PG.ANON, zero: bool = True) -> int:
+    def alloc_page(
+        self,
+        keyid: int,
+        flags: PG = PG.ANON,
+        zero: bool = True,
+        nodes: Sequence[int] | None = None,
+    ) -> int:
         """Allocate one page for ``keyid`` (ENOMEM when memory is exhausted or
-        ``charge_uid`` holds its limit)."""
+        ``charge_uid`` holds its limit), from one of ``nodes`` when given
+        (``__alloc_pages_nodemask``; no reclaim for a node-bound request)."""
         self.check_limit(1)
-        pfn, old_keyid = self._take(keyid)
+        pfn, old_keyid = self._take(keyid, nodes)
         self._prep(pfn, 0, old_keyid, keyid, flags, zero)
         return pfn
 
     def alloc_huge_page(self, keyid: int, zero: bool = True, flags: PG = PG.ANON) -> int | None:
-        """A 2M-aligned order-9 page from never-used memory, or None (also
-        when ``charge_uid`` would exceed its limit)."""
-        start = -(-self._fresh // HPAGE_NR) * HPAGE_NR
+        """A 2M-aligned order-9 page: a wholly free block of one KeyID below
+        never-used memory (compaction makes them), else never-used memory; None
+        when neither has one (also when ``charge_uid`` would exceed its limit)."""
         left = self.pages_left()
-        if start + HPAGE_NR > self.nr_pages or (left is not None and left < HPAGE_NR):
+        if left is not None and left < HPAGE_NR:
             return None
-        self._pools[0].extend(range(self._fresh, start))
-        self.pages.free_pages_prepare(self._fresh, start - self._fresh)
-        self._fresh = start + HPAGE_NR
-        self._prep(start, HPAGE_ORDER, 0, keyid, flags, zero)
+        block = self._free_block()
+        if block is not None:  # a free 2M block below never-used memory (compaction's)
+            old_keyid = self.pages.page_keyid(block)
+            self._isolate(range(block, block + HPAGE_NR))
+            start = block
+        else:
+            start = -(-self._fresh // HPAGE_NR) * HPAGE_NR
+            if start + HPAGE_NR > self.nr_pages:
+                return None
+            self._release_fresh(start)
+            self._fresh = start + HPAGE_NR
+            old_keyid = 0
+        self._prep(start, HPAGE_ORDER, old_keyid, keyid, flags, zero)
         self.pages.prep_compound_page(start, HPAGE_ORDER)
         return start
+
+    def _free_block(self) -> int | None:
+        """The first 2M-aligned block below ``never_used`` whose pages are all free
+        and tagged with one KeyID, or None."""
+        blocks = self._fresh // HPAGE_NR
+        if not blocks:
+            return None
+        free = self.free_mask(0, blocks * HPAGE_NR).reshape(blocks, HPAGE_NR).all(axis=1)
+        keyids = self.pages.keyids_of(0, blocks * HPAGE_NR).reshape(blocks, HPAGE_NR)
+        uniform = (keyids == keyids[:, :1]).all(axis=1)
+        found = np.flatnonzero(free & uniform)
+        return int(found[0]) * HPAGE_NR if len(found) else None
+
+    def _release_fresh(self, start: int) -> None:
+        """Never-used PFNs below ``start`` become ordinary free pages of pool 0."""
+        if start > self._fresh:
+            self._pools[0].extend(range(self._fresh, start))
+            self.pages.free_pages_prepare(self._fresh, start - self._fresh)
+
+    def _isolate(self, pfns: range | list[int]) -> None:
+        """Take the free pages ``pfns`` (all below ``never_used``) off their free lists."""
+        taken = set(pfns)
+        for keyid in {self.pages.page_keyid(pfn) for pfn in taken}:
+            pool = self._pools.get(keyid, [])
+            self._pools[keyid] = [pfn for pfn in pool if pfn not in taken]
+
+    def alloc_page_at(self, pfn: int, keyid: int, flags: PG = PG.ANON) -> None:
+        """Allocate the free page ``pfn`` for ``keyid``, prepared as any
+        allocation but not zeroed: compaction's free scanner
+        (``isolate_freepages`` + ``compaction_alloc``). Never-used pages below
+        it become ordinary free pages of pool 0."""
+        if pfn >= self._fresh:
+            self._release_fresh(pfn)
+            self._fresh = pfn + 1
+            old_keyid = 0
+        else:
+            old_keyid = self.pages.page_keyid(pfn)
+            self._isolate([pfn])
+        self._prep(pfn, 0, old_keyid, keyid, flags, zero=False)
+
+    def migrate_charge(self, old: int, new: int) -> None:
+        """``mem_cgroup_migrate()``: ``new`` is charged to whom ``old`` is."""
+        self._charge(new, 1, self.charged_uid(old))
+
+    # --- NUMA nodes ---------------------------------------------------------------
+
+    @property
+    def numa_nodes(self) -> int:
+        return len(self.node_start)
+
+    def node_span(self, nid: int) -> tuple[int, int]:
+        """The PFNs ``[first, end)`` of node ``nid``."""
+        end = self.node_start[nid + 1] if nid + 1 < self.numa_nodes else self.nr_pages
+        return self.node_start[nid], end
+
+    def pfn_to_nid(self, pfn: int) -> int:
+        return bisect.bisect_right(self.node_start, pfn) - 1
 
     def pages_left(self) -> int | None:
         """Pages ``charge_uid`` may still take; None when it has no limit."""
@@ -131,8 +211,38 @@ class PageAllocator:
                 f"{nr} needed)",
             )
 
-    def _take(self, keyid: int) -> tuple[int, int]:
-        """Pick a free page: own pool, then KeyID 0's, then the fullest other."""
+    def _take(self, keyid: int, nodes: Sequence[int] | None = None) -> tuple[int, int]:
+        """Pick a free page: own pool, then KeyID 0's, then the fullest other;
+        when none is left, reclaim some (swap) and try again, then ENOMEM."""
+        if nodes is not None:
+            found = self._take_on_nodes(keyid, nodes)
+            if found is None:
+                names = ",".join(map(str, nodes))
+                fail(errno.ENOMEM, f"no free page left on node {names}")
+            return found
+        while True:
+            found = self._take_free(keyid)
+            if found is not None:
+                return found
+            if not self.reclaim():
+                fail(errno.ENOMEM, "physical memory exhausted: no free page left")
+
+    def _take_on_nodes(self, keyid: int, nodes: Sequence[int]) -> tuple[int, int] | None:
+        for nid in nodes:
+            lo, hi = self.node_span(nid)
+            for pool_keyid in self._pool_order(keyid):
+                pool = self._pools.get(pool_keyid, [])
+                for i in range(len(pool) - 1, -1, -1):
+                    if lo <= pool[i] < hi:
+                        return pool.pop(i), pool_keyid
+            if self._fresh < hi:
+                pfn = max(self._fresh, lo)
+                self._release_fresh(pfn)
+                self._fresh = pfn + 1
+                return pfn, 0
+        return None
+
+    def _take_free(self, keyid: int) -> tuple[int, int] | None:
         for pool_keyid in self._pool_order(keyid):
             pool = self._pools.get(pool_keyid)
             if pool:
@@ -140,7 +250,7 @@ class PageAllocator:
             if pool_keyid == 0 and self._fresh < self.nr_pages:
                 self._fresh += 1
                 return self._fresh - 1, 0
-        fail(errno.ENOMEM, "physical memory exhausted: no free page left")
+        return None
 
     def _pool_order(self, keyid: int) -> list[int]:
         others = sorted(

@@ -7,7 +7,8 @@ anonymous memory, smaps values are right-aligned to column 24 with `` kB``,
 entry (before ``VmFlags``), and ``mm/page_keyid`` (one u64 KeyID per PFN).
 
 pagemap: bits 0-54 PFN (KeyID bits masked out, docs/spec.md section 4), 56 exclusively
-mapped, 63 present. PFNs are shown to every reader: this is a sandbox for
+mapped, 63 present; a swapped page has bit 62 and, in bits 0-4, the swap type
+and, in bits 5-54, the offset. ``swaps`` is /proc/swaps. PFNs are shown to every reader: this is a sandbox for
 looking at physical memory (Linux hides them without CAP_SYS_ADMIN).
 Zero-page and non-present entries follow Linux: the zero page is present with
 its PFN but neither exclusive nor counted in Rss.
@@ -27,7 +28,8 @@ from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import MmWalkOps, PteTable
 from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_SIZE, USER_END, Level, PteFlags
-from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid
+from mktme_sandbox.kernel.swapfile import PTE_MAPPED, is_swap_pte, swp_offset, swp_type
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid, vma_policy_nodes
 
 if TYPE_CHECKING:
     from mktme_sandbox.kernel.kernel import Kernel
@@ -37,11 +39,14 @@ __all__ = [
     "PAGEMAP_ENTRY",
     "PM_MMAP_EXCLUSIVE",
     "PM_PRESENT",
+    "PM_SWAP",
     "kpageflags",
     "maps",
+    "numa_maps",
     "page_keyid",
     "pagemap",
     "smaps",
+    "swaps",
     "vma_name",
 ]
 
@@ -49,6 +54,8 @@ PAGEMAP_ENTRY = 8
 PSS_SHIFT = 12  # fs/proc/task_mmu.c: Pss is summed in bytes << PSS_SHIFT
 PM_PFN_MASK = (1 << 55) - 1
 PM_MMAP_EXCLUSIVE = 1 << 56
+PM_SWAP = 1 << 62
+MAX_SWAPFILES_SHIFT = 5
 PM_PRESENT = 1 << 63
 
 
@@ -155,6 +162,8 @@ class MemSizeStats:
     ksm: int = 0
     anonymous_thp: int = 0
     locked: int = 0  # << PSS_SHIFT, as pss
+    swap: int = 0
+    swap_pss: int = 0  # << PSS_SHIFT
 
 
 def _show_smap(mss: MemSizeStats, rollup: bool) -> str:
@@ -170,7 +179,8 @@ def _show_smap(mss: MemSizeStats, rollup: bool) -> str:
         ("Referenced", mss.resident), ("Anonymous", mss.anonymous), ("KSM", mss.ksm),
         ("LazyFree", 0), ("AnonHugePages", mss.anonymous_thp), ("ShmemPmdMapped", 0),
         ("FilePmdMapped", 0), ("Shared_Hugetlb", 0), ("Private_Hugetlb", 0),
-        ("Swap", 0), ("SwapPss", 0), ("Locked", mss.locked >> PSS_SHIFT),
+        ("Swap", mss.swap), ("SwapPss", mss.swap_pss >> PSS_SHIFT),
+        ("Locked", mss.locked >> PSS_SHIFT),
     ]  # fmt: skip
     return "".join(_kb(name, value) for name, value in fields)
 
@@ -178,6 +188,11 @@ def _show_smap(mss: MemSizeStats, rollup: bool) -> str:
 def _account_vma(k: Kernel, mm: MmStruct, vma: Vma, mss: MemSizeStats) -> None:
     """smaps_pte_entry() / smaps_account() over the VMA's present pages."""
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
+        if is_swap_pte(pte):  # smaps_pte_entry(): a swap entry's share of its slot
+            mss.swap += PAGE_SIZE
+            slot_users = max(k.swap.swap_count(swp_offset(pte)), 1)
+            mss.swap_pss += (PAGE_SIZE << PSS_SHIFT) // slot_users
+            continue
         pfn = pte_page(k, pte, size)
         if pfn is None or k.pages.is_zero_pfn(pfn):
             continue  # vm_normal_page() is NULL for the zero page and bad frames
@@ -206,6 +221,7 @@ def status(k: Kernel, mm: MmStruct) -> str:
     vm = sum(len(v) for v in mm.vmas())
     locked = sum(len(v) for v in mm.vmas() if v.vm_flags & VM.LOCKED)  # mm->locked_vm
     rss = sum(size for _, size, pte in _mapped_pages(k, mm))
+    swapped = sum(PAGE_SIZE for _, _, pte in k.pt.iter_present(mm.pgd) if is_swap_pte(pte))
     data = sum(len(v) for v in mm.vmas() if v.vm_flags & VM.WRITE)  # is_data_mapping
     lib = sum(
         len(v) for v in mm.vmas() if v.vm_flags & (VM.EXEC | VM.WRITE) == VM.EXEC
@@ -214,7 +230,7 @@ def status(k: Kernel, mm: MmStruct) -> str:
     lines = (
         ("VmPeak", vm), ("VmSize", vm), ("VmLck", locked), ("VmPin", 0), ("VmHWM", rss),
         ("VmRSS", rss), ("RssAnon", rss), ("RssFile", 0), ("RssShmem", 0), ("VmData", data),
-        ("VmStk", 0), ("VmExe", 0), ("VmLib", lib), ("VmPTE", ptes), ("VmSwap", 0),
+        ("VmStk", 0), ("VmExe", 0), ("VmLib", lib), ("VmPTE", ptes), ("VmSwap", swapped),
         ("HugetlbPages", 0),
     )  # fmt: skip
     return f"Name:\t{mm.name[:15]}\n" + "".join(f"{n}:\t{b >> 10:>8} kB\n" for n, b in lines)
@@ -223,7 +239,7 @@ def status(k: Kernel, mm: MmStruct) -> str:
 def _mapped_pages(k: Kernel, mm: MmStruct) -> Iterator[tuple[int, int, int]]:
     """(va, size, pte) of the pages counted in MM_ANONPAGES: the zero page is not."""
     for va, size, pte in k.pt.iter_present(mm.pgd):
-        pfn = pte_page(k, pte, size)
+        pfn = pte_page(k, pte, size) if pte & PTE_MAPPED else None
         if pfn is not None and not k.pages.is_zero_pfn(pfn):
             yield va, size, pte
 
@@ -247,9 +263,10 @@ def pagemap(k: Kernel, mm: MmStruct, offset: int, length: int) -> bytes:
 def _pagemap_ops(k: Kernel, entries: np.ndarray, first: int) -> MmWalkOps:
     """pagemap_pmd_range(): a PTE table at once, a huge leaf page by page.
 
-    Every non-empty entry is reported present with its frame (PROT_NONE
-    included); exclusive when it maps a page of this machine, not the zero
-    page, mapped once.
+    Every entry that maps a page is reported present with its frame
+    (PROT_NONE included); exclusive when it maps a page of this machine, not
+    the zero page, mapped once. A swap entry is reported as Linux's
+    pte_to_pagemap_entry() does: PM_SWAP, the type in bits 0-4, the offset above.
     """
     start, end = first << 12, (first + len(entries)) << 12
     pfn_mask, nr_pages = np.uint64(k.pte_layout.pfn_mask), k.pages.nr_pages
@@ -265,6 +282,11 @@ def _pagemap_ops(k: Kernel, entries: np.ndarray, first: int) -> MmWalkOps:
         )
         value = np.uint64(PM_PRESENT) | (pfn.astype(np.uint64) & np.uint64(PM_PFN_MASK))
         value[exclusive] |= np.uint64(PM_MMAP_EXCLUSIVE)
+        swapped = (table.pte & np.uint64(PTE_MAPPED)) == 0
+        if swapped.any():
+            value[swapped] = np.array(
+                [_swap_pagemap_entry(int(pte)) for pte in table.pte[swapped]], dtype=np.uint64
+            )
         entries[(table.va >> np.uint64(12)).astype(np.int64) - first] = value
 
     def huge_entry(va: int, level: Level, pte: int) -> None:
@@ -280,6 +302,10 @@ def _pagemap_ops(k: Kernel, entries: np.ndarray, first: int) -> MmWalkOps:
             entries[(addr >> 12) - first] = base | ((pfn + ((addr - va) >> 12)) & PM_PFN_MASK)
 
     return MmWalkOps(pte_table=pte_table, huge_entry=huge_entry)
+
+
+def _swap_pagemap_entry(pte: int) -> int:
+    return PM_SWAP | swp_type(pte) | swp_offset(pte) << MAX_SWAPFILES_SHIFT
 
 
 # --- kpageflags / page_keyid --------------------------------------------------------
@@ -392,7 +418,8 @@ def _meminfo_line(name: str, value: int) -> str:
 
 def _meminfo_values(k: Kernel) -> dict[str, int]:
     """Values in kB (HugePages_* in pages). The model has one memory zone, no
-    page cache, slab, swap or hugetlbfs: those fields are 0. New anonymous
+    page cache, slab or hugetlbfs: those fields are 0. Mlocked pages are on the
+    unevictable LRU (``Unevictable`` = ``Mlocked``). New anonymous
     pages go to the inactive anon LRU (lru_cache_add_inactive_or_unevictable)
     and nothing ages them, so ``Active(anon)`` stays 0."""
     state, kb = node_page_state(k), PAGE_SIZE >> 10
@@ -400,19 +427,21 @@ def _meminfo_values(k: Kernel) -> dict[str, int]:
     total = (k.alloc.nr_pages - reserved) * kb  # totalram_pages: reserved pages are not RAM
     free, anon = state["nr_free_pages"] * kb, state["nr_anon_pages"] * kb
     committed = sum(len(v) for mm in k.spaces.values() for v in mm.vmas() if v.vm_flags & VM.WRITE)
+    mlocked = int(((k.pages.flags_of() & PG.MLOCKED) != 0).sum()) * kb
     zeros = dict.fromkeys
     return {
         "MemTotal": total, "MemFree": free, "MemAvailable": free,
         **zeros(("Buffers", "Cached", "SwapCached", "Active"), 0), "Inactive": anon,
         "Active(anon)": 0, "Inactive(anon)": anon,
-        **zeros(("Active(file)", "Inactive(file)", "Unevictable", "Mlocked", "SwapTotal",
-                 "SwapFree", "Zswap", "Zswapped", "Dirty", "Writeback"), 0),
+        **zeros(("Active(file)", "Inactive(file)"), 0), "Unevictable": mlocked,
+        "Mlocked": mlocked, "SwapTotal": k.swap.total * kb, "SwapFree": k.swap.free() * kb,
+        **zeros(("Zswap", "Zswapped", "Dirty", "Writeback"), 0),
         "AnonPages": anon,
         **zeros(("Mapped", "Shmem", "KReclaimable", "Slab", "SReclaimable", "SUnreclaim",
                  "KernelStack"), 0),
         "PageTables": state["nr_page_table_pages"] * kb,
         **zeros(("SecPageTables", "NFS_Unstable", "Bounce", "WritebackTmp"), 0),
-        "CommitLimit": total * OVERCOMMIT_RATIO // 100, "Committed_AS": committed >> 10,
+        "CommitLimit": total * OVERCOMMIT_RATIO // 100 + k.swap.total * kb, "Committed_AS": committed >> 10,
         "VmallocTotal": VMALLOC_TOTAL_KB, **zeros(("VmallocUsed", "VmallocChunk", "Percpu"), 0),
         "AnonHugePages": state["nr_anon_transparent_hugepages"] * (HPAGE_NR * kb),
         **zeros(("ShmemHugePages", "ShmemPmdMapped", "FileHugePages", "FilePmdMapped",
@@ -420,3 +449,62 @@ def _meminfo_values(k: Kernel) -> dict[str, int]:
         "Hugepagesize": HPAGE_NR * kb, "Hugetlb": 0,
         "DirectMap4k": 0, "DirectMap2M": k.alloc.nr_pages * kb, "DirectMap1G": 0,
     }  # fmt: skip
+
+
+# --- swaps ---------------------------------------------------------------------------
+
+
+def swaps(k: Kernel) -> str:
+    """/proc/swaps (``swap_show``): the header, then the device named by its path
+    in the mount, sizes in KiB without the header page, priority -2 (the first
+    device ``swapon`` enables without one)."""
+    lines = ["Filename\t\t\t\tType\t\tSize\tUsed\tPriority\n"]
+    if k.swap.total:
+        size, used = k.swap.total * 4, k.swap.in_use() * 4
+        lines.append(f"{'/swap':<40}partition\t{size}\t{used}\t-2\n")
+    return "".join(lines)
+
+
+# --- numa_maps ------------------------------------------------------------------------
+
+
+def nodelist(nodes: tuple[int, ...] | list[int]) -> str:
+    """``%*pbl``: ``0-2,5``."""
+    runs: list[list[int]] = []
+    for nid in sorted(nodes):
+        if runs and runs[-1][1] == nid - 1:
+            runs[-1][1] = nid
+        else:
+            runs.append([nid, nid])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def numa_maps(k: Kernel, mm: MmStruct) -> str:
+    """/proc/PID/numa_maps (fs/proc/task_mmu.c show_numa_map) for anonymous VMAs."""
+    return "".join(_numa_map(k, mm, vma) for vma in mm.vmas())
+
+
+def _numa_map(k: Kernel, mm: MmStruct, vma: Vma) -> str:
+    nodes = vma_policy_nodes(vma)
+    policy = "default" if nodes is None else f"bind:{nodelist(nodes)}"
+    pages = anon = dirty = mapmax = 0
+    per_node = [0] * k.alloc.numa_nodes
+    for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
+        pfn = pte_page(k, pte, size) if pte & PTE_MAPPED else None
+        if pfn is None or k.pages.is_zero_pfn(pfn):
+            continue  # vm_normal_page() is NULL: not gathered
+        nr = size >> 12
+        pages += nr
+        anon += nr if k.pages.PageAnon(pfn) else 0
+        dirty += nr if pte & PteFlags.DIRTY else 0
+        mapmax = max(mapmax, k.pages.page_mapcount(pfn))
+        per_node[k.alloc.pfn_to_nid(pfn)] += nr
+    line = f"{vma.start:08x} {policy}"
+    if pages:
+        line += f" anon={anon}" if anon else ""
+        line += f" dirty={dirty}" if dirty else ""
+        line += f" mapped={pages}" if pages not in (anon, dirty) else ""
+        line += f" mapmax={mapmax}" if mapmax > 1 else ""
+        line += "".join(f" N{nid}={n}" for nid, n in enumerate(per_node) if n)
+        line += " kernelpagesize_kB=4"
+    return line + "\n"

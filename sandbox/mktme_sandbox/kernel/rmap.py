@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mktme_sandbox.kernel.memory import PTE_MAPPED
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable_types import HPAGE_NR
 
@@ -69,6 +70,7 @@ def _ptes_per_page(k: Kernel, uid: int, lo: int, hi: int) -> np.ndarray:
             continue
         leaves = k.pt.leaf_arrays(mm.pgd)
         pfn = k.pte_layout.pte_pfns(leaves.pte, leaves.size)
-        inside = pfn[(pfn >= lo) & (pfn < hi)]
+        mapping = (leaves.pte & np.uint64(PTE_MAPPED)) != 0  # a swap entry maps no page
+        inside = pfn[mapping & (pfn >= lo) & (pfn < hi)]
         counts += np.bincount(inside - lo, minlength=hi - lo)
     return counts

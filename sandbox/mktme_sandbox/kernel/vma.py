@@ -66,6 +66,7 @@ class Vma:
     end: int
     vm_flags: VM
     vm_page_prot: int  # PTE bits with the KeyID in the address field
+    vm_policy: int = 0  # MPOL_BIND node mask (bit N: node N); 0 the default policy
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -82,6 +83,14 @@ class Vma:
             )
             + "p"
         )
+
+
+def vma_policy_nodes(vma: Vma) -> tuple[int, ...] | None:
+    """The nodes a VMA's ``MPOL_BIND`` policy allows; None for the default policy."""
+    mask = vma.vm_policy
+    if not mask:
+        return None
+    return tuple(nid for nid in range(mask.bit_length()) if mask >> nid & 1)
 
 
 def vma_keyid(vma: Vma, layout: PteLayout) -> int:
@@ -101,7 +110,7 @@ class MmStruct:
         self._starts: list[int] = []
 
     def export_state(self) -> dict[str, Any]:
-        vmas = [[v.start, v.end, int(v.vm_flags), v.vm_page_prot] for v in self._vmas]
+        vmas = [[v.start, v.end, int(v.vm_flags), v.vm_page_prot, v.vm_policy] for v in self._vmas]
         return {
             "name": self.name,
             "owner": self.owner,
@@ -113,8 +122,8 @@ class MmStruct:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MmStruct:
         mm = cls(str(state["name"]), int(state["owner"]), int(state["pgd"]), int(state["asid"]))
-        for start, end, vm_flags, prot in state["vmas"]:
-            mm.insert(Vma(int(start), int(end), VM(vm_flags), int(prot)))
+        for start, end, vm_flags, prot, *policy in state["vmas"]:
+            mm.insert(Vma(int(start), int(end), VM(vm_flags), int(prot), int(sum(policy))))
         return mm
 
     # --- lookup -----------------------------------------------------------

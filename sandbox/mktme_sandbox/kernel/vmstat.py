@@ -16,9 +16,18 @@ __all__ = ["VMSTAT_ITEMS", "VmStat"]
 
 VMSTAT_ITEMS: dict[str, str] = {
     # Linux's vm_event_item names, in mm/vmstat.c vmstat_text order
+    "pswpin": "pages read in from swap",
+    "pswpout": "pages written out to swap",
     "pgalloc_normal": "pages allocated (ZONE_NORMAL, the only zone; all KeyIDs)",
+    "allocstall_normal": "allocations that found no free page and ran direct reclaim",
     "pgfree": "pages freed",
     "pgfault": "page faults handled",
+    "pgmigrate_success": "pages migrated (move_pages, compaction)",
+    "pgmigrate_fail": "pages that could not be migrated",
+    "compact_migrate_scanned": "pages the migrate scanner looked at",
+    "compact_free_scanned": "pages the free scanner looked at",
+    "compact_stall": "compaction runs (mm/compact_memory)",
+    "compact_success": "nodes that compaction left with a free 2M block",
     "unevictable_pgs_mlocked": "pages marked mlocked",
     "unevictable_pgs_munlocked": "pages whose mlock was cleared",
     "thp_fault_alloc": "huge pages allocated by a fault in a hugepage VMA",

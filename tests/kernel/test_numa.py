@@ -1,0 +1,81 @@
+"""NUMA nodes, mbind and numa_maps (kernel/migrate.py, kernel/proc.py)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from kernel_helpers import PAGE, U, ctl, machine, pfn_of, space, two_keys, vmstat
+from mktme_sandbox.errors import SandboxError
+
+
+def test_numa_nodes_split_memory_into_equal_ranges_of_2m_blocks():
+    m = machine(phys_mem="16M", numa_nodes=2)
+    assert m.kernel.alloc.node_span(0) == (0, 2048)
+    assert m.kernel.alloc.node_span(1) == (2048, 4096)
+
+
+def test_numa_maps_has_linux_format():
+    """fs/proc/task_mmu.c show_numa_map(): address, policy, anon=, dirty=,
+    N<node>=, kernelpagesize_kB=."""
+    m = machine(phys_mem="16M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 16K rw-")
+    m.write_virt(a, U, b"x" * (2 * PAGE))
+    assert m.numa_maps(a) == "10000000 default anon=2 dirty=2 N0=2 kernelpagesize_kB=4\n"
+
+
+def test_mbind_binds_later_faults_to_the_nodes_and_splits_the_vma():
+    """mm/mempolicy.c mbind_range(): the range's VMAs get the policy; faults
+    allocate from its nodes."""
+    m = machine(phys_mem="16M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 16K rw-")
+    ctl(m, a, f"mbind {U + 2 * PAGE:#x} 8K 1")
+    m.write_virt(a, U, b"x" * (4 * PAGE))
+    assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U)) == 0
+    assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U + 3 * PAGE)) == 1
+    assert m.numa_maps(a).splitlines()[1].startswith("10002000 bind:1 anon=2")
+    ctl(m, a, f"mbind {U:#x} 8K 1")
+    assert len(m.maps(a).splitlines()) == 1  # equal policies merge again
+
+
+def test_mbind_never_merges_neighbours_of_different_keyids():
+    """Patch 01 in mbind_range(): vma_merge() is given the VMA's KeyID."""
+    m, a = two_keys(phys_mem="16M", numa_nodes=2)
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=2")
+    ctl(m, a, f"mbind {U:#x} 8K 0")
+    assert len(m.maps(a).splitlines()) == 2
+    assert vmstat(m)["mktme_vma_merge_refused_keyid"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("command", "err"),
+    [("mbind {U:#x} 4K 2", errno.ENODEV), ("migrate {U:#x} 4K 5", errno.ENODEV),
+     ("migrate {U:#x} 64K 1", errno.ENOMEM), ("mbind {U:#x} 4K x", errno.EINVAL)],
+)  # fmt: skip
+def test_bad_nodes_and_holes_are_refused_changing_nothing(command, err):
+    m = machine(phys_mem="16M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw-")
+    maps = m.maps(a)
+    with pytest.raises(SandboxError) as caught:
+        ctl(m, a, command.format(U=U))
+    assert caught.value.errno == err
+    assert m.maps(a) == maps
+
+
+def test_migrate_to_a_full_node_is_refused_whole():
+    m = machine(phys_mem="4M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 1M rw- populate")
+    ctl(m, a, f"mmap {U + (2 << 20):#x} 2M rw-")
+    ctl(m, a, f"mbind {U + (2 << 20):#x} 2M 1")
+    m.write_virt(a, U + (2 << 20), b"y" * (300 * PAGE))
+    with pytest.raises(SandboxError) as caught:
+        ctl(m, a, f"migrate {U:#x} 1M 1")
+    assert caught.value.errno == errno.ENOMEM
+    assert vmstat(m)["pgmigrate_success"] == 0
+    assert m.check() == []

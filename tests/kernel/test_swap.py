@@ -1,0 +1,177 @@
+"""Swap: pages that leave memory and come back (kernel/swapfile.py, kernel/vmscan.py)."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from kernel_helpers import PAGE, U, ctl, machine, space, two_keys, vmstat
+from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.kernel.swapfile import SWAP_MAGIC, swp_entry_to_pte
+from mktme_sandbox.kernel.vma import VM
+
+SECRET = b"launch code 0000" * 4
+
+
+def swapped_out(**options: object):
+    """KeyID 1 page at U holding SECRET, then ``madvise pageout``."""
+    m, a = two_keys(**options)
+    ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    ctl(m, a, f"madvise {U:#x} 16K pageout")
+    return m, a
+
+
+def pagemap_entry(m, name: str, va: int) -> int:
+    return struct.unpack("<Q", m.pagemap(name, (va >> 12) * 8, 8))[0]
+
+
+def swap_bytes(m) -> bytes:
+    return m.read_swap(0, m.swap_size)
+
+
+def test_the_swap_device_is_formatted_as_mkswap_formats_a_partition():
+    """include/linux/swap.h, union swap_header: "SWAPSPACE2" in the last ten
+    bytes of page 0, then info.version 1, info.last_page, info.nr_badpages 0
+    after the 1024 boot bytes."""
+    m = machine(swap="1M")
+    header = swap_bytes(m)[:PAGE]
+    assert header[PAGE - 10 :] == SWAP_MAGIC
+    assert struct.unpack_from("<III", header, 1024) == (1, 255, 0)
+    assert header[1036:1052] != bytes(16)  # sws_uuid
+    assert len(swap_bytes(m)) == 1 << 20
+    assert m.swaps().splitlines()[1].split()[1:] == ["partition", "1020", "0", "-2"]
+
+
+def test_a_page_written_through_a_keyid_is_in_swap_in_clear():
+    """mm/page_io.c swap_writepage() reads the page through the kernel's
+    mapping, page_to_virt(), which the series makes the direct mapping of the
+    page's KeyID (patch 18): the device receives plaintext."""
+    m, _a = swapped_out()
+    assert SECRET in swap_bytes(m)
+    assert SECRET not in m.read_dram(0, m.phys_mem)
+    assert vmstat(m)["pswpout"] == 1
+    assert m.check() == []
+
+
+def test_encrypted_swap_keeps_the_page_out_of_the_device_in_clear():
+    """dm-crypt aes-xts-plain64 under the device's own key: ciphertext on the
+    disk, the page back intact on the next fault."""
+    m, a = two_keys()
+    m.swap_encryption = True
+    ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    ctl(m, a, f"madvise {U:#x} 16K pageout")
+    assert SECRET not in swap_bytes(m)
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert m.check() == []
+
+
+def test_swap_in_allocates_a_page_of_the_vmas_keyid_and_frees_the_slot():
+    """mm/memory.c do_swap_page(): a new page for the VMA (patch 05's
+    alloc_page_vma with the VMA's KeyID), the slot freed once read."""
+    m, a = swapped_out()
+    pages_before = m.kernel.pages_of(1)
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert m.kernel.pages_of(1) == pages_before + 1
+    assert pagemap_entry(m, a, U) >> 63 == 1
+    assert m.kernel.swap.in_use() == 0
+    assert vmstat(m)["pswpin"] == 1
+    assert m.check() == []
+
+
+def test_a_swapped_page_shows_in_pagemap_smaps_and_swaps():
+    """Documentation/admin-guide/mm/pagemap.rst: "Bit 62 page swapped", bits
+    0-4 swap type, bits 5-54 swap offset; smaps Swap: and SwapPss:."""
+    m, a = swapped_out()
+    entry = pagemap_entry(m, a, U)
+    assert entry >> 62 == 1  # swapped, not present
+    assert entry & 0x1F == 0
+    assert (entry >> 5) & ((1 << 50) - 1) == 1
+    smaps = m.smaps(a)
+    assert "Swap:                  4 kB" in smaps
+    assert "SwapPss:               4 kB" in smaps
+    assert m.swaps().splitlines()[1].split()[3] == "4"
+
+
+def test_munmap_frees_the_slots_of_swapped_pages():
+    m, a = swapped_out()
+    ctl(m, a, f"munmap {U:#x} 16K")
+    assert m.kernel.swap.in_use() == 0
+    assert m.check() == []
+
+
+def test_reclaim_swaps_pages_out_before_an_allocation_fails():
+    """mm/page_alloc.c __alloc_pages_slowpath(): direct reclaim before the
+    allocation gives up; ENOMEM only once swap is full too."""
+    m = machine(phys_mem="8M", swap="2M")
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 9M rw-")
+    for va in range(U, U + (9 << 20), PAGE):
+        m.write_virt(a, va, va.to_bytes(8, "little"))
+    assert vmstat(m)["allocstall_normal"] > 0
+    assert vmstat(m)["pswpout"] > 0
+    assert all(
+        m.read_virt(a, va, 8) == va.to_bytes(8, "little")
+        for va in range(U, U + (9 << 20), 64 * PAGE)
+    )
+    assert m.check() == []
+    ctl(m, a, f"mmap {U + (16 << 20):#x} 4M rw-")
+    for va in range(U + (16 << 20), U + (20 << 20), PAGE):
+        try:
+            m.write_virt(a, va, b"x")
+        except SandboxError as err:
+            failed = err
+            break
+    assert failed.errno == errno.ENOMEM
+    assert m.check() == []
+
+
+def test_mlocked_pages_never_leave_memory():
+    """mm/vmscan.c: VM_LOCKED pages are unevictable; MADV_PAGEOUT refuses a
+    locked VMA (can_madv_lru_vma) with EINVAL."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    mm = m.kernel.space(a)
+    vma = mm.find_vma(U)
+    mm.replace(vma, vma.with_(vm_flags=vma.vm_flags | VM.LOCKED))
+    with pytest.raises(SandboxError) as caught:
+        ctl(m, a, f"madvise {U:#x} 16K pageout")
+    assert caught.value.errno == errno.EINVAL
+    from mktme_sandbox.kernel.vmscan import try_to_free_pages
+
+    assert try_to_free_pages(m.kernel) == 0
+    assert SECRET not in swap_bytes(m)
+
+
+def test_a_machine_without_swap_has_an_empty_device_and_pageout_does_nothing():
+    m = machine(swap=0)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw-")
+    m.write_virt(a, U, b"x")
+    ctl(m, a, f"madvise {U:#x} 4K pageout")
+    assert swap_bytes(m) == b""
+    assert m.swaps().count("\n") == 1
+    assert pagemap_entry(m, a, U) >> 63 == 1
+
+
+def test_the_audit_reports_a_forged_swap_entry_and_a_leaked_slot():
+    m, a = swapped_out()
+    mm = m.kernel.space(a)
+    m.kernel.pt.set_pte(mm.pgd, U + PAGE, swp_entry_to_pte(0, 200))
+    m.kernel.swap.swap_map[7] = 1
+    problems = "\n".join(m.check())
+    assert "swap entry names no slot in use" in problems
+    assert "slot count differs from the swap entries naming it" in problems
+
+
+def test_a_snapshot_keeps_the_swapped_pages(tmp_path):
+    m, a = swapped_out(swap="1M")
+    m.snapshot(tmp_path / "s")
+    other = machine(swap="1M")
+    other.restore(tmp_path / "s")
+    assert other.read_virt(a, U, len(SECRET)) == SECRET
+    assert other.check() == []
