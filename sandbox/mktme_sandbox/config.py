@@ -90,6 +90,8 @@ class MachineConfig:
     """KeyIDs one unprivileged uid may own; None: half of ``nr_keyids``, rounded up."""
     max_pages_per_uid: int | None = None
     """Pages one unprivileged uid may hold; None: half of physical memory."""
+    tweak_cache: int = 16 * MiB
+    """Host memory for the engine's tables of XTS tweaks (4 KiB a page); 0: none."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,6 +129,11 @@ class MachineConfig:
             problems.append(
                 f"cache_size must be 0 (no cache) or a multiple of 64K up to 1G, "
                 f"not {size_text(self.cache_size)}"
+            )
+        if self.tweak_cache % (4 * KiB) or not 0 <= self.tweak_cache <= 1 * GiB:
+            problems.append(
+                f"tweak_cache must be 0 (none) or a multiple of 4K up to 1G, "
+                f"not {size_text(self.tweak_cache)}"
             )
         if self.seed is not None and self.seed < 0:
             problems.append(f"seed must be >= 0, not {self.seed}")
@@ -177,7 +184,7 @@ class MachineConfig:
 
 
 def _normalize(name: str, value: object) -> object:
-    if name in ("phys_mem", "cache_size") and isinstance(value, str):
+    if name in ("phys_mem", "cache_size", "tweak_cache") and isinstance(value, str):
         return parse_size(value)
     if name == "algorithms" and isinstance(value, str | tuple | list):
         parts = value.split(",") if isinstance(value, str) else value

@@ -47,8 +47,7 @@ class MemoryController:
     def read_run(self, first: int, keyid: int, out: np.ndarray) -> None:
         """``read_lines`` of the ``len(out)`` lines from line ``first``, into ``out [L, 64]``."""
         ciphertext = self._dram.lines[first : first + len(out)]
-        pas = np.arange(first, first + len(out), dtype=np.uint64) * np.uint64(LINE_SIZE)
-        self._cipher(keyid).decrypt_lines(ciphertext, pas, out)
+        self._cipher(keyid).decrypt_run(ciphertext, first * LINE_SIZE, out)
 
     def write_lines(self, line_numbers: np.ndarray, keyid: int, lines: np.ndarray) -> None:
         """Encrypt plaintext ``lines [L, 64]`` with ``keyid``'s current key into DRAM."""
