@@ -334,7 +334,7 @@ class XtsKey:
         slots = self._tables.slots_of(self, first, last - first + 1)
         if slots is None:
             return None
-        if run is not None and slots[-1] - slots[0] == len(slots) - 1:  # consecutive slots
+        if run is not None and slots == list(range(slots[0], slots[0] + len(slots))):
             start = slots[0] * LINES_PER_PAGE + (low & (LINES_PER_PAGE - 1))
             return self._tables.flat[start : start + count]  # the run's tweaks, in place
         if line_pas is None:
