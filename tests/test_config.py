@@ -55,6 +55,8 @@ def test_bad_sizes_say_what_a_size_looks_like(text):
         ({"algorithms": ("aes-xts-512",)}, "algorithms must be a non-empty subset"),
         ({"algorithms": ()}, "algorithms must be a non-empty subset"),
         ({"cache_size": 1000}, "cache_size must be 0"),
+        ({"tweak_cache": 1000}, "tweak_cache must be 0"),
+        ({"tweak_cache": 2 * GiB}, "tweak_cache must be 0 .* up to 1G"),
         ({"seed": -5}, "seed must be >= 0"),
     ],
 )

@@ -171,6 +171,13 @@ def test_a_snapshot_of_a_machine_configured_otherwise_is_refused(option):
     assert held(m) == before
 
 
+def test_a_snapshot_restores_on_a_machine_with_another_tweak_cache():
+    m = with_secrets(machine())
+    other = machine(tweak_cache=0)
+    other.restore(m.snapshot())
+    assert observables(other) == observables(m)
+
+
 def test_a_missing_file_is_enoent(tmp_path):
     with pytest.raises(SandboxError) as refused:
         machine().restore(tmp_path / "nothing.snap")

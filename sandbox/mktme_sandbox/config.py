@@ -100,6 +100,8 @@ class MachineConfig:
     """The swap partition's size (0: no swap), its first page the header."""
     numa_nodes: int = 1
     """NUMA nodes physical memory is split into, equal ranges of whole 2 MiB blocks."""
+    tweak_cache: int = 16 * MiB
+    """Host memory for the engine's tables of XTS tweaks (4 KiB a page); 0: none."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +141,11 @@ class MachineConfig:
                 f"not {size_text(self.cache_size)}"
             )
         problems += self._exclusion_problems()
+        if self.tweak_cache % (4 * KiB) or not 0 <= self.tweak_cache <= 1 * GiB:
+            problems.append(
+                f"tweak_cache must be 0 (none) or a multiple of 4K up to 1G, "
+                f"not {size_text(self.tweak_cache)}"
+            )
         if self.seed is not None and self.seed < 0:
             problems.append(f"seed must be >= 0, not {self.seed}")
         if self.swap % PAGE_SIZE or not (self.swap == 0 or 2 * PAGE_SIZE <= self.swap <= 64 * GiB):
@@ -211,7 +218,14 @@ class MachineConfig:
 
 
 def _normalize(name: str, value: object) -> object:
-    sizes = ("phys_mem", "cache_size", "tme_exclude_base", "tme_exclude_size", "swap")
+    sizes = (
+        "phys_mem",
+        "cache_size",
+        "tme_exclude_base",
+        "tme_exclude_size",
+        "swap",
+        "tweak_cache",
+    )
     if name in sizes and isinstance(value, str):
         return parse_size(value)
     if name == "algorithms" and isinstance(value, str | tuple | list):

@@ -181,7 +181,7 @@ class Machine:
     def _clip(self, pa: int, length: int) -> int:
         if pa < 0:
             fail(errno.EINVAL, f"physical address {pa:#x} is negative")
-        return max(0, min(length, self.phys_mem - pa))
+        return max(0, min(length, self.config.phys_mem - pa))
 
     def _check_phys(self, pa: int, length: int) -> None:
         if pa < 0 or pa + length > self.phys_mem:

@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mktme_sandbox.errors import SandboxError
-from mktme_sandbox.hw.xts import AES_XTS_128, AES_XTS_256, PLAINTEXT, XtsKey, algorithm_named
+from mktme_sandbox.hw.xts import (
+    AES_XTS_128,
+    AES_XTS_256,
+    PLAINTEXT,
+    TweakCache,
+    XtsKey,
+    algorithm_named,
+)
 
 LINE = 64
 # Line addresses up to 2**52 (MAXPHYADDR's limit): the tweak's upper bytes get exercised.
@@ -185,20 +192,102 @@ def test_lines_of_several_pages_are_not_taken_from_one_page_table(addresses: lis
             )
 
 
-def test_tweak_tables_are_made_on_a_second_sight_kept_for_recent_pages_and_stay_right(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("mktme_sandbox.hw.xts._TWEAK_PAGES", 2)
-    monkeypatch.setattr("mktme_sandbox.hw.xts._SEEN_PAGES", 3)
+def test_tweak_tables_are_made_on_a_second_sight_kept_within_their_cap_and_stay_right() -> None:
     data_key, tweak_key = bytes(range(16)), bytes(range(16, 32))
-    engine = XtsKey(data_key, tweak_key)
+    tables = TweakCache(2 * PAGE)
+    engine = XtsKey(data_key, tweak_key, tables)
     data = bytes(range(256))  # four lines
     engine.encrypt(data, 5 * PAGE)
-    assert not engine._page_tweaks  # seen once: no table
+    assert not tables._slot_of  # seen once: no table
     for page in (5, 6, 7, 8, 5, 6, 9, 7, 5, 5, 8, 6):
         assert engine.encrypt(data, page * PAGE) == reference_encrypt(
             data_key, tweak_key, data, page * PAGE
         )
-        assert len(engine._page_tweaks) <= 2
-        assert len(engine._pages_seen) <= 3
-    assert engine._page_tweaks  # some pages were seen again in time
+        assert len(tables._slot_of) <= 2
+        assert len(tables._seen) <= 4 * 2
+    assert tables._slot_of  # some pages were seen again in time
+
+
+def test_a_tweak_cache_of_0_bytes_keeps_no_tables() -> None:
+    tables = TweakCache(0)
+    engine = XtsKey(bytes(16), bytes(range(16)), tables)
+    for _ in range(3):
+        engine.encrypt(bytes(PAGE), 0)
+    assert tables.slots == 0
+    assert not tables._slot_of
+
+
+def lines_at(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Line addresses: a run, lines in a few pages, or lines anywhere below 2**52."""
+    shape = rng.integers(4)
+    if shape == 0:
+        base = int(rng.integers(0, 1 << 24)) * LINE
+        return base + LINE * np.arange(count, dtype=np.uint64)
+    if shape == 1:
+        base = int(rng.integers(0, 1 << 20)) * PAGE
+        return (base + LINE * rng.integers(0, 64 * 6, count)).astype(np.uint64)
+    if shape == 2:  # a run, shuffled
+        base = int(rng.integers(0, 1 << 24)) * LINE
+        return base + LINE * rng.permutation(count).astype(np.uint64)
+    return (LINE * rng.integers(0, (1 << 52) // LINE, count)).astype(np.uint64)
+
+
+def test_the_engine_with_tweak_tables_equals_it_without_and_cryptographys_xts() -> None:
+    """Random keys, cache sizes (from one page, so the ring wraps), addresses and
+    lengths (up to three 1024-line batches); every batch three times, so that
+    tables are seen, made and used; two keys share each cache."""
+    rng = np.random.default_rng(16)
+    for _ in range(60):
+        size = int(rng.choice([16, 32]))
+        tables = TweakCache(int(rng.choice([1, 3, 40, 4096])) * PAGE)
+        pairs = [(rng.bytes(size), rng.bytes(size)) for _ in range(2)]
+        cached = [XtsKey(data_key, tweak_key, tables) for data_key, tweak_key in pairs]
+        plain = [XtsKey(data_key, tweak_key) for data_key, tweak_key in pairs]
+        for _ in range(3):
+            count = int(rng.integers(1, 3 * 1024 + 100))
+            line_pas = lines_at(rng, count)
+            lines = rng.integers(0, 256, (count, LINE), dtype=np.uint8)
+            for _ in range(3):
+                for engine, expected in zip(cached, plain, strict=True):
+                    crypted = engine.encrypt_lines(lines, line_pas)
+                    assert (crypted == expected.encrypt_lines(lines, line_pas)).all()
+                    assert (engine.decrypt_lines(crypted, line_pas) == lines).all()
+        data_key, tweak_key = pairs[1]
+        some = rng.integers(count, size=min(count, 8))
+        for i in some:
+            line = lines[i].tobytes()
+            wanted = reference_encrypt(data_key, tweak_key, line, int(line_pas[i]))
+            assert crypted[i].tobytes() == wanted
+
+
+def test_a_run_over_pages_whose_tables_were_made_out_of_order_uses_each_pages_own() -> None:
+    """Tables made page by page in a shuffled order sit in slots whose ends may
+    look consecutive (``[5, 7, 6, 8]``) while the middle is not."""
+    rng = np.random.default_rng(7)
+    data_key, tweak_key = rng.bytes(16), rng.bytes(16)
+    for _ in range(20):
+        engine = XtsKey(data_key, tweak_key, TweakCache(64 * PAGE))
+        pages = [int(page) for page in rng.permutation(6) + 100]
+        for page in pages:
+            for _ in range(2):  # seen, then made
+                engine.encrypt(bytes(PAGE), page * PAGE)
+        data = rng.bytes(6 * PAGE)
+        wanted = reference_encrypt(data_key, tweak_key, data, 100 * PAGE)
+        assert engine.encrypt(data, 100 * PAGE) == wanted
+
+
+def test_runs_decrypt_into_the_callers_buffer_with_and_without_tables() -> None:
+    rng = np.random.default_rng(61)
+    for _ in range(40):
+        data_key, tweak_key = rng.bytes(16), rng.bytes(16)
+        tables = TweakCache(int(rng.choice([1, 4096])) * PAGE)
+        engine, plain = XtsKey(data_key, tweak_key, tables), XtsKey(data_key, tweak_key)
+        count, pa = int(rng.integers(1, 2200)), int(rng.integers(0, 1 << 30)) * LINE
+        data = rng.bytes(count * LINE)
+        wanted = reference_encrypt(data_key, tweak_key, data, pa)
+        for _ in range(3):
+            crypted = engine.encrypt(data, pa)
+            assert crypted == wanted == plain.encrypt(data, pa)
+            out = np.empty((count, LINE), dtype=np.uint8)
+            engine.decrypt_run(np.frombuffer(crypted, dtype=np.uint8).reshape(-1, LINE), pa, out)
+            assert out.tobytes() == data

@@ -28,6 +28,7 @@ Left out: symlinks, hard links, renames, chmod/chown, xattrs, file creation.
 from __future__ import annotations
 
 import errno
+import functools
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "Node",
     "OpenFile",
     "TextFile",
+    "access_of",
     "command_text",
     "fixed",
     "stat_of",
@@ -66,9 +68,15 @@ class Access:
         return bool(bits & want)
 
 
+@functools.lru_cache(maxsize=1024)
+def access_of(uid: int, mode: int) -> Access:
+    """``Access(uid, mode)``, made once: every read and write asks for one again."""
+    return Access(uid, mode)
+
+
 def fixed(uid: int, mode: int) -> Callable[[], Access]:
     """An ``access`` callable for a node whose owner and mode never change."""
-    access = Access(uid, mode)
+    access = access_of(uid, mode)
     return lambda: access
 
 

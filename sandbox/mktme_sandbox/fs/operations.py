@@ -70,22 +70,26 @@ def _reported(operation: F) -> F:
 
     @functools.wraps(operation)
     def run(self: SandboxFS, path: str | None, *args: Any) -> Any:
-        # FUSE passes no path for a file whose name is gone (rmdir of its space)
-        where = "(deleted)" if path is None else path.lstrip("/")
         try:
             return operation(self, path, *args)
         except SandboxError as err:
-            self.machine.reject(where, err)
+            self.machine.reject(_where(path), err)
             raise mfusepy.FuseOSError(err.errno or errno.EIO) from None
         except mfusepy.FuseOSError:
             raise
         except Exception as exc:  # noqa: BLE001 - the daemon keeps serving whatever went wrong
             name = type(exc).__name__
             log.error("internal error in %s: %s", operation.__name__, name)
-            self.machine.reject(where, SandboxError(errno.EIO, f"internal error ({name})"))
+            self.machine.reject(_where(path), SandboxError(errno.EIO, f"internal error ({name})"))
             raise mfusepy.FuseOSError(errno.EIO) from None
 
     return run  # type: ignore[return-value]
+
+
+def _where(path: str | None) -> str:
+    """The file a dmesg line names; FUSE passes no path for a file whose name is
+    gone (rmdir of its space)."""
+    return "(deleted)" if path is None else path.lstrip("/")
 
 
 def _caller_uid() -> int:

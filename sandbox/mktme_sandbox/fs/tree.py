@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.commands import SNAPSHOT_USAGE, expect_word, parse_switch
 from mktme_sandbox.config import parse_decimal
-from mktme_sandbox.fs.nodes import Access, BlobFile, Dir, Node, TextFile, fixed
+from mktme_sandbox.fs.nodes import Access, BlobFile, Dir, Node, TextFile, access_of, fixed
 from mktme_sandbox.fs.readme import README
 from mktme_sandbox.kernel.pgtable_types import PAGE_SIZE, USER_END
 
@@ -204,7 +204,7 @@ class Tree:
 
     def _key_access(self, keyid: int) -> Access:
         owner = self.machine.key_owner(keyid)
-        return Access(self.uid, 0o666) if owner is None else Access(owner, 0o644)
+        return access_of(self.uid, 0o666) if owner is None else access_of(owner, 0o644)
 
     def _key(self, keyid: int) -> TextFile:
         m = self.machine
@@ -216,7 +216,7 @@ class Tree:
 
     def _keyid_mem_access(self, keyid: int) -> Access:
         owner = self.machine.key_owner(keyid) if keyid else None
-        return Access(self.uid if owner is None else owner, 0o600)
+        return access_of(self.uid if owner is None else owner, 0o600)
 
     def _keyid_mem(self, keyid: int) -> BlobFile:
         m = self.machine
@@ -231,7 +231,7 @@ class Tree:
         return name in self.machine.space_names()
 
     def _space_access(self, name: str, mode: int) -> Callable[[], Access]:
-        return lambda: Access(self.machine.space_owner(name), mode)
+        return lambda: access_of(self.machine.space_owner(name), mode)
 
     def _space_files(self, name: str) -> dict[str, Node]:
         m, access = self.machine, partial(self._space_access, name)

@@ -71,6 +71,7 @@ from mktme_sandbox.hw.xts import (
     PLAINTEXT,
     Algorithm,
     LineCipher,
+    TweakCache,
     XtsKey,
     algorithm_named,
 )
@@ -219,8 +220,10 @@ class KeyTable:
         activation: TmeActivation,
         seed: int | None,
         random_bytes: Callable[[int], bytes] | None = None,
+        tables: TweakCache | None = None,
     ) -> None:
         self.nr_keyids = activation.nr_keyids
+        self._tables = tables  # every key's tweak tables (the machine's tweak_cache)
         self._algorithms = activation.mktme_algorithms
         self._rng = np.random.default_rng(seed)
         self._random_bytes = random_bytes or self._rng.bytes
@@ -285,18 +288,18 @@ class KeyTable:
         while True:  # a fresh TME key every boot; equal halves are possible only in theory
             data_key, tweak_key = self._random_bytes(size), self._random_bytes(size)
             if data_key != tweak_key:
-                return _keyed("tme", activation.tme_algorithm, data_key, tweak_key)
+                return _keyed("tme", activation.tme_algorithm, data_key, tweak_key, self._tables)
 
     def _execute(self, program: KeyProgram, algorithm: Algorithm) -> PconfigStatus:
         command = KeyProgramCommand(program.command)
         size = algorithm.key_bytes
         data_key, tweak_key = program.key_field_1[:size], program.key_field_2[:size]
         if command is KeyProgramCommand.SET_KEY_DIRECT:
-            entry = _keyed("direct", algorithm, data_key, tweak_key)
+            entry = _keyed("direct", algorithm, data_key, tweak_key, self._tables)
         elif command is KeyProgramCommand.SET_KEY_RANDOM:
             data_key = _xor(self._random_bytes(size), data_key)
             tweak_key = _xor(self._random_bytes(size), tweak_key)
-            entry = _keyed("random", algorithm, data_key, tweak_key)
+            entry = _keyed("random", algorithm, data_key, tweak_key, self._tables)
         elif command is KeyProgramCommand.CLEAR_KEY:
             entry = _Entry("cleared", algorithm, self._tme.cipher, self._tme.material)
         else:
@@ -316,12 +319,12 @@ class KeyTable:
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
-        self._set_tme(_entry_of(state["tme"], PLAINTEXT))
+        self._set_tme(_entry_of(state["tme"], PLAINTEXT, self._tables))
         self._entries = {}
         for keyid, entry in state["entries"]:
             if not 0 < keyid <= self.nr_keyids:
                 fail(errno.EINVAL, f"snapshot: KeyID {keyid} is not 1..{self.nr_keyids}")
-            self._entries[keyid] = _entry_of(entry, self._tme.cipher)
+            self._entries[keyid] = _entry_of(entry, self._tme.cipher, self._tables)
         self._rng.bit_generator.state = state["rng"]
         status, count = state["injected"]
         self._injected, self._injected_count = PconfigStatus(status), count
@@ -336,8 +339,14 @@ class KeyTable:
         self._injected, self._injected_count = PconfigStatus.PROG_SUCCESS, 0
 
 
-def _keyed(mode: KeyMode, algorithm: Algorithm, data_key: bytes, tweak_key: bytes) -> _Entry:
-    return _Entry(mode, algorithm, XtsKey(data_key, tweak_key), data_key + tweak_key)
+def _keyed(
+    mode: KeyMode,
+    algorithm: Algorithm,
+    data_key: bytes,
+    tweak_key: bytes,
+    tables: TweakCache | None,
+) -> _Entry:
+    return _Entry(mode, algorithm, XtsKey(data_key, tweak_key, tables), data_key + tweak_key)
 
 
 def _entry_state(entry: _Entry) -> dict[str, Any]:
@@ -345,7 +354,7 @@ def _entry_state(entry: _Entry) -> dict[str, Any]:
     return {"mode": entry.mode, "algorithm": algorithm, "material": entry.material}
 
 
-def _entry_of(state: dict[str, Any], tme: LineCipher) -> _Entry:
+def _entry_of(state: dict[str, Any], tme: LineCipher, tables: TweakCache | None) -> _Entry:
     """An entry from ``_entry_state``; cleared KeyIDs share the TME cipher ``tme``."""
     mode, material = state["mode"], bytes(state["material"])
     algorithm = None if state["algorithm"] is None else algorithm_named(state["algorithm"])
@@ -353,7 +362,7 @@ def _entry_of(state: dict[str, Any], tme: LineCipher) -> _Entry:
         if algorithm is None or len(material) != 2 * algorithm.key_bytes:
             fail(errno.EINVAL, f"snapshot: a {mode} key without its algorithm's key bytes")
         half = algorithm.key_bytes
-        return _keyed(mode, algorithm, material[:half], material[half:])
+        return _keyed(mode, algorithm, material[:half], material[half:], tables)
     if mode not in ("cleared", "no-encrypt", "tme-bypass", "unprogrammed"):
         fail(errno.EINVAL, f"snapshot: unknown key mode {mode!r}")
     cipher = tme if mode in ("cleared", "unprogrammed") else PLAINTEXT

@@ -61,12 +61,12 @@ class MemoryController:
     def read_run(self, first: int, keyid: int, out: np.ndarray) -> None:
         """``read_lines`` of the ``len(out)`` lines from line ``first``, into ``out [L, 64]``."""
         ciphertext = self._dram.lines[first : first + len(out)]
+        if self._exclusion is None or keyid != 0:
+            self._cipher(keyid).decrypt_run(ciphertext, first * LINE_SIZE, out)
+            return
         pas = np.arange(first, first + len(out), dtype=np.uint64) * np.uint64(LINE_SIZE)
         decrypt = self._cipher(keyid).decrypt_lines
-        if self._tme_excluded(pas, keyid) is None:
-            decrypt(ciphertext, pas, out)
-        else:
-            out[:] = self._crypt(decrypt, ciphertext, pas, keyid)
+        out[:] = self._crypt(decrypt, ciphertext, pas, keyid)
 
     def write_lines(self, line_numbers: np.ndarray, keyid: int, lines: np.ndarray) -> None:
         """Encrypt plaintext ``lines [L, 64]`` with ``keyid``'s current key into DRAM."""

@@ -44,6 +44,7 @@ from mktme_sandbox.hw.dram import Dram
 from mktme_sandbox.hw.keytable import KeyState, KeyTable, PconfigStatus
 from mktme_sandbox.hw.memctl import MemoryController
 from mktme_sandbox.hw.msr import TmeMsrs
+from mktme_sandbox.hw.xts import TweakCache
 
 __all__ = ["Buffer", "Platform"]
 
@@ -63,7 +64,7 @@ class Platform:
         self.keyid_mask = ((1 << self.keyid_bits) - 1) << self.keyid_shift
         self.nr_keyids = activation.nr_keyids
         self._dram = Dram(config.phys_mem)
-        self._keys = KeyTable(activation, config.seed)
+        self._keys = KeyTable(activation, config.seed, tables=TweakCache(config.tweak_cache))
         controller = MemoryController(self._dram, self._keys, self._msrs.exclusion())
         self.cache: Cache = make_cache(config.cache_size, controller)
 

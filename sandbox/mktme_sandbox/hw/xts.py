@@ -22,11 +22,14 @@ buffers of 1024 lines kept per thread, and the result goes straight into the
 caller's ``out`` when it gives one. One line (a single-line miss) takes a path
 of Python integers, a tenth of the numpy path's fixed cost. The
 tweaks depend only on the tweak key and the address, and the cache writes back
-and fills the same pages again and again, so a batch inside one 4 KiB page
-takes its tweaks from a per-key table of that page's 256 tweaks (4 KiB), which
-saves most of the cost of a one-page batch. A page gets a table the second time
-it is seen (a page streamed through once costs no table), and the
-``_TWEAK_PAGES`` most recently made tables are kept. The cipher contexts
+and fills the same pages again and again, so a ``TweakCache`` (one per key
+table, its size the machine's ``tweak_cache`` option) keeps the tweaks of
+whole pages (a 4 KiB table per (key, page)): a batch whose lines lie in a few
+pages gathers its tweaks from the tables, and a run of consecutive lines whose
+tables sit in consecutive slots uses them in place, with no gather at all. A
+page gets a table the second time it is seen (a page streamed through once
+costs no table); tables are kept in a ring of slots, the oldest replaced first.
+The cipher contexts
 are created once per key and reused (ECB keeps no state between ``update``
 calls); like the hardware's one engine they are not thread-safe, and the
 machine lock serializes every caller.
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import operator
 import threading
 from dataclasses import dataclass
@@ -65,11 +69,14 @@ __all__ = [
     "Algorithm",
     "LineCipher",
     "Plaintext",
+    "TweakCache",
     "XtsKey",
     "algorithm_named",
 ]
 
 BLOCKS_PER_LINE = LINE_SIZE // 16
+LINES_PER_PAGE = PAGE_SIZE // LINE_SIZE
+_K = TypeVar("_K")
 _T = TypeVar("_T")
 
 
@@ -116,6 +123,8 @@ class LineCipher(Protocol):
 
     def decrypt_line(self, line: bytes, pa: int) -> bytes: ...
 
+    def decrypt_run(self, lines: np.ndarray, pa: int, out: np.ndarray) -> None: ...
+
 
 class Plaintext:
     """The identity cipher: NO_ENCRYPT KeyIDs and KeyID 0 under TME bypass."""
@@ -137,6 +146,9 @@ class Plaintext:
 
     def decrypt_line(self, line: bytes, pa: int) -> bytes:
         return line
+
+    def decrypt_run(self, lines: np.ndarray, pa: int, out: np.ndarray) -> None:
+        out[...] = lines
 
 
 def _copied(lines: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -167,8 +179,10 @@ _MASK_128 = (1 << 128) - 1
 _BATCH_LINES = 1024  # 64 KiB per pass: tweaks and data stay in the CPU's L2 cache
 _PAGE_LINE_PAS = np.arange(0, PAGE_SIZE, LINE_SIZE, dtype=np.uint64)
 _LINE_SHIFT = np.uint64(LINE_SIZE.bit_length() - 1)
-_TWEAK_PAGES = 4096  # tables kept per key in use: 16 MiB at most, 8 times a 2 MiB cache
-_SEEN_PAGES = 4 * _TWEAK_PAGES  # pages remembered as seen once (a dict entry each)
+_PAGE_LINE_SHIFT = np.uint64(LINES_PER_PAGE.bit_length() - 1)  # line number -> page number
+_LINE_IN_PAGE = np.uint64(LINES_PER_PAGE - 1)
+_SPARSE = 2  # a batch is worth tables when its pages hold at most twice its lines
+_SERIALS = itertools.count(1)  # XtsKey serials: tables are keyed by them, never reused
 
 
 def _ecb(key: bytes) -> Cipher[modes.ECB]:
@@ -181,19 +195,19 @@ class XtsKey:
     __slots__ = (
         "_data_decryptor",
         "_data_encryptor",
-        "_page_tweaks",
-        "_pages_seen",
+        "_serial",
+        "_tables",
         "_tweak_encryptor",
         "algorithm",
     )
 
-    def __init__(self, data_key: bytes, tweak_key: bytes) -> None:
+    def __init__(self, data_key: bytes, tweak_key: bytes, tables: TweakCache | None = None) -> None:
         self.algorithm = _algorithm_for(len(data_key), len(tweak_key))
         self._tweak_encryptor: CipherContext = _ecb(tweak_key).encryptor()
         self._data_encryptor: CipherContext = _ecb(data_key).encryptor()
         self._data_decryptor: CipherContext = _ecb(data_key).decryptor()
-        self._page_tweaks: dict[int, np.ndarray] = {}  # page address -> its [64, 4, 2] tweaks
-        self._pages_seen: dict[int, None] = {}  # pages seen once, oldest first
+        self._tables = tables if tables is not None and tables.slots else None
+        self._serial = next(_SERIALS)
 
     @property
     def name(self) -> str:
@@ -219,6 +233,11 @@ class XtsKey:
         """One ciphertext line (64 bytes) at line-aligned ``pa`` -> plaintext."""
         return self._crypt_one(self._data_decryptor, line, pa)
 
+    def decrypt_run(self, lines: np.ndarray, pa: int, out: np.ndarray) -> None:
+        """Ciphertext lines ``[L, 64]`` at consecutive addresses from line-aligned
+        ``pa`` -> plaintext in ``out``: ``decrypt_lines`` told the addresses are a run."""
+        self._crypt(self._data_decryptor, lines, None, out, pa // LINE_SIZE)
+
     def encrypt(self, data: bytes, pa: int) -> bytes:
         """Whole lines starting at line-aligned ``pa``; a convenience for tests and tools."""
         return self._crypt_range(self._data_encryptor, data, pa)
@@ -232,18 +251,23 @@ class XtsKey:
                 errno.EINVAL, f"XTS works on whole 64-byte lines, not {len(data)} bytes at {pa:#x}"
             )
         lines = np.frombuffer(data, dtype=np.uint8).reshape(-1, LINE_SIZE)
-        line_pas = pa + LINE_SIZE * np.arange(len(lines), dtype=np.uint64)
-        return self._crypt(context, lines, line_pas).tobytes()
+        if len(lines) == 1:
+            return self._crypt_one(context, data, pa)
+        out = np.empty_like(lines)
+        return self._crypt(context, lines, None, out, pa // LINE_SIZE).tobytes()
 
     def _crypt(
         self,
         context: CipherContext,
         lines: np.ndarray,
-        line_pas: np.ndarray,
+        line_pas: np.ndarray | None,
         out: np.ndarray | None = None,
+        run: int | None = None,
     ) -> np.ndarray:
+        """XTS of ``lines`` at ``line_pas``, or (``line_pas`` None) at the lines
+        numbered ``run, run + 1, ...``."""
         count = len(lines)
-        if count == 1 and out is None:
+        if count == 1 and out is None and line_pas is not None:
             crypted = self._crypt_one(context, lines.tobytes(), int(line_pas[0]))
             return np.frombuffer(crypted, dtype=np.uint8).reshape(1, LINE_SIZE)
         source = np.ascontiguousarray(lines, dtype=np.uint8).reshape(count, LINE_SIZE)
@@ -252,24 +276,28 @@ class XtsKey:
         scratch = _scratch()
         for start in range(0, count, _BATCH_LINES):
             stop = min(start + _BATCH_LINES, count)
-            self._crypt_batch(
-                context, source[start:stop], line_pas[start:stop], out[start:stop], scratch
-            )
+            pas = None if line_pas is None else line_pas[start:stop]
+            first = None if run is None else run + start
+            self._crypt_batch(context, source[start:stop], pas, first, out[start:stop], scratch)
         return out
 
     def _crypt_batch(
         self,
         context: CipherContext,
         lines: np.ndarray,
-        line_pas: np.ndarray,
+        line_pas: np.ndarray | None,
+        run: int | None,
         out: np.ndarray,
         scratch: _Scratch,
     ) -> None:
         """XTS of ``lines`` into ``out``: xor the tweaks into the work area, ECB
         there in place (it has the spare block ``update_into`` wants), xor again into ``out``."""
         count = len(lines)
-        tweaks = self._tweaks_in_page(line_pas) if count <= _PAGE_LINE_PAS.size else None
+        tweaks = None if self._tables is None else self._table_tweaks(line_pas, run, count, scratch)
         if tweaks is None:
+            if line_pas is None:
+                assert run is not None
+                line_pas = _run_addresses(run, count, scratch)
             tweaks = self._tweaks(line_pas, scratch)
         work = scratch.work[: (count + 1) * LINE_SIZE]
         blocks = work[: count * LINE_SIZE].view(np.uint64).reshape(count, BLOCKS_PER_LINE, 2)
@@ -277,27 +305,59 @@ class XtsKey:
         context.update_into(work[: count * LINE_SIZE].data, work.data)
         np.bitwise_xor(blocks, tweaks, out=_blocks(out))
 
-    def _tweaks_in_page(self, line_pas: np.ndarray) -> np.ndarray | None:
-        """``_tweaks(line_pas)`` from their page's table, or None (compute them directly).
+    def _table_tweaks(
+        self, line_pas: np.ndarray | None, run: int | None, count: int, scratch: _Scratch
+    ) -> np.ndarray | None:
+        """``_tweaks(line_pas)`` from the tables of their pages, or None: compute them.
 
-        None for lines of several pages, and for a page seen for the first time:
-        its table is made the second time.
+        ``line_pas`` None: the ``count`` lines numbered ``run, run + 1, ...``.
+
+        None for lines scattered over more pages than ``_SPARSE`` times their
+        count fills, and when a page is seen for the first time (its table is
+        made the second time).
         """
-        page = int(line_pas[0]) & -PAGE_SIZE
-        if int(line_pas[-1]) & -PAGE_SIZE != page:  # the quick answer for scattered lines
+        assert self._tables is not None
+        if line_pas is not None:
+            lines = np.right_shift(line_pas, _LINE_SHIFT, out=scratch.lines[:count])
+            low, high = int(lines[0]), int(lines[-1])
+            if high - low == count - 1 and _is_run(lines, low, scratch):
+                run = low
+            else:
+                low, high = int(lines.min()), int(lines.max())
+        else:
+            assert run is not None
+            low, high = run, run + count - 1
+        first, last = low >> 6, high >> 6
+        if (last - first + 1) * LINES_PER_PAGE > _SPARSE * count + LINES_PER_PAGE:
             return None
-        offsets = line_pas - np.uint64(page)  # an address below the page wraps to a huge one
-        if offsets.max() >= PAGE_SIZE:
+        slots = self._tables.slots_of(self, first, last - first + 1)
+        if slots is None:
             return None
-        table = self._page_tweaks.get(page)
-        if table is None:
-            if page not in self._pages_seen:
-                _add(self._pages_seen, page, None, _SEEN_PAGES)
-                return None
-            table = self._tweaks(page + _PAGE_LINE_PAS, _scratch()).copy()
-            _add(self._page_tweaks, page, table, _TWEAK_PAGES)
-        tweaks: np.ndarray = table[offsets >> _LINE_SHIFT]
+        if run is not None and slots == list(range(slots[0], slots[0] + len(slots))):
+            start = slots[0] * LINES_PER_PAGE + (low & (LINES_PER_PAGE - 1))
+            return self._tables.flat[start : start + count]  # the run's tweaks, in place
+        if line_pas is None:
+            lines = np.add(_RUN[:count], np.uint64(low), out=scratch.lines[:count])
+        index = scratch.index[:count]
+        np.right_shift(lines, _PAGE_LINE_SHIFT, out=index)
+        index -= np.uint64(first)
+        np.take(np.array(slots, dtype=np.uint64), index, out=index)
+        index <<= _PAGE_LINE_SHIFT
+        lines &= _LINE_IN_PAGE
+        index |= lines
+        tweaks = scratch.tweaks[:count]
+        np.take(self._tables.flat, index.view(np.int64), axis=0, out=tweaks)
         return tweaks
+
+    def page_tweaks(self, pages: list[int], out: np.ndarray) -> None:
+        """The tables of ``pages`` (page numbers) into ``out [len(pages), 64, 4, 2]``."""
+        scratch = _scratch()
+        per_batch = _BATCH_LINES // LINES_PER_PAGE
+        for start in range(0, len(pages), per_batch):
+            batch = np.array(pages[start : start + per_batch], dtype=np.uint64)
+            line_pas = np.add.outer(batch * np.uint64(PAGE_SIZE), _PAGE_LINE_PAS).reshape(-1)
+            tables = out[start : start + len(batch)].reshape(-1, BLOCKS_PER_LINE, 2)
+            tables[...] = self._tweaks(line_pas, scratch)
 
     def _tweaks(self, line_pas: np.ndarray, scratch: _Scratch) -> np.ndarray:
         """``[L, 4, 2]`` uint64: E_tweakkey(pa) * alpha^j for the four blocks of each line.
@@ -339,6 +399,91 @@ class XtsKey:
         return (crypted ^ stream).to_bytes(LINE_SIZE, "little")
 
 
+class TweakCache:
+    """Tables of XTS tweaks per (key, page), ``size`` bytes at most (4 KiB a page).
+
+    One per key table: every ``XtsKey`` made with it shares its ring of
+    ``size // 4096`` slots, allocated on first use (host memory grows only
+    with the slots filled). A key's tables are keyed by its serial, so a
+    reprogrammed KeyID never sees its old key's tweaks; they are replaced in
+    turn like any other. Pages made at once get consecutive slots when the
+    ring has room before its end, so a run of consecutive lines reads its
+    tweaks in place.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.slots = max(0, size) // PAGE_SIZE
+        self._flat: np.ndarray | None = None  # [slots * 64, 4, 2], lines of slot s at s * 64
+        self._slot_of: dict[tuple[int, int], int] = {}  # (key serial, page) -> slot
+        self._owner: list[tuple[int, int] | None] = [None] * self.slots
+        self._seen: dict[tuple[int, int], None] = {}  # pages seen once, oldest first
+        self._next = 0  # the ring's next slot
+
+    def __repr__(self) -> str:
+        return f"<TweakCache {len(self._slot_of)} of {self.slots} pages>"
+
+    @property
+    def flat(self) -> np.ndarray:
+        """The tables, line after line: slot ``s`` holds lines ``s * 64 ..``."""
+        if self._flat is None:
+            lines = self.slots * LINES_PER_PAGE
+            self._flat = np.empty((lines, BLOCKS_PER_LINE, 2), dtype=np.uint64)
+        return self._flat
+
+    def slots_of(self, key: XtsKey, first: int, count: int) -> list[int] | None:
+        """The slots of pages ``first .. first + count - 1`` of ``key``, tables made
+        for the pages seen before; None while any page is new (or more pages
+        than there are slots)."""
+        if count > self.slots:
+            return None
+        wanted = [(key._serial, page) for page in range(first, first + count)]
+        slots = [self._slot_of.get(name) for name in wanted]
+        missing = [name for name, slot in zip(wanted, slots, strict=True) if slot is None]
+        if not missing:
+            return slots  # type: ignore[return-value]  # none is None
+        new = [name for name in missing if name not in self._seen]
+        for name in new:
+            _add(self._seen, name, None, 4 * self.slots)
+        if new:
+            return None
+        self._make(key, missing)
+        made = [self._slot_of.get(name) for name in wanted]  # the ring may have wrapped over some
+        return None if None in made else made  # type: ignore[return-value]
+
+    def _make(self, key: XtsKey, names: list[tuple[int, int]]) -> None:
+        """Tables for ``names`` (all of ``key``) in consecutive slots of the ring."""
+        if self._next + len(names) > self.slots:
+            self._next = 0
+        first = self._next
+        for slot, name in enumerate(names, first):
+            old = self._owner[slot]
+            if old is not None:
+                del self._slot_of[old]
+            self._owner[slot], self._slot_of[name] = name, slot
+            self._seen.pop(name, None)
+        self._next = first + len(names)
+        tables = self.flat.reshape(self.slots, LINES_PER_PAGE, BLOCKS_PER_LINE, 2)
+        key.page_tweaks([page for _, page in names], tables[first : self._next])
+
+
+_RUN = np.arange(_BATCH_LINES, dtype=np.uint64)
+
+
+def _run_addresses(first: int, count: int, scratch: _Scratch) -> np.ndarray:
+    """The addresses of lines ``first .. first + count - 1`` (in ``scratch``)."""
+    pas = np.add(_RUN[:count], np.uint64(first), out=scratch.pas[:count])
+    pas <<= _LINE_SHIFT
+    return pas
+
+
+def _is_run(lines: np.ndarray, first: int, scratch: _Scratch) -> bool:
+    """Whether ``lines`` are ``first, first + 1, ...`` (two numpy passes, no allocation)."""
+    count = len(lines)
+    offsets = np.subtract(lines, np.uint64(first), out=scratch.index[:count])
+    same = np.equal(offsets, _RUN[:count], out=scratch.same[:count])
+    return bool(same.all())
+
+
 class _Scratch:
     """The work buffers of one thread's batches (``_BATCH_LINES`` lines at most)."""
 
@@ -349,6 +494,10 @@ class _Scratch:
         self.carries = np.empty((BLOCKS_PER_LINE - 1, _BATCH_LINES), dtype=np.uint64)
         self.tweaks = np.empty((_BATCH_LINES, BLOCKS_PER_LINE, 2), dtype=np.uint64)
         self.work = np.empty((_BATCH_LINES + 1) * LINE_SIZE, dtype=np.uint8)
+        self.lines = np.empty(_BATCH_LINES, dtype=np.uint64)
+        self.index = np.empty(_BATCH_LINES, dtype=np.uint64)
+        self.same = np.empty(_BATCH_LINES, dtype=bool)
+        self.pas = np.empty(_BATCH_LINES, dtype=np.uint64)
 
 
 _SCRATCH = threading.local()
@@ -367,7 +516,7 @@ def _blocks(lines: np.ndarray) -> np.ndarray:
     return lines.view(np.uint64).reshape(len(lines), BLOCKS_PER_LINE, 2)
 
 
-def _add(table: dict[int, _T], key: int, value: _T, limit: int) -> None:
+def _add(table: dict[_K, _T], key: _K, value: _T, limit: int) -> None:
     """``table[key] = value``, first dropping the oldest entry if ``limit`` are there."""
     if len(table) >= limit:
         del table[next(iter(table))]
