@@ -340,6 +340,8 @@ def bench(suites: tuple[str, ...], as_json: bool) -> None:
               stores through a KeyID; host RSS of a sparse 64 GiB machine
       kernel  page faults with MKTME on and off; a kernel-build-like trace
               with the flush-cost model of the series' cover letter
+      kbuild  the cover letter's table from a recorded kernel build's
+              trace, and N tenants sharing the pools (docs/kbuild.md)
       fs      reads through a real mount against a null FUSE filesystem
               mounted beside it
 
