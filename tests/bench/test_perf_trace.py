@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
 
 from mktme_sandbox.bench.perf_trace import (
     Event,
@@ -12,6 +17,7 @@ from mktme_sandbox.bench.perf_trace import (
     read_trace,
     write_trace,
 )
+from mktme_sandbox.cli import cli
 
 SAMPLE = Path(__file__).parent / "data" / "perf-script-sample.txt"
 EVENTS = list(parse_perf_script(SAMPLE.read_text().splitlines()))
@@ -67,3 +73,22 @@ def test_the_trace_file_reads_back_what_was_written(tmp_path: Path) -> None:
     assert list(read_trace(tmp_path / "t.gz")) == EVENTS
     assert sum(counts.values()) == len(EVENTS)
     assert all(Event.parse(e.line()) == e for e in EVENTS)
+
+
+@pytest.mark.skipif(
+    shutil.which("perf") is None or os.geteuid() != 0, reason="needs perf, run as root"
+)
+def test_trace_record_writes_the_trace_of_a_command_and_exits_with_its_status(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "t.gz"
+    result = CliRunner().invoke(
+        cli, ["trace", "record", "-o", str(out), "--", "sh", "-c", "exit 3"]
+    )
+    assert result.exit_code == 3, result.output
+    events = list(read_trace(out))
+    assert [e.line() for e in events if e.kind in "FEX"][:2] == [
+        f"F 0 {events[0].pid} 0",
+        f"E 0 {events[0].pid} sh",
+    ]
+    assert any(e.kind == "a" for e in events)
