@@ -57,7 +57,7 @@ def test_warm_pools_flush_nothing_and_unencrypted_machines_never_flush() -> None
 
 
 def test_saved_flushes_are_a_percentage_of_v5s() -> None:
-    row = TenantRow(4, 8, {"v5": 200, "pools": 50, "coldest": 80}, 1000)
+    row = TenantRow(4, 8, 2000, {"v5": 200, "pools": 50, "coldest": 80}, {}, 1000)
     assert row.saved_pct("pools") == 75
     assert row.saved_pct("coldest") == 60
 

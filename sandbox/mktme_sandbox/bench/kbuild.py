@@ -104,8 +104,10 @@ class ConfigRow:
 @dataclass(frozen=True)
 class TenantRow:
     tenants: int
-    phys_mib: int
+    phys_mib: int  # the machine: the N builds' peak together, in 2 MiB granules
+    peak_pages: int  # that peak, exactly
     flushed: dict[str, int]  # policy -> pages flushed
+    stolen: dict[str, int]  # policy -> pages taken from another KeyID's pool (one flush each)
     faults: int
 
     def saved_pct(self, policy: str) -> float:
@@ -152,20 +154,21 @@ def tenant_rows(events: Sequence[Event], tenants: Sequence[int] = TENANTS) -> li
 def _tenants(events: Sequence[Event], n: int) -> TenantRow:
     """v5 on a big machine gives the peak; the pools run on exactly that much memory."""
     sizing = boot(True, False, BIG, n)
-    v5 = _replay_tenants(sizing, events, n)
-    peak = sizing.kernel.alloc.never_used * PAGE_SIZE  # v5 reuses freed pages first
-    phys = max(4 * MiB, -(-peak // (2 * MiB)) * 2 * MiB)  # the machine's 2 MiB granule
-    flushed = {"v5": v5}
+    flushed, stolen = {}, {}
+    flushed["v5"], stolen["v5"] = _replay_tenants(sizing, events, n)
+    peak = sizing.kernel.alloc.never_used  # v5 reuses freed pages first
+    phys = max(4 * MiB, -(-peak * PAGE_SIZE // (2 * MiB)) * 2 * MiB)  # 2 MiB granules
     for policy, pools, steal in POLICIES[1:]:
         machine = boot(True, pools, phys, n)
         machine.kernel.alloc.pool_steal = steal
-        flushed[policy] = _replay_tenants(machine, events, n)
+        flushed[policy], stolen[policy] = _replay_tenants(machine, events, n)
     faults = n * sum(e.kind in "af" for e in events)
-    return TenantRow(n, phys // MiB, flushed, faults)
+    return TenantRow(n, phys // MiB, peak, flushed, stolen, faults)
 
 
-def _replay_tenants(machine: Machine, events: Sequence[Event], n: int) -> int:
-    """Pages flushed while ``n`` staggered tenants replay ``events``."""
+def _replay_tenants(machine: Machine, events: Sequence[Event], n: int) -> tuple[int, int]:
+    """Pages flushed, and pages taken from another KeyID's pool, while ``n``
+    staggered tenants replay ``events``."""
     replayers = [Replayer(machine, k + 1, f"t{k}-") for k in range(n)]
     spread = events[-1].time if events else 0
     start = vmstat(machine)
@@ -173,7 +176,10 @@ def _replay_tenants(machine: Machine, events: Sequence[Event], n: int) -> int:
         replayers[k].apply(event)
     for replayer in replayers:
         replayer.finish()
-    return TraceCounts.between(start, vmstat(machine)).pages_flushed
+    end = vmstat(machine)
+    return TraceCounts.between(start, end).pages_flushed, end["keyid_pool_flush"] - start[
+        "keyid_pool_flush"
+    ]
 
 
 def models(flush: FlushCost | None) -> tuple[FlushModel, FlushModel | None]:
@@ -214,9 +220,9 @@ def results(
         ]
     for row in tenants:
         for policy in ("pools", "coldest"):
-            out.append(
-                Result(f"tenants_{row.tenants}_{policy}_saved_pct", row.saved_pct(policy), "%")
-            )
+            name = f"tenants_{row.tenants}_{policy}"
+            out.append(Result(f"{name}_saved_pct", row.saved_pct(policy), "%"))
+            out.append(Result(f"{name}_stolen", row.stolen[policy], "pages"))
     return out  # tenants_4_pools_saved_pct among them
 
 
@@ -273,14 +279,20 @@ def _assumptions(flush: FlushCost | None) -> list[str]:
 
 
 def _tenant_table(tenants: list[TenantRow]) -> list[str]:
-    head = f"{'tenants':>7} {'memory':>8} {'v5 flushed/1k':>13} {'pools saved':>11} {'coldest saved':>13}"
+    head = (
+        f"{'tenants':>7} {'memory':>8} {'N x 1 peak':>10} {'v5 flushed/1k':>13} "
+        f"{'pools saved':>11} {'stolen':>7} {'coldest saved':>13} {'stolen':>7}"
+    )
     lines = ["", "N builds at once, own KeyID each, memory = their peak together", head]
+    solo = next((row.peak_pages for row in tenants if row.tenants == 1), 0)
     for row in tenants:
         lines.append(
-            f"{row.tenants:>7} {row.phys_mib:>6}Mi {1000 * row.flushed['v5'] / row.faults:>13.1f} "
-            f"{row.saved_pct('pools'):>10.1f}% {row.saved_pct('coldest'):>12.1f}%"
+            f"{row.tenants:>7} {row.phys_mib:>6}Mi {row.tenants * solo * PAGE_SIZE / MiB:>8.1f}Mi "
+            f"{1000 * row.flushed['v5'] / row.faults:>13.1f} {row.saved_pct('pools'):>10.1f}% "
+            f"{row.stolen['pools']:>7} {row.saved_pct('coldest'):>12.1f}% {row.stolen['coldest']:>7}"
         )
-    return lines
+    legend = "stolen: pages taken from another KeyID's pool (one flush each, v5 pays two)"
+    return [*lines, legend]
 
 
 def run(

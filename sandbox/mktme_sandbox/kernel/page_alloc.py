@@ -154,8 +154,9 @@ class PageAllocator:
 
     def _take(self, keyid: int) -> tuple[int, int]:
         """Pick a free page: own pool, then KeyID 0's, then the fullest (or coldest) other."""
-        self._ticks += 1
-        self._last_alloc[keyid] = self._ticks
+        if self.pool_steal == "coldest":  # the default keeps no history (nor do snapshots)
+            self._ticks += 1
+            self._last_alloc[keyid] = self._ticks
         for pool_keyid in self._pool_order(keyid):
             pool = self._pools.get(pool_keyid)
             if pool:
