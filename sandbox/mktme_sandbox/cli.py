@@ -8,7 +8,8 @@ daemon and logs to stderr. The seed, a secret, reaches a daemon through its
 environment only (``MKTME_SEED``): a foreground daemon given ``--seed`` on its
 command line executes itself again without it. ``umount`` unmounts, stale,
 stopped and wedged daemons' mounts too, never blocking on the mount. ``list``
-shows the running daemons and their state. ``bench`` runs the benchmark suites.
+shows the running daemons and their state. ``bench`` runs the benchmark suites;
+``trace record`` records a command's memory trace (``mktme_sandbox.bench.recorder``).
 ``shell`` runs a command with the sandbox bound over ``/proc`` (the work is
 ``mktme_sandbox.procshell``'s). ``examples`` lists and runs the experiments and the tour shipped in
 ``mktme_sandbox.examples`` (the work is ``mktme_sandbox.examples.run_all``'s).
@@ -402,6 +403,8 @@ def bench(suites: tuple[str, ...], as_json: bool) -> None:
               stores through a KeyID; host RSS of a sparse 64 GiB machine
       kernel  page faults with MKTME on and off; a kernel-build-like trace
               with the flush-cost model of the series' cover letter
+      kbuild  the cover letter's table from a recorded kernel build's
+              trace, and N tenants sharing the pools (docs/kbuild.md)
       fs      reads through a real mount against a null FUSE filesystem
               mounted beside it
 
@@ -415,6 +418,45 @@ def bench(suites: tuple[str, ...], as_json: bool) -> None:
     if unknown:
         raise click.UsageError(f"unknown suite {', '.join(unknown)} (suites: {', '.join(SUITES)})")
     run(list(suites) or None, as_json=as_json, out=sys.stdout, progress=sys.stderr)
+
+
+@cli.group()
+def trace() -> None:
+    """Record a command's memory trace (docs/kbuild.md has the format)."""
+
+
+@trace.command(name="record", context_settings={"ignore_unknown_options": True})
+@click.option(
+    "-o",
+    "--output",
+    default="trace.gz",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The trace file (gzip; xz for a .xz name).",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def trace_record(output: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND under perf (page faults, forks, execs, exits, mmaps) and write its trace.
+
+    \b
+    Example:
+      mktme-sandbox trace record -o build.trace.gz -- make -j2
+
+    perf is installed with apt-get when missing and run as root. Prints the
+    events written of each kind; exits with COMMAND's status.
+    """
+    from pathlib import Path
+
+    from mktme_sandbox.bench.recorder import record
+    from mktme_sandbox.errors import SandboxError
+
+    try:
+        done = record(command, Path(output))
+    except SandboxError as err:
+        raise click.ClickException(str(err)) from None
+    counts = " ".join(f"{kind}={n}" for kind, n in sorted(done.counts.items()))
+    click.echo(f"{output}: {counts}")
+    sys.exit(done.returncode)
 
 
 @cli.group()

@@ -42,6 +42,7 @@ Progress = Callable[[str], None]
 SUITES: dict[str, str] = {
     "engine": "mktme_sandbox.bench.engine",
     "kernel": "mktme_sandbox.bench.kernel",
+    "kbuild": "mktme_sandbox.bench.kbuild",
     "fs": "mktme_sandbox.bench.fs",
 }
 

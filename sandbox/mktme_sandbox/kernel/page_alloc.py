@@ -22,6 +22,10 @@ Rules kept:
 - The mitigation ``flush_on_keyid_change`` off skips the flushes (and only
   them): dirty lines of the old KeyID stay in the cache and are written back
   later over the new owner's data.
+- Which other KeyID's pool an allocation takes from when its own pool and
+  KeyID 0's are empty (``pool_steal``): the fullest (the default), or the
+  coldest, the KeyID that allocated least recently (a policy of the
+  ``bench kbuild`` suite's multi-tenant replay; docs/kbuild.md).
 - Every page is charged to the uid in ``charge_uid`` when it is allocated
   (the kernel sets it to the owner of the space it allocates for, as Linux
   charges the memcg of ``current``) and uncharged when it is freed, whoever
@@ -83,6 +87,9 @@ class PageAllocator:
         self.keyid_free_pools = False
         self._pools: dict[int, list[int]] = {0: []}
         self._fresh = 0  # PFNs >= _fresh were never allocated
+        self.pool_steal = "fullest"  # or "coldest": see the module docstring
+        self._last_alloc: dict[int, int] = {}  # KeyID -> tick of its last allocation
+        self._ticks = 0
         self.allocated_by_keyid: dict[int, int] = {}
         self._page_limit = page_limit
         self.charge_uid: int | None = None
@@ -212,8 +219,12 @@ class PageAllocator:
             )
 
     def _take(self, keyid: int, nodes: Sequence[int] | None = None) -> tuple[int, int]:
-        """Pick a free page: own pool, then KeyID 0's, then the fullest other;
-        when none is left, reclaim some (swap) and try again, then ENOMEM."""
+        """Pick a free page: own pool, then KeyID 0's, then the fullest (or
+        coldest, ``pool_steal``) other; when none is left, reclaim some (swap)
+        and try again, then ENOMEM."""
+        if self.pool_steal == "coldest":  # the default keeps no history (nor do snapshots)
+            self._ticks += 1
+            self._last_alloc[keyid] = self._ticks
         if nodes is not None:
             found = self._take_on_nodes(keyid, nodes)
             if found is None:
@@ -255,7 +266,11 @@ class PageAllocator:
     def _pool_order(self, keyid: int) -> list[int]:
         others = sorted(
             (k for k in self._pools if k not in (keyid, 0)),
-            key=lambda k: -len(self._pools[k]),
+            key=lambda k: (
+                self._last_alloc.get(k, -1)
+                if self.pool_steal == "coldest"
+                else -len(self._pools[k])
+            ),
         )
         return list(dict.fromkeys([keyid, 0, *others]))
 
