@@ -15,7 +15,7 @@ import pytest
 from kernel_helpers import HPAGE, PAGE, U, ctl, two_keys
 from mktme_sandbox import Machine
 from mktme_sandbox.config import PAGE_SIZE
-from mktme_sandbox.kernel import proc
+from mktme_sandbox.kernel import proc, ptdump
 from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset
@@ -96,3 +96,13 @@ def test_smaps_over_arrays_equals_smaps_page_by_page(seed, monkeypatch):
     fast = smaps_files(m)
     monkeypatch.setattr(proc, "_account_vma", account_vma_per_page)
     assert fast == smaps_files(m)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ptdump_over_table_runs_equals_ptdump_span_by_span(seed, monkeypatch):
+    m = random_world(seed)
+    fast = [m.ptdump(name) for name in m.space_names()]
+    monkeypatch.setattr(
+        ptdump, "table_spans", lambda pt, cr3, start, end: list(pt.iter_spans(cr3, start, end))
+    )
+    assert fast == [m.ptdump(name) for name in m.space_names()]
