@@ -394,7 +394,13 @@ def _row(daemon: DaemonInfo) -> str:
 @cli.command()
 @click.argument("suites", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(suites: tuple[str, ...], as_json: bool) -> None:
+@click.option(
+    "--scale-to",
+    metavar="SIZE",
+    help="Rows of the kernel suite's scale table up to SIZE mapped (64M, 256M, 1G, 4G; "
+    "default 256M, or $MKTME_BENCH_SCALE_TO).",
+)
+def bench(suites: tuple[str, ...], as_json: bool, scale_to: str | None) -> None:
     """Run benchmark SUITES (default: all of them).
 
     \b
@@ -402,7 +408,8 @@ def bench(suites: tuple[str, ...], as_json: bool) -> None:
       engine  the AES-XTS engine against one bulk AES-ECB pass; CPU loads and
               stores through a KeyID; host RSS of a sparse 64 GiB machine
       kernel  page faults with MKTME on and off; a kernel-build-like trace
-              with the flush-cost model of the series' cover letter
+              with the flush-cost model of the series' cover letter; cost
+              per page from 64 MiB mapped up (--scale-to)
       kbuild  the cover letter's table from a recorded kernel build's
               trace, and N tenants sharing the pools (docs/kbuild.md)
       fs      reads through a real mount against a null FUSE filesystem
@@ -414,6 +421,8 @@ def bench(suites: tuple[str, ...], as_json: bool) -> None:
     """
     from mktme_sandbox.bench import SUITES, run
 
+    if scale_to is not None:
+        os.environ["MKTME_BENCH_SCALE_TO"] = scale_to
     unknown = [name for name in suites if name not in SUITES]
     if unknown:
         raise click.UsageError(f"unknown suite {', '.join(unknown)} (suites: {', '.join(SUITES)})")

@@ -13,6 +13,8 @@ each of which says what it measures:
   and its table (the ``trace_...`` figures).
 - ``mktme_sandbox.bench.moves``: swap-out, swap-in and migration throughput,
   KeyID 0 against KeyID 1 (the ``swap_...`` and ``migrate_...`` figures).
+- ``mktme_sandbox.bench.scale``: cost per page as one space grows from 64 MiB
+  mapped (the ``scale_...`` figures; rows up to ``$MKTME_BENCH_SCALE_TO``).
 - ``mktme_sandbox.bench.flush_model``: the flush-cost model, calibrated on the
   cover letter's own ``perf stat`` (the ``model_...`` and ``letter_...``
   figures); pure arithmetic, no machine.
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from mktme_sandbox.bench import Progress, Result
 from mktme_sandbox.bench.faults import fault_contenders, fault_results, fault_samples
 from mktme_sandbox.bench.moves import move_results
+from mktme_sandbox.bench.scale import scale_results, scale_rows_to
 from mktme_sandbox.bench.trace import TraceShape, build_trace, run_trace, trace_results, trace_table
 
 __all__ = ["FULL", "TINY", "Sizes", "run"]
@@ -47,6 +50,8 @@ class Sizes:
     trace_passes: int = 3
     move_pages: int = 256
     move_rounds: int = 5
+    scale_rows: tuple[int, ...] | None = None
+    """The mapped sizes of the scale table; None: up to ``$MKTME_BENCH_SCALE_TO``."""
 
 
 FULL = Sizes()
@@ -66,6 +71,7 @@ TINY = Sizes(
     trace_passes=1,
     move_pages=8,
     move_rounds=1,
+    scale_rows=(1 << 20,),
 )
 
 
@@ -86,4 +92,6 @@ def run(progress: Progress, sizes: Sizes = FULL) -> list[Result]:
         progress(line)
     progress(f"kernel: swap and migration, {sizes.move_rounds} rounds of {sizes.move_pages} pages")
     moves = move_results(sizes.move_pages, sizes.move_rounds)
-    return fault_results(warm, past_cache) + trace_results(runs) + moves
+    rows = scale_rows_to() if sizes.scale_rows is None else sizes.scale_rows
+    scale = scale_results(rows, progress)
+    return fault_results(warm, past_cache) + trace_results(runs) + moves + scale

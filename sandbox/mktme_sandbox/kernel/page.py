@@ -56,6 +56,19 @@ class PG(IntFlag):
     MLOCKED = 1 << 8  # PG_mlocked: mapped by a VM_LOCKED VMA (kept on the head of a THP)
 
 
+# The flags as plain ints: the predicates below run once per page in faults and
+# scans, where an enum member lookup costs more than the test itself.
+_BUDDY = int(PG.BUDDY)
+_ANON = int(PG.ANON)
+_PGTABLE = int(PG.PGTABLE)
+_ZERO = int(PG.ZERO)
+_KSM = int(PG.KSM)
+_HEAD = int(PG.HEAD)
+_TAIL = int(PG.TAIL)
+_RESERVED = int(PG.RESERVED)
+_MLOCKED = int(PG.MLOCKED)
+
+
 def _read_only(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False
@@ -91,44 +104,44 @@ class MemMap:
     def page_flags(self, pfn: int) -> PG:
         return PG(int(self._flags[pfn]))
 
-    def _test(self, pfn: int, flag: PG) -> bool:
-        return bool(self._flags[pfn] & flag)
+    def _test(self, pfn: int, flag: int) -> bool:
+        return bool(self._flags.item(pfn) & flag)
 
     def PageBuddy(self, pfn: int) -> bool:
-        return self._test(pfn, PG.BUDDY)
+        return self._test(pfn, _BUDDY)
 
     def PageAnon(self, pfn: int) -> bool:
-        return self._test(pfn, PG.ANON)
+        return self._test(pfn, _ANON)
 
     def PageTable(self, pfn: int) -> bool:
-        return self._test(pfn, PG.PGTABLE)
+        return self._test(pfn, _PGTABLE)
 
     def PageKsm(self, pfn: int) -> bool:
-        return self._test(pfn, PG.KSM)
+        return self._test(pfn, _KSM)
 
     def PageHead(self, pfn: int) -> bool:
-        return self._test(pfn, PG.HEAD)
+        return self._test(pfn, _HEAD)
 
     def PageTail(self, pfn: int) -> bool:
-        return self._test(pfn, PG.TAIL)
+        return self._test(pfn, _TAIL)
 
     def PageCompound(self, pfn: int) -> bool:
-        return self._test(pfn, PG.HEAD | PG.TAIL)
+        return self._test(pfn, _HEAD | _TAIL)
 
     def PageTransHuge(self, pfn: int) -> bool:
         """The head of a 2M anonymous page (Linux asks it of heads only)."""
-        return self._test(pfn, PG.HEAD)
+        return self._test(pfn, _HEAD)
 
     def PageReserved(self, pfn: int) -> bool:
-        return self._test(pfn, PG.RESERVED)
+        return self._test(pfn, _RESERVED)
 
     def is_zero_pfn(self, pfn: int) -> bool:
         """The shared zero page."""
-        return self._test(pfn, PG.ZERO)
+        return self._test(pfn, _ZERO)
 
     def PageMlocked(self, pfn: int) -> bool:
         """PG_mlocked, asked of the compound head (PF_NO_TAIL)."""
-        return self._test(self.compound_head(pfn), PG.MLOCKED)
+        return self._test(self.compound_head(pfn), _MLOCKED)
 
     def SetPageMlocked(self, pfn: int) -> None:
         self._flags[self.compound_head(pfn)] |= np.uint32(PG.MLOCKED)
@@ -155,7 +168,7 @@ class MemMap:
     def page_exclusive(self, pfn: int) -> bool:
         """Mapped once and neither the zero page nor KSM's: a write may reuse it
         (``wp_page_reuse``) and pagemap calls it exclusive."""
-        return not self._test(pfn, PG.ZERO | PG.KSM) and self._mapcount[pfn] == 1
+        return not self._test(pfn, _ZERO | _KSM) and self._mapcount[pfn] == 1
 
     def get_page(self, pfn: int) -> None:
         """One more mapping of the page ``pfn`` belongs to (the zero page is not counted)."""
@@ -176,7 +189,7 @@ class MemMap:
 
     def compound_head(self, pfn: int) -> int:
         """The first page of the 2M page ``pfn`` is part of, or ``pfn`` itself."""
-        return pfn & ~(HPAGE_NR - 1) if self._test(pfn, PG.TAIL) else pfn
+        return pfn & ~(HPAGE_NR - 1) if self._test(pfn, _TAIL) else pfn
 
     def compound_order(self, pfn: int) -> int:
         """The order of the page headed by ``pfn`` (0 unless it is a head)."""

@@ -28,7 +28,13 @@ from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import MmWalkOps, PteTable
 from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_SIZE, USER_END, Level, PteFlags
-from mktme_sandbox.kernel.swapfile import PTE_MAPPED, is_swap_pte, swp_offset, swp_type
+from mktme_sandbox.kernel.swapfile import (
+    PTE_MAPPED,
+    is_swap_pte,
+    swp_offset,
+    swp_offsets,
+    swp_type,
+)
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid, vma_policy_nodes
 
 if TYPE_CHECKING:
@@ -186,30 +192,43 @@ def _show_smap(mss: MemSizeStats, rollup: bool) -> str:
 
 
 def _account_vma(k: Kernel, mm: MmStruct, vma: Vma, mss: MemSizeStats) -> None:
-    """smaps_pte_entry() / smaps_account() over the VMA's present pages."""
-    for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
-        if is_swap_pte(pte):  # smaps_pte_entry(): a swap entry's share of its slot
-            mss.swap += PAGE_SIZE
-            slot_users = max(k.swap.swap_count(swp_offset(pte)), 1)
-            mss.swap_pss += (PAGE_SIZE << PSS_SHIFT) // slot_users
-            continue
-        pfn = pte_page(k, pte, size)
-        if pfn is None or k.pages.is_zero_pfn(pfn):
-            continue  # vm_normal_page() is NULL for the zero page and bad frames
-        ksm = k.pages.PageKsm(pfn)
-        count = max(k.pages.page_mapcount(pfn), 1)
-        # a KSM page is PageDirty (ksm.c: set_page_dirty on merge), whatever its PTE says
-        dirty = bool(pte & PteFlags.DIRTY) or ksm
-        pss = (size << PSS_SHIFT) // count
-        mss.resident += size
-        mss.pss += pss
-        mss.pss_dirty += pss if dirty else 0
-        kind = f"{'shared' if count > 1 else 'private'}_{'dirty' if dirty else 'clean'}"
-        setattr(mss, kind, getattr(mss, kind) + size)
-        mss.anonymous += size if k.pages.PageAnon(pfn) else 0
-        mss.ksm += size if ksm else 0
-        mss.locked += pss if vma.vm_flags & VM.LOCKED else 0
-        mss.anonymous_thp += size if size != PAGE_SIZE else 0
+    """smaps_pte_entry() / smaps_account() over the VMA's present pages, as
+    arrays: every leaf of the VMA at once, no Python work per page."""
+    u64 = np.uint64
+    leaves = k.pt.leaf_arrays(mm.pgd, vma.start, vma.end)
+    swapped = (leaves.pte & u64(PTE_MAPPED)) == 0  # leaves are never pte_none
+    _account_swap(k, leaves.pte[swapped], mss)
+    size = leaves.size[~swapped].astype(np.int64)
+    pfn = k.pte_layout.pte_pfns(leaves.pte[~swapped], leaves.size[~swapped])
+    known = pfn + (size >> 12) <= k.pages.nr_pages  # pte_page(): else no page of this machine
+    size, pfn, pte = size[known], pfn[known], leaves.pte[~swapped][known]
+    flags = k.pages.flags_of()[pfn]
+    normal = (flags & PG.ZERO) == 0  # vm_normal_page() is NULL for the zero page
+    size, pfn, pte, flags = size[normal], pfn[normal], pte[normal], flags[normal]
+    ksm = (flags & PG.KSM) != 0
+    count = np.maximum(k.pages.mapcounts_of()[pfn].astype(np.int64), 1)
+    # a KSM page is PageDirty (ksm.c: set_page_dirty on merge), whatever its PTE says
+    dirty = ((pte & u64(PteFlags.DIRTY)) != 0) | ksm
+    pss = (size << PSS_SHIFT) // count
+    shared = count > 1
+    mss.resident += int(size.sum())
+    mss.pss += int(pss.sum())
+    mss.pss_dirty += int(pss[dirty].sum())
+    mss.shared_clean += int(size[shared & ~dirty].sum())
+    mss.shared_dirty += int(size[shared & dirty].sum())
+    mss.private_clean += int(size[~shared & ~dirty].sum())
+    mss.private_dirty += int(size[~shared & dirty].sum())
+    mss.anonymous += int(size[(flags & PG.ANON) != 0].sum())
+    mss.ksm += int(size[ksm].sum())
+    mss.locked += int(pss.sum()) if vma.vm_flags & VM.LOCKED else 0
+    mss.anonymous_thp += int(size[size != PAGE_SIZE].sum())
+
+
+def _account_swap(k: Kernel, ptes: np.ndarray, mss: MemSizeStats) -> None:
+    """smaps_pte_entry() on swap entries: each one's share of its slot."""
+    users = np.maximum(k.swap.swap_counts(swp_offsets(ptes)), 1)
+    mss.swap += PAGE_SIZE * len(ptes)
+    mss.swap_pss += int(((PAGE_SIZE << PSS_SHIFT) // users).sum())
 
 
 # --- status ---------------------------------------------------------------------

@@ -57,6 +57,7 @@ __all__ = [
     "is_swap_pte",
     "swp_entry_to_pte",
     "swp_offset",
+    "swp_offsets",
     "swp_type",
 ]
 
@@ -85,6 +86,14 @@ def swp_type(pte: int) -> int:
 
 def swp_offset(pte: int) -> int:
     return (pte & ((1 << (64 - SWP_TYPE_BITS)) - 1)) >> SWP_OFFSET_FIRST_BIT
+
+
+def swp_offsets(ptes: np.ndarray) -> np.ndarray:
+    """``swp_offset`` of many swap entries at once (uint64): int64 offsets."""
+    u64 = np.uint64
+    mask = u64((1 << (64 - SWP_TYPE_BITS)) - 1)
+    offsets: np.ndarray = ((ptes & mask) >> u64(SWP_OFFSET_FIRST_BIT)).astype(np.int64)
+    return offsets
 
 
 def swap_header(nr_pages: int, uuid: bytes) -> bytes:
@@ -155,6 +164,12 @@ class SwapDevice:
 
     def swap_count(self, offset: int) -> int:
         return int(self.swap_map[offset]) if 0 < offset < self.nr_pages else 0
+
+    def swap_counts(self, offsets: np.ndarray) -> np.ndarray:
+        """``swap_count`` of many slots at once: int64 counts, 0 outside the device."""
+        inside = (offsets > 0) & (offsets < self.nr_pages)
+        counts: np.ndarray = np.where(inside, self.swap_map[np.where(inside, offsets, 0)], 0)
+        return counts.astype(np.int64)
 
     def swap_free(self, offset: int) -> None:
         """Drop one reference to a slot; its bytes stay on the disk, as on a real one."""
