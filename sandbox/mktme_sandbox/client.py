@@ -70,6 +70,7 @@ __all__ = [
     "Pte",
     "Space",
     "Translation",
+    "UffdMsg",
     "Vma",
     "Walk",
     "errno_name",
@@ -325,6 +326,26 @@ class PagemapEntry:
     @property
     def pa(self) -> int:
         return self.pfn * PAGE + self.va % PAGE
+
+
+@dataclass(frozen=True)
+class UffdMsg:
+    """One line of ``spaces/NAME/uffd``: a missing fault waiting on the space's
+    userfaultfd (``struct uffd_msg``, event ``UFFD_EVENT_PAGEFAULT`` = 0x12)."""
+
+    event: int
+    flags: int
+    address: int
+
+    @property
+    def write(self) -> bool:
+        """``UFFD_PAGEFAULT_FLAG_WRITE``: the access was a write."""
+        return bool(self.flags & 1)
+
+    @classmethod
+    def parse(cls, line: str) -> UffdMsg:
+        fields = dict(word.split("=", 1) for word in line.split())
+        return cls(*(int(fields[name], 16) for name in ("event", "flags", "address")))
 
 
 @dataclass(frozen=True)
@@ -740,6 +761,27 @@ class Space:
 
     def munlock(self, va: int, length: int) -> None:
         self.ctl(f"munlock {va:#x} {length}")
+
+    def uffd_register(self, va: int, length: int) -> None:
+        """``uffd register ADDR LEN``: missing faults in the range wait for
+        ``uffd_copy`` or ``uffd_zeropage`` (EAGAIN until then)."""
+        self.ctl(f"uffd register {va:#x} {length}")
+
+    def uffd_unregister(self, va: int, length: int) -> None:
+        self.ctl(f"uffd unregister {va:#x} {length}")
+
+    def uffd_copy(self, dst: int, src: int, length: int) -> None:
+        """``uffd copy DST SRC LEN`` (UFFDIO_COPY): new pages of the VMA's KeyID."""
+        self.ctl(f"uffd copy {dst:#x} {src:#x} {length}")
+
+    def uffd_zeropage(self, dst: int, length: int) -> None:
+        """``uffd zeropage DST LEN`` (UFFDIO_ZEROPAGE)."""
+        self.ctl(f"uffd zeropage {dst:#x} {length}")
+
+    def uffd_pending(self) -> list[UffdMsg]:
+        """The missing faults ``spaces/NAME/uffd`` lists, by address."""
+        text = self.mount.read_text(f"{self.rel}/uffd")
+        return [UffdMsg.parse(line) for line in text.splitlines()]
 
     def smaps(self) -> list[Vma]:
         return parse_smaps(self.mount.read_text(f"{self.rel}/smaps"))

@@ -5,7 +5,9 @@ Grammar (docs/spec.md 4.4): ``mmap ADDR LEN PROT [keyid=N] [populate]``,
 ``encrypt_mprotect ADDR LEN PROT keyid=N``,
 ``madvise ADDR LEN mergeable|unmergeable|hugepage|dontneed|pageout``,
 ``mlock ADDR LEN``, ``munlock ADDR LEN``, ``mremap OLD OLDLEN NEWLEN [NEWADDR]``,
-``fork CHILD``, ``mbind ADDR LEN NODES``, ``migrate ADDR LEN NODE``; for ``mm/snapshot``
+``fork CHILD``, ``mbind ADDR LEN NODES``, ``migrate ADDR LEN NODE``,
+``uffd register|unregister ADDR LEN``, ``uffd copy DST SRC LEN``,
+``uffd zeropage DST LEN``; for ``mm/snapshot``
 ``save|restore|coldboot /ABSOLUTE/PATH``. ADDR is hex
 (``0x...``), LEN decimal or hex with an optional K/M/G suffix, PROT one of
 ``--- r-- rw- r-x rwx`` (or ``none r rw rx rwx``). Anything else is EINVAL
@@ -39,6 +41,10 @@ __all__ = [
     "Munlock",
     "Munmap",
     "SpaceCommand",
+    "UffdCopy",
+    "UffdRegister",
+    "UffdUnregister",
+    "UffdZeropage",
     "decode_command",
     "parse_space_command",
 ]
@@ -55,6 +61,8 @@ USAGE = {
     "fork": "fork CHILD",
     "mbind": "mbind ADDR LEN NODES",
     "migrate": "migrate ADDR LEN NODE",
+    "uffd": "uffd register ADDR LEN | uffd unregister ADDR LEN | uffd copy DST SRC LEN"
+    " | uffd zeropage DST LEN",
 }
 
 
@@ -145,6 +153,35 @@ class Migrate:
     op: ClassVar[str] = "migrate"
 
 
+@dataclass(frozen=True)
+class UffdRegister:
+    addr: int
+    length: int
+    op: ClassVar[str] = "uffd"  # register: UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MISSING
+
+
+@dataclass(frozen=True)
+class UffdUnregister:
+    addr: int
+    length: int
+    op: ClassVar[str] = "uffd"  # unregister: UFFDIO_UNREGISTER
+
+
+@dataclass(frozen=True)
+class UffdCopy:
+    dst: int
+    src: int
+    length: int
+    op: ClassVar[str] = "uffd"  # copy: UFFDIO_COPY
+
+
+@dataclass(frozen=True)
+class UffdZeropage:
+    dst: int
+    length: int
+    op: ClassVar[str] = "uffd"  # zeropage: UFFDIO_ZEROPAGE
+
+
 # One dataclass per command of spaces/NAME/ctl; Machine.space_command matches
 # on them exhaustively (assert_never), so a new one cannot fall into another.
 SpaceCommand = (
@@ -159,6 +196,10 @@ SpaceCommand = (
     | Fork
     | Mbind
     | Migrate
+    | UffdRegister
+    | UffdUnregister
+    | UffdCopy
+    | UffdZeropage
 )
 
 
@@ -205,6 +246,8 @@ def parse_space_command(text: str) -> SpaceCommand:
         if len(args) != 1:
             fail(errno.EINVAL, f"fork: usage: {USAGE[op]}")
         return Fork(args[0])
+    if op == "uffd":
+        return _uffd(args)
     if len(args) < 2:
         fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")
     addr, length = _addr(op, args[0]), _length(op, args[1])
@@ -234,6 +277,26 @@ def parse_space_command(text: str) -> SpaceCommand:
         fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")
     prot = _prot(op, rest[0])
     return _with_options(op, addr, length, prot, rest[1:])
+
+
+_UFFD_RANGES: dict[str, type[UffdRegister | UffdUnregister | UffdZeropage]] = {
+    "register": UffdRegister,
+    "unregister": UffdUnregister,
+    "zeropage": UffdZeropage,
+}
+
+
+def _uffd(args: list[str]) -> SpaceCommand:
+    """``uffd register|unregister|zeropage ADDR LEN`` or ``uffd copy DST SRC LEN``."""
+    sub = args[0] if args else ""
+    wanted = 3 if sub == "copy" else 2
+    if (sub != "copy" and sub not in _UFFD_RANGES) or len(args) != wanted + 1:
+        fail(errno.EINVAL, f"uffd: usage: {USAGE['uffd']}")
+    op = f"uffd {sub}"
+    addr, length = _addr(op, args[1]), _length(op, args[-1])
+    if sub == "copy":
+        return UffdCopy(addr, _addr(op, args[2]), length)
+    return _UFFD_RANGES[sub](addr, length)
 
 
 def _with_options(op: str, addr: int, length: int, prot: VM, words: list[str]) -> SpaceCommand:

@@ -41,6 +41,10 @@ from mktme_sandbox.commands import (
     Mremap,
     Munlock,
     Munmap,
+    UffdCopy,
+    UffdRegister,
+    UffdUnregister,
+    UffdZeropage,
     Wbinvd,
     decode_command,
     parse_cache_command,
@@ -63,6 +67,7 @@ from mktme_sandbox.kernel import (
     mremap,
     proc,
     rmap,
+    userfaultfd,
 )
 from mktme_sandbox.kernel.kernel import MITIGATIONS, Kernel
 from mktme_sandbox.kernel.ptdump import ptdump_kernel, ptdump_mm
@@ -274,6 +279,14 @@ class Machine:
             case Migrate():
                 end = mmap.check_mapped_range("migrate", mm, cmd.addr, cmd.length)
                 migrate.do_move_pages(k, mm, cmd.addr, end, cmd.node)
+            case UffdRegister():
+                userfaultfd.userfaultfd_register(k, mm, cmd.addr, cmd.length)
+            case UffdUnregister():
+                userfaultfd.userfaultfd_unregister(k, mm, cmd.addr, cmd.length)
+            case UffdCopy():
+                userfaultfd.mcopy_atomic(k, mm, cmd.dst, cmd.src, cmd.length)
+            case UffdZeropage():
+                userfaultfd.mfill_zeropage(k, mm, cmd.dst, cmd.length)
             case _:
                 assert_never(cmd)
 
@@ -301,6 +314,13 @@ class Machine:
     def status(self, name: str, uid: int | None = None) -> str:
         """``spaces/NAME/status``: ``Name:`` and the Vm* and Rss* lines of /proc/PID/status."""
         return proc.status(self.kernel, self._space_for(name, uid))
+
+    @_locked
+    def uffd(self, name: str, uid: int | None = None) -> str:
+        """``spaces/NAME/uffd``: one ``struct uffd_msg`` per pending missing fault,
+        ``event=0x12 flags=F address=0xADDR`` (F 0x1 for a write), by address."""
+        mm = self._space_for(name, uid)
+        return "".join(msg.line() + "\n" for msg in userfaultfd.pending_messages(mm))
 
     @_locked
     def read_virt(self, name: str, addr: int, length: int, uid: int | None = None) -> bytes:

@@ -180,6 +180,19 @@ def test_a_key_programmed_with_echo_belongs_to_its_writer(bash):
 # -- address spaces -------------------------------------------------------------------
 
 
+def test_a_missing_fault_in_a_uffd_range_is_eagain_until_filled_and_waits_in_uffd(bash):
+    bash("mkdir spaces/uffd")
+    bash("echo 'mmap 0x10000000 8K rw-' > spaces/uffd/ctl")
+    bash("echo 'uffd register 0x10000000 8K' > spaces/uffd/ctl")
+    read = "dd if=spaces/uffd/mem bs=4 count=1 skip=$((0x10001000)) iflag=skip_bytes status=none"
+    assert "Resource temporarily unavailable" in bash(f"{read} 2>&1 || true")
+    assert bash("cat spaces/uffd/uffd") == "event=0x12 flags=0x0 address=0x10001000\n"
+    bash("echo 'uffd zeropage 0x10001000 4K' > spaces/uffd/ctl")
+    assert bash("cat spaces/uffd/uffd") == ""
+    assert bash(f"{read} | od -An -tx1").split() == ["00"] * 4
+    bash("rmdir spaces/uffd")
+
+
 def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash):
     bash("mkdir spaces/files")
     assert bash("ls spaces/files").split() == [
@@ -193,6 +206,7 @@ def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash):
         "smaps_rollup",
         "status",
         "tlb",
+        "uffd",
         "vmas",
     ]
     assert stat_line(bash, "spaces/files").startswith("700 0")

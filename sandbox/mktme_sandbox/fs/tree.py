@@ -242,6 +242,7 @@ class Tree:
             "smaps_rollup": TextFile(partial(m.smaps_rollup, name), access(INFO)),
             "status": TextFile(partial(m.status, name), access(INFO)),
             "numa_maps": TextFile(partial(m.numa_maps, name), access(INFO)),
+            "uffd": TextFile(partial(m.uffd, name), access(INFO)),
             "mem": BlobFile(
                 USER_SPACE_END,
                 partial(m.read_virt, name),

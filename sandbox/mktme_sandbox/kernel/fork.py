@@ -4,7 +4,8 @@
 Rules kept:
 - The child gets a copy of every VMA, ``vm_page_prot`` and so the KeyID
   included; VM_LOCKED is not inherited (``dup_mmap()``: ``tmp->vm_flags &=
-  ~(VM_LOCKED | VM_LOCKONFAULT)``).
+  ~(VM_LOCKED | VM_LOCKONFAULT)``), nor a userfaultfd registration
+  (``dup_userfaultfd()`` without UFFD_FEATURE_EVENT_FORK).
 - ``copy_one_pte()``: "If it's a COW mapping, write protect it both in the
   parent and the child" (``ptep_set_wrprotect(src_mm, addr, src_pte); pte =
   pte_wrprotect(pte)``); the child's PTE is the parent's, KeyID bits
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.kernel.memory import flush_tlb_range, mapped_page, pte_page, split_huge_pmd
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, PteFlags
+from mktme_sandbox.kernel.userfaultfd import dup_userfaultfd
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ def dup_mm(k: Kernel, parent: MmStruct, name: str, uid: int) -> MmStruct:
     try:
         with k.charging(uid):
             for vma in parent.vmas():
-                child.insert(vma.with_(vm_flags=vma.vm_flags & ~VM.LOCKED))
+                child.insert(dup_userfaultfd(vma.with_(vm_flags=vma.vm_flags & ~VM.LOCKED)))
                 copy_page_range(k, parent, child, vma)
     except BaseException:
         k.destroy_space(name)

@@ -50,7 +50,7 @@ from mktme_sandbox.kernel.tlb import Tlb
 from mktme_sandbox.kernel.vma import MmStruct, vma_keyid
 from mktme_sandbox.kernel.vmstat import VmStat
 
-__all__ = ["MITIGATIONS", "Kernel"]
+__all__ = ["LATER_FIXES", "MITIGATIONS", "Kernel"]
 
 MITIGATIONS: dict[str, str] = {
     "vma_merge_keyid_check": "mm: Do no merge VMAs with different encryption KeyIDs",
@@ -61,7 +61,10 @@ MITIGATIONS: dict[str, str] = {
     "flush_on_keyid_change": "x86/mm: Implement prep_encrypted_page() and arch_free_page()",
     "alloc_page_vma_keyid": "mm/page_alloc: Handle allocation for encrypted memory",
     "migrate_keyid": "mm/page_alloc: Handle allocation for encrypted memory",
+    "uffd_zeropage_encrypted_check": "later fix: no zero page in encrypted VMAs for UFFDIO_ZEROPAGE",
 }
+LATER_FIXES = frozenset({"uffd_zeropage_encrypted_check"})
+"""Switches for a rule v5 lacks: off by default, so the machine is v5 as posted."""
 RESERVED_SPACE_NAMES = ("kernel",)  # pagetables/kernel shows the direct mappings
 _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -88,7 +91,7 @@ class Kernel:
         self.layout = layout
         self.directmap = DirectMap(config.phys_mem, layout.nr_keyids + 1)
         self.pte_layout = PteLayout(config.maxphyaddr, layout.keyid_bits)
-        self.mitigations = dict.fromkeys(MITIGATIONS, True)
+        self.mitigations = {name: name not in LATER_FIXES for name in MITIGATIONS}
         self.alloc = PageAllocator(
             platform,
             config.phys_mem,

@@ -38,7 +38,11 @@ KeyID, frees the slot and maps the page, writable at once on a write fault
 (``Kernel.pinned``) until it has copied them, so that reclaim run by a later
 page's fault cannot take them.
 
-Left out: file pages, userfaultfd, the swap cache, accessed/dirty bits set by the
+Userfaultfd (missing mode, ``kernel/userfaultfd.py``): a fault on an empty
+entry of a registered VMA is queued and fails with EAGAIN
+(``handle_userfault``) before any table or page is allocated.
+
+Left out: file pages, the swap cache, accessed/dirty bits set by the
 walker (PTEs are made young, and dirty on a write fault), sharing a THP across
 fork (fork splits it first).
 """
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PTE_MAPPED",
+    "UFFD_PAGEFAULT_FLAG_WRITE",
     "access_vm",
     "flush_tlb_mm",
     "get_user_pages",
@@ -72,6 +77,7 @@ __all__ = [
 ]
 
 _WRITE_BITS = int(PteFlags.RW | PteFlags.DIRTY)
+UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0  # include/uapi/linux/userfaultfd.h
 _PSE = int(PteFlags.PSE)
 
 
@@ -105,6 +111,8 @@ def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -
 
 def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
     found = k.pt.get_pte(mm.pgd, addr)
+    if found is None and vma.vm_flags & VM.UFFD_MISSING:
+        handle_userfault(k, mm, addr, write)
     if found is None:
         haddr = addr & ~(HPAGE_SIZE - 1)
         if transhuge_vma_suitable(vma, haddr) and _pmd_none(k, mm, haddr):
@@ -119,6 +127,24 @@ def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) 
     if found.size == HPAGE_SIZE:
         return do_huge_pmd_wp_page(k, mm, vma, addr, found.pte)
     return do_wp_page(k, mm, vma, addr, found.pte)
+
+
+def handle_userfault(k: Kernel, mm: MmStruct, addr: int, write: bool) -> NoReturn:
+    """A missing fault in a VMA registered with userfaultfd (fs/userfaultfd.c
+    ``handle_userfault()``, called by ``do_anonymous_page()`` and
+    ``do_huge_pmd_anonymous_page()`` before they map anything): the fault is
+    queued for ``spaces/NAME/uffd`` (the page address, as ``vmf->address``) and
+    the access fails with EAGAIN until UFFDIO_COPY or UFFDIO_ZEROPAGE fills
+    the page (Linux blocks the thread; a file access cannot wait)."""
+    page = addr & ~(PAGE_SIZE - 1)
+    flags = UFFD_PAGEFAULT_FLAG_WRITE if write else 0
+    if page not in mm.uffd_pending:
+        k.log.printk(
+            f"userfaultfd: space {mm.name}: missing {'write' if write else 'read'} "
+            f"fault at {page:#x} queued"
+        )
+    mm.uffd_pending[page] = mm.uffd_pending.get(page, 0) | flags
+    fail(errno.EAGAIN, f"{addr:#x}: missing page in a userfaultfd range, not yet resolved")
 
 
 # --- allocation for a VMA (patches 04 and 05) ------------------------------------
@@ -218,7 +244,7 @@ def do_huge_pmd_anonymous_page(
         k.vmstat.inc("thp_fault_fallback")
         return None
     k.vmstat.inc("thp_fault_alloc")
-    return _map_new_page(k, mm, vma, haddr, head, HPAGE_SIZE)
+    return map_new_page(k, mm, vma, haddr, head, HPAGE_SIZE)
 
 
 def do_huge_pmd_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pmd: int) -> int:
@@ -252,12 +278,20 @@ def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool)
     k.pt.alloc_tables(mm.pgd, page)  # the tables first, the page last
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
-            k.vmstat.inc("mktme_zero_page_map")
-            pte = k.pte_layout.pfn_pte(k.zero_pfn, vma.vm_page_prot)
-            k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
-            return pte
+            return map_zero_page(k, mm, vma, page)
         k.vmstat.inc("mktme_zero_page_refused_encrypted")
-    return _map_new_page(k, mm, vma, page, alloc_page_vma(k, vma))
+    return map_new_page(k, mm, vma, page, alloc_page_vma(k, vma))
+
+
+def map_zero_page(k: Kernel, mm: MmStruct, vma: Vma, page: int) -> int:
+    """``pte_mkspecial(pfn_pte(my_zero_pfn(addr), vma->vm_page_prot))``: the
+    zero page through the VMA's protections, KeyID bits included (a read
+    fault, and UFFDIO_ZEROPAGE's ``mfill_zeropage_pte()``). Read-only: a
+    write breaks copy-on-write. The tables must exist."""
+    k.vmstat.inc("mktme_zero_page_map")
+    pte = k.pte_layout.pfn_pte(k.zero_pfn, vma.vm_page_prot)
+    k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
+    return pte
 
 
 def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int, write: bool) -> int:
@@ -270,10 +304,10 @@ def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int, write: 
     k.platform.store(pfn * PAGE_SIZE, k.swap.readpage(offset), k.pages.page_keyid(pfn))
     k.swap.swap_free(offset)
     k.vmstat.inc("pswpin")
-    return _map_new_page(k, mm, vma, page, pfn, writable=write)
+    return map_new_page(k, mm, vma, page, pfn, writable=write)
 
 
-def _map_new_page(
+def map_new_page(
     k: Kernel,
     mm: MmStruct,
     vma: Vma,
@@ -326,7 +360,7 @@ def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
     if not zero:
         copy_page(k, src=pfn, dst=new)
     k.pages.put_page(pfn)
-    return _map_new_page(k, mm, vma, page, new)
+    return map_new_page(k, mm, vma, page, new)
 
 
 def copy_page(k: Kernel, src: int, dst: int) -> None:

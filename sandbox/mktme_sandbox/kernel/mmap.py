@@ -168,6 +168,7 @@ def do_munmap(k: Kernel, mm: MmStruct, addr: int, length: int) -> None:
         fail(errno.EINVAL, f"munmap: bad range {addr:#x}+{length:#x}")
     end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
     zap_page_range(k, mm, addr, end)
+    mm.wake_userfaults(addr, end)
     for vma in mm.isolate(addr, end):
         mm.remove(vma)
 
@@ -283,8 +284,15 @@ def vma_merge(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
             merged.append(vma)
 
 
+def _merge_key(vma: Vma) -> tuple[VM, int, int]:
+    """What two neighbours must share besides the KeyID: ``vm_flags``, the
+    policy (``mpol_equal()``) and the userfaultfd context
+    (``is_mergeable_vm_userfaultfd_ctx()``)."""
+    return vma.vm_flags, vma.vm_policy, vma.vm_userfaultfd_ctx
+
+
 def _can_merge(k: Kernel, prev: Vma, vma: Vma) -> bool:
-    if prev.end != vma.start or (prev.vm_flags, prev.vm_policy) != (vma.vm_flags, vma.vm_policy):
+    if prev.end != vma.start or _merge_key(prev) != _merge_key(vma):
         return False
     if vma_keyid(prev, k.pte_layout) == vma_keyid(vma, k.pte_layout):
         return True

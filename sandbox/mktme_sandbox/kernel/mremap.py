@@ -25,6 +25,9 @@ Rules kept:
   moving); ENOMEM when the page tables for the move cannot be had. Every check
   runs before anything changes.
 
+A moved VMA leaves its userfaultfd registration behind
+(``mremap_userfaultfd_prep()`` without UFFD_FEATURE_EVENT_REMAP).
+
 Left out: MREMAP_MAYMOVE without NEWADDR (the kernel choosing a place),
 mremap of a locked VMA accounting (VM_LOCKED is moved with the VMA).
 """
@@ -39,6 +42,7 @@ from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import flush_tlb_range, pte_page, split_huge_pmd
 from mktme_sandbox.kernel.mmap import do_munmap, vma_merge
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, TASK_SIZE
+from mktme_sandbox.kernel.userfaultfd import dup_userfaultfd
 from mktme_sandbox.kernel.vma import MMAP_MIN_ADDR, MmStruct, Vma
 
 if TYPE_CHECKING:
@@ -113,8 +117,10 @@ def move_vma(
     k: Kernel, mm: MmStruct, vma: Vma, old: int, length: int, new_addr: int, new_len: int
 ) -> None:
     """``copy_vma()`` at ``new_addr``, ``move_page_tables()``, then the old range goes."""
-    mm.insert(vma.with_(start=new_addr, end=new_addr + new_len))  # copy_vma: same pgprot
+    moved = dup_userfaultfd(vma.with_(start=new_addr, end=new_addr + new_len))
+    mm.insert(moved)  # copy_vma: same pgprot; mremap_userfaultfd_prep: unregistered
     move_page_tables(k, mm, old, new_addr, length)
+    mm.wake_userfaults(old, old + length)
     for part in mm.isolate(old, old + length):
         mm.remove(part)
     k.pt.free_empty_tables(mm.pgd, old, old + length)

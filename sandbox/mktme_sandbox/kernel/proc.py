@@ -93,6 +93,7 @@ _VMFLAG_MNEMONICS = (  # mm/proc task_mmu.c order; mr mw me always for anon priv
     (None, "mr"), (None, "mw"), (None, "me"), (VM.LOCKED, "lo"),
     (VM.WRITE, "ac"),
     (VM.HUGEPAGE, "hg"), (VM.NOHUGEPAGE, "nh"), (VM.MERGEABLE, "mg"),
+    (VM.UFFD_MISSING, "um"),
 )  # fmt: skip
 
 

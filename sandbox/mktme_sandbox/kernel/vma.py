@@ -9,7 +9,8 @@ different KeyIDs would otherwise merge and the second would lose its KeyID
 (every later fault in it would use the first one's).
 
 Rules kept: VMAs are page-aligned, sorted and never overlap; anonymous and
-private only; merging needs adjacency, equal ``vm_flags`` and (with the
+private only; merging needs adjacency, equal ``vm_flags``, equal
+``vm_userfaultfd_ctx`` (``is_mergeable_vm_userfaultfd_ctx()``) and (with the
 mitigation ``vma_merge_keyid_check`` on) equal KeyIDs.
 
 Left out: file mappings, anon_vma compatibility (two neighbours merge here
@@ -39,6 +40,7 @@ class VM(IntFlag):
     READ = 0x1
     WRITE = 0x2
     EXEC = 0x4
+    UFFD_MISSING = 0x200  # userfaultfd register, missing mode (kernel/userfaultfd.py)
     LOCKED = 0x2000  # mlock(): the pages stay in memory (reclaim and swap skip the VMA)
     MERGEABLE = 0x80000000
     HUGEPAGE = 0x20000000
@@ -67,6 +69,7 @@ class Vma:
     vm_flags: VM
     vm_page_prot: int  # PTE bits with the KeyID in the address field
     vm_policy: int = 0  # MPOL_BIND node mask (bit N: node N); 0 the default policy
+    vm_userfaultfd_ctx: int = 0  # the userfaultfd a registered VMA reports to; 0 none
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -108,9 +111,15 @@ class MmStruct:
         self.asid = asid
         self._vmas: list[Vma] = []
         self._starts: list[int] = []
+        self.uffd_pending: dict[int, int] = {}
+        """Missing faults reported to the space's userfaultfd and not yet resolved:
+        page address -> ``uffd_msg`` flags (kernel/userfaultfd.py)."""
 
     def export_state(self) -> dict[str, Any]:
-        vmas = [[v.start, v.end, int(v.vm_flags), v.vm_page_prot, v.vm_policy] for v in self._vmas]
+        vmas = [
+            [v.start, v.end, int(v.vm_flags), v.vm_page_prot, v.vm_policy, v.vm_userfaultfd_ctx]
+            for v in self._vmas
+        ]
         return {
             "name": self.name,
             "owner": self.owner,
@@ -122,8 +131,9 @@ class MmStruct:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MmStruct:
         mm = cls(str(state["name"]), int(state["owner"]), int(state["pgd"]), int(state["asid"]))
-        for start, end, vm_flags, prot, *policy in state["vmas"]:
-            mm.insert(Vma(int(start), int(end), VM(vm_flags), int(prot), int(sum(policy))))
+        for start, end, vm_flags, prot, *rest in state["vmas"]:
+            policy, ctx = (*map(int, rest), 0, 0)[:2]  # older snapshots have neither
+            mm.insert(Vma(int(start), int(end), VM(vm_flags), int(prot), policy, ctx))
         return mm
 
     # --- lookup -----------------------------------------------------------
@@ -179,6 +189,12 @@ class MmStruct:
         self.remove(vma)
         self.insert(vma.with_(end=addr))
         self.insert(vma.with_(start=addr))
+
+    def wake_userfaults(self, start: int, end: int) -> None:
+        """Forget the pending missing faults in [start, end): resolved
+        (UFFDIO_COPY, UFFDIO_ZEROPAGE), unregistered or unmapped."""
+        for addr in [a for a in self.uffd_pending if start <= a < end]:
+            del self.uffd_pending[addr]
 
     def isolate(self, start: int, end: int) -> list[Vma]:
         """Split at both ends and return the VMAs inside [start, end)."""
