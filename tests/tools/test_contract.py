@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tools_helpers import BIN, LAUNCHERS, TOOLS, VA, Run, Tenant
 
 from mktme_sandbox import tools
 from mktme_sandbox.client import Mount, Space
 from mktme_sandbox.mounting import mounted
+from tools_helpers import BIN, LAUNCHERS, TOOLS, VA, Run, Tenant
 
 pytestmark = pytest.mark.mount
 

@@ -6,9 +6,9 @@ import json
 import os
 
 import pytest
-from tools_helpers import Run
 
 from mktme_sandbox.client import Mount
+from tools_helpers import Run
 
 pytestmark = pytest.mark.mount
 
