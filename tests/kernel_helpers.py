@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 from mktme_sandbox import Machine
+from mktme_sandbox.kernel.pgtable import Lookup
 
 U = 0x10000000  # a user address, 2M aligned
 PAGE = 4096
@@ -14,7 +15,7 @@ HPAGE = 2 << 20
 def machine(**options: object) -> Machine:
     options.setdefault("phys_mem", "64M")
     options.setdefault("seed", 1)
-    return Machine(**options)
+    return Machine(None, **options)
 
 
 def cpu_key(m: Machine, keyid: int, uid: int = 0) -> None:
@@ -42,12 +43,12 @@ def pfn_of(m: Machine, name: str, addr: int) -> int:
     """The PFN pagemap gives for ``addr`` (asserts present)."""
     (entry,) = struct.unpack("<Q", m.pagemap(name, (addr >> 12) * 8, 8))
     assert entry >> 63, f"{addr:#x} is not present"
-    return entry & ((1 << 55) - 1)
+    return int(entry) & ((1 << 55) - 1)
 
 
 def page_keyid(m: Machine, pfn: int) -> int:
     (keyid,) = struct.unpack("<Q", m.page_keyid(pfn * 8, 8))
-    return keyid
+    return int(keyid)
 
 
 def smaps_keyids(m: Machine, name: str) -> list[int]:
@@ -58,3 +59,10 @@ def smaps_keyids(m: Machine, name: str) -> list[int]:
 
 def vmstat(m: Machine) -> dict[str, int]:
     return m.vmstat_counts()
+
+
+def leaf(m: Machine, name: str, va: int) -> Lookup:
+    """The page-table entry that maps ``va`` in space ``name`` (asserts there is one)."""
+    found = m.kernel.pt.get_pte(m.cr3(name), va)
+    assert found is not None, f"{va:#x} is not mapped in {name}"
+    return found

@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from mktme_sandbox import Machine
+from mktme_sandbox.fs.nodes import BlobFile, Dir, Node, TextFile
 from mktme_sandbox.fs.tree import Tree
 from mktme_sandbox.kernel.proc import KPF
 
@@ -45,25 +46,32 @@ class InProcess:
     def __init__(self, machine: Machine) -> None:
         self.tree = Tree(machine)
 
-    def _node(self, rel: str):
+    def _node(self, rel: str) -> Node:
         node = self.tree.resolve(rel)
         assert node is not None, f"{rel} does not exist"
+        return node
+
+    def _file(self, rel: str) -> TextFile | BlobFile:
+        node = self._node(rel)
+        assert not isinstance(node, Dir), f"{rel} is a directory"
         return node
 
     def program_key(self, keyid: int, payload: str = "type=cpu algorithm=aes-xts-128") -> None:
         self.write_ctl(f"keys/{keyid}", payload)
 
     def create_space(self, name: str) -> None:
-        self._node("spaces").make(name, 0)
+        spaces = self._node("spaces")
+        assert isinstance(spaces, Dir)
+        spaces.make(name, 0)
 
     def write_ctl(self, rel: str, command: str) -> None:
-        self._node(rel).write(command.encode(), 0, 0)
+        self._file(rel).write(command.encode(), 0, 0)
 
     def write_bytes(self, rel: str, offset: int, data: bytes) -> None:
-        self._node(rel).write(data, offset, 0)
+        self._file(rel).write(data, offset, 0)
 
     def read_bytes(self, rel: str, offset: int, length: int) -> bytes:
-        return self._node(rel).read(offset, length)
+        return self._file(rel).read(offset, length)
 
 
 def make_every_kind_of_page(s: Sandbox) -> None:

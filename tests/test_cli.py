@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def mktme(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def mountpoint(tmp_path, runtime_dir):
+def mountpoint(tmp_path: Path, runtime_dir: Path) -> Iterator[Path]:
     """A mountpoint that is unmounted, and its daemon gone, after the test.
 
     The daemons started meanwhile log to ``runtime_dir`` (their $XDG_RUNTIME_DIR);
@@ -71,41 +72,45 @@ BAD_OPTIONS = {
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_OPTIONS.values(), ids=list(BAD_OPTIONS))
-def test_a_bad_mount_option_is_refused_with_a_clear_message_and_no_daemon(tmp_path, args, message):
+def test_a_bad_mount_option_is_refused_with_a_clear_message_and_no_daemon(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     result = CliRunner().invoke(cli, ["mount", str(tmp_path / "mnt"), *args])
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "mnt").exists()
 
 
-def test_help_names_every_command():
+def test_help_names_every_command() -> None:
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
     for command in ("mount", "umount", "list", "bench"):
         assert command in result.output
 
 
-def test_version_is_the_package_version():
+def test_version_is_the_package_version() -> None:
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0
     assert result.output == f"mktme-sandbox, version {mktme_sandbox.__version__}\n"
 
 
-def test_bench_help_names_every_suite():
+def test_bench_help_names_every_suite() -> None:
     result = CliRunner().invoke(cli, ["bench", "--help"])
     assert result.exit_code == 0
     for suite in mktme_sandbox.bench.SUITES:
         assert f"  {suite}  " in result.output
 
 
-def test_mount_help_states_the_rule_of_every_sized_option():
+def test_mount_help_states_the_rule_of_every_sized_option() -> None:
     """The rules are those ``MachineConfig.validate`` enforces."""
     text = " ".join(CliRunner().invoke(cli, ["mount", "--help"]).output.split())
     for rule in ("multiple of 2M from 4M to 64G", "32..52", "0..15", "3..32767", "multiple of 64K"):
         assert rule in text
 
 
-def test_bench_passes_the_named_suites_to_sandbox_bench_run(monkeypatch):
+def test_bench_passes_the_named_suites_to_sandbox_bench_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     calls = []
     monkeypatch.setattr(
         mktme_sandbox.bench, "run", lambda *args, **kwargs: calls.append((args, kwargs))
@@ -117,13 +122,13 @@ def test_bench_passes_the_named_suites_to_sandbox_bench_run(monkeypatch):
     assert calls[0][1]["as_json"] is True
 
 
-def test_bench_refuses_an_unknown_suite():
+def test_bench_refuses_an_unknown_suite() -> None:
     result = CliRunner().invoke(cli, ["bench", "nosuch"])
     assert result.exit_code == 2
     assert "unknown suite nosuch" in result.output
 
 
-def test_umount_of_a_directory_that_is_not_mounted_says_so_and_succeeds(tmp_path):
+def test_umount_of_a_directory_that_is_not_mounted_says_so_and_succeeds(tmp_path: Path) -> None:
     done = mktme("umount", str(tmp_path))
     assert done.returncode == 0
     assert "is not mounted" in done.stdout
@@ -133,7 +138,9 @@ def test_umount_of_a_directory_that_is_not_mounted_says_so_and_succeeds(tmp_path
 
 
 @pytest.mark.mount
-def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(mountpoint, runtime_dir):
+def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(
+    mountpoint: Path, runtime_dir: Path
+) -> None:
     done = mktme("mount", str(mountpoint), "--phys-mem", "8M", "--seed", "1")
     assert done.returncode == 0, done.stderr
     pid = int(done.stdout.strip())
@@ -155,14 +162,16 @@ def test_mount_prints_the_pid_then_list_shows_it_and_umount_ends_it(mountpoint, 
     assert "unmounted" in done.stdout
     assert daemon.wait_for_exit([pid], timeout=0)
     assert not daemon.is_mounted(mountpoint)
-    log = (
+    said = (
         Path(done.stderr.split("daemon log:")[-1].strip()) if "daemon log:" in done.stderr else None
     )
-    assert log is None or "Traceback" not in log.read_text()
+    assert said is None or "Traceback" not in said.read_text()
 
 
 @pytest.mark.mount
-def test_mount_creates_a_missing_mountpoint_and_refuses_a_second_mount_there(mountpoint):
+def test_mount_creates_a_missing_mountpoint_and_refuses_a_second_mount_there(
+    mountpoint: Path,
+) -> None:
     assert not mountpoint.exists()
     assert mktme("mount", str(mountpoint), "--phys-mem", "8M").returncode == 0
     again = mktme("mount", str(mountpoint), "--phys-mem", "8M")
@@ -171,7 +180,7 @@ def test_mount_creates_a_missing_mountpoint_and_refuses_a_second_mount_there(mou
 
 
 @pytest.mark.mount
-def test_after_kill_9_umount_recovers_the_stale_mount(mountpoint):
+def test_after_kill_9_umount_recovers_the_stale_mount(mountpoint: Path) -> None:
     pid = int(mktme("mount", str(mountpoint), "--phys-mem", "8M").stdout)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: daemon.is_stale(mountpoint))
@@ -181,7 +190,7 @@ def test_after_kill_9_umount_recovers_the_stale_mount(mountpoint):
 
 
 @pytest.mark.mount
-def test_after_kill_9_a_new_mount_at_the_same_place_recovers(mountpoint):
+def test_after_kill_9_a_new_mount_at_the_same_place_recovers(mountpoint: Path) -> None:
     pid = int(mktme("mount", str(mountpoint), "--phys-mem", "8M").stdout)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: daemon.is_stale(mountpoint))
@@ -191,7 +200,9 @@ def test_after_kill_9_a_new_mount_at_the_same_place_recovers(mountpoint):
 
 
 @pytest.mark.mount
-def test_umount_removes_the_log_of_a_daemon_that_exited_cleanly(mountpoint, runtime_dir):
+def test_umount_removes_the_log_of_a_daemon_that_exited_cleanly(
+    mountpoint: Path, runtime_dir: Path
+) -> None:
     done = mktme("mount", str(mountpoint), "--phys-mem", "8M")
     assert done.returncode == 0, done.stderr
     log = Path(done.stderr.split("daemon log:")[1].strip())
@@ -202,7 +213,7 @@ def test_umount_removes_the_log_of_a_daemon_that_exited_cleanly(mountpoint, runt
 
 
 @pytest.mark.mount
-def test_a_daemon_that_cannot_mount_fails_the_command_with_its_log_tail(mountpoint):
+def test_a_daemon_that_cannot_mount_fails_the_command_with_its_log_tail(mountpoint: Path) -> None:
     blocker = mountpoint.with_name("not-a-dir")
     blocker.write_text("")
     done = mktme("mount", str(blocker), "--phys-mem", "8M")
@@ -210,7 +221,7 @@ def test_a_daemon_that_cannot_mount_fails_the_command_with_its_log_tail(mountpoi
     assert "not-a-dir" in done.stderr
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -226,7 +237,9 @@ def wait_for(condition, timeout: float = 10.0) -> None:
     ],
     ids=["option", "environment", "file"],
 )
-def test_a_bad_seed_is_refused_without_showing_it(tmp_path, args, env, stdin):
+def test_a_bad_seed_is_refused_without_showing_it(
+    tmp_path: Path, args: list[str], env: dict[str, str], stdin: str | None
+) -> None:
     """The seed is a secret (docs/spec.md 8): a refusal never repeats it."""
     result = CliRunner().invoke(cli, ["mount", str(tmp_path / "m"), *args], env=env, input=stdin)
     assert result.exit_code == 2

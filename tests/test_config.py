@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from mktme_sandbox.config import GiB, MachineConfig, MiB, parse_size
 
 
-def test_defaults_are_the_specs():
+def test_defaults_are_the_specs() -> None:
     c = MachineConfig()
     assert (c.phys_mem, c.maxphyaddr, c.keyid_bits, c.max_keys) == (256 * MiB, 46, 6, 63)
     assert c.nr_keyids == 63
@@ -26,18 +28,18 @@ def test_defaults_are_the_specs():
         ("16MiB", 16 * MiB),
     ],
 )
-def test_sizes_parse_as_a_user_types_them(text, value):
+def test_sizes_parse_as_a_user_types_them(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
-def test_a_decimal_with_leading_zeros_is_still_decimal():
+def test_a_decimal_with_leading_zeros_is_still_decimal() -> None:
     assert parse_size("010") == 10
 
 
 @pytest.mark.parametrize(
     "text", ["", "ten", "4X", "-1", "1.5M", "1_000", "0x1_000", "\u0664K", "\uff14M", "\u00b2M"]
 )
-def test_bad_sizes_say_what_a_size_looks_like(text):
+def test_bad_sizes_say_what_a_size_looks_like(text: str) -> None:
     with pytest.raises(ValueError, match="is not a size"):
         parse_size(text)
 
@@ -60,30 +62,31 @@ def test_bad_sizes_say_what_a_size_looks_like(text):
         ({"seed": -5}, "seed must be >= 0"),
     ],
 )
-def test_each_bad_option_is_named_in_the_error(options, message):
+def test_each_bad_option_is_named_in_the_error(options: dict[str, Any], message: str) -> None:
+    # Any: each row gives one field a value of that field's type, so no one type fits all rows.
     with pytest.raises(ValueError, match=message):
         MachineConfig(**options)
 
 
-def test_max_keys_and_keyid_bits_both_cap_the_keyids():
+def test_max_keys_and_keyid_bits_both_cap_the_keyids() -> None:
     assert MachineConfig(max_keys=5).nr_keyids == 5
     assert MachineConfig(keyid_bits=2).nr_keyids == 3
     assert MachineConfig(keyid_bits=0).nr_keyids == 0
 
 
-def test_options_as_typed_become_a_config():
+def test_options_as_typed_become_a_config() -> None:
     c = MachineConfig.from_options(phys_mem="64M", algorithms="aes-xts-128, aes-xts-256", seed=3)
     assert c.phys_mem == 64 * MiB
     assert c.algorithms == ("aes-xts-128", "aes-xts-256")
     assert MachineConfig.from_options(c, keyid_bits=3).phys_mem == 64 * MiB
 
 
-def test_an_unknown_option_names_the_known_ones():
+def test_an_unknown_option_names_the_known_ones() -> None:
     with pytest.raises(TypeError, match="unknown option colour .*phys_mem"):
         MachineConfig.from_options(colour="red")
 
 
-def test_a_bad_size_is_shown_as_a_user_would_type_it():
+def test_a_bad_size_is_shown_as_a_user_would_type_it() -> None:
     with pytest.raises(ValueError, match="not 3M$"):
         MachineConfig(phys_mem=3 * MiB)
     with pytest.raises(ValueError, match="not 100K$"):

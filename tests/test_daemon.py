@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ class Daemons:
         self.tmp_path = tmp_path
         self.started: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
 
-    def start(self, mnt: Path, wait: bool = True, **options) -> subprocess.Popen[bytes]:
+    def start(self, mnt: Path, wait: bool = True, **options: object) -> subprocess.Popen[bytes]:
         log = self.tmp_path / f"daemon{len(self.started)}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -61,7 +62,7 @@ class Daemons:
 
 
 @pytest.fixture
-def daemons(tmp_path):
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
     started = Daemons(tmp_path)
     try:
         yield started
@@ -72,7 +73,9 @@ def daemons(tmp_path):
 # -- without a mount ------------------------------------------------------------------
 
 
-def test_daemon_argv_runs_mount_in_the_foreground_with_options_and_an_absolute_path(tmp_path):
+def test_daemon_argv_runs_mount_in_the_foreground_with_options_and_an_absolute_path(
+    tmp_path: Path,
+) -> None:
     argv, env = daemon.daemon_command(
         "rel",
         phys_mem="64M",
@@ -94,7 +97,9 @@ def test_daemon_argv_runs_mount_in_the_foreground_with_options_and_an_absolute_p
     assert env[daemon.SEED_ENV] == "3"
 
 
-def test_the_seed_goes_in_the_environment_never_in_the_argv(monkeypatch):
+def test_the_seed_goes_in_the_environment_never_in_the_argv(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Anyone can read a process's argv (ps); only its user and root its environment."""
     with pytest.raises(ValueError, match="never goes in an argv"):
         daemon.daemon_argv("mnt", seed=1)
@@ -104,7 +109,9 @@ def test_the_seed_goes_in_the_environment_never_in_the_argv(monkeypatch):
     assert not any("seed" in arg for arg in argv)
 
 
-def test_a_plain_directory_is_neither_mounted_nor_stale_and_needs_no_unmount(tmp_path):
+def test_a_plain_directory_is_neither_mounted_nor_stale_and_needs_no_unmount(
+    tmp_path: Path,
+) -> None:
     assert not daemon.is_mounted(tmp_path)
     assert not daemon.is_stale(tmp_path)
     assert daemon.mount_type(tmp_path) is None
@@ -112,13 +119,13 @@ def test_a_plain_directory_is_neither_mounted_nor_stale_and_needs_no_unmount(tmp
     assert daemon.clean_stale(tmp_path) is False
 
 
-def test_prepare_mountpoint_creates_a_missing_directory(tmp_path):
+def test_prepare_mountpoint_creates_a_missing_directory(tmp_path: Path) -> None:
     path = daemon.prepare_mountpoint(tmp_path / "a" / "b")
     assert Path(path).is_dir()
     assert os.path.isabs(path)
 
 
-def test_prepare_mountpoint_refuses_a_file(tmp_path):
+def test_prepare_mountpoint_refuses_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(DaemonError, match="cannot create|not a directory"):
         daemon.prepare_mountpoint(tmp_path / "file")
@@ -128,7 +135,9 @@ def test_prepare_mountpoint_refuses_a_file(tmp_path):
 
 
 @pytest.mark.mount
-def test_a_daemon_that_dies_at_start_is_reported_with_its_log_tail(daemons, tmp_path):
+def test_a_daemon_that_dies_at_start_is_reported_with_its_log_tail(
+    daemons: Daemons, tmp_path: Path
+) -> None:
     proc = daemons.start(tmp_path / "mnt", wait=False, phys_mem="3M")
     with pytest.raises(DaemonError, match="phys_mem must be a multiple of 2M"):
         daemon.wait_until_mounted(
@@ -141,7 +150,9 @@ def test_a_daemon_that_dies_at_start_is_reported_with_its_log_tail(daemons, tmp_
 @pytest.mark.parametrize(
     "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
 )
-def test_a_signal_unmounts_cleanly_and_ends_the_daemon(daemons, tmp_path, sig):
+def test_a_signal_unmounts_cleanly_and_ends_the_daemon(
+    daemons: Daemons, tmp_path: Path, sig: signal.Signals
+) -> None:
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
     assert daemon.mount_type(mnt) == daemon.FSTYPE
@@ -152,7 +163,7 @@ def test_a_signal_unmounts_cleanly_and_ends_the_daemon(daemons, tmp_path, sig):
 
 
 @pytest.mark.mount
-def test_unmounting_ends_the_daemon(daemons, tmp_path):
+def test_unmounting_ends_the_daemon(daemons: Daemons, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
     assert daemon.unmount(mnt) is True
@@ -161,7 +172,7 @@ def test_unmounting_ends_the_daemon(daemons, tmp_path):
 
 
 @pytest.mark.mount
-def test_a_busy_mount_is_unmounted_lazily(daemons, tmp_path):
+def test_a_busy_mount_is_unmounted_lazily(daemons: Daemons, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
     holder = subprocess.Popen(["sleep", "30"], cwd=mnt)  # keeps the mount busy
@@ -175,7 +186,9 @@ def test_a_busy_mount_is_unmounted_lazily(daemons, tmp_path):
 
 
 @pytest.mark.mount
-def test_kill_9_leaves_a_stale_mount_that_clean_stale_removes(daemons, tmp_path):
+def test_kill_9_leaves_a_stale_mount_that_clean_stale_removes(
+    daemons: Daemons, tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
     proc.kill()
@@ -189,7 +202,9 @@ def test_kill_9_leaves_a_stale_mount_that_clean_stale_removes(daemons, tmp_path)
 
 
 @pytest.mark.mount
-def test_a_new_daemon_at_a_stale_mountpoint_cleans_it_and_serves(daemons, tmp_path):
+def test_a_new_daemon_at_a_stale_mountpoint_cleans_it_and_serves(
+    daemons: Daemons, tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
     first = daemons.start(mnt, phys_mem="8M")
     first.kill()
@@ -200,7 +215,7 @@ def test_a_new_daemon_at_a_stale_mountpoint_cleans_it_and_serves(daemons, tmp_pa
 
 
 @pytest.mark.mount
-def test_prepare_mountpoint_refuses_a_live_sandbox(daemons, tmp_path):
+def test_prepare_mountpoint_refuses_a_live_sandbox(daemons: Daemons, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     daemons.start(mnt, phys_mem="8M")
     with pytest.raises(DaemonError, match="already serves a sandbox"):
@@ -208,7 +223,9 @@ def test_prepare_mountpoint_refuses_a_live_sandbox(daemons, tmp_path):
 
 
 @pytest.mark.mount
-def test_find_daemons_lists_a_running_daemon_with_its_mountpoint_and_phys_mem(daemons, tmp_path):
+def test_find_daemons_lists_a_running_daemon_with_its_mountpoint_and_phys_mem(
+    daemons: Daemons, tmp_path: Path
+) -> None:
     mnt = tmp_path / "mnt"
     proc = daemons.start(mnt, phys_mem="8M")
     found = {d.pid: d for d in daemon.find_daemons()}
@@ -220,7 +237,9 @@ def test_find_daemons_lists_a_running_daemon_with_its_mountpoint_and_phys_mem(da
 
 
 @pytest.mark.mount
-def test_start_daemon_returns_the_pid_and_log_once_the_mount_answers(tmp_path, runtime_dir):
+def test_start_daemon_returns_the_pid_and_log_once_the_mount_answers(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
     mnt = tmp_path / "mnt"
     started = daemon.start_daemon(mnt, phys_mem="8M")
     pid, log = started.pid, started.log_path
@@ -238,8 +257,8 @@ def test_start_daemon_returns_the_pid_and_log_once_the_mount_answers(tmp_path, r
 
 @pytest.mark.mount
 def test_start_daemon_stops_reaps_and_unmounts_a_daemon_that_does_not_answer_in_time(
-    tmp_path, runtime_dir
-):
+    tmp_path: Path, runtime_dir: Path
+) -> None:
     mnt = tmp_path / "mnt"
     with pytest.raises(DaemonError, match="did not answer within 0 s") as failed:
         daemon.start_daemon(mnt, timeout=0, phys_mem="8M")
@@ -256,7 +275,9 @@ def _detached_daemon_info(mnt: Path) -> daemon.DaemonInfo:
 
 
 @pytest.mark.mount
-def test_unmounting_a_detached_daemon_that_exits_cleanly_removes_its_log(tmp_path, runtime_dir):
+def test_unmounting_a_detached_daemon_that_exits_cleanly_removes_its_log(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
     mnt = tmp_path / "mnt"
     started = daemon.start_daemon(mnt, phys_mem="8M")
     pid, log = started.pid, started.log_path
@@ -272,7 +293,9 @@ def test_unmounting_a_detached_daemon_that_exits_cleanly_removes_its_log(tmp_pat
 
 
 @pytest.mark.mount
-def test_the_log_of_a_daemon_that_died_is_kept_and_named(tmp_path, runtime_dir, caplog):
+def test_the_log_of_a_daemon_that_died_is_kept_and_named(
+    tmp_path: Path, runtime_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     mnt = tmp_path / "mnt"
     started = daemon.start_daemon(mnt, phys_mem="8M")
     pid, log = started.pid, started.log_path
@@ -304,7 +327,9 @@ LOGS = {
 
 
 @pytest.mark.parametrize(("text", "ended", "why"), LOGS.values(), ids=list(LOGS))
-def test_dispose_log_removes_only_the_log_of_a_clean_exit(tmp_path, caplog, text, ended, why):
+def test_dispose_log_removes_only_the_log_of_a_clean_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str, ended: bool, why: str
+) -> None:
     removed = not why
     log = tmp_path / "daemon.log"
     log.write_text(text)
@@ -314,7 +339,9 @@ def test_dispose_log_removes_only_the_log_of_a_clean_exit(tmp_path, caplog, text
 
 
 @pytest.mark.mount
-def test_a_mountpoint_whose_name_has_a_space_is_recognised_and_unmounted(daemons, tmp_path):
+def test_a_mountpoint_whose_name_has_a_space_is_recognised_and_unmounted(
+    daemons: Daemons, tmp_path: Path
+) -> None:
     mnt = tmp_path / "with space"
     daemons.start(mnt, phys_mem="8M")
     assert daemon.mount_type(mnt) == daemon.FSTYPE
@@ -349,8 +376,8 @@ def test_a_clean_daemon_log_has_no_foreign_line(daemons: Daemons, tmp_path: Path
 
 @pytest.mark.mount
 def test_stopping_a_started_daemon_unmounts_reaps_it_and_removes_its_log_and_lock(
-    tmp_path, runtime_dir
-):
+    tmp_path: Path, runtime_dir: Path
+) -> None:
     """One stop path: ``Daemon.stop`` is what ``mktme-sandbox umount`` does, plus reaping."""
     mnt = tmp_path / "mnt"
     started = daemon.start_daemon(mnt, phys_mem="8M")
@@ -361,7 +388,7 @@ def test_stopping_a_started_daemon_unmounts_reaps_it_and_removes_its_log_and_loc
 
 
 @pytest.mark.mount
-def test_a_log_the_caller_names_is_appended_to_and_kept(tmp_path, runtime_dir):
+def test_a_log_the_caller_names_is_appended_to_and_kept(tmp_path: Path, runtime_dir: Path) -> None:
     mnt, log = tmp_path / "mnt", tmp_path / "daemon.log"
     log.write_text("earlier line\n")
     started = daemon.start_daemon(mnt, log_path=log, phys_mem="8M")
@@ -373,7 +400,9 @@ def test_a_log_the_caller_names_is_appended_to_and_kept(tmp_path, runtime_dir):
 
 
 @pytest.mark.mount
-def test_a_second_daemon_on_a_served_directory_is_refused_in_one_line(tmp_path, runtime_dir):
+def test_a_second_daemon_on_a_served_directory_is_refused_in_one_line(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
     mnt = tmp_path / "mnt"
     started = daemon.start_daemon(mnt, phys_mem="8M")
     try:

@@ -26,7 +26,7 @@ def python_blocks() -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(("where", "code"), python_blocks(), ids=[w for w, _ in python_blocks()])
-def test_python_example_in_docs_runs(where, code):
+def test_python_example_in_docs_runs(where: str, code: str) -> None:
     done = subprocess.run(
         [sys.executable, "-c", WITHOUT_PYTEST + code],
         check=False,

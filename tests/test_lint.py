@@ -2,7 +2,9 @@
 
 They cover the package (with its client, its tools and its experiments), the
 tests and the launchers of mountpoint-tools/ (Python scripts without a .py
-suffix, named one by one: ruff only finds *.py files by itself). shellcheck
+suffix, named one by one: ruff only finds *.py files by itself). mypy runs
+as plain ``mypy``: what it checks (the package and the tests, both strict) and
+how are pyproject.toml's [tool.mypy], nothing on the command line. shellcheck
 runs over the bash scripts (the tour, scripts/) where it is installed; the
 suite installs nothing, so without it that check is skipped and says why.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -37,7 +40,7 @@ def _scripts(folder: str, language: str) -> list[str]:
 PACKAGE = "sandbox/mktme_sandbox"
 LAUNCHERS = [*_scripts("mountpoint-tools", "python"), *_scripts("scripts", "python")]
 PYTHON = ["sandbox", "tests", *LAUNCHERS]
-TYPED = ["sandbox"]
+TYPED = ["sandbox", "tests"]  # what plain `mypy` checks: [tool.mypy] files in pyproject.toml
 BASH = [
     *_scripts(f"{PACKAGE}/examples", "bash"),
     *_scripts("mountpoint-tools", "bash"),
@@ -55,7 +58,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     [
         ["ruff", "check", *PYTHON],
         ["ruff", "format", "--check", *PYTHON],
-        ["mypy", *TYPED],
+        ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
 )
@@ -66,13 +69,15 @@ def test_static_check_passes(command: list[str], tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_lint_covers_every_tool_launcher_experiment_and_script() -> None:
+def test_the_lint_covers_every_tool_launcher_experiment_script_and_test() -> None:
     tools = ("mktme-key", "mktme-map", "mktme-peek", "mktme-walk", "mktme-find")
     assert {f"mountpoint-tools/{tool}" for tool in tools} | {"scripts/load"} == set(LAUNCHERS)
     assert (ROOT / PACKAGE / "client.py").exists()
     assert (ROOT / PACKAGE / "tools").is_dir()
     assert (ROOT / PACKAGE / "examples" / "run_all.py").exists()  # under "sandbox"
     assert {f"{PACKAGE}/examples/tour", "scripts/tour", "scripts/test"} <= set(BASH)
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert (mypy["files"], mypy["strict"]) == (TYPED, True)
 
 
 def test_shellcheck_passes_on_the_bash_tools() -> None:

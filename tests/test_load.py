@@ -20,7 +20,7 @@ LOAD = Path(__file__).resolve().parent.parent / "scripts" / "load"
 pytestmark = pytest.mark.mount
 
 
-def test_a_short_load_loses_nothing_keeps_the_machine_consistent_and_answers_quickly():
+def test_a_short_load_loses_nothing_keeps_the_machine_consistent_and_answers_quickly() -> None:
     done = subprocess.run(
         [sys.executable, str(LOAD), "-n", "4", "-t", "10", "--phys-mem", "64M", "--json"],
         capture_output=True, text=True, timeout=28, check=False,

@@ -19,7 +19,6 @@ import sysconfig
 import tarfile
 import textwrap
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,13 +100,13 @@ def _deps_without_us(venv: Path, links: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     top = tmp_path_factory.mktemp("wheel")
     wheel = _build("wheel", top)
     venv = top / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
     _deps_without_us(venv, top / "deps")
-    pip = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
+    pip: list[str | Path] = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
     _run([*pip, "install", "-q", "--no-deps", "--no-index", "--disable-pip-version-check", wheel])
     return Installed(venv, wheel)
 

@@ -8,10 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from mktme_sandbox.mounting import MountedSandbox
 from mktme_sandbox.procshell import ShellError, shell_argv
 
 U = 0x10000000
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.skipif(can_unshare() is not None, reason=str(can_unshar
 
 
 @pytest.fixture(scope="module")
-def mnt(module_mount):
+def mnt(module_mount: Callable[..., MountedSandbox]) -> Path:
     sandbox = module_mount(phys_mem="64M", seed=1)
     (sandbox.path / "spaces" / "demo").mkdir()
     ctl = sandbox.path / "spaces" / "demo" / "ctl"
@@ -42,7 +44,7 @@ def mnt(module_mount):
     return sandbox.path
 
 
-def tool(mnt, script: str, space: str | None = None) -> str:
+def tool(mnt: Path, script: str, space: str | None = None) -> str:
     if shutil.which(script.split()[0]) is None:
         pytest.skip(f"{script.split()[0]} is not installed (apt-get install procps)")
     space_args = ["--space", space] if space else []
@@ -54,14 +56,14 @@ def tool(mnt, script: str, space: str | None = None) -> str:
     return done.stdout
 
 
-def meminfo_kb(mnt, name: str) -> int:
+def meminfo_kb(mnt: Path, name: str) -> int:
     line = next(
         ln for ln in (mnt / "mm" / "meminfo").read_text().splitlines() if ln.startswith(name)
     )
     return int(line.split()[1])
 
 
-def test_free_reports_the_sandboxs_memory(mnt):
+def test_free_reports_the_sandboxs_memory(mnt: Path) -> None:
     """procps free: total = MemTotal, free = MemFree (KiB, -k)."""
     mem = tool(mnt, "free -k").splitlines()[1].split()
     assert mem[0] == "Mem:"
@@ -69,20 +71,20 @@ def test_free_reports_the_sandboxs_memory(mnt):
     assert int(mem[3]) == meminfo_kb(mnt, "MemFree:")
 
 
-def test_vmstat_s_reports_the_sandboxs_memory(mnt):
+def test_vmstat_s_reports_the_sandboxs_memory(mnt: Path) -> None:
     out = tool(mnt, "vmstat -s")
     assert re.search(rf"^\s*{meminfo_kb(mnt, 'MemTotal:')} K total memory$", out, re.MULTILINE)
     assert re.search(rf"^\s*{meminfo_kb(mnt, 'MemFree:')} K free memory$", out, re.MULTILINE)
 
 
-def test_grep_of_sys_kernel_mm_ksm_shows_the_sandboxs_ksm(mnt):
+def test_grep_of_sys_kernel_mm_ksm_shows_the_sandboxs_ksm(mnt: Path) -> None:
     lines = tool(mnt, "grep -r . /sys/kernel/mm/ksm").splitlines()
     seen = {ln.split(":")[0].rsplit("/", 1)[1]: ln.split(":")[1] for ln in lines}
     assert seen["pages_shared"] == (mnt / "mm" / "ksm" / "pages_shared").read_text().strip()
     assert seen["pages_sharing"] == "511"  # 512 zeroed pages merged into one
 
 
-def test_pmap_x_shows_the_space_as_a_process(mnt):
+def test_pmap_x_shows_the_space_as_a_process(mnt: Path) -> None:
     """pmap -X reads /proc/PID/smaps: the helper process shows the space's VMA,
     with its Rss, Pss and KSM figures and the sandbox's KeyID column."""
     out = tool(mnt, "pmap -X $MKTME_SPACE_PID", space="demo")
@@ -94,17 +96,17 @@ def test_pmap_x_shows_the_space_as_a_process(mnt):
     assert "KeyID" in header
 
 
-def test_the_hosts_proc_is_untouched_outside_the_shell(mnt):
+def test_the_hosts_proc_is_untouched_outside_the_shell(mnt: Path) -> None:
     tool(mnt, "true")
     host = Path("/proc/meminfo").read_text()
     assert host.splitlines()[0] != (mnt / "mm" / "meminfo").read_text().splitlines()[0]
 
 
-def test_a_path_that_serves_no_sandbox_is_refused_with_the_reason(tmp_path):
+def test_a_path_that_serves_no_sandbox_is_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(ShellError, match="serves no sandbox"):
         shell_argv(str(tmp_path), None, [])
 
 
-def test_an_unknown_space_is_refused(mnt):
+def test_an_unknown_space_is_refused(mnt: Path) -> None:
     with pytest.raises(ShellError, match="has no space 'nope'"):
         shell_argv(str(mnt), "nope", [])

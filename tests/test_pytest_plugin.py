@@ -178,7 +178,9 @@ DOCS = Path(__file__).parent.parent / "docs" / "pytest-plugin.md"
 
 def _documented_example() -> str:
     """The last ```python block of the guide: another project's whole test file."""
-    blocks = re.findall(r"^```python\n(.*?)^```$", DOCS.read_text(), re.MULTILINE | re.DOTALL)
+    blocks: list[str] = re.findall(
+        r"^```python\n(.*?)^```$", DOCS.read_text(), re.MULTILINE | re.DOTALL
+    )
     return blocks[-1]
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +21,8 @@ from snapshot_helpers import BASE, machines_differ, observables, state_of
 SECRET = b"the launch codes are 0000" * 4
 
 
-def machine(**options) -> Machine:
-    return Machine(**({"phys_mem": "16M", "keyid_bits": 2, "seed": 7} | options))
+def machine(**options: object) -> Machine:
+    return Machine(None, **({"phys_mem": "16M", "keyid_bits": 2, "seed": 7} | options))
 
 
 def with_secrets(m: Machine) -> Machine:
@@ -48,7 +51,7 @@ def held(m: Machine) -> object:
 # -- the file ----------------------------------------------------------------------
 
 
-def test_a_snapshot_file_is_mode_0600_and_begins_with_its_magic_and_format(tmp_path):
+def test_a_snapshot_file_is_mode_0600_and_begins_with_its_magic_and_format(tmp_path: Path) -> None:
     path = tmp_path / "machine.snap"
     data = with_secrets(machine()).snapshot(path)
     assert path.stat().st_mode & 0o777 == 0o600, "it holds every key"
@@ -58,7 +61,7 @@ def test_a_snapshot_file_is_mode_0600_and_begins_with_its_magic_and_format(tmp_p
     assert json.loads(header)["config"]["phys_mem"] == 16 << 20
 
 
-def test_saving_over_a_world_readable_file_leaves_it_mode_0600(tmp_path):
+def test_saving_over_a_world_readable_file_leaves_it_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "machine.snap"
     path.write_text("old")
     path.chmod(0o644)
@@ -66,7 +69,7 @@ def test_saving_over_a_world_readable_file_leaves_it_mode_0600(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
 
 
-def test_a_restore_drops_the_spaces_made_since_and_brings_back_the_saved_ones_with_owners():
+def test_a_restore_drops_the_spaces_made_since_and_brings_back_the_saved_ones_with_owners() -> None:
     m = with_secrets(machine())
     saved = m.snapshot()
     m.destroy_space("cpu", uid=1000)
@@ -79,7 +82,7 @@ def test_a_restore_drops_the_spaces_made_since_and_brings_back_the_saved_ones_wi
     assert m.check() == []
 
 
-def test_a_restored_seeded_machine_draws_the_next_cpu_key_the_original_would():
+def test_a_restored_seeded_machine_draws_the_next_cpu_key_the_original_would() -> None:
     original = machine()
     restored = machine(seed=99)  # the generator's state comes from the snapshot
     restored.restore(original.snapshot())
@@ -90,7 +93,7 @@ def test_a_restored_seeded_machine_draws_the_next_cpu_key_the_original_would():
     assert original.read_dram(0x5000, 64) == restored.read_dram(0x5000, 64)
 
 
-def test_a_restore_into_the_same_machine_resets_it_to_the_moment_of_the_snapshot():
+def test_a_restore_into_the_same_machine_resets_it_to_the_moment_of_the_snapshot() -> None:
     m = with_secrets(machine())
     saved = m.snapshot()
     before = observables(m)  # reading through the cache changes it: after the snapshot
@@ -100,7 +103,7 @@ def test_a_restore_into_the_same_machine_resets_it_to_the_moment_of_the_snapshot
     assert observables(m) == before
 
 
-def test_a_sparse_4g_machine_saves_only_the_pages_it_touched():
+def test_a_sparse_4g_machine_saves_only_the_pages_it_touched() -> None:
     m = machine(phys_mem="4G", keyid_bits=6)
     m.write_dram((4 << 30) - 4096, b"the last page")
     data = m.snapshot()
@@ -146,7 +149,9 @@ def header_not_json(data: bytes) -> bytes:
         (header_not_json, "not JSON"),
     ],
 )
-def test_a_spoiled_snapshot_is_refused_with_einval_and_changes_nothing(spoil, reason):
+def test_a_spoiled_snapshot_is_refused_with_einval_and_changes_nothing(
+    spoil: Callable[[bytes], bytes], reason: str
+) -> None:
     m = with_secrets(machine())
     data = spoil(m.snapshot())
     m.create_space("after", uid=0)
@@ -159,7 +164,7 @@ def test_a_spoiled_snapshot_is_refused_with_einval_and_changes_nothing(spoil, re
 
 
 @pytest.mark.parametrize("option", [{"phys_mem": "32M"}, {"keyid_bits": 3}, {"cache_size": 0}])
-def test_a_snapshot_of_a_machine_configured_otherwise_is_refused(option):
+def test_a_snapshot_of_a_machine_configured_otherwise_is_refused(option: dict[str, object]) -> None:
     other = machine(**option)
     m = with_secrets(machine())
     before = held(m)
@@ -171,14 +176,14 @@ def test_a_snapshot_of_a_machine_configured_otherwise_is_refused(option):
     assert held(m) == before
 
 
-def test_a_snapshot_restores_on_a_machine_with_another_tweak_cache():
+def test_a_snapshot_restores_on_a_machine_with_another_tweak_cache() -> None:
     m = with_secrets(machine())
     other = machine(tweak_cache=0)
     other.restore(m.snapshot())
     assert observables(other) == observables(m)
 
 
-def test_a_missing_file_is_enoent(tmp_path):
+def test_a_missing_file_is_enoent(tmp_path: Path) -> None:
     with pytest.raises(SandboxError) as refused:
         machine().restore(tmp_path / "nothing.snap")
     assert refused.value.errno == errno.ENOENT
@@ -187,7 +192,9 @@ def test_a_missing_file_is_enoent(tmp_path):
 # -- cold boot: DRAM survives, keys do not ----------------------------------------------
 
 
-def test_after_a_cold_boot_dram_holds_the_same_ciphertext_but_the_keyid_no_longer_decrypts_it():
+def test_after_a_cold_boot_dram_holds_the_same_ciphertext_but_the_keyid_no_longer_decrypts_it() -> (
+    None
+):
     m = with_secrets(machine())
     cpu, plain = pa_of(m, "cpu"), pa_of(m, "plain")
     ciphertext = m.read_dram(cpu, len(SECRET))
@@ -202,7 +209,7 @@ def test_after_a_cold_boot_dram_holds_the_same_ciphertext_but_the_keyid_no_longe
     assert "state=free" in m.key_status(2)
 
 
-def test_a_cold_boot_makes_a_new_tme_key_unless_tme_is_bypassed():
+def test_a_cold_boot_makes_a_new_tme_key_unless_tme_is_bypassed() -> None:
     for bypass, survives in ((False, False), (True, True)):
         m = machine(tme_bypass=bypass)
         m.write_phys(0, 0x40000, SECRET)
@@ -211,7 +218,7 @@ def test_a_cold_boot_makes_a_new_tme_key_unless_tme_is_bypassed():
         assert (m.read_phys(0, 0x40000, len(SECRET)) == SECRET) is survives
 
 
-def test_a_cold_boot_of_a_seeded_machine_is_reproducible():
+def test_a_cold_boot_of_a_seeded_machine_is_reproducible() -> None:
     first, second = machine(), machine()
     data = with_secrets(machine()).snapshot()
     first.restore(data, coldboot=True)
@@ -219,29 +226,33 @@ def test_a_cold_boot_of_a_seeded_machine_is_reproducible():
     assert machines_differ(first, second) == []
 
 
-def _with_header(data: bytes, change) -> bytes:
+# Changes the header's fields (parsed JSON) in place; gives a new payload, or None to drop it.
+Change = Callable[[dict[str, Any], bytes], bytes | None]
+
+
+def _with_header(data: bytes, change: Change) -> bytes:
     magic, version, header, payload = data.split(b"\n", 3)
     fields = json.loads(header)
-    payload = change(fields, payload)
-    fields["payload_size"] = fields["payload_size"] if payload is None else len(payload)
-    if payload is not None:
-        fields["payload_sha256"] = hashlib.sha256(payload).hexdigest()
-    return b"\n".join([magic, version, json.dumps(fields).encode(), payload or b""])
+    changed = change(fields, payload)
+    fields["payload_size"] = fields["payload_size"] if changed is None else len(changed)
+    if changed is not None:
+        fields["payload_sha256"] = hashlib.sha256(changed).hexdigest()
+    return b"\n".join([magic, version, json.dumps(fields).encode(), changed or b""])
 
 
-def _empty_payload(fields, payload):
+def _empty_payload(fields: dict[str, Any], payload: bytes) -> bytes:
     return b""
 
 
-def _config_not_a_dict(fields, payload):
+def _config_not_a_dict(fields: dict[str, Any], payload: bytes) -> None:
     fields["config"] = []
 
 
-def _array_name_not_a_string(fields, payload):
+def _array_name_not_a_string(fields: dict[str, Any], payload: bytes) -> None:
     fields["state"]["kernel"]["alloc"]["flags"] = {"$array": ["x"]}
 
 
-def _state_that_does_not_fit(fields, payload):
+def _state_that_does_not_fit(fields: dict[str, Any], payload: bytes) -> None:
     del fields["state"]["kernel"]["alloc"]
 
 
@@ -250,7 +261,7 @@ def _state_that_does_not_fit(fields, payload):
     [_empty_payload, _config_not_a_dict, _array_name_not_a_string, _state_that_does_not_fit],
     ids=lambda c: c.__name__,
 )
-def test_a_malformed_header_payload_or_state_is_einval_and_changes_nothing(change):
+def test_a_malformed_header_payload_or_state_is_einval_and_changes_nothing(change: Change) -> None:
     """The empty payload, the config that is no dict and the array name that is
     no string were found by review: EOFError, AttributeError, TypeError (EIO)."""
     m = machine()
@@ -262,7 +273,9 @@ def test_a_malformed_header_payload_or_state_is_einval_and_changes_nothing(chang
     assert m.space_names() == ["after"]
 
 
-def test_a_host_that_swaps_scans_every_page_and_finds_the_same(monkeypatch):
+def test_a_host_that_swaps_scans_every_page_and_finds_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """mincore(2) reports pages resident in RAM: with swap in use a page of ours
     may be out of RAM, so every page is looked at instead (found by review)."""
     from mktme_sandbox.hw import dram

@@ -107,12 +107,19 @@ def apply(m: Machine, op: tuple[Any, ...]) -> object:
 @pytest.mark.parametrize("cache_size", ["64K", "0"])
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(before=operations, after=operations)
-def test_a_machine_restored_into_a_fresh_object_behaves_as_the_original(cache_size, before, after):
-    config = {"phys_mem": "4M", "keyid_bits": 2, "cache_size": cache_size, "seed": 5}
-    original, saved = Machine(**config), Machine(**config)
+def test_a_machine_restored_into_a_fresh_object_behaves_as_the_original(
+    cache_size: str, before: list[tuple[Any, ...]], after: list[tuple[Any, ...]]
+) -> None:
+    config: dict[str, object] = {
+        "phys_mem": "4M",
+        "keyid_bits": 2,
+        "cache_size": cache_size,
+        "seed": 5,
+    }
+    original, saved = Machine(None, **config), Machine(None, **config)
     for op in before:
         assert apply(original, op) == apply(saved, op)
-    restored = Machine(**config)
+    restored = Machine(None, **config)
     restored.restore(saved.snapshot())
     assert machines_differ(original, restored) == []
     for op in [*after, ("key_command", 3, "type=cpu algorithm=aes-xts-128", 0)]:

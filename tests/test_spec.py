@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,14 @@ from click.testing import CliRunner
 from mktme_sandbox.cli import cli
 from mktme_sandbox.commands import USAGE, decode_command, parse_space_command
 from mktme_sandbox.config import MachineConfig
+from mktme_sandbox.fs.nodes import TextFile
 from mktme_sandbox.fs.tree import Tree
 from mktme_sandbox.kernel.kernel import MITIGATIONS
 from mktme_sandbox.kernel.keys import parse_payload
 from mktme_sandbox.kernel.mmap import ADVICE, PROTS
 from mktme_sandbox.kernel.vmstat import VMSTAT_ITEMS
 from mktme_sandbox.machine import Machine
+from mktme_sandbox.mounting import MountedSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "spec.md").read_text()
@@ -112,7 +115,9 @@ def walk(mount: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def mount_paths(module_mount) -> tuple[dict[str, int], dict[str, int]]:
+def mount_paths(
+    module_mount: Callable[..., MountedSandbox],
+) -> tuple[dict[str, int], dict[str, int]]:
     """(documented, found) for a small machine with one address space."""
     sandbox = module_mount(phys_mem="16M", keyid_bits=2, seed=1)
     (sandbox.path / "spaces" / SPACE).mkdir()
@@ -122,7 +127,9 @@ def mount_paths(module_mount) -> tuple[dict[str, int], dict[str, int]]:
 
 
 @pytest.mark.mount
-def test_every_path_of_the_filesystem_table_exists_on_a_mount_with_its_mode(mount_paths):
+def test_every_path_of_the_filesystem_table_exists_on_a_mount_with_its_mode(
+    mount_paths: tuple[dict[str, int], dict[str, int]],
+) -> None:
     documented, found = mount_paths
     wrong = {
         path: (f"{mode:04o}", f"{found[path]:04o}" if path in found else "missing")
@@ -133,7 +140,9 @@ def test_every_path_of_the_filesystem_table_exists_on_a_mount_with_its_mode(moun
 
 
 @pytest.mark.mount
-def test_the_mount_has_no_path_the_filesystem_table_lacks(mount_paths):
+def test_the_mount_has_no_path_the_filesystem_table_lacks(
+    mount_paths: tuple[dict[str, int], dict[str, int]],
+) -> None:
     documented, found = mount_paths
     undocumented = sorted(set(found) - set(documented))
     assert undocumented == [], "add a row to section 4.2 of docs/spec.md"
@@ -169,11 +178,11 @@ def commands_of(grammar: str) -> list[str]:
     return [" ".join(w for w in combo if w) for combo in itertools.product(*choices)]
 
 
-def test_the_argument_table_lists_every_protection_the_parser_knows():
+def test_the_argument_table_lists_every_protection_the_parser_knows() -> None:
     assert sorted(ARGUMENTS["PROT"]) == sorted(PROTS)
 
 
-def test_the_grammar_lists_every_space_command_and_advice_of_the_parser():
+def test_the_grammar_lists_every_space_command_and_advice_of_the_parser() -> None:
     ctl = " ".join(grammar for file, grammar in COMMANDS if file == "spaces/NAME/ctl")
     assert {grammar.split()[0] for file, grammar in COMMANDS if file == "spaces/NAME/ctl"} == set(
         USAGE
@@ -184,7 +193,7 @@ def test_the_grammar_lists_every_space_command_and_advice_of_the_parser():
 @pytest.mark.parametrize(
     "grammar", [g for f, g in COMMANDS if f == "spaces/NAME/ctl"], ids=lambda g: g.split()[0]
 )
-def test_every_documented_form_of_a_space_command_is_parsed(grammar):
+def test_every_documented_form_of_a_space_command_is_parsed(grammar: str) -> None:
     commands = commands_of(grammar)
     assert commands
     for command in commands:
@@ -193,7 +202,7 @@ def test_every_documented_form_of_a_space_command_is_parsed(grammar):
 
 
 @pytest.mark.parametrize("grammar", [g for f, g in COMMANDS if f == "keys/N"])
-def test_every_documented_key_payload_is_parsed(grammar):
+def test_every_documented_key_payload_is_parsed(grammar: str) -> None:
     for payload in commands_of(grammar):
         assert parse_payload(decode_command(payload, "key"))["type"] == grammar.split()[0][5:]
 
@@ -205,14 +214,14 @@ def test_every_documented_key_payload_is_parsed(grammar):
     ids=lambda x: x,
 )
 def test_every_documented_command_of_the_other_control_files_is_accepted(
-    mktme_machine, file, grammar, tmp_path
-):
+    mktme_machine: Machine, file: str, grammar: str, tmp_path: Path
+) -> None:
     mktme_machine.create_space(SPACE, 0)
     tree = Tree(mktme_machine)
     (path,) = expand(file, {"NAME": [SPACE], "SWITCH": [next(iter(MITIGATIONS))]})
     node = tree.resolve(path)
-    assert node is not None, path
-    assert getattr(node, "command", None) is not None, path
+    assert isinstance(node, TextFile), path
+    assert node.command is not None, path
     mktme_machine.snapshot(tmp_path / "machine.snapshot")  # for restore and coldboot
     for command in commands_of(grammar):
         for path in ARGUMENTS["PATH"]:  # a snapshot lands in this test's directory
@@ -224,19 +233,19 @@ def test_every_documented_command_of_the_other_control_files_is_accepted(
 # --- sections 2.1, 3.8 and 4.3: names declared in the code -----------------------------
 
 
-def test_the_switch_table_names_every_switch_with_the_title_of_its_patch():
+def test_the_switch_table_names_every_switch_with_the_title_of_its_patch() -> None:
     documented = {spans(row[0])[0]: row[1] for row in table("3.8")}
     assert set(documented) == set(MITIGATIONS)
     for name, title in MITIGATIONS.items():
         assert f'"{title}"' in documented[name], name
 
 
-def test_the_option_table_names_every_machine_option():
+def test_the_option_table_names_every_machine_option() -> None:
     documented = {spans(row[0])[0] for row in table("2.1")}
     assert documented == {f.name for f in dataclasses.fields(MachineConfig)}
 
 
-def test_the_vmstat_paragraph_names_every_gauge_and_counter():
+def test_the_vmstat_paragraph_names_every_gauge_and_counter() -> None:
     paragraph = section("4.3").split("**`mm/vmstat`.**")[1].split("**")[0]
     names = {span for span in spans(paragraph) if re.fullmatch(r"[a-z0-9_]+[a-z0-9]", span)}
     assert names == set(Machine(phys_mem="4M").vmstat_counts())
@@ -248,7 +257,7 @@ def test_the_vmstat_paragraph_names_every_gauge_and_counter():
 MOUNT_OPTIONS = {spans(row[0])[0].split()[0]: row[1] for row in table("5.1")}
 
 
-def test_every_documented_mount_option_is_in_the_help():
+def test_every_documented_mount_option_is_in_the_help() -> None:
     done = CliRunner().invoke(cli, ["mount", "--help"])
     assert done.exit_code == 0
     shown = set(re.findall(r"^\s+(--[a-z-]+)", done.output, re.MULTILINE)) - {"--help"}
@@ -260,7 +269,7 @@ def mount_params(*args: str) -> dict[str, object]:
     return cli.commands["mount"].make_context("mount", ["MNT", *args]).params
 
 
-def test_every_documented_mount_default_is_the_default():
+def test_every_documented_mount_default_is_the_default() -> None:
     defaults = mount_params()
     for option, cell in MOUNT_OPTIONS.items():
         written = spans(cell)
@@ -278,7 +287,7 @@ OUTSIDE = ("..", "/shared")  # joined at run time, so this file does not match i
 STILL_TO_REWRITE: list[str] = []
 
 
-def test_no_tracked_file_mentions_the_shared_folder():
+def test_no_tracked_file_mentions_the_shared_folder() -> None:
     needles = ["".join(OUTSIDE).encode(), ("/work" + OUTSIDE[1]).encode()]
     listed = subprocess.run(
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True

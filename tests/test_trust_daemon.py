@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -40,7 +41,7 @@ def mktme(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -62,13 +63,13 @@ def mounted_pid(done: subprocess.CompletedProcess[str]) -> int:
 
 def ended(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
 
 @pytest.fixture
-def mnt(tmp_path, runtime_dir):
+def mnt(tmp_path: Path, runtime_dir: Path) -> Iterator[Path]:
     """A mountpoint whose daemons are all gone after the test, and its runtime dir empty."""
     path = tmp_path / "mnt"
     yield path
@@ -97,8 +98,8 @@ SEED_WAYS = {
 @pytest.mark.mount
 @pytest.mark.parametrize(("env", "args", "stdin"), SEED_WAYS.values(), ids=list(SEED_WAYS))
 def test_the_daemons_command_line_never_holds_the_seed_however_it_was_given(
-    mnt, tmp_path, env, args, stdin
-):
+    mnt: Path, tmp_path: Path, env: list[str], args: list[str], stdin: str | None
+) -> None:
     seed_file = tmp_path / "seed"
     seed_file.write_text(SEED + "\n")
     argv = [*COMMAND, "mount", str(mnt), "--phys-mem", "8M"]
@@ -114,12 +115,15 @@ def test_the_daemons_command_line_never_holds_the_seed_however_it_was_given(
 
 
 @pytest.mark.mount
-def test_a_foreground_daemon_given_seed_on_its_command_line_drops_it_from_its_argv(mnt):
+def test_a_foreground_daemon_given_seed_on_its_command_line_drops_it_from_its_argv(
+    mnt: Path,
+) -> None:
     proc = subprocess.Popen(
         [*COMMAND, "mount", "--foreground", "--seed", SEED, "--phys-mem", "8M", str(mnt)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
+    assert proc.stderr is not None
     try:
         daemon.wait_until_mounted(mnt, proc, timeout=30)
         assert SEED.encode() not in cmdline(proc.pid)  # the same pid, executed again
@@ -131,14 +135,16 @@ def test_a_foreground_daemon_given_seed_on_its_command_line_drops_it_from_its_ar
 
 
 @pytest.mark.mount
-def test_the_pytest_plugins_daemon_gets_the_seed_in_its_environment_and_a_private_log(tmp_path):
+def test_the_pytest_plugins_daemon_gets_the_seed_in_its_environment_and_a_private_log(
+    tmp_path: Path,
+) -> None:
     with mounted(tmp_path / "mnt", phys_mem="8M", seed=int(SEED)) as sandbox:
         assert SEED.encode() not in cmdline(sandbox.pid)
         assert f"{daemon.SEED_ENV}={SEED}".encode() in environ(sandbox.pid).split(b"\0")
         assert stat.S_IMODE(sandbox.log_path.stat().st_mode) == 0o600
 
 
-def test_seed_and_seed_file_together_are_a_usage_error(tmp_path):
+def test_seed_and_seed_file_together_are_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "seed").write_text("1")
     result = CliRunner().invoke(
         cli, ["mount", str(tmp_path / "m"), "--seed", "1", "--seed-file", str(tmp_path / "seed")]
@@ -147,7 +153,7 @@ def test_seed_and_seed_file_together_are_a_usage_error(tmp_path):
     assert "not both" in result.output
 
 
-def test_a_seed_file_that_holds_no_integer_is_a_usage_error(tmp_path):
+def test_a_seed_file_that_holds_no_integer_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "seed").write_text("one")
     result = CliRunner().invoke(
         cli, ["mount", str(tmp_path / "m"), "--seed-file", str(tmp_path / "seed")]
@@ -156,7 +162,7 @@ def test_a_seed_file_that_holds_no_integer_is_a_usage_error(tmp_path):
     assert "expected one integer" in result.output
 
 
-def test_mount_help_warns_that_a_seed_on_the_command_line_is_public():
+def test_mount_help_warns_that_a_seed_on_the_command_line_is_public() -> None:
     text = " ".join(CliRunner().invoke(cli, ["mount", "--help"]).output.split())
     assert "every local user sees it (ps)" in text
     assert "MKTME_SEED" in text
@@ -165,7 +171,9 @@ def test_mount_help_warns_that_a_seed_on_the_command_line_is_public():
 # -- 2. private logs, removed however the daemon ends ---------------------------------------
 
 
-def test_the_runtime_dir_is_xdg_runtime_dir_only_when_it_is_private(tmp_path, monkeypatch):
+def test_the_runtime_dir_is_xdg_runtime_dir_only_when_it_is_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     public = tmp_path / "public"
     public.mkdir(mode=0o755)
     public.chmod(0o755)
@@ -178,7 +186,9 @@ def test_the_runtime_dir_is_xdg_runtime_dir_only_when_it_is_private(tmp_path, mo
     assert daemon.runtime_dir() == str(public)
 
 
-def test_a_fallback_runtime_dir_that_others_may_enter_is_refused(tmp_path, monkeypatch):
+def test_a_fallback_runtime_dir_that_others_may_enter_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     planted = tmp_path / f"mktme-sandbox-{os.geteuid()}"
@@ -189,7 +199,7 @@ def test_a_fallback_runtime_dir_that_others_may_enter_is_refused(tmp_path, monke
 
 
 @pytest.mark.mount
-def test_a_detached_daemons_log_is_private(mnt):
+def test_a_detached_daemons_log_is_private(mnt: Path) -> None:
     done = mktme("mount", str(mnt), "--phys-mem", "8M")
     mounted_pid(done)
     log = Path(done.stderr.split("daemon log:")[1].strip())
@@ -198,7 +208,9 @@ def test_a_detached_daemons_log_is_private(mnt):
 
 @pytest.mark.mount
 @pytest.mark.parametrize("sig", daemon.STOP_SIGNALS, ids=lambda s: s.name)
-def test_every_stop_signal_unmounts_and_leaves_no_log_and_no_lock(mnt, runtime_dir, sig):
+def test_every_stop_signal_unmounts_and_leaves_no_log_and_no_lock(
+    mnt: Path, runtime_dir: Path, sig: signal.Signals
+) -> None:
     pid = mounted_pid(mktme("mount", str(mnt), "--phys-mem", "8M"))
     os.kill(pid, sig)
     wait_for(lambda: ended(pid))
@@ -206,7 +218,9 @@ def test_every_stop_signal_unmounts_and_leaves_no_log_and_no_lock(mnt, runtime_d
     assert list(runtime_dir.iterdir()) == []
 
 
-def test_a_lock_left_by_a_killed_daemon_is_swept_by_the_next_lock(tmp_path, runtime_dir):
+def test_a_lock_left_by_a_killed_daemon_is_swept_by_the_next_lock(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
     left = runtime_dir / "mktme-sandbox-0123456789abcdef.lock"
     left.write_text("")
     held = daemon.lock_mountpoint(tmp_path / "a")
@@ -222,7 +236,9 @@ def test_a_lock_left_by_a_killed_daemon_is_swept_by_the_next_lock(tmp_path, runt
     assert list(runtime_dir.iterdir()) == []
 
 
-def test_a_lock_held_for_a_moment_by_a_sweeper_does_not_fail_a_mount(tmp_path, runtime_dir):
+def test_a_lock_held_for_a_moment_by_a_sweeper_does_not_fail_a_mount(
+    tmp_path: Path, runtime_dir: Path
+) -> None:
     """A sweeper holds a stale lock file only while it removes it: a mount that
     opened that file meanwhile waits a moment and takes the new one (found by
     review: it failed with "already serves a sandbox")."""
@@ -247,7 +263,9 @@ def test_a_lock_held_for_a_moment_by_a_sweeper_does_not_fail_a_mount(tmp_path, r
 
 
 @pytest.mark.mount
-def test_list_shows_a_stopped_daemon_at_once_and_umount_ends_it(mnt, runtime_dir):
+def test_list_shows_a_stopped_daemon_at_once_and_umount_ends_it(
+    mnt: Path, runtime_dir: Path
+) -> None:
     pid = mounted_pid(mktme("mount", str(mnt), "--phys-mem", "8M"))
     os.kill(pid, signal.SIGSTOP)
     reader = subprocess.Popen(["stat", str(mnt / "README")], stdout=subprocess.DEVNULL)
@@ -271,8 +289,8 @@ def test_list_shows_a_stopped_daemon_at_once_and_umount_ends_it(mnt, runtime_dir
 
 
 def test_the_fuse_connection_is_the_minor_of_the_mounts_device_from_mountinfo(
-    monkeypatch, tmp_path
-):
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     entry = daemon._MountEntry(str(tmp_path / "m"), daemon.FSTYPE, 57)
     monkeypatch.setattr(daemon, "_mounts", lambda: iter([entry]))
     monkeypatch.setattr(daemon, "FUSECTL", str(tmp_path / "connections"))
@@ -287,7 +305,7 @@ def test_the_fuse_connection_is_the_minor_of_the_mounts_device_from_mountinfo(
 
 
 @pytest.mark.mount
-def test_of_two_mounts_racing_on_one_directory_exactly_one_wins(mnt):
+def test_of_two_mounts_racing_on_one_directory_exactly_one_wins(mnt: Path) -> None:
     argv = [*COMMAND, "mount", str(mnt), "--phys-mem", "8M"]
     racers = [
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -302,7 +320,7 @@ def test_of_two_mounts_racing_on_one_directory_exactly_one_wins(mnt):
 
 
 @pytest.mark.mount
-def test_umount_stops_the_daemon_of_that_directory_and_no_other(mnt, tmp_path):
+def test_umount_stops_the_daemon_of_that_directory_and_no_other(mnt: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     pid = mounted_pid(mktme("mount", str(mnt), "--phys-mem", "8M"))
     other_pid = mounted_pid(mktme("mount", str(other), "--phys-mem", "8M"))
@@ -319,7 +337,7 @@ def test_umount_stops_the_daemon_of_that_directory_and_no_other(mnt, tmp_path):
 
 
 @pytest.fixture
-def run_main(capsys):
+def run_main(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str]]:
     """Run the console script's ``main`` in-process: (exit status, stderr), no traceback."""
 
     def run(*args: str) -> tuple[int, str]:
@@ -327,12 +345,19 @@ def run_main(capsys):
             main(list(args))
         out, err = capsys.readouterr()
         assert "Traceback" not in out + err
-        return exited.value.code or 0, err
+        code = exited.value.code or 0
+        assert isinstance(code, int), code
+        return code, err
 
     return run
 
 
-def test_without_dev_fuse_mount_fails_in_one_line(run_main, monkeypatch, tmp_path, runtime_dir):
+def test_without_dev_fuse_mount_fails_in_one_line(
+    run_main: Callable[..., tuple[int, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    runtime_dir: Path,
+) -> None:
     monkeypatch.setattr(daemon, "FUSE_DEVICE", str(tmp_path / "no-fuse"))
     code, err = run_main("mount", str(tmp_path / "m"))
     assert (code, err.count("\n")) == (1, 1)
@@ -340,8 +365,8 @@ def test_without_dev_fuse_mount_fails_in_one_line(run_main, monkeypatch, tmp_pat
 
 
 def test_allow_other_without_user_allow_other_fails_in_one_line_for_a_user(
-    run_main, monkeypatch, tmp_path
-):
+    run_main: Callable[..., tuple[int, str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Simulated: the test runs as root, whom fusermount3 always lets allow others."""
     (tmp_path / "fuse.conf").write_text("# user_allow_other\nmount_max = 1000\n")
     monkeypatch.setattr(daemon, "FUSE_CONF", str(tmp_path / "fuse.conf"))
@@ -354,7 +379,9 @@ def test_allow_other_without_user_allow_other_fails_in_one_line_for_a_user(
 
 
 @pytest.mark.mount
-def test_a_mountpoint_that_is_a_file_fails_in_one_line(run_main, tmp_path, runtime_dir):
+def test_a_mountpoint_that_is_a_file_fails_in_one_line(
+    run_main: Callable[..., tuple[int, str]], tmp_path: Path, runtime_dir: Path
+) -> None:
     (tmp_path / "file").write_text("")
     code, err = run_main("mount", str(tmp_path / "file"))
     assert (code, err.count("\n")) == (1, 1)
@@ -371,7 +398,7 @@ def as_nobody(*args: str, runtime: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def nobodys_base():
+def nobodys_base() -> Iterator[Path]:
     """A directory nobody may enter but not write, with nobody's runtime dir in it."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("acting as nobody needs root and setpriv")
@@ -383,7 +410,7 @@ def nobodys_base():
     shutil.rmtree(base)
 
 
-def test_a_user_without_access_to_dev_fuse_gets_one_line(nobodys_base):
+def test_a_user_without_access_to_dev_fuse_gets_one_line(nobodys_base: Path) -> None:
     """Real where /dev/fuse is not world-writable (as on this test machine)."""
     done = as_nobody("mount", str(nobodys_base / "mnt"), runtime=nobodys_base / "runtime")
     if os.stat("/dev/fuse").st_mode & 0o006 == 0o006:
@@ -396,7 +423,9 @@ def test_a_user_without_access_to_dev_fuse_gets_one_line(nobodys_base):
     assert not (nobodys_base / "mnt").exists()
 
 
-def test_allow_other_as_a_user_without_user_allow_other_gets_one_line(nobodys_base, monkeypatch):
+def test_allow_other_as_a_user_without_user_allow_other_gets_one_line(
+    nobodys_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Real as nobody where /etc/fuse.conf lacks user_allow_other; the /dev/fuse
     check comes first, so where nobody lacks /dev/fuse this is the simulated test above."""
     if daemon._user_allow_other():
@@ -410,14 +439,17 @@ def test_allow_other_as_a_user_without_user_allow_other_gets_one_line(nobodys_ba
 
 
 def test_a_mountpoint_in_a_directory_the_user_cannot_write_gets_one_line(
-    run_main, monkeypatch, tmp_path, runtime_dir
-):
+    run_main: Callable[..., tuple[int, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    runtime_dir: Path,
+) -> None:
     """Simulated: as root every directory is writable; mkdir fails as it would for a user."""
 
     def denied(path: str, mode: int = 0o777, exist_ok: bool = False) -> None:
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(daemon.os, "makedirs", denied)
+    monkeypatch.setattr("mktme_sandbox.daemon.os.makedirs", denied)
     code, err = run_main("mount", str(tmp_path / "ro" / "mnt"))
     assert (code, err) == (
         1,
@@ -427,8 +459,11 @@ def test_a_mountpoint_in_a_directory_the_user_cannot_write_gets_one_line(
 
 
 def test_a_directory_neither_owned_nor_writable_is_refused_in_one_line(
-    run_main, monkeypatch, tmp_path, runtime_dir
-):
+    run_main: Callable[..., tuple[int, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    runtime_dir: Path,
+) -> None:
     """Simulated: uid 1000 and a directory of root's (fusermount3 would refuse it)."""
     (tmp_path / "roots").mkdir()
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -467,15 +502,21 @@ ODD_ARGUMENTS = [
 
 @pytest.mark.parametrize("args", ODD_ARGUMENTS, ids=lambda args: " ".join(args)[:30])
 def test_any_argument_gets_a_message_and_a_documented_status_never_a_traceback(
-    run_main, args, tmp_path, runtime_dir, monkeypatch
-):
+    run_main: Callable[..., tuple[int, str]],
+    args: list[str],
+    tmp_path: Path,
+    runtime_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, err = run_main(*args)
     assert code in (0, 1, 2)
     assert code == 0 or err.strip()
 
 
-def test_an_unexpected_exception_is_one_line_and_status_1(run_main, monkeypatch):
+def test_an_unexpected_exception_is_one_line_and_status_1(
+    run_main: Callable[..., tuple[int, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(probe: bool = True) -> list[daemon.DaemonInfo]:
         raise RuntimeError("psutil broke")
 
@@ -483,7 +524,7 @@ def test_an_unexpected_exception_is_one_line_and_status_1(run_main, monkeypatch)
     assert run_main("list") == (1, "Error: RuntimeError: psutil broke\n")
 
 
-def test_the_mount_command_module_runs_main(tmp_path):
+def test_the_mount_command_module_runs_main(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "mktme_sandbox.cli", "umount", str(tmp_path)],
         capture_output=True, text=True, timeout=60, check=False,

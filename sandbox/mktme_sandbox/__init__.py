@@ -1,7 +1,12 @@
 """mktme-sandbox: an emulated Intel MKTME machine under a simulated Linux mm."""
 
+from typing import TYPE_CHECKING
+
 from mktme_sandbox.config import MachineConfig
 from mktme_sandbox.errors import SandboxError
+
+if TYPE_CHECKING:  # the type checker sees the class; the import stays lazy at run time
+    from mktme_sandbox.machine import Machine
 
 __all__ = ["Machine", "MachineConfig", "SandboxError", "__version__"]
 

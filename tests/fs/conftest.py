@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from mktme_sandbox.mounting import MountedSandbox
+
 
 def run_shell(
     script: str, cwd: Path, user: int | None = None, timeout: float = 60
@@ -33,7 +35,7 @@ def sh() -> Callable[..., subprocess.CompletedProcess[str]]:
 
 
 @pytest.fixture
-def bash(sandbox) -> Callable[[str], str]:
+def bash(sandbox: MountedSandbox) -> Callable[[str], str]:
     """``bash(script)``: run a script in the module's ``sandbox`` mount; fail with
     its stderr unless it succeeds; give its stdout."""
 
@@ -46,7 +48,9 @@ def bash(sandbox) -> Callable[[str], str]:
 
 
 @pytest.fixture
-def as_user(sandbox, sh) -> Callable[[int, str], tuple[int, str]]:
+def as_user(
+    sandbox: MountedSandbox, sh: Callable[..., subprocess.CompletedProcess[str]]
+) -> Callable[[int, str], tuple[int, str]]:
     """``as_user(uid, script)`` -> (exit status, stdout and stderr), in the
     module's ``sandbox`` mount."""
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
+
+from mktme_sandbox.mounting import MountedSandbox
 
 pytestmark = pytest.mark.mount
 
@@ -42,7 +45,7 @@ print(hashlib.sha256(reference).hexdigest())
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> MountedSandbox:
     sandbox = module_mount(phys_mem="32M", keyid_bits=2, seed=5)
     for _name, keyid in WORKERS:
         if keyid:
@@ -53,7 +56,9 @@ def sandbox(module_mount):
     return sandbox
 
 
-def test_four_processes_on_different_spaces_and_keyids_end_with_their_reference_contents(sandbox):
+def test_four_processes_on_different_spaces_and_keyids_end_with_their_reference_contents(
+    sandbox: MountedSandbox,
+) -> None:
     procs = {
         name: subprocess.Popen(
             [

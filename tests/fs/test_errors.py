@@ -10,10 +10,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import subprocess
+from collections.abc import Callable
 
 import pytest
 
 from mktme_sandbox.errors import errno_name
+from mktme_sandbox.mounting import MountedSandbox
 
 pytestmark = pytest.mark.mount
 
@@ -24,7 +27,7 @@ TWEAK = "ffeeddccbbaa99887766554433221100"
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> MountedSandbox:
     sandbox = module_mount(phys_mem="16M", seed=2)
     sandbox.program_key(1)
     sandbox.program_key(4)
@@ -35,7 +38,7 @@ def sandbox(module_mount):
     return sandbox
 
 
-def user_key(algorithm="aes-xts-128", key=KEY, tweak=TWEAK) -> str:
+def user_key(algorithm: str = "aes-xts-128", key: str = KEY, tweak: str = TWEAK) -> str:
     return f"type=user algorithm={algorithm} key={key} tweak={tweak}"
 
 
@@ -171,7 +174,13 @@ CASES = {
 
 
 @pytest.mark.parametrize(("script", "path", "err"), CASES.values(), ids=list(CASES))
-def test_a_rejected_operation_gives_its_errno_and_one_dmesg_line(sandbox, sh, script, path, err):
+def test_a_rejected_operation_gives_its_errno_and_one_dmesg_line(
+    sandbox: MountedSandbox,
+    sh: Callable[..., subprocess.CompletedProcess[str]],
+    script: str,
+    path: str | None,
+    err: int,
+) -> None:
     maps_before = sandbox.read_text("spaces/err/maps")
     lines_before = len(sandbox.dmesg().splitlines())
     done = sh(script, sandbox.path)
@@ -186,7 +195,9 @@ def test_a_rejected_operation_gives_its_errno_and_one_dmesg_line(sandbox, sh, sc
 
 
 @pytest.mark.parametrize("name", ["\u00b9", "\u0661", "\uff11", "01", "+1", "1_0"])
-def test_a_keyid_path_in_anything_but_plain_ascii_digits_does_not_exist(sandbox, name):
+def test_a_keyid_path_in_anything_but_plain_ascii_digits_does_not_exist(
+    sandbox: MountedSandbox, name: str
+) -> None:
     """``keys/¹`` gave EIO (``str.isdigit`` accepts superscripts, ``int`` refuses them)."""
     with pytest.raises(FileNotFoundError):
         (sandbox.path / "keys" / name).read_text()
@@ -194,7 +205,7 @@ def test_a_keyid_path_in_anything_but_plain_ascii_digits_does_not_exist(sandbox,
         (sandbox.path / "keyids" / name / "mem").stat()
 
 
-def test_a_write_longer_than_a_page_is_refused_whole(sandbox):
+def test_a_write_longer_than_a_page_is_refused_whole(sandbox: MountedSandbox) -> None:
     """The kernel splits a long write into requests of at most max_write bytes;
     the first is refused, so neither ``type=clear`` nor the second key that
     follows it in the same write is applied (a sysfs store takes one page)."""
@@ -214,13 +225,15 @@ def test_a_write_longer_than_a_page_is_refused_whole(sandbox):
     assert "a command is at most 4096 bytes" in new_lines[0]
 
 
-def test_a_command_of_exactly_one_page_is_still_a_command(sandbox):
+def test_a_command_of_exactly_one_page_is_still_a_command(sandbox: MountedSandbox) -> None:
     command = "mmap 0x30000000 4096 rw-"
     sandbox.write_ctl("spaces/err/ctl", command + " " * (4096 - len(command) - 1) + "\n")
     sandbox.write_ctl("spaces/err/ctl", "munmap 0x30000000 4096")
 
 
-def test_a_shared_mapping_of_a_memory_file_is_refused_by_the_kernel(sandbox):
+def test_a_shared_mapping_of_a_memory_file_is_refused_by_the_kernel(
+    sandbox: MountedSandbox,
+) -> None:
     """fs/fuse/file.c, fuse_file_mmap(): for a FOPEN_DIRECT_IO file "Can't provide
     the coherency needed for MAP_SHARED" -> -ENODEV; a private mapping is a copy."""
     fd = os.open(sandbox.path / "dram", os.O_RDONLY)
@@ -234,7 +247,7 @@ def test_a_shared_mapping_of_a_memory_file_is_refused_by_the_kernel(sandbox):
         os.close(fd)
 
 
-def test_a_misspelled_fuse_handler_fails_at_import():
+def test_a_misspelled_fuse_handler_fails_at_import() -> None:
     from mktme_sandbox.fs.operations import SandboxFS, _reported
 
     with pytest.raises(TypeError, match="chmood is not a FUSE operation"):
@@ -245,7 +258,7 @@ def test_a_misspelled_fuse_handler_fails_at_import():
                 return 0
 
 
-def test_a_rejected_write_raises_oserror_with_the_errno_in_python(sandbox):
+def test_a_rejected_write_raises_oserror_with_the_errno_in_python(sandbox: MountedSandbox) -> None:
     fd = os.open(sandbox.path / "spaces/err/ctl", os.O_WRONLY)
     try:
         with pytest.raises(OSError, match="Required key not available") as raised:
@@ -255,13 +268,17 @@ def test_a_rejected_write_raises_oserror_with_the_errno_in_python(sandbox):
     assert raised.value.errno == errno.ENOKEY
 
 
-def test_a_reason_in_dmesg_never_shows_the_key_of_a_rejected_command(sandbox, sh):
+def test_a_reason_in_dmesg_never_shows_the_key_of_a_rejected_command(
+    sandbox: MountedSandbox, sh: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     sh(write("keys/2", user_key(tweak=KEY)), sandbox.path)
     assert KEY not in sandbox.dmesg()
     assert KEY.upper() not in sandbox.dmesg()
 
 
-def test_the_daemon_still_serves_after_every_rejection(sandbox, sh):
+def test_the_daemon_still_serves_after_every_rejection(
+    sandbox: MountedSandbox, sh: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     for script, _path, _err in CASES.values():
         sh(script, sandbox.path)
     assert sandbox.read_text("README")

@@ -4,11 +4,14 @@ give, after a scenario made through the files."""
 
 from __future__ import annotations
 
+import subprocess
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 
 import pytest
 
 from keyid_map_helpers import assert_same, classes_from_proc, decode, make_every_kind_of_page
+from mktme_sandbox.mounting import MountedSandbox
 
 pytestmark = pytest.mark.mount
 
@@ -16,13 +19,15 @@ PHYS_MEM = 16 << 20
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> MountedSandbox:
     sandbox = module_mount(phys_mem="16M", seed=1)
     make_every_kind_of_page(sandbox)
     return sandbox
 
 
-def test_the_picture_draws_every_pfn_as_page_keyid_and_kpageflags_say(sandbox):
+def test_the_picture_draws_every_pfn_as_page_keyid_and_kpageflags_say(
+    sandbox: MountedSandbox,
+) -> None:
     size = 8 * (PHYS_MEM >> 12)
     expected = classes_from_proc(
         sandbox.read_bytes("mm/page_keyid", 0, size), sandbox.read_bytes("mm/kpageflags", 0, size)
@@ -35,7 +40,9 @@ def test_the_picture_draws_every_pfn_as_page_keyid_and_kpageflags_say(sandbox):
     }  # fmt: skip
 
 
-def test_the_picture_is_a_world_readable_svg_file_read_to_its_end_as_procfs_files(sandbox, sh):
+def test_the_picture_is_a_world_readable_svg_file_read_to_its_end_as_procfs_files(
+    sandbox: MountedSandbox, sh: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     done = sh("stat -c '%a %s' mm/keyid_map.svg && wc -c < mm/keyid_map.svg", sandbox.path)
     mode_size, read = done.stdout.split("\n")[:2]
     mode, size = mode_size.split()

@@ -8,8 +8,11 @@ user by default) and ``max_pages_per_uid`` 256 (1 MiB); the users are
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
+from mktme_sandbox.mounting import MountedSandbox
 from users_helpers import AS_OTHER_USERS, NOBODY, OTHER
 
 BASE = 0x10000000
@@ -18,13 +21,15 @@ pytestmark = AS_OTHER_USERS
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> MountedSandbox:
     return module_mount(
         phys_mem="8M", keyid_bits=3, max_pages_per_uid=256, seed=5, allow_other=True
     )
 
 
-def test_one_user_cannot_program_every_keyid_and_another_still_can(as_user, sandbox):
+def test_one_user_cannot_program_every_keyid_and_another_still_can(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
     take = "echo 'type=cpu algorithm=aes-xts-128' > keys/{}"
     for keyid in (1, 2, 3, 4):
         assert as_user(NOBODY, take.format(keyid))[0] == 0
@@ -38,7 +43,9 @@ def test_one_user_cannot_program_every_keyid_and_another_still_can(as_user, sand
             assert as_user(uid, f"echo type=clear > keys/{keyid}")[0] == 0
 
 
-def test_one_user_cannot_take_every_page_and_another_still_maps(as_user, sandbox):
+def test_one_user_cannot_take_every_page_and_another_still_maps(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
     code, output = as_user(
         NOBODY, f"mkdir spaces/hog && echo 'mmap {BASE:#x} 4M rw- populate' > spaces/hog/ctl"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import mfusepy
@@ -18,20 +19,21 @@ import pytest
 
 from mktme_sandbox import Machine
 from mktme_sandbox.fs import SandboxFS, operations
+from mktme_sandbox.fs.nodes import BlobFile, TextFile
 
 
 @pytest.fixture
-def machine(monkeypatch):
+def machine(monkeypatch: pytest.MonkeyPatch) -> Machine:
     monkeypatch.setattr(operations, "_caller_uid", lambda: 0)  # no FUSE context here
     return Machine(phys_mem="8M", keyid_bits=2, seed=6)
 
 
 @pytest.fixture
-def fs(machine):
+def fs(machine: Machine) -> SandboxFS:
     return SandboxFS(machine)
 
 
-def read(fs, path: str, size: int = 4096, offset: int = 0) -> bytes:
+def read(fs: SandboxFS, path: str, size: int = 4096, offset: int = 0) -> bytes:
     fi = SimpleNamespace(flags=os.O_RDONLY, direct_io=0, fh=0)
     fs.open(path, fi)
     try:
@@ -40,7 +42,7 @@ def read(fs, path: str, size: int = 4096, offset: int = 0) -> bytes:
         fs.release(path, fi)
 
 
-def write(fs, path: str, data: bytes) -> int:
+def write(fs: SandboxFS, path: str, data: bytes) -> int:
     fi = SimpleNamespace(flags=os.O_WRONLY | os.O_TRUNC, direct_io=0, fh=0)
     fs.open(path, fi)
     try:
@@ -49,7 +51,7 @@ def write(fs, path: str, data: bytes) -> int:
         fs.release(path, fi)
 
 
-def walk(fs, path="/"):
+def walk(fs: SandboxFS, path: str = "/") -> Iterator[str]:
     yield path
     if stat.S_ISDIR(fs.getattr(path)["st_mode"]):
         for name in fs.readdir(path, None):
@@ -57,20 +59,21 @@ def walk(fs, path="/"):
                 yield from walk(fs, f"{path.rstrip('/')}/{name}")
 
 
-def test_every_node_of_the_tree_answers_getattr_and_its_first_read(fs):
+def test_every_node_of_the_tree_answers_getattr_and_its_first_read(fs: SandboxFS) -> None:
     fs.mkdir("/spaces/s", 0o755)
     paths = list(walk(fs))
     assert "/spaces/s/smaps" in paths
     assert "/mm/mitigations/ksm_keyid_check" in paths
     for path in paths:
-        attrs = fs.getattr(path)
-        if stat.S_ISREG(attrs["st_mode"]) and fs.tree.resolve(path).readable:
-            if path.endswith(("/spaces/s/mem", "/hw/msr")):
-                continue  # nothing mapped at 0; no MSR at 0
-            read(fs, path, 64)
+        if not stat.S_ISREG(fs.getattr(path)["st_mode"]):
+            continue
+        node = fs.tree.resolve(path)
+        assert isinstance(node, TextFile | BlobFile), path
+        if node.readable and not path.endswith(("/spaces/s/mem", "/hw/msr")):
+            read(fs, path, 64)  # (nothing is mapped at 0 in s; there is no MSR at 0)
 
 
-def test_a_missing_path_is_enoent_and_leaves_dmesg_alone(fs):
+def test_a_missing_path_is_enoent_and_leaves_dmesg_alone(fs: SandboxFS) -> None:
     before = fs.machine.dmesg()
     for path in ("/nope", "/keys/0", "/keys/4", "/keys/01", "/keyids/9/mem", "/spaces/x/ctl"):
         with pytest.raises(mfusepy.FuseOSError) as raised:
@@ -79,14 +82,18 @@ def test_a_missing_path_is_enoent_and_leaves_dmesg_alone(fs):
     assert fs.machine.dmesg() == before
 
 
-def test_a_sandbox_error_becomes_its_errno_and_one_dmesg_line_naming_the_file(fs):
+def test_a_sandbox_error_becomes_its_errno_and_one_dmesg_line_naming_the_file(
+    fs: SandboxFS,
+) -> None:
     with pytest.raises(mfusepy.FuseOSError) as raised:
         write(fs, "/keys/1", b"type=bogus\n")
     assert raised.value.errno == errno.EINVAL
     assert fs.machine.dmesg().splitlines()[-1].split("] ", 1)[1].startswith("keys/1: EINVAL: ")
 
 
-def test_an_unexpected_exception_is_eio_with_only_its_type_in_dmesg(machine, monkeypatch):
+def test_an_unexpected_exception_is_eio_with_only_its_type_in_dmesg(
+    machine: Machine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken() -> str:
         raise ValueError("text that might carry data")
 
@@ -101,14 +108,14 @@ def test_an_unexpected_exception_is_eio_with_only_its_type_in_dmesg(machine, mon
     assert read(fs, "/README", 10)  # and it goes on serving
 
 
-def test_open_sets_direct_io_on_everything_but_the_readme(fs):
+def test_open_sets_direct_io_on_everything_but_the_readme(fs: SandboxFS) -> None:
     for path, direct in (("/README", 0), ("/dmesg", 1), ("/dram", 1), ("/keys/1", 1)):
         fi = SimpleNamespace(flags=0, direct_io=None, fh=0)
         fs.open(path, fi)
         assert fi.direct_io == direct
 
 
-def test_open_refuses_the_direction_a_file_does_not_have(fs):
+def test_open_refuses_the_direction_a_file_does_not_have(fs: SandboxFS) -> None:
     fs.mkdir("/spaces/o", 0o755)
     for path, flags in (("/mm/vmstat", 1), ("/spaces/o/ctl", 0), ("/hw/msr", 2)):
         with pytest.raises(mfusepy.FuseOSError) as raised:
@@ -116,7 +123,9 @@ def test_open_refuses_the_direction_a_file_does_not_have(fs):
         assert raised.value.errno == errno.EACCES
 
 
-def test_mkdir_and_rmdir_create_and_destroy_spaces_owned_by_the_caller(fs, monkeypatch):
+def test_mkdir_and_rmdir_create_and_destroy_spaces_owned_by_the_caller(
+    fs: SandboxFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(operations, "_caller_uid", lambda: 1234)
     fs.mkdir("/spaces/mine", 0o755)
     attrs = fs.getattr("/spaces/mine")
@@ -125,7 +134,7 @@ def test_mkdir_and_rmdir_create_and_destroy_spaces_owned_by_the_caller(fs, monke
     assert "mine" not in fs.readdir("/spaces", None)
 
 
-def test_pconfig_busy_past_the_retries_is_eagain_through_keys_n(fs):
+def test_pconfig_busy_past_the_retries_is_eagain_through_keys_n(fs: SandboxFS) -> None:
     fs.machine.inject_pconfig_faults(5, 20)  # DEVICE_BUSY, more often than the kernel retries
     with pytest.raises(mfusepy.FuseOSError) as raised:
         write(fs, "/keys/1", b"type=cpu algorithm=aes-xts-128\n")
@@ -133,7 +142,9 @@ def test_pconfig_busy_past_the_retries_is_eagain_through_keys_n(fs):
     assert "keys/1: EAGAIN: " in fs.machine.dmesg().splitlines()[-1]
 
 
-def test_the_machine_refuses_a_key_command_from_a_writer_who_does_not_own_the_key(fs, monkeypatch):
+def test_the_machine_refuses_a_key_command_from_a_writer_who_does_not_own_the_key(
+    fs: SandboxFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # the kernel's mode check stops other users first; this is the machine's own check
     write(fs, "/keys/2", b"type=cpu algorithm=aes-xts-128\n")
     monkeypatch.setattr(operations, "_caller_uid", lambda: 1000)
@@ -143,7 +154,7 @@ def test_the_machine_refuses_a_key_command_from_a_writer_who_does_not_own_the_ke
     assert "keys/2: EACCES: " in fs.machine.dmesg().splitlines()[-1]
 
 
-def test_one_open_reads_one_consistent_text_and_a_read_from_0_renders_again(fs):
+def test_one_open_reads_one_consistent_text_and_a_read_from_0_renders_again(fs: SandboxFS) -> None:
     fi = SimpleNamespace(flags=os.O_RDONLY, direct_io=0, fh=0)
     fs.open("/dmesg", fi)
     head = fs.read("/dmesg", 20, 0, fi)
@@ -157,7 +168,7 @@ def test_one_open_reads_one_consistent_text_and_a_read_from_0_renders_again(fs):
     assert fs.open_files == {}
 
 
-def test_with_mktme_off_keys_is_empty_and_keyids_has_only_keyid_0():
+def test_with_mktme_off_keys_is_empty_and_keyids_has_only_keyid_0() -> None:
     fs = SandboxFS(Machine(phys_mem="8M", keyid_bits=0))
     assert fs.readdir("/keys", None) == [".", ".."]
     assert fs.readdir("/keyids", None) == [".", "..", "0"]

@@ -9,9 +9,12 @@ enforces the owners and modes because the fs is mounted with
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from mktme_sandbox.mounting import MountedSandbox
 from users_helpers import AS_OTHER_USERS, NOBODY, OTHER
 
 BASE = 0x10000000
@@ -22,7 +25,7 @@ pytestmark = AS_OTHER_USERS
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> MountedSandbox:
     sandbox = module_mount(phys_mem="8M", keyid_bits=2, seed=3, allow_other=True)
     sandbox.program_key(1, f"type=user algorithm=aes-xts-128 key={KEY} tweak={TWEAK}")
     sandbox.create_space("root")
@@ -41,21 +44,27 @@ def denied(result: tuple[int, str]) -> bool:
     return code != 0 and ("Permission denied" in output or "Operation not permitted" in output)
 
 
-def owner_and_mode(sandbox, rel: str) -> tuple[int, int]:
+def owner_and_mode(sandbox: MountedSandbox, rel: str) -> tuple[int, int]:
     st = os.stat(sandbox.path / rel)
     return st.st_uid, st.st_mode & 0o7777
 
 
-def test_anyone_can_read_dram_but_only_the_daemons_user_can_write_it(as_user):
+def test_anyone_can_read_dram_but_only_the_daemons_user_can_write_it(
+    as_user: Callable[[int, str], tuple[int, str]],
+) -> None:
     assert allowed(as_user(NOBODY, "head -c 4096 dram | wc -c | grep -qx 4096"))
     assert denied(as_user(NOBODY, "printf x | dd of=dram conv=notrunc status=none"))
 
 
-def test_nobody_cannot_read_the_keyid_0_view(as_user):
+def test_nobody_cannot_read_the_keyid_0_view(
+    as_user: Callable[[int, str], tuple[int, str]],
+) -> None:
     assert denied(as_user(NOBODY, "head -c 64 keyids/0/mem"))
 
 
-def test_nobody_reads_counters_but_cannot_use_the_control_files_of_mm_and_hw(as_user):
+def test_nobody_reads_counters_but_cannot_use_the_control_files_of_mm_and_hw(
+    as_user: Callable[[int, str], tuple[int, str]],
+) -> None:
     assert allowed(as_user(NOBODY, "cat mm/vmstat mm/check hw/tme > /dev/null"))
     for script in (
         "echo 1 > mm/ksm/run",
@@ -67,7 +76,9 @@ def test_nobody_reads_counters_but_cannot_use_the_control_files_of_mm_and_hw(as_
         assert denied(as_user(NOBODY, script)), script
 
 
-def test_a_key_programmed_by_root_is_readable_as_status_but_not_usable_by_nobody(as_user, sandbox):
+def test_a_key_programmed_by_root_is_readable_as_status_but_not_usable_by_nobody(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
     assert owner_and_mode(sandbox, "keys/1") == (0, 0o644)
     assert allowed(as_user(NOBODY, "grep -q 'state=programmed' keys/1"))
     assert denied(as_user(NOBODY, "head -c 64 keyids/1/mem"))
@@ -75,7 +86,9 @@ def test_a_key_programmed_by_root_is_readable_as_status_but_not_usable_by_nobody
     assert denied(as_user(NOBODY, "echo 'type=cpu algorithm=aes-xts-128' > keys/1"))
 
 
-def test_a_key_belongs_to_the_user_who_programs_it_until_it_is_cleared(as_user, sandbox):
+def test_a_key_belongs_to_the_user_who_programs_it_until_it_is_cleared(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
     assert owner_and_mode(sandbox, "keys/2") == (0, 0o666)
     assert allowed(as_user(NOBODY, "echo 'type=cpu algorithm=aes-xts-128' > keys/2"))
     assert owner_and_mode(sandbox, "keys/2") == (NOBODY, 0o644)
@@ -87,7 +100,9 @@ def test_a_key_belongs_to_the_user_who_programs_it_until_it_is_cleared(as_user, 
     assert owner_and_mode(sandbox, "keys/2") == (0, 0o666)
 
 
-def test_a_user_creates_and_uses_its_own_space_and_no_one_else_can(as_user, sandbox):
+def test_a_user_creates_and_uses_its_own_space_and_no_one_else_can(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
     own = (
         "set -e; echo 'type=cpu algorithm=aes-xts-256' > keys/3; mkdir spaces/nob\n"
         f"echo 'mmap {BASE:#x} 8K rw- keyid=3 populate' > spaces/nob/ctl\n"
@@ -107,7 +122,9 @@ def test_a_user_creates_and_uses_its_own_space_and_no_one_else_can(as_user, sand
     assert allowed(as_user(NOBODY, "rmdir spaces/nob && echo type=clear > keys/3"))
 
 
-def test_the_vma_files_of_a_space_belong_to_its_creator_alone(as_user, sandbox):
+def test_the_vma_files_of_a_space_belong_to_its_creator_alone(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
     root_vma = f"spaces/root/vmas/{BASE:08x}-{BASE + 0x4000:08x}"
     assert owner_and_mode(sandbox, "spaces/root/vmas") == (0, 0o500)
     assert owner_and_mode(sandbox, root_vma) == (0, 0o600)
@@ -124,7 +141,9 @@ def test_the_vma_files_of_a_space_belong_to_its_creator_alone(as_user, sandbox):
     assert allowed(as_user(NOBODY, "rmdir spaces/nobv"))
 
 
-def test_a_user_cannot_map_memory_with_a_key_it_does_not_own(as_user):
+def test_a_user_cannot_map_memory_with_a_key_it_does_not_own(
+    as_user: Callable[[int, str], tuple[int, str]],
+) -> None:
     script = "mkdir spaces/thief && echo 'mmap 0x20000000 4K rw- keyid=1' > spaces/thief/ctl"
     code, output = as_user(NOBODY, script)
     assert code != 0
@@ -152,12 +171,12 @@ def _mapped_ranges(maps: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def _read(path, offset: int, length: int) -> bytes:
+def _read(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb", buffering=0) as f:
         return os.pread(f.fileno(), length, offset)
 
 
-def _contents(sandbox, path) -> bytes:
+def _contents(sandbox: MountedSandbox, path: Path) -> bytes:
     """What a reader can get from one file: whole text, covered ranges of binary files."""
     rel = path.relative_to(sandbox.path).as_posix()
     if rel.startswith("spaces/") and rel.endswith(("/mem", "/pagemap")):
@@ -170,7 +189,7 @@ def _contents(sandbox, path) -> bytes:
     return path.read_bytes()
 
 
-def test_key_bytes_appear_in_no_readable_file_of_the_tree(sandbox):
+def test_key_bytes_appear_in_no_readable_file_of_the_tree(sandbox: MountedSandbox) -> None:
     scanned = 0
     for directory, _dirs, files in os.walk(sandbox.path):
         for name in files:
@@ -202,7 +221,9 @@ except OSError as e:
 """
 
 
-def test_an_fd_kept_open_across_a_change_of_owner_reads_nothing_of_the_new_owner(as_user, sandbox):
+def test_an_fd_kept_open_across_a_change_of_owner_reads_nothing_of_the_new_owner(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
     import errno
     import subprocess
     import sys
@@ -215,6 +236,7 @@ def test_an_fd_kept_open_across_a_change_of_owner_reads_nothing_of_the_new_owner
          sys.executable, "-c", HOLDER, str(sandbox.path / "spaces/kept/mem"), str(0x20000000)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert holder.stdout is not None
     try:
         assert holder.stdout.readline().strip() == "open"
         os.rmdir(sandbox.path / "spaces/kept")  # root removes it ...
@@ -231,7 +253,7 @@ def test_an_fd_kept_open_across_a_change_of_owner_reads_nothing_of_the_new_owner
 # -- keyids/N/mem: a key owner writes only its own memory --------------------------
 
 
-def _pa(sandbox, space: str, va: int) -> int:
+def _pa(sandbox: MountedSandbox, space: str, va: int) -> int:
     entry = int.from_bytes(
         sandbox.read_bytes(f"spaces/{space}/pagemap", (va >> 12) * 8, 8), "little"
     )
@@ -239,7 +261,9 @@ def _pa(sandbox, space: str, va: int) -> int:
     return (entry & ((1 << 55) - 1)) << 12
 
 
-def test_a_key_owner_writes_its_own_pages_through_its_keyid_and_no_others(as_user, sandbox):
+def test_a_key_owner_writes_its_own_pages_through_its_keyid_and_no_others(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
     setup = (
         "set -e; echo 'type=cpu algorithm=aes-xts-128' > keys/2; mkdir spaces/raw\n"
         f"echo 'mmap {BASE:#x} 8K rw- keyid=2 populate' > spaces/raw/ctl"

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mktme_sandbox.machine import Machine
+from mktme_sandbox.mounting import MountedSandbox
 
 pytestmark = pytest.mark.mount
 
@@ -100,7 +102,7 @@ command = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> Iterator[MountedSandbox]:
     """The fuzzed mount; after the module's fuzzing (on this xdist worker) it
     must still serve, its audit must be "ok", and it must still map and store."""
     sandbox = module_mount(phys_mem="16M", keyid_bits=2, seed=4)
@@ -110,7 +112,7 @@ def sandbox(module_mount):
     assert_still_serves(sandbox)
 
 
-def write_one(sandbox, rel: str, data: bytes) -> None:
+def write_one(sandbox: MountedSandbox, rel: str, data: bytes) -> None:
     if rel.startswith("mm/mitigations/") and data.strip() == b"0":
         data = b"1"  # keep every mitigation on
     fd = os.open(sandbox.path / rel, os.O_WRONLY | os.O_TRUNC)
@@ -123,7 +125,7 @@ def write_one(sandbox, rel: str, data: bytes) -> None:
         os.close(fd)
 
 
-def assert_still_serves(sandbox) -> None:
+def assert_still_serves(sandbox: MountedSandbox) -> None:
     assert sandbox.read_text("README")
     assert sandbox.check() == []
     assert "internal error" not in sandbox.dmesg()
@@ -135,11 +137,15 @@ def assert_still_serves(sandbox) -> None:
 
 @settings(FUZZ, max_examples=1000)
 @given(rel=st.sampled_from(CONTROL_FILES), data=st.binary(min_size=1, max_size=200))
-def test_random_bytes_written_to_control_files_leave_the_machine_consistent(sandbox, rel, data):
+def test_random_bytes_written_to_control_files_leave_the_machine_consistent(
+    sandbox: MountedSandbox, rel: str, data: bytes
+) -> None:
     write_one(sandbox, rel, data)
 
 
 @settings(FUZZ, max_examples=2500)
 @given(pair=command)
-def test_random_command_lines_written_to_control_files_leave_the_machine_consistent(sandbox, pair):
+def test_random_command_lines_written_to_control_files_leave_the_machine_consistent(
+    sandbox: MountedSandbox, pair: tuple[str, bytes]
+) -> None:
     write_one(sandbox, *pair)

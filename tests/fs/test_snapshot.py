@@ -10,6 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import mfusepy
@@ -17,6 +20,7 @@ import pytest
 
 from mktme_sandbox import Machine
 from mktme_sandbox.fs import SandboxFS, operations
+from mktme_sandbox.mounting import MountedSandbox
 from mktme_sandbox.snapshot import MAGIC
 
 NOBODY = 65534
@@ -40,7 +44,7 @@ def refusal(fs: SandboxFS, command: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def fs_as(monkeypatch):
+def fs_as(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], SandboxFS]:
     """``fs_as(uid)``: a machine whose daemon runs as ``uid``, and its fs, called by ``uid``."""
 
     def make(uid: int) -> SandboxFS:
@@ -52,7 +56,9 @@ def fs_as(monkeypatch):
     return make
 
 
-def test_the_daemons_own_unprivileged_user_is_refused_with_eacces_and_a_dmesg_line(fs_as, tmp_path):
+def test_the_daemons_own_unprivileged_user_is_refused_with_eacces_and_a_dmesg_line(
+    fs_as: Callable[[int], SandboxFS], tmp_path: Path
+) -> None:
     err, line = refusal(fs_as(1000), f"save {tmp_path}/m.snap")
     assert err == errno.EACCES
     assert "mm/snapshot: EACCES: snapshot: only root may save or restore" in line
@@ -67,15 +73,17 @@ def test_the_daemons_own_unprivileged_user_is_refused_with_eacces_and_a_dmesg_li
         ("restore", "usage: save PATH"),
     ],
 )
-def test_a_malformed_command_is_einval_with_its_usage(fs_as, command, reason):
+def test_a_malformed_command_is_einval_with_its_usage(
+    fs_as: Callable[[int], SandboxFS], command: str, reason: str
+) -> None:
     err, line = refusal(fs_as(0), command)
     assert err == errno.EINVAL
     assert reason in line
 
 
 def test_restoring_a_corrupted_file_is_einval_with_a_dmesg_line_and_keeps_the_machine(
-    fs_as, tmp_path
-):
+    fs_as: Callable[[int], SandboxFS], tmp_path: Path
+) -> None:
     fs = fs_as(0)
     path = tmp_path / "m.snap"
     write(fs, "/mm/snapshot", f"save {path}".encode())
@@ -87,7 +95,9 @@ def test_restoring_a_corrupted_file_is_einval_with_a_dmesg_line_and_keeps_the_ma
     assert fs.machine.space_names() == ["kept"]
 
 
-def test_restoring_a_file_that_is_not_there_is_enoent(fs_as, tmp_path):
+def test_restoring_a_file_that_is_not_there_is_enoent(
+    fs_as: Callable[[int], SandboxFS], tmp_path: Path
+) -> None:
     err, line = refusal(fs_as(0), f"restore {tmp_path}/none")
     assert err == errno.ENOENT
     assert "mm/snapshot: ENOENT" in line
@@ -97,12 +107,14 @@ def test_restoring_a_file_that_is_not_there_is_enoent(fs_as, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> MountedSandbox:
     return module_mount(phys_mem="16M", keyid_bits=2, seed=8, allow_other=True)
 
 
 @pytest.fixture
-def bash(sandbox, sh):
+def bash(
+    sandbox: MountedSandbox, sh: Callable[..., subprocess.CompletedProcess[str]]
+) -> Callable[..., tuple[int, str]]:
     def run(script: str, user: int | None = None) -> tuple[int, str]:
         done = sh(f"set -euo pipefail\n{script}", sandbox.path, user=user)
         return done.returncode, done.stdout + done.stderr
@@ -117,13 +129,15 @@ def ok(result: tuple[int, str]) -> str:
 
 
 @pytest.mark.mount
-def test_mm_snapshot_is_mode_0600_owned_by_the_daemons_user(sandbox):
+def test_mm_snapshot_is_mode_0600_owned_by_the_daemons_user(sandbox: MountedSandbox) -> None:
     st = os.stat(sandbox.path / "mm/snapshot")
     assert (st.st_uid, st.st_mode & 0o7777) == (os.getuid(), 0o600)
 
 
 @pytest.mark.mount
-def test_root_saves_and_restores_the_machine_through_mm_snapshot(bash, tmp_path):
+def test_root_saves_and_restores_the_machine_through_mm_snapshot(
+    bash: Callable[..., tuple[int, str]], tmp_path: Path
+) -> None:
     path = tmp_path / "m.snap"
     ok(bash("echo 'type=cpu algorithm=aes-xts-128' > keys/1 && mkdir spaces/kept"))
     ok(bash(f"echo 'mmap {BASE:#x} 8K rw- keyid=1 populate' > spaces/kept/ctl"))
@@ -144,7 +158,9 @@ def test_root_saves_and_restores_the_machine_through_mm_snapshot(bash, tmp_path)
 @pytest.mark.mount
 @pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root (setpriv)")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
-def test_nobody_can_neither_save_nor_restore(bash, tmp_path):
+def test_nobody_can_neither_save_nor_restore(
+    bash: Callable[..., tuple[int, str]], tmp_path: Path
+) -> None:
     code, output = bash(f"echo 'save {tmp_path}/x.snap' > mm/snapshot", user=NOBODY)
     assert code != 0
     assert "Permission denied" in output

@@ -12,10 +12,14 @@ import os
 import re
 import shlex
 import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from mktme_sandbox.machine import Machine
+from mktme_sandbox.mounting import MountedSandbox
 
 pytestmark = pytest.mark.mount
 
@@ -25,25 +29,25 @@ USER_SPACE_END = 0x800000000000
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> MountedSandbox:
     return module_mount(phys_mem="16M", seed=1)
 
 
-def nr_keyids(sandbox) -> int:
+def nr_keyids(sandbox: MountedSandbox) -> int:
     return len(os.listdir(sandbox.path / "keys"))
 
 
-def stat_line(bash, path: str) -> str:
+def stat_line(bash: Callable[[str], str], path: str) -> str:
     return bash(f"stat -c '%a %u %s' -- {path}").strip()
 
 
-def new_space(bash, name: str, keyid: int, length: str = "16K") -> None:
+def new_space(bash: Callable[[str], str], name: str, keyid: int, length: str = "16K") -> None:
     bash(
         f"mkdir spaces/{name} && echo 'mmap {BASE:#x} {length} rw- keyid={keyid} populate' > spaces/{name}/ctl"
     )
 
 
-def pfn_of(bash, space: str, addr: int) -> int:
+def pfn_of(bash: Callable[[str], str], space: str, addr: int) -> int:
     raw = bash(
         f"dd if=spaces/{space}/pagemap bs=8 count=1 skip={addr // 4096} status=none | xxd -p"
     )
@@ -55,7 +59,7 @@ def pfn_of(bash, space: str, addr: int) -> int:
 # -- the root -------------------------------------------------------------------------
 
 
-def test_root_lists_exactly_the_entries_of_the_spec(bash):
+def test_root_lists_exactly_the_entries_of_the_spec(bash: Callable[[str], str]) -> None:
     assert bash("ls").split() == [
         "README",
         "dmesg",
@@ -70,7 +74,7 @@ def test_root_lists_exactly_the_entries_of_the_spec(bash):
     ]
 
 
-def test_readme_is_a_guide_naming_every_top_level_entry(bash):
+def test_readme_is_a_guide_naming_every_top_level_entry(bash: Callable[[str], str]) -> None:
     readme = bash("cat README")
     for name in (
         "dmesg",
@@ -87,12 +91,14 @@ def test_readme_is_a_guide_naming_every_top_level_entry(bash):
     assert "umount" in readme
 
 
-def test_the_readme_reports_its_real_size(bash):
+def test_the_readme_reports_its_real_size(bash: Callable[[str], str]) -> None:
     assert int(bash("stat -c %s README")) == int(bash("cat README | wc -c")) > 0
 
 
 @pytest.mark.parametrize("path", ["dmesg", "keys/1", "mm/vmstat", "mm/check", "hw/tme"])
-def test_generated_text_files_report_size_0_and_every_reader_reads_them_whole(bash, path):
+def test_generated_text_files_report_size_0_and_every_reader_reads_them_whole(
+    bash: Callable[[str], str], path: str
+) -> None:
     assert bash(f"stat -c %s {path}").strip() == "0", "as procfs: stat renders nothing"
     text = bash(f"cat {path}")
     assert text, "the file is not empty"
@@ -105,7 +111,7 @@ def test_generated_text_files_report_size_0_and_every_reader_reads_them_whole(ba
     assert bash(f"tail -c 1 {path} | xxd -p").strip() == "0a"
 
 
-def test_a_text_file_read_in_small_chunks_is_one_snapshot(sandbox):
+def test_a_text_file_read_in_small_chunks_is_one_snapshot(sandbox: MountedSandbox) -> None:
     """seq_file: rendered once at open, so the chunks of one pass never mix two texts."""
     before = (sandbox.path / "mm" / "vmstat").read_bytes()
     with open(sandbox.path / "mm" / "vmstat", "rb", buffering=0) as f:
@@ -117,7 +123,7 @@ def test_a_text_file_read_in_small_chunks_is_one_snapshot(sandbox):
     assert (sandbox.path / "mm" / "vmstat").read_bytes() != before
 
 
-def test_dmesg_starts_with_the_boot_lines_of_detect_tme(bash):
+def test_dmesg_starts_with_the_boot_lines_of_detect_tme(bash: Callable[[str], str]) -> None:
     dmesg = bash("cat dmesg")
     assert "x86/tme: enabled by BIOS" in dmesg
     assert "x86/mktme: 63 KeyIDs available" in dmesg
@@ -126,25 +132,29 @@ def test_dmesg_starts_with_the_boot_lines_of_detect_tme(bash):
 # -- physical memory ------------------------------------------------------------------
 
 
-def test_dram_covers_physical_memory_and_is_world_readable(bash):
+def test_dram_covers_physical_memory_and_is_world_readable(bash: Callable[[str], str]) -> None:
     assert stat_line(bash, "dram") == f"644 0 {PHYS_MEM}"
     assert bash("dd if=dram bs=4096 skip=1 count=2 status=none | wc -c").strip() == "8192"
     assert len(bash("xxd -s 0x1000 -l 64 dram").splitlines()) == 4
 
 
-def test_reading_past_the_end_of_physical_memory_is_end_of_file(bash):
+def test_reading_past_the_end_of_physical_memory_is_end_of_file(bash: Callable[[str], str]) -> None:
     for path in ("dram", "keyids/0/mem"):
         end = PHYS_MEM // 4096
         assert bash(f"dd if={path} bs=4096 skip={end} count=1 status=none | wc -c").strip() == "0"
 
 
-def test_every_keyid_has_a_cpu_view_the_size_of_physical_memory(bash, sandbox):
+def test_every_keyid_has_a_cpu_view_the_size_of_physical_memory(
+    bash: Callable[[str], str], sandbox: MountedSandbox
+) -> None:
     assert bash("ls keyids").split() == sorted(str(k) for k in range(nr_keyids(sandbox) + 1))
     assert stat_line(bash, "keyids/0/mem") == f"600 0 {PHYS_MEM}"
     assert stat_line(bash, "keyids/5/mem") == f"600 0 {PHYS_MEM}"
 
 
-def test_a_page_written_through_a_keyid_view_is_the_cpu_view_of_that_page(bash, tmp_path):
+def test_a_page_written_through_a_keyid_view_is_the_cpu_view_of_that_page(
+    bash: Callable[[str], str], tmp_path: Path
+) -> None:
     bash("echo 'type=cpu algorithm=aes-xts-128' > keys/7")
     new_space(bash, "phys", keyid=7)
     pfn = pfn_of(bash, "phys", BASE)
@@ -162,13 +172,15 @@ def test_a_page_written_through_a_keyid_view_is_the_cpu_view_of_that_page(bash, 
 # -- keys -----------------------------------------------------------------------------
 
 
-def test_keys_lists_every_keyid_and_a_free_one_is_writable_by_anyone(bash, sandbox):
+def test_keys_lists_every_keyid_and_a_free_one_is_writable_by_anyone(
+    bash: Callable[[str], str], sandbox: MountedSandbox
+) -> None:
     assert sorted(map(int, bash("ls keys").split())) == list(range(1, nr_keyids(sandbox) + 1))
     assert bash("cat keys/3").startswith("keyid=3 state=free")
     assert stat_line(bash, "keys/3").startswith("666 0 ")
 
 
-def test_a_key_programmed_with_echo_belongs_to_its_writer(bash):
+def test_a_key_programmed_with_echo_belongs_to_its_writer(bash: Callable[[str], str]) -> None:
     bash("echo 'type=cpu algorithm=aes-xts-256' > keys/2")
     status = bash("cat keys/2")
     assert status.startswith("keyid=2 state=programmed type=cpu algorithm=aes-xts-256 owner=0")
@@ -180,7 +192,9 @@ def test_a_key_programmed_with_echo_belongs_to_its_writer(bash):
 # -- address spaces -------------------------------------------------------------------
 
 
-def test_a_missing_fault_in_a_uffd_range_is_eagain_until_filled_and_waits_in_uffd(bash):
+def test_a_missing_fault_in_a_uffd_range_is_eagain_until_filled_and_waits_in_uffd(
+    bash: Callable[[str], str],
+) -> None:
     bash("mkdir spaces/uffd")
     bash("echo 'mmap 0x10000000 8K rw-' > spaces/uffd/ctl")
     bash("echo 'uffd register 0x10000000 8K' > spaces/uffd/ctl")
@@ -193,7 +207,7 @@ def test_a_missing_fault_in_a_uffd_range_is_eagain_until_filled_and_waits_in_uff
     bash("rmdir spaces/uffd")
 
 
-def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash):
+def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash: Callable[[str], str]) -> None:
     bash("mkdir spaces/files")
     assert bash("ls spaces/files").split() == [
         "cr3",
@@ -218,7 +232,9 @@ def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash):
     assert "files" not in bash("ls pagetables").split()
 
 
-def test_an_mmap_written_to_ctl_shows_in_maps_and_smaps_with_its_keyid(bash):
+def test_an_mmap_written_to_ctl_shows_in_maps_and_smaps_with_its_keyid(
+    bash: Callable[[str], str],
+) -> None:
     bash("echo 'type=cpu algorithm=aes-xts-128' > keys/8")
     new_space(bash, "maps", keyid=8)
     assert bash("cat spaces/maps/maps").startswith("10000000-10004000 rw-p ")
@@ -228,7 +244,9 @@ def test_an_mmap_written_to_ctl_shows_in_maps_and_smaps_with_its_keyid(bash):
     bash("rmdir spaces/maps && echo type=clear > keys/8")
 
 
-def test_space_memory_round_trips_through_dd_and_cmp(bash, tmp_path):
+def test_space_memory_round_trips_through_dd_and_cmp(
+    bash: Callable[[str], str], tmp_path: Path
+) -> None:
     new_space(bash, "rt", keyid=0, length="64K")
     data = tmp_path / "data"
     data.write_bytes(os.urandom(3 * 4096 + 100))
@@ -244,7 +262,9 @@ def test_space_memory_round_trips_through_dd_and_cmp(bash, tmp_path):
     bash("rmdir spaces/rt")
 
 
-def test_pagemap_gives_the_pfn_and_page_keyid_the_keyid_of_a_populated_page(bash):
+def test_pagemap_gives_the_pfn_and_page_keyid_the_keyid_of_a_populated_page(
+    bash: Callable[[str], str],
+) -> None:
     bash("echo 'type=cpu algorithm=aes-xts-128' > keys/9")
     new_space(bash, "pm", keyid=9)
     pfn = pfn_of(bash, "pm", BASE)
@@ -254,7 +274,9 @@ def test_pagemap_gives_the_pfn_and_page_keyid_the_keyid_of_a_populated_page(bash
     bash("rmdir spaces/pm && echo type=clear > keys/9")
 
 
-def test_cr3_is_a_page_aligned_physical_address_and_tlb_takes_flush(bash):
+def test_cr3_is_a_page_aligned_physical_address_and_tlb_takes_flush(
+    bash: Callable[[str], str],
+) -> None:
     bash("mkdir spaces/cr3")
     cr3 = bash("cat spaces/cr3/cr3").strip()
     assert cr3.startswith("0x")
@@ -264,7 +286,9 @@ def test_cr3_is_a_page_aligned_physical_address_and_tlb_takes_flush(bash):
     bash("rmdir spaces/cr3")
 
 
-def test_pagetables_kernel_has_one_direct_mapping_per_keyid(bash, sandbox):
+def test_pagetables_kernel_has_one_direct_mapping_per_keyid(
+    bash: Callable[[str], str], sandbox: MountedSandbox
+) -> None:
     dump = bash("cat pagetables/kernel")
     regions = [line for line in dump.splitlines() if line.startswith("---[ Kernel Mapping KeyID")]
     assert len(regions) == nr_keyids(sandbox) + 1
@@ -279,7 +303,7 @@ def counter(text: str, name: str) -> int:
     return int(values[name])
 
 
-def test_vmstat_counts_the_page_faults_of_a_write(bash):
+def test_vmstat_counts_the_page_faults_of_a_write(bash: Callable[[str], str]) -> None:
     before = counter(bash("cat mm/vmstat"), "pgfault")
     bash("mkdir spaces/vm && echo 'mmap 0x10000000 8K rw-' > spaces/vm/ctl")
     bash(f"printf x | dd of=spaces/vm/mem bs=1 seek={BASE} conv=notrunc status=none")
@@ -287,7 +311,7 @@ def test_vmstat_counts_the_page_faults_of_a_write(bash):
     bash("rmdir spaces/vm")
 
 
-def test_free_pools_lists_free_pages_per_keyid(bash):
+def test_free_pools_lists_free_pages_per_keyid(bash: Callable[[str], str]) -> None:
     pools = bash("cat mm/free_pools").splitlines()
     assert pools[0].startswith("keyid=0 free=")
     assert all(re.fullmatch(r"keyid=\d+ free=\d+", line) for line in pools)
@@ -296,7 +320,7 @@ def test_free_pools_lists_free_pages_per_keyid(bash):
 @pytest.mark.parametrize(
     "switch", ["keyid_free_pools", *(f"mitigations/{name}" for name in Machine.MITIGATIONS)]
 )
-def test_switches_read_1_or_0_and_toggle_with_echo(bash, switch):
+def test_switches_read_1_or_0_and_toggle_with_echo(bash: Callable[[str], str], switch: str) -> None:
     path = f"mm/{switch}"
     initial = bash(f"cat {path}").strip()
     assert initial in ("0", "1")
@@ -308,19 +332,23 @@ def test_switches_read_1_or_0_and_toggle_with_echo(bash, switch):
     assert bash(f"cat {path}").strip() == initial
 
 
-def test_the_mitigations_directory_has_one_file_per_switch(bash):
+def test_the_mitigations_directory_has_one_file_per_switch(bash: Callable[[str], str]) -> None:
     assert bash("ls mm/mitigations").split() == sorted(Machine.MITIGATIONS)
 
 
 @pytest.mark.parametrize("folder", ["mm/ksm", "mm/khugepaged"])
-def test_writing_1_runs_one_pass_and_full_scans_counts_it(bash, folder):
+def test_writing_1_runs_one_pass_and_full_scans_counts_it(
+    bash: Callable[[str], str], folder: str
+) -> None:
     control = "run" if folder == "mm/ksm" else "scan"
     before = int(bash(f"cat {folder}/full_scans"))
     bash(f"echo 1 > {folder}/{control}")
     assert int(bash(f"cat {folder}/full_scans")) == before + 1
 
 
-def test_ksm_and_khugepaged_folders_hold_one_value_per_file_as_sysfs(bash):
+def test_ksm_and_khugepaged_folders_hold_one_value_per_file_as_sysfs(
+    bash: Callable[[str], str],
+) -> None:
     """Documentation/admin-guide/mm/ksm.rst and transhuge.rst: one value per file,
     named as in /sys/kernel/mm/ksm/ and .../transparent_hugepage/khugepaged/."""
     for line in bash("grep -r . mm/ksm mm/khugepaged/full_scans").splitlines():
@@ -335,24 +363,24 @@ def test_ksm_and_khugepaged_folders_hold_one_value_per_file_as_sysfs(bash):
 
 
 @pytest.mark.parametrize("path", ["mm/kpageflags", "mm/kpagecount", "mm/page_keyid"])
-def test_pfn_tables_have_one_u64_per_page_frame(bash, path):
+def test_pfn_tables_have_one_u64_per_page_frame(bash: Callable[[str], str], path: str) -> None:
     assert stat_line(bash, path) == f"444 0 {8 * (PHYS_MEM >> 12)}"
     assert bash(f"cat {path} | wc -c").strip() == str(8 * (PHYS_MEM >> 12))
 
 
-def test_mm_check_reads_ok(bash):
+def test_mm_check_reads_ok(bash: Callable[[str], str]) -> None:
     assert bash("cat mm/check") == "ok\n"
 
 
 # -- hw/ ------------------------------------------------------------------------------
 
 
-def rdmsr(bash, addr: int) -> int:
+def rdmsr(bash: Callable[[str], str], addr: int) -> int:
     raw = bash(f"dd if=hw/msr bs=8 count=1 skip={addr} iflag=skip_bytes status=none | xxd -p")
-    return struct.unpack("<Q", bytes.fromhex(raw.strip()))[0]
+    return int(struct.unpack("<Q", bytes.fromhex(raw.strip()))[0])
 
 
-def test_msr_gives_the_tme_msrs_as_hw_tme_decodes_them(bash):
+def test_msr_gives_the_tme_msrs_as_hw_tme_decodes_them(bash: Callable[[str], str]) -> None:
     tme = dict(line.split() for line in bash("cat hw/tme").splitlines())
     names = {
         0x981: "IA32_TME_CAPABILITY",
@@ -365,7 +393,7 @@ def test_msr_gives_the_tme_msrs_as_hw_tme_decodes_them(bash):
     assert rdmsr(bash, 0x982) & 1, "IA32_TME_ACTIVATE is locked"
 
 
-def test_cache_counts_and_takes_wbinvd_and_clflush(bash):
+def test_cache_counts_and_takes_wbinvd_and_clflush(bash: Callable[[str], str]) -> None:
     stats = bash("cat hw/cache")
     assert "hits" in stats
     assert "misses" in stats
@@ -377,19 +405,25 @@ def test_cache_counts_and_takes_wbinvd_and_clflush(bash):
 # -- what files refuse ----------------------------------------------------------------
 
 
-def test_control_files_accept_the_truncation_of_a_shell_redirection(bash, sandbox):
+def test_control_files_accept_the_truncation_of_a_shell_redirection(
+    bash: Callable[[str], str], sandbox: MountedSandbox
+) -> None:
     bash(": > mm/keyid_free_pools")  # open with O_TRUNC, no write
     os.truncate(sandbox.path / "mm" / "ksm" / "run", 0)
     bash("mkdir spaces/tr && : > spaces/tr/ctl && rmdir spaces/tr")
 
 
-def test_read_only_files_refuse_writes_even_from_root(sandbox, sh):
+def test_read_only_files_refuse_writes_even_from_root(
+    sandbox: MountedSandbox, sh: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     done = sh("echo 1 > mm/vmstat", sandbox.path)
     assert "Permission denied" in done.stderr
     assert "mm/vmstat: EACCES" in sandbox.dmesg().splitlines()[-1]
 
 
-def test_files_cannot_be_created_and_directories_only_under_spaces(sandbox, sh):
+def test_files_cannot_be_created_and_directories_only_under_spaces(
+    sandbox: MountedSandbox, sh: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     assert "Permission denied" in sh("touch new", sandbox.path).stderr
     assert "Operation not permitted" in sh("mkdir mm/new", sandbox.path).stderr
     assert "Operation not permitted" in sh("rmdir keys", sandbox.path).stderr

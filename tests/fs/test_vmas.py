@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable, Iterator
 
 import pytest
+
+from mktme_sandbox.mounting import MountedSandbox
 
 pytestmark = pytest.mark.mount
 
@@ -16,14 +19,14 @@ SECRET = b"the launch code is 0000"
 
 
 @pytest.fixture(scope="module")
-def sandbox(module_mount):
+def sandbox(module_mount: Callable[..., MountedSandbox]) -> MountedSandbox:
     sandbox = module_mount(phys_mem="16M", seed=2)
     sandbox.program_key(1)
     return sandbox
 
 
 @pytest.fixture
-def space(sandbox, request):
+def space(sandbox: MountedSandbox, request: pytest.FixtureRequest) -> Iterator[str]:
     """A new space named after the test, removed afterwards."""
     name = request.node.name.removeprefix("test_")[:40]
     sandbox.create_space(name)
@@ -35,11 +38,13 @@ def vma(start: int, end: int) -> str:
     return f"{start:08x}-{end:08x}"
 
 
-def vmas(sandbox, space: str) -> list[str]:
+def vmas(sandbox: MountedSandbox, space: str) -> list[str]:
     return sorted(os.listdir(sandbox.path / "spaces" / space / "vmas"))
 
 
-def test_each_vma_is_a_file_named_as_in_maps_and_as_large_as_the_vma(sandbox, space, bash):
+def test_each_vma_is_a_file_named_as_in_maps_and_as_large_as_the_vma(
+    sandbox: MountedSandbox, space: str, bash: Callable[[str], str]
+) -> None:
     sandbox.map(space, BASE, "16K", keyid=1)
     sandbox.map(space, BASE + 0x100000, "64K", "r--")
     names = [line.split()[0] for line in sandbox.read_text(f"spaces/{space}/maps").splitlines()]
@@ -61,7 +66,9 @@ def test_each_vma_is_a_file_named_as_in_maps_and_as_large_as_the_vma(sandbox, sp
     assert "vmas" in os.listdir(sandbox.path / "spaces" / space)
 
 
-def test_grep_finds_a_secret_in_the_vma_that_holds_it_at_its_offset_there(sandbox, space, bash):
+def test_grep_finds_a_secret_in_the_vma_that_holds_it_at_its_offset_there(
+    sandbox: MountedSandbox, space: str, bash: Callable[[str], str]
+) -> None:
     sandbox.map(space, BASE, "16K", keyid=1)
     sandbox.map(space, BASE + K16, "16K")  # KeyID 0: a VMA of its own
     sandbox.write_bytes(f"spaces/{space}/mem", BASE + K16 + 0x1234, SECRET)
@@ -72,7 +79,9 @@ def test_grep_finds_a_secret_in_the_vma_that_holds_it_at_its_offset_there(sandbo
     assert "launch code" in bash(f"strings {holder}")
 
 
-def test_mprotect_splits_a_vma_file_into_three_and_merging_brings_it_back(sandbox, space):
+def test_mprotect_splits_a_vma_file_into_three_and_merging_brings_it_back(
+    sandbox: MountedSandbox, space: str
+) -> None:
     sandbox.map(space, BASE, "64K")
     sandbox.write_bytes(f"spaces/{space}/mem", BASE + 0x5000, SECRET)
     whole = vma(BASE, BASE + K64)
@@ -92,7 +101,9 @@ def test_mprotect_splits_a_vma_file_into_three_and_merging_brings_it_back(sandbo
     assert not (sandbox.path / "spaces" / space / "vmas" / parts[0]).exists()
 
 
-def test_munmap_of_the_middle_leaves_two_files_and_no_name_for_the_hole(sandbox, space):
+def test_munmap_of_the_middle_leaves_two_files_and_no_name_for_the_hole(
+    sandbox: MountedSandbox, space: str
+) -> None:
     sandbox.map(space, BASE, "64K")
     sandbox.write_ctl(f"spaces/{space}/ctl", f"munmap {BASE + K16:#x} 16K")
     assert vmas(sandbox, space) == [vma(BASE, BASE + K16), vma(BASE + 2 * K16, BASE + K64)]
@@ -100,7 +111,9 @@ def test_munmap_of_the_middle_leaves_two_files_and_no_name_for_the_hole(sandbox,
     assert vmas(sandbox, space) == []
 
 
-def test_a_read_across_the_end_of_the_vma_stops_there(sandbox, space, bash):
+def test_a_read_across_the_end_of_the_vma_stops_there(
+    sandbox: MountedSandbox, space: str, bash: Callable[[str], str]
+) -> None:
     sandbox.map(space, BASE, "16K")
     sandbox.map(space, BASE + K16, "16K", keyid=1)  # the next VMA is not read
     sandbox.write_bytes(f"spaces/{space}/mem", BASE + K16 - 4, b"tail")
@@ -111,7 +124,9 @@ def test_a_read_across_the_end_of_the_vma_stops_there(sandbox, space, bash):
     assert bash(f"cat {first} | wc -c").strip() == str(K16)
 
 
-def test_writes_follow_the_rules_of_mem_and_stop_at_the_vma_end(sandbox, space):
+def test_writes_follow_the_rules_of_mem_and_stop_at_the_vma_end(
+    sandbox: MountedSandbox, space: str
+) -> None:
     sandbox.map(space, BASE, "16K", keyid=1)
     sandbox.map(space, BASE + K16, "16K")  # writable: mem would let a write run on
     sandbox.map(space, BASE + 2 * K16, "16K", "r--")
@@ -130,7 +145,7 @@ def test_writes_follow_the_rules_of_mem_and_stop_at_the_vma_end(sandbox, space):
     assert "EIO" in sandbox.dmesg().splitlines()[-1]
 
 
-def test_a_prot_none_vma_reads_as_eio_like_mem(sandbox, space):
+def test_a_prot_none_vma_reads_as_eio_like_mem(sandbox: MountedSandbox, space: str) -> None:
     sandbox.map(space, BASE, "4K", "---")
     with pytest.raises(OSError, match="EIO") as refused:
         sandbox.read_bytes(f"spaces/{space}/vmas/{vma(BASE, BASE + 0x1000)}", 0, 16)

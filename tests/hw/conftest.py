@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import pytest
 
+from hw_helpers import KnownKey, MakePlatform, Program
 from mktme_sandbox.config import MachineConfig, MiB
 from mktme_sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
 from mktme_sandbox.hw.platform import Platform
-from mktme_sandbox.hw.xts import AES_XTS_128, Algorithm, XtsKey
+from mktme_sandbox.hw.xts import AES_XTS_128, Algorithm
 
 SET_KEY_DIRECT = KeyProgramCommand.SET_KEY_DIRECT
 
@@ -19,9 +17,6 @@ KEY_1 = bytes.fromhex("000102030405060708090a0b0c0d0e0f")
 TWEAK_1 = bytes.fromhex("f0e1d2c3b4a5968778695a4b3c2d1e0f")
 KEY_2 = bytes.fromhex("a1a2a3a4a5a6a7a8a9aaabacadaeafb0")
 TWEAK_2 = bytes.fromhex("5f5e5d5c5b5a59585756555453525150")
-
-MakePlatform = Callable[..., Platform]
-Program = Callable[..., PconfigStatus]
 
 
 @pytest.fixture
@@ -51,27 +46,6 @@ def program() -> Program:
         return platform.pconfig(KeyProgram(keyid, command, algorithm.bit, key, tweak).encode())
 
     return run
-
-
-@dataclass(frozen=True)
-class KnownKey:
-    """A data key and tweak key the test knows, and the engine built from them."""
-
-    key: bytes = field(repr=False)
-    tweak: bytes = field(repr=False)
-
-    @property
-    def engine(self) -> XtsKey:
-        return XtsKey(self.key, self.tweak)
-
-    def secrets(self) -> list[bytes]:
-        """Every form in which these keys (or either half of one) must never appear."""
-        forms = []
-        for material in (self.key, self.tweak):
-            for piece in (material, material[:8], material[8:]):
-                forms += [piece, piece.hex().encode(), piece.hex().upper().encode()]
-                forms.append(repr(piece)[2:-1].encode())  # as a bytes repr escapes it
-        return forms
 
 
 KNOWN_1 = KnownKey(KEY_1, TWEAK_1)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hw_helpers import KnownKey, MakePlatform, Program
 from mktme_sandbox.config import KiB, MachineConfig, MiB
 from mktme_sandbox.hw.cache import CacheStats
 from mktme_sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
+from mktme_sandbox.hw.memctl import MemoryController
 from mktme_sandbox.hw.platform import Platform
 from mktme_sandbox.hw.xts import AES_XTS_128
 
-MakePlatform = Callable[..., Platform]
-Program = Callable[..., PconfigStatus]
 PA = 0x10000
 DATA = bytes(range(64))
 NEW = b"N" * 64
@@ -24,7 +22,7 @@ ZERO_LINE = bytes(64)
 
 
 def test_store_through_keyid1_is_invisible_to_keyid2_until_flush(
-    known_platform: MakePlatform, known_keys: tuple
+    known_platform: MakePlatform, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform()
     _, key_2 = known_keys
@@ -35,7 +33,7 @@ def test_store_through_keyid1_is_invisible_to_keyid2_until_flush(
 
 
 def test_after_clflush_of_the_keyid1_line_keyid2_sees_dram_decrypted_with_key2(
-    known_platform: MakePlatform, known_keys: tuple
+    known_platform: MakePlatform, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform()
     key_1, key_2 = known_keys
@@ -49,7 +47,7 @@ def test_after_clflush_of_the_keyid1_line_keyid2_sees_dram_decrypted_with_key2(
 
 
 def test_dram_view_changes_only_at_write_back(
-    known_platform: MakePlatform, known_keys: tuple
+    known_platform: MakePlatform, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform()
     key_1, _ = known_keys
@@ -62,7 +60,7 @@ def test_dram_view_changes_only_at_write_back(
 
 
 def test_write_back_uses_the_key_current_at_write_back(
-    known_platform: MakePlatform, program: Program, known_keys: tuple
+    known_platform: MakePlatform, program: Program, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform()
     key_1, key_2 = known_keys
@@ -92,7 +90,7 @@ def test_same_physical_line_under_two_keyids_coexists_as_two_lines(
 
 
 def test_dram_write_leaves_a_stale_cached_line_in_place(
-    known_platform: MakePlatform, known_keys: tuple
+    known_platform: MakePlatform, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform()
     key_1, _ = known_keys
@@ -116,7 +114,7 @@ def test_flush_range_counts_only_the_lines_of_its_keyid(known_platform: MakePlat
 
 
 def test_least_recently_used_way_is_the_victim_and_is_written_back(
-    known_platform: MakePlatform, known_keys: tuple
+    known_platform: MakePlatform, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform(cache_size=64 * KiB)  # 64 sets x 16 ways
     key_1, _ = known_keys
@@ -131,7 +129,7 @@ def test_least_recently_used_way_is_the_victim_and_is_written_back(
 
 
 def test_wbinvd_writes_back_every_dirty_line_and_empties_the_cache(
-    known_platform: MakePlatform, known_keys: tuple
+    known_platform: MakePlatform, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform()
     key_1, key_2 = known_keys
@@ -157,7 +155,7 @@ def test_counters_count_lines(known_platform: MakePlatform) -> None:
 
 
 def test_a_store_larger_than_the_cache_evicts_its_own_lines_and_loses_nothing(
-    known_platform: MakePlatform, known_keys: tuple
+    known_platform: MakePlatform, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform(cache_size=64 * KiB)
     key_1, _ = known_keys
@@ -169,7 +167,7 @@ def test_a_store_larger_than_the_cache_evicts_its_own_lines_and_loses_nothing(
 
 
 def test_uncached_platform_writes_through_to_dram_at_once(
-    known_platform: MakePlatform, known_keys: tuple
+    known_platform: MakePlatform, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform(cache_size=0)
     key_1, _ = known_keys
@@ -236,7 +234,7 @@ def test_only_partly_covered_lines_are_read_from_dram_before_a_store(
     known_platform: MakePlatform, monkeypatch: pytest.MonkeyPatch, cache_size: int
 ) -> None:
     platform = known_platform(cache_size=cache_size)
-    memory = platform.cache._memory  # type: ignore[attr-defined]
+    memory: MemoryController = platform.cache._memory  # type: ignore[attr-defined]
     read: list[int] = []
     real_read = memory.read_lines
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from hypothesis import given, settings
@@ -102,6 +103,12 @@ class ReferenceCache:
             self._write_back(way)
         self._ways = [[None] * WAYS for _ in range(self.sets)]
         self._counts["wbinvd"] += 1
+
+    def export_state(self) -> dict[str, Any]:
+        raise NotImplementedError("the reference is never snapshotted")
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("the reference is never snapshotted")
 
     def _touch(self, line: int, keyid: int, keep_old: bool) -> _Way:
         """The line's way after a hit, or after evicting the LRU way (free ways first)."""

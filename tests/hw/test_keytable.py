@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hw_helpers import MakePlatform, Program
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.hw.keytable import (
     KeyMode,
@@ -21,11 +21,7 @@ from mktme_sandbox.hw.keytable import (
     PconfigStatus,
 )
 from mktme_sandbox.hw.msr import TmeActivation
-from mktme_sandbox.hw.platform import Platform
 from mktme_sandbox.hw.xts import AES_XTS_128, AES_XTS_256, ALGORITHMS
-
-MakePlatform = Callable[..., Platform]
-Program = Callable[..., PconfigStatus]
 
 DIRECT = KeyProgramCommand.SET_KEY_DIRECT
 RANDOM = KeyProgramCommand.SET_KEY_RANDOM

@@ -7,14 +7,13 @@ from collections.abc import Callable
 
 import pytest
 
+from hw_helpers import KnownKey, MakePlatform, Program
 from mktme_sandbox.config import KiB, MiB
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
 from mktme_sandbox.hw.platform import Platform
 from mktme_sandbox.hw.xts import AES_XTS_128
 
-MakePlatform = Callable[..., Platform]
-Program = Callable[..., PconfigStatus]
 DIRECT = KeyProgramCommand.SET_KEY_DIRECT
 RANDOM = KeyProgramCommand.SET_KEY_RANDOM
 PA = 0x20000
@@ -128,7 +127,11 @@ class TestCpuAndDramViews:
         assert platform.load(PA + 5300, 100, keyid) == data[5287:5387]
 
     def test_dram_holds_ciphertext_that_decrypts_back_through_the_cpu(
-        self, known_platform: MakePlatform, known_keys: tuple, cache_size: int, keyid: int
+        self,
+        known_platform: MakePlatform,
+        known_keys: tuple[KnownKey, KnownKey],
+        cache_size: int,
+        keyid: int,
     ) -> None:
         platform = known_platform(cache_size=cache_size)
         write_through(platform, PA, TEXT * 4, keyid)
@@ -146,7 +149,11 @@ class TestCpuAndDramViews:
         assert platform.dram_read(PA, 64) != platform.dram_read(PA + 64, 64)
 
     def test_ciphertext_moved_to_another_address_decrypts_to_garbage(
-        self, known_platform: MakePlatform, known_keys: tuple, cache_size: int, keyid: int
+        self,
+        known_platform: MakePlatform,
+        known_keys: tuple[KnownKey, KnownKey],
+        cache_size: int,
+        keyid: int,
     ) -> None:
         platform = known_platform(cache_size=cache_size)
         write_through(platform, PA, TEXT, keyid)
@@ -199,7 +206,7 @@ class TestPlaintextModes:
         assert platform.dram_read(PA + 64, 64) != TEXT  # KeyID 0 is still encrypted
 
     def test_cleared_keyid_falls_back_to_the_tme_key(
-        self, known_platform: MakePlatform, program: Program, known_keys: tuple
+        self, known_platform: MakePlatform, program: Program, known_keys: tuple[KnownKey, KnownKey]
     ) -> None:
         platform = known_platform()
         assert program(platform, 1, KeyProgramCommand.CLEAR_KEY) is PconfigStatus.PROG_SUCCESS
@@ -255,7 +262,7 @@ class TestSeeds:
 
 
 def test_no_key_byte_appears_in_any_repr_str_or_exception(
-    known_platform: MakePlatform, program: Program, known_keys: tuple
+    known_platform: MakePlatform, program: Program, known_keys: tuple[KnownKey, KnownKey]
 ) -> None:
     platform = known_platform()
     key_1, key_2 = known_keys
@@ -266,7 +273,7 @@ def test_no_key_byte_appears_in_any_repr_str_or_exception(
     texts += [repr(value) for value in vars(platform).values()]
     texts += [repr(value) for value in vars(platform._keys).values()]  # the table's insides
     texts += [repr(entry) for entry in platform._keys._entries.values()]
-    failing = [
+    failing: list[Callable[[], object]] = [
         lambda: program(platform, 2, DIRECT, key=key_1.key * 5, tweak=key_1.tweak),
         lambda: program(platform, 2, DIRECT, key=key_1.key + b"\x01", tweak=key_1.tweak),
         lambda: platform.pconfig(bytes(KeyProgram(2, DIRECT, 1, key_1.key).encode()[:191])),

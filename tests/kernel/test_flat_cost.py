@@ -16,10 +16,11 @@ from kernel_helpers import HPAGE, PAGE, U, ctl, two_keys
 from mktme_sandbox import Machine
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel import proc, ptdump
+from mktme_sandbox.kernel.kernel import Kernel
 from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset
-from mktme_sandbox.kernel.vma import VM
+from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
 SEEDS = range(8)
 
@@ -60,7 +61,7 @@ def random_world(seed: int) -> Machine:
     return m
 
 
-def account_vma_per_page(k, mm, vma, mss) -> None:
+def account_vma_per_page(k: Kernel, mm: MmStruct, vma: Vma, mss: proc.MemSizeStats) -> None:
     """The reference: smaps_pte_entry() / smaps_account() one leaf at a time."""
     for _, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
         if is_swap_pte(pte):
@@ -91,7 +92,9 @@ def smaps_files(m: Machine) -> list[str]:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_smaps_over_arrays_equals_smaps_page_by_page(seed, monkeypatch):
+def test_smaps_over_arrays_equals_smaps_page_by_page(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     m = random_world(seed)
     fast = smaps_files(m)
     monkeypatch.setattr(proc, "_account_vma", account_vma_per_page)
@@ -99,7 +102,9 @@ def test_smaps_over_arrays_equals_smaps_page_by_page(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_ptdump_over_table_runs_equals_ptdump_span_by_span(seed, monkeypatch):
+def test_ptdump_over_table_runs_equals_ptdump_span_by_span(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     m = random_world(seed)
     fast = [m.ptdump(name) for name in m.space_names()]
     monkeypatch.setattr(

@@ -7,14 +7,14 @@ import errno
 
 import pytest
 
-from kernel_helpers import U, cpu_key, ctl, machine, space
-from mktme_sandbox import SandboxError
+from kernel_helpers import U, cpu_key, ctl, leaf, machine, space
+from mktme_sandbox import Machine, SandboxError
 
 USER_KEY = "00112233445566778899aabbccddeeff"
 USER_TWEAK = "ffeeddccbbaa99887766554433221100"
 
 
-def key_error(m, keyid: int, payload: str, uid: int = 0) -> SandboxError:
+def key_error(m: Machine, keyid: int, payload: str, uid: int = 0) -> SandboxError:
     before = m.key_status(keyid)
     with pytest.raises(SandboxError) as info:
         m.key_command(keyid, payload, uid=uid)
@@ -22,7 +22,7 @@ def key_error(m, keyid: int, payload: str, uid: int = 0) -> SandboxError:
     return info.value
 
 
-def test_a_fresh_keyid_is_free():
+def test_a_fresh_keyid_is_free() -> None:
     assert machine().key_status(3) == "keyid=3 state=free type=- algorithm=- owner=- pages=0\n"
 
 
@@ -38,13 +38,13 @@ def test_a_fresh_keyid_is_free():
         ("type=no-encrypt", "type=no-encrypt algorithm=-"),
     ],
 )
-def test_programming_a_key_shows_its_type_and_owner(payload, shown):
+def test_programming_a_key_shows_its_type_and_owner(payload: str, shown: str) -> None:
     m = machine()
     m.key_command(3, payload, uid=1000)
     assert m.key_status(3) == f"keyid=3 state=programmed {shown} owner=1000 pages=0\n"
 
 
-def test_pages_count_the_memory_of_a_keyid():
+def test_pages_count_the_memory_of_a_keyid() -> None:
     m = machine()
     cpu_key(m, 2)
     a = space(m)
@@ -52,7 +52,7 @@ def test_pages_count_the_memory_of_a_keyid():
     assert m.key_status(2).endswith("pages=3\n")
 
 
-def test_clearing_a_key_frees_the_keyid_for_anyone():
+def test_clearing_a_key_frees_the_keyid_for_anyone() -> None:
     m = machine()
     cpu_key(m, 2, uid=1000)
     m.key_command(2, "type=clear", uid=1000)
@@ -81,30 +81,30 @@ def test_clearing_a_key_frees_the_keyid_for_anyone():
         "type=clear algorithm=aes-xts-128",
     ],
 )
-def test_bad_payloads_are_einval(payload):
+def test_bad_payloads_are_einval(payload: str) -> None:
     assert key_error(machine(), 1, payload).errno == errno.EINVAL
 
 
-def test_an_algorithm_not_activated_is_einval():
+def test_an_algorithm_not_activated_is_einval() -> None:
     m = machine(algorithms="aes-xts-128")
     assert key_error(m, 1, "type=cpu algorithm=aes-xts-256").errno == errno.EINVAL
 
 
-def test_a_keyid_beyond_the_machine_is_einval():
+def test_a_keyid_beyond_the_machine_is_einval() -> None:
     machine(max_keys=4).key_command(4, "type=no-encrypt", uid=0)
     with pytest.raises(SandboxError) as info:
         machine(max_keys=4).key_command(5, "type=no-encrypt", uid=0)
     assert info.value.errno == errno.EINVAL
 
 
-def test_another_users_key_is_eacces_and_root_may_reprogram_it():
+def test_another_users_key_is_eacces_and_root_may_reprogram_it() -> None:
     m = machine()
     cpu_key(m, 1, uid=1000)
     assert key_error(m, 1, "type=clear", uid=2000).errno == errno.EACCES
     m.key_command(1, "type=clear", uid=0)
 
 
-def test_a_keyid_still_mapped_is_ebusy():
+def test_a_keyid_still_mapped_is_ebusy() -> None:
     m = machine()
     cpu_key(m, 1)
     a = space(m)
@@ -116,7 +116,7 @@ def test_a_keyid_still_mapped_is_ebusy():
 
 
 @pytest.mark.parametrize("status", [2, 5])
-def test_pconfig_busy_or_entropy_errors_are_retried(status):
+def test_pconfig_busy_or_entropy_errors_are_retried(status: int) -> None:
     m = machine()
     m.inject_pconfig_faults(status, 9)
     cpu_key(m, 1)
@@ -125,19 +125,19 @@ def test_pconfig_busy_or_entropy_errors_are_retried(status):
 
 
 @pytest.mark.parametrize("status", [2, 5])
-def test_pconfig_answering_busy_ten_times_is_eagain(status):
+def test_pconfig_answering_busy_ten_times_is_eagain(status: int) -> None:
     m = machine()
     m.inject_pconfig_faults(status, 10)
     assert key_error(m, 1, "type=cpu algorithm=aes-xts-128").errno == errno.EAGAIN
 
 
-def test_reprogramming_a_key_makes_old_ciphertext_unreadable():
+def test_reprogramming_a_key_makes_old_ciphertext_unreadable() -> None:
     m = machine()
     cpu_key(m, 1)
     a = space(m)
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1 populate")
     m.write_virt(a, U, b"old secret")
-    pa = m.kernel.pt.get_pte(m.cr3(a), U).pte & m.kernel.pte_layout.pfn_mask
+    pa = leaf(m, a, U).pte & m.kernel.pte_layout.pfn_mask
     m.cache_command("wbinvd")
     ctl(m, a, f"munmap {U:#x} 4K")
     cpu_key(m, 1)  # a new random key for KeyID 1
@@ -156,7 +156,7 @@ LEAKY_PAYLOADS = [
 
 
 @pytest.mark.parametrize("payload", LEAKY_PAYLOADS)
-def test_a_rejected_payload_never_echoes_key_material(payload):
+def test_a_rejected_payload_never_echoes_key_material(payload: str) -> None:
     m = machine()
     with pytest.raises(SandboxError) as info:
         m.key_command(1, payload, uid=0)
@@ -166,7 +166,7 @@ def test_a_rejected_payload_never_echoes_key_material(payload):
             assert secret not in text
 
 
-def test_key_material_appears_in_no_log_status_or_error():
+def test_key_material_appears_in_no_log_status_or_error() -> None:
     m = machine()
     m.key_command(1, f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK}", uid=0)
     with pytest.raises(SandboxError) as info:

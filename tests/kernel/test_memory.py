@@ -7,27 +7,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import random
+from collections.abc import Callable
 
 import pytest
 
-from kernel_helpers import PAGE, U, cpu_key, ctl, machine, space
-from mktme_sandbox import SandboxError
+from kernel_helpers import PAGE, U, cpu_key, ctl, leaf, machine, space
+from mktme_sandbox import Machine, SandboxError
 
 SECRET = b"tenant secret 42"
 
 
 @pytest.fixture
-def m(m):
+def m(m: Machine) -> Machine:
     ctl(m, "a", f"mmap {U:#x} 8K rw- keyid=1")
     m.write_virt("a", U, SECRET)
     return m
 
 
-def pte_address(m, va: int) -> int:
-    return m.kernel.pt.get_pte(m.cr3("a"), va).entry_pa
+def pte_address(m: Machine, va: int) -> int:
+    return leaf(m, "a", va).entry_pa
 
 
-def rewrite_keyid(m, va: int, keyid: int) -> None:
+def rewrite_keyid(m: Machine, va: int, keyid: int) -> None:
     """What an attacker with keyids/0/mem does: new KeyID bits in the PTE."""
     pa = pte_address(m, va)
     pte = int.from_bytes(m.read_phys(0, pa, 8), "little")
@@ -36,7 +37,7 @@ def rewrite_keyid(m, va: int, keyid: int) -> None:
     m.write_phys(0, pa, pte.to_bytes(8, "little"))
 
 
-def test_a_pte_changed_in_memory_is_used_only_after_a_tlb_flush(m):
+def test_a_pte_changed_in_memory_is_used_only_after_a_tlb_flush(m: Machine) -> None:
     rewrite_keyid(m, U, 2)
     assert m.read_virt("a", U, len(SECRET)) == SECRET  # stale TLB entry
     assert any("missing TLB flush" in line for line in m.check())
@@ -45,7 +46,7 @@ def test_a_pte_changed_in_memory_is_used_only_after_a_tlb_flush(m):
     assert m.read_virt("a", U, len(SECRET)) != SECRET
 
 
-def test_putting_the_keyid_back_restores_the_plaintext(m):
+def test_putting_the_keyid_back_restores_the_plaintext(m: Machine) -> None:
     rewrite_keyid(m, U, 2)
     m.flush_tlb("a")
     rewrite_keyid(m, U, 1)
@@ -53,7 +54,7 @@ def test_putting_the_keyid_back_restores_the_plaintext(m):
     assert m.read_virt("a", U, len(SECRET)) == SECRET
 
 
-def test_a_keyid_the_hardware_lacks_in_a_pte_is_eio():
+def test_a_keyid_the_hardware_lacks_in_a_pte_is_eio() -> None:
     m = machine(max_keys=3)  # KeyIDs 1..3, but 6 KeyID bits in the PTE
     cpu_key(m, 1)
     space(m)
@@ -65,14 +66,14 @@ def test_a_keyid_the_hardware_lacks_in_a_pte_is_eio():
     assert info.value.errno == errno.EIO
 
 
-def test_garbage_in_the_page_tables_gives_errors_never_a_crash(m):
+def test_garbage_in_the_page_tables_gives_errors_never_a_crash(m: Machine) -> None:
     ctl(m, "a", f"mmap {U + 4 * PAGE:#x} 4K rw- keyid=2 populate")
     rng = random.Random(7)
     table = pte_address(m, U) & ~(PAGE - 1)
     m.write_phys(0, table, rng.randbytes(PAGE))
     m.write_phys(0, m.cr3("a") + 8, rng.randbytes(64))
     m.flush_tlb("a")
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: m.read_virt("a", U, 64),
         lambda: m.write_virt("a", U + PAGE, b"x"),
         lambda: m.smaps("a"),
@@ -87,7 +88,7 @@ def test_garbage_in_the_page_tables_gives_errors_never_a_crash(m):
     assert m.key_status(1)  # the machine still answers
 
 
-def test_a_pte_pointed_at_a_page_table_is_reported_not_freed(m):
+def test_a_pte_pointed_at_a_page_table_is_reported_not_freed(m: Machine) -> None:
     pa = pte_address(m, U)
     pgd_pfn = m.cr3("a") >> 12
     pte = int.from_bytes(m.read_phys(0, pa, 8), "little")
@@ -104,7 +105,7 @@ def test_a_pte_pointed_at_a_page_table_is_reported_not_freed(m):
     ]
 
 
-def test_page_tables_that_point_back_at_themselves_are_walked_once(m):
+def test_page_tables_that_point_back_at_themselves_are_walked_once(m: Machine) -> None:
     import threading
 
     cr3 = m.cr3("a")
@@ -113,7 +114,7 @@ def test_page_tables_that_point_back_at_themselves_are_walked_once(m):
     m.flush_tlb("a")
     results = []
 
-    def walk_everything():
+    def walk_everything() -> None:
         for call in (m.check, lambda: m.smaps("a"), lambda: m.ptdump("a"),
                      lambda: m.pagemap("a", 0, 4096)):  # fmt: skip
             with contextlib.suppress(SandboxError):

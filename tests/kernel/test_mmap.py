@@ -8,10 +8,10 @@ import errno
 import pytest
 
 from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, smaps_keyids, space, vmstat
-from mktme_sandbox import SandboxError
+from mktme_sandbox import Machine, SandboxError
 
 
-def rejects(m, command: str, err: int, uid: int = 0) -> SandboxError:
+def rejects(m: Machine, command: str, err: int, uid: int = 0) -> SandboxError:
     before = (m.maps("a"), m.smaps("a"), m.vmstat())
     with pytest.raises(SandboxError) as info:
         ctl(m, "a", command, uid=uid)
@@ -24,18 +24,18 @@ def rejects(m, command: str, err: int, uid: int = 0) -> SandboxError:
 # --- what the calls do -----------------------------------------------------------
 
 
-def test_mmap_shows_in_maps_in_the_proc_format(m):
+def test_mmap_shows_in_maps_in_the_proc_format(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 8K rw- keyid=1")
     assert m.maps("a") == f"{U:08x}-{U + 2 * PAGE:08x} rw-p 00000000 00:00 0 \n"
 
 
-def test_mmap_populate_faults_every_page_for_write(m):
+def test_mmap_populate_faults_every_page_for_write(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 16K rw- keyid=1 populate")
     assert vmstat(m)["mktme_pgfault_write"] == 4
     assert "Rss:                  16 kB" in m.smaps("a")
 
 
-def test_munmap_of_the_middle_splits_the_vma_and_frees_its_page(m):
+def test_munmap_of_the_middle_splits_the_vma_and_frees_its_page(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 12K rw- keyid=1 populate")
     freed = vmstat(m)["pgfree"]
     ctl(m, "a", f"munmap {U + PAGE:#x} 4K")
@@ -46,7 +46,7 @@ def test_munmap_of_the_middle_splits_the_vma_and_frees_its_page(m):
     assert info.value.errno == errno.EIO
 
 
-def test_mprotect_of_part_of_a_vma_splits_it_and_merges_back(m):
+def test_mprotect_of_part_of_a_vma_splits_it_and_merges_back(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 12K rw- keyid=1")
     ctl(m, "a", f"mprotect {U + PAGE:#x} 4K r--")
     assert [line.split()[1] for line in m.maps("a").splitlines()] == ["rw-p", "r--p", "rw-p"]
@@ -54,7 +54,7 @@ def test_mprotect_of_part_of_a_vma_splits_it_and_merges_back(m):
     assert len(m.maps("a").splitlines()) == 1
 
 
-def test_write_to_a_read_only_mapping_is_eio_and_read_works(m):
+def test_write_to_a_read_only_mapping_is_eio_and_read_works(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K r-- keyid=1")
     assert m.read_virt("a", U, 4) == bytes(4)
     with pytest.raises(SandboxError) as info:
@@ -62,7 +62,7 @@ def test_write_to_a_read_only_mapping_is_eio_and_read_works(m):
     assert info.value.errno == errno.EIO
 
 
-def test_prot_none_refuses_reads_and_keeps_the_data_for_later(m):
+def test_prot_none_refuses_reads_and_keeps_the_data_for_later(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
     m.write_virt("a", U, b"kept")
     ctl(m, "a", f"mprotect {U:#x} 4K ---")
@@ -73,7 +73,7 @@ def test_prot_none_refuses_reads_and_keeps_the_data_for_later(m):
     assert m.check() == []
 
 
-def test_encrypt_mprotect_changes_the_keyid_and_discards_the_data(m):
+def test_encrypt_mprotect_changes_the_keyid_and_discards_the_data(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 8K rw- keyid=1")
     m.write_virt("a", U, b"old data")
     ctl(m, "a", f"encrypt_mprotect {U:#x} 4K rw- keyid=2")
@@ -82,14 +82,14 @@ def test_encrypt_mprotect_changes_the_keyid_and_discards_the_data(m):
     assert m.check() == []
 
 
-def test_madvise_dontneed_drops_the_pages_and_the_next_read_sees_zeros(m):
+def test_madvise_dontneed_drops_the_pages_and_the_next_read_sees_zeros(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
     m.write_virt("a", U, b"gone")
     ctl(m, "a", f"madvise {U:#x} 4K dontneed")
     assert m.read_virt("a", U, 4) == bytes(4)
 
 
-def test_madvise_mergeable_and_hugepage_show_in_vmflags(m):
+def test_madvise_mergeable_and_hugepage_show_in_vmflags(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 2M rw-")
     ctl(m, "a", f"madvise {U:#x} 2M mergeable")
     ctl(m, "a", f"madvise {U:#x} 2M hugepage")
@@ -98,7 +98,7 @@ def test_madvise_mergeable_and_hugepage_show_in_vmflags(m):
     assert "VmFlags: rd wr mr mw me ac hg \n" in m.smaps("a")
 
 
-def test_reads_and_writes_cross_pages_and_vmas(m):
+def test_reads_and_writes_cross_pages_and_vmas(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
     ctl(m, "a", f"mmap {U + PAGE:#x} 4K rw- keyid=2")
     data = bytes(range(256)) * 20
@@ -106,7 +106,7 @@ def test_reads_and_writes_cross_pages_and_vmas(m):
     assert m.read_virt("a", U + 100, len(data)) == data
 
 
-def test_destroying_a_space_frees_every_page_and_table(m):
+def test_destroying_a_space_frees_every_page_and_table(m: Machine) -> None:
     base = vmstat(m)
     ctl(m, "a", f"mmap {U:#x} 64K rw- keyid=1 populate")
     m.destroy_space("a", uid=0)
@@ -118,7 +118,7 @@ def test_destroying_a_space_frees_every_page_and_table(m):
     assert m.kernel.pages_of(1) == 0
 
 
-def test_physical_memory_exhaustion_is_enomem_and_undoes_the_mmap():
+def test_physical_memory_exhaustion_is_enomem_and_undoes_the_mmap() -> None:
     m = machine(phys_mem="4M")
     space(m)
     with pytest.raises(SandboxError) as info:
@@ -154,7 +154,7 @@ def test_physical_memory_exhaustion_is_enomem_and_undoes_the_mmap():
         "mmap 0x10000000 4K rw-\nmunmap 0x10000000 4K",
     ],
 )
-def test_malformed_commands_are_einval(m, command):
+def test_malformed_commands_are_einval(m: Machine, command: str) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
     with pytest.raises(SandboxError) as info:
         m.space_command("a", command, uid=0)
@@ -162,30 +162,30 @@ def test_malformed_commands_are_einval(m, command):
     assert info.value.reason
 
 
-def test_mmap_over_an_existing_mapping_is_einval(m):
+def test_mmap_over_an_existing_mapping_is_einval(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 8K rw-")
     rejects(m, f"mmap {U + PAGE:#x} 8K rw-", errno.EINVAL)
 
 
-def test_mmap_outside_the_user_address_space_is_enomem(m):
+def test_mmap_outside_the_user_address_space_is_enomem(m: Machine) -> None:
     rejects(m, "mmap 0x7ffffffff000 8K rw-", errno.ENOMEM)
     rejects(m, "mmap 0x1000 4K rw-", errno.ENOMEM)  # below mmap_min_addr
 
 
-def test_mmap_with_an_unprogrammed_keyid_is_enokey(m):
+def test_mmap_with_an_unprogrammed_keyid_is_enokey(m: Machine) -> None:
     rejects(m, f"mmap {U:#x} 4K rw- keyid=3", errno.ENOKEY)
 
 
-def test_mmap_with_a_keyid_the_machine_lacks_is_einval(m):
+def test_mmap_with_a_keyid_the_machine_lacks_is_einval(m: Machine) -> None:
     rejects(m, f"mmap {U:#x} 4K rw- keyid=64", errno.EINVAL)
 
 
-def test_mmap_with_a_cleared_keyid_is_enokey(m):
+def test_mmap_with_a_cleared_keyid_is_enokey(m: Machine) -> None:
     m.key_command(2, "type=clear", uid=0)
     rejects(m, f"mmap {U:#x} 4K rw- keyid=2", errno.ENOKEY)
 
 
-def test_mprotect_and_madvise_over_a_hole_are_enomem_and_change_nothing(m):
+def test_mprotect_and_madvise_over_a_hole_are_enomem_and_change_nothing(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw-")
     ctl(m, "a", f"mmap {U + 2 * PAGE:#x} 4K rw-")
     rejects(m, f"mprotect {U:#x} 12K r--", errno.ENOMEM)
@@ -193,34 +193,34 @@ def test_mprotect_and_madvise_over_a_hole_are_enomem_and_change_nothing(m):
     rejects(m, f"encrypt_mprotect {U:#x} 12K rw- keyid=1", errno.ENOMEM)
 
 
-def test_encrypt_mprotect_with_an_unprogrammed_keyid_is_enokey_and_keeps_data(m):
+def test_encrypt_mprotect_with_an_unprogrammed_keyid_is_enokey_and_keeps_data(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
     m.write_virt("a", U, b"still here")
     rejects(m, f"encrypt_mprotect {U:#x} 4K rw- keyid=5", errno.ENOKEY)
     assert m.read_virt("a", U, 10) == b"still here"
 
 
-def test_another_users_space_is_eacces(m):
+def test_another_users_space_is_eacces(m: Machine) -> None:
     rejects(m, f"mmap {U:#x} 4K rw-", errno.EACCES, uid=1000)
     with pytest.raises(SandboxError) as info:
         m.destroy_space("a", uid=1000)
     assert info.value.errno == errno.EACCES
 
 
-def test_access_outside_any_mapping_is_eio(m):
+def test_access_outside_any_mapping_is_eio(m: Machine) -> None:
     with pytest.raises(SandboxError) as info:
         m.read_virt("a", U, 1)
     assert info.value.errno == errno.EIO
 
 
-def test_a_write_that_runs_into_a_hole_writes_nothing(m):
+def test_a_write_that_runs_into_a_hole_writes_nothing(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw-")
     with pytest.raises(SandboxError):
         m.write_virt("a", U + PAGE - 2, b"abcd")
     assert m.read_virt("a", U + PAGE - 2, 2) == bytes(2)
 
 
-def test_space_names_are_checked_and_unique(m):
+def test_space_names_are_checked_and_unique(m: Machine) -> None:
     for bad in ("", "a/b", ".hidden", "x" * 65, "sp ace"):
         with pytest.raises(SandboxError) as info:
             m.create_space(bad, uid=0)
@@ -230,19 +230,19 @@ def test_space_names_are_checked_and_unique(m):
     assert info.value.errno == errno.EEXIST
 
 
-def test_pages_of_different_keyids_never_share_a_frame(m):
+def test_pages_of_different_keyids_never_share_a_frame(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1 populate")
     ctl(m, "a", f"mmap {U + PAGE:#x} 4K rw- keyid=2 populate")
     assert pfn_of(m, "a", U) != pfn_of(m, "a", U + PAGE)
 
 
-def test_a_read_stops_short_at_a_hole_like_proc_pid_mem(m):
+def test_a_read_stops_short_at_a_hole_like_proc_pid_mem(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 4K rw-")
     m.write_virt("a", U + PAGE - 3, b"end")
     assert m.read_virt("a", U + PAGE - 3, 100) == b"end"
 
 
-def test_mapping_another_users_key_is_eacces(m):
+def test_mapping_another_users_key_is_eacces(m: Machine) -> None:
     cpu_key(m, 3, uid=1000)
     m.create_space("b", uid=2000)
     for command in (f"mmap {U:#x} 4K rw- keyid=3",):
@@ -257,13 +257,13 @@ def test_mapping_another_users_key_is_eacces(m):
     ctl(m, "c", f"mmap {U:#x} 4K rw- keyid=3", uid=1000)
 
 
-def test_the_name_kernel_is_reserved_for_the_direct_mappings(m):
+def test_the_name_kernel_is_reserved_for_the_direct_mappings(m: Machine) -> None:
     with pytest.raises(SandboxError) as info:
         m.create_space("kernel", uid=0)
     assert info.value.errno == errno.EINVAL
 
 
-def test_a_populate_larger_than_memory_is_refused_before_any_fault(m):
+def test_a_populate_larger_than_memory_is_refused_before_any_fault(m: Machine) -> None:
     faults = vmstat(m)["pgfault"]
     with pytest.raises(SandboxError) as info:
         ctl(m, "a", "mmap 0x100000000000 0x100000000000 r-- populate")  # 16 TiB
@@ -272,7 +272,7 @@ def test_a_populate_larger_than_memory_is_refused_before_any_fault(m):
     assert m.maps("a") == ""
 
 
-def test_zero_length_mprotect_and_madvise_succeed_doing_nothing_as_in_linux(m):
+def test_zero_length_mprotect_and_madvise_succeed_doing_nothing_as_in_linux(m: Machine) -> None:
     before = m.maps("a")
     ctl(m, "a", f"mprotect {U:#x} 0 r--")
     ctl(m, "a", f"madvise {U:#x} 0 dontneed")

@@ -6,34 +6,36 @@ the failure."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 
-from kernel_helpers import HPAGE, PAGE, U, ctl, pfn_of, two_keys, vmstat
+from kernel_helpers import HPAGE, PAGE, U, ctl, leaf, pfn_of, two_keys, vmstat
+from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.proc import KPF
 
 SECRET = b"attack at dawn!!" * 4
 
 
-def smaps_field(m, name: str, field: str, vma: int = 0) -> int:
+def smaps_field(m: Machine, name: str, field: str, vma: int = 0) -> int:
     values = [
         int(line.split()[1]) for line in m.smaps(name).splitlines() if line.startswith(field + ":")
     ]
     return values[vma]
 
 
-def kpageflags(m, pfn: int) -> int:
+def kpageflags(m: Machine, pfn: int) -> int:
     (flags,) = struct.unpack("<Q", m.kpageflags(pfn * 8, 8))
-    return flags
+    return int(flags)
 
 
-def pagemap_entry(m, name: str, addr: int) -> int:
+def pagemap_entry(m: Machine, name: str, addr: int) -> int:
     (entry,) = struct.unpack("<Q", m.pagemap(name, (addr >> 12) * 8, 8))
-    return entry
+    return int(entry)
 
 
-def errno_of(call) -> int | None:
+def errno_of(call: Callable[[], object]) -> int | None:
     with pytest.raises(SandboxError) as caught:
         call()
     return caught.value.errno
@@ -42,7 +44,7 @@ def errno_of(call) -> int | None:
 # --- fork and copy-on-write ---------------------------------------------------------
 
 
-def forked(keyid: int = 1, pages: int = 2):
+def forked(keyid: int = 1, pages: int = 2) -> tuple[Machine, str]:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} {pages * PAGE} rw- keyid={keyid} populate")
     m.write_virt(a, U, SECRET)
@@ -50,7 +52,7 @@ def forked(keyid: int = 1, pages: int = 2):
     return m, a
 
 
-def test_fork_shares_every_page_write_protected_with_the_keyid_kept():
+def test_fork_shares_every_page_write_protected_with_the_keyid_kept() -> None:
     """copy_one_pte(): "If it's a COW mapping, write protect it both in the
     parent and the child" - the child's PTE is the parent's, KeyID bits included."""
     m, a = forked()
@@ -61,7 +63,7 @@ def test_fork_shares_every_page_write_protected_with_the_keyid_kept():
     assert m.check() == []
 
 
-def test_a_write_after_fork_copies_into_a_page_of_the_vmas_keyid_and_both_keep_their_data():
+def test_a_write_after_fork_copies_into_a_page_of_the_vmas_keyid_and_both_keep_their_data() -> None:
     """wp_page_copy(): new_page = alloc_page_vma(GFP_HIGHUSER_MOVABLE, vma, vmf->address)
     (patch 05 gives it the VMA's KeyID), then cow_user_page() through each page's own KeyID."""
     m, a = forked()
@@ -77,7 +79,7 @@ def test_a_write_after_fork_copies_into_a_page_of_the_vmas_keyid_and_both_keep_t
     assert m.check() == []
 
 
-def test_the_last_mapper_reuses_the_page_after_the_other_side_copied():
+def test_the_last_mapper_reuses_the_page_after_the_other_side_copied() -> None:
     """do_wp_page(): an anonymous page mapped once is reused (wp_page_reuse), not copied."""
     m, a = forked()
     shared = pfn_of(m, a, U)
@@ -88,7 +90,7 @@ def test_the_last_mapper_reuses_the_page_after_the_other_side_copied():
     assert pagemap_entry(m, a, U) >> 56 & 1  # exclusive again
 
 
-def test_without_the_allocation_keyid_the_cow_copy_reads_as_garbage():
+def test_without_the_allocation_keyid_the_cow_copy_reads_as_garbage() -> None:
     """Before patch 05 ("mm/page_alloc: Handle allocation for encrypted memory")
     alloc_page_vma() knew no KeyID: the copy lands in a KeyID-0 page that the
     PTE (made from vm_page_prot) reads through KeyID 1."""
@@ -99,7 +101,7 @@ def test_without_the_allocation_keyid_the_cow_copy_reads_as_garbage():
     assert any("page_ext KeyID" in line for line in m.check())
 
 
-def test_fork_accounting_shares_rss_and_splits_pss_exactly():
+def test_fork_accounting_shares_rss_and_splits_pss_exactly() -> None:
     """smaps: Pss adds (PAGE_SIZE << PSS_SHIFT) / mapcount per page and shifts
     once: six pages mapped by three spaces give 7 kB (8 less Linux's truncation
     of 12 fractional bits), where rounding each page to kB would give 6."""
@@ -117,7 +119,7 @@ def test_fork_accounting_shares_rss_and_splits_pss_exactly():
     assert not pagemap_entry(m, a, U) >> 56 & 1  # shared: not exclusive
 
 
-def test_fork_child_name_and_owner_follow_create_space():
+def test_fork_child_name_and_owner_follow_create_space() -> None:
     m, a = forked()
     assert m.space_owner("b") == 0
     assert errno_of(lambda: m.fork(a, "b", 0)) == 17  # EEXIST
@@ -125,25 +127,24 @@ def test_fork_child_name_and_owner_follow_create_space():
     assert errno_of(lambda: m.fork(a, "bad/name", 0)) == 22
 
 
-def test_the_audit_sees_a_writable_pte_on_a_shared_page():
+def test_the_audit_sees_a_writable_pte_on_a_shared_page() -> None:
     m, a = forked()
     m.set_mitigation("alloc_page_vma_keyid", True)
-    found = m.kernel.pt.get_pte(m.kernel.space(a).pgd, U)
-    m.kernel.pt.set_pte(m.kernel.space(a).pgd, U, found.pte | 2)
+    m.kernel.pt.set_pte(m.kernel.space(a).pgd, U, leaf(m, a, U).pte | 2)
     assert any("missed copy-on-write" in line for line in m.check())
 
 
 # --- THP at fault -------------------------------------------------------------------
 
 
-def hugepage_vma(keyid: int):
+def hugepage_vma(keyid: int) -> tuple[Machine, str]:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4M rw- keyid={keyid}")
     ctl(m, a, f"madvise {U:#x} 4M hugepage")
     return m, a
 
 
-def test_a_write_fault_in_a_hugepage_vma_maps_a_2m_page_of_the_vmas_keyid():
+def test_a_write_fault_in_a_hugepage_vma_maps_a_2m_page_of_the_vmas_keyid() -> None:
     """do_huge_pmd_anonymous_page(): page = alloc_hugepage_vma(gfp, vma, haddr,
     HPAGE_PMD_ORDER) - one allocation path that patch 04 gives the VMA's KeyID."""
     m, a = hugepage_vma(1)
@@ -164,7 +165,7 @@ def test_a_write_fault_in_a_hugepage_vma_maps_a_2m_page_of_the_vmas_keyid():
     assert m.check() == []
 
 
-def test_a_read_fault_maps_the_huge_zero_page_only_in_a_keyid0_vma():
+def test_a_read_fault_maps_the_huge_zero_page_only_in_a_keyid0_vma() -> None:
     """Patch 02, mm/huge_memory.c: the huge zero page only when
     transparent_hugepage_use_zero_page() && !vma_is_encrypted(vma)."""
     m, a = hugepage_vma(0)
@@ -187,14 +188,14 @@ def test_a_read_fault_maps_the_huge_zero_page_only_in_a_keyid0_vma():
     assert m2.check() == []
 
 
-def test_without_patch_02_an_encrypted_hugepage_vma_reads_the_huge_zero_page_as_garbage():
+def test_without_patch_02_an_encrypted_hugepage_vma_reads_the_huge_zero_page_as_garbage() -> None:
     m, a = hugepage_vma(1)
     m.set_mitigation("no_zero_page_encrypted", False)
     assert m.read_virt(a, U, 64) != bytes(64)
     assert any("zero page mapped in an encrypted VMA" in line for line in m.check())
 
 
-def test_a_fault_outside_a_whole_2m_range_falls_back_to_4k():
+def test_a_fault_outside_a_whole_2m_range_falls_back_to_4k() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 1M rw- keyid=1")
     ctl(m, a, f"madvise {U:#x} 1M hugepage")
@@ -203,7 +204,7 @@ def test_a_fault_outside_a_whole_2m_range_falls_back_to_4k():
     assert vmstat(m)["thp_fault_alloc"] == 0
 
 
-def test_fork_splits_a_thp_and_shares_its_pages():
+def test_fork_splits_a_thp_and_shares_its_pages() -> None:
     m, a = hugepage_vma(1)
     m.write_virt(a, U, SECRET)
     m.fork(a, "b", 0)
@@ -216,7 +217,7 @@ def test_fork_splits_a_thp_and_shares_its_pages():
 # --- mlock --------------------------------------------------------------------------
 
 
-def test_mlock_populates_marks_the_pages_and_shows_locked():
+def test_mlock_populates_marks_the_pages_and_shows_locked() -> None:
     """mlock_fixup() sets VM_LOCKED; __mm_populate() faults the range in."""
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
@@ -233,7 +234,7 @@ def test_mlock_populates_marks_the_pages_and_shows_locked():
     assert m.check() == []
 
 
-def test_mlock_never_merges_locked_vmas_of_two_keyids():
+def test_mlock_never_merges_locked_vmas_of_two_keyids() -> None:
     """Patch 01 passes vma_keyid(vma) to vma_merge() in mlock_fixup()."""
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
@@ -243,7 +244,7 @@ def test_mlock_never_merges_locked_vmas_of_two_keyids():
     assert m.check() == []
 
 
-def test_mlock_errnos_are_linuxs():
+def test_mlock_errnos_are_linuxs() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw-")
     assert errno_of(lambda: ctl(m, a, f"mlock {U + 1:#x} 4K")) == 22
@@ -251,7 +252,7 @@ def test_mlock_errnos_are_linuxs():
     assert errno_of(lambda: ctl(m, a, f"munlock {U + PAGE:#x} 4K")) == 12
 
 
-def test_a_child_does_not_inherit_vm_locked():
+def test_a_child_does_not_inherit_vm_locked() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
     ctl(m, a, f"mlock {U:#x} 4K")
@@ -266,7 +267,7 @@ def test_a_child_does_not_inherit_vm_locked():
 # --- mremap -------------------------------------------------------------------------
 
 
-def test_mremap_moves_the_pages_with_their_keyid():
+def test_mremap_moves_the_pages_with_their_keyid() -> None:
     """move_vma() -> copy_vma(): the new VMA is the old one's copy, vm_page_prot included."""
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 8K rw- keyid=1 populate")
@@ -280,7 +281,7 @@ def test_mremap_moves_the_pages_with_their_keyid():
     assert m.check() == []
 
 
-def test_mremap_into_a_neighbour_of_another_keyid_stays_apart():
+def test_mremap_into_a_neighbour_of_another_keyid_stays_apart() -> None:
     """Patch 01: copy_vma() calls vma_merge(..., vma_keyid(vma))."""
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1 populate")
@@ -290,7 +291,7 @@ def test_mremap_into_a_neighbour_of_another_keyid_stays_apart():
     assert m.check() == []
 
 
-def test_without_the_merge_check_a_moved_vma_takes_its_neighbours_keyid():
+def test_without_the_merge_check_a_moved_vma_takes_its_neighbours_keyid() -> None:
     m, a = two_keys()
     m.set_mitigation("vma_merge_keyid_check", False)
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1 populate")
@@ -300,7 +301,7 @@ def test_without_the_merge_check_a_moved_vma_takes_its_neighbours_keyid():
     assert any("differs from its VMA's KeyID" in line for line in m.check())
 
 
-def test_mremap_grows_and_shrinks_in_place_and_errnos_are_linuxs():
+def test_mremap_grows_and_shrinks_in_place_and_errnos_are_linuxs() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 8K rw- populate")
     ctl(m, a, f"mremap {U:#x} 8K 16K")
@@ -315,7 +316,7 @@ def test_mremap_grows_and_shrinks_in_place_and_errnos_are_linuxs():
     assert m.check() == []
 
 
-def test_the_huge_zero_page_is_freed_when_its_last_mapping_goes_also_after_fork():
+def test_the_huge_zero_page_is_freed_when_its_last_mapping_goes_also_after_fork() -> None:
     m, a = hugepage_vma(0)
     m.read_virt(a, U, 8)
     m.fork(a, "b", 0)

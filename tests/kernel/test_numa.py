@@ -10,13 +10,13 @@ from kernel_helpers import PAGE, U, ctl, machine, pfn_of, space, two_keys, vmsta
 from mktme_sandbox.errors import SandboxError
 
 
-def test_numa_nodes_split_memory_into_equal_ranges_of_2m_blocks():
+def test_numa_nodes_split_memory_into_equal_ranges_of_2m_blocks() -> None:
     m = machine(phys_mem="16M", numa_nodes=2)
     assert m.kernel.alloc.node_span(0) == (0, 2048)
     assert m.kernel.alloc.node_span(1) == (2048, 4096)
 
 
-def test_numa_maps_has_linux_format():
+def test_numa_maps_has_linux_format() -> None:
     """fs/proc/task_mmu.c show_numa_map(): address, policy, anon=, dirty=,
     N<node>=, kernelpagesize_kB=."""
     m = machine(phys_mem="16M", numa_nodes=2)
@@ -26,7 +26,7 @@ def test_numa_maps_has_linux_format():
     assert m.numa_maps(a) == "10000000 default anon=2 dirty=2 N0=2 kernelpagesize_kB=4\n"
 
 
-def test_mbind_binds_later_faults_to_the_nodes_and_splits_the_vma():
+def test_mbind_binds_later_faults_to_the_nodes_and_splits_the_vma() -> None:
     """mm/mempolicy.c mbind_range(): the range's VMAs get the policy; faults
     allocate from its nodes."""
     m = machine(phys_mem="16M", numa_nodes=2)
@@ -41,7 +41,7 @@ def test_mbind_binds_later_faults_to_the_nodes_and_splits_the_vma():
     assert len(m.maps(a).splitlines()) == 1  # equal policies merge again
 
 
-def test_mbind_never_merges_neighbours_of_different_keyids():
+def test_mbind_never_merges_neighbours_of_different_keyids() -> None:
     """Patch 01 in mbind_range(): vma_merge() is given the VMA's KeyID."""
     m, a = two_keys(phys_mem="16M", numa_nodes=2)
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
@@ -56,7 +56,7 @@ def test_mbind_never_merges_neighbours_of_different_keyids():
     [("mbind {U:#x} 4K 2", errno.ENODEV), ("migrate {U:#x} 4K 5", errno.ENODEV),
      ("migrate {U:#x} 64K 1", errno.ENOMEM), ("mbind {U:#x} 4K x", errno.EINVAL)],
 )  # fmt: skip
-def test_bad_nodes_and_holes_are_refused_changing_nothing(command, err):
+def test_bad_nodes_and_holes_are_refused_changing_nothing(command: str, err: int) -> None:
     m = machine(phys_mem="16M", numa_nodes=2)
     a = space(m)
     ctl(m, a, f"mmap {U:#x} 4K rw-")
@@ -67,7 +67,7 @@ def test_bad_nodes_and_holes_are_refused_changing_nothing(command, err):
     assert m.maps(a) == maps
 
 
-def test_migrate_to_a_full_node_is_refused_whole():
+def test_migrate_to_a_full_node_is_refused_whole() -> None:
     m = machine(phys_mem="4M", numa_nodes=2)
     a = space(m)
     ctl(m, a, f"mmap {U:#x} 1M rw- populate")

@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, space
+from mktme_sandbox import Machine
 from mktme_sandbox.kernel.proc import KPF
 
 # fs/proc/task_mmu.c: "%08lx-%08lx %c%c%c%c %08llx %02x:%02x %lu " for anon memory
@@ -18,7 +19,7 @@ SMAPS_KB = re.compile(r"[A-Za-z_]+:\s+\d+ kB\n")
 
 
 @pytest.fixture
-def m():
+def m() -> Machine:
     m = machine()
     cpu_key(m, 3)
     space(m)
@@ -28,14 +29,14 @@ def m():
     return m
 
 
-def test_maps_lines_have_the_linux_anonymous_format(m):
+def test_maps_lines_have_the_linux_anonymous_format(m: Machine) -> None:
     lines = m.maps("a").splitlines(keepends=True)
     assert len(lines) == 2
     assert all(MAPS_LINE.fullmatch(line) for line in lines)
     assert lines[1].startswith(f"{U + 4 * PAGE:08x}-{U + 5 * PAGE:08x} r--p ")
 
 
-def test_smaps_entries_follow_the_kernel_layout_with_a_keyid_line(m):
+def test_smaps_entries_follow_the_kernel_layout_with_a_keyid_line(m: Machine) -> None:
     second_vma = m.maps("a").splitlines()[1]
     entry = m.smaps("a").split(second_vma)[0]
     lines = entry.splitlines(keepends=True)
@@ -51,13 +52,13 @@ def test_smaps_entries_follow_the_kernel_layout_with_a_keyid_line(m):
     assert lines[-1] == "VmFlags: rd wr mr mw me ac \n"
 
 
-def test_zero_page_mappings_count_in_no_rss(m):
+def test_zero_page_mappings_count_in_no_rss(m: Machine) -> None:
     m.read_virt("a", U + 4 * PAGE, 1)  # KeyID-0 r-- VMA: zero page
     second = m.smaps("a").split(m.maps("a").splitlines()[1])[1]
     assert "Rss:                   0 kB" in second
 
 
-def test_pagemap_entries_use_the_documented_bits(m):
+def test_pagemap_entries_use_the_documented_bits(m: Machine) -> None:
     raw = m.pagemap("a", (U >> 12) * 8, 8 * 5)
     entries = struct.unpack("<5Q", raw)
     present, exclusive = 1 << 63, 1 << 56
@@ -72,14 +73,14 @@ def test_pagemap_entries_use_the_documented_bits(m):
     assert zero & ((1 << 55) - 1) == m.kernel.zero_pfn
 
 
-def test_pagemap_reads_at_any_offset_and_length(m):
+def test_pagemap_reads_at_any_offset_and_length(m: Machine) -> None:
     whole = m.pagemap("a", (U >> 12) * 8, 16)
     assert m.pagemap("a", (U >> 12) * 8 + 3, 9) == whole[3:12]
 
 
-def test_kpageflags_marks_anon_zero_buddy_and_pagetable_pages(m):
+def test_kpageflags_marks_anon_zero_buddy_and_pagetable_pages(m: Machine) -> None:
     def flags(pfn: int) -> int:
-        return struct.unpack("<Q", m.kpageflags(pfn * 8, 8))[0]
+        return int(struct.unpack("<Q", m.kpageflags(pfn * 8, 8))[0])
 
     anon = flags(pfn_of(m, "a", U))
     assert anon & (1 << KPF.ANON)
@@ -89,7 +90,7 @@ def test_kpageflags_marks_anon_zero_buddy_and_pagetable_pages(m):
     assert flags(m.cr3("a") >> 12) & (1 << KPF.PGTABLE)
 
 
-def test_page_keyid_gives_one_u64_per_pfn(m):
+def test_page_keyid_gives_one_u64_per_pfn(m: Machine) -> None:
     pfn = pfn_of(m, "a", U)
     raw = m.page_keyid(0, 8 * (pfn + 1))
     assert len(raw) == 8 * (pfn + 1)
@@ -97,7 +98,7 @@ def test_page_keyid_gives_one_u64_per_pfn(m):
     assert m.page_keyid(m.kernel.alloc.nr_pages * 8, 8) == b""
 
 
-def test_ptdump_shows_each_keyid_run(m):
+def test_ptdump_shows_each_keyid_run(m: Machine) -> None:
     dump = m.ptdump("a")
     assert dump.startswith("---[ User Space ]---\n")
     run = [line for line in dump.splitlines() if line.startswith(f"0x{U:016x}")]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from kernel_helpers import PAGE, U, cpu_key, ctl, machine, pfn_of, space
-from mktme_sandbox.kernel.page_alloc import HPAGE_NR
+from mktme_sandbox import Machine
+from mktme_sandbox.kernel.pgtable_types import HPAGE_NR
 from mktme_sandbox.kernel.proc import KPF
 
 HOST_PROC = Path("/proc")
@@ -32,14 +33,14 @@ def shape(line: str) -> str:
 
 
 @pytest.fixture
-def m():
+def m() -> Machine:
     m = machine()
     space(m)
     ctl(m, "a", f"mmap {U:#x} 64K rw- populate")
     return m
 
 
-def test_meminfo_lines_have_the_hosts_names_widths_and_units(m):
+def test_meminfo_lines_have_the_hosts_names_widths_and_units(m: Machine) -> None:
     """show_val_kb(): "Name:" padded to 16, the kB value right-aligned in 8, " kB";
     hugetlb_report_meminfo(): "HugePages_Total:   %5lu". Each line of ours is as
     long as the host's line of that name (values that fit their width)."""
@@ -52,7 +53,7 @@ def test_meminfo_lines_have_the_hosts_names_widths_and_units(m):
             assert line.endswith(" kB") == theirs[name].endswith(" kB"), line
 
 
-def test_meminfo_counts_what_the_allocator_holds(m):
+def test_meminfo_counts_what_the_allocator_holds(m: Machine) -> None:
     info = {n: int(v.split()[0]) for n, v in (ln.split(":") for ln in m.meminfo().splitlines())}
     stat = m.vmstat_counts()
     assert info["MemFree"] == stat["nr_free_pages"] * 4
@@ -61,7 +62,7 @@ def test_meminfo_counts_what_the_allocator_holds(m):
     assert info["MemTotal"] == m.phys_mem // 1024 - 8  # PFN 0 and the zero page are reserved
 
 
-def test_vmstat_names_without_the_mktme_prefix_are_the_hosts():
+def test_vmstat_names_without_the_mktme_prefix_are_the_hosts() -> None:
     """mm/vmstat.c vmstat_text: every name we show unprefixed is a line of the
     host's /proc/vmstat; everything else is the sandbox's own, prefixed mktme_."""
     theirs = {line.split()[0] for line in host("vmstat").splitlines()}
@@ -70,13 +71,13 @@ def test_vmstat_names_without_the_mktme_prefix_are_the_hosts():
     assert "pgalloc" not in ours
 
 
-def test_vmstat_gauges_and_events_come_in_the_hosts_order():
+def test_vmstat_gauges_and_events_come_in_the_hosts_order() -> None:
     theirs = [line.split()[0] for line in host("vmstat").splitlines()]
     ours = [n for n in machine().vmstat_counts() if not n.startswith("mktme_")]
     assert ours == sorted(ours, key=theirs.index)
 
 
-def test_smaps_rollup_header_and_fields_are_laid_out_as_the_hosts(m):
+def test_smaps_rollup_header_and_fields_are_laid_out_as_the_hosts(m: Machine) -> None:
     """show_smaps_rollup(): the header is padded to column 73 before [rollup];
     __show_smap(rollup=true) adds Pss_Anon, Pss_File, Pss_Shmem after Pss_Dirty."""
     ours, theirs = m.smaps_rollup("a").splitlines(), host("self/smaps_rollup").splitlines()
@@ -88,13 +89,13 @@ def test_smaps_rollup_header_and_fields_are_laid_out_as_the_hosts(m):
     assert all(len(a) == len(b) for a, b in zip(ours[1:], theirs[1:], strict=True))
 
 
-def test_smaps_rollup_of_a_space_without_vmas_starts_at_zero():
+def test_smaps_rollup_of_a_space_without_vmas_starts_at_zero() -> None:
     m = machine()
     space(m)
     assert m.smaps_rollup("a").startswith("00000000-00000000 ---p 00000000 00:00 0 ")
 
 
-def test_status_vm_and_rss_lines_are_the_hosts_in_order_and_layout(m):
+def test_status_vm_and_rss_lines_are_the_hosts_in_order_and_layout(m: Machine) -> None:
     """task_mem(): "VmPeak:\\t" and the kB value right-aligned in 8, from VmPeak
     to VmSwap, then hugetlb_report_usage()'s HugetlbPages."""
     ours = m.status("a").splitlines()
@@ -106,7 +107,7 @@ def test_status_vm_and_rss_lines_are_the_hosts_in_order_and_layout(m):
     assert values["VmRSS"] == values["RssAnon"] == values["VmSize"] == "      64 kB"
 
 
-def ksm_triple():
+def ksm_triple() -> Machine:
     """Three spaces with pages w, x, y, z each: KSM merges them into four KSM
     pages mapped three times each."""
     m = machine()
@@ -120,7 +121,7 @@ def ksm_triple():
     return m
 
 
-def test_ksm_pages_are_shared_dirty_and_pss_is_exact():
+def test_ksm_pages_are_shared_dirty_and_pss_is_exact() -> None:
     """smaps_account(): a KSM page is PageDirty, so it counts in Shared_Dirty;
     Pss sums (PAGE_SIZE << PSS_SHIFT) / mapcount and shifts once at the end:
     four pages mapped three times each are 4 x 16384 / 3 bytes = 5 kB of Pss,
@@ -134,7 +135,7 @@ def test_ksm_pages_are_shared_dirty_and_pss_is_exact():
     assert (stats["pages_shared"], stats["pages_sharing"], stats["pages_unshared"]) == (4, 8, 0)
 
 
-def test_kpagecount_counts_the_mappings_of_each_frame():
+def test_kpagecount_counts_the_mappings_of_each_frame() -> None:
     """pagemap.rst: /proc/kpagecount holds a 64-bit count of the times each page is mapped."""
     m = ksm_triple()
     pfn = pfn_of(m, "a", U)
@@ -142,7 +143,7 @@ def test_kpagecount_counts_the_mappings_of_each_frame():
     assert struct.unpack("<Q", m.kpagecount(8 * m.kernel.zero_pfn, 8)) == (0,)
 
 
-def test_the_zero_page_is_reserved_in_kpageflags():
+def test_the_zero_page_is_reserved_in_kpageflags() -> None:
     """The zero page is PG_reserved; stable_page_flags() exports KPF_RESERVED (32)."""
     m = machine()
     (flags,) = struct.unpack("<Q", m.kpageflags(8 * m.kernel.zero_pfn, 8))
@@ -151,7 +152,7 @@ def test_the_zero_page_is_reserved_in_kpageflags():
     assert not flags & (1 << KPF.MMAP)
 
 
-def test_tail_pages_of_a_mapped_huge_page_are_mmap_and_counted():
+def test_tail_pages_of_a_mapped_huge_page_are_mmap_and_counted() -> None:
     """stable_page_flags(): page_mapped() is true for every page of a PMD-mapped THP."""
     m = machine()
     cpu_key(m, 1)

@@ -12,6 +12,7 @@ from kernel_helpers import (
     U,
     cpu_key,
     ctl,
+    leaf,
     machine,
     page_keyid,
     pfn_of,
@@ -20,6 +21,7 @@ from kernel_helpers import (
     two_keys,
     vmstat,
 )
+from mktme_sandbox import Machine
 from mktme_sandbox.kernel.directmap import PAGE_OFFSET
 
 SECRET = b"attack at dawn!!" * 4
@@ -28,7 +30,7 @@ SECRET = b"attack at dawn!!" * 4
 # --- 01 mm: Do no merge VMAs with different encryption KeyIDs ------------------
 
 
-def test_neighbour_vmas_with_different_keyids_stay_apart():
+def test_neighbour_vmas_with_different_keyids_stay_apart() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
     ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=2")
@@ -37,14 +39,14 @@ def test_neighbour_vmas_with_different_keyids_stay_apart():
     assert vmstat(m)["mktme_vma_merge_refused_keyid"] >= 1
 
 
-def test_neighbour_vmas_with_equal_keyids_merge():
+def test_neighbour_vmas_with_equal_keyids_merge() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
     ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=1")
     assert m.maps(a) == f"{U:08x}-{U + 2 * PAGE:08x} rw-p 00000000 00:00 0 \n"
 
 
-def test_without_the_merge_check_the_second_vma_loses_its_keyid():
+def test_without_the_merge_check_the_second_vma_loses_its_keyid() -> None:
     m, a = two_keys()
     m.set_mitigation("vma_merge_keyid_check", False)
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1 populate")
@@ -56,14 +58,14 @@ def test_without_the_merge_check_the_second_vma_loses_its_keyid():
 # --- 02 mm: Do not use zero page in encrypted pages -----------------------------
 
 
-def test_read_fault_on_keyid0_vma_maps_the_zero_page():
+def test_read_fault_on_keyid0_vma_maps_the_zero_page() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 8K r--")
     assert m.read_virt(a, U, 2 * PAGE) == bytes(2 * PAGE)
     assert pfn_of(m, a, U) == pfn_of(m, a, U + PAGE) == m.kernel.zero_pfn
 
 
-def test_read_fault_on_encrypted_vma_never_maps_zero_page():
+def test_read_fault_on_encrypted_vma_never_maps_zero_page() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K r-- keyid=1")
     assert m.read_virt(a, U, PAGE) == bytes(PAGE)
@@ -73,7 +75,7 @@ def test_read_fault_on_encrypted_vma_never_maps_zero_page():
     assert m.check() == []
 
 
-def test_without_the_check_an_encrypted_vma_reads_the_zero_page_as_garbage():
+def test_without_the_check_an_encrypted_vma_reads_the_zero_page_as_garbage() -> None:
     m, a = two_keys()
     m.set_mitigation("no_zero_page_encrypted", False)
     ctl(m, a, f"mmap {U:#x} 4K r-- keyid=1")
@@ -84,7 +86,7 @@ def test_without_the_check_an_encrypted_vma_reads_the_zero_page_as_garbage():
 # --- 03 mm/ksm: Do not merge pages with different KeyIDs -------------------------
 
 
-def tenants(keyid_a: int, keyid_b: int, **options: object):
+def tenants(keyid_a: int, keyid_b: int, **options: object) -> tuple[Machine, str, str]:
     m, a = two_keys(**options)
     b = space(m, "b")
     for name, keyid in ((a, keyid_a), (b, keyid_b)):
@@ -94,7 +96,7 @@ def tenants(keyid_a: int, keyid_b: int, **options: object):
     return m, a, b
 
 
-def test_ksm_merges_identical_pages_of_one_keyid():
+def test_ksm_merges_identical_pages_of_one_keyid() -> None:
     m, a, b = tenants(1, 1)
     assert m.ksm_run() == 1
     assert pfn_of(m, a, U) == pfn_of(m, b, U)
@@ -102,7 +104,7 @@ def test_ksm_merges_identical_pages_of_one_keyid():
     assert m.check() == []
 
 
-def test_ksm_never_merges_pages_with_different_keyids():
+def test_ksm_never_merges_pages_with_different_keyids() -> None:
     m, a, b = tenants(1, 2)
     assert m.ksm_run() == 0
     assert pfn_of(m, a, U) != pfn_of(m, b, U)
@@ -110,7 +112,7 @@ def test_ksm_never_merges_pages_with_different_keyids():
     assert m.check() == []
 
 
-def test_without_the_ksm_check_a_tenant_reads_garbage():
+def test_without_the_ksm_check_a_tenant_reads_garbage() -> None:
     m, a, b = tenants(1, 2)
     m.set_mitigation("ksm_keyid_check", False)
     assert m.ksm_run() == 1
@@ -120,7 +122,7 @@ def test_without_the_ksm_check_a_tenant_reads_garbage():
     assert any("page_ext KeyID" in line for line in m.check())
 
 
-def test_writing_to_a_ksm_page_breaks_copy_on_write():
+def test_writing_to_a_ksm_page_breaks_copy_on_write() -> None:
     m, a, b = tenants(1, 1)
     m.ksm_run()
     m.write_virt(b, U, b"mine")
@@ -133,7 +135,7 @@ def test_writing_to_a_ksm_page_breaks_copy_on_write():
 # --- 04/05 page allocation for encrypted memory, 06 khugepaged ---------------------
 
 
-def hugepage_region(keyid: int, **options: object):
+def hugepage_region(keyid: int, **options: object) -> tuple[Machine, str, bytes]:
     m, a = two_keys(**options)
     ctl(m, a, f"mmap {U:#x} 2M rw- keyid={keyid} populate")
     ctl(m, a, f"madvise {U:#x} 2M hugepage")
@@ -142,7 +144,7 @@ def hugepage_region(keyid: int, **options: object):
     return m, a, pattern
 
 
-def test_khugepaged_collapses_into_a_huge_page_of_the_vmas_keyid():
+def test_khugepaged_collapses_into_a_huge_page_of_the_vmas_keyid() -> None:
     m, a, pattern = hugepage_region(1)
     assert m.khugepaged_scan() == 1
     assert "AnonHugePages:      2048 kB" in m.smaps(a)
@@ -151,7 +153,7 @@ def test_khugepaged_collapses_into_a_huge_page_of_the_vmas_keyid():
     assert m.check() == []
 
 
-def test_khugepaged_copies_a_small_page_of_another_keyid_through_its_own_keyid():
+def test_khugepaged_copies_a_small_page_of_another_keyid_through_its_own_keyid() -> None:
     """[PATCHv5 06/19] mm/khugepaged: Handle encrypted pages: the huge page is
     prepared "for KeyID we need, based on vma_keyid()"; each small page is read
     through its own KeyID (page_to_virt(), patch 18). v5 does not refuse a
@@ -166,7 +168,7 @@ def test_khugepaged_copies_a_small_page_of_another_keyid_through_its_own_keyid()
     assert m.read_virt(a, U, HPAGE) == pattern
 
 
-def test_without_the_khugepaged_check_the_collapsed_page_reads_as_garbage():
+def test_without_the_khugepaged_check_the_collapsed_page_reads_as_garbage() -> None:
     m, a, pattern = hugepage_region(1)
     m.set_mitigation("khugepaged_keyid_check", False)
     assert m.khugepaged_scan() == 1
@@ -174,7 +176,7 @@ def test_without_the_khugepaged_check_the_collapsed_page_reads_as_garbage():
     assert any("page_ext KeyID" in line for line in m.check())
 
 
-def test_split_of_a_huge_page_keeps_data_and_keyid():
+def test_split_of_a_huge_page_keeps_data_and_keyid() -> None:
     m, a, pattern = hugepage_region(2)
     m.khugepaged_scan()
     ctl(m, a, f"munmap {U + HPAGE // 2:#x} 4K")
@@ -186,10 +188,10 @@ def test_split_of_a_huge_page_keeps_data_and_keyid():
 # --- 07 Mask out KeyID bits from page table entry pfn; 10 page_keyid; 11 vma_keyid --
 
 
-def test_pte_holds_keyid_in_upper_pfn_bits_and_pagemap_masks_them():
+def test_pte_holds_keyid_in_upper_pfn_bits_and_pagemap_masks_them() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=2 populate")
-    pte = m.kernel.pt.get_pte(m.cr3(a), U).pte
+    pte = leaf(m, a, U).pte
     shift = m.kernel.pte_layout.keyid_shift  # 46 - 6 = 40
     assert shift == 40
     assert (pte >> shift) & 0x3F == 2
@@ -202,7 +204,7 @@ def test_pte_holds_keyid_in_upper_pfn_bits_and_pagemap_masks_them():
 # --- 09 Preserve KeyID on pte_modify() and pgprot_modify() --------------------------
 
 
-def test_mprotect_keeps_the_keyid():
+def test_mprotect_keeps_the_keyid() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
     m.write_virt(a, U, SECRET)
@@ -212,7 +214,7 @@ def test_mprotect_keeps_the_keyid():
     assert m.check() == []
 
 
-def test_without_pte_modify_preserving_the_keyid_mprotect_drops_it():
+def test_without_pte_modify_preserving_the_keyid_mprotect_drops_it() -> None:
     m, a = two_keys()
     m.set_mitigation("pte_modify_preserve_keyid", False)
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
@@ -226,7 +228,7 @@ def test_without_pte_modify_preserving_the_keyid_mprotect_drops_it():
 # --- 12 prep_encrypted_page() and arch_free_page() ----------------------------------
 
 
-def reuse_across_keyids(m, a):
+def reuse_across_keyids(m: Machine, a: str) -> bytes:
     """Tenant 1 writes and frees a page; tenant 2 gets it and writes."""
     ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- populate")  # keeps the page tables
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
@@ -241,7 +243,7 @@ def reuse_across_keyids(m, a):
     return m.read_virt(a, U, 10)
 
 
-def test_a_page_reused_for_another_keyid_is_flushed_and_keeps_its_data():
+def test_a_page_reused_for_another_keyid_is_flushed_and_keeps_its_data() -> None:
     m, a = two_keys()
     assert reuse_across_keyids(m, a) == b"tenant two"
     stats = vmstat(m)
@@ -249,14 +251,14 @@ def test_a_page_reused_for_another_keyid_is_flushed_and_keeps_its_data():
     assert stats["mktme_prep_encrypted_flush"] == 2
 
 
-def test_without_flushes_a_stale_line_of_the_old_keyid_corrupts_the_new_owner():
+def test_without_flushes_a_stale_line_of_the_old_keyid_corrupts_the_new_owner() -> None:
     m, a = two_keys()
     m.set_mitigation("flush_on_keyid_change", False)
     assert reuse_across_keyids(m, a) != b"tenant two"
     assert vmstat(m)["mktme_flush_skipped_mitigation_off"] >= 1
 
 
-def test_encrypted_pages_come_out_of_the_allocator_zeroed():
+def test_encrypted_pages_come_out_of_the_allocator_zeroed() -> None:
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
     m.write_virt(a, U, SECRET)
@@ -268,7 +270,7 @@ def test_encrypted_pages_come_out_of_the_allocator_zeroed():
 # --- 08/14/15/16/17/18/19 enumeration and direct mappings ----------------------------
 
 
-def test_boot_logs_detect_tme_lines():
+def test_boot_logs_detect_tme_lines() -> None:
     log = machine().dmesg()
     for line in (
         "x86/tme: enabled by BIOS",
@@ -278,7 +280,7 @@ def test_boot_logs_detect_tme_lines():
         assert line in log
 
 
-def test_keyid_bits_zero_gives_a_machine_without_mktme():
+def test_keyid_bits_zero_gives_a_machine_without_mktme() -> None:
     m = machine(keyid_bits=0)
     assert m.nr_keyids == 0
     assert "x86/mktme: disabled by BIOS" in m.dmesg()
@@ -290,20 +292,20 @@ def test_keyid_bits_zero_gives_a_machine_without_mktme():
         ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=1")
 
 
-def test_too_many_keyids_for_the_direct_map_area_disable_mktme_at_boot():
+def test_too_many_keyids_for_the_direct_map_area_disable_mktme_at_boot() -> None:
     m = machine(keyid_bits=7, max_keys=127)  # 128 copies of 1 TiB > 64 TiB
     assert m.nr_keyids == 0
     assert "x86/mktme: Disabled. Not enough virtual address space" in m.dmesg()
     assert m.kernel.directmap.copies == 1
 
 
-def test_nr_keyids_plus_one_copies_that_fill_the_area_exactly_still_fit():
+def test_nr_keyids_plus_one_copies_that_fill_the_area_exactly_still_fit() -> None:
     m = machine(keyid_bits=6)  # 64 copies of 1 TiB = 64 TiB
     assert m.nr_keyids == 63
     assert m.kernel.directmap.copies == 64
 
 
-def test_disabling_mktme_after_enumeration_restores_the_full_physical_mask():
+def test_disabling_mktme_after_enumeration_restores_the_full_physical_mask() -> None:
     """[PATCHv5 14/19] x86/mm: Allow to disable MKTME after enumeration:
     ``mktme_disable()`` sets ``physical_mask = (1ULL << __PHYSICAL_MASK_SHIFT) - 1``,
     ``mktme_keyid_mask = 0``, ``mktme_keyid_shift = 0``, ``mktme_nr_keyids = 0``."""
@@ -318,14 +320,14 @@ def test_disabling_mktme_after_enumeration_restores_the_full_physical_mask():
     assert m.read_virt(a, U, len(SECRET)) == SECRET
 
 
-def test_the_kernel_maps_every_keyid_the_bits_allow():
+def test_the_kernel_maps_every_keyid_the_bits_allow() -> None:
     """[PATCHv5 17/19] maps one direct mapping per KeyID 0..mktme_nr_keyids, and
     v5's detect_tme() makes that ``(1UL << keyid_bits) - 1``: MK_TME_MAX_KEYS
     is not read, so a part with 3 keys still gets 64 mappings."""
     assert machine(max_keys=3).ptdump_kernel().count("---[ Kernel Mapping KeyID") == 64
 
 
-def test_detect_tme_does_not_cap_the_keyids_by_max_keys():
+def test_detect_tme_does_not_cap_the_keyids_by_max_keys() -> None:
     """v5 detect_tme(): ``nr_keyids = (1UL << keyid_bits) - 1;`` then
     ``pr_info_once("x86/mktme: %d KeyIDs available\\n", nr_keyids)``; the
     hardware limit stays in IA32_TME_CAPABILITY (``mk_tme_max_keys`` in hw/tme)."""
@@ -337,7 +339,7 @@ def test_detect_tme_does_not_cap_the_keyids_by_max_keys():
     assert "nr_keyids 63\n" in text
 
 
-def test_direct_mapping_is_one_power_of_two_region_per_keyid():
+def test_direct_mapping_is_one_power_of_two_region_per_keyid() -> None:
     m = machine(keyid_bits=3)
     dm = m.kernel.directmap
     assert dm.size == 1 << 40
@@ -352,20 +354,20 @@ def test_direct_mapping_is_one_power_of_two_region_per_keyid():
     assert "keyid=7" in dump
 
 
-def test_hw_tme_names_the_keyid_layout_for_tools():
+def test_hw_tme_names_the_keyid_layout_for_tools() -> None:
     text = machine(keyid_bits=3, maxphyaddr=39).tme_text()
     assert "mk_tme_keyid_bits 3\n" in text
     assert "maxphyaddr 39\nkeyid_shift 36\nkeyid_mask 0x0000007000000000\nnr_keyids 7\n" in text
 
 
-def test_a_write_to_a_read_only_exclusive_huge_page_reuses_it_and_keeps_the_data():
+def test_a_write_to_a_read_only_exclusive_huge_page_reuses_it_and_keeps_the_data() -> None:
     """do_huge_pmd_wp_page(): a THP mapped once is reused (maybe_pmd_mkwrite), not split."""
     m, a, pattern = hugepage_region(1)
     m.khugepaged_scan()
     m.write_virt(a, U + HPAGE - 4, b"mine")  # keep the last page dirty: it gets RW back
     ctl(m, a, f"mprotect {U:#x} 2M r--")
     ctl(m, a, f"mprotect {U:#x} 2M rw-")
-    m.kernel.pt.set_pte(m.cr3(a), U, m.kernel.pt.get_pte(m.cr3(a), U).pte & ~2, HPAGE)  # RW off
+    m.kernel.pt.set_pte(m.cr3(a), U, leaf(m, a, U).pte & ~2, HPAGE)  # RW off
     m.flush_tlb(a)
     m.write_virt(a, U, b"new!")
     assert m.read_virt(a, U, 8) == b"new!" + pattern[4:8]
@@ -376,7 +378,7 @@ def test_a_write_to_a_read_only_exclusive_huge_page_reuses_it_and_keeps_the_data
 # --- 05 mm/page_alloc: Handle allocation for encrypted memory (migration) -------
 
 
-def two_nodes_with_a_secret():
+def two_nodes_with_a_secret() -> tuple[Machine, str]:
     """KeyID 1 pages on node 0 of a two-node machine, holding SECRET."""
     m, a = two_keys(phys_mem="16M", numa_nodes=2)
     ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
@@ -385,7 +387,7 @@ def two_nodes_with_a_secret():
     return m, a
 
 
-def test_a_migrated_page_keeps_its_keyid_and_its_data():
+def test_a_migrated_page_keeps_its_keyid_and_its_data() -> None:
     """Patch 05: "An encrypted page has to be migrated to the same KeyID as the
     source page." move_pages() allocates the target for page_keyid() of the
     source, copies through that KeyID and keeps the KeyID in the PTE."""
@@ -401,7 +403,7 @@ def test_a_migrated_page_keeps_its_keyid_and_its_data():
     assert m.check() == []
 
 
-def test_without_the_keyid_rule_a_migrated_page_reads_as_garbage():
+def test_without_the_keyid_rule_a_migrated_page_reads_as_garbage() -> None:
     """Before patch 05 the target came from KeyID 0 (alloc_pages_node): the
     copy lands through KeyID 0, the PTE still names KeyID 1."""
     m, a = two_nodes_with_a_secret()
@@ -412,7 +414,7 @@ def test_without_the_keyid_rule_a_migrated_page_reads_as_garbage():
     assert any("PTE KeyID differs from its page's page_ext KeyID" in p for p in m.check())
 
 
-def fragmented(switch_on: bool):
+def fragmented(switch_on: bool) -> tuple[Machine, list[tuple[str, int, bytes]]]:
     """Three tenants (KeyIDs 1-3) whose faults interleave over 7 MiB of an 8
     MiB machine, then each frees three pages of four: every 2 MiB block is
     fragmented. Returns the machine and the pages left, (space, va, data)."""
@@ -431,7 +433,7 @@ def fragmented(switch_on: bool):
     return m, kept
 
 
-def test_compaction_moves_pages_with_their_keyids():
+def test_compaction_moves_pages_with_their_keyids() -> None:
     """mm/compaction.c: the free page compaction_alloc() hands out is
     prepared for the KeyID of the page that moves into it (patch 05)."""
     m, kept = fragmented(switch_on=True)
@@ -441,7 +443,7 @@ def test_compaction_moves_pages_with_their_keyids():
     assert m.check() == []
 
 
-def test_without_the_keyid_rule_compaction_garbles_the_pages_it_moves():
+def test_without_the_keyid_rule_compaction_garbles_the_pages_it_moves() -> None:
     m, kept = fragmented(switch_on=False)
     assert m.compact_memory() > 0
     assert any(m.read_virt(name, va, len(data)) != data for name, va, data in kept)

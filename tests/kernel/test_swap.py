@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import struct
+from pathlib import Path
 
 import pytest
 
 from kernel_helpers import PAGE, U, ctl, machine, space, two_keys, vmstat
+from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.swapfile import SWAP_MAGIC, swp_entry_to_pte
 from mktme_sandbox.kernel.vma import VM
@@ -15,7 +17,7 @@ from mktme_sandbox.kernel.vma import VM
 SECRET = b"launch code 0000" * 4
 
 
-def swapped_out(**options: object):
+def swapped_out(**options: object) -> tuple[Machine, str]:
     """KeyID 1 page at U holding SECRET, then ``madvise pageout``."""
     m, a = two_keys(**options)
     ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
@@ -24,15 +26,15 @@ def swapped_out(**options: object):
     return m, a
 
 
-def pagemap_entry(m, name: str, va: int) -> int:
-    return struct.unpack("<Q", m.pagemap(name, (va >> 12) * 8, 8))[0]
+def pagemap_entry(m: Machine, name: str, va: int) -> int:
+    return int(struct.unpack("<Q", m.pagemap(name, (va >> 12) * 8, 8))[0])
 
 
-def swap_bytes(m) -> bytes:
+def swap_bytes(m: Machine) -> bytes:
     return m.read_swap(0, m.swap_size)
 
 
-def test_the_swap_device_is_formatted_as_mkswap_formats_a_partition():
+def test_the_swap_device_is_formatted_as_mkswap_formats_a_partition() -> None:
     """include/linux/swap.h, union swap_header: "SWAPSPACE2" in the last ten
     bytes of page 0, then info.version 1, info.last_page, info.nr_badpages 0
     after the 1024 boot bytes."""
@@ -45,7 +47,7 @@ def test_the_swap_device_is_formatted_as_mkswap_formats_a_partition():
     assert m.swaps().splitlines()[1].split()[1:] == ["partition", "1020", "0", "-2"]
 
 
-def test_a_page_written_through_a_keyid_is_in_swap_in_clear():
+def test_a_page_written_through_a_keyid_is_in_swap_in_clear() -> None:
     """mm/page_io.c swap_writepage() reads the page through the kernel's
     mapping, page_to_virt(), which the series makes the direct mapping of the
     page's KeyID (patch 18): the device receives plaintext."""
@@ -56,7 +58,7 @@ def test_a_page_written_through_a_keyid_is_in_swap_in_clear():
     assert m.check() == []
 
 
-def test_encrypted_swap_keeps_the_page_out_of_the_device_in_clear():
+def test_encrypted_swap_keeps_the_page_out_of_the_device_in_clear() -> None:
     """dm-crypt aes-xts-plain64 under the device's own key: ciphertext on the
     disk, the page back intact on the next fault."""
     m, a = two_keys()
@@ -69,7 +71,7 @@ def test_encrypted_swap_keeps_the_page_out_of_the_device_in_clear():
     assert m.check() == []
 
 
-def test_swap_in_allocates_a_page_of_the_vmas_keyid_and_frees_the_slot():
+def test_swap_in_allocates_a_page_of_the_vmas_keyid_and_frees_the_slot() -> None:
     """mm/memory.c do_swap_page(): a new page for the VMA (patch 05's
     alloc_page_vma with the VMA's KeyID), the slot freed once read."""
     m, a = swapped_out()
@@ -82,7 +84,7 @@ def test_swap_in_allocates_a_page_of_the_vmas_keyid_and_frees_the_slot():
     assert m.check() == []
 
 
-def test_a_swapped_page_shows_in_pagemap_smaps_and_swaps():
+def test_a_swapped_page_shows_in_pagemap_smaps_and_swaps() -> None:
     """Documentation/admin-guide/mm/pagemap.rst: "Bit 62 page swapped", bits
     0-4 swap type, bits 5-54 swap offset; smaps Swap: and SwapPss:."""
     m, a = swapped_out()
@@ -96,14 +98,14 @@ def test_a_swapped_page_shows_in_pagemap_smaps_and_swaps():
     assert m.swaps().splitlines()[1].split()[3] == "4"
 
 
-def test_munmap_frees_the_slots_of_swapped_pages():
+def test_munmap_frees_the_slots_of_swapped_pages() -> None:
     m, a = swapped_out()
     ctl(m, a, f"munmap {U:#x} 16K")
     assert m.kernel.swap.in_use() == 0
     assert m.check() == []
 
 
-def test_reclaim_swaps_pages_out_before_an_allocation_fails():
+def test_reclaim_swaps_pages_out_before_an_allocation_fails() -> None:
     """mm/page_alloc.c __alloc_pages_slowpath(): direct reclaim before the
     allocation gives up; ENOMEM only once swap is full too."""
     m = machine(phys_mem="8M", swap="2M")
@@ -129,7 +131,7 @@ def test_reclaim_swaps_pages_out_before_an_allocation_fails():
     assert m.check() == []
 
 
-def test_mlocked_pages_never_leave_memory():
+def test_mlocked_pages_never_leave_memory() -> None:
     """mm/vmscan.c: VM_LOCKED pages are unevictable; MADV_PAGEOUT refuses a
     locked VMA (can_madv_lru_vma) with EINVAL."""
     m, a = two_keys()
@@ -137,6 +139,7 @@ def test_mlocked_pages_never_leave_memory():
     m.write_virt(a, U, SECRET)
     mm = m.kernel.space(a)
     vma = mm.find_vma(U)
+    assert vma is not None
     mm.replace(vma, vma.with_(vm_flags=vma.vm_flags | VM.LOCKED))
     with pytest.raises(SandboxError) as caught:
         ctl(m, a, f"madvise {U:#x} 16K pageout")
@@ -147,7 +150,7 @@ def test_mlocked_pages_never_leave_memory():
     assert SECRET not in swap_bytes(m)
 
 
-def test_a_machine_without_swap_has_an_empty_device_and_pageout_does_nothing():
+def test_a_machine_without_swap_has_an_empty_device_and_pageout_does_nothing() -> None:
     m = machine(swap=0)
     a = space(m)
     ctl(m, a, f"mmap {U:#x} 4K rw-")
@@ -158,7 +161,7 @@ def test_a_machine_without_swap_has_an_empty_device_and_pageout_does_nothing():
     assert pagemap_entry(m, a, U) >> 63 == 1
 
 
-def test_the_audit_reports_a_forged_swap_entry_and_a_leaked_slot():
+def test_the_audit_reports_a_forged_swap_entry_and_a_leaked_slot() -> None:
     m, a = swapped_out()
     mm = m.kernel.space(a)
     m.kernel.pt.set_pte(mm.pgd, U + PAGE, swp_entry_to_pte(0, 200))
@@ -168,7 +171,7 @@ def test_the_audit_reports_a_forged_swap_entry_and_a_leaked_slot():
     assert "slot count differs from the swap entries naming it" in problems
 
 
-def test_a_snapshot_keeps_the_swapped_pages(tmp_path):
+def test_a_snapshot_keeps_the_swapped_pages(tmp_path: Path) -> None:
     m, a = swapped_out(swap="1M")
     m.snapshot(tmp_path / "s")
     other = machine(swap="1M")

@@ -6,6 +6,7 @@ PTE level. Users are 65534 and 65533; root and the daemon's user are exempt.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 import pytest
 
@@ -16,7 +17,7 @@ from mktme_sandbox.kernel.pgtable_types import PAGE_TABLE, Level
 ALICE, BOB = 65534, 65533
 
 
-def refused(errno_: int, call, *args, **kwargs) -> str:
+def refused(errno_: int, call: Callable[..., object], *args: object, **kwargs: object) -> str:
     with pytest.raises(SandboxError) as caught:
         call(*args, **kwargs)
     assert caught.value.errno == errno_, caught.value
@@ -41,7 +42,7 @@ def free_pages(m: Machine) -> int:
 # --- 1. keyids/N/mem: a user writes only its own memory ---------------------------
 
 
-def test_a_key_owner_writes_its_own_pages_through_its_keyid():
+def test_a_key_owner_writes_its_own_pages_through_its_keyid() -> None:
     m = alice_and_bob()
     m.write_phys(1, pfn_of(m, "alice", U) * PAGE, b"written raw", uid=ALICE)
     assert m.read_virt("alice", U, 11) == b"written raw"
@@ -62,7 +63,9 @@ def _targets(m: Machine) -> dict[str, int]:
     "target",
     ["another user's page", "a page table", "the zero page", "a free page", "a reserved page"],
 )
-def test_a_key_owner_writing_anything_but_its_own_pages_is_eacces_and_writes_nothing(target):
+def test_a_key_owner_writing_anything_but_its_own_pages_is_eacces_and_writes_nothing(
+    target: str,
+) -> None:
     m = alice_and_bob()
     pa = _targets(m)[target] * PAGE
     before = m.read_phys(1, pa, PAGE)
@@ -87,7 +90,9 @@ def test_a_key_owner_writing_anything_but_its_own_pages_is_eacces_and_writes_not
     ],
     ids=["maps", "smaps", "read_virt", "pagemap", "cr3", "ptdump", "vmas", "tlb", "read_phys"],
 )
-def test_the_api_checks_the_owner_of_a_space_or_keyid_as_the_mount_does(read):
+def test_the_api_checks_the_owner_of_a_space_or_keyid_as_the_mount_does(
+    read: Callable[[Machine, int | None], object],
+) -> None:
     """The mount's modes keep Alice out of Bob's space and KeyID; the API, given
     a uid, says the same (EACCES), and lets the owner, root and the daemon's user in."""
     m = alice_and_bob()
@@ -96,7 +101,7 @@ def test_the_api_checks_the_owner_of_a_space_or_keyid_as_the_mount_does(read):
         read(m, allowed)
 
 
-def test_a_page_is_written_only_through_its_own_keyid_even_by_its_owner():
+def test_a_page_is_written_only_through_its_own_keyid_even_by_its_owner() -> None:
     """Alice owns KeyIDs 1 and 3 and a KeyID-1 page. A line she stored through
     KeyID 3 would stay dirty under KeyID 3, which no flush of the page (KeyID 1)
     removes, and after she frees the page be written back over Bob's data."""
@@ -113,7 +118,7 @@ def test_a_page_is_written_only_through_its_own_keyid_even_by_its_owner():
     assert m.check() == []
 
 
-def test_a_write_that_runs_into_a_foreign_page_is_refused_whole():
+def test_a_write_that_runs_into_a_foreign_page_is_refused_whole() -> None:
     m = alice_and_bob()
     mine = {pfn_of(m, "alice", U + i * PAGE) for i in range(16)}
     last = next(pfn for pfn in sorted(mine) if pfn + 1 not in mine)
@@ -123,7 +128,7 @@ def test_a_write_that_runs_into_a_foreign_page_is_refused_whole():
     assert m.read_dram(last * PAGE, PAGE) == before
 
 
-def test_a_ksm_page_shared_with_another_user_is_not_writable_through_either_key():
+def test_a_ksm_page_shared_with_another_user_is_not_writable_through_either_key() -> None:
     m = alice_and_bob()
     m.set_mitigation("ksm_keyid_check", False)  # merge across KeyIDs, hence across users
     for uid, name in ((ALICE, "alice"), (BOB, "bob")):
@@ -136,14 +141,14 @@ def test_a_ksm_page_shared_with_another_user_is_not_writable_through_either_key(
     refused(errno.EACCES, m.write_phys, 2, shared * PAGE, b"x", uid=BOB)
 
 
-def test_a_user_writes_no_keyid_view_but_its_own_keys():
+def test_a_user_writes_no_keyid_view_but_its_own_keys() -> None:
     m = alice_and_bob()
     pa = pfn_of(m, "alice", U) * PAGE
     refused(errno.EACCES, m.write_phys, 2, pa, b"x", uid=ALICE)
     refused(errno.EACCES, m.write_phys, 0, pa, b"x", uid=ALICE)
 
 
-def test_root_and_the_daemons_user_write_any_page_through_any_keyid():
+def test_root_and_the_daemons_user_write_any_page_through_any_keyid() -> None:
     m = alice_and_bob()
     pa = pfn_of(m, "bob", U) * PAGE
     m.write_phys(1, pa, b"root was here", uid=0)
@@ -151,14 +156,14 @@ def test_root_and_the_daemons_user_write_any_page_through_any_keyid():
     m.write_phys(1, pa, b"the API default")
 
 
-def test_dram_is_written_by_root_and_the_daemons_user_only():
+def test_dram_is_written_by_root_and_the_daemons_user_only() -> None:
     m = alice_and_bob()
     refused(errno.EACCES, m.write_dram, 0x5000, b"x", uid=ALICE)
     m.write_dram(0x5000, b"x", uid=0)
     m.write_dram(0x5000, b"x")
 
 
-def test_a_space_is_written_by_its_owner_root_and_the_daemons_user_only():
+def test_a_space_is_written_by_its_owner_root_and_the_daemons_user_only() -> None:
     m = alice_and_bob()
     refused(errno.EACCES, m.write_virt, "bob", U, b"x", uid=ALICE)
     (vma,) = m.vmas("bob").values()
@@ -168,7 +173,7 @@ def test_a_space_is_written_by_its_owner_root_and_the_daemons_user_only():
     m.write_virt("bob", U, b"R", uid=0)
 
 
-def test_the_write_check_reads_a_64k_write_in_a_space_with_64m_mapped_quickly():
+def test_the_write_check_reads_a_64k_write_in_a_space_with_64m_mapped_quickly() -> None:
     import time
 
     m = machine(phys_mem="128M", max_pages_per_uid=1 << 20)
@@ -184,7 +189,7 @@ def test_the_write_check_reads_a_64k_write_in_a_space_with_64m_mapped_quickly():
 # --- 2. per-uid limits ----------------------------------------------------------------
 
 
-def test_the_default_limits_are_half_of_the_keyids_and_half_of_memory():
+def test_the_default_limits_are_half_of_the_keyids_and_half_of_memory() -> None:
     config = MachineConfig()
     assert (config.keyid_limit, config.page_limit) == (32, 32768)
     assert MachineConfig(max_keyids_per_uid=5, max_pages_per_uid=7).keyid_limit == 5
@@ -192,7 +197,7 @@ def test_the_default_limits_are_half_of_the_keyids_and_half_of_memory():
         MachineConfig(max_pages_per_uid=-1)
 
 
-def test_a_user_owns_at_most_max_keyids_per_uid_keyids_then_edquot():
+def test_a_user_owns_at_most_max_keyids_per_uid_keyids_then_edquot() -> None:
     m = machine(max_keyids_per_uid=2)
     cpu_key(m, 1, ALICE)
     cpu_key(m, 2, ALICE)
@@ -207,7 +212,7 @@ def test_a_user_owns_at_most_max_keyids_per_uid_keyids_then_edquot():
     cpu_key(m, 7, ALICE)
 
 
-def test_a_user_holds_at_most_max_pages_per_uid_pages_and_another_still_maps():
+def test_a_user_holds_at_most_max_pages_per_uid_pages_and_another_still_maps() -> None:
     m = machine(phys_mem="8M", max_pages_per_uid=100)
     cpu_key(m, 1, ALICE)
     space(m, "alice", ALICE)
@@ -258,7 +263,9 @@ def leave_free(m: Machine, n: int) -> None:
     ("free", "fails_at"),
     [(0, "the PUD table"), (1, "the PMD table"), (2, "the PTE table"), (3, "the data page")],
 )
-def test_a_fault_that_runs_out_of_memory_at_any_step_gives_back_all_it_took(free, fails_at):
+def test_a_fault_that_runs_out_of_memory_at_any_step_gives_back_all_it_took(
+    free: int, fails_at: str
+) -> None:
     m = machine(phys_mem="4M", swap=0)  # with swap, reclaim would make room
     cpu_key(m, 1, ALICE)
     space(m, "t", ALICE)
@@ -272,7 +279,7 @@ def test_a_fault_that_runs_out_of_memory_at_any_step_gives_back_all_it_took(free
     m.key_command(1, "type=clear", uid=ALICE)  # not EBUSY: no page of KeyID 1 leaked
 
 
-def test_a_read_fault_on_the_zero_page_that_runs_out_of_tables_gives_them_back():
+def test_a_read_fault_on_the_zero_page_that_runs_out_of_tables_gives_them_back() -> None:
     m = machine(phys_mem="4M", swap=0)  # with swap, reclaim would make room
     space(m, "t")
     ctl(m, "t", f"mmap {1 << 40:#x} 4K r--")
@@ -308,7 +315,9 @@ def _tampered(level: Level, target: str) -> tuple[Machine, int]:
 
 @pytest.mark.parametrize("target", BAD_TARGETS)
 @pytest.mark.parametrize("level", [Level.PGD, Level.PUD, Level.PMD])
-def test_a_tampered_upper_level_entry_is_reported_shown_and_destroyed_safely(level, target):
+def test_a_tampered_upper_level_entry_is_reported_shown_and_destroyed_safely(
+    level: Level, target: str
+) -> None:
     m, bob = _tampered(level, target)
     assert any(f"{level.name} entry points {target}" in line for line in m.check())
     assert "Rss:" in m.smaps("t")

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from mktme_sandbox.client import Mount
 from mktme_sandbox.mounting import MountedSandbox
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools_helpers, for every module here
 from tools_helpers import BIN, VA, Run, Tenant
 
 

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tools_helpers import BIN, LAUNCHERS, TOOLS, VA, Run, Tenant
 
 from mktme_sandbox import tools
 from mktme_sandbox.client import Mount, Space
 from mktme_sandbox.mounting import mounted
+from tools_helpers import BIN, LAUNCHERS, TOOLS, VA, Run, Tenant
 
 pytestmark = pytest.mark.mount
 
@@ -217,7 +217,9 @@ def test_no_command_names_the_commands(tool: Run, tool_name: str) -> None:
     assert "ARG" not in done.stderr
 
 
-def test_a_file_error_in_a_grep_like_tool_is_not_found_nowhere(capsys) -> None:
+def test_a_file_error_in_a_grep_like_tool_is_not_found_nowhere(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """mktme-find's 1 means "found nowhere": any failed read or write is its 2."""
 
     def fails() -> int:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tools_helpers import VA, Run, Tenant
 
 from mktme_sandbox.client import Mount
+from tools_helpers import VA, Run, Tenant
 
 pytestmark = pytest.mark.mount
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
-from tools_helpers import Run
 
 from mktme_sandbox.client import Mount
+from tools_helpers import Run
 
 pytestmark = pytest.mark.mount
 
@@ -85,7 +86,7 @@ def test_showing_a_missing_space_exits_3(tool: Run) -> None:
 
 
 def test_memory_counts_the_pages_of_each_keyid_as_page_keyid_does(
-    tool: Run, mnt: Mount, tmp_path
+    tool: Run, mnt: Mount, tmp_path: Path
 ) -> None:
     """The counts come from mm/keyid_map.svg; they must agree with mm/page_keyid
     and mm/kpageflags read directly (BUDDY bit 10 marks a free page)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tools_helpers import VA, Run, Tenant
 
 pytestmark = pytest.mark.mount

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tools_helpers import VA, Run, Tenant
 
 from mktme_sandbox.client import walk
+from tools_helpers import VA, Run, Tenant
 
 pytestmark = pytest.mark.mount
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mktme_sandbox.client import Mount, Space
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the console scripts of the installed package
 LAUNCHERS = ROOT / "mountpoint-tools"  # the same tools for a checkout without install
 TOOLS = ("mktme-key", "mktme-map", "mktme-peek", "mktme-walk", "mktme-find")
