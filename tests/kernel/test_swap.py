@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_helpers import PAGE, U, ctl, machine, space, two_keys, vmstat
+from kernel_helpers import PAGE, U, cpu_key, ctl, machine, space, two_keys, vmstat
 from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.swapfile import SWAP_MAGIC, swp_entry_to_pte
@@ -178,3 +178,41 @@ def test_a_snapshot_keeps_the_swapped_pages(tmp_path: Path) -> None:
     other.restore(tmp_path / "s")
     assert other.read_virt(a, U, len(SECRET)) == SECRET
     assert other.check() == []
+
+
+def test_fork_copies_swap_entries_so_the_child_reads_the_swapped_page_too() -> None:
+    """mm/memory.c copy_one_pte(): a non-present swap entry is copied as it is
+    after ``swap_duplicate(entry)``; both sides then fault the page back in
+    from the one slot, which is freed with its last reference."""
+    m, a = swapped_out()
+    ctl(m, a, "fork b")
+    slot = pagemap_entry(m, a, U) >> 5 & ((1 << 50) - 1)
+    assert pagemap_entry(m, "b", U) == pagemap_entry(m, a, U)
+    assert m.check() == []
+    assert m.read_virt("b", U, len(SECRET)) == SECRET
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert "Swap:                  0 kB" in m.smaps(a)
+    assert slot
+    assert m.swaps().splitlines()[1].split()[3] == "0"  # the slot is free again
+    assert m.check() == []
+
+
+def test_a_user_with_limits_swaps_at_most_half_the_device_and_root_still_can() -> None:
+    """docs/spec.md 8: no user can take every page, on the swap device either.
+    A slot is charged to the uid of the page it holds; a uid with limits holds
+    at most half the slots; past that its pages stay in memory, a dmesg line
+    says so, and another user's pageout still finds room."""
+    m = machine(phys_mem="64M", swap="1M")  # 255 slots
+    cpu_key(m, 1, 1000)
+    space(m, "u", 1000)
+    ctl(m, "u", f"mmap {U:#x} 1M rw- keyid=1 populate", 1000)
+    ctl(m, "u", f"madvise {U:#x} 1M pageout", 1000)
+    assert m.swaps().splitlines()[1].split()[3] == str(127 * 4)
+    assert "then its share of swap" in m.dmesg()
+    space(m, "r")
+    ctl(m, "r", f"mmap {U:#x} 64K rw- populate")
+    ctl(m, "r", f"madvise {U:#x} 64K pageout")
+    assert "Swap:                 64 kB" in m.smaps("r")
+    ctl(m, "u", f"munmap {U:#x} 1M", 1000)
+    assert m.swaps().splitlines()[1].split()[3] == "64"
+    assert m.check() == []

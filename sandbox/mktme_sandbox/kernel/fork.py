@@ -10,7 +10,9 @@ Rules kept:
   parent and the child" (``ptep_set_wrprotect(src_mm, addr, src_pte); pte =
   pte_wrprotect(pte)``); the child's PTE is the parent's, KeyID bits
   included, and the page gains a mapping (``get_page``, ``page_dup_rmap``).
-  The zero page is shared without a count, the huge zero page with one.
+  The zero page is shared without a count, the huge zero page with one. A
+  swap entry is copied as it is and its slot gains a reference
+  (``swap_duplicate()``): both sides swap the page back in from that slot.
 - The first write on either side breaks COW in ``do_wp_page()`` (memory.py):
   a new page from ``alloc_page_vma()`` with the VMA's KeyID, filled through
   each page's own KeyID; the last mapper reuses the page.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from mktme_sandbox.kernel.memory import flush_tlb_range, mapped_page, pte_page, split_huge_pmd
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, PteFlags
+from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.userfaultfd import dup_userfaultfd
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
@@ -61,6 +64,9 @@ def copy_page_range(k: Kernel, src: MmStruct, dst: MmStruct, vma: Vma) -> None:
         if size == HPAGE_SIZE and page is not None and not k.pages.is_zero_pfn(page):
             split_huge_pmd(k, src, va, pte)
     for va, size, pte in list(k.pt.iter_present(src.pgd, vma.start, vma.end)):
+        if is_swap_pte(pte):
+            copy_swap_entry(k, src, dst, va, pte)
+            continue
         pfn = pte_page(k, pte, size)
         if pfn is None or not mapped_page(k, pfn):
             k.log.printk(f"BUG: Bad page map in space {src.name}: {va:#x} pte:{pte:#018x}")
@@ -73,3 +79,14 @@ def copy_page_range(k: Kernel, src: MmStruct, dst: MmStruct, vma: Vma) -> None:
             k.huge_zero_refs += 1  # mm_get_huge_zero_page()
         k.pages.get_page(pfn)
     flush_tlb_range(k, src, vma.start, vma.end)
+
+
+def copy_swap_entry(k: Kernel, src: MmStruct, dst: MmStruct, va: int, pte: int) -> None:
+    """``copy_one_pte()`` of a swap entry: ``swap_duplicate()`` and the same entry
+    in the child, so both read the page back from the one slot."""
+    offset = swp_offset(pte)
+    if swp_type(pte) != 0 or not k.swap.valid_slot(offset):
+        k.log.printk(f"BUG: Bad swap entry in space {src.name}: {va:#x} pte:{pte:#018x}")
+        return
+    k.swap.swap_duplicate(offset)
+    k.pt.set_pte(dst.pgd, va, pte)

@@ -101,7 +101,7 @@ class Kernel:
             config.numa_nodes,
         )
         self.pages = self.alloc.pages
-        self.swap = SwapDevice(config.swap, config.seed)
+        self.swap = SwapDevice(config.swap, config.seed, self._swap_limit)
         """The swap partition (``swap``), its slots and its dm-crypt key."""
         self.pinned: set[int] = set()
         """PFNs a ``get_user_pages()`` in progress holds: reclaim leaves them."""
@@ -151,6 +151,11 @@ class Kernel:
         return try_to_free_pages(self)
 
     # --- per-uid limits -----------------------------------------------------------
+
+    def _swap_limit(self, uid: int) -> int | None:
+        """Swap slots ``uid`` may hold: half the device (docs/spec.md 8: no user
+        takes every page, on disk either); root and the daemon's user: no limit."""
+        return None if self.unlimited(uid) else self.swap.total // 2
 
     def unlimited(self, uid: int) -> bool:
         """Root and the daemon's user pass every per-uid limit."""

@@ -40,14 +40,17 @@ named by at most one PTE: only exclusive pages are swapped).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from mktme_sandbox.config import PAGE_SIZE
+from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.pgtable_types import PteFlags
 
 __all__ = [
@@ -62,6 +65,7 @@ __all__ = [
 ]
 
 SWAP_MAGIC = b"SWAPSPACE2"
+SWAP_MAP_MAX = 0x3E  # include/linux/swap.h: the most references swap_map[] counts
 SWAP_MAP_BAD = 0x3F
 SECTOR = 512
 SWAPFILE_CLUSTER = 256
@@ -109,13 +113,22 @@ def swap_header(nr_pages: int, uuid: bytes) -> bytes:
 class SwapDevice:
     """The swap partition: its bytes, ``swap_map[]`` and the dm-crypt key."""
 
-    def __init__(self, size: int, seed: int | None) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int | None,
+        slot_limit: Callable[[int], int | None] = lambda uid: None,
+    ) -> None:
         self.nr_pages = size // PAGE_SIZE
         self.size = self.nr_pages * PAGE_SIZE
         self._data = np.zeros(self.size, dtype=np.uint8)  # lazily backed
         self.swap_map = np.zeros(self.nr_pages, dtype=np.uint8)
         self._lowest = 1  # no free slot below this one
         self._encrypted = np.zeros(self.nr_pages, dtype=bool)
+        self._slot_uid = np.zeros(self.nr_pages, dtype=np.int64)  # uid + 1; 0 uncharged
+        self.slots_by_uid: dict[int, int] = {}
+        """Slots in use per uid: a page's slot is charged to whom the page was."""
+        self._slot_limit = slot_limit
         self.swap_encryption = False
         secret = (
             os.urandom(80)
@@ -145,10 +158,24 @@ class SwapDevice:
     def free(self) -> int:
         return self.total - self.in_use()
 
-    def get_swap_page(self) -> int | None:
-        """The lowest free slot, taken (map count 1); None when the device is full.
-        The search starts at ``_lowest``, below which no slot is free, and reads
-        the map a cluster (``SWAPFILE_CLUSTER``, 256 slots) at a time."""
+    def may_take(self, uid: int | None) -> bool:
+        """Whether ``uid`` may have one more page swapped: its share (``slot_limit``,
+        half the device for a user with limits) is not used up."""
+        limit = None if uid is None else self._slot_limit(uid)
+        return limit is None or self.slots_by_uid.get(uid or 0, 0) < limit
+
+    def get_swap_page(self, uid: int | None = None) -> int | None:
+        """The lowest free slot, taken (map count 1) and charged to ``uid``; None
+        when the device is full. The search starts at ``_lowest``, below which no
+        slot is free, and reads the map a cluster (``SWAPFILE_CLUSTER``, 256
+        slots) at a time."""
+        offset = self._take_slot()
+        if offset is not None and uid is not None:
+            self._slot_uid[offset] = uid + 1
+            self.slots_by_uid[uid] = self.slots_by_uid.get(uid, 0) + 1
+        return offset
+
+    def _take_slot(self) -> int | None:
         start = self._lowest
         while start < self.nr_pages:
             chunk = self.swap_map[start : start + SWAPFILE_CLUSTER]
@@ -171,11 +198,25 @@ class SwapDevice:
         counts: np.ndarray = np.where(inside, self.swap_map[np.where(inside, offsets, 0)], 0)
         return counts.astype(np.int64)
 
+    def swap_duplicate(self, offset: int) -> None:
+        """One more swap entry names the slot (``swap_duplicate()``: fork copies
+        the entry); ENOMEM past ``SWAP_MAP_MAX`` references (no continuation pages)."""
+        if self.swap_map[offset] >= SWAP_MAP_MAX:
+            fail(errno.ENOMEM, f"swap slot {offset}: more than {SWAP_MAP_MAX} references")
+        self.swap_map[offset] += 1
+
     def swap_free(self, offset: int) -> None:
-        """Drop one reference to a slot; its bytes stay on the disk, as on a real one."""
+        """Drop one reference to a slot; its bytes stay on the disk, as on a real one.
+        The last one uncharges the slot."""
         self.swap_map[offset] -= 1
         if not self.swap_map[offset]:
             self._lowest = min(self._lowest, offset)
+            uid = int(self._slot_uid[offset]) - 1
+            self._slot_uid[offset] = 0
+            if uid >= 0:
+                self.slots_by_uid[uid] -= 1
+                if not self.slots_by_uid[uid]:
+                    del self.slots_by_uid[uid]
 
     def valid_slot(self, offset: int) -> bool:
         return 0 < offset < self.nr_pages and 0 < self.swap_map[offset] != SWAP_MAP_BAD
@@ -220,6 +261,7 @@ class SwapDevice:
         pages = self._data.reshape(-1, PAGE_SIZE)[used] if self.nr_pages else self._data
         return {
             "swap_map": self.swap_map.copy(),
+            "slot_uid": self._slot_uid.copy(),
             "encrypted": self._encrypted.copy(),
             "slots": used.astype(np.int64),
             "pages": np.ascontiguousarray(pages).reshape(-1),
@@ -238,6 +280,10 @@ class SwapDevice:
         for slot, page in zip(np.asarray(state["slots"]).tolist(), pages, strict=True):
             self._data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE] = page
         self.swap_map[:] = state["swap_map"]
+        self._slot_uid[:] = state.get("slot_uid", 0)  # older snapshots: uncharged
+        charged = self._slot_uid[self._slot_uid > 0] - 1
+        uids, counts = np.unique(charged, return_counts=True)
+        self.slots_by_uid = dict(zip(uids.tolist(), counts.tolist(), strict=True))
         self._lowest = 1
         self._encrypted[:] = state["encrypted"]
         self.swap_encryption = bool(state["swap_encryption"])

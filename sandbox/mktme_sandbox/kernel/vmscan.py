@@ -11,6 +11,8 @@ Rules kept:
   ``get_user_pages()`` in progress (``Kernel.pinned``: the pages an access of
   ``spaces/NAME/mem`` has translated and not yet copied). Huge pages are
   split first by ``pageout``; reclaim skips them.
+- A slot is charged to the page's uid; a uid with limits holds at most half
+  the device (docs/spec.md 8), beyond which its pages stay in memory.
 - ``pageout()``: the page is written to a free slot through the kernel's
   direct mapping of the page's own KeyID (so the device gets plaintext, unless
   encrypted swap is on: ``kernel/swapfile.py``), its PTE becomes a swap entry,
@@ -54,7 +56,10 @@ def pageout(k: Kernel, mm: MmStruct, va: int, pte: int) -> bool:
     pfn = movable_page(k, pte)
     if pfn is None:
         return False
-    offset = k.swap.get_swap_page()
+    owner = k.alloc.charged_uid(pfn)
+    if not k.swap.may_take(owner):
+        return False
+    offset = k.swap.get_swap_page(owner)
     if offset is None:
         return False
     data = k.platform.load(pfn * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(pfn))
@@ -89,7 +94,9 @@ def madvise_pageout(k: Kernel, mm: MmStruct, start: int, end: int) -> int:
             if movable_page(k, pte) is None:
                 continue
             if not pageout(k, mm, va, pte):
-                return done  # the device is full
+                full = "the swap device is full" if not k.swap.free() else "its share of swap"
+                k.log.printk(f"madvise: pageout: {mm.name}: {done} pages written, then {full}")
+                return done
             done += 1
     return done
 
@@ -108,7 +115,9 @@ def try_to_free_pages(k: Kernel, nr: int = SWAP_CLUSTER_MAX) -> int:
                 flush_tlb_range(k, mm, va, va + PAGE_SIZE)
                 continue
             if not pageout(k, mm, va, pte):
-                return freed  # the device is full
+                if not k.swap.free():
+                    return freed  # the device is full
+                continue  # its owner's share of swap is used up
             freed += 1
             if freed >= nr:
                 return freed
