@@ -166,3 +166,25 @@ def test_tail_pages_of_a_mapped_huge_page_are_mmap_and_counted() -> None:
     assert all(f & (1 << KPF.MMAP) for f in flags)
     assert all(f & (1 << KPF.COMPOUND_TAIL) for f in flags[1:])
     assert set(counts) == {1}
+
+
+def meminfo_values(m: Machine) -> dict[str, int]:
+    return {line.split(":")[0]: int(line.split()[1]) for line in m.meminfo().splitlines()}
+
+
+def test_the_huge_zero_page_is_neither_reserved_memory_nor_an_anonymous_thp() -> None:
+    """mm/huge_memory.c get_huge_zero_page(): the huge zero page is an ordinary
+    allocation (alloc_pages(GFP_TRANSHUGE | __GFP_ZERO, HPAGE_PMD_ORDER)), so
+    MemTotal (totalram_pages) does not change; it is not anonymous memory, so
+    neither AnonHugePages nor nr_anon_transparent_hugepages counts it."""
+    m = Machine(None, phys_mem="16M", seed=1)
+    m.create_space("a", 0)
+    before = meminfo_values(m)
+    m.space_command("a", f"mmap {U:#x} 2M r--", uid=0)
+    m.space_command("a", f"madvise {U:#x} 2M hugepage", uid=0)
+    assert m.read_virt("a", U, 8) == bytes(8)
+    after = meminfo_values(m)
+    assert m.vmstat_counts()["thp_zero_page_alloc"] == 1
+    assert after["MemTotal"] == before["MemTotal"]
+    assert after["AnonHugePages"] == 0
+    assert m.vmstat_counts()["nr_anon_transparent_hugepages"] == 0

@@ -194,7 +194,7 @@ def mm_get_huge_zero_page(k: Kernel) -> int | None:
     when none exists; None when no 2M page is free."""
     if k.huge_zero_pfn is None:
         with k.charging(None):
-            pfn = k.alloc.alloc_huge_page(0, flags=PG.ZERO | PG.RESERVED)
+            pfn = k.alloc.alloc_huge_page(0, flags=PG.ZERO)  # a plain page (not reserved)
         if pfn is None:
             k.vmstat.inc("thp_zero_page_alloc_failed")
             return None

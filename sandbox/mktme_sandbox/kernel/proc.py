@@ -405,7 +405,7 @@ def node_page_state(k: Kernel) -> dict[str, int]:
     return {
         "nr_free_pages": int(k.alloc.free_mask().sum()),
         "nr_anon_pages": int(((flags & PG.ANON) != 0).sum()),
-        "nr_anon_transparent_hugepages": int(((flags & PG.HEAD) != 0).sum()),
+        "nr_anon_transparent_hugepages": int(((flags & (PG.HEAD | PG.ZERO)) == PG.HEAD).sum()),
         "nr_page_table_pages": int(((flags & PG.PGTABLE) != 0).sum()),
     }
 
