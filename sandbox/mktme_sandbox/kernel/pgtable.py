@@ -317,23 +317,30 @@ class _PageWalk:
             if ops.pte_table is not None and len(indices):
                 ops.pte_table(PteTable(table.pa, base, indices, values))
             if self.pte_loop:
-                self._entries(level, base, indices, values, ops.pte_entry, None)
+                self._ptes(base, indices, values)
             return left
-        return left - self._entries(level, base, indices, values, None, table)
+        return left - self._entries(table, indices, values)
 
-    def _entries(
-        self,
-        level: Level,
-        base: int,
-        indices: np.ndarray,
-        values: np.ndarray,
-        pte_entry: Callable[[int, int], None] | None,
-        table: TableRef | None,
-    ) -> int:
-        """The non-empty entries of one table in address order, with the holes
-        between them; ``table`` is None for a PTE table. Returns the entries
-        ``post_table`` unlinked."""
-        ops, hole, shift = self.ops, self.ops.pte_hole, level.shift
+    def _ptes(self, base: int, indices: np.ndarray, values: np.ndarray) -> None:
+        """The non-empty PTEs of one table in address order, with the holes between them."""
+        pte_entry, hole, level = self.ops.pte_entry, self.ops.pte_hole, Level.PTE
+        cursor = max(self.start, base)
+        for va, e in zip(((indices << PAGE_SHIFT) + base).tolist(), values.tolist(), strict=True):
+            if hole is not None and va > cursor:
+                hole(cursor, va, level)
+            cursor = va + PAGE_SIZE
+            if pte_entry is not None:
+                pte_entry(va, e)
+        stop = min(self.end, base + (PTRS_PER_TABLE << PAGE_SHIFT))
+        if hole is not None and stop > cursor:
+            hole(cursor, stop, level)
+
+    def _entries(self, table: TableRef, indices: np.ndarray, values: np.ndarray) -> int:
+        """The non-empty entries of one table above the PTE level in address
+        order, with the holes between them. Returns the entries ``post_table``
+        unlinked."""
+        ops, hole, level, base = self.ops, self.ops.pte_hole, table.level, table.base
+        shift = level.shift
         size = 1 << shift
         cursor, unlinked = max(self.start, base), 0
         for i, e in zip(indices.tolist(), values.tolist(), strict=True):
@@ -341,10 +348,7 @@ class _PageWalk:
             if hole is not None and va > cursor:
                 hole(cursor, va, level)
             cursor = va + size
-            if table is None:
-                if pte_entry is not None:
-                    pte_entry(va, e)
-            elif e & _PRESENT_PSE != _PRESENT:
+            if e & _PRESENT_PSE != _PRESENT:
                 if ops.huge_entry is not None:
                     ops.huge_entry(va, level, e)
             else:
@@ -600,10 +604,11 @@ class PageTables:
         """
         self._check_range("iter_spans", start, end)
         spans: list[Span] = []
+        add, pte = spans.append, Level.PTE
         ops = MmWalkOps(
-            pte_entry=lambda va, e: spans.append(Span(va, SIZE_4K, Level.PTE, e)),
-            huge_entry=lambda va, level, e: spans.append(Span(va, level.size, level, e)),
-            pte_hole=lambda lo, hi, level: spans.append(Span(lo, hi - lo, level, 0)),
+            pte_entry=lambda va, e: add(Span(va, SIZE_4K, pte, e)),
+            huge_entry=lambda va, level, e: add(Span(va, level.size, level, e)),
+            pte_hole=lambda lo, hi, level: add(Span(lo, hi - lo, level, 0)),
         )
         self._walk(cr3, start, end, ops)
         return iter(spans)
