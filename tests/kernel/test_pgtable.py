@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -467,6 +468,57 @@ def test_destroy_frees_every_table() -> None:
     assert pt.destroy(cr3) == 9  # PGD; PUD, 2 PMD, 2 PTE; PUD, PMD, PTE
     assert pool.in_use == {other}
     assert pt.table_pages == 1
+
+
+# -- forged tables: every scan meets each table once ---------------------------------
+
+
+def _forged_tables(kind: str) -> tuple[PageTables, int, set[int]]:
+    """One leaf at 0x1000, then one table linked twice, as a write through
+    keyids/0/mem can do: a PMD entry pointing back up at the PUD table ("loop")
+    or a second PGD entry pointing at the first one's PUD ("double link")."""
+    pt, mem, pool = make_tables()
+    cr3 = pt.create()
+    pt.set_pte(cr3, 0x1000, LAYOUT.make_pte(1, 0, USER_RW))
+    tables = set(pool.in_use)
+    pgd0 = int.from_bytes(mem.load(cr3, 8), "little")
+    pud = pgd0 & LAYOUT.pfn_mask
+    if kind == "loop":
+        pmd = int.from_bytes(mem.load(pud, 8), "little") & LAYOUT.pfn_mask
+        mem.store(pmd + 8, (pud | int(PAGE_TABLE)).to_bytes(8, "little"))
+    else:
+        mem.store(cr3 + 8, pgd0.to_bytes(8, "little"))
+    return pt, cr3, tables
+
+
+_SCANS: dict[str, Callable[[PageTables, int], object]] = {
+    "iter_present": lambda pt, cr3: list(pt.iter_present(cr3)),
+    "leaf_arrays": lambda pt, cr3: pt.leaf_arrays(cr3),
+    "iter_spans": lambda pt, cr3: list(pt.iter_spans(cr3)),
+    "iter_tables": lambda pt, cr3: list(pt.iter_tables(cr3)),
+    "iter_bad_pointers": lambda pt, cr3: list(pt.iter_bad_pointers(cr3)),
+    "free_empty_tables": lambda pt, cr3: pt.free_empty_tables(cr3),
+}
+
+
+@pytest.mark.parametrize("kind", ["loop", "double link"])
+@pytest.mark.parametrize("scan", list(_SCANS))
+def test_a_scan_of_a_table_linked_twice_meets_it_once(kind: str, scan: str) -> None:
+    pt, cr3, tables = _forged_tables(kind)
+    _SCANS[scan](pt, cr3)
+    assert [leaf.va for leaf in pt.iter_present(cr3)] == [0x1000]
+    assert pt.leaf_arrays(cr3).va.tolist() == [0x1000]
+    assert sorted(pt.iter_tables(cr3)) == sorted(tables)
+    assert [s for s in pt.iter_spans(cr3) if s.pte] == [
+        Span(0x1000, SIZE_4K, Level.PTE, LAYOUT.make_pte(1, 0, USER_RW))
+    ]
+
+
+@pytest.mark.parametrize("kind", ["loop", "double link"])
+def test_destroy_frees_a_table_linked_twice_once(kind: str) -> None:
+    pt, cr3, tables = _forged_tables(kind)
+    assert pt.destroy(cr3) == len(tables)
+    assert pt.table_pages == 0
 
 
 # -- model-based ----------------------------------------------------------------

@@ -57,7 +57,8 @@ class PG(IntFlag):
 
 
 # The flags as plain ints: the predicates below run once per page in faults and
-# scans, where an enum member lookup costs more than the test itself.
+# scans on Python ints (``item()``), where an enum member lookup or numpy
+# scalar arithmetic costs more than the test itself.
 _BUDDY = int(PG.BUDDY)
 _ANON = int(PG.ANON)
 _PGTABLE = int(PG.PGTABLE)
@@ -67,6 +68,8 @@ _HEAD = int(PG.HEAD)
 _TAIL = int(PG.TAIL)
 _RESERVED = int(PG.RESERVED)
 _MLOCKED = int(PG.MLOCKED)
+_ZERO_OR_KSM = _ZERO | _KSM
+_HEAD_MASK = ~(HPAGE_NR - 1)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -93,7 +96,7 @@ class MemMap:
     # --- page_ext: the KeyID ----------------------------------------------------
 
     def page_keyid(self, pfn: int) -> int:
-        return int(self._keyid[pfn])
+        return int(self._keyid.item(pfn))
 
     def set_page_keyid(self, pfn: int, keyid: int, nr: int = 1) -> None:
         """The KeyID of ``nr`` pages from ``pfn`` (prep_encrypted_page, arch_free_page)."""
@@ -102,7 +105,7 @@ class MemMap:
     # --- page->flags ------------------------------------------------------------
 
     def page_flags(self, pfn: int) -> PG:
-        return PG(int(self._flags[pfn]))
+        return PG(self._flags.item(pfn))
 
     def _test(self, pfn: int, flag: int) -> bool:
         return bool(self._flags.item(pfn) & flag)
@@ -150,46 +153,49 @@ class MemMap:
         self._flags[self.compound_head(pfn)] &= np.uint32(0xFFFFFFFF ^ PG.MLOCKED)
 
     def SetPageKsm(self, pfn: int) -> None:
-        self._flags[pfn] |= np.uint32(PG.KSM)
+        self._flags[pfn] |= np.uint32(_KSM)
 
     def ClearPageBuddy(self, pfn: int) -> None:
-        self._flags[pfn] &= np.uint32(0xFFFFFFFF ^ PG.BUDDY)
+        self._flags[pfn] &= np.uint32(0xFFFFFFFF ^ _BUDDY)
 
     # --- the map count ------------------------------------------------------------
 
     def page_mapcount(self, pfn: int) -> int:
         """The PTEs (or the PMD) that map ``pfn``; a compound page counts at its head."""
-        return int(self._mapcount[pfn])
+        return int(self._mapcount.item(pfn))
 
     def page_mapped(self, pfn: int) -> bool:
         """Mapped anywhere: the map count of its compound head is positive."""
-        return bool(self._mapcount[self.compound_head(pfn)] > 0)
+        return int(self._mapcount.item(self.compound_head(pfn))) > 0
 
     def page_exclusive(self, pfn: int) -> bool:
         """Mapped once and neither the zero page nor KSM's: a write may reuse it
         (``wp_page_reuse``) and pagemap calls it exclusive."""
-        return not self._test(pfn, _ZERO | _KSM) and self._mapcount[pfn] == 1
+        return not self._flags.item(pfn) & _ZERO_OR_KSM and self._mapcount.item(pfn) == 1
 
     def get_page(self, pfn: int) -> None:
         """One more mapping of the page ``pfn`` belongs to (the zero page is not counted)."""
-        if self.is_zero_pfn(pfn):
+        flags = self._flags.item(pfn)
+        if flags & _ZERO:
             return
-        self._mapcount[self.compound_head(pfn)] += 1
+        head = pfn & _HEAD_MASK if flags & _TAIL else pfn
+        self._mapcount[head] += 1
 
     def put_page(self, pfn: int) -> None:
         """Drop one mapping of a page; free it when none is left."""
-        if self.is_zero_pfn(pfn):
+        flags = self._flags.item(pfn)
+        if flags & _ZERO:
             return
-        head = self.compound_head(pfn)
+        head = pfn & _HEAD_MASK if flags & _TAIL else pfn
         self._mapcount[head] -= 1
-        if self._mapcount[head] <= 0:
+        if self._mapcount.item(head) <= 0:
             self._free_page(head)
 
     # --- compound pages -------------------------------------------------------------
 
     def compound_head(self, pfn: int) -> int:
         """The first page of the 2M page ``pfn`` is part of, or ``pfn`` itself."""
-        return pfn & ~(HPAGE_NR - 1) if self._test(pfn, _TAIL) else pfn
+        return pfn & _HEAD_MASK if self._flags.item(pfn) & _TAIL else pfn
 
     def compound_order(self, pfn: int) -> int:
         """The order of the page headed by ``pfn`` (0 unless it is a head)."""

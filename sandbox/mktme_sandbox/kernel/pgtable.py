@@ -277,12 +277,106 @@ class MmWalkOps:
     """``(va, level, entry)`` for an entry that points to a table (PRESENT, no
     PSE) but not to a page-table page: the walk never follows it."""
 
-    @property
-    def wants_pte_tables(self) -> bool:
-        """Whether PTE tables must be read at all."""
-        return any(
-            f is not None for f in (self.pte_table, self.pte_entry, self.pte_hole, self.post_table)
-        )
+
+class _PageWalk:
+    """One ``walk_page_range``: the range, the callbacks, the tables seen.
+
+    ``seen``: tables rewritten through ``keyids/0/mem`` may point back up or
+    twice at one table; a table already walked is skipped, so a walk ends.
+    """
+
+    def __init__(
+        self, pt: PageTables, start: int, end: int, ops: MmWalkOps, seen: set[int]
+    ) -> None:
+        self.pt, self.start, self.end, self.ops, self.seen = pt, start, end, ops, seen
+        self.load, self.amask, self.is_table_page = pt._load, pt._amask, pt._is_table_page
+        self.count = ops.post_table is not None
+        self.pte_loop = ops.pte_entry is not None or ops.pte_hole is not None
+        self.read_ptes = ops.pte_table is not None or self.pte_loop or self.count
+
+    def table(self, table: TableRef) -> int:
+        """Visit the entries of ``table`` overlapping the range; return how many
+        entries of the whole table are non-empty afterwards (counted only for
+        ``post_table``)."""
+        level, base = table.level, table.base
+        is_pte = level is Level.PTE
+        if is_pte and not self.read_ptes:
+            return 0
+        shift = level.shift
+        entries = np.frombuffer(self.load(table.pa, PAGE_SIZE), "<u8")
+        left = int(np.count_nonzero(entries)) if self.count else 0
+        lo = max(0, (self.start - base) >> shift)
+        hi = min(PTRS_PER_TABLE, (self.end - base + (1 << shift) - 1) >> shift)
+        if lo >= hi:
+            return left
+        window = entries[lo:hi]
+        nonzero = np.flatnonzero(window)
+        indices, values = nonzero + lo, window[nonzero].astype(np.uint64)
+        ops = self.ops
+        if is_pte:
+            if ops.pte_table is not None and len(indices):
+                ops.pte_table(PteTable(table.pa, base, indices, values))
+            if self.pte_loop:
+                self._ptes(base, indices, values)
+            return left
+        return left - self._entries(table, indices, values)
+
+    def _ptes(self, base: int, indices: np.ndarray, values: np.ndarray) -> None:
+        """The non-empty PTEs of one table in address order, with the holes between them."""
+        pte_entry, hole, level = self.ops.pte_entry, self.ops.pte_hole, Level.PTE
+        cursor = max(self.start, base)
+        for va, e in zip(((indices << PAGE_SHIFT) + base).tolist(), values.tolist(), strict=True):
+            if hole is not None and va > cursor:
+                hole(cursor, va, level)
+            cursor = va + PAGE_SIZE
+            if pte_entry is not None:
+                pte_entry(va, e)
+        stop = min(self.end, base + (PTRS_PER_TABLE << PAGE_SHIFT))
+        if hole is not None and stop > cursor:
+            hole(cursor, stop, level)
+
+    def _entries(self, table: TableRef, indices: np.ndarray, values: np.ndarray) -> int:
+        """The non-empty entries of one table above the PTE level in address
+        order, with the holes between them. Returns the entries ``post_table``
+        unlinked."""
+        ops, hole, level, base = self.ops, self.ops.pte_hole, table.level, table.base
+        shift = level.shift
+        size = 1 << shift
+        cursor, unlinked = max(self.start, base), 0
+        for i, e in zip(indices.tolist(), values.tolist(), strict=True):
+            va = base + (i << shift)
+            if hole is not None and va > cursor:
+                hole(cursor, va, level)
+            cursor = va + size
+            if e & _PRESENT_PSE != _PRESENT:
+                if ops.huge_entry is not None:
+                    ops.huge_entry(va, level, e)
+            else:
+                unlinked += self._child(table, i, e, va)
+        stop = min(self.end, base + (PTRS_PER_TABLE << shift))
+        if hole is not None and stop > cursor:
+            hole(cursor, stop, level)
+        return unlinked
+
+    def _child(self, table: TableRef, i: int, e: int, va: int) -> int:
+        """Walk the table entry ``i`` of ``table`` points to; 1 when
+        ``post_table`` unlinked it, else 0."""
+        child_pa = e & self.amask
+        ops = self.ops
+        if not self.is_table_page(child_pa):
+            if ops.bad_entry is not None:
+                ops.bad_entry(va, table.level, e)
+            return 0
+        if child_pa in self.seen:
+            return 0
+        self.seen.add(child_pa)
+        child = TableRef(table.level.next, child_pa, va, table.pa + 8 * i)
+        if ops.pre_table is not None:
+            ops.pre_table(child)
+        left = self.table(child)
+        if ops.post_table is not None and ops.post_table(child, left == 0):
+            return 1
+        return 0
 
 
 class PageTables:
@@ -453,82 +547,7 @@ class PageTables:
     def _walk(self, cr3: int, start: int, end: int, ops: MmWalkOps) -> None:
         """``walk_page_range`` without the range check: whole-tree walks pass
         ``_TREE_END`` and meet the PGD's kernel-half slots too."""
-        self._walk_table(TableRef(Level.PGD, cr3, 0, -1), start, end, ops, {cr3})
-
-    def _walk_table(
-        self, table: TableRef, start: int, end: int, ops: MmWalkOps, seen: set[int]
-    ) -> int:
-        """Visit the entries of ``table`` overlapping ``[start, end)``; return
-        how many entries of the whole table are non-empty afterwards (counted
-        only for ``post_table``).
-
-        ``seen``: tables rewritten through ``keyids/0/mem`` may point back up or
-        twice at one table; a table already walked is skipped, so a walk ends.
-        """
-        level, base = table.level, table.base
-        shift = level.shift
-        if level == Level.PTE and not ops.wants_pte_tables:
-            return 0
-        entries = np.frombuffer(self._load(table.pa, PAGE_SIZE), "<u8")
-        left = int(np.count_nonzero(entries)) if ops.post_table is not None else 0
-        lo = max(0, (start - base) >> shift)
-        hi = min(PTRS_PER_TABLE, (end - base + (1 << shift) - 1) >> shift)
-        if lo >= hi:
-            return left
-        nonzero = np.flatnonzero(entries[lo:hi])
-        indices, values = nonzero + lo, entries[lo:hi][nonzero].astype(np.uint64)
-        if level == Level.PTE and ops.pte_table is not None and len(indices):
-            ops.pte_table(PteTable(table.pa, base, indices, values))
-        if level == Level.PTE and ops.pte_entry is None and ops.pte_hole is None:
-            return left
-        size, hole = 1 << shift, ops.pte_hole
-        cursor = max(start, base)
-        for i, e in zip(indices.tolist(), values.tolist(), strict=True):
-            va = base + (i << shift)
-            if hole is not None and va > cursor:
-                hole(cursor, va, level)
-            cursor = va + size
-            if level == Level.PTE:
-                if ops.pte_entry is not None:
-                    ops.pte_entry(va, e)
-            elif e & _PRESENT_PSE != _PRESENT:
-                if ops.huge_entry is not None:
-                    ops.huge_entry(va, level, e)
-            else:
-                left -= self._walk_child(table, i, e, va, start, end, ops, seen)
-        stop = min(end, base + (PTRS_PER_TABLE << shift))
-        if hole is not None and stop > cursor:
-            hole(cursor, stop, level)
-        return left
-
-    def _walk_child(
-        self,
-        table: TableRef,
-        i: int,
-        e: int,
-        va: int,
-        start: int,
-        end: int,
-        ops: MmWalkOps,
-        seen: set[int],
-    ) -> int:
-        """Walk the table entry ``i`` of ``table`` points to; 1 when
-        ``post_table`` unlinked it, else 0."""
-        child_pa = e & self._amask
-        if not self._is_table_page(child_pa):
-            if ops.bad_entry is not None:
-                ops.bad_entry(va, table.level, e)
-            return 0
-        if child_pa in seen:
-            return 0
-        seen.add(child_pa)
-        child = TableRef(table.level.next, child_pa, va, table.pa + 8 * i)
-        if ops.pre_table is not None:
-            ops.pre_table(child)
-        left = self._walk_table(child, start, end, ops, seen)
-        if ops.post_table is not None and ops.post_table(child, left == 0):
-            return 1
-        return 0
+        _PageWalk(self, start, end, ops, {cr3}).table(TableRef(Level.PGD, cr3, 0, -1))
 
     def iter_present(self, cr3: int, start: int = 0, end: int = USER_END) -> Iterator[Leaf]:
         """Every non-empty leaf overlapping ``[start, end)``, ascending by address.
@@ -585,10 +604,11 @@ class PageTables:
         """
         self._check_range("iter_spans", start, end)
         spans: list[Span] = []
+        add, pte = spans.append, Level.PTE
         ops = MmWalkOps(
-            pte_entry=lambda va, e: spans.append(Span(va, SIZE_4K, Level.PTE, e)),
-            huge_entry=lambda va, level, e: spans.append(Span(va, level.size, level, e)),
-            pte_hole=lambda lo, hi, level: spans.append(Span(lo, hi - lo, level, 0)),
+            pte_entry=lambda va, e: add(Span(va, SIZE_4K, pte, e)),
+            huge_entry=lambda va, level, e: add(Span(va, level.size, level, e)),
+            pte_hole=lambda lo, hi, level: add(Span(lo, hi - lo, level, 0)),
         )
         self._walk(cr3, start, end, ops)
         return iter(spans)
@@ -676,7 +696,8 @@ class PageTables:
     def _subtables_of(self, table: TableRef) -> list[TableRef]:
         tables: list[TableRef] = []
         end = table.base + (PTRS_PER_TABLE << table.level.shift)
-        self._walk_table(table, table.base, end, MmWalkOps(pre_table=tables.append), {table.pa})
+        ops = MmWalkOps(pre_table=tables.append)
+        _PageWalk(self, table.base, end, ops, {table.pa}).table(table)
         return tables
 
     @staticmethod
