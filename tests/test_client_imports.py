@@ -54,5 +54,5 @@ def test_the_probe_does_see_a_heavy_import() -> None:
     assert "numpy" in modules_loaded_by("mktme_sandbox.machine")
 
 
-def test_there_is_a_probe_for_each_of_the_twenty_one_experiments() -> None:
-    assert len(EXAMPLES) == 21
+def test_there_is_a_probe_for_each_of_the_twenty_two_experiments() -> None:
+    assert len(EXAMPLES) == 22

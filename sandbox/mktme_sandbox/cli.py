@@ -408,7 +408,8 @@ def bench(suites: tuple[str, ...], as_json: bool, scale_to: str | None) -> None:
       engine  the AES-XTS engine against one bulk AES-ECB pass; CPU loads and
               stores through a KeyID; host RSS of a sparse 64 GiB machine
       kernel  page faults with MKTME on and off; a kernel-build-like trace
-              with the flush-cost model of the series' cover letter; cost
+              with the flush-cost model of the series' cover letter; swap,
+              migration, fork, COW and THP faults, KeyID 0 against 1; cost
               per page from 64 MiB mapped up (--scale-to)
       kbuild  the cover letter's table from a recorded kernel build's
               trace, and N tenants sharing the pools (docs/kbuild.md)

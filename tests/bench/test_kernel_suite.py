@@ -1,4 +1,4 @@
-"""The ``kernel`` bench suite at a tiny size: one run of all three parts, no timing."""
+"""The ``kernel`` bench suite at a tiny size: one run of all its parts, no timing."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def test_run_reports_each_metric_once_with_the_issues_goals() -> None:
         "swap_out_keyid1_vs_keyid0_ratio": (0.9, True),
         "swap_in_keyid1_vs_keyid0_ratio": (0.9, True),
         "migrate_keyid1_vs_keyid0_ratio": (0.9, True),
+        "fork_keyid1_vs_keyid0_ratio": (0.9, True),
+        "cow_keyid1_vs_keyid0_ratio": (0.9, True),
     }
     for config in CONFIGS:
         assert f"trace_{config.label}_flush_per_1k" in names

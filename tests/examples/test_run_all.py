@@ -1,8 +1,8 @@
-"""``mktme-sandbox examples``: the 21 experiments shipped in the package, listed,
+"""``mktme-sandbox examples``: the 22 experiments shipped in the package, listed,
 run one by one or all together; every one PASSes on a fresh sandbox.
 
 run-all is run as a user runs it, without $MKTME_MNT: it mounts a sandbox of
-its own (``mktme-sandbox mount DIR --seed 1 --numa-nodes 2``), runs the 21 experiments on it
+its own (``mktme-sandbox mount DIR --seed 1 --numa-nodes 2``), runs the 22 experiments on it
 and unmounts it. Its temporary directory (and the daemon's log in it) goes
 under the test's ``tmp_path`` ($TMPDIR). Each experiment also checks by itself
 that it gave back what it took (keys, spaces, switches, free pages, mm/check).
@@ -51,8 +51,8 @@ def mounts_under(top: Path) -> set[str]:
         return {line.split()[1] for line in f if line.split()[1].startswith(f"{top}/")}
 
 
-def test_there_are_twenty_one_experiments_in_the_package() -> None:
-    assert [e.number for e in EXPERIMENTS] == list(range(1, 22))
+def test_there_are_twenty_two_experiments_in_the_package() -> None:
+    assert [e.number for e in EXPERIMENTS] == list(range(1, 23))
     assert EXPERIMENTS[0].stem == "01-wrong-key"
     assert EXPERIMENTS[0].module == "mktme_sandbox.examples.exp01_wrong_key"
 
@@ -61,7 +61,7 @@ def test_list_shows_number_name_and_title_of_each() -> None:
     done = run(str(SANDBOX), "examples", "list")
     assert done.returncode == 0, done.stderr
     rows = done.stdout.splitlines()
-    assert len(rows) == 21
+    assert len(rows) == 22
     assert rows[0].split()[:2] == ["1", "wrong-key"]
     assert "wrong key" in rows[0]
 
@@ -117,13 +117,13 @@ def test_run_all_mounts_a_sandbox_runs_every_experiment_and_unmounts(tmp_path: P
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr
     summary = done.stdout[done.stdout.index("= summary =") :]
     rows = [line for line in summary.splitlines() if re.match(r"^\d\d-", line)]
-    assert len(rows) == 21
+    assert len(rows) == 22
     assert all(" PASS " in row for row in rows)
-    assert "21 PASS, 0 FAIL, 0 ERROR of 21" in summary
+    assert "22 PASS, 0 FAIL, 0 ERROR of 22" in summary
     assert "run-all: unmounting" in done.stdout
     progress = [line for line in done.stderr.splitlines() if line.startswith("run-all: [")]
-    assert len(progress) == 21
-    assert progress[-1] == "run-all: [21/21] 21-uffd-zeropage"
+    assert len(progress) == 22
+    assert progress[-1] == "run-all: [22/22] 22-mremap-keyid"
     assert f"run-all: mounted at {tmp_path}/mktme-run-all-" in done.stdout
     assert mounts_under(tmp_path) == set()
 

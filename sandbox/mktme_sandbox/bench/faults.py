@@ -22,8 +22,9 @@ whole calls).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from mktme_sandbox.bench import Goal, Result
 from mktme_sandbox.bench.machines import CONFIGS, boot, mmap_command, timed
@@ -32,6 +33,7 @@ from mktme_sandbox.machine import Machine
 
 __all__ = [
     "FAULT_CONTENDERS",
+    "Contender",
     "FaultContender",
     "FaultSamples",
     "fault_contenders",
@@ -40,6 +42,12 @@ __all__ = [
 ]
 
 BASE = 0x10000000  # where the fault-rate mapping goes
+
+
+class Contender(Protocol):
+    """Anything timed in rounds: ``round()`` is seconds per unit of work."""
+
+    def round(self) -> float: ...
 
 
 @dataclass
@@ -107,7 +115,7 @@ class FaultSamples:
         return statistics.median(ref / own for ref, own in pairs)
 
 
-def fault_samples(contenders: dict[str, FaultContender], rounds: int) -> FaultSamples:
+def fault_samples(contenders: Mapping[str, Contender], rounds: int) -> FaultSamples:
     """One warm-up round, then ``rounds`` rounds of every contender in turn.
 
     The order of the contenders is reversed every round, so that none always

@@ -13,6 +13,9 @@ each of which says what it measures:
   and its table (the ``trace_...`` figures).
 - ``mktme_sandbox.bench.moves``: swap-out, swap-in and migration throughput,
   KeyID 0 against KeyID 1 (the ``swap_...`` and ``migrate_...`` figures).
+- ``mktme_sandbox.bench.forks``: fork of a populated space, COW faults in its
+  child and THP faults, KeyID 0 against KeyID 1 (the ``fork_...``, ``cow_...``
+  and ``thp_...`` figures).
 - ``mktme_sandbox.bench.scale``: cost per page as one space grows from 64 MiB
   mapped (the ``scale_...`` figures; rows up to ``$MKTME_BENCH_SCALE_TO``).
 - ``mktme_sandbox.bench.flush_model``: the flush-cost model, calibrated on the
@@ -31,9 +34,11 @@ from dataclasses import dataclass, field, replace
 
 from mktme_sandbox.bench import Progress, Result
 from mktme_sandbox.bench.faults import fault_contenders, fault_results, fault_samples
+from mktme_sandbox.bench.forks import ForkSizes, fork_results
 from mktme_sandbox.bench.moves import move_results
 from mktme_sandbox.bench.scale import scale_results, scale_rows_to
 from mktme_sandbox.bench.trace import TraceShape, build_trace, run_trace, trace_results, trace_table
+from mktme_sandbox.config import PAGE_SIZE
 
 __all__ = ["FULL", "TINY", "Sizes", "run"]
 
@@ -50,6 +55,7 @@ class Sizes:
     trace_passes: int = 3
     move_pages: int = 256
     move_rounds: int = 5
+    forks: ForkSizes = field(default_factory=ForkSizes)
     scale_rows: tuple[int, ...] | None = None
     """The mapped sizes of the scale table; None: up to ``$MKTME_BENCH_SCALE_TO``."""
 
@@ -71,6 +77,14 @@ TINY = Sizes(
     trace_passes=1,
     move_pages=8,
     move_rounds=1,
+    forks=ForkSizes(
+        fork_bytes=16 * PAGE_SIZE,
+        fork_rounds=1,
+        cow_pages=8,
+        cow_rounds=1,
+        thp_faults=1,
+        thp_rounds=1,
+    ),
     scale_rows=(1 << 20,),
 )
 
@@ -92,6 +106,7 @@ def run(progress: Progress, sizes: Sizes = FULL) -> list[Result]:
         progress(line)
     progress(f"kernel: swap and migration, {sizes.move_rounds} rounds of {sizes.move_pages} pages")
     moves = move_results(sizes.move_pages, sizes.move_rounds)
+    forks = fork_results(sizes.forks, progress)
     rows = scale_rows_to() if sizes.scale_rows is None else sizes.scale_rows
     scale = scale_results(rows, progress)
-    return fault_results(warm, past_cache) + trace_results(runs) + moves + scale
+    return fault_results(warm, past_cache) + trace_results(runs) + moves + forks + scale
