@@ -279,6 +279,20 @@ def test_every_documented_mount_default_is_the_default() -> None:
             assert defaults[option[2:].replace("-", "_")] in (None, False), option
 
 
+# --- section 5.4: the bench suites ---------------------------------------------------
+
+
+def test_the_bench_table_lists_every_suite_and_option_of_the_help() -> None:
+    from mktme_sandbox.bench import SUITES
+
+    assert [spans(row[0])[0] for row in table("5.4")] == list(SUITES)
+    done = CliRunner().invoke(cli, ["bench", "--help"])
+    shown = set(re.findall(r"^\s+(--[a-z-]+)", done.output, re.MULTILINE)) - {"--help"}
+    heading = re.search(r"^### 5\.4 (.*)$", SPEC, re.MULTILINE)
+    assert heading
+    assert shown == set(re.findall(r"\[(--[a-z-]+)", heading.group(1)))
+
+
 # --- the repository stands alone ----------------------------------------------------
 
 OUTSIDE = ("..", "/shared")  # joined at run time, so this file does not match itself

@@ -453,13 +453,19 @@ def trace_record(output: str, command: tuple[str, ...]) -> None:
       mktme-sandbox trace record -o build.trace.gz -- make -j2
 
     perf is installed with apt-get when missing and run as root. Prints the
-    events written of each kind; exits with COMMAND's status.
+    events written of each kind; exits with COMMAND's status (127, as a shell,
+    when COMMAND is not found; checked before perf runs, as OUTPUT's directory).
     """
     from pathlib import Path
 
-    from mktme_sandbox.bench.recorder import record
+    from mktme_sandbox.bench.recorder import COMMAND_NOT_FOUND, find_command, record
     from mktme_sandbox.errors import SandboxError
 
+    try:
+        find_command(command)
+    except SandboxError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(COMMAND_NOT_FOUND)
     try:
         done = record(command, Path(output))
     except SandboxError as err:

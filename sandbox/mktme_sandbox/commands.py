@@ -264,14 +264,14 @@ def parse_space_command(text: str) -> SpaceCommand:
         if len(rest) != 1 or rest[0] not in ADVICE:
             fail(errno.EINVAL, f"madvise: usage: {USAGE[op]}")
         return Madvise(addr, length, rest[0])
-    if op in ("mbind", "migrate"):
+    if op == "mbind":
         if len(rest) != 1 or not _NODELIST.fullmatch(rest[0]):
-            fail(errno.EINVAL, f"{op}: usage: {USAGE[op]} (NODES: N, N,M or N-M)")
-        if op == "mbind":
-            return Mbind(addr, length, rest[0])
-        node = parse_decimal(rest[0])
+            fail(errno.EINVAL, f"mbind: usage: {USAGE[op]} (NODES: N, N,M or N-M)")
+        return Mbind(addr, length, rest[0])
+    if op == "migrate":
+        node = parse_decimal(rest[0]) if len(rest) == 1 else None
         if node is None:
-            fail(errno.EINVAL, f"migrate: NODE {rest[0]!r} is not one node number")
+            fail(errno.EINVAL, f"migrate: usage: {USAGE[op]} (NODE: one node number, 0, 1, ...)")
         return Migrate(addr, length, node)
     if not rest:
         fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")

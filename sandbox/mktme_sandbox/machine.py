@@ -274,11 +274,15 @@ class Machine:
             case Fork():
                 fork.dup_mm(k, mm, cmd.child, uid)
             case Mbind():
-                end = mmap.check_mapped_range("mbind", mm, cmd.addr, cmd.length)
-                migrate.do_mbind(k, mm, cmd.addr, end, migrate.parse_nodelist(k, cmd.nodes))
+                nodes = migrate.parse_nodelist(k, "mbind", cmd.nodes)
+                if not mmap.nothing_to_do(cmd.addr, cmd.length):  # do_mbind: end == start
+                    end = mmap.check_mapped_range("mbind", mm, cmd.addr, cmd.length)
+                    migrate.do_mbind(k, mm, cmd.addr, end, nodes)
             case Migrate():
-                end = mmap.check_mapped_range("migrate", mm, cmd.addr, cmd.length)
-                migrate.do_move_pages(k, mm, cmd.addr, end, cmd.node)
+                migrate.parse_nodelist(k, "migrate", str(cmd.node))
+                if not mmap.nothing_to_do(cmd.addr, cmd.length):  # move_pages of no page
+                    end = mmap.check_mapped_range("migrate", mm, cmd.addr, cmd.length)
+                    migrate.do_move_pages(k, mm, cmd.addr, end, cmd.node)
             case UffdRegister():
                 userfaultfd.userfaultfd_register(k, mm, cmd.addr, cmd.length)
             case UffdUnregister():

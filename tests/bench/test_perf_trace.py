@@ -92,3 +92,41 @@ def test_trace_record_writes_the_trace_of_a_command_and_exits_with_its_status(
         f"E 0 {events[0].pid} sh",
     ]
     assert any(e.kind == "a" for e in events)
+
+
+@pytest.mark.parametrize(
+    ("output", "command", "status", "line"),
+    [
+        ("{tmp}/t.gz", "/nonexistent", 127, ("Error: [Errno 2] No such file or directory: "
+         "/nonexistent: command not found")),
+        ("{tmp}/no/t.gz", "true", 1, ("Error: [Errno 2] No such file or directory: "
+         "{tmp}/no/t.gz: no such directory {tmp}/no")),
+        ("{tmp}/file/t.gz", "true", 1, ("Error: [Errno 20] Not a directory: "
+         "{tmp}/file/t.gz: {tmp}/file is not a directory")),
+    ],
+)  # fmt: skip
+def test_trace_record_checks_its_command_and_output_in_one_line_before_perf(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    output: str,
+    command: str,
+    status: int,
+    line: str,
+) -> None:
+    """A shell's 127 for a command not found; no directory is created."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr("shutil.which", _which_but_no_perf)
+    out = output.format(tmp=tmp_path)
+    result = CliRunner().invoke(cli, ["trace", "record", "-o", out, "--", command])
+    assert (result.exit_code, result.output.splitlines()) == (status, [line.format(tmp=tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _which_but_no_perf(name: str) -> str | None:
+    """shutil.which, with perf missing: the checks must come before perf is looked for."""
+    assert name != "perf", "perf was looked for before the arguments were checked"
+    return _WHICH(name)
+
+
+_WHICH = shutil.which

@@ -161,8 +161,29 @@ CASES = {
         "hw/msr",
         errno.EIO,
     ),
+    "mbind to a reversed nodelist": (
+        write("spaces/err/ctl", f"mbind {BASE:#x} 16K 1-0"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
+    "mbind to a node the machine lacks": (
+        write("spaces/err/ctl", f"mbind {BASE:#x} 16K 2"),
+        "spaces/err/ctl",
+        errno.ENODEV,
+    ),
+    "migrate to a node the machine lacks": (
+        write("spaces/err/ctl", f"migrate {BASE:#x} 16K 2"),
+        "spaces/err/ctl",
+        errno.ENODEV,
+    ),
+    "migrate to a negative node": (
+        write("spaces/err/ctl", f"migrate {BASE:#x} 16K -1"),
+        "spaces/err/ctl",
+        errno.EINVAL,
+    ),
     "mkdir of a space that exists": ("mkdir spaces/err", None, errno.EEXIST),
     "chmod": ("chmod 0666 spaces/err/mem", "spaces/err/mem", errno.EPERM),
+    "chmod of the mount's root": ("chmod 0755 .", "/", errno.EPERM),
     "chown": ("chown 1000 spaces/err/mem", "spaces/err/mem", errno.EPERM),
     "touch (utimens)": ("touch spaces/err/mem", "spaces/err/mem", errno.EPERM),
     "rename": ("mv spaces/err/maps spaces/err/renamed", "spaces/err/maps", errno.EPERM),
@@ -192,6 +213,29 @@ def test_a_rejected_operation_gives_its_errno_and_one_dmesg_line(
         assert f"{path}: {errno_name(err)}: " in new_lines[0]
     assert sandbox.read_text("spaces/err/maps") == maps_before
     assert sandbox.check() == []
+
+
+@pytest.mark.parametrize(
+    ("command", "line"),
+    [
+        ("mbind {BASE:#x} 16K 1-0", "EINVAL: mbind: nodes '1-0': range 1-0 ends below its start"),
+        ("mbind {BASE:#x} 16K 2", "ENODEV: mbind: node 2 does not exist (this machine has 1)"),
+        ("migrate {BASE:#x} 16K 2", "ENODEV: migrate: node 2 does not exist (this machine has 1)"),
+        (
+            "migrate {BASE:#x} 16K -1",
+            "EINVAL: migrate: usage: migrate ADDR LEN NODE (NODE: one node number, 0, 1, ...)",
+        ),
+    ],
+)
+def test_a_refused_node_is_named_with_its_command_in_dmesg(
+    sandbox: MountedSandbox, command: str, line: str
+) -> None:
+    numa_maps = sandbox.read_text("spaces/err/numa_maps")
+    with pytest.raises(OSError) as caught:  # noqa: PT011 - the errno is checked below
+        sandbox.write_ctl("spaces/err/ctl", command.format(BASE=BASE))
+    assert errno_name(caught.value.errno or 0) == line.partition(":")[0]
+    assert sandbox.dmesg().splitlines()[-1].endswith(f"spaces/err/ctl: {line}")
+    assert sandbox.read_text("spaces/err/numa_maps") == numa_maps
 
 
 @pytest.mark.parametrize("name", ["\u00b9", "\u0661", "\uff11", "01", "+1", "1_0"])

@@ -326,3 +326,25 @@ def test_the_huge_zero_page_is_freed_when_its_last_mapping_goes_also_after_fork(
     assert m.kernel.huge_zero_pfn is None
     ctl(m, a, f"mmap {U:#x} 4M rw-")
     assert m.check() == []
+
+
+@pytest.mark.parametrize(
+    ("command", "err"),
+    [("mremap {U:#x} 4K 99999999999999999999T", 22), ("mremap {U:#x} 4K 129T", 22),
+     ("mremap {U:#x} 4K 129T 0x30000000", 22), ("mremap {U:#x} 0 8K", 22),
+     ("mremap {U:#x} 0 8K 0x30000000", 22), ("mremap 0x30000000 0 8K", 14),
+     ("mremap 0x7fffffff0000 4K 128K", 12)],
+)  # fmt: skip
+def test_mremap_refuses_a_silly_newlen_and_a_private_duplicate_changing_nothing(
+    command: str, err: int
+) -> None:
+    """mm/mremap.c: NEWLEN beyond TASK_SIZE is EINVAL ("Is the new length or
+    address silly?"); OLDLEN 0 of a private mapping is EINVAL (vma_to_resize:
+    "!old_len ... makes no sense for private mappings"), EFAULT where nothing
+    is mapped; growing in place past the end of the user space is ENOMEM."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- populate")
+    ctl(m, a, "mmap 0x7fffffff0000 4K rw-")
+    maps = m.maps(a)
+    assert errno_of(lambda: ctl(m, a, command.format(U=U))) == err
+    assert m.maps(a) == maps

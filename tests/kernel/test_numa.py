@@ -79,3 +79,43 @@ def test_migrate_to_a_full_node_is_refused_whole() -> None:
     assert caught.value.errno == errno.ENOMEM
     assert vmstat(m)["pgmigrate_success"] == 0
     assert m.check() == []
+
+
+@pytest.mark.parametrize("command", ["mbind {U:#x} 0 0", "migrate {U:#x} 0 1", "mbind {H:#x} 0 1"])
+def test_an_aligned_zero_length_mbind_or_migrate_succeeds_doing_nothing(command: str) -> None:
+    """mm/mempolicy.c do_mbind(): "if (end == start) return 0"; move_pages() of
+    no page moves nothing. Even where nothing is mapped."""
+    m = machine(phys_mem="16M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw- populate")
+    maps, numa = m.maps(a), m.numa_maps(a)
+    ctl(m, a, command.format(U=U, H=U + (1 << 20)))
+    assert (m.maps(a), m.numa_maps(a)) == (maps, numa)
+    assert vmstat(m)["pgmigrate_success"] == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "err"),
+    [("mbind {U:#x} 0 1-0", errno.EINVAL), ("mbind {U:#x} 0 2", errno.ENODEV),
+     ("migrate {U:#x} 0 2", errno.ENODEV), ("mbind {A:#x} 0 0", errno.EINVAL),
+     ("migrate {A:#x} 0 0", errno.EINVAL)],
+)  # fmt: skip
+def test_a_zero_length_still_checks_the_address_and_the_nodes(command: str, err: int) -> None:
+    m = machine(phys_mem="16M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw-")
+    with pytest.raises(SandboxError) as caught:
+        ctl(m, a, command.format(U=U, A=U + 1))
+    assert caught.value.errno == err
+
+
+def test_mbind_to_a_reversed_nodelist_is_refused_keeping_the_policy() -> None:
+    """A range N-M with M < N is no nodelist (lib/bitmap.c bitmap_parselist())."""
+    m = machine(phys_mem="16M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 512K rw-")
+    ctl(m, a, f"mbind {U:#x} 512K 1")
+    with pytest.raises(SandboxError) as caught:
+        ctl(m, a, f"mbind {U:#x} 512K 1-0")
+    assert caught.value.errno == errno.EINVAL
+    assert m.numa_maps(a) == "10000000 bind:1\n"

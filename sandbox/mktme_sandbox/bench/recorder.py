@@ -11,6 +11,10 @@ linux-perf``, the Debian package of ``/usr/bin/perf``); otherwise, and when the
 kernel refuses ``perf_event_open`` (``kernel.perf_event_paranoid``), the
 recorder fails with a ``SandboxError`` that says what to do: ENOENT for a
 missing perf, EACCES for a refused or failed recording.
+
+Before perf runs, the arguments are checked: the output's directory must
+exist (ENOENT, ENOTDIR; it is never created) and the command must be found
+on PATH (ENOENT, which ``trace record`` turns into a shell's status 127).
 """
 
 from __future__ import annotations
@@ -28,12 +32,21 @@ from pathlib import Path
 from mktme_sandbox.bench.perf_trace import parse_perf_script, write_trace
 from mktme_sandbox.errors import fail
 
-__all__ = ["PERF_PACKAGE", "Recording", "ensure_perf", "record"]
+__all__ = [
+    "COMMAND_NOT_FOUND",
+    "PERF_PACKAGE",
+    "Recording",
+    "check_output",
+    "ensure_perf",
+    "find_command",
+    "record",
+]
 
 PERF_PACKAGE = "linux-perf"
 RECORD = ("record", "-e", "page-faults", "-c", "1", "-d", "-m", "4096", "-q")
 SCRIPT = ("script", "--show-task-events", "--show-mmap-events", "-F")
 FIELDS = "comm,pid,tid,time,event,addr"
+COMMAND_NOT_FOUND = 127  # a shell's exit status for a command it cannot find
 
 
 @dataclass(frozen=True)
@@ -57,10 +70,31 @@ def ensure_perf() -> str:
     )
 
 
+def find_command(command: Sequence[str]) -> str:
+    """The path of ``command[0]`` as a shell finds it (PATH, or a path with a
+    ``/``); ENOENT "command not found" otherwise."""
+    found = shutil.which(command[0])
+    if found is None:
+        fail(errno.ENOENT, f"{command[0]}: command not found")
+    return found
+
+
+def check_output(output: Path) -> None:
+    """The trace file's directory must exist: ENOTDIR where a file stands in
+    its path, ENOENT where a directory is missing."""
+    parent = output.parent
+    if parent.is_dir():
+        return
+    if any(p.exists() and not p.is_dir() for p in (parent, *parent.parents)):
+        fail(errno.ENOTDIR, f"{output}: {parent} is not a directory")
+    fail(errno.ENOENT, f"{output}: no such directory {parent}")
+
+
 def record(command: Sequence[str], output: Path) -> Recording:
     """Run ``command`` under perf and write its trace to ``output``."""
+    check_output(output)
+    find_command(command)
     perf = ensure_perf()
-    output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".perf-") as tmp:
         data = str(Path(tmp) / "perf.data")
         done = subprocess.run([perf, *RECORD, "-o", data, "--", *command], check=False)

@@ -87,9 +87,9 @@ def _reported(operation: F) -> F:
 
 
 def _where(path: str | None) -> str:
-    """The file a dmesg line names; FUSE passes no path for a file whose name is
-    gone (rmdir of its space)."""
-    return "(deleted)" if path is None else path.lstrip("/")
+    """The file a dmesg line names, relative to the mount (``/`` for its root);
+    FUSE passes no path for a file whose name is gone (rmdir of its space)."""
+    return "(deleted)" if path is None else path.lstrip("/") or "/"
 
 
 def _caller_uid() -> int:

@@ -81,25 +81,31 @@ def migrate_page(k: Kernel, mm: MmStruct, va: int, pte: int, src: int, dst: int)
 # --- move_pages / mbind --------------------------------------------------------------
 
 
-def parse_nodelist(k: Kernel, text: str) -> tuple[int, ...]:
-    """``0``, ``0,1``, ``0-3`` (a nodelist as numactl and sysfs write it); ENODEV
-    for a node this machine does not have."""
+def parse_nodelist(k: Kernel, op: str, text: str) -> tuple[int, ...]:
+    """``0``, ``0,1``, ``0-3`` (a nodelist as numactl and sysfs write it): EINVAL
+    for a range whose end is below its start (``bitmap_parselist()``: "if (a >
+    b) return -EINVAL"), ENODEV for a node this machine does not have."""
     nodes: list[int] = []
     for part in text.split(","):
         first, _, last = part.partition("-")
         if not first.isdigit() or (last and not last.isdigit()):
-            fail(errno.EINVAL, f"nodes {text!r}: write N, N,M or N-M")
+            fail(errno.EINVAL, f"{op}: nodes {text!r}: write N, N,M or N-M")
+        if int(last or first) < int(first):
+            fail(errno.EINVAL, f"{op}: nodes {text!r}: range {part} ends below its start")
         nodes.extend(range(int(first), int(last or first) + 1))
     for nid in nodes:
         if nid >= k.alloc.numa_nodes:
-            fail(errno.ENODEV, f"node {nid} does not exist (this machine has {k.alloc.numa_nodes})")
+            fail(
+                errno.ENODEV,
+                f"{op}: node {nid} does not exist (this machine has {k.alloc.numa_nodes})",
+            )
     return tuple(dict.fromkeys(nodes))
 
 
 def do_move_pages(k: Kernel, mm: MmStruct, start: int, end: int, nid: int) -> int:
     """``move_pages(MPOL_MF_MOVE)`` of every page of a mapped range to node
-    ``nid``: ENOMEM, moving nothing, when the node lacks the free pages."""
-    parse_nodelist(k, str(nid))
+    ``nid`` (checked by ``parse_nodelist()``): ENOMEM, moving nothing, when
+    the node lacks the free pages."""
     split_huge_pages_in(k, mm, start, end)
     moving, stuck = [], 0
     for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):

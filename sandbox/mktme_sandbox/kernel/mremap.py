@@ -19,11 +19,20 @@ Rules kept:
   without MREMAP_MAYMOVE); shrinking unmaps the tail.
 - MREMAP_FIXED unmaps whatever the new range held (Linux's ``do_munmap()`` of
   it); the new range may not overlap the old one.
-- Errnos as Linux's: EINVAL for an unaligned OLD or NEWADDR, a zero NEWLEN, an
-  overlap of the two ranges or a new range outside the user space; EFAULT when
-  OLD is not mapped or OLDLEN runs past the end of its VMA (growing or
-  moving); ENOMEM when the page tables for the move cannot be had. Every check
-  runs before anything changes.
+- Errnos as Linux's: EINVAL for an unaligned OLD or NEWADDR, a zero NEWLEN, a
+  NEWLEN beyond TASK_SIZE, an overlap of the two ranges or a new range outside
+  the user space (``mremap_to()``: "if (new_len > TASK_SIZE || new_addr >
+  TASK_SIZE - new_len)"; v4.19 checks NEWLEN so only with NEWADDR and grows
+  in place into ENOMEM, later kernels check it first in
+  ``check_mremap_params()``: "Is the new length or address silly?"); EINVAL
+  for an OLDLEN of 0 that would grow or move (``vma_to_resize()``: "!old_len
+  is a special case where an attempt is made to 'duplicate' a mapping. This
+  makes no sense for private mappings", and every mapping here is private);
+  EFAULT when OLD is not mapped or OLDLEN runs past the end of its VMA
+  (growing or moving); ENOMEM when growing in place finds no room (the next
+  VMA, or the end of the user space) or the page tables for the move cannot
+  be had. Every check runs before anything changes (v4.19 unmaps NEWADDR's
+  range before ``vma_to_resize()`` refuses).
 
 A moved VMA leaves its userfaultfd registration behind
 (``mremap_userfaultfd_prep()`` without UFFD_FEATURE_EVENT_REMAP).
@@ -63,6 +72,8 @@ def do_mremap(
     if new_len <= 0 or old_len < 0:
         fail(errno.EINVAL, f"mremap: lengths {old_len:#x} -> {new_len:#x}: NEWLEN must be positive")
     old_len, new_len = _page_align(old_len), _page_align(new_len)
+    if new_len > TASK_SIZE:
+        fail(errno.EINVAL, f"mremap: NEWLEN {new_len:#x} is beyond the user address space")
     if new_addr is not None:
         _check_fixed(old, old_len, new_addr, new_len)
         vma = _vma_to_resize(mm, old, old_len)
@@ -78,7 +89,9 @@ def do_mremap(
         return
     vma = _vma_to_resize(mm, old, old_len)
     end = old + new_len
-    if old + old_len != vma.end or end > TASK_SIZE or any(mm.overlapping(vma.end, end)):
+    if end > TASK_SIZE:
+        fail(errno.ENOMEM, f"mremap: {old:#x}+{new_len:#x} would end beyond the user address space")
+    if old + old_len != vma.end or any(mm.overlapping(vma.end, end)):
         fail(
             errno.ENOMEM, f"mremap: no room to grow {old:#x}+{old_len:#x} to {new_len:#x} in place"
         )
@@ -100,6 +113,10 @@ def _vma_to_resize(mm: MmStruct, old: int, old_len: int) -> Vma:
     vma = mm.find_vma(old)
     if vma is None:
         fail(errno.EFAULT, f"mremap: {old:#x} is not mapped")
+    if not old_len:
+        fail(
+            errno.EINVAL, f"mremap: OLDLEN 0 duplicates a mapping, only for shared ones ({old:#x})"
+        )
     if old + old_len > vma.end:
         fail(errno.EFAULT, f"mremap: {old:#x}+{old_len:#x} runs past the end of its VMA")
     return vma
