@@ -112,6 +112,20 @@ def test_run_one_by_name_on_a_given_mount(mktme_mount: MountedSandbox) -> None:
 
 
 @pytest.mark.mount
+def test_experiments_that_need_more_than_a_default_mount_bring_their_own(
+    mktme_mount: MountedSandbox,
+) -> None:
+    """A default mount has one NUMA node, no exclusion range, and a layout that
+    earlier work may have scattered: 14, 19 and 20 mount a sandbox of their own
+    (examples/lab.py on_a_fresh_sandbox) and PASS there, leaving no mount."""
+    mnt = str(mktme_mount.path)
+    done = run(str(SANDBOX), "examples", "run-all", "-m", mnt, "-k", "14", "-k", "19", "-k", "20")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr
+    assert "3 PASS, 0 FAIL, 0 ERROR of 3" in done.stdout
+    assert done.stdout.count(": mounting --seed 1") == 3
+
+
+@pytest.mark.mount
 def test_run_all_mounts_a_sandbox_runs_every_experiment_and_unmounts(tmp_path: Path) -> None:
     done = run(str(SANDBOX), "examples", "run-all", env=without_mnt(TMPDIR=str(tmp_path)))
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr

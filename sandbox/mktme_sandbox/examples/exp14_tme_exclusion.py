@@ -13,8 +13,16 @@ from __future__ import annotations
 
 import secrets
 
-from mktme_sandbox.client import Mount, fresh_sandbox
-from mktme_sandbox.examples.lab import LINE, CannotRun, Lab, TenantPage, hexline, main
+from mktme_sandbox.client import Mount
+from mktme_sandbox.examples.lab import (
+    LINE,
+    CannotRun,
+    Lab,
+    TenantPage,
+    hexline,
+    main,
+    on_a_fresh_sandbox,
+)
 
 FRESH = ("--seed", "1", "--phys-mem", "16M", "--tme-exclude-base", "0", "--tme-exclude-size", "8M")
 
@@ -31,15 +39,7 @@ def run(lab: Lab) -> None:
     if exclusion(lab.m) is not None:
         observe(lab)
         return
-    lab.step(f"this mount has no TME exclusion range: mounting {' '.join(FRESH)}")
-    with fresh_sandbox(*FRESH) as mount:
-        inner = Lab(mount)
-        try:
-            observe(inner)
-        finally:
-            inner.cleanup()
-    lab.failed += inner.failed
-    lab.conclude(inner.summary)
+    on_a_fresh_sandbox(lab, "this mount has no TME exclusion range", FRESH, observe)
 
 
 def observe(lab: Lab) -> None:

@@ -9,14 +9,16 @@ pages to the top of memory, each into a free page allocated for its own KeyID
 (patch 05: mm/compaction.c), and frees whole 2 MiB blocks at the bottom.
 Every tenant still reads its data; the free-block count comes from
 ``mm/kpageflags`` (BUDDY per page). With mm/mitigations/migrate_keyid off,
-the moved pages come out as garbage.
+the moved pages come out as garbage. The experiment needs memory laid out
+as a fresh machine lays it (earlier work leaves free pages scattered), so it
+always mounts a sandbox of its own (``--seed 1 --phys-mem 64M``).
 """
 
 from __future__ import annotations
 
 import struct
 
-from mktme_sandbox.examples.lab import PAGE, Lab, main
+from mktme_sandbox.examples.lab import PAGE, Lab, main, on_a_fresh_sandbox
 
 TENANTS = 3
 PAGES = 384  # per tenant: together more than two 2 MiB blocks
@@ -64,7 +66,14 @@ def trial(lab: Lab, on: bool) -> tuple[int, int, int, bool]:
     return before, after, moved, intact
 
 
+FRESH = ("--seed", "1", "--phys-mem", "64M")
+
+
 def run(lab: Lab) -> None:
+    on_a_fresh_sandbox(lab, "compaction needs a fresh machine's layout", FRESH, observe)
+
+
+def observe(lab: Lab) -> None:
     before, after, moved, intact = trial(lab, True)
     _, _, moved_off, intact_off = trial(lab, False)
     lab.expect(moved > 0 and after > before, "compaction moves pages and frees whole 2M blocks")

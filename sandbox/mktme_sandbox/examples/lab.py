@@ -45,6 +45,7 @@ from mktme_sandbox.client import (
     MountError,
     NotAMount,
     Space,
+    fresh_sandbox,
     mount_from,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "blocks_differing",
     "hexline",
     "main",
+    "on_a_fresh_sandbox",
 ]
 
 PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
@@ -292,6 +294,24 @@ class Lab:
         if not entry.present:
             raise CannotRun(f"spaces/{sp.name} {va:#x} is not present after populate")
         return entry.pa
+
+
+def on_a_fresh_sandbox(
+    lab: Lab, why: str, options: tuple[str, ...], observe: Callable[[Lab], None]
+) -> None:
+    """Run ``observe`` on a sandbox of its own, mounted with ``options`` (the
+    ``mktme-sandbox mount`` flags) and unmounted after it, and report its
+    outcome in ``lab``: for an experiment the given mount cannot serve (a
+    machine option it lacks, or a memory layout earlier work has changed)."""
+    lab.step(f"{why}: mounting {' '.join(options)}")
+    with fresh_sandbox(*options) as mount:
+        inner = Lab(mount)
+        try:
+            observe(inner)
+        finally:
+            inner.cleanup()
+    lab.failed += inner.failed
+    lab.conclude(inner.summary)
 
 
 def main(run: Callable[[Lab], None], title: str, doc: str | None) -> None:
