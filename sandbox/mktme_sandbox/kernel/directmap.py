@@ -92,6 +92,7 @@ _VA_MASK = (1 << _VA_BITS) - 1
 _U64 = (1 << 64) - 1
 _PRESENT = int(PteFlags.PRESENT)
 _CACHE_SHIFT = SIZE_2M.bit_length() - 1
+_PIECE_MASK = SIZE_2M - 1
 
 
 def direct_mapping_size(phys_mem: int) -> int:
@@ -179,6 +180,7 @@ class DirectMapping:
         self.layout = layout
         self.pt = pt
         self._mem = mem
+        self._load = mem.load
         self._pages = pages
         self._pte = pt.layout
         self._translations: dict[int, _Piece] = {}
@@ -280,9 +282,9 @@ class DirectMapping:
         address, through the kernel's page tables. EFAULT (a kernel oops in
         Linux) when no present leaf maps it."""
         piece = self._translations.get(vaddr >> _CACHE_SHIFT)
-        if piece is None or self._mem.load(piece.entry_pa, 8) != piece.entry:
+        if piece is None or self._load(piece.entry_pa, 8) != piece.entry:
             piece = self._walk(vaddr)
-        offset = vaddr & (SIZE_2M - 1)
+        offset = vaddr & _PIECE_MASK
         return piece.pa + offset, piece.keyid, SIZE_2M - offset
 
     def _walk(self, vaddr: int) -> _Piece:
@@ -314,17 +316,28 @@ class DirectMapping:
 
     def read(self, vaddr: int, length: int) -> bytes:
         """``memcpy`` from the direct mapping."""
+        pa, keyid, left = self.translate(vaddr)
+        if length <= left:  # the common case: one leaf, no list
+            return self._mem.load(pa, length, keyid)
         load = self._mem.load
         return b"".join(load(pa, n, keyid) for pa, keyid, n in self._pieces(vaddr, length))
 
     def write(self, vaddr: int, data: bytes) -> None:
         """``memcpy`` to the direct mapping."""
+        pa, keyid, left = self.translate(vaddr)
+        if len(data) <= left:
+            self._mem.store(pa, data, keyid)
+            return
         view, done = memoryview(data), 0
         for pa, keyid, n in self._pieces(vaddr, len(data)):
             self._mem.store(pa, view[done : done + n], keyid)
             done += n
 
     def memset(self, vaddr: int, length: int, byte: int) -> None:
+        pa, keyid, left = self.translate(vaddr)
+        if length <= left:
+            self._mem.fill(pa, length, byte, keyid)
+            return
         for pa, keyid, n in self._pieces(vaddr, length):
             self._mem.fill(pa, n, byte, keyid)
 
