@@ -290,7 +290,7 @@ def test_pagetables_kernel_has_one_direct_mapping_per_keyid(
     bash: Callable[[str], str], sandbox: MountedSandbox
 ) -> None:
     dump = bash("cat pagetables/kernel")
-    regions = [line for line in dump.splitlines() if line.startswith("---[ Kernel Mapping KeyID")]
+    regions = [line for line in dump.splitlines() if line.startswith("---[ Low Kernel Mapping")]
     assert len(regions) == nr_keyids(sandbox) + 1
     assert "keyid=0" in dump
 

@@ -150,15 +150,22 @@ def test_render_writes_markers_and_runs_one_per_line() -> None:
     )
 
 
-def test_empty_address_space_is_one_pgd_hole() -> None:
+def test_empty_address_space_is_one_pgd_hole_to_the_first_kernel_address() -> None:
+    """dump_pagetables.c walks on to PGD slot 256, whose address is
+    ``normalize_addr(256 * PGD_LEVEL_MULT)`` = 0xffff800000000000, and the
+    marker ``{ (1UL << 63), "Kernel Space" }`` breaks the run there."""
     ram = RamTables()
     assert ptdump_user(ram.pt, ram.cr3) == (
         "---[ User Space ]---\n"
-        "0x0000000000000000-0x0000800000000000         128T                               pgd\n"
+        "0x0000000000000000-0xffff800000000000    16777088T                               pgd\n"
     )
 
 
 def test_user_dump_of_a_known_layout() -> None:
+    """The last run ends at the next address note_page() is called with,
+    0xffff800000000000, whatever its level: a page mapped at the very top of
+    the user half prints a run of that size, as Linux would (a real kernel never
+    maps that page: TASK_SIZE_MAX stops one page short)."""
     ram = RamTables()
     text_flags = P | F.USER | F.ACCESSED
     data_flags = P | F.USER | F.RW | F.ACCESSED | F.DIRTY | F.NX
@@ -183,7 +190,7 @@ def test_user_dump_of_a_known_layout() -> None:
 0x00007f8000000000-0x00007fffc0000000         511G                               pud
 0x00007fffc0000000-0x00007fffffe00000        1022M                               pmd
 0x00007fffffe00000-0x00007ffffffff000        2044K                               pte
-0x00007ffffffff000-0x0000800000000000           4K USR RW                     NX pte keyid=0
+0x00007ffffffff000-0xffff800000000000   18014123631575044K USR RW                     NX pte keyid=0
 """
     assert ptdump_user(ram.pt, ram.cr3) == expected
 
@@ -196,4 +203,4 @@ def test_emptied_pte_table_shows_as_a_pte_hole_until_freed() -> None:
         ram.pt, ram.cr3
     )
     ram.pt.free_empty_tables(ram.cr3)
-    assert ptdump_user(ram.pt, ram.cr3).splitlines()[1].endswith("128T" + " " * 31 + "pgd")
+    assert ptdump_user(ram.pt, ram.cr3).splitlines()[1].endswith("16777088T" + " " * 31 + "pgd")

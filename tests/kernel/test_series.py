@@ -324,7 +324,7 @@ def test_the_kernel_maps_every_keyid_the_bits_allow() -> None:
     """[PATCHv5 17/19] maps one direct mapping per KeyID 0..mktme_nr_keyids, and
     v5's detect_tme() makes that ``(1UL << keyid_bits) - 1``: MK_TME_MAX_KEYS
     is not read, so a part with 3 keys still gets 64 mappings."""
-    assert machine(max_keys=3).ptdump_kernel().count("---[ Kernel Mapping KeyID") == 64
+    assert machine(max_keys=3).ptdump_kernel().count("---[ Low Kernel Mapping") == 64
 
 
 def test_detect_tme_does_not_cap_the_keyids_by_max_keys() -> None:
@@ -349,7 +349,7 @@ def test_direct_mapping_is_one_power_of_two_region_per_keyid() -> None:
     assert dm.pa(va) == 0x1234000
     assert dm.keyid_of(va) == 5
     dump = m.ptdump_kernel()
-    assert dump.count("---[ Kernel Mapping KeyID") == 8
+    assert dump.count("---[ Low Kernel Mapping") == 8
     assert f"0x{PAGE_OFFSET + 3 * (1 << 40):016x}" in dump
     assert "keyid=7" in dump
 

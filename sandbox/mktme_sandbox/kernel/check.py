@@ -19,7 +19,10 @@ Invariants:
 - the per-KeyID page counts equal a recount of page_ext;
 - free pages are tagged as their pool says (KeyID 0 without pools), each is
   on exactly one free list and marked free, and no free page is lost;
-- every page-table page hangs in exactly one address space's tree, and every
+- every KeyID's direct mapping maps ``__pa()`` of each of its addresses with
+  its own KeyID and the same ranges as KeyID 0's (``DirectMapping.audit``);
+- every page-table page hangs in exactly one address space's tree (or the
+  kernel's, ``directmap``), and every
   PGD, PUD and PMD entry that points to a table points to a page-table page
   (not outside memory, to a free page or to any other page);
 - every cached TLB translation equals a fresh walk of the tables;
@@ -93,13 +96,15 @@ def check(k: Kernel) -> list[str]:
     _check_pages(k, found, mapped)
     _check_pools(k, found)
     _check_tables(k, found)
+    for invariant, example, nr in k.directmap.audit():
+        found.add("direct mapping", invariant, example, nr)
     return found.lines()
 
 
 def _check_tables(k: Kernel, found: _Findings) -> None:
     """Every page-table page belongs to exactly one address space's tree, and
     every upper-level entry that points to a table points to one."""
-    owners: Counter[int] = Counter()
+    owners: Counter[int] = Counter(pa >> 12 for pa in k.directmap.table_pages())
     for mm in k.spaces.values():
         owners.update(pa >> 12 for pa in k.pt.iter_tables(mm.pgd))
         for bad in k.pt.iter_bad_pointers(mm.pgd):

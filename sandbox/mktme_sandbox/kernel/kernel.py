@@ -34,7 +34,7 @@ from typing import Any
 from mktme_sandbox.config import PAGE_SIZE, MachineConfig
 from mktme_sandbox.errors import fail
 from mktme_sandbox.hw.platform import Platform
-from mktme_sandbox.kernel.directmap import DirectMap
+from mktme_sandbox.kernel.directmap import DirectMap, DirectMapping
 from mktme_sandbox.kernel.keys import KeyService
 from mktme_sandbox.kernel.khugepaged import KhugepagedStats
 from mktme_sandbox.kernel.ksm import KsmStats
@@ -42,7 +42,7 @@ from mktme_sandbox.kernel.memory import zap_page_range
 from mktme_sandbox.kernel.mktme import detect_tme, mktme_disable
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.page_alloc import PageAllocator
-from mktme_sandbox.kernel.pgtable import PageTables
+from mktme_sandbox.kernel.pgtable import TREE_END, PageTables
 from mktme_sandbox.kernel.pgtable_types import USER_END, PteLayout
 from mktme_sandbox.kernel.printk import KernelLog
 from mktme_sandbox.kernel.swapfile import SwapDevice
@@ -89,7 +89,6 @@ class Kernel:
             )
             layout = mktme_disable(config.maxphyaddr)
         self.layout = layout
-        self.directmap = DirectMap(config.phys_mem, layout.nr_keyids + 1)
         self.pte_layout = PteLayout(config.maxphyaddr, layout.keyid_bits)
         self.mitigations = {name: name not in LATER_FIXES for name in MITIGATIONS}
         self.alloc = PageAllocator(
@@ -108,6 +107,8 @@ class Kernel:
         self.alloc.reclaim = self._reclaim
         """struct page and page_ext of every PFN: the only way to a page's state."""
         self.alloc.alloc_page(0, PG.RESERVED, zero=False)  # PFN 0, as on a PC
+        self.directmap = self._init_memory_mapping(config.phys_mem, layout.nr_keyids + 1)
+        """The direct mappings: page tables in memory, the path of every kernel copy."""
         self.zero_pfn = self.alloc.alloc_page(0, PG.ZERO | PG.RESERVED)
         self.huge_zero_pfn: int | None = None
         """The huge zero page, allocated at its first use (``mm_get_huge_zero_page``)."""
@@ -132,6 +133,23 @@ class Kernel:
         )
 
     # --- page-table pages -------------------------------------------------------
+
+    def _init_memory_mapping(self, phys_mem: int, copies: int) -> DirectMapping:
+        """KeyID 0's direct mapping (``init_memory_mapping``), then the
+        allocator zeroes and flushes through it, then every KeyID's copy
+        (``sync_direct_mapping``)."""
+        tables = PageTables(
+            self.platform, self.pte_layout, self._alloc_kernel_table, self._free_table,
+            self._is_table_page, va_end=TREE_END,
+        )  # fmt: skip
+        directmap = DirectMapping(DirectMap(phys_mem, copies), self.platform, self.pages, tables)
+        self.alloc.mem = directmap
+        directmap.sync_direct_mapping()
+        return directmap
+
+    def _alloc_kernel_table(self) -> int:
+        """A page of the kernel's own tables: reserved, charged to no one (memblock's)."""
+        return self.alloc.alloc_page(0, PG.PGTABLE | PG.RESERVED) * PAGE_SIZE
 
     def _alloc_table(self) -> int:
         self.vmstat.inc("mktme_pgtable_alloc")
@@ -221,6 +239,7 @@ class Kernel:
             "huge_zero_pfn": self.huge_zero_pfn,
             "huge_zero_refs": self.huge_zero_refs,
             "swap": self.swap.export_state(),
+            "directmap": self.directmap.export_state(),
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
@@ -240,6 +259,8 @@ class Kernel:
         self.keys.set_owners({int(k): int(uid) for k, uid in state["key_owners"]})
         self.ksm = KsmStats(**state["ksm"])
         self.khugepaged = KhugepagedStats(**state["khugepaged"])
+        if "directmap" in state:  # the tables came back with memory, their cache here
+            self.directmap.import_state(state["directmap"])
         huge_zero = state.get("huge_zero_pfn")
         self.huge_zero_pfn = None if huge_zero is None else int(huge_zero)
         self.huge_zero_refs = int(state.get("huge_zero_refs", 0))

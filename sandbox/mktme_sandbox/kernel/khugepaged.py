@@ -112,10 +112,8 @@ def _collapse(k: Kernel, mm: MmStruct, vma: Vma, haddr: int, pfns: list[int]) ->
         k.khugepaged.collapse_alloc_failed += 1
         k.vmstat.inc("thp_collapse_alloc_failed")
         return 0
-    keyid = k.pages.page_keyid(head)
-    for i, pfn in enumerate(pfns):
-        data = k.platform.load(pfn * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(pfn))
-        k.platform.store((head + i) * PAGE_SIZE, data, keyid)
+    for i, pfn in enumerate(pfns):  # each through its own direct mapping (patch 18)
+        k.directmap.copy_page(pfn, head + i)
     pmd = k.pte_layout.pfn_pte(head, vma.vm_page_prot | PteFlags.PSE | PteFlags.RW | PteFlags.DIRTY)
     k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
     k.pages.get_page(head)

@@ -81,8 +81,7 @@ def ksm_do_scan(k: Kernel) -> int:
     """One full pass; returns the number of pages merged."""
     groups: dict[bytes, list[_Candidate]] = defaultdict(list)
     for cand in _candidates(k):
-        data = k.platform.load(cand.pfn * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(cand.pfn))
-        groups[data].append(cand)
+        groups[k.directmap.read_page(cand.pfn)].append(cand)
     merged = sum(_merge_group(k, group) for group in groups.values() if len(group) > 1)
     k.ksm.full_scans += 1
     k.ksm.pages_merged += merged

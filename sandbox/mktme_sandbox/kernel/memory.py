@@ -12,7 +12,7 @@ PTEs are made as Linux makes them, ``pfn_pte(pfn, vma->vm_page_prot)``, so the
 KeyID comes from the VMA's protection bits. Every access translates through
 the page tables in emulated memory, via the TLB; like hardware, the CPU side
 uses the KeyID found in the PTE, while kernel copies go through the direct
-mapping of the page's own KeyID (``page_keyid``).
+mapping of the page's own KeyID (``page_address()``, kernel/directmap.py).
 
 A fault takes the page tables first and the page last, as
 ``__handle_mm_fault()`` allocates the PUD, PMD and PTE tables before
@@ -301,7 +301,7 @@ def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int, write: 
         fail(errno.EIO, f"{addr:#x}: the swap entry {pte:#x} names no slot in use (SIGBUS)")
     page = addr & ~(PAGE_SIZE - 1)
     pfn = alloc_page_vma(k, vma, zero=False)
-    k.platform.store(pfn * PAGE_SIZE, k.swap.readpage(offset), k.pages.page_keyid(pfn))
+    k.directmap.write_page(pfn, k.swap.readpage(offset))
     k.swap.swap_free(offset)
     k.vmstat.inc("pswpin")
     return map_new_page(k, mm, vma, page, pfn, writable=write)
@@ -364,9 +364,9 @@ def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
 
 
 def copy_page(k: Kernel, src: int, dst: int) -> None:
-    """``copy_user_highpage()`` through each page's own direct mapping."""
-    data = k.platform.load(src * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(src))
-    k.platform.store(dst * PAGE_SIZE, data, k.pages.page_keyid(dst))
+    """``copy_user_highpage()`` through each page's own direct mapping
+    (``page_address()``, translated by the kernel's page tables)."""
+    k.directmap.copy_page(src, dst)
 
 
 # --- access -------------------------------------------------------------------

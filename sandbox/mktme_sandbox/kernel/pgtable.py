@@ -42,9 +42,11 @@ Rules it keeps
       callback wants PTEs, holes or emptiness.
 
 What it leaves out
-    5-level paging (LA57), the kernel half and PTI's user/kernel PGD pair (the
-    per-KeyID direct mappings are rendered by ``ptdump.render`` from synthetic
-    runs), swap and migration entries, protection keys (bits 59-62 are kept as
+    5-level paging (LA57), and PTI's user/kernel PGD pair: an address space
+    has no kernel half. The kernel's own tables (the per-KeyID direct mappings,
+    ``directmap``) are a ``PageTables`` made with ``va_end=TREE_END``, whose
+    addresses are the 48-bit tree addresses (kernel ones not sign-extended).
+    Also left out: swap and migration entries, protection keys (bits 59-62 are kept as
     given, never interpreted), and locking: callers hold the machine lock.
     Setting a 4 KiB entry inside a huge leaf is refused: ``split_huge_pmd`` first,
     as Linux splits before it changes part of a THP.
@@ -75,6 +77,7 @@ from mktme_sandbox.kernel.pgtable_types import (
 )
 
 __all__ = [
+    "TREE_END",
     "Leaf",
     "LeafArrays",
     "Lookup",
@@ -99,7 +102,7 @@ _PSE = int(PteFlags.PSE)
 _PRESENT_PSE = _PRESENT | _PSE
 _PAT = int(PteFlags.PAT)
 _PAT_LARGE = int(PteFlags.PAT_LARGE)
-_TREE_END = PTRS_PER_TABLE << Level.PGD.shift
+TREE_END = PTRS_PER_TABLE << Level.PGD.shift
 """The end of what one PGD maps: whole-tree walks cover the kernel-half slots too."""
 
 
@@ -398,8 +401,12 @@ class PageTables:
         alloc_table: Callable[[], int],
         free_table: Callable[[int], None],
         is_table: Callable[[int], bool] = lambda pa: True,
+        va_end: int = USER_END,
     ) -> None:
         self.mem = mem
+        self.va_end = va_end
+        """Addresses walked: the user half (``USER_END``), or for the kernel's
+        own tables (``directmap``) the whole tree, ``TREE_END``."""
         self.layout = layout
         self.table_pages = 0
         """Table pages allocated through this object and not yet freed."""
@@ -430,7 +437,7 @@ class PageTables:
         ``keyids/0/mem``) ends the walk with EIO, as an access to an unmapped
         address does: the kernel never follows it (``mm/check`` reports it).
         """
-        if not 0 <= va < USER_END:
+        if not 0 <= va < self.va_end:
             self._bad_va("get_pte", va)
         load, amask = self._load, self._amask
         e = _FROM(load(cr3 + ((va >> _PGD_OFFSET_SHIFT) & 0xFF8), 8), "little")
@@ -454,7 +461,7 @@ class PageTables:
         and freed, with any tables under it. A 4K/2M entry inside a bigger
         leaf is refused (EINVAL): split it first.
         """
-        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_SIZES:
+        if va & (size - 1) or not 0 <= va < self.va_end or size not in _LEAF_SIZES:
             self._bad_leaf("set_pte", va, size)
         if not 0 <= pte <= _U64 or pte & self._reserved:
             fail(errno.EINVAL, f"set_pte: {pte:#x} sets reserved bits")
@@ -473,7 +480,7 @@ class PageTables:
     def alloc_tables(self, cr3: int, va: int, size: int = SIZE_4K) -> None:
         """Allocate the tables a ``size`` leaf at ``va`` needs (``pud_alloc``,
         ``pmd_alloc``, ``pte_alloc``); a fault does this before it takes a page."""
-        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_SIZES:
+        if va & (size - 1) or not 0 <= va < self.va_end or size not in _LEAF_SIZES:
             self._bad_leaf("alloc_tables", va, size)
         self._entry_pa(cr3, va, size, True, "alloc_tables")
 
@@ -484,7 +491,7 @@ class PageTables:
         ``free_empty_tables``. Clearing a 2M/1G entry that points to a table,
         or a 4K entry inside a huge leaf, is refused (EINVAL).
         """
-        if va & (size - 1) or not 0 <= va < USER_END or size not in _LEAF_SIZES:
+        if va & (size - 1) or not 0 <= va < self.va_end or size not in _LEAF_SIZES:
             self._bad_leaf("clear_pte", va, size)
         pa = self._entry_pa(cr3, va, size, False, "clear_pte")
         if pa < 0:
@@ -504,7 +511,7 @@ class PageTables:
         physical address.
         """
         va &= -SIZE_2M
-        if not 0 <= va < USER_END:
+        if not 0 <= va < self.va_end:
             self._bad_va("split_huge_pmd", va)
         pa = self._entry_pa(cr3, va, SIZE_2M, False, "split_huge_pmd")
         old = _FROM(self._load(pa, 8), "little") if pa >= 0 else 0
@@ -523,7 +530,7 @@ class PageTables:
 
     def walk(self, cr3: int, va: int) -> list[WalkStep]:
         """The entries a hardware walk of ``va`` reads, to the first non-present or leaf one."""
-        if not 0 <= va < USER_END:
+        if not 0 <= va < self.va_end:
             self._bad_va("walk", va)
         steps = []
         table = cr3
@@ -546,7 +553,7 @@ class PageTables:
 
     def _walk(self, cr3: int, start: int, end: int, ops: MmWalkOps) -> None:
         """``walk_page_range`` without the range check: whole-tree walks pass
-        ``_TREE_END`` and meet the PGD's kernel-half slots too."""
+        ``TREE_END`` and meet the PGD's kernel-half slots too."""
         _PageWalk(self, start, end, ops, {cr3}).table(TableRef(Level.PGD, cr3, 0, -1))
 
     def iter_present(self, cr3: int, start: int = 0, end: int = USER_END) -> Iterator[Leaf]:
@@ -620,7 +627,7 @@ class PageTables:
     def _subtables(self, cr3: int) -> list[TableRef]:
         """The tables under the PGD ``cr3``, each before the tables under it."""
         tables: list[TableRef] = []
-        self._walk(cr3, 0, _TREE_END, MmWalkOps(pre_table=tables.append))
+        self._walk(cr3, 0, TREE_END, MmWalkOps(pre_table=tables.append))
         return tables
 
     def iter_bad_pointers(self, cr3: int) -> Iterator[Span]:
@@ -629,7 +636,7 @@ class PageTables:
         is a ``Span`` of the entry's level, address and value."""
         bad: list[Span] = []
         ops = MmWalkOps(bad_entry=lambda va, level, e: bad.append(Span(va, level.size, level, e)))
-        self._walk(cr3, 0, _TREE_END, ops)
+        self._walk(cr3, 0, TREE_END, ops)
         return iter(bad)
 
     def free_empty_tables(self, cr3: int, start: int = 0, end: int = USER_END) -> int:
@@ -700,21 +707,18 @@ class PageTables:
         _PageWalk(self, table.base, end, ops, {table.pa}).table(table)
         return tables
 
-    @staticmethod
-    def _bad_va(op: str, va: int) -> NoReturn:
-        fail(errno.EINVAL, f"{op}: {va:#x} is not a user address (0..{USER_END - 1:#x})")
+    def _bad_va(self, op: str, va: int) -> NoReturn:
+        fail(errno.EINVAL, f"{op}: {va:#x} is not a user address (0..{self.va_end - 1:#x})")
 
-    @staticmethod
-    def _bad_leaf(op: str, va: int, size: int) -> NoReturn:
+    def _bad_leaf(self, op: str, va: int, size: int) -> NoReturn:
         if size not in _LEAF_SIZES:
             fail(errno.EINVAL, f"{op}: {size:#x} is not a page size (4K, 2M or 1G)")
-        if not 0 <= va < USER_END:
-            PageTables._bad_va(op, va)
+        if not 0 <= va < self.va_end:
+            self._bad_va(op, va)
         fail(errno.EINVAL, f"{op}: {va:#x} is not aligned to {_size_name(size)}")
 
-    @staticmethod
-    def _check_range(op: str, start: int, end: int) -> None:
-        if not 0 <= start <= end <= USER_END:
+    def _check_range(self, op: str, start: int, end: int) -> None:
+        if not 0 <= start <= end <= self.va_end:
             fail(errno.EINVAL, f"{op}: [{start:#x}, {end:#x}) is not a user range")
 
 

@@ -406,7 +406,7 @@ def node_page_state(k: Kernel) -> dict[str, int]:
         "nr_free_pages": int(k.alloc.free_mask().sum()),
         "nr_anon_pages": int(((flags & PG.ANON) != 0).sum()),
         "nr_anon_transparent_hugepages": int(((flags & (PG.HEAD | PG.ZERO)) == PG.HEAD).sum()),
-        "nr_page_table_pages": int(((flags & PG.PGTABLE) != 0).sum()),
+        "nr_page_table_pages": int(((flags & (PG.PGTABLE | PG.RESERVED)) == PG.PGTABLE).sum()),
     }
 
 
@@ -449,6 +449,7 @@ def _meminfo_values(k: Kernel) -> dict[str, int]:
     committed = sum(len(v) for mm in k.spaces.values() for v in mm.vmas() if v.vm_flags & VM.WRITE)
     mlocked = int(((k.pages.flags_of() & PG.MLOCKED) != 0).sum()) * kb
     zeros = dict.fromkeys
+    direct_map = k.directmap.direct_pages_count()  # KeyID 0's copy, bytes by leaf size
     return {
         "MemTotal": total, "MemFree": free, "MemAvailable": free,
         **zeros(("Buffers", "Cached", "SwapCached", "Active"), 0), "Inactive": anon,
@@ -467,7 +468,7 @@ def _meminfo_values(k: Kernel) -> dict[str, int]:
         **zeros(("ShmemHugePages", "ShmemPmdMapped", "FileHugePages", "FilePmdMapped",
                  "HugePages_Total", "HugePages_Free", "HugePages_Rsvd", "HugePages_Surp"), 0),
         "Hugepagesize": HPAGE_NR * kb, "Hugetlb": 0,
-        "DirectMap4k": 0, "DirectMap2M": k.alloc.nr_pages * kb, "DirectMap1G": 0,
+        **{f"DirectMap{name}": n >> 10 for name, n in direct_map.items()},
     }  # fmt: skip
 
 

@@ -29,14 +29,32 @@ Rules it keeps
     - Addition of docs/spec.md (4.3, ``pagetables/NAME``): a present run ends with
       `` keyid=N``.
 
+The two dumps
+    ``ptdump_user`` (``pagetables/NAME``) is the user half of a space under
+    ``---[ User Space ]---``. Its last run ends where Linux's does: the walk
+    of the PGD goes on at the first kernel slot, ``normalize_addr()`` makes
+    that 0xffff800000000000, and the "Kernel Space" marker breaks the run
+    there (a real line: ``0x0000008000000000-0xffff800000000000
+    17179737600G ... pgd``). The sandbox's spaces have no kernel half, so the
+    dump stops at that line.
+
+    ``ptdump_kernel`` (``pagetables/kernel``) walks the kernel's own tables
+    (``kernel/directmap.py``: the per-KeyID direct mappings in emulated
+    memory) from address 0 to ``VMALLOC_START``, with dump_pagetables.c's
+    markers for that span in its order: ``User Space`` (0), ``Kernel Space``
+    (1 << 63, met at 0xffff800000000000), ``LDT remap``
+    (0xffff880000000000) and ``Low Kernel Mapping`` (``PAGE_OFFSET``) for
+    KeyID 0's copy; the sandbox adds ``Low Kernel Mapping KeyID N`` at the
+    start of KeyID N's copy. As in ``note_page()``, a run is cut where it
+    reaches a marker and the marker line follows it; the empty entries after
+    each copy are runs of their own table's level (``pmd`` to the end of its
+    GiB, ``pud`` to the end of its 512 GiB, then ``pgd``).
+
 What it leaves out
-    The kernel half: Linux walks all 512 PGD slots, so its last user-space run
-    ends at the first kernel address, 0xffff800000000000 (a real line:
-    ``0x0000008000000000-0xffff800000000000   17179737600G ... pgd``). The
-    sandbox's address spaces have no kernel half, so ``ptdump_user`` stops at
-    ``USER_END`` (0x0000800000000000). The direct mappings are rendered from
-    synthetic runs with ``render`` (``pagetables/kernel``). Also left out: the
-    W+X check and ``max_lines`` truncation of the ESPfix area.
+    The kernel half of user spaces (PTI's entry area), and in
+    ``pagetables/kernel`` everything from ``vmalloc() Area`` on (the sandbox
+    has no vmalloc, vmemmap, fixmap or kernel text), the W+X check and
+    ``max_lines`` truncation of the ESPfix area.
 """
 
 from __future__ import annotations
@@ -48,6 +66,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mktme_sandbox.kernel.directmap import (
+    KERNEL_SPACE,
+    LDT_BASE_ADDR,
+    PAGE_OFFSET,
+    VMALLOC_START,
+    normalize_addr,
+    tree_addr,
+)
 from mktme_sandbox.kernel.pgtable import MmWalkOps, PageTables, PteTable, Span
 from mktme_sandbox.kernel.pgtable_types import (
     PTRS_PER_TABLE,
@@ -70,6 +96,7 @@ __all__ = [
     "format_run",
     "format_size",
     "merge_runs",
+    "place_markers",
     "ptdump_kernel",
     "ptdump_mm",
     "ptdump_user",
@@ -198,10 +225,37 @@ def runs_from_spans(spans: Iterable[Span], layout: PteLayout) -> Iterator[Run]:
         yield Run(start, end, *key)
 
 
+def place_markers(runs: Iterable[Run], markers: list[tuple[int, str]]) -> Iterator[Marker | Run]:
+    """``note_page()``'s markers: ``markers`` are (address, name) in address
+    order, the first at the start. A run that reaches a marker's address is
+    cut there and the marker line follows it."""
+    at = 0
+    for run in runs:
+        start = run.start
+        while at < len(markers) and markers[at][0] <= start:
+            yield Marker(markers[at][1])
+            at += 1
+        while at < len(markers) and markers[at][0] < run.end:
+            yield replace(run, start=start, end=markers[at][0])
+            start = markers[at][0]
+            yield Marker(markers[at][1])
+            at += 1
+        yield replace(run, start=start)
+
+
+def _normalized(items: Iterable[Marker | Run]) -> Iterator[Marker | Run]:
+    """Tree addresses made canonical, as ``normalize_addr()`` makes them."""
+    for item in items:
+        if isinstance(item, Run):
+            item = replace(item, start=normalize_addr(item.start), end=normalize_addr(item.end))
+        yield item
+
+
 def ptdump_user(pt: PageTables, cr3: int) -> str:
-    """The user half of an address space, as /sys/kernel/debug/page_tables/current_user shows it."""
-    spans = table_spans(pt, cr3, 0, USER_END)
-    return render([Marker(USER_SPACE), *runs_from_spans(spans, pt.layout)])
+    """The user half of an address space, as /sys/kernel/debug/page_tables/current_user
+    shows it; the last run ends at 0xffff800000000000, where Linux's does."""
+    runs = runs_from_spans(table_spans(pt, cr3, 0, USER_END), pt.layout)
+    return render(_normalized(place_markers(runs, [(0, USER_SPACE)])))
 
 
 def table_spans(pt: PageTables, cr3: int, start: int, end: int) -> list[Span]:
@@ -246,6 +300,26 @@ def ptdump_mm(k: Kernel, mm: MmStruct) -> str:
     return ptdump_user(k.pt, mm.pgd)
 
 
+def kernel_markers(k: Kernel) -> list[tuple[int, str]]:
+    """dump_pagetables.c's markers up to VMALLOC_START, in tree addresses,
+    with one for each KeyID's copy of the direct mapping."""
+    copies = [
+        (PAGE_OFFSET + keyid * k.directmap.size, f"Low Kernel Mapping KeyID {keyid}")
+        for keyid in range(1, k.directmap.copies)
+    ]
+    named = [
+        (0, USER_SPACE),
+        (KERNEL_SPACE, "Kernel Space"),
+        (LDT_BASE_ADDR, "LDT remap"),
+        (PAGE_OFFSET, "Low Kernel Mapping"),
+        *copies,
+    ]
+    return [(tree_addr(address), name) for address, name in named]
+
+
 def ptdump_kernel(k: Kernel) -> str:
-    """``pagetables/kernel``: the direct mappings, one per KeyID."""
-    return render(k.directmap.ptdump_items())
+    """``pagetables/kernel``: the kernel's page tables (the direct mappings,
+    one per KeyID) from 0 to VMALLOC_START, under dump_pagetables.c's markers."""
+    pt = k.directmap.pt
+    runs = runs_from_spans(pt.iter_spans(k.directmap.pgd, 0, tree_addr(VMALLOC_START)), pt.layout)
+    return render(_normalized(place_markers(runs, kernel_markers(k))))

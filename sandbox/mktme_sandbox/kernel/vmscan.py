@@ -62,8 +62,7 @@ def pageout(k: Kernel, mm: MmStruct, va: int, pte: int) -> bool:
     offset = k.swap.get_swap_page(owner)
     if offset is None:
         return False
-    data = k.platform.load(pfn * PAGE_SIZE, PAGE_SIZE, k.pages.page_keyid(pfn))
-    k.swap.writepage(offset, data)
+    k.swap.writepage(offset, k.directmap.read_page(pfn))
     k.pt.set_pte(mm.pgd, va, swp_entry_to_pte(0, offset))
     k.tlb.flush_range(mm.asid, va, va + PAGE_SIZE)
     k.pages.put_page(pfn)
