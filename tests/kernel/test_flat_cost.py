@@ -1,6 +1,6 @@
 """Cost that stays flat: every vectorized scan equals the per-page loop it replaced.
 
-Each fast path (smaps accounting over arrays, ...) is run against its simple
+Each fast path (smaps accounting and status over arrays, ...) is run against its simple
 per-page reference, kept here, on random address spaces: VMAs of several
 KeyIDs, THP, the zero page, KSM-merged pages, a forked child sharing pages,
 mlocked and swapped-out pages, PROT_NONE. The outputs must be byte-equal.
@@ -87,6 +87,18 @@ def account_vma_per_page(k: Kernel, mm: MmStruct, vma: Vma, mss: proc.MemSizeSta
         mss.anonymous_thp += size if size != PAGE_SIZE else 0
 
 
+def rss_and_swap_per_page(k: Kernel, mm: MmStruct) -> tuple[int, int]:
+    """The reference: MM_ANONPAGES and MM_SWAPENTS counted one leaf at a time."""
+    rss = swapped = 0
+    for _, size, pte in k.pt.iter_present(mm.pgd):
+        if is_swap_pte(pte):
+            swapped += PAGE_SIZE
+            continue
+        pfn = pte_page(k, pte, size)
+        rss += size if pfn is not None and not k.pages.is_zero_pfn(pfn) else 0
+    return rss, swapped
+
+
 def smaps_files(m: Machine) -> list[str]:
     return [f(name) for name in m.space_names() for f in (m.smaps, m.smaps_rollup)]
 
@@ -99,6 +111,16 @@ def test_smaps_over_arrays_equals_smaps_page_by_page(
     fast = smaps_files(m)
     monkeypatch.setattr(proc, "_account_vma", account_vma_per_page)
     assert fast == smaps_files(m)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_status_over_arrays_equals_status_page_by_page(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = random_world(seed)
+    fast = [m.status(name) for name in m.space_names()]
+    monkeypatch.setattr(proc, "_rss_and_swap", rss_and_swap_per_page)
+    assert fast == [m.status(name) for name in m.space_names()]
 
 
 @pytest.mark.parametrize("seed", SEEDS)

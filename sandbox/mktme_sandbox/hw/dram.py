@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import mmap
 
 import numpy as np
@@ -116,14 +117,20 @@ def _host_swaps() -> bool:
         return True  # unknown: assume it might
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, looked up once (``find_library`` runs ``ldconfig -p`` in a
+    subprocess: a snapshot restore paid for it every time)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _resident_pages(memory: np.ndarray) -> np.ndarray | None:
     """Candidate 4 KiB PFNs: those in host pages mincore(2) says are resident; None
     (look at every page) where mincore is not available, or where the host swaps:
     mincore reports pages in RAM, and a page of ours swapped out would be missed."""
     if _host_swaps():
         return None
-    libc_name = ctypes.util.find_library("c")
-    mincore = getattr(ctypes.CDLL(libc_name, use_errno=True), "mincore", None)
+    mincore = getattr(_libc(), "mincore", None)
     host_page = mmap.PAGESIZE
     if mincore is None or host_page % PAGE_SIZE:
         return None

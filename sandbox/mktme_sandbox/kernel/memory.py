@@ -79,6 +79,12 @@ __all__ = [
 _WRITE_BITS = int(PteFlags.RW | PteFlags.DIRTY)
 UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0  # include/uapi/linux/userfaultfd.h
 _PSE = int(PteFlags.PSE)
+# the flags the fault and access paths test, as plain ints: ``int & IntFlag``
+# builds an enum member each time, a microsecond per test on the fault path
+_PRESENT = int(PteFlags.PRESENT)
+_RW = int(PteFlags.RW)
+_VM_READ, _VM_WRITE, _VM_LOCKED = int(VM.READ), int(VM.WRITE), int(VM.LOCKED)
+_VM_THP_MASK, _VM_THP = int(VM.HUGEPAGE | VM.NOHUGEPAGE), int(VM.HUGEPAGE)
 
 
 def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
@@ -122,7 +128,7 @@ def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) 
         return do_anonymous_page(k, mm, vma, addr, write)
     if is_swap_pte(found.pte):
         return do_swap_page(k, mm, vma, addr, found.pte, write)
-    if not found.pte & PteFlags.PRESENT:
+    if not found.pte & _PRESENT:
         fail(errno.EIO, f"{addr:#x}: the PTE {found.pte:#x} is neither present nor empty")
     if found.size == HPAGE_SIZE:
         return do_huge_pmd_wp_page(k, mm, vma, addr, found.pte)
@@ -178,7 +184,7 @@ def alloc_hugepage_vma(
 
 def transhuge_vma_suitable(vma: Vma, haddr: int) -> bool:
     """A ``madvise hugepage`` VMA that holds the whole 2M range at ``haddr``."""
-    if not vma.vm_flags & VM.HUGEPAGE or vma.vm_flags & VM.NOHUGEPAGE:
+    if int(vma.vm_flags) & _VM_THP_MASK != _VM_THP:
         return False
     return vma.start <= haddr and haddr + HPAGE_SIZE <= vma.end
 
@@ -320,10 +326,11 @@ def map_new_page(
     the VMA may be written (``maybe_mkwrite(pte_mkdirty())``), PG_mlocked in a
     VM_LOCKED VMA (``lru_cache_add_active_or_unevictable``)."""
     pte = k.pte_layout.pfn_pte(pfn, vma.vm_page_prot) | (_PSE if size != PAGE_SIZE else 0)
-    if writable and vma.vm_flags & VM.WRITE:
+    vm_flags = int(vma.vm_flags)
+    if writable and vm_flags & _VM_WRITE:
         pte |= _WRITE_BITS
     k.pages.get_page(pfn)
-    if vma.vm_flags & VM.LOCKED:
+    if vm_flags & _VM_LOCKED:
         mlock_vma_page(k, pfn)
     k.pt.set_pte(mm.pgd, va, pte, size)
     k.tlb.flush_range(mm.asid, va, va + size)
@@ -383,14 +390,10 @@ def get_user_pages(k: Kernel, mm: MmStruct, addr: int, write: bool) -> tuple[int
     """
     vpn = addr >> 12
     hit = k.tlb.lookup(mm.asid, vpn)
-    if hit is None or (write and not hit.pte & PteFlags.RW):
+    if hit is None or (write and not hit.pte & _RW):
         vma = _vma_for_access(mm, addr, write)
         found = k.pt.get_pte(mm.pgd, addr)
-        if (
-            found is not None
-            and found.pte & PteFlags.PRESENT
-            and (found.pte & PteFlags.RW or not write)
-        ):
+        if found is not None and found.pte & _PRESENT and (found.pte & _RW or not write):
             pte, size = found.pte, found.size
         else:
             handle_mm_fault(k, mm, vma, addr, write)
@@ -412,8 +415,7 @@ def _vma_for_access(mm: MmStruct, addr: int, write: bool) -> Vma:
     vma = mm.find_vma(addr)
     if vma is None:
         fail(errno.EIO, f"{addr:#x} is not mapped")
-    needed = VM.WRITE if write else VM.READ
-    if not vma.vm_flags & needed:
+    if not int(vma.vm_flags) & (_VM_WRITE if write else _VM_READ):
         what = "written" if write else "read"
         fail(errno.EIO, f"{addr:#x} is mapped {vma.perms()[:3]} and cannot be {what}")
     return vma

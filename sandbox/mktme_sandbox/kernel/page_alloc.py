@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -146,8 +146,8 @@ class PageAllocator:
         """The first 2M-aligned block below ``never_used`` whose pages are all free
         and tagged with one KeyID, or None."""
         blocks = self._fresh // HPAGE_NR
-        if not blocks:
-            return None
+        if not blocks or sum(map(len, self._pools.values())) < HPAGE_NR:
+            return None  # every free page below never_used is on one pool (mm/check)
         free = self.free_mask(0, blocks * HPAGE_NR).reshape(blocks, HPAGE_NR).all(axis=1)
         keyids = self.pages.keyids_of(0, blocks * HPAGE_NR).reshape(blocks, HPAGE_NR)
         uniform = (keyids == keyids[:, :1]).all(axis=1)
@@ -263,8 +263,13 @@ class PageAllocator:
                 return self._fresh - 1, 0
         return None
 
-    def _pool_order(self, keyid: int) -> list[int]:
-        others = sorted(
+    def _pool_order(self, keyid: int) -> Iterator[int]:
+        """The pools to take from, in order: own, KeyID 0's, then the others
+        (fullest or coldest first), sorted only when the first two had nothing."""
+        yield keyid
+        if keyid:
+            yield 0
+        yield from sorted(
             (k for k in self._pools if k not in (keyid, 0)),
             key=lambda k: (
                 self._last_alloc.get(k, -1)
@@ -272,7 +277,6 @@ class PageAllocator:
                 else -len(self._pools[k])
             ),
         )
-        return list(dict.fromkeys([keyid, 0, *others]))
 
     def _prep(
         self, pfn: int, order: int, old_keyid: int, keyid: int, flags: PG, zero: bool

@@ -16,21 +16,19 @@ its PFN but neither exclusive nor counted in Rss.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.kernel.memory import pte_page
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable import MmWalkOps, PteTable
+from mktme_sandbox.kernel.pgtable import LeafArrays, MmWalkOps, PteTable
 from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_SIZE, USER_END, Level, PteFlags
 from mktme_sandbox.kernel.swapfile import (
     PTE_MAPPED,
-    is_swap_pte,
     swp_offset,
     swp_offsets,
     swp_type,
@@ -195,21 +193,13 @@ def _show_smap(mss: MemSizeStats, rollup: bool) -> str:
 def _account_vma(k: Kernel, mm: MmStruct, vma: Vma, mss: MemSizeStats) -> None:
     """smaps_pte_entry() / smaps_account() over the VMA's present pages, as
     arrays: every leaf of the VMA at once, no Python work per page."""
-    u64 = np.uint64
     leaves = k.pt.leaf_arrays(mm.pgd, vma.start, vma.end)
-    swapped = (leaves.pte & u64(PTE_MAPPED)) == 0  # leaves are never pte_none
-    _account_swap(k, leaves.pte[swapped], mss)
-    size = leaves.size[~swapped].astype(np.int64)
-    pfn = k.pte_layout.pte_pfns(leaves.pte[~swapped], leaves.size[~swapped])
-    known = pfn + (size >> 12) <= k.pages.nr_pages  # pte_page(): else no page of this machine
-    size, pfn, pte = size[known], pfn[known], leaves.pte[~swapped][known]
-    flags = k.pages.flags_of()[pfn]
-    normal = (flags & PG.ZERO) == 0  # vm_normal_page() is NULL for the zero page
-    size, pfn, pte, flags = size[normal], pfn[normal], pte[normal], flags[normal]
+    _account_swap(k, leaves.pte[_swapped(leaves)], mss)
+    size, pfn, pte, flags = _normal_pages(k, leaves)
     ksm = (flags & PG.KSM) != 0
     count = np.maximum(k.pages.mapcounts_of()[pfn].astype(np.int64), 1)
     # a KSM page is PageDirty (ksm.c: set_page_dirty on merge), whatever its PTE says
-    dirty = ((pte & u64(PteFlags.DIRTY)) != 0) | ksm
+    dirty = ((pte & np.uint64(PteFlags.DIRTY)) != 0) | ksm
     pss = (size << PSS_SHIFT) // count
     shared = count > 1
     mss.resident += int(size.sum())
@@ -223,6 +213,38 @@ def _account_vma(k: Kernel, mm: MmStruct, vma: Vma, mss: MemSizeStats) -> None:
     mss.ksm += int(size[ksm].sum())
     mss.locked += int(pss.sum()) if vma.vm_flags & VM.LOCKED else 0
     mss.anonymous_thp += int(size[size != PAGE_SIZE].sum())
+
+
+def _swapped(leaves: LeafArrays) -> np.ndarray:
+    """Which leaves are swap entries (leaves are never pte_none: is_swap_pte())."""
+    swapped: np.ndarray = (leaves.pte & np.uint64(PTE_MAPPED)) == 0
+    return swapped
+
+
+class NormalPages(NamedTuple):
+    """The pages present leaves map that vm_normal_page() returns, as arrays."""
+
+    size: np.ndarray
+    """Bytes each leaf maps (int64)."""
+    pfn: np.ndarray
+    """Its first frame (int64)."""
+    pte: np.ndarray
+    """Its value (uint64)."""
+    flags: np.ndarray
+    """The page flags of that frame."""
+
+
+def _normal_pages(k: Kernel, leaves: LeafArrays) -> NormalPages:
+    """The mapped leaves whose frames are pages of this machine (pte_page()),
+    the zero page left out (vm_normal_page() is NULL for it)."""
+    mapped = ~_swapped(leaves)
+    size, pte = leaves.size[mapped].astype(np.int64), leaves.pte[mapped]
+    pfn = k.pte_layout.pte_pfns(pte, leaves.size[mapped])
+    known = pfn + (size >> 12) <= k.pages.nr_pages
+    size, pfn, pte = size[known], pfn[known], pte[known]
+    flags = k.pages.flags_of()[pfn]
+    normal = (flags & PG.ZERO) == 0
+    return NormalPages(size[normal], pfn[normal], pte[normal], flags[normal])
 
 
 def _account_swap(k: Kernel, ptes: np.ndarray, mss: MemSizeStats) -> None:
@@ -240,8 +262,7 @@ def status(k: Kernel, mm: MmStruct) -> str:
     each ``Name:\\t`` and the value in kB right-aligned in 8."""
     vm = sum(len(v) for v in mm.vmas())
     locked = sum(len(v) for v in mm.vmas() if v.vm_flags & VM.LOCKED)  # mm->locked_vm
-    rss = sum(size for _, size, pte in _mapped_pages(k, mm))
-    swapped = sum(PAGE_SIZE for _, _, pte in k.pt.iter_present(mm.pgd) if is_swap_pte(pte))
+    rss, swapped = _rss_and_swap(k, mm)
     data = sum(len(v) for v in mm.vmas() if v.vm_flags & VM.WRITE)  # is_data_mapping
     lib = sum(
         len(v) for v in mm.vmas() if v.vm_flags & (VM.EXEC | VM.WRITE) == VM.EXEC
@@ -256,12 +277,12 @@ def status(k: Kernel, mm: MmStruct) -> str:
     return f"Name:\t{mm.name[:15]}\n" + "".join(f"{n}:\t{b >> 10:>8} kB\n" for n, b in lines)
 
 
-def _mapped_pages(k: Kernel, mm: MmStruct) -> Iterator[tuple[int, int, int]]:
-    """(va, size, pte) of the pages counted in MM_ANONPAGES: the zero page is not."""
-    for va, size, pte in k.pt.iter_present(mm.pgd):
-        pfn = pte_page(k, pte, size) if pte & PTE_MAPPED else None
-        if pfn is not None and not k.pages.is_zero_pfn(pfn):
-            yield va, size, pte
+def _rss_and_swap(k: Kernel, mm: MmStruct) -> tuple[int, int]:
+    """Bytes of MM_ANONPAGES (the zero page is not one) and of MM_SWAPENTS,
+    over every leaf of the space at once."""
+    leaves = k.pt.leaf_arrays(mm.pgd)
+    rss = int(_normal_pages(k, leaves).size.sum())
+    return rss, PAGE_SIZE * int(np.count_nonzero(_swapped(leaves)))
 
 
 # --- pagemap --------------------------------------------------------------------

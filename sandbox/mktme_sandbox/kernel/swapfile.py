@@ -270,10 +270,16 @@ class SwapDevice:
             "header": self._data[:PAGE_SIZE].tobytes() if self.nr_pages else b"",
         }
 
+    def _zero_written_pages(self) -> None:
+        """Zero the device, writing only to its pages that hold anything: a fresh
+        device is never written to (its memory stays uncommitted, as a restore wants)."""
+        pages = self._data.reshape(-1, PAGE_SIZE)
+        pages[pages.any(axis=1)] = 0
+
     def import_state(self, state: dict[str, Any]) -> None:
         if len(state["swap_map"]) != self.nr_pages:
             raise ValueError("the swap device differs in size")
-        self._data[:] = 0
+        self._zero_written_pages()
         if self.nr_pages:
             self._data[:PAGE_SIZE] = np.frombuffer(bytes(state["header"]), np.uint8)
         pages = np.asarray(state["pages"], dtype=np.uint8).reshape(-1, PAGE_SIZE)
