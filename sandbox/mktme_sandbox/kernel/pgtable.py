@@ -46,8 +46,11 @@ What it leaves out
     has no kernel half. The kernel's own tables (the per-KeyID direct mappings,
     ``directmap``) are a ``PageTables`` made with ``va_end=TREE_END``, whose
     addresses are the 48-bit tree addresses (kernel ones not sign-extended).
-    Also left out: swap and migration entries, protection keys (bits 59-62 are kept as
-    given, never interpreted), and locking: callers hold the machine lock.
+    Swap entries are stored and walked as any non-empty entry; what they mean
+    is kernel/swapfile.py's (migration entries are not used: migration is
+    done under the machine lock). Also left out: protection keys (bits 59-62
+    are kept as given, never interpreted), and locking: callers hold the
+    machine lock.
     Setting a 4 KiB entry inside a huge leaf is refused: ``split_huge_pmd`` first,
     as Linux splits before it changes part of a THP.
 """
