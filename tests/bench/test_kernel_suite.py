@@ -26,7 +26,7 @@ def test_run_reports_each_metric_once_with_the_issues_goals() -> None:
     goals = {r.name: (r.goal.bound, r.goal.at_least) for r in results if r.goal}
     assert goals == {
         "keyid0_on_vs_off_ratio": (0.98, True),
-        "encrypted_faults_per_s": (20_000, True),
+        "encrypted_faults_per_s": (50_000, True),
         "swap_out_keyid1_vs_keyid0_ratio": (0.9, True),
         "swap_in_keyid1_vs_keyid0_ratio": (0.9, True),
         "migrate_keyid1_vs_keyid0_ratio": (0.9, True),
