@@ -252,7 +252,7 @@ def parse_space_command(text: str) -> SpaceCommand:
         fail(errno.EINVAL, f"{op}: usage: {USAGE[op]}")
     addr, length = _addr(op, args[0]), _length(op, args[1])
     rest = args[2:]
-    if op in ("munmap", "mlock", "munlock"):
+    if op in _RANGE_COMMANDS:
         _no_more(op, rest)
         return _RANGE_COMMANDS[op](addr, length)
     if op == "mremap":

@@ -99,8 +99,11 @@ class MemoryController:
         return excluded if excluded.any() else None
 
     def _excluded_pa(self, pa: int, keyid: int) -> bool:
-        """``_tme_excluded`` of one address."""
-        return self._tme_excluded(np.array([pa], dtype=np.uint64), keyid) is not None
+        """``_tme_excluded`` of one address, on Python ints (the one-line path)."""
+        exclusion = self._exclusion
+        if keyid != 0 or exclusion is None:
+            return False
+        return pa & exclusion.mask == exclusion.base & exclusion.mask
 
 
 _Crypt = Callable[..., np.ndarray]

@@ -29,9 +29,8 @@ from mktme_sandbox.kernel.pgtable import LeafArrays, MmWalkOps, PteTable
 from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_SIZE, USER_END, Level, PteFlags
 from mktme_sandbox.kernel.swapfile import (
     PTE_MAPPED,
-    swp_offset,
+    SWP_TYPE_BITS,
     swp_offsets,
-    swp_type,
 )
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma, vma_keyid, vma_policy_nodes
 
@@ -325,9 +324,7 @@ def _pagemap_ops(k: Kernel, entries: np.ndarray, first: int) -> MmWalkOps:
         value[exclusive] |= np.uint64(PM_MMAP_EXCLUSIVE)
         swapped = (table.pte & np.uint64(PTE_MAPPED)) == 0
         if swapped.any():
-            value[swapped] = np.array(
-                [_swap_pagemap_entry(int(pte)) for pte in table.pte[swapped]], dtype=np.uint64
-            )
+            value[swapped] = _swap_pagemap_entries(table.pte[swapped])
         entries[(table.va >> np.uint64(12)).astype(np.int64) - first] = value
 
     def huge_entry(va: int, level: Level, pte: int) -> None:
@@ -345,8 +342,14 @@ def _pagemap_ops(k: Kernel, entries: np.ndarray, first: int) -> MmWalkOps:
     return MmWalkOps(pte_table=pte_table, huge_entry=huge_entry)
 
 
-def _swap_pagemap_entry(pte: int) -> int:
-    return PM_SWAP | swp_type(pte) | swp_offset(pte) << MAX_SWAPFILES_SHIFT
+def _swap_pagemap_entries(ptes: np.ndarray) -> np.ndarray:
+    """pte_to_pagemap_entry() of swap entries (uint64): PM_SWAP, the type in
+    bits 0-4, the offset above."""
+    u64 = np.uint64
+    types = ptes >> u64(64 - SWP_TYPE_BITS)
+    offsets = swp_offsets(ptes).astype(u64) << u64(MAX_SWAPFILES_SHIFT)
+    entries: np.ndarray = u64(PM_SWAP) | types | offsets
+    return entries
 
 
 # --- kpageflags / page_keyid --------------------------------------------------------

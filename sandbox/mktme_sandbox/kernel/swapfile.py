@@ -161,8 +161,10 @@ class SwapDevice:
     def may_take(self, uid: int | None) -> bool:
         """Whether ``uid`` may have one more page swapped: its share (``slot_limit``,
         half the device for a user with limits) is not used up."""
-        limit = None if uid is None else self._slot_limit(uid)
-        return limit is None or self.slots_by_uid.get(uid or 0, 0) < limit
+        if uid is None:
+            return True
+        limit = self._slot_limit(uid)
+        return limit is None or self.slots_by_uid.get(uid, 0) < limit
 
     def get_swap_page(self, uid: int | None = None) -> int | None:
         """The lowest free slot, taken (map count 1) and charged to ``uid``; None
