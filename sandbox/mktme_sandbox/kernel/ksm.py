@@ -155,4 +155,5 @@ def unmerge_ksm_pages(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
         for va, pte in shared:
             vma = mm.find_vma(va)
             assert vma is not None
-            do_wp_page(k, mm, vma, va, pte & ~int(PteFlags.RW))
+            ptep = k.pt.lookup(mm.pgd, va)  # the entry do_wp_page writes
+            do_wp_page(k, mm, vma, va, ptep._replace(pte=pte & ~int(PteFlags.RW)))

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, NoReturn
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.pgtable import Lookup
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, USER_END, Level, PteFlags
 from mktme_sandbox.kernel.swapfile import PTE_MAPPED, is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.tlb import tlb_entry
@@ -71,6 +72,7 @@ __all__ = [
     "get_user_pages",
     "handle_mm_fault",
     "movable_page",
+    "pte_alloc_map",
     "pte_page",
     "split_huge_pages_in",
     "zap_page_range",
@@ -84,6 +86,8 @@ _PSE = int(PteFlags.PSE)
 _PRESENT = int(PteFlags.PRESENT)
 _RW = int(PteFlags.RW)
 _VM_READ, _VM_WRITE, _VM_LOCKED = int(VM.READ), int(VM.WRITE), int(VM.LOCKED)
+_VM_UFFD_MISSING = int(VM.UFFD_MISSING)
+_PGD_SIZE = Level.PGD.size
 _VM_THP_MASK, _VM_THP = int(VM.HUGEPAGE | VM.NOHUGEPAGE), int(VM.HUGEPAGE)
 
 
@@ -116,23 +120,26 @@ def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -
 
 
 def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
-    found = k.pt.get_pte(mm.pgd, addr)
-    if found is None and vma.vm_flags & VM.UFFD_MISSING:
-        handle_userfault(k, mm, addr, write)
-    if found is None:
+    """One walk (``__handle_mm_fault()``): ``found`` is the entry where it
+    ended, and the handlers write the new entry there."""
+    found = k.pt.lookup(mm.pgd, addr)
+    pte = found.pte
+    if not pte or found.size == _PGD_SIZE:  # pte_none, or a PGD entry (no leaf there)
+        if int(vma.vm_flags) & _VM_UFFD_MISSING:
+            handle_userfault(k, mm, addr, write)
         haddr = addr & ~(HPAGE_SIZE - 1)
-        if transhuge_vma_suitable(vma, haddr) and _pmd_none(k, mm, haddr):
-            pmd = do_huge_pmd_anonymous_page(k, mm, vma, haddr, write)
+        if found.size >= HPAGE_SIZE and transhuge_vma_suitable(vma, haddr):  # pmd_none
+            pmd = do_huge_pmd_anonymous_page(k, mm, vma, haddr, write, found)
             if pmd is not None:
                 return pmd
-        return do_anonymous_page(k, mm, vma, addr, write)
-    if is_swap_pte(found.pte):
-        return do_swap_page(k, mm, vma, addr, found.pte, write)
-    if not found.pte & _PRESENT:
-        fail(errno.EIO, f"{addr:#x}: the PTE {found.pte:#x} is neither present nor empty")
+        return do_anonymous_page(k, mm, vma, addr, write, found)
+    if is_swap_pte(pte):
+        return do_swap_page(k, mm, vma, addr, found, write)
+    if not pte & _PRESENT:
+        fail(errno.EIO, f"{addr:#x}: the PTE {pte:#x} is neither present nor empty")
     if found.size == HPAGE_SIZE:
-        return do_huge_pmd_wp_page(k, mm, vma, addr, found.pte)
-    return do_wp_page(k, mm, vma, addr, found.pte)
+        return do_huge_pmd_wp_page(k, mm, vma, addr, found)
+    return do_wp_page(k, mm, vma, addr, found)
 
 
 def handle_userfault(k: Kernel, mm: MmStruct, addr: int, write: bool) -> NoReturn:
@@ -189,12 +196,6 @@ def transhuge_vma_suitable(vma: Vma, haddr: int) -> bool:
     return vma.start <= haddr and haddr + HPAGE_SIZE <= vma.end
 
 
-def _pmd_none(k: Kernel, mm: MmStruct, haddr: int) -> bool:
-    """``pmd_none()``: the walk ends at an empty entry at PMD level or above."""
-    last = k.pt.walk(mm.pgd, haddr)[-1]
-    return last.entry == 0 and last.level <= Level.PMD
-
-
 def mm_get_huge_zero_page(k: Kernel) -> int | None:
     """The huge zero page with one more mapping, allocated (uncharged, KeyID 0)
     when none exists; None when no 2M page is free."""
@@ -227,13 +228,14 @@ def _zap_huge_zero_pmd(k: Kernel, mm: MmStruct, haddr: int) -> None:
 
 
 def do_huge_pmd_anonymous_page(
-    k: Kernel, mm: MmStruct, vma: Vma, haddr: int, write: bool
+    k: Kernel, mm: MmStruct, vma: Vma, haddr: int, write: bool, found: Lookup
 ) -> int | None:
-    """A fault on an empty PMD of a hugepage VMA: the huge zero page for a read
-    (only in a KeyID-0 VMA: patch 02's huge_memory.c hunk), else a 2M page of
-    the VMA's KeyID; None to fall back to 4K pages (``VM_FAULT_FALLBACK``)."""
+    """A fault on an empty PMD of a hugepage VMA (``found``, the empty entry
+    the walk ended at, the PMD or above): the huge zero page for a read (only
+    in a KeyID-0 VMA: patch 02's huge_memory.c hunk), else a 2M page of the
+    VMA's KeyID; None to fall back to 4K pages (``VM_FAULT_FALLBACK``)."""
     keyid = vma_keyid(vma, k.pte_layout)
-    k.pt.alloc_tables(mm.pgd, haddr, HPAGE_SIZE)
+    pmdp = k.pt.pte_alloc(haddr, found, HPAGE_SIZE)
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
             zero = mm_get_huge_zero_page(k)
@@ -242,7 +244,7 @@ def do_huge_pmd_anonymous_page(
                 return None
             k.vmstat.inc("mktme_zero_page_map")
             pmd = k.pte_layout.pfn_pte(zero, vma.vm_page_prot) | _PSE
-            k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
+            k.pt.set_pte_at(pmdp, pmd)
             return pmd
         k.vmstat.inc("mktme_zero_page_refused_encrypted")
     head = alloc_hugepage_vma(k, vma)
@@ -250,14 +252,14 @@ def do_huge_pmd_anonymous_page(
         k.vmstat.inc("thp_fault_fallback")
         return None
     k.vmstat.inc("thp_fault_alloc")
-    return map_new_page(k, mm, vma, haddr, head, HPAGE_SIZE)
+    return map_new_page(k, mm, vma, pmdp, haddr, head)
 
 
-def do_huge_pmd_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pmd: int) -> int:
+def do_huge_pmd_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pmdp: Lookup) -> int:
     """A write to a read-only 2M mapping: the huge zero page goes and the fault
     starts again on an empty PMD; an exclusive THP is reused; otherwise the PMD
     is split and the 4K page copied (do_huge_pmd_wp_page's fallback)."""
-    haddr = addr & ~(HPAGE_SIZE - 1)
+    haddr, pmd = addr & ~(HPAGE_SIZE - 1), pmdp.pte
     head = pte_page(k, pmd, HPAGE_SIZE)
     if head is None:
         fail(errno.EIO, f"{addr:#x}: the PMD {pmd:#x} maps no page of this machine")
@@ -266,42 +268,53 @@ def do_huge_pmd_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pmd: int) 
         return _handle_mm_fault(k, mm, vma, addr, True)
     if k.pages.page_exclusive(head):
         pmd |= _WRITE_BITS
-        k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
+        k.pt.set_pte_at(pmdp, pmd)
         k.tlb.flush_range(mm.asid, haddr, haddr + HPAGE_SIZE)
         return pmd
     split_huge_pmd(k, mm, addr, pmd)
     found = k.pt.get_pte(mm.pgd, addr)
     assert found is not None
-    return do_wp_page(k, mm, vma, addr, found.pte)
+    return do_wp_page(k, mm, vma, addr, found)
 
 
 # --- 4K pages ---------------------------------------------------------------------
 
 
-def do_anonymous_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
+def do_anonymous_page(
+    k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool, found: Lookup
+) -> int:
+    """A fault on an empty entry (``found``): the tables below it first
+    (``pte_alloc``), the page last."""
     page = addr & ~(PAGE_SIZE - 1)
     keyid = vma_keyid(vma, k.pte_layout)
-    k.pt.alloc_tables(mm.pgd, page)  # the tables first, the page last
+    ptep = k.pt.pte_alloc(page, found)
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
-            return map_zero_page(k, mm, vma, page)
+            return map_zero_page(k, vma, ptep)
         k.vmstat.inc("mktme_zero_page_refused_encrypted")
-    return map_new_page(k, mm, vma, page, alloc_page_vma(k, vma))
+    return map_new_page(k, mm, vma, ptep, page, alloc_page_vma(k, vma))
 
 
-def map_zero_page(k: Kernel, mm: MmStruct, vma: Vma, page: int) -> int:
+def pte_alloc_map(k: Kernel, mm: MmStruct, addr: int) -> Lookup:
+    """The 4K entry of ``addr``, the tables it needs allocated, in one walk
+    (``pte_alloc_map()``); EINVAL inside a huge leaf."""
+    return k.pt.pte_alloc(addr & ~(PAGE_SIZE - 1), k.pt.lookup(mm.pgd, addr))
+
+
+def map_zero_page(k: Kernel, vma: Vma, ptep: Lookup) -> int:
     """``pte_mkspecial(pfn_pte(my_zero_pfn(addr), vma->vm_page_prot))``: the
     zero page through the VMA's protections, KeyID bits included (a read
-    fault, and UFFDIO_ZEROPAGE's ``mfill_zeropage_pte()``). Read-only: a
-    write breaks copy-on-write. The tables must exist."""
+    fault, and UFFDIO_ZEROPAGE's ``mfill_zeropage_pte()``), stored in the
+    empty entry ``ptep``. Read-only: a write breaks copy-on-write."""
     k.vmstat.inc("mktme_zero_page_map")
     pte = k.pte_layout.pfn_pte(k.zero_pfn, vma.vm_page_prot)
-    k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
+    k.pt.set_pte_at(ptep, pte)
     return pte
 
 
-def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int, write: bool) -> int:
+def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, ptep: Lookup, write: bool) -> int:
     """Swap-in: a page for the VMA's KeyID, the slot's data written through it."""
+    pte = ptep.pte
     offset = swp_offset(pte)
     if swp_type(pte) != 0 or not k.swap.valid_slot(offset):
         fail(errno.EIO, f"{addr:#x}: the swap entry {pte:#x} names no slot in use (SIGBUS)")
@@ -310,21 +323,17 @@ def do_swap_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int, write: 
     k.directmap.write_page(pfn, k.swap.readpage(offset))
     k.swap.swap_free(offset)
     k.vmstat.inc("pswpin")
-    return map_new_page(k, mm, vma, page, pfn, writable=write)
+    return map_new_page(k, mm, vma, ptep, page, pfn, writable=write)
 
 
 def map_new_page(
-    k: Kernel,
-    mm: MmStruct,
-    vma: Vma,
-    va: int,
-    pfn: int,
-    size: int = PAGE_SIZE,
-    writable: bool = True,
+    k: Kernel, mm: MmStruct, vma: Vma, ptep: Lookup, va: int, pfn: int, writable: bool = True
 ) -> int:
-    """Map a page just allocated (or copied) for ``vma``: writable and dirty where
-    the VMA may be written (``maybe_mkwrite(pte_mkdirty())``), PG_mlocked in a
-    VM_LOCKED VMA (``lru_cache_add_active_or_unevictable``)."""
+    """Map a page just allocated (or copied) for ``vma`` in the entry ``ptep``
+    (a 4K or a 2M one), which the fault's walk found or made: writable and
+    dirty where the VMA may be written (``maybe_mkwrite(pte_mkdirty())``),
+    PG_mlocked in a VM_LOCKED VMA (``lru_cache_add_active_or_unevictable``)."""
+    size = ptep.size
     pte = k.pte_layout.pfn_pte(pfn, vma.vm_page_prot) | (_PSE if size != PAGE_SIZE else 0)
     vm_flags = int(vma.vm_flags)
     if writable and vm_flags & _VM_WRITE:
@@ -332,7 +341,7 @@ def map_new_page(
     k.pages.get_page(pfn)
     if vm_flags & _VM_LOCKED:
         mlock_vma_page(k, pfn)
-    k.pt.set_pte(mm.pgd, va, pte, size)
+    k.pt.set_pte_at(ptep, pte)
     k.tlb.flush_range(mm.asid, va, va + size)
     return pte
 
@@ -344,7 +353,7 @@ def mlock_vma_page(k: Kernel, pfn: int) -> None:
         k.vmstat.inc("unevictable_pgs_mlocked")
 
 
-def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
+def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, ptep: Lookup) -> int:
     """A write to a present read-only page: reuse it or copy it.
 
     ``wp_page_copy()``: the new page comes from ``alloc_page_vma()`` (the VMA's
@@ -352,13 +361,13 @@ def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
     direct mapping (patch 18); the last mapper of an anonymous page reuses it
     (``wp_page_reuse()``), as does the child or parent left alone after a fork.
     """
-    page = addr & ~(PAGE_SIZE - 1)
+    page, pte = addr & ~(PAGE_SIZE - 1), ptep.pte
     pfn = pte_page(k, pte)
     if pfn is None:
         fail(errno.EIO, f"{addr:#x}: the PTE {pte:#x} maps no page of this machine")
     if k.pages.page_exclusive(pfn):
         pte |= _WRITE_BITS  # exclusive: reuse (wp_page_reuse)
-        k.pt.set_pte(mm.pgd, page, pte, PAGE_SIZE)
+        k.pt.set_pte_at(ptep, pte)
         k.tlb.flush_range(mm.asid, page, page + PAGE_SIZE)
         return pte
     k.vmstat.inc("mktme_cow_fault")
@@ -367,7 +376,7 @@ def do_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pte: int) -> int:
     if not zero:
         copy_page(k, src=pfn, dst=new)
     k.pages.put_page(pfn)
-    return map_new_page(k, mm, vma, page, new)
+    return map_new_page(k, mm, vma, ptep, page, new)
 
 
 def copy_page(k: Kernel, src: int, dst: int) -> None:

@@ -26,7 +26,8 @@ One walker
     ``destroy``; and through those ptdump, zap, mprotect, pagemap, smaps, the
     audit, rmap, khugepaged and KSM. Single addresses go down with the
     ``pgd_offset`` ... ``pte_offset`` helpers (``get_pte``, ``set_pte``,
-    ``walk``), which read only the entries on the way.
+    ``walk``, and the fault's ``lookup``/``pte_alloc``/``set_pte_at``), which
+    read only the entries on the way.
 
 Rules it keeps
     - Intermediate entries are ``_PAGE_TABLE`` (PRESENT|RW|USER|ACCESSED|DIRTY)
@@ -35,8 +36,12 @@ Rules it keeps
       pointer when PRESENT is set and PSE is clear; any other non-zero entry
       there is a leaf (present or not, e.g. a PROT_NONE huge page).
     - Hot paths cost only the platform accesses a page walk needs: ``get_pte``
-      4 loads of 8 bytes; ``set_pte`` 3 loads + 1 store once the tables exist;
-      ``clear_pte`` 4 loads + 1 store. The walker reads each table page it
+      and ``lookup`` 4 loads of 8 bytes; ``set_pte`` 3 loads + 1 store once
+      the tables exist; ``clear_pte`` 4 loads + 1 store. A fault walks once,
+      as Linux's ``__handle_mm_fault()`` does: ``lookup`` keeps the entry
+      where the walk ended, ``pte_alloc`` allocates the missing tables below
+      it (one load of the new entry per table) and ``set_pte_at`` stores the
+      new PTE there, with no second walk. The walker reads each table page it
       visits with one 4 KiB load and finds the non-empty entries with numpy,
       with no Python work per empty entry; it loads a PTE table only when a
       callback wants PTEs, holes or emptiness.
@@ -154,6 +159,7 @@ _OFFSET = {
 # the bytes a leaf of that level maps.
 _DESCENT = tuple((level.shift - 3, level.size) for level in WALK_LEVELS[1:])
 _PGD_OFFSET_SHIFT = Level.PGD.shift - 3
+_PGD_SIZE = Level.PGD.size
 _FROM = int.from_bytes
 
 
@@ -440,12 +446,23 @@ class PageTables:
         ``keyids/0/mem``) ends the walk with EIO, as an access to an unmapped
         address does: the kernel never follows it (``mm/check`` reports it).
         """
+        found = self.lookup(cr3, va)
+        return found if found.pte and found.size != _PGD_SIZE else None
+
+    def lookup(self, cr3: int, va: int) -> Lookup:
+        """Where a walk of ``va`` ends: the leaf that maps it, or the first
+        empty entry on the way (``pte`` 0, ``size`` the bytes that entry maps,
+        ``entry_pa`` where it lies), as ``__handle_mm_fault()`` holds
+        ``vmf->pud``, ``vmf->pmd`` and ``vmf->pte``; one 8-byte load per level.
+        A non-present PGD entry ends the walk at the PGD (``size`` 512G; x86
+        has no PGD leaves). EIO as ``get_pte``."""
         if not 0 <= va < self.va_end:
-            self._bad_va("get_pte", va)
+            self._bad_va("lookup", va)
         load, amask = self._load, self._amask
-        e = _FROM(load(cr3 + ((va >> _PGD_OFFSET_SHIFT) & 0xFF8), 8), "little")
+        pa = cr3 + ((va >> _PGD_OFFSET_SHIFT) & 0xFF8)
+        e = _FROM(load(pa, 8), "little")
         if not e & _PRESENT:
-            return None
+            return Lookup(e, _PGD_SIZE, pa)
         for shift, size in _DESCENT:
             table = e & amask
             if not self._is_table_page(table):
@@ -453,8 +470,36 @@ class PageTables:
             pa = table + ((va >> shift) & 0xFF8)
             e = _FROM(load(pa, 8), "little")
             if e & _PRESENT_PSE != _PRESENT or size == SIZE_4K:
-                return Lookup(e, size, pa) if e else None
+                return Lookup(e, size, pa)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def pte_alloc(self, va: int, at: Lookup, size: int = SIZE_4K) -> Lookup:
+        """The entry of a ``size`` leaf at ``va``, from the empty entry ``at``
+        that ``lookup`` found on the way: the tables between are allocated
+        (``pud_alloc``, ``pmd_alloc``, ``pte_alloc``), each linked into the
+        entry above it, and the entry of ``va`` in each new table is read, as
+        Linux reads ``*pud``, ``*pmd`` and ``*pte`` after allocating. Returns
+        that entry for ``set_pte_at``. EINVAL where ``at`` is not empty (the
+        address lies inside a leaf) or lies below the level of ``size``."""
+        e, entry_size, pa = at
+        while entry_size != size:
+            if e or entry_size < size:
+                what = f"a {_size_name(entry_size)} leaf" if e else "a smaller entry"
+                fail(errno.EINVAL, f"pte_alloc: {va:#x} lies inside {what}")
+            table = self._new_table()
+            self._store(pa, (table | _TABLE).to_bytes(8, "little"))
+            entry_size >>= 9
+            pa = table + ((va >> (entry_size.bit_length() - 4)) & 0xFF8)
+            e = _FROM(self._load(pa, 8), "little")
+        return Lookup(e, size, pa)
+
+    def set_pte_at(self, ptep: Lookup, pte: int) -> None:
+        """Store ``pte`` in the entry ``ptep`` (from ``lookup`` or
+        ``pte_alloc``) with one 8-byte store, no walk (``set_pte_at``/``set_pmd_at``
+        through the pointer the fault holds). The entry must be empty or a leaf
+        of that size: nothing is collapsed. EINVAL as ``set_pte``."""
+        self._check_entry("set_pte_at", pte, ptep.size)
+        self._store(ptep.entry_pa, pte.to_bytes(8, "little"))
 
     def set_pte(self, cr3: int, va: int, pte: int, size: int = SIZE_4K) -> None:
         """Store the leaf ``pte`` for ``va`` (``set_pte_at``/``set_pmd_at``).
@@ -466,26 +511,24 @@ class PageTables:
         """
         if va & (size - 1) or not 0 <= va < self.va_end or size not in _LEAF_SIZES:
             self._bad_leaf("set_pte", va, size)
-        if not 0 <= pte <= _U64 or pte & self._reserved:
-            fail(errno.EINVAL, f"set_pte: {pte:#x} sets reserved bits")
+        self._check_entry("set_pte", pte, size)
         pa = self._entry_pa(cr3, va, size, True, "set_pte")
         if size == SIZE_4K:
             self._store(pa, pte.to_bytes(8, "little"))
             return
-        if pte and not pte & _PSE:
-            fail(errno.EINVAL, f"set_pte: a {_size_name(size)} leaf needs PSE, {pte:#x} has none")
         old = _FROM(self._load(pa, 8), "little")
         self._store(pa, pte.to_bytes(8, "little"))
         if old & _PRESENT_PSE == _PRESENT and self._is_table_page(old & self._amask):
             # collapse: the table below goes
             self._free_tree(TableRef(Level.of_leaf_size(size).next, old & self._amask, va, pa))
 
-    def alloc_tables(self, cr3: int, va: int, size: int = SIZE_4K) -> None:
-        """Allocate the tables a ``size`` leaf at ``va`` needs (``pud_alloc``,
-        ``pmd_alloc``, ``pte_alloc``); a fault does this before it takes a page."""
-        if va & (size - 1) or not 0 <= va < self.va_end or size not in _LEAF_SIZES:
-            self._bad_leaf("alloc_tables", va, size)
-        self._entry_pa(cr3, va, size, True, "alloc_tables")
+    def _check_entry(self, op: str, pte: int, size: int) -> None:
+        """EINVAL unless ``pte`` may be stored as a ``size`` leaf: no reserved
+        bits, and PSE on a 2M/1G leaf that is not 0."""
+        if not 0 <= pte <= _U64 or pte & self._reserved:
+            fail(errno.EINVAL, f"{op}: {pte:#x} sets reserved bits")
+        if size != SIZE_4K and pte and not pte & _PSE:
+            fail(errno.EINVAL, f"{op}: a {_size_name(size)} leaf needs PSE, {pte:#x} has none")
 
     def clear_pte(self, cr3: int, va: int, size: int = SIZE_4K) -> int:
         """Clear the leaf of ``size`` at ``va`` (``ptep_get_and_clear``); returns the old value.

@@ -58,6 +58,7 @@ from mktme_sandbox.kernel.memory import (
     alloc_page_vma,
     map_new_page,
     map_zero_page,
+    pte_alloc_map,
     zap_page_range,
 )
 from mktme_sandbox.kernel.mmap import check_populate, check_range, vma_merge
@@ -153,11 +154,11 @@ def mcopy_atomic(k: Kernel, mm: MmStruct, dst: int, src: int, length: int) -> No
     check_populate(k, mm, dst, end, VM.WRITE, 0, "uffd copy")
     with _filling(k, mm, dst, end):
         for i, page in enumerate(range(dst, end, PAGE_SIZE)):
-            k.pt.alloc_tables(mm.pgd, page)
+            ptep = pte_alloc_map(k, mm, page)
             pfn = alloc_page_vma(k, vma, zero=False)
             chunk = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             k.platform.store(pfn * PAGE_SIZE, chunk, k.pages.page_keyid(pfn))
-            map_new_page(k, mm, vma, page, pfn)
+            map_new_page(k, mm, vma, ptep, page, pfn)
 
 
 def mfill_zeropage(k: Kernel, mm: MmStruct, dst: int, length: int) -> None:
@@ -169,12 +170,12 @@ def mfill_zeropage(k: Kernel, mm: MmStruct, dst: int, length: int) -> None:
     check_populate(k, mm, dst, end, VM.WRITE if own_pages else VM.READ, 0, "uffd zeropage")
     with _filling(k, mm, dst, end):
         for page in range(dst, end, PAGE_SIZE):
-            k.pt.alloc_tables(mm.pgd, page)
+            ptep = pte_alloc_map(k, mm, page)
             if own_pages:
                 k.vmstat.inc("mktme_zero_page_refused_encrypted")
-                map_new_page(k, mm, vma, page, alloc_page_vma(k, vma))
+                map_new_page(k, mm, vma, ptep, page, alloc_page_vma(k, vma))
             else:
-                map_zero_page(k, mm, vma, page)
+                map_zero_page(k, vma, ptep)
 
 
 def _dst_vma(k: Kernel, mm: MmStruct, op: str, dst: int, length: int) -> tuple[Vma, int]:
