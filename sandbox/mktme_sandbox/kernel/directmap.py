@@ -50,6 +50,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -117,8 +118,9 @@ class DirectMap:
     phys_mem: int
     copies: int  # KeyIDs mapped: 1 without MKTME, nr_keyids + 1 with it
 
-    @property
+    @cached_property
     def size(self) -> int:
+        """Computed once: every kernel access through the direct map adds it."""
         return direct_mapping_size(self.phys_mem)
 
     @staticmethod
@@ -343,6 +345,9 @@ class DirectMapping:
 
     def clflush_cache_range(self, vaddr: int, length: int) -> int:
         """Flush the lines of a direct-map range; returns the lines written back."""
+        pa, keyid, left = self.translate(vaddr)
+        if length <= left:  # one leaf: a page's flush
+            return self._mem.flush_range(pa, length, keyid)
         flush = self._mem.flush_range
         return sum(flush(pa, n, keyid) for pa, keyid, n in self._pieces(vaddr, length))
 

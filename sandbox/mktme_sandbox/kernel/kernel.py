@@ -27,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from mktme_sandbox.config import PAGE_SIZE, MachineConfig
@@ -67,6 +65,25 @@ LATER_FIXES = frozenset({"uffd_zeropage_encrypted_check"})
 """Switches for a rule v5 lacks: off by default, so the machine is v5 as posted."""
 RESERVED_SPACE_NAMES = ("kernel",)  # pagetables/kernel shows the direct mappings
 _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class Charging:
+    """``Kernel.charging``: a plain context manager, not a contextlib
+    generator, because every fault enters one (a generator costs more than
+    the rest of the fault's bookkeeping)."""
+
+    __slots__ = ("_alloc", "_saved", "_uid")
+
+    def __init__(self, alloc: PageAllocator, uid: int | None) -> None:
+        self._alloc, self._uid = alloc, uid
+        self._saved: int | None = None
+
+    def __enter__(self) -> None:
+        self._saved = self._alloc.charge_uid
+        self._alloc.charge_uid = self._uid
+
+    def __exit__(self, *exc: object) -> None:
+        self._alloc.charge_uid = self._saved
 
 
 class Kernel:
@@ -115,7 +132,7 @@ class Kernel:
         self.huge_zero_refs = 0
         """The PMDs that map the huge zero page; the last one to go frees it."""
         self.pt = PageTables(
-            platform, self.pte_layout, self._alloc_table, self._free_table, self._is_table_page
+            platform, self.pte_layout, self._alloc_table, self._free_table, self.pages.page_table_at
         )
         self.tlb = Tlb()
         self.spaces: dict[str, MmStruct] = {}
@@ -140,7 +157,7 @@ class Kernel:
         (``sync_direct_mapping``)."""
         tables = PageTables(
             self.platform, self.pte_layout, self._alloc_kernel_table, self._free_table,
-            self._is_table_page, va_end=TREE_END,
+            self.pages.page_table_at, va_end=TREE_END,
         )  # fmt: skip
         directmap = DirectMapping(DirectMap(phys_mem, copies), self.platform, self.pages, tables)
         self.alloc.mem = directmap
@@ -159,10 +176,6 @@ class Kernel:
         self.vmstat.inc("mktme_pgtable_free")
         self.alloc.free_page(pa // PAGE_SIZE)
 
-    def _is_table_page(self, pa: int) -> bool:
-        pfn = pa // PAGE_SIZE
-        return self.pages.pfn_valid(pfn) and self.pages.PageTable(pfn)
-
     def _reclaim(self) -> int:
         from mktme_sandbox.kernel.vmscan import try_to_free_pages
 
@@ -179,17 +192,11 @@ class Kernel:
         """Root and the daemon's user pass every per-uid limit."""
         return uid in (0, self.owner_uid)
 
-    @contextmanager
-    def charging(self, uid: int | None) -> Iterator[None]:
+    def charging(self, uid: int | None) -> Charging:
         """Charge the pages allocated inside to ``uid``, the owner of the space
         they are for (Linux charges the memcg of ``current``, the task whose
         fault or call allocates); None: to no one (the kernel's own pages)."""
-        saved = self.alloc.charge_uid
-        self.alloc.charge_uid = uid
-        try:
-            yield
-        finally:
-            self.alloc.charge_uid = saved
+        return Charging(self.alloc, uid)
 
     # --- address spaces -----------------------------------------------------------
 

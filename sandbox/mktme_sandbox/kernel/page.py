@@ -119,6 +119,12 @@ class MemMap:
     def PageTable(self, pfn: int) -> bool:
         return self._test(pfn, _PGTABLE)
 
+    def page_table_at(self, pa: int) -> bool:
+        """``PageTable()`` of the page at physical address ``pa``; False beyond
+        memory. Every step of every walk asks it: one call, no enum."""
+        pfn = pa >> 12
+        return 0 <= pfn < self.nr_pages and bool(self._flags.item(pfn) & _PGTABLE)
+
     def PageKsm(self, pfn: int) -> bool:
         return self._test(pfn, _KSM)
 
@@ -217,7 +223,10 @@ class MemMap:
 
     def prep_new_page(self, pfn: int, nr: int, flags: PG) -> None:
         """``nr`` pages from ``pfn`` leave the free lists with ``flags``."""
-        self._flags[pfn : pfn + nr] = flags
+        if nr == 1:  # a fault's page: an item store, no slice nor enum conversion
+            self._flags[pfn] = int(flags)
+        else:
+            self._flags[pfn : pfn + nr] = flags
 
     def free_pages_prepare(self, pfn: int, nr: int) -> None:
         """``nr`` pages from ``pfn`` become free: PG_buddy, no mapping."""

@@ -254,13 +254,24 @@ class PageAllocator:
         return None
 
     def _take_free(self, keyid: int) -> tuple[int, int] | None:
-        for pool_keyid in self._pool_order(keyid):
-            pool = self._pools.get(pool_keyid)
-            if pool:
-                return pool.pop(), pool_keyid
-            if pool_keyid == 0 and self._fresh < self.nr_pages:
-                self._fresh += 1
-                return self._fresh - 1, 0
+        for pool_keyid in (keyid, 0) if keyid else (0,):  # the common case: no sort
+            found = self._take_from(pool_keyid)
+            if found is not None:
+                return found
+        for pool_keyid in self._other_pools(keyid):
+            found = self._take_from(pool_keyid)
+            if found is not None:
+                return found
+        return None
+
+    def _take_from(self, pool_keyid: int) -> tuple[int, int] | None:
+        """A page of one pool (KeyID 0's: then never-used memory), or None."""
+        pool = self._pools.get(pool_keyid)
+        if pool:
+            return pool.pop(), pool_keyid
+        if pool_keyid == 0 and self._fresh < self.nr_pages:
+            self._fresh += 1
+            return self._fresh - 1, 0
         return None
 
     def _pool_order(self, keyid: int) -> Iterator[int]:
@@ -269,7 +280,11 @@ class PageAllocator:
         yield keyid
         if keyid:
             yield 0
-        yield from sorted(
+        yield from self._other_pools(keyid)
+
+    def _other_pools(self, keyid: int) -> list[int]:
+        """The pools neither ``keyid``'s nor KeyID 0's, fullest (or coldest) first."""
+        return sorted(
             (k for k in self._pools if k not in (keyid, 0)),
             key=lambda k: (
                 self._last_alloc.get(k, -1)
@@ -297,14 +312,18 @@ class PageAllocator:
 
     def _charge(self, pfn: int, nr: int, uid: int | None) -> None:
         """Charge ``nr`` pages from ``pfn`` to ``uid``; None uncharges them."""
-        old = int(self._charged[pfn]) - 1
+        old = self._charged.item(pfn) - 1
         if old >= 0:
             self.pages_by_uid[old] -= nr
             if not self.pages_by_uid[old]:
                 del self.pages_by_uid[old]  # a uid holds pages or is not listed
         if uid is not None:
             self.pages_by_uid[uid] = self.pages_by_uid.get(uid, 0) + nr
-        self._charged[pfn : pfn + nr] = 0 if uid is None else uid + 1
+        charge = 0 if uid is None else uid + 1
+        if nr == 1:
+            self._charged[pfn] = charge  # an item store: no slice per fault
+        else:
+            self._charged[pfn : pfn + nr] = charge
 
     def charged_uid(self, pfn: int) -> int | None:
         """The uid page ``pfn`` is charged to, or None."""

@@ -107,6 +107,9 @@ class Tlb:
     def flush_range(self, asid: int, start: int, end: int) -> int:
         """Drop the translations of virtual addresses ``[start, end)`` (``flush_tlb_range``)."""
         first, last = start >> PAGE_SHIFT, (end + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
+        if last - first == 1:  # one page: a fault's flush
+            key = (asid, first)
+            return self._drop([key] if key in self._entries else [])
         if last - first <= len(self._entries):
             doomed = [(asid, vpn) for vpn in range(first, last) if (asid, vpn) in self._entries]
         else:
