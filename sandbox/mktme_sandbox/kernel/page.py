@@ -39,7 +39,7 @@ import numpy as np
 
 from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_ORDER
 
-__all__ = ["PG", "MemMap"]
+__all__ = ["PG", "MemMap", "set_pages"]
 
 
 class PG(IntFlag):
@@ -72,6 +72,15 @@ _ZERO_OR_KSM = _ZERO | _KSM
 _HEAD_MASK = ~(HPAGE_NR - 1)
 
 
+def set_pages(array: np.ndarray, pfn: int, nr: int, value: int) -> None:
+    """``array[pfn:pfn + nr] = value`` for a per-PFN array; one page (a
+    fault's) by an item store, which costs a third of a slice's."""
+    if nr == 1:
+        array[pfn] = value
+    else:
+        array[pfn : pfn + nr] = value
+
+
 def _read_only(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False
@@ -100,7 +109,7 @@ class MemMap:
 
     def set_page_keyid(self, pfn: int, keyid: int, nr: int = 1) -> None:
         """The KeyID of ``nr`` pages from ``pfn`` (prep_encrypted_page, arch_free_page)."""
-        self._keyid[pfn : pfn + nr] = keyid
+        set_pages(self._keyid, pfn, nr, keyid)
 
     # --- page->flags ------------------------------------------------------------
 
@@ -223,10 +232,7 @@ class MemMap:
 
     def prep_new_page(self, pfn: int, nr: int, flags: PG) -> None:
         """``nr`` pages from ``pfn`` leave the free lists with ``flags``."""
-        if nr == 1:  # a fault's page: an item store, no slice nor enum conversion
-            self._flags[pfn] = int(flags)
-        else:
-            self._flags[pfn : pfn + nr] = flags
+        set_pages(self._flags, pfn, nr, int(flags))
 
     def free_pages_prepare(self, pfn: int, nr: int) -> None:
         """``nr`` pages from ``pfn`` become free: PG_buddy, no mapping."""

@@ -52,7 +52,7 @@ import numpy as np
 
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
-from mktme_sandbox.kernel.page import PG, MemMap
+from mktme_sandbox.kernel.page import PG, MemMap, set_pages
 from mktme_sandbox.kernel.pgtable_types import HPAGE_NR, HPAGE_ORDER
 from mktme_sandbox.kernel.vmstat import VmStat
 
@@ -319,11 +319,7 @@ class PageAllocator:
                 del self.pages_by_uid[old]  # a uid holds pages or is not listed
         if uid is not None:
             self.pages_by_uid[uid] = self.pages_by_uid.get(uid, 0) + nr
-        charge = 0 if uid is None else uid + 1
-        if nr == 1:
-            self._charged[pfn] = charge  # an item store: no slice per fault
-        else:
-            self._charged[pfn : pfn + nr] = charge
+        set_pages(self._charged, pfn, nr, 0 if uid is None else uid + 1)
 
     def charged_uid(self, pfn: int) -> int | None:
         """The uid page ``pfn`` is charged to, or None."""

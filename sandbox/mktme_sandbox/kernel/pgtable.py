@@ -482,6 +482,8 @@ class PageTables:
         that entry for ``set_pte_at``. EINVAL where ``at`` is not empty (the
         address lies inside a leaf) or lies below the level of ``size``."""
         e, entry_size, pa = at
+        if entry_size == size:
+            return at  # the tables exist: nothing to read or make
         while entry_size != size:
             if e or entry_size < size:
                 what = f"a {_size_name(entry_size)} leaf" if e else "a smaller entry"
