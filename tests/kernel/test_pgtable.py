@@ -390,6 +390,50 @@ def test_set_pte_with_tables_present_costs_three_loads_and_one_store() -> None:
     assert [n for _, n in mem.stores] == [8]
 
 
+def test_lookup_stops_at_the_first_empty_entry_and_says_where_it_lies() -> None:
+    pt, _, _ = make_tables()
+    cr3 = pt.create()
+    pt.set_pte(cr3, 0x1234_5000, LAYOUT.make_pte(1, 1, USER_RW))
+    mapped, empty_pte = pt.get_pte(cr3, 0x1234_5000), pt.lookup(cr3, 0x1234_6000)
+    assert mapped is not None
+    assert empty_pte == (0, SIZE_4K, mapped.entry_pa + 8)  # the next entry of its table
+    empty_pud = pt.lookup(cr3, SIZE_1G * 5)
+    assert (empty_pud.pte, empty_pud.size) == (0, SIZE_1G)
+
+
+def test_pte_alloc_makes_the_missing_tables_and_set_pte_at_stores_without_a_walk() -> None:
+    pt, mem, pool = make_tables()
+    cr3 = pt.create()
+    va, pte = SIZE_1G * 3 + 0x5000, LAYOUT.make_pte(7, 2, USER_RW)
+    ptep = pt.pte_alloc(va, pt.lookup(cr3, va))
+    assert len(pool.in_use) == 4  # PGD, PUD, PMD, PTE
+    mem.reset_counts()
+    pt.set_pte_at(ptep, pte)
+    assert (mem.loads, [n for _, n in mem.stores]) == ([], [8])
+    assert pt.get_pte(cr3, va) == (pte, SIZE_4K, ptep.entry_pa)
+
+
+def test_pte_alloc_inside_a_huge_leaf_is_einval_and_allocates_nothing() -> None:
+    pt, _, pool = make_tables()
+    cr3 = pt.create()
+    pt.set_pte(cr3, SIZE_2M, LAYOUT.make_pte(0x400, 0, USER_RW | F.PSE), SIZE_2M)
+    tables = len(pool.in_use)
+    with pytest.raises(SandboxError, match="inside a 2M leaf") as info:
+        pt.pte_alloc(SIZE_2M + 0x3000, pt.lookup(cr3, SIZE_2M + 0x3000))
+    assert info.value.errno == errno.EINVAL
+    assert len(pool.in_use) == tables
+
+
+def test_set_pte_at_refuses_reserved_bits_and_a_huge_leaf_without_pse() -> None:
+    pt, _, _ = make_tables()
+    cr3 = pt.create()
+    ptep = pt.pte_alloc(SIZE_2M, pt.lookup(cr3, SIZE_2M), SIZE_2M)
+    with pytest.raises(SandboxError, match="needs PSE"):
+        pt.set_pte_at(ptep, LAYOUT.make_pte(0x400, 0, USER_RW))
+    with pytest.raises(SandboxError, match="reserved"):
+        pt.set_pte_at(ptep, LAYOUT.reserved_mask | int(F.PSE))
+
+
 def test_scans_read_each_table_page_with_one_4k_load() -> None:
     pt, mem, pool = make_tables()
     cr3 = pt.create()
