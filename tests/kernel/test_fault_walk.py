@@ -1,5 +1,6 @@
 """A fault walks the page tables once, as Linux's does: the platform loads and
-stores one anonymous fault makes, counted against mm/memory.c."""
+stores one anonymous fault makes, counted against mm/memory.c; and a zap
+clears each PTE through the walk that found it."""
 
 from __future__ import annotations
 
@@ -137,3 +138,21 @@ def test_an_encrypted_fault_reads_the_direct_map_once_to_flush_and_once_to_zero(
     fault(m, U + PAGE)
     loads = Accesses.within(accesses.loads, kernel_tables)
     assert [n for _, n in loads] == [8, 8]
+
+
+def test_munmap_clears_each_pte_with_one_store_and_reads_no_entry_alone(
+    accesses: Accesses,
+) -> None:
+    """``zap_pte_range()`` walks each PTE table once and clears every entry
+    through its pointer (``ptep_get_and_clear_full``): 8 pages, 8 stores of 8
+    bytes, and no PTE read on its own (the 8-byte loads are the walk of the
+    range's end, where a huge PMD would be split)."""
+    m, _ = two_keys()
+    ctl(m, "a", f"mmap {U:#x} 32K rw- keyid=1 populate")
+    ptes = [leaf(m, "a", U + n * PAGE).entry_pa for n in range(8)]
+    tables = space_tables(m)
+    accesses.clear()
+    ctl(m, "a", f"munmap {U:#x} 32K")
+    assert [pa for pa, _ in Accesses.within(accesses.stores, tables)][:8] == ptes
+    entry_loads = {pa for pa, n in Accesses.within(accesses.loads, tables) if n == 8}
+    assert not entry_loads & set(ptes)

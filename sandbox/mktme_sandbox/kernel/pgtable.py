@@ -23,7 +23,7 @@ One walker
     pointing to no page-table page, never followed). Every scan is a few lines
     of ops over it: ``iter_present``, ``leaf_arrays``, ``iter_spans``,
     ``iter_tables``, ``iter_bad_pointers``, ``free_empty_tables``,
-    ``destroy``; and through those ptdump, zap, mprotect, pagemap, smaps, the
+    ``clear_range`` (zap), ``destroy``; and through those ptdump, zap, mprotect, pagemap, smaps, the
     audit, rmap, khugepaged and KSM. Single addresses go down with the
     ``pgd_offset`` ... ``pte_offset`` helpers (``get_pte``, ``set_pte``,
     ``walk``, and the fault's ``lookup``/``pte_alloc``/``set_pte_at``), which
@@ -160,6 +160,7 @@ _OFFSET = {
 _DESCENT = tuple((level.shift - 3, level.size) for level in WALK_LEVELS[1:])
 _PGD_OFFSET_SHIFT = Level.PGD.shift - 3
 _PGD_SIZE = Level.PGD.size
+_NONE = bytes(8)  # pte_none
 _FROM = int.from_bytes
 
 
@@ -618,6 +619,32 @@ class PageTables:
         for vas, size, ptes in self._leaf_chunks(cr3, start, end):
             for va, pte in zip(vas.tolist(), ptes.tolist(), strict=True):
                 yield Leaf(va, size, pte)
+
+    def clear_range(self, cr3: int, start: int, end: int) -> list[Leaf]:
+        """Clear every non-empty leaf overlapping ``[start, end)`` and return
+        them as ``iter_present`` yields them, in one walk (``zap_pte_range``
+        clears each PTE through the pointer its walk holds): a PTE costs one
+        8-byte store beyond its table's 4 KiB load; a huge leaf is cleared by
+        address (``clear_pte``). Tables left empty stay until ``free_empty_tables``."""
+        self._check_range("clear_range", start, end)
+        leaves: list[Leaf] = []
+        store = self._store
+
+        def ptes(table: PteTable) -> None:
+            for i, va, e in zip(
+                table.indices.tolist(), table.va.tolist(), table.pte.tolist(), strict=True
+            ):
+                store(table.pa + 8 * i, _NONE)
+                leaves.append(Leaf(va, SIZE_4K, e))
+
+        def huge(va: int, level: Level, e: int) -> None:
+            leaves.append(Leaf(va, level.size, e))
+
+        self._walk(cr3, start, end, MmWalkOps(pte_table=ptes, huge_entry=huge))
+        for leaf in leaves:
+            if leaf.size != SIZE_4K:
+                self.clear_pte(cr3, leaf.va, leaf.size)
+        return leaves
 
     def leaf_arrays(self, cr3: int, start: int = 0, end: int = USER_END) -> LeafArrays:
         """``iter_present`` as arrays: one numpy array per PTE table, no Python
