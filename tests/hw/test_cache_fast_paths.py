@@ -122,11 +122,24 @@ def test_the_write_back_queue_matches_writing_back_at_once(queue: int) -> None:
     run_side_by_side(machine(fast=True, queue=queue), machine(fast=True, queue=0))
 
 
-def run_side_by_side(fast: Platform, slow: Platform) -> None:
+def test_a_platform_state_imported_into_a_fresh_platform_behaves_the_same() -> None:
+    """Through export_state and import_state: every cache field (the ages kept
+    column-major inside, exported in slot order) and what follows."""
+    rng = np.random.default_rng(3)
+    original = machine(fast=True)
+    for _ in range(STEPS // 10):
+        run(original, random_step(rng))
+    restored = machine(fast=True)
+    restored.import_state(original.export_state())
+    assert_same_state(original, restored)
+    run_side_by_side(original, restored, steps=STEPS // 10)
+
+
+def run_side_by_side(fast: Platform, slow: Platform, steps: int = STEPS) -> None:
     """The same random steps on both: the same outputs and counters at every step,
     the same DRAM and full cache state every ``CHECKPOINT`` steps and at the end."""
     rng = np.random.default_rng(16)
-    for number in range(STEPS):
+    for number in range(steps):
         step = random_step(rng)
         assert run(fast, step) == run(slow, step), (number, step)
         assert fast.cache.stats == slow.cache.stats, (number, step)
