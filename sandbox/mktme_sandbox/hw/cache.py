@@ -344,7 +344,10 @@ class WriteBackCache:
             if len(self._hints) >= _HINTS:
                 self._hints.clear()
             self._hints[key] = slot
-        self._touch_one(slot)
+        # _touch_one(slot), inline: the page-table walk's hits come through here
+        at = (slot & (WAYS - 1)) * self.sets + (slot >> WAY_BITS)
+        self._stamp_flat[at] = slot | self._clock << self._slot_bits
+        self._clock += 1
         self._hits += 1
         return slot
 
