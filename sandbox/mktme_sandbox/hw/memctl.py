@@ -29,7 +29,7 @@ reads DRAM (every read here, and ``Platform``'s DRAM view and snapshots call
 ``drain`` first), so no one can tell it from writing at once: the same DRAM
 bytes, the same key per line (the one current at write-back, even if the KeyID
 is reprogrammed while its lines wait). ``queue = 0`` writes at once
-(tests/hw/test_write_back_queue.py holds both ways to the same outputs, DRAM
+(tests/hw/test_cache_fast_paths.py holds both ways to the same outputs, DRAM
 and cache state).
 
 Left out: memory-controller timing, and reads served from the queue (a read
