@@ -1,4 +1,5 @@
-"""The cache's fast paths against its own chunked path, at the default geometry.
+"""The fast paths of the cache and the memory controller against their slow paths,
+at the default geometry.
 
 ``WriteBackCache.fast`` switches on the paths that exist only for speed: a
 one-line miss handled with Python scalars, and a chunk that misses everywhere
@@ -6,10 +7,14 @@ decrypted from its DRAM slice straight into the caller's buffer. With ``fast``
 off every access takes the chunked path. Two machines, one each way, run the
 same few thousand random operations (loads, stores and fills of any length at
 any offset, across KeyIDs, straddling lines and pages; CLFLUSH, flush_range,
-WBINVD, DRAM writes and key changes) at the cache every user gets (2 MiB,
-16-way). They must return the same bytes and flush counts, and hold the same
-DRAM and the same full cache state: tags, dirty bits, ages, data, clock, page
-bounds and counters.
+WBINVD, DRAM reads and writes and key changes) at the cache every user gets
+(2 MiB, 16-way). They must return the same bytes and flush counts, and hold the
+same DRAM and the same full cache state: tags, dirty bits, ages, data, clock,
+page bounds and counters.
+
+The memory controller's write-back queue is held the same way to writing each
+write-back at once (``MemoryController.queue = 0``), at its own bound and at a
+small one that drains in the middle of write-backs.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 
 from mktme_sandbox.config import MachineConfig, MiB
 from mktme_sandbox.hw.cache import WriteBackCache
 from mktme_sandbox.hw.keytable import KeyProgram, KeyProgramCommand, PconfigStatus
+from mktme_sandbox.hw.memctl import WRITE_BACK_QUEUE, MemoryController
 from mktme_sandbox.hw.platform import Platform
 from mktme_sandbox.hw.xts import AES_XTS_128
 
@@ -32,13 +39,19 @@ STEPS = 3000
 CHECKPOINT = 50  # steps between comparisons of the whole state
 
 
-def machine(fast: bool) -> Platform:
+def machine(fast: bool, queue: int = WRITE_BACK_QUEUE) -> Platform:
     platform = Platform(MachineConfig(phys_mem=8 * MiB, seed=7, cache_size=CACHE))
     for keyid in KEYIDS[1:]:
         program(platform, keyid, seed=keyid)
     assert isinstance(platform.cache, WriteBackCache)
     platform.cache.fast = fast
+    controller(platform).queue = queue
     return platform
+
+
+def controller(platform: Platform) -> MemoryController:
+    memory: MemoryController = platform.cache._memory  # type: ignore[attr-defined]
+    return memory
 
 
 def program(platform: Platform, keyid: int, seed: int) -> None:
@@ -53,8 +66,8 @@ def random_step(rng: np.random.Generator) -> tuple[Any, ...]:
     """One operation: kind, address, length, KeyID, byte/seed."""
     kind = rng.choice(
         ["load", "load", "load", "store", "store", "fill", "clflush", "flush_range"]
-        + ["wbinvd", "dram_write", "reprogram"],
-        p=[0.2, 0.1, 0.1, 0.15, 0.1, 0.1, 0.07, 0.07, 0.01, 0.05, 0.05],
+        + ["wbinvd", "dram_read", "dram_write", "reprogram"],
+        p=[0.2, 0.1, 0.1, 0.15, 0.1, 0.1, 0.07, 0.07, 0.01, 0.02, 0.03, 0.05],
     )
     where = rng.integers(4)
     if where == 0:
@@ -83,6 +96,8 @@ def run(platform: Platform, step: tuple[Any, ...]) -> object:
         return platform.flush_range(pa, length, keyid)
     elif kind == "wbinvd":
         platform.wbinvd()
+    elif kind == "dram_read":
+        return platform.dram_read(pa, min(length, 300))
     elif kind == "dram_write":
         platform.dram_write(pa, bytes([byte]) * min(length, 300))
     else:
@@ -99,9 +114,32 @@ def assert_same_state(fast: Platform, slow: Platform) -> None:
 
 
 def test_fast_paths_match_the_chunked_path_in_output_dram_and_every_cache_field() -> None:
+    run_side_by_side(machine(fast=True), machine(fast=False))
+
+
+@pytest.mark.parametrize("queue", [WRITE_BACK_QUEUE, 7])
+def test_the_write_back_queue_matches_writing_back_at_once(queue: int) -> None:
+    run_side_by_side(machine(fast=True, queue=queue), machine(fast=True, queue=0))
+
+
+def test_a_platform_state_imported_into_a_fresh_platform_behaves_the_same() -> None:
+    """Through export_state and import_state: every cache field (the ages kept
+    column-major inside, exported in slot order) and what follows."""
+    rng = np.random.default_rng(3)
+    original = machine(fast=True)
+    for _ in range(STEPS // 10):
+        run(original, random_step(rng))
+    restored = machine(fast=True)
+    restored.import_state(original.export_state())
+    assert_same_state(original, restored)
+    run_side_by_side(original, restored, steps=STEPS // 10)
+
+
+def run_side_by_side(fast: Platform, slow: Platform, steps: int = STEPS) -> None:
+    """The same random steps on both: the same outputs and counters at every step,
+    the same DRAM and full cache state every ``CHECKPOINT`` steps and at the end."""
     rng = np.random.default_rng(16)
-    fast, slow = machine(fast=True), machine(fast=False)
-    for number in range(STEPS):
+    for number in range(steps):
         step = random_step(rng)
         assert run(fast, step) == run(slow, step), (number, step)
         assert fast.cache.stats == slow.cache.stats, (number, step)
@@ -137,3 +175,25 @@ def test_a_cold_line_miss_and_a_cold_chunk_take_the_fast_paths() -> None:
     assert fast.load(PAGE, 3 * PAGE, 1) == slow.load(PAGE, 3 * PAGE, 1)
     assert calls == ["read_line", "read_line", "read_run"]  # the store's partial line, the load's
     assert_same_state(fast, slow)
+
+
+def test_queued_write_backs_land_with_their_last_value_and_the_key_of_their_write_back() -> None:
+    """A line written back twice (once under an old key), and lines of two KeyIDs,
+    wait in the queue and reach DRAM as if each had been written at once. Whole-line
+    stores: a partial one would fill from DRAM, which drains the queue."""
+    queued, direct = machine(fast=True), machine(fast=True, queue=0)
+    for platform in (queued, direct):
+        platform.store(3 * PAGE, b"old key".ljust(LINE), 1)
+        platform.clflush(3 * PAGE, 1)
+        program(platform, 1, seed=40)
+        platform.store(3 * PAGE, b"new key".ljust(LINE), 1)
+        platform.clflush(3 * PAGE, 1)
+        platform.store(3 * PAGE + LINE, b"other".ljust(LINE), 2)
+        platform.store(3 * PAGE, b"twice".ljust(LINE), 1)
+        platform.flush_range(3 * PAGE, PAGE, 2)
+        platform.flush_range(3 * PAGE, PAGE, 1)
+        program(platform, 1, seed=41)
+    assert controller(queued)._queued_lines == 4
+    assert controller(direct)._queued_lines == 0
+    assert_same_state(queued, direct)
+    assert controller(queued)._queued_lines == 0

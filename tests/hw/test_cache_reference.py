@@ -159,7 +159,7 @@ def machine(reference: bool = False, cache: int = CACHE) -> Platform:
     for keyid in KEYIDS[1:]:
         program(platform, keyid, seed=keyid)
     if reference:
-        platform.cache = ReferenceCache(cache, MemoryController(platform._dram, platform._keys))
+        platform.cache = ReferenceCache(cache, platform._memory)
     return platform
 
 

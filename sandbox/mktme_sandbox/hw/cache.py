@@ -19,8 +19,12 @@ Rules it keeps:
 - DRAM writes do not touch the cache (stale lines stay, as on hardware).
 - ``cache_size`` 0: ``Uncached``, every access goes through the engine to DRAM.
 
-How it is fast: tags, dirty bits, ages and data live in flat numpy arrays of
-``sets * ways`` slots. A buffer is processed in chunks of at most ``sets``
+How it is fast: tags, dirty bits and data live in flat numpy arrays of
+``sets * ways`` slots; ages live column-major (``[ways, sets]``) as stamps
+``age << slot_bits | slot``, so the victims of a chunk of consecutive sets are
+one minimum over 16 contiguous rows (the smallest stamp is the first way of the
+oldest age: the same victim as an argmin per set, at a fifth of its cost over
+a chunk of 2048 sets). ``export_state`` shows the ages in slot order. A buffer is processed in chunks of at most ``sets``
 consecutive lines, so each set appears once per chunk and the whole chunk is
 looked up, evicted, written back (one encrypt per KeyID) and filled (one DRAM
 read and decrypt) at once. A tag is ``(line - set) << 16 | keyid`` (-1 = free):
@@ -78,6 +82,7 @@ _NO_SLOTS.flags.writeable = False
 _HINTS = 4096  # hints kept before starting over: page-table walks reuse a few hundred lines
 
 Source = np.ndarray | int  # what a store writes: the bytes, or one byte repeated (fill)
+_LINE = np.dtype((np.void, LINE_SIZE))  # a line as one item: np.put copies it whole
 
 
 @dataclass(frozen=True)
@@ -185,12 +190,22 @@ class WriteBackCache:
         self._memory = memory
         self._tags = np.full(slots, FREE, dtype=np.int64)
         self._dirty = np.zeros(slots, dtype=bool)
-        self._ages = np.full(slots, FREE, dtype=np.int64)  # last use; free slots are oldest
+        # Last use, column-major: stamps[way, set] = age << slot_bits | slot, free
+        # slots age -1 (oldest). The smallest stamp of a set names its victim, the
+        # first way of the oldest age, and a chunk's victims are one minimum over
+        # 16 contiguous rows. ``_stamp_at[slot]``: where a slot's stamp is.
+        self._slot_bits = slots.bit_length()
+        self._slot_mask = (1 << self._slot_bits) - 1
+        by_way = np.arange(slots, dtype=np.int64).reshape(self.sets, WAYS).T
+        self._slot_ids = np.ascontiguousarray(by_way)  # [way, set] -> slot
+        self._stamp_at = np.argsort(self._slot_ids.reshape(-1))
+        self._stamps = np.empty((WAYS, self.sets), dtype=np.int64)
+        self._stamps[...] = self._slot_ids | FREE << self._slot_bits
+        self._stamp_flat = self._stamps.reshape(-1)
         self._data = np.zeros((slots, LINE_SIZE), dtype=np.uint8)
         self._tag_rows = self._tags.reshape(self.sets, WAYS)
-        self._age_rows = self._ages.reshape(self.sets, WAYS)
-        self._row_slots = np.arange(self.sets, dtype=np.int64) * WAYS  # first slot of each set
         self._bytes = self._data.reshape(-1).data
+        self._lines = self._data.view(_LINE).reshape(-1)  # a 64-byte item per slot
         self._clock = 0
         # A page's lines fill 64 consecutive sets, so at most 64 * WAYS of them are
         # cached (a uint16 never overflows); config sizes give a multiple of 64 sets.
@@ -277,7 +292,7 @@ class WriteBackCache:
         return {
             "tags": self._tags.copy(),
             "dirty": self._dirty.copy(),
-            "ages": self._ages.copy(),
+            "ages": (self._stamps >> self._slot_bits).T.reshape(-1),  # in slot order
             "data": self._data.copy(),
             "clock": self._clock,
             "resident_pages": resident,
@@ -287,17 +302,19 @@ class WriteBackCache:
 
     def import_state(self, state: dict[str, Any]) -> None:
         """Every array is copied in whole (shapes checked by numpy) or not at all."""
+        ages = state["ages"]
         arrays = (
             (self._tags, state["tags"]),
             (self._dirty, state["dirty"]),
-            (self._ages, state["ages"]),
+            (self._tags, ages),  # only its shape: the same as the tags'
             (self._data, state["data"]),
         )
         for mine, theirs in arrays:
             if theirs.shape != mine.shape:
                 raise ValueError(f"cache array of shape {theirs.shape}, not {mine.shape}")
-        for mine, theirs in arrays:
+        for mine, theirs in arrays[:2] + arrays[3:]:
             mine[...] = theirs
+        self._stamps[...] = ages.reshape(self.sets, WAYS).T << self._slot_bits | self._slot_ids
         self._clock = int(state["clock"])
         self._resident = self._nothing_resident()
         self._resident[state["resident_pages"]] = state["resident_counts"]
@@ -327,7 +344,9 @@ class WriteBackCache:
             if len(self._hints) >= _HINTS:
                 self._hints.clear()
             self._hints[key] = slot
-        self._ages[slot] = self._clock
+        # _touch_one(slot), inline: the page-table walk's hits come through here
+        at = (slot & (WAYS - 1)) * self.sets + (slot >> WAY_BITS)
+        self._stamp_flat[at] = slot | self._clock << self._slot_bits
         self._clock += 1
         self._hits += 1
         return slot
@@ -339,8 +358,8 @@ class WriteBackCache:
         page bound, fill, age and counters as the chunked path, without its
         per-call numpy cost (a 64-byte read of a cold line lands here).
         """
-        ages: list[int] = self._age_rows[index].tolist()
-        victim = index * WAYS + ages.index(min(ages))
+        stamps: list[int] = self._stamps[:, index].tolist()
+        victim: int = min(stamps) & self._slot_mask
         if self._dirty.item(victim):
             self._write_back(np.array([victim], dtype=np.int64))
         self._tags[victim] = tag
@@ -349,8 +368,7 @@ class WriteBackCache:
         if fill:
             start = victim * LINE_SIZE
             self._bytes[start : start + LINE_SIZE] = self._memory.read_line(line, keyid)
-        self._ages[victim] = self._clock
-        self._clock += 1
+        self._touch_one(victim)
         self._misses += 1
         return victim
 
@@ -359,7 +377,7 @@ class WriteBackCache:
         if not (span.offset or span.length % LINE_SIZE) and span.lines <= self._room(span.first):
             # Whole lines in one chunk (a page being zeroed or copied): no partial lines.
             slots = self._lookup(span.first, span.lines, keyid, False, store=True)
-            self._data[slots] = _piece(source, 0, span.length, (-1, LINE_SIZE))
+            self._put(slots, _piece(source, 0, span.length, (-1, LINE_SIZE)))
             return
         for start, stop in span.chunks(self.sets):
             partial = span.partial_lines(start, stop)
@@ -368,13 +386,13 @@ class WriteBackCache:
             begin = start * LINE_SIZE - span.offset  # where these lines start in ``source``
             if partial is None:
                 end = begin + slots.size * LINE_SIZE
-                self._data[slots] = _piece(source, begin, end, (-1, LINE_SIZE))
+                self._put(slots, _piece(source, begin, end, (-1, LINE_SIZE)))
                 continue
             lines = self._data[slots]
             flat = lines.reshape(-1)
             low, high = max(-begin, 0), min(span.length - begin, flat.size)
             flat[low:high] = _piece(source, begin + low, begin + high)
-            self._data[slots] = lines
+            self._put(slots, lines)
 
     def _lookup(
         self,
@@ -407,8 +425,7 @@ class WriteBackCache:
                 np.take(self._data, slots, axis=0, out=out)
         else:
             slots = self._miss(first, count, tag, hits, keyid, fill, out)
-        self._ages[slots] = self._clock
-        self._clock += 1
+        self._touch(slots)
         if store:
             self._dirty[slots] = True
         self._hits += hits.size
@@ -439,26 +456,36 @@ class WriteBackCache:
             hit[(hits >> WAY_BITS) - set0] = True
             missed = np.flatnonzero(~hit)
             rows = set0 + missed
-            victims = self._row_slots[rows] + self._age_rows[rows].argmin(axis=1)
+            victims = self._stamps[:, rows].min(axis=0)
+            victims &= self._slot_mask
             slots = np.empty(count, dtype=np.int64)
             slots[hit] = hits
             slots[missed] = victims
         else:  # every line missed: no bookkeeping of hits (zeroing a page lands here)
-            slots = victims = self._age_rows[set0 : set0 + count].argmin(axis=1)
-            victims += self._row_slots[set0 : set0 + count]
+            slots = victims = self._stamps[:, set0 : set0 + count].min(axis=0)
+            victims &= self._slot_mask
         self._write_back(victims)
         self._tags[victims] = tag
         self._count_resident(first, count, missed)
         if out is not None and missed is None and self.fast:
             self._memory.read_run(first, keyid, out)
-            self._data[slots] = out
+            self._put(slots, out)
             return slots
         needed = _selected(count, missed, fill)
         if needed.size:
-            self._data[slots[needed]] = self._memory.read_lines(first + needed, keyid)
+            self._put(slots[needed], self._memory.read_lines(first + needed, keyid))
         if out is not None:
             np.take(self._data, slots, axis=0, out=out)
         return slots
+
+    def _put(self, slots: np.ndarray, lines: Source) -> None:
+        """``_data[slots] = lines`` (rows ``[len(slots), 64]``, or one byte for all);
+        rows go in as 64-byte items (``np.put``), three times faster than rows of bytes."""
+        if isinstance(lines, int):
+            self._data[slots] = lines
+        else:
+            items = np.ascontiguousarray(lines).view(_LINE).reshape(-1)
+            np.put(self._lines, slots, items)
 
     def _room(self, line: int) -> int:
         """How many lines from ``line`` on fit in one chunk (before the sets wrap)."""
@@ -488,8 +515,22 @@ class WriteBackCache:
 
     def _invalidate(self, slots: np.ndarray | slice) -> None:
         self._tags[slots] = FREE
-        self._ages[slots] = FREE
+        if isinstance(slots, slice):  # the whole cache (WBINVD)
+            self._stamps[...] = self._slot_ids | FREE << self._slot_bits
+        else:
+            self._stamp_flat[self._stamp_at[slots]] = slots | FREE << self._slot_bits
         self._dirty[slots] = False
+
+    def _touch(self, slots: np.ndarray) -> None:
+        """Give ``slots`` the current age (their stamps), then advance the clock."""
+        self._stamp_flat[self._stamp_at[slots]] = slots | self._clock << self._slot_bits
+        self._clock += 1
+
+    def _touch_one(self, slot: int) -> None:
+        """``_touch`` of one slot, on Python ints."""
+        at = (slot & (WAYS - 1)) * self.sets + (slot >> WAY_BITS)
+        self._stamp_flat[at] = slot | self._clock << self._slot_bits
+        self._clock += 1
 
     # The per-page bound of cached lines, behind flush_range's early answer.
 

@@ -18,12 +18,28 @@ inside it go to DRAM as plaintext; every other KeyID is encrypted there as
 anywhere. ``_tme_excluded`` is the one place that decides it, for batches,
 single lines and runs alike.
 
-Left out: memory-controller queues and timing.
+How it is fast: the write-back queue. Lines written back are not encrypted
+one write-back at a time (a page being zeroed evicts a few dirty lines of an
+older page, and one XTS call's fixed cost outweighs its lines): their line
+numbers, a copy of their plaintext, the KeyID and the cipher ``_cipher``
+returns *then* are queued, and ``drain`` encrypts them into DRAM in bulk, one
+engine call per cipher and KeyID, only the last value of a line queued twice.
+The queue drains when it holds ``WRITE_BACK_QUEUE`` lines and before anything
+reads DRAM (every read here, and ``Platform``'s DRAM view and snapshots call
+``drain`` first), so no one can tell it from writing at once: the same DRAM
+bytes, the same key per line (the one current at write-back, even if the KeyID
+is reprogrammed while its lines wait). ``queue = 0`` writes at once
+(tests/hw/test_cache_fast_paths.py holds both ways to the same outputs, DRAM
+and cache state).
+
+Left out: memory-controller timing, and reads served from the queue (a read
+drains it first).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,7 +49,18 @@ from mktme_sandbox.hw.keytable import KeyTable
 from mktme_sandbox.hw.msr import TmeExclusion
 from mktme_sandbox.hw.xts import LineCipher
 
-__all__ = ["MemoryController"]
+__all__ = ["WRITE_BACK_QUEUE", "MemoryController"]
+
+WRITE_BACK_QUEUE = 2048  # lines queued before they are encrypted into DRAM at once (128 KiB)
+
+
+class _Queued(NamedTuple):
+    """Lines written back with ``keyid``, to be encrypted into DRAM through ``cipher``."""
+
+    numbers: np.ndarray  # line numbers
+    plaintext: np.ndarray  # [L, 64], a copy
+    keyid: int
+    cipher: LineCipher
 
 
 class MemoryController:
@@ -44,15 +71,25 @@ class MemoryController:
         self._keys = keys
         self._exclusion = exclusion if exclusion is not None and exclusion.enabled else None
         self.size = dram.size  # bytes of DRAM behind it
+        self.queue = WRITE_BACK_QUEUE  # lines queued at most; 0: write at once
+        self._queued: list[_Queued] = []
+        self._queued_lines = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryController {self._queued_lines} lines queued>"
 
     def read_lines(self, line_numbers: np.ndarray, keyid: int) -> np.ndarray:
         """Plaintext ``[L, 64]`` of lines ``line_numbers`` (``pa // 64``) as KeyID ``keyid`` sees them."""
+        if self._queued_lines:
+            self.drain()
         ciphertext = self._dram.read_lines(line_numbers)
         decrypt = self._cipher(keyid).decrypt_lines
         return self._crypt(decrypt, ciphertext, _line_addresses(line_numbers), keyid)
 
     def read_line(self, line: int, keyid: int) -> bytes:
         """``read_lines`` of one line, as 64 bytes."""
+        if self._queued_lines:
+            self.drain()
         stored = self._dram.read_line(line)
         if self._exclusion is not None and self._excluded_pa(line * LINE_SIZE, keyid):
             return stored
@@ -60,6 +97,8 @@ class MemoryController:
 
     def read_run(self, first: int, keyid: int, out: np.ndarray) -> None:
         """``read_lines`` of the ``len(out)`` lines from line ``first``, into ``out [L, 64]``."""
+        if self._queued_lines:
+            self.drain()
         ciphertext = self._dram.lines[first : first + len(out)]
         if self._exclusion is None or keyid != 0:
             self._cipher(keyid).decrypt_run(ciphertext, first * LINE_SIZE, out)
@@ -69,10 +108,48 @@ class MemoryController:
         out[:] = self._crypt(decrypt, ciphertext, pas, keyid)
 
     def write_lines(self, line_numbers: np.ndarray, keyid: int, lines: np.ndarray) -> None:
-        """Encrypt plaintext ``lines [L, 64]`` with ``keyid``'s current key into DRAM."""
-        encrypt = self._cipher(keyid).encrypt_lines
+        """Encrypt plaintext ``lines [L, 64]`` with ``keyid``'s current key into DRAM
+        (through the queue: DRAM holds them by the time anything reads it)."""
+        cipher = self._cipher(keyid)
+        count = len(line_numbers)
+        if self._queued_lines + count > self.queue:
+            self.drain()
+            if count >= self.queue:  # as many as the queue holds: no point queuing
+                self._write_now(line_numbers, keyid, cipher, lines)
+                return
+        numbers = np.array(line_numbers, dtype=np.int64)
+        self._queued.append(_Queued(numbers, np.array(lines, dtype=np.uint8), keyid, cipher))
+        self._queued_lines += count
+        if self._queued_lines == self.queue:
+            self.drain()
+
+    def drain(self) -> None:
+        """Encrypt every queued line into DRAM: one engine call per cipher and KeyID,
+        and of a line queued more than once only its last value."""
+        queued = self._queued
+        if not queued:
+            return
+        self._queued, self._queued_lines = [], 0
+        numbers = _joined([entry.numbers for entry in queued])
+        plaintext = _joined([entry.plaintext for entry in queued])
+        last = _last_of_each(numbers)
+        group_of, groups = _groups(queued)
+        if len(groups) == 1:
+            entry = groups[0]
+            self._write_now(numbers[last], entry.keyid, entry.cipher, plaintext[last])
+            return
+        line_groups = np.repeat(group_of, [len(entry.numbers) for entry in queued])[last]
+        for group, entry in enumerate(groups):
+            mine = last[line_groups == group]
+            if mine.size:
+                self._write_now(numbers[mine], entry.keyid, entry.cipher, plaintext[mine])
+
+    def _write_now(
+        self, line_numbers: np.ndarray, keyid: int, cipher: LineCipher, lines: np.ndarray
+    ) -> None:
+        """Encrypt ``lines`` with ``cipher`` (``keyid``'s when they were written back) into DRAM."""
         pas = _line_addresses(line_numbers)
-        self._dram.write_lines(line_numbers, self._crypt(encrypt, lines, pas, keyid))
+        self._dram.write_lines(line_numbers, self._crypt(cipher.encrypt_lines, lines, pas, keyid))
 
     def _cipher(self, keyid: int) -> LineCipher:
         """The cipher that encrypts KeyID ``keyid``'s lines now."""
@@ -111,3 +188,33 @@ _Crypt = Callable[..., np.ndarray]
 
 def _line_addresses(line_numbers: np.ndarray) -> np.ndarray:
     return line_numbers.astype(np.uint64) * LINE_SIZE
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays one after the other (the one itself, when there is one)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _last_of_each(numbers: np.ndarray) -> np.ndarray:
+    """Indexes into ``numbers`` of the last occurrence of each value, by ascending value.
+
+    DRAM must end with a line's last queued value, and numpy's fancy assignment
+    does not promise which of two equal indexes wins.
+    """
+    backwards = numbers[::-1]
+    _, first_backwards = np.unique(backwards, return_index=True)
+    last: np.ndarray = len(numbers) - 1 - first_backwards
+    return last
+
+
+def _groups(queued: list[_Queued]) -> tuple[np.ndarray, list[_Queued]]:
+    """Per entry, the number of its (cipher, KeyID) group; and each group's first entry."""
+    numbering: dict[tuple[int, int], int] = {}
+    firsts: list[_Queued] = []
+    group_of = []
+    for entry in queued:
+        group = numbering.setdefault((id(entry.cipher), entry.keyid), len(firsts))
+        if group == len(firsts):
+            firsts.append(entry)
+        group_of.append(group)
+    return np.array(group_of, dtype=np.int64), firsts

@@ -15,7 +15,9 @@ Rules it keeps:
 - CPU view (``load``/``store``/``fill``) goes through the cache with the KeyID's
   current key; DRAM view (``dram_read``/``dram_write``) is the ciphertext as
   stored: it never shows dirty cache lines, and a DRAM write leaves stale cached
-  lines in place.
+  lines in place. Lines waiting in the memory controller's write-back queue
+  land before anything here reads or writes DRAM, so the DRAM view and
+  snapshots see them.
 - Reprogramming a KeyID flushes nothing: a dirty line written back later is
   encrypted with the key current at write-back. Flushing first is the kernel's
   job (``flush_range``, ``clflush``, ``wbinvd``).
@@ -65,8 +67,8 @@ class Platform:
         self.nr_keyids = activation.nr_keyids
         self._dram = Dram(config.phys_mem)
         self._keys = KeyTable(activation, config.seed, tables=TweakCache(config.tweak_cache))
-        controller = MemoryController(self._dram, self._keys, self._msrs.exclusion())
-        self.cache: Cache = make_cache(config.cache_size, controller)
+        self._memory = MemoryController(self._dram, self._keys, self._msrs.exclusion())
+        self.cache: Cache = make_cache(config.cache_size, self._memory)
 
     def __repr__(self) -> str:
         return (
@@ -116,9 +118,11 @@ class Platform:
     # DRAM view: ciphertext as stored.
 
     def dram_read(self, pa: int, length: int) -> bytes:
+        self._memory.drain()
         return self._dram.read(pa, length)
 
     def dram_write(self, pa: int, data: Buffer) -> None:
+        self._memory.drain()
         self._dram.write(pa, data)
 
     # PCONFIG leaf MKTME_KEY_PROGRAM.
@@ -147,6 +151,7 @@ class Platform:
     # Snapshots.
 
     def export_state(self) -> dict[str, Any]:
+        self._memory.drain()
         pfns = self._dram.touched_pages()
         return {
             "dram": {"pfns": pfns, "pages": self._dram.page_contents(pfns)},
@@ -168,6 +173,8 @@ class Platform:
         self._keys.power_on(self._msrs.activation(), rng)
 
     def _load_dram(self, dram: dict[str, Any]) -> None:
+        """DRAM as ``dram`` holds it (after the lines queued for it have landed)."""
+        self._memory.drain()
         pfns, pages = np.asarray(dram["pfns"], dtype=np.int64), dram["pages"]
         if pages.dtype != np.uint8 or pages.shape != (len(pfns), PAGE_SIZE):
             fail(errno.EINVAL, "snapshot: the DRAM pages do not match their page numbers")
