@@ -202,6 +202,11 @@ class WriteBackCache:
         self._stamps = np.empty((WAYS, self.sets), dtype=np.int64)
         self._stamps[...] = self._slot_ids | FREE << self._slot_bits
         self._stamp_flat = self._stamps.reshape(-1)
+        # Scalar views of the same memory for the one-line paths: indexing a
+        # memoryview reads and writes Python ints without numpy's per-item cost.
+        self._tag_items = self._tags.data
+        self._stamp_items = self._stamp_flat.data
+        self._dirty_items = self._dirty.data
         self._data = np.zeros((slots, LINE_SIZE), dtype=np.uint8)
         self._tag_rows = self._tags.reshape(self.sets, WAYS)
         self._bytes = self._data.reshape(-1).data
@@ -242,7 +247,7 @@ class WriteBackCache:
         if slot != FREE:
             start = slot * LINE_SIZE + pa % LINE_SIZE
             self._bytes[start : start + length] = data
-            self._dirty[slot] = True
+            self._dirty_items[slot] = True
             return
         self._write(_Span.of(pa, length), np.frombuffer(data, dtype=np.uint8), keyid)
 
@@ -252,7 +257,7 @@ class WriteBackCache:
         if slot != FREE:
             offset = pa % LINE_SIZE
             self._data[slot, offset : offset + length] = byte
-            self._dirty[slot] = True
+            self._dirty_items[slot] = True
             return
         self._write(_Span.of(pa, length), byte, keyid)
 
@@ -336,17 +341,19 @@ class WriteBackCache:
         tag = (line - index) << KEYID_TAG_BITS | keyid
         key = line << KEYID_TAG_BITS | keyid
         slot = self._hints.get(key, FREE)
-        if slot == FREE or self._tags.item(slot) != tag:
-            row = self._tag_rows[index].tolist()
+        tags = self._tag_items
+        if slot == FREE or tags[slot] != tag:
+            first = index * WAYS
+            row = tags[first : first + WAYS].tolist()
             if tag not in row:
                 return self._miss_line(line, index, tag, keyid, fill) if self.fast else FREE
-            slot = index * WAYS + row.index(tag)
+            slot = first + row.index(tag)
             if len(self._hints) >= _HINTS:
                 self._hints.clear()
             self._hints[key] = slot
         # _touch_one(slot), inline: the page-table walk's hits come through here
         at = (slot & (WAYS - 1)) * self.sets + (slot >> WAY_BITS)
-        self._stamp_flat[at] = slot | self._clock << self._slot_bits
+        self._stamp_items[at] = slot | self._clock << self._slot_bits
         self._clock += 1
         self._hits += 1
         return slot
@@ -358,13 +365,14 @@ class WriteBackCache:
         page bound, fill, age and counters as the chunked path, without its
         per-call numpy cost (a 64-byte read of a cold line lands here).
         """
-        stamps: list[int] = self._stamps[:, index].tolist()
+        stamps: list[int] = self._stamp_items[index :: self.sets].tolist()
         victim: int = min(stamps) & self._slot_mask
-        if self._dirty.item(victim):
+        if self._dirty_items[victim]:
             self._write_back(np.array([victim], dtype=np.int64))
-        self._tags[victim] = tag
+        self._tag_items[victim] = tag
         page = line // PAGE_LINES
-        self._resident[page] = min(self._resident.item(page) + 1, self._resident_cap)
+        resident = self._resident
+        resident[page] = min(resident.item(page) + 1, self._resident_cap)
         if fill:
             start = victim * LINE_SIZE
             self._bytes[start : start + LINE_SIZE] = self._memory.read_line(line, keyid)
@@ -529,7 +537,7 @@ class WriteBackCache:
     def _touch_one(self, slot: int) -> None:
         """``_touch`` of one slot, on Python ints."""
         at = (slot & (WAYS - 1)) * self.sets + (slot >> WAY_BITS)
-        self._stamp_flat[at] = slot | self._clock << self._slot_bits
+        self._stamp_items[at] = slot | self._clock << self._slot_bits
         self._clock += 1
 
     # The per-page bound of cached lines, behind flush_range's early answer.

@@ -174,7 +174,9 @@ def _fold(bits: int) -> int:
 # folds the j bits shifted out of the top back into the bottom.
 _SHIFTS = np.array([[1], [2], [3]], dtype=np.uint64)
 _CARRY_SHIFTS = np.uint64(64) - _SHIFTS
-_FOLD = np.array([_fold(bits) for bits in range(8)], dtype=np.uint64)
+_FOLDS = tuple(_fold(bits) for bits in range(8))  # by the 1..3 bits shifted out
+_FOLD = np.array(_FOLDS, dtype=np.uint64)
+_FROM = int.from_bytes
 _MASK_128 = (1 << 128) - 1
 _BATCH_LINES = 1024  # 64 KiB per pass: tweaks and data stay in the CPU's L2 cache
 _PAGE_LINE_PAS = np.arange(0, PAGE_SIZE, LINE_SIZE, dtype=np.uint64)
@@ -388,15 +390,21 @@ class XtsKey:
         return tweaks
 
     def _crypt_one(self, context: CipherContext, line: bytes, pa: int) -> bytes:
-        """One line with Python integers: a tenth of the numpy path's fixed cost."""
-        tweak = int.from_bytes(self._tweak_encryptor.update(pa.to_bytes(16, "little")), "little")
-        stream = tweak
-        for block in range(1, BLOCKS_PER_LINE):
-            tweak = (tweak << 1 & _MASK_128) ^ (tweak >> 127) * _GF_128_FOLD
-            stream |= tweak << 128 * block
-        mixed = int.from_bytes(line, "little") ^ stream
-        crypted = int.from_bytes(context.update(mixed.to_bytes(LINE_SIZE, "little")), "little")
-        return (crypted ^ stream).to_bytes(LINE_SIZE, "little")
+        """One line with Python integers: a tenth of the numpy path's fixed cost.
+
+        The four block tweaks T * alpha^j are T shifted left by j with the j
+        bits shifted out folded back (``_FOLDS``), laid side by side in one
+        512-bit integer that is xored over the line before and after ECB.
+        """
+        tweak = _FROM(self._tweak_encryptor.update(pa.to_bytes(16, "little")), "little")
+        stream = (
+            tweak
+            | ((tweak << 1 & _MASK_128) ^ _FOLDS[tweak >> 127]) << 128
+            | ((tweak << 2 & _MASK_128) ^ _FOLDS[tweak >> 126]) << 256
+            | ((tweak << 3 & _MASK_128) ^ _FOLDS[tweak >> 125]) << 384
+        )
+        crypted = context.update((_FROM(line, "little") ^ stream).to_bytes(LINE_SIZE, "little"))
+        return (_FROM(crypted, "little") ^ stream).to_bytes(LINE_SIZE, "little")
 
 
 class TweakCache:
