@@ -199,9 +199,11 @@ def do_mprotect(k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM) -> No
 
 
 def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> None:
-    """change_pte_range(): every present PTE through pte_modify()."""
+    """change_pte_range(): every present PTE through pte_modify(), stored where
+    the walk found it (``ptep_modify_prot_commit(vma, addr, pte, ptent)``)."""
     base = vm_get_page_prot(vma.vm_flags)
-    for va, size, pte in list(k.pt.iter_present(mm.pgd, vma.start, vma.end)):
+    for entry in k.pt.leaf_entries(mm.pgd, vma.start, vma.end):
+        pte, size = entry.pte, entry.size
         if is_swap_pte(pte):
             continue  # a swap entry holds no protection: the page gets the VMA's at swap-in
         new = k.pte_layout.pte_modify(pte, base, preserve, size)
@@ -213,7 +215,7 @@ def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> Non
             and pte & PteFlags.DIRTY
         ):
             new |= int(PteFlags.RW)
-        k.pt.set_pte(mm.pgd, va, new, size)
+        k.pt.set_pte_at(entry.ptep, new)
 
 
 def _exclusive(k: Kernel, pfn: int) -> bool:
