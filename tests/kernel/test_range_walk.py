@@ -18,6 +18,7 @@ from kernel_helpers import (
     vmstat,
 )
 from mktme_sandbox import Machine
+from mktme_sandbox.kernel.mmap import mm_populate
 from mktme_sandbox.kernel.pgtable_types import PteFlags
 
 PAGES = 8
@@ -185,3 +186,50 @@ def test_a_ksm_merge_stores_each_pte_where_the_scan_found_it(accesses: Accesses)
     assert m.ksm_run() == PAGES - 1
     assert entry_stores(accesses, tables) == ptes
     assert entry_loads(accesses, tables) == []
+
+
+def test_a_second_populate_allocates_nothing_and_changes_no_pte(accesses: Accesses) -> None:
+    """``populate_vma_page_range()`` -> ``__get_user_pages()`` (mm/gup.c)
+    faults only where ``follow_page_mask()`` finds no page::
+
+        page = follow_page_mask(vma, start, foll_flags, &ctx);
+        if (!page) {
+            ret = faultin_page(tsk, vma, start, &foll_flags, nonblocking);
+
+    and ``follow_page_pte()`` finds none for a write where the PTE is not
+    writable: ``if ((flags & FOLL_WRITE) && !can_follow_write_pte(pte,
+    flags)) return NULL``. Populated pages are present and writable: nothing
+    is allocated, faulted or stored."""
+    m, _ = two_keys()
+    populated(m)
+    k, tables = m.kernel, space_tables(m)
+    free, faults = k.alloc.free_pages_by_keyid(), vmstat(m)["pgfault"]
+    accesses.clear()
+    mm_populate(k, k.space("a"), U, U + LENGTH)
+    assert entry_stores(accesses, tables) == []
+    assert (k.alloc.free_pages_by_keyid(), vmstat(m)["pgfault"]) == (free, faults)
+
+
+def test_a_write_populate_faults_the_pages_mapped_read_only(m: Machine) -> None:
+    """``mlock`` populates for write (``FOLL_WRITE``): zero pages a read mapped
+    are not writable, so each page is faulted and copied on write."""
+    ctl(m, "a", f"mmap {U:#x} {LENGTH} rw-")
+    m.read_virt("a", U, LENGTH)  # the zero page, read-only, at every address
+    before = vmstat(m)
+    ctl(m, "a", f"mlock {U:#x} {LENGTH}")
+    after = vmstat(m)
+    assert after["pgfault"] - before["pgfault"] == PAGES
+    assert after["mktme_cow_fault"] - before["mktme_cow_fault"] == PAGES
+    assert all(leaf(m, "a", U + n * PAGE).pte & PteFlags.RW for n in range(PAGES))
+
+
+def test_a_populate_that_maps_a_huge_page_faults_once_per_2m(m: Machine) -> None:
+    """A THP fault maps the whole 2M: ``__get_user_pages()`` skips the rest
+    of it (``page_increm = 1 + (~(start >> PAGE_SHIFT) & ctx.page_mask)``)."""
+    ctl(m, "a", f"mmap {U:#x} {2 * HPAGE} rw- keyid=1")
+    ctl(m, "a", f"madvise {U:#x} {2 * HPAGE} hugepage")
+    before = vmstat(m)
+    ctl(m, "a", f"mlock {U:#x} {2 * HPAGE}")
+    after = vmstat(m)
+    assert after["pgfault"] - before["pgfault"] == 2
+    assert after["thp_fault_alloc"] - before["thp_fault_alloc"] == 2
