@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 
 from mktme_sandbox import Machine
 from mktme_sandbox.kernel.pgtable import Lookup
@@ -66,3 +67,27 @@ def leaf(m: Machine, name: str, va: int) -> Lookup:
     found = m.kernel.pt.get_pte(m.cr3(name), va)
     assert found is not None, f"{va:#x} is not mapped in {name}"
     return found
+
+
+def space_tables(m: Machine, name: str = "a") -> list[int]:
+    """The physical address of every table page of space ``name``."""
+    return list(m.kernel.pt.iter_tables(m.cr3(name)))
+
+
+@dataclass
+class Accesses:
+    """The platform loads and stores seen, as (physical address, bytes)
+    (the kernel tests' ``accesses`` fixture fills one)."""
+
+    loads: list[tuple[int, int]] = field(default_factory=list)
+    stores: list[tuple[int, int]] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.loads.clear()
+        self.stores.clear()
+
+    @staticmethod
+    def within(seen: list[tuple[int, int]], pages: list[int]) -> list[tuple[int, int]]:
+        """The accesses that fall in the 4 KiB pages at ``pages``."""
+        starts = set(pages)
+        return [(pa, n) for pa, n in seen if pa & ~(PAGE - 1) in starts]

@@ -4,13 +4,10 @@ clears each PTE through the walk that found it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
-from kernel_helpers import PAGE, U, ctl, leaf, two_keys
+from kernel_helpers import PAGE, Accesses, U, ctl, leaf, space_tables, two_keys
 from mktme_sandbox import Machine
-from mktme_sandbox.hw.platform import Platform
 from mktme_sandbox.kernel.memory import handle_mm_fault
 
 LINUX_ENTRY_LOADS = 4
@@ -40,53 +37,12 @@ entry loads either way. Re-reads of an entry already read count once.
 """
 
 
-@dataclass
-class Accesses:
-    """The platform loads and stores seen, as (physical address, bytes)."""
-
-    loads: list[tuple[int, int]] = field(default_factory=list)
-    stores: list[tuple[int, int]] = field(default_factory=list)
-
-    def clear(self) -> None:
-        self.loads.clear()
-        self.stores.clear()
-
-    @staticmethod
-    def within(seen: list[tuple[int, int]], pages: list[int]) -> list[tuple[int, int]]:
-        """The accesses that fall in the 4 KiB pages at ``pages``."""
-        starts = set(pages)
-        return [(pa, n) for pa, n in seen if pa & ~(PAGE - 1) in starts]
-
-
-@pytest.fixture
-def accesses(monkeypatch: pytest.MonkeyPatch) -> Accesses:
-    """Every CPU-view load and store of machines made from here on."""
-    seen = Accesses()
-    load, store = Platform.load, Platform.store
-
-    def counted_load(self: Platform, pa: int, length: int, keyid: int = 0) -> bytes:
-        seen.loads.append((pa, length))
-        return load(self, pa, length, keyid)
-
-    def counted_store(self: Platform, pa: int, data: bytes, keyid: int = 0) -> None:
-        seen.stores.append((pa, len(data)))
-        store(self, pa, data, keyid)
-
-    monkeypatch.setattr(Platform, "load", counted_load)
-    monkeypatch.setattr(Platform, "store", counted_store)
-    return seen
-
-
 def fault(m: Machine, va: int, write: bool = True) -> None:
     """One fault of space "a" at ``va``, as populate makes it (no access after)."""
     mm = m.kernel.space("a")
     vma = mm.find_vma(va)
     assert vma is not None
     handle_mm_fault(m.kernel, mm, vma, va, write)
-
-
-def space_tables(m: Machine) -> list[int]:
-    return list(m.kernel.pt.iter_tables(m.cr3("a")))
 
 
 @pytest.mark.parametrize("keyid", [0, 1])

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mktme_sandbox.kernel.memory import flush_tlb_range, mapped_page, pte_page, split_huge_pmd
+from mktme_sandbox.kernel.pgtable import PteAllocMap
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, PteFlags
 from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.userfaultfd import dup_userfaultfd
@@ -58,14 +59,20 @@ def dup_mm(k: Kernel, parent: MmStruct, name: str, uid: int) -> MmStruct:
 
 
 def copy_page_range(k: Kernel, src: MmStruct, dst: MmStruct, vma: Vma) -> None:
-    """Share every mapped page of ``vma``, write-protected on both sides."""
+    """Share every mapped page of ``vma``, write-protected on both sides:
+    ``copy_pte_range()`` allocates the child's PTE table once
+    (``pte_alloc_map_lock(dst_mm, dst_pmd, addr)``) and steps both pointers
+    through the tables (``copy_one_pte(dst_mm, src_mm, dst_pte, src_pte,
+    ...)``), one 8-byte store per entry on each side."""
     for va, size, pte in list(k.pt.iter_present(src.pgd, vma.start, vma.end)):
         page = pte_page(k, pte, size)
         if size == HPAGE_SIZE and page is not None and not k.pages.is_zero_pfn(page):
             split_huge_pmd(k, src, va, pte)
-    for va, size, pte in list(k.pt.iter_present(src.pgd, vma.start, vma.end)):
+    dst_ptep = PteAllocMap(k.pt, dst.pgd)
+    for entry in k.pt.leaf_entries(src.pgd, vma.start, vma.end):
+        va, size, pte = entry.va, entry.size, entry.pte
         if is_swap_pte(pte):
-            copy_swap_entry(k, src, dst, va, pte)
+            copy_swap_entry(k, src, dst_ptep, va, pte)
             continue
         pfn = pte_page(k, pte, size)
         if pfn is None or not mapped_page(k, pfn):
@@ -73,15 +80,15 @@ def copy_page_range(k: Kernel, src: MmStruct, dst: MmStruct, vma: Vma) -> None:
             continue
         if pte & _RW:
             pte &= ~_RW
-            k.pt.set_pte(src.pgd, va, pte, size)
-        k.pt.set_pte(dst.pgd, va, pte, size)
+            k.pt.set_pte_at(entry.ptep, pte)  # ptep_set_wrprotect(src_mm, addr, src_pte)
+        k.pt.set_pte_at(dst_ptep(va, size), pte)
         if size == HPAGE_SIZE and k.pages.is_zero_pfn(pfn):
             k.huge_zero_refs += 1  # mm_get_huge_zero_page()
         k.pages.get_page(pfn)
     flush_tlb_range(k, src, vma.start, vma.end)
 
 
-def copy_swap_entry(k: Kernel, src: MmStruct, dst: MmStruct, va: int, pte: int) -> None:
+def copy_swap_entry(k: Kernel, src: MmStruct, dst_ptep: PteAllocMap, va: int, pte: int) -> None:
     """``copy_one_pte()`` of a swap entry: ``swap_duplicate()`` and the same entry
     in the child, so both read the page back from the one slot."""
     offset = swp_offset(pte)
@@ -89,4 +96,4 @@ def copy_swap_entry(k: Kernel, src: MmStruct, dst: MmStruct, va: int, pte: int) 
         k.log.printk(f"BUG: Bad swap entry in space {src.name}: {va:#x} pte:{pte:#018x}")
         return
     k.swap.swap_duplicate(offset)
-    k.pt.set_pte(dst.pgd, va, pte)
+    k.pt.set_pte_at(dst_ptep(va), pte)

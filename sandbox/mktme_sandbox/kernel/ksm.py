@@ -28,6 +28,7 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import do_wp_page, pte_page
 from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.pgtable import LeafEntry
 from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
 
@@ -73,7 +74,8 @@ def ksm_sysfs(k: Kernel) -> dict[str, int]:
 class _Candidate:
     mm: MmStruct
     vma: Vma
-    va: int
+    entry: LeafEntry
+    """The PTE as the scan's walk found it: ``replace_page()`` stores there."""
     pfn: int
 
 
@@ -96,14 +98,14 @@ def _candidates(k: Kernel) -> list[_Candidate]:
         for vma in mm.vmas():
             if not vma.vm_flags & VM.MERGEABLE:
                 continue
-            for va, size, pte in k.pt.iter_present(mm.pgd, vma.start, vma.end):
-                pfn = pte_page(k, pte, size)
-                if pfn is None or size != PAGE_SIZE or not pte & PteFlags.PRESENT:
+            for entry in k.pt.leaf_entries(mm.pgd, vma.start, vma.end):
+                pfn = pte_page(k, entry.pte, entry.size)
+                if pfn is None or entry.size != PAGE_SIZE or not entry.pte & PteFlags.PRESENT:
                     continue
                 if k.pages.is_zero_pfn(pfn) or not k.pages.PageAnon(pfn):
                     continue
                 if k.pages.PageKsm(pfn) or k.pages.page_mapcount(pfn) == 1:
-                    found.append(_Candidate(mm, vma, va, pfn))
+                    found.append(_Candidate(mm, vma, entry, pfn))
     return found
 
 
@@ -128,8 +130,9 @@ def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
     for cand in cands:
         # replace_page(): the new PTE is made from the sharer's own pgprot
         pte = k.pte_layout.pfn_pte(kpage, cand.vma.vm_page_prot)
-        k.pt.set_pte(cand.mm.pgd, cand.va, pte, PAGE_SIZE)
-        k.tlb.flush_range(cand.mm.asid, cand.va, cand.va + PAGE_SIZE)
+        k.pt.set_pte_at(cand.entry.ptep, pte)  # set_pte_at_notify(mm, addr, ptep, newpte)
+        va = cand.entry.va
+        k.tlb.flush_range(cand.mm.asid, va, va + PAGE_SIZE)
         if cand.pfn != kpage:
             k.pages.get_page(kpage)
             k.pages.put_page(cand.pfn)
@@ -144,16 +147,16 @@ def unmerge_ksm_pages(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     not enough, so the range is never left half unmerged.
     """
     shared = []
-    for va, size, pte in k.pt.iter_present(mm.pgd, start, end):
-        pfn = pte_page(k, pte, size)
-        if pfn is not None and size == PAGE_SIZE and k.pages.PageKsm(pfn):
-            shared.append((va, pte))
+    for entry in k.pt.leaf_entries(mm.pgd, start, end):
+        pfn = pte_page(k, entry.pte, entry.size)
+        if pfn is not None and entry.size == PAGE_SIZE and k.pages.PageKsm(pfn):
+            shared.append(entry)
     free = sum(k.alloc.free_pages_by_keyid().values())
     if len(shared) > free:
         fail(errno.ENOMEM, f"madvise: unmerging needs {len(shared)} pages, {free} are free")
     with k.charging(mm.owner):
-        for va, pte in shared:
-            vma = mm.find_vma(va)
+        for entry in shared:
+            vma = mm.find_vma(entry.va)
             assert vma is not None
-            ptep = k.pt.lookup(mm.pgd, va)  # the entry do_wp_page writes
-            do_wp_page(k, mm, vma, va, ptep._replace(pte=pte & ~int(PteFlags.RW)))
+            ptep = entry.ptep  # the entry the walk found: do_wp_page writes there
+            do_wp_page(k, mm, vma, entry.va, ptep._replace(pte=entry.pte & ~int(PteFlags.RW)))

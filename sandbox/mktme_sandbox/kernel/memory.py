@@ -500,7 +500,7 @@ def _physical_runs(
 def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     """Unmap and release every page in [start, end); free empty tables."""
     split_huge_pmds(k, mm, start, end)
-    for va, size, pte in k.pt.clear_range(mm.pgd, start, end):
+    for va, size, pte, _ in k.pt.clear_range(mm.pgd, start, end):
         if is_swap_pte(pte):
             _free_swap_entry(k, mm, va, pte)
             continue

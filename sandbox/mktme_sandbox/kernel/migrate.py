@@ -52,6 +52,7 @@ from mktme_sandbox.kernel.memory import (
     split_huge_pages_in,
 )
 from mktme_sandbox.kernel.page import PG
+from mktme_sandbox.kernel.pgtable import LeafEntry
 from mktme_sandbox.kernel.pgtable_types import HPAGE_NR
 from mktme_sandbox.kernel.vma import MmStruct
 
@@ -66,14 +67,17 @@ def _target_keyid(k: Kernel, src: int) -> int:
     return k.pages.page_keyid(src) if k.mitigations["migrate_keyid"] else 0
 
 
-def migrate_page(k: Kernel, mm: MmStruct, va: int, pte: int, src: int, dst: int) -> None:
-    """Move the page ``src`` mapped at ``va`` to the allocated page ``dst``."""
+def migrate_page(k: Kernel, mm: MmStruct, entry: LeafEntry, src: int, dst: int) -> None:
+    """Move the page ``src`` that the 4 KiB ``entry`` maps to the allocated
+    page ``dst``; the new PTE is stored where the walk found the old one
+    (``remove_migration_pte()``: ``set_pte_at(vma->vm_mm, pvmw.address,
+    pvmw.pte, pte)``), one 8-byte store."""
     copy_page(k, src=src, dst=dst)
     k.alloc.migrate_charge(src, dst)
-    new = (pte & ~k.pte_layout.pfn_mask) | (dst << 12)  # KeyID and flags kept
+    new = (entry.pte & ~k.pte_layout.pfn_mask) | (dst << 12)  # KeyID and flags kept
     k.pages.get_page(dst)
-    k.pt.set_pte(mm.pgd, va, new)
-    flush_tlb_range(k, mm, va, va + PAGE_SIZE)
+    k.pt.set_pte_at(entry.ptep, new)
+    flush_tlb_range(k, mm, entry.va, entry.va + PAGE_SIZE)
     k.pages.put_page(src)
     k.vmstat.inc("pgmigrate_success")
 
@@ -108,21 +112,22 @@ def do_move_pages(k: Kernel, mm: MmStruct, start: int, end: int, nid: int) -> in
     the node lacks the free pages."""
     split_huge_pages_in(k, mm, start, end)
     moving, stuck = [], 0
-    for va, size, pte in list(k.pt.iter_present(mm.pgd, start, end)):
-        pfn = movable_page(k, pte) if size == PAGE_SIZE else None
+    for entry in k.pt.leaf_entries(mm.pgd, start, end):
+        pte = entry.pte
+        pfn = movable_page(k, pte) if entry.size == PAGE_SIZE else None
         if pfn is None:
             page = pte_page(k, pte) if pte & PTE_MAPPED else None
             stuck += page is not None and not k.pages.is_zero_pfn(page)  # shared, KSM
         elif k.alloc.pfn_to_nid(pfn) != nid:
-            moving.append((va, pte, pfn))
+            moving.append((entry, pfn))
     lo, hi = k.alloc.node_span(nid)
     free = int(np.count_nonzero(k.alloc.free_mask(lo, hi)))
     if len(moving) > free:
         fail(errno.ENOMEM, f"migrate: {len(moving)} pages to move, node {nid} has {free} free")
     k.vmstat.inc("pgmigrate_fail", stuck)
-    for va, pte, src in moving:  # uncharged until migrate_charge() moves the source's over
+    for entry, src in moving:  # uncharged until migrate_charge() moves the source's over
         dst = k.alloc.alloc_page(_target_keyid(k, src), PG.ANON, zero=False, nodes=(nid,))
-        migrate_page(k, mm, va, pte, src, dst)
+        migrate_page(k, mm, entry, src, dst)
     return len(moving)
 
 
@@ -141,14 +146,14 @@ def do_mbind(k: Kernel, mm: MmStruct, start: int, end: int, nodes: tuple[int, ..
 # --- compaction --------------------------------------------------------------------
 
 
-def _movable_pages(k: Kernel) -> dict[int, tuple[MmStruct, int, int]]:
-    """Every movable page's single mapping: PFN -> (space, address, PTE)."""
-    found: dict[int, tuple[MmStruct, int, int]] = {}
+def _movable_pages(k: Kernel) -> dict[int, tuple[MmStruct, LeafEntry]]:
+    """Every movable page's single mapping: PFN -> (space, its entry)."""
+    found: dict[int, tuple[MmStruct, LeafEntry]] = {}
     for mm in k.spaces.values():
-        for va, size, pte in k.pt.iter_present(mm.pgd):
-            pfn = movable_page(k, pte) if size == PAGE_SIZE else None
+        for entry in k.pt.leaf_entries(mm.pgd):
+            pfn = movable_page(k, entry.pte) if entry.size == PAGE_SIZE else None
             if pfn is not None:
-                found[pfn] = (mm, va, pte)
+                found[pfn] = (mm, entry)
     return found
 
 
@@ -178,9 +183,9 @@ def compact_node(k: Kernel, nid: int) -> int:
         k.vmstat.inc("compact_migrate_scanned")
         if src not in movable:
             continue
-        mm, va, pte = movable[src]
+        mm, entry = movable[src]
         k.alloc.alloc_page_at(dst, _target_keyid(k, src))
-        migrate_page(k, mm, va, pte, src, dst)
+        migrate_page(k, mm, entry, src, dst)
         moved += 1
         dst = next(frees, None)
     if free_blocks(k, lo, hi) > blocks_before:

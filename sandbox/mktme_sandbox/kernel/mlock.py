@@ -9,7 +9,8 @@ Rules kept:
   two KeyIDs (switch ``vma_merge_keyid_check``).
 - mlock populates (``__mm_populate()``): every page of an accessible VMA is
   faulted in, for write where the VMA is writable (``FOLL_WRITE`` for
-  ``VM_WRITE`` private mappings), and marked PG_mlocked
+  ``VM_WRITE`` private mappings), unless ``follow_page()`` finds it mapped
+  with that access already (``mmap.mm_populate``), and marked PG_mlocked
   (``unevictable_pgs_mlocked``); pages faulted later in a locked VMA are
   marked as they are mapped. munlock clears PG_mlocked on the range's pages
   (``unevictable_pgs_munlocked``).

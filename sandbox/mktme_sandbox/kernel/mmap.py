@@ -29,6 +29,8 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import (
@@ -36,9 +38,10 @@ from mktme_sandbox.kernel.memory import (
     handle_mm_fault,
     pte_page,
     split_huge_pmds,
+    transhuge_vma_suitable,
     zap_page_range,
 )
-from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, TASK_SIZE, PteFlags
+from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, PAGE_SHIFT, TASK_SIZE, PteFlags
 from mktme_sandbox.kernel.swapfile import is_swap_pte
 from mktme_sandbox.kernel.vma import (
     MMAP_MIN_ADDR,
@@ -72,6 +75,7 @@ PROTS: dict[str, VM] = {
 }  # fmt: skip
 ADVICE = ("mergeable", "unmergeable", "hugepage", "dontneed", "pageout")
 _ACCESS = VM.READ | VM.WRITE | VM.EXEC
+_PRESENT, _RW, _PSE = int(PteFlags.PRESENT), int(PteFlags.RW), int(PteFlags.PSE)
 
 
 def check_range(op: str, addr: int, length: int) -> int:
@@ -154,13 +158,37 @@ def check_populate(
 
 
 def mm_populate(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
-    """MAP_POPULATE: fault every page, for write where the VMA is writable."""
+    """MAP_POPULATE and mlock (``populate_vma_page_range()`` ->
+    ``__get_user_pages()``): fault every page that ``follow_page_mask()`` does
+    not find mapped with the access wanted, for write where the VMA is
+    writable. A THP a fault maps covers the rest of its 2M (``page_mask``)."""
     for vma in list(mm.overlapping(start, end)):
         if not vma.vm_flags & _ACCESS:
             continue
         write = bool(vma.vm_flags & VM.WRITE)
-        for page in range(max(vma.start, start), min(vma.end, end), PAGE_SIZE):
-            handle_mm_fault(k, mm, vma, page, write)
+        skip_to = 0
+        for page in _pages_to_fault(k, mm, max(vma.start, start), min(vma.end, end), write):
+            if page < skip_to:
+                continue
+            pte = handle_mm_fault(k, mm, vma, page, write)
+            haddr = page & ~(HPAGE_SIZE - 1)
+            if pte & _PSE and transhuge_vma_suitable(vma, haddr):  # only a PMD has PSE there
+                skip_to = haddr + HPAGE_SIZE  # do_huge_pmd_anonymous_page mapped it whole
+
+
+def _pages_to_fault(k: Kernel, mm: MmStruct, start: int, end: int, write: bool) -> list[int]:
+    """The pages of ``[start, end)`` that ``follow_page_mask()`` would not
+    return: no present leaf maps them, or (for ``FOLL_WRITE``) not a writable
+    one. One walk of the range, one numpy pass per PTE table."""
+    leaves = k.pt.leaf_arrays(mm.pgd, start, end)
+    need = _PRESENT | (_RW if write else 0)
+    ok = (leaves.pte & np.uint64(need)) == np.uint64(need)
+    mapped = np.zeros((end - start) >> PAGE_SHIFT, dtype=bool)
+    for va, size in zip(leaves.va[ok].tolist(), leaves.size[ok].tolist(), strict=True):
+        lo, hi = max(va, start), min(va + size, end)
+        mapped[(lo - start) >> PAGE_SHIFT : (hi - start) >> PAGE_SHIFT] = True
+    pages: list[int] = (start + (np.flatnonzero(~mapped) << PAGE_SHIFT)).tolist()
+    return pages
 
 
 def do_munmap(k: Kernel, mm: MmStruct, addr: int, length: int) -> None:
@@ -199,9 +227,11 @@ def do_mprotect(k: Kernel, mm: MmStruct, addr: int, length: int, prot: VM) -> No
 
 
 def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> None:
-    """change_pte_range(): every present PTE through pte_modify()."""
+    """change_pte_range(): every present PTE through pte_modify(), stored where
+    the walk found it (``ptep_modify_prot_commit(vma, addr, pte, ptent)``)."""
     base = vm_get_page_prot(vma.vm_flags)
-    for va, size, pte in list(k.pt.iter_present(mm.pgd, vma.start, vma.end)):
+    for entry in k.pt.leaf_entries(mm.pgd, vma.start, vma.end):
+        pte, size = entry.pte, entry.size
         if is_swap_pte(pte):
             continue  # a swap entry holds no protection: the page gets the VMA's at swap-in
         new = k.pte_layout.pte_modify(pte, base, preserve, size)
@@ -213,7 +243,7 @@ def _change_protection(k: Kernel, mm: MmStruct, vma: Vma, preserve: bool) -> Non
             and pte & PteFlags.DIRTY
         ):
             new |= int(PteFlags.RW)
-        k.pt.set_pte(mm.pgd, va, new, size)
+        k.pt.set_pte_at(entry.ptep, new)
 
 
 def _exclusive(k: Kernel, pfn: int) -> bool:

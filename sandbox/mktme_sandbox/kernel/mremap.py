@@ -50,6 +50,7 @@ from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import flush_tlb_range, pte_page, split_huge_pmd
 from mktme_sandbox.kernel.mmap import do_munmap, vma_merge
+from mktme_sandbox.kernel.pgtable import PteAllocMap
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, TASK_SIZE
 from mktme_sandbox.kernel.userfaultfd import dup_userfaultfd
 from mktme_sandbox.kernel.vma import MMAP_MIN_ADDR, MmStruct, Vma
@@ -146,13 +147,18 @@ def move_vma(
 
 
 def move_page_tables(k: Kernel, mm: MmStruct, old: int, new_addr: int, length: int) -> None:
-    """Every leaf of [old, old + length) to the same offset from ``new_addr``, unchanged."""
+    """Every leaf of [old, old + length) to the same offset from ``new_addr``,
+    unchanged: ``move_ptes()`` clears each old entry through the pointer its
+    walk holds (``ptep_get_and_clear(mm, old_addr, old_pte)``) and stores it
+    in the new table it allocated once (``set_pte_at(mm, new_addr, new_pte,
+    pte)``), one 8-byte store each."""
     for va, size, pte in list(k.pt.iter_present(mm.pgd, old, old + length)):
         if size == HPAGE_SIZE:
             split_huge_pmd(k, mm, va, pte)
     with k.charging(mm.owner):
-        for va, size, pte in list(k.pt.iter_present(mm.pgd, old, old + length)):
-            if pte_page(k, pte, size) is None:
+        new_ptep = PteAllocMap(k.pt, mm.pgd)
+        for entry in k.pt.leaf_entries(mm.pgd, old, old + length):
+            if pte_page(k, entry.pte, entry.size) is None:
                 continue  # a forged entry stays behind and goes with the old range
-            k.pt.clear_pte(mm.pgd, va, size)
-            k.pt.set_pte(mm.pgd, new_addr + (va - old), pte, size)
+            k.pt.set_pte_at(entry.ptep, 0)
+            k.pt.set_pte_at(new_ptep(new_addr + (entry.va - old), entry.size), entry.pte)

@@ -23,8 +23,9 @@ One walker
     pointing to no page-table page, never followed). Every scan is a few lines
     of ops over it: ``iter_present``, ``leaf_arrays``, ``iter_spans``,
     ``iter_tables``, ``iter_bad_pointers``, ``free_empty_tables``,
-    ``clear_range`` (zap), ``destroy``; and through those ptdump, zap, mprotect, pagemap, smaps, the
-    audit, rmap, khugepaged and KSM. Single addresses go down with the
+    ``leaf_entries``, ``clear_range`` (zap), ``destroy``; and through those
+    ptdump, zap, mprotect, fork, mremap, pageout, migration, pagemap, smaps,
+    the audit, rmap, khugepaged and KSM. Single addresses go down with the
     ``pgd_offset`` ... ``pte_offset`` helpers (``get_pte``, ``set_pte``,
     ``walk``, and the fault's ``lookup``/``pte_alloc``/``set_pte_at``), which
     read only the entries on the way.
@@ -41,7 +42,14 @@ Rules it keeps
       as Linux's ``__handle_mm_fault()`` does: ``lookup`` keeps the entry
       where the walk ended, ``pte_alloc`` allocates the missing tables below
       it (one load of the new entry per table) and ``set_pte_at`` stores the
-      new PTE there, with no second walk. The walker reads each table page it
+      new PTE there, with no second walk. A range operation does the same
+      per page: ``leaf_entries`` gives each leaf with its entry's address and
+      the operation stores there (``set_pte_at``), one 8-byte store per page
+      as ``change_pte_range()``, ``copy_pte_range()``, ``move_ptes()`` and
+      ``try_to_unmap_one()`` store through the pointer they hold; a
+      destination (fork's child, mremap's new place) is filled through a
+      ``PteAllocMap``, which walks and allocates once per PTE table. The
+      walker reads each table page it
       visits with one 4 KiB load and finds the non-empty entries with numpy,
       with no Python work per empty entry; it loads a PTE table only when a
       callback wants PTEs, holes or emptiness.
@@ -88,10 +96,12 @@ __all__ = [
     "TREE_END",
     "Leaf",
     "LeafArrays",
+    "LeafEntry",
     "Lookup",
     "MmWalkOps",
     "PageTables",
     "PhysMem",
+    "PteAllocMap",
     "PteTable",
     "Span",
     "TableRef",
@@ -195,6 +205,22 @@ class Leaf(NamedTuple):
     pte: int
 
 
+class LeafEntry(NamedTuple):
+    """One non-empty leaf entry found by ``leaf_entries``, with where it lies:
+    what a Linux range walk holds as its ``pte_t *`` (or ``pmd_t *``)."""
+
+    va: int
+    size: int
+    pte: int
+    entry_pa: int
+    """Physical address of the entry in its table page."""
+
+    @property
+    def ptep(self) -> Lookup:
+        """The entry as ``set_pte_at`` takes it."""
+        return Lookup(self.pte, self.size, self.entry_pa)
+
+
 class LeafArrays(NamedTuple):
     """Every non-empty leaf of a range as three parallel arrays (``leaf_arrays``)."""
 
@@ -273,10 +299,11 @@ class MmWalkOps:
     with those entries as arrays: the bulk path, no Python work per entry."""
     pte_entry: Callable[[int, int], None] | None = None
     """``(va, pte)`` for each non-empty PTE in the range, in address order."""
-    huge_entry: Callable[[int, Level, int], None] | None = None
-    """``(va, level, entry)`` for each non-empty entry above the PTE level that
-    is not a table pointer: a 2M/1G leaf, present or not (Linux's
-    ``pmd_entry``/``pud_entry`` on a huge entry)."""
+    huge_entry: Callable[[int, Level, int, int], None] | None = None
+    """``(va, level, entry, entry_pa)`` for each non-empty entry above the PTE
+    level that is not a table pointer: a 2M/1G leaf, present or not, and
+    where it lies (Linux's ``pmd_entry``/``pud_entry`` on a huge entry, given
+    the ``pmd_t *``)."""
     pte_hole: Callable[[int, int, Level], None] | None = None
     """``(start, end, level)`` for each run of empty entries in the range, at
     the level of the table it is in."""
@@ -363,7 +390,7 @@ class _PageWalk:
             cursor = va + size
             if e & _PRESENT_PSE != _PRESENT:
                 if ops.huge_entry is not None:
-                    ops.huge_entry(va, level, e)
+                    ops.huge_entry(va, level, e, table.pa + 8 * i)
             else:
                 unlinked += self._child(table, i, e, va)
         stop = min(self.end, base + (PTRS_PER_TABLE << shift))
@@ -620,31 +647,38 @@ class PageTables:
             for va, pte in zip(vas.tolist(), ptes.tolist(), strict=True):
                 yield Leaf(va, size, pte)
 
-    def clear_range(self, cr3: int, start: int, end: int) -> list[Leaf]:
-        """Clear every non-empty leaf overlapping ``[start, end)`` and return
-        them as ``iter_present`` yields them, in one walk (``zap_pte_range``
-        clears each PTE through the pointer its walk holds): a PTE costs one
-        8-byte store beyond its table's 4 KiB load; a huge leaf is cleared by
-        address (``clear_pte``). Tables left empty stay until ``free_empty_tables``."""
-        self._check_range("clear_range", start, end)
-        leaves: list[Leaf] = []
-        store = self._store
+    def leaf_entries(self, cr3: int, start: int = 0, end: int = USER_END) -> list[LeafEntry]:
+        """``iter_present`` with each entry's physical address, in one walk: a
+        range operation changes each entry through it (``set_pte_at``), as
+        Linux's ``change_pte_range()``, ``copy_pte_range()`` and
+        ``move_ptes()`` step a ``pte_t *`` through the table they walk, with no
+        second walk per page."""
+        self._check_range("leaf_entries", start, end)
+        entries: list[LeafEntry] = []
+        add = entries.append
 
         def ptes(table: PteTable) -> None:
-            for i, va, e in zip(
-                table.indices.tolist(), table.va.tolist(), table.pte.tolist(), strict=True
-            ):
-                store(table.pa + 8 * i, _NONE)
-                leaves.append(Leaf(va, SIZE_4K, e))
+            pa, base = table.pa, table.base
+            for i, e in zip(table.indices.tolist(), table.pte.tolist(), strict=True):
+                add(LeafEntry(base + (i << PAGE_SHIFT), SIZE_4K, e, pa + 8 * i))
 
-        def huge(va: int, level: Level, e: int) -> None:
-            leaves.append(Leaf(va, level.size, e))
+        def huge(va: int, level: Level, e: int, pa: int) -> None:
+            add(LeafEntry(va, level.size, e, pa))
 
         self._walk(cr3, start, end, MmWalkOps(pte_table=ptes, huge_entry=huge))
-        for leaf in leaves:
-            if leaf.size != SIZE_4K:
-                self.clear_pte(cr3, leaf.va, leaf.size)
-        return leaves
+        return entries
+
+    def clear_range(self, cr3: int, start: int, end: int) -> list[LeafEntry]:
+        """Clear every non-empty leaf overlapping ``[start, end)`` and return
+        them as ``leaf_entries`` finds them, in one walk (``zap_pte_range``
+        clears each PTE through the pointer its walk holds): a leaf costs one
+        8-byte store beyond its table's 4 KiB load. Tables left empty stay
+        until ``free_empty_tables``."""
+        entries = self.leaf_entries(cr3, start, end)
+        store = self._store
+        for entry in entries:
+            store(entry.entry_pa, _NONE)
+        return entries
 
     def leaf_arrays(self, cr3: int, start: int = 0, end: int = USER_END) -> LeafArrays:
         """``iter_present`` as arrays: one numpy array per PTE table, no Python
@@ -667,7 +701,7 @@ class PageTables:
         (addresses, size, values), a huge leaf as a chunk of one."""
         chunks: list[tuple[np.ndarray, int, np.ndarray]] = []
 
-        def huge(va: int, level: Level, e: int) -> None:
+        def huge(va: int, level: Level, e: int, _: int) -> None:
             one = np.array([va], dtype=np.uint64), level.size, np.array([e], dtype=np.uint64)
             chunks.append(one)
 
@@ -689,7 +723,7 @@ class PageTables:
         add, pte = spans.append, Level.PTE
         ops = MmWalkOps(
             pte_entry=lambda va, e: add(Span(va, SIZE_4K, pte, e)),
-            huge_entry=lambda va, level, e: add(Span(va, level.size, level, e)),
+            huge_entry=lambda va, level, e, _: add(Span(va, level.size, level, e)),
             pte_hole=lambda lo, hi, level: add(Span(lo, hi - lo, level, 0)),
         )
         self._walk(cr3, start, end, ops)
@@ -798,3 +832,26 @@ class PageTables:
 
 
 _LEAF_SIZES = frozenset(level.size for level in WALK_LEVELS[1:])
+
+
+class PteAllocMap:
+    """The entries of ascending addresses in one address space, tables
+    allocated as needed, for a range operation that fills a destination:
+    ``copy_pte_range()`` and ``move_ptes()`` allocate the destination's PTE
+    table once (``pte_alloc_map()``) and step a ``pte_t *`` through it. The
+    first address of a PTE table is walked (``lookup``, ``pte_alloc``); the
+    next ones in that table cost no platform access, and their ``Lookup``
+    holds ``pte`` 0: the destination is empty (a new space, an unmapped
+    range). Use one per operation: it keeps the last PTE table's address."""
+
+    def __init__(self, pt: PageTables, cr3: int) -> None:
+        self.pt, self.cr3 = pt, cr3
+        self._base, self._table = -1, -1
+
+    def __call__(self, va: int, size: int = SIZE_4K) -> Lookup:
+        if size == SIZE_4K and va & -SIZE_2M == self._base:
+            return Lookup(0, SIZE_4K, self._table + ((va >> 9) & 0xFF8))
+        ptep = self.pt.pte_alloc(va, self.pt.lookup(self.cr3, va), size)
+        if size == SIZE_4K:
+            self._base, self._table = va & -SIZE_2M, ptep.entry_pa & -PAGE_SIZE
+        return ptep

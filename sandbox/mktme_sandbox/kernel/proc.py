@@ -327,7 +327,7 @@ def _pagemap_ops(k: Kernel, entries: np.ndarray, first: int) -> MmWalkOps:
             value[swapped] = _swap_pagemap_entries(table.pte[swapped])
         entries[(table.va >> np.uint64(12)).astype(np.int64) - first] = value
 
-    def huge_entry(va: int, level: Level, pte: int) -> None:
+    def huge_entry(va: int, level: Level, pte: int, _: int) -> None:
         size = level.size
         pfn = k.pte_layout.pte_pfn(pte, size)
         page = pte_page(k, pte, size)

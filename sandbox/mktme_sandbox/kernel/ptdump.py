@@ -283,7 +283,7 @@ def table_spans(pt: PageTables, cr3: int, start: int, end: int) -> list[Span]:
         if level != Level.PTE or lo >= covered:
             spans.append(Span(lo, hi - lo, level, 0))
 
-    def huge(va: int, level: Level, e: int) -> None:
+    def huge(va: int, level: Level, e: int, _: int) -> None:
         spans.append(Span(va, level.size, level, e))
 
     pt.walk_page_range(

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import flush_tlb_range, movable_page, split_huge_pages_in
+from mktme_sandbox.kernel.pgtable import LeafEntry
 from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.swapfile import swp_entry_to_pte
 from mktme_sandbox.kernel.vma import VM, MmStruct, Vma
@@ -51,9 +52,12 @@ SWAP_CLUSTER_MAX = 32
 _ACCESSED = int(PteFlags.ACCESSED)
 
 
-def pageout(k: Kernel, mm: MmStruct, va: int, pte: int) -> bool:
-    """``try_to_unmap_one()`` + ``swap_writepage()`` for the page ``pte`` maps at ``va``."""
-    pfn = movable_page(k, pte)
+def pageout(k: Kernel, mm: MmStruct, entry: LeafEntry) -> bool:
+    """``try_to_unmap_one()`` + ``swap_writepage()`` for the page the 4 KiB
+    ``entry`` maps: the swap entry is stored where the walk found the PTE
+    (``set_pte_at(mm, address, pvmw.pte, swp_pte)``), one 8-byte store."""
+    va = entry.va
+    pfn = movable_page(k, entry.pte)
     if pfn is None:
         return False
     owner = k.alloc.charged_uid(pfn)
@@ -63,19 +67,17 @@ def pageout(k: Kernel, mm: MmStruct, va: int, pte: int) -> bool:
     if offset is None:
         return False
     k.swap.writepage(offset, k.directmap.read_page(pfn))
-    k.pt.set_pte(mm.pgd, va, swp_entry_to_pte(0, offset))
+    k.pt.set_pte_at(entry.ptep, swp_entry_to_pte(0, offset))
     k.tlb.flush_range(mm.asid, va, va + PAGE_SIZE)
     k.pages.put_page(pfn)
     k.vmstat.inc("pswpout")
     return True
 
 
-def _small_ptes(
-    k: Kernel, mm: MmStruct, vma: Vma, start: int, end: int
-) -> Iterator[tuple[int, int]]:
-    for va, size, pte in list(k.pt.iter_present(mm.pgd, max(vma.start, start), min(vma.end, end))):
-        if size == PAGE_SIZE:
-            yield va, pte
+def _small_ptes(k: Kernel, mm: MmStruct, vma: Vma, start: int, end: int) -> Iterator[LeafEntry]:
+    for entry in k.pt.leaf_entries(mm.pgd, max(vma.start, start), min(vma.end, end)):
+        if entry.size == PAGE_SIZE:
+            yield entry
 
 
 def madvise_pageout(k: Kernel, mm: MmStruct, start: int, end: int) -> int:
@@ -89,10 +91,10 @@ def madvise_pageout(k: Kernel, mm: MmStruct, start: int, end: int) -> int:
     split_huge_pages_in(k, mm, start, end)
     done = 0
     for vma in vmas:
-        for va, pte in _small_ptes(k, mm, vma, start, end):
-            if movable_page(k, pte) is None:
+        for entry in _small_ptes(k, mm, vma, start, end):
+            if movable_page(k, entry.pte) is None:
                 continue
-            if not pageout(k, mm, va, pte):
+            if not pageout(k, mm, entry):
                 full = "the swap device is full" if not k.swap.free() else "its share of swap"
                 k.log.printk(f"madvise: pageout: {mm.name}: {done} pages written, then {full}")
                 return done
@@ -108,12 +110,12 @@ def try_to_free_pages(k: Kernel, nr: int = SWAP_CLUSTER_MAX) -> int:
     k.vmstat.inc("allocstall_normal")
     freed = 0
     for _ in range(2):  # the second pass finds the pages the first one aged
-        for mm, va, pte in _clock(k):
-            if pte & _ACCESSED:
-                k.pt.set_pte(mm.pgd, va, pte & ~_ACCESSED)  # ptep_clear_flush_young
-                flush_tlb_range(k, mm, va, va + PAGE_SIZE)
+        for mm, entry in _clock(k):
+            if entry.pte & _ACCESSED:
+                k.pt.set_pte_at(entry.ptep, entry.pte & ~_ACCESSED)  # ptep_clear_flush_young
+                flush_tlb_range(k, mm, entry.va, entry.va + PAGE_SIZE)
                 continue
-            if not pageout(k, mm, va, pte):
+            if not pageout(k, mm, entry):
                 if not k.swap.free():
                     return freed  # the device is full
                 continue  # its owner's share of swap is used up
@@ -123,12 +125,12 @@ def try_to_free_pages(k: Kernel, nr: int = SWAP_CLUSTER_MAX) -> int:
     return freed
 
 
-def _clock(k: Kernel) -> Iterator[tuple[MmStruct, int, int]]:
+def _clock(k: Kernel) -> Iterator[tuple[MmStruct, LeafEntry]]:
     """Every swappable page's PTE, spaces in creation order, addresses ascending."""
     for mm in list(k.spaces.values()):
         for vma in mm.vmas():
             if vma.vm_flags & VM.LOCKED:
                 continue
-            for va, pte in _small_ptes(k, mm, vma, vma.start, vma.end):
-                if movable_page(k, pte) is not None:
-                    yield mm, va, pte
+            for entry in _small_ptes(k, mm, vma, vma.start, vma.end):
+                if movable_page(k, entry.pte) is not None:
+                    yield mm, entry
