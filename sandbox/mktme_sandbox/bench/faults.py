@@ -12,7 +12,7 @@ whole calls).
 - ``keyid0_on``: a KeyID-0 VMA with MKTME on; ``keyid0_off``: the same on a
   ``keyid_bits=0`` machine. Goal ``keyid0_on_vs_off_ratio >= 0.98``: the
   series' claim that non-encrypted allocation is unaffected.
-- ``encrypted``: a KeyID-1 VMA, pools off (the v5 behaviour; goal >= 20,000
+- ``encrypted``: a KeyID-1 VMA, pools off (the v5 behaviour; goal >= 50,000
   faults/s); ``encrypted_pools``: the same with ``keyid_free_pools`` on.
 - ``..._4m``: KeyID 0 and encrypted again over 4 MiB, twice the cache, so that
   zeroing a page also evicts (and encrypts) dirty lines, as it does in any long
