@@ -184,6 +184,7 @@ _LINE_SHIFT = np.uint64(LINE_SIZE.bit_length() - 1)
 _PAGE_LINE_SHIFT = np.uint64(LINES_PER_PAGE.bit_length() - 1)  # line number -> page number
 _LINE_IN_PAGE = np.uint64(LINES_PER_PAGE - 1)
 _SPARSE = 2  # a batch is worth tables when its pages hold at most twice its lines
+_RECENT = 4096  # answers of TweakCache.slots_of kept
 _SERIALS = itertools.count(1)  # XtsKey serials: tables are keyed by them, never reused
 
 
@@ -425,6 +426,10 @@ class TweakCache:
         self._slot_of: dict[tuple[int, int], int] = {}  # (key serial, page) -> slot
         self._owner: list[tuple[int, int] | None] = [None] * self.slots
         self._seen: dict[tuple[int, int], None] = {}  # pages seen once, oldest first
+        # Answers of slots_of, good while _generation (bumped by every _make) holds:
+        # a stream over the same pages asks the same questions again and again.
+        self._recent: dict[tuple[int, int, int], tuple[int, list[int]]] = {}
+        self._generation = 0
         self._next = 0  # the ring's next slot
 
     def __repr__(self) -> str:
@@ -444,11 +449,17 @@ class TweakCache:
         than there are slots)."""
         if count > self.slots:
             return None
+        asked = (key._serial, first, count)
+        recent = self._recent.get(asked)
+        if recent is not None and recent[0] == self._generation:
+            return recent[1]  # no table was made (nor replaced) since this was answered
         wanted = [(key._serial, page) for page in range(first, first + count)]
         slots = [self._slot_of.get(name) for name in wanted]
         missing = [name for name, slot in zip(wanted, slots, strict=True) if slot is None]
         if not missing:
-            return slots  # type: ignore[return-value]  # none is None
+            found: list[int] = slots  # type: ignore[assignment]  # none is None
+            _add(self._recent, asked, (self._generation, found), _RECENT)
+            return found
         new = [name for name in missing if name not in self._seen]
         for name in new:
             _add(self._seen, name, None, 4 * self.slots)
@@ -460,6 +471,7 @@ class TweakCache:
 
     def _make(self, key: XtsKey, names: list[tuple[int, int]]) -> None:
         """Tables for ``names`` (all of ``key``) in consecutive slots of the ring."""
+        self._generation += 1
         if self._next + len(names) > self.slots:
             self._next = 0
         first = self._next
