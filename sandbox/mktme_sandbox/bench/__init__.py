@@ -9,8 +9,9 @@ suite whose module (or one of its imports) is missing is skipped with a
 message, and the others still run.
 
 Every comparison is measured side by side in one run (``interleaved``:
-repetitions alternate between the contenders, best of several rounds); no
-figure is ever compared to a number from elsewhere. Ratios carry ``ratio`` in
+repetitions alternate between the contenders, best of several rounds; ratios
+that must hold on a loaded machine take the median of the per-round ratios,
+``median_ratio``); no figure is ever compared to a number from elsewhere. Ratios carry ``ratio`` in
 their names (``xts_vs_ecb_ratio_64k``) and, where the project set one, a goal
 shown as PASS or MISS.
 """
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -31,6 +33,8 @@ __all__ = [
     "Result",
     "SuiteReport",
     "interleaved",
+    "interleaved_rounds",
+    "median_ratio",
     "register",
     "run",
     "run_suite",
@@ -96,15 +100,34 @@ def interleaved(
     Each contender is first calibrated to about ``round_time`` seconds of calls
     per round, so slow and fast contenders see the same machine load.
     """
+    seconds = interleaved_rounds(contenders, rounds, round_time)
+    return {name: min(samples) for name, samples in seconds.items()}
+
+
+def interleaved_rounds(
+    contenders: Mapping[str, Callable[[], object]], rounds: int = 7, round_time: float = 0.02
+) -> dict[str, list[float]]:
+    """``interleaved``'s seconds per call of every round, not only the best."""
     repeats = {name: _calibrate(call, round_time) for name, call in contenders.items()}
-    best = dict.fromkeys(contenders, float("inf"))
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, call in contenders.items():
             start = time.perf_counter()
             for _ in range(repeats[name]):
                 call()
-            best[name] = min(best[name], (time.perf_counter() - start) / repeats[name])
-    return best
+            seconds[name].append((time.perf_counter() - start) / repeats[name])
+    return seconds
+
+
+def median_ratio(ours: Sequence[float], reference: Sequence[float]) -> float:
+    """Throughput of ``ours`` over ``reference``: the median of the per-round ratios.
+
+    Each round's two figures (seconds per unit of work) were taken moments
+    apart, so a ratio per round cancels the load of that moment; on a shared
+    machine its median moves much less from run to run than the ratio of the
+    two best rounds, which can come from two different moments.
+    """
+    return statistics.median(ref / own for ref, own in zip(reference, ours, strict=True))
 
 
 def run_suite(name: str, progress: Progress) -> SuiteReport:
