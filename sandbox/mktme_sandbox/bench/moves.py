@@ -28,10 +28,9 @@ page, the cost the cover letter measures), with pools at 1.0; swap-in at
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
-from mktme_sandbox.bench import Goal, Result
+from mktme_sandbox.bench import Goal, Result, median_ratio
 from mktme_sandbox.bench.machines import KEYID, boot, mmap_command, timed
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.machine import Machine
@@ -101,7 +100,7 @@ def move_results(pages: int, rounds: int) -> list[Result]:
         results.append(Result(f"{move}_keyid0_pages_per_s", 1 / min(plain), "pages/s"))
         for label in ("keyid1", "keyid1_pools"):
             times = [s[move] for s in samples[label]]
-            ratio = statistics.median(p / t for p, t in zip(plain, times, strict=True))
+            ratio = median_ratio(times, plain)
             results += [
                 Result(f"{move}_{label}_pages_per_s", 1 / min(times), "pages/s"),
                 Result(
