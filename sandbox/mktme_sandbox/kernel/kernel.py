@@ -69,8 +69,8 @@ _SPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 class Charging:
     """``Kernel.charging``: a plain context manager, not a contextlib
-    generator, because every fault enters one (a generator costs more than
-    the rest of the fault's bookkeeping)."""
+    generator (a generator costs more than the bookkeeping it wraps). The
+    fault path sets ``charge_uid`` itself (``handle_mm_fault``)."""
 
     __slots__ = ("_alloc", "_saved", "_uid")
 
@@ -94,6 +94,8 @@ class Kernel:
         self.config = config
         self.owner_uid = owner_uid
         """The daemon's user: like root, exempt from the per-uid limits."""
+        self.exempt_uids = (0, owner_uid)
+        """Root and the daemon's user: the uids no per-uid limit applies to."""
         self.log = KernelLog()
         self.vmstat = VmStat()
         self.log.printk("Linux version 4.18.0-mktme-v5 (mktme-sandbox) #1 SMP")
@@ -112,8 +114,9 @@ class Kernel:
             platform,
             config.phys_mem,
             self.vmstat,
-            lambda: self.mitigations["flush_on_keyid_change"],
-            lambda uid: None if self.unlimited(uid) else config.page_limit,
+            self.mitigations,
+            config.page_limit,
+            self.exempt_uids,
             config.numa_nodes,
         )
         self.pages = self.alloc.pages
@@ -190,7 +193,7 @@ class Kernel:
 
     def unlimited(self, uid: int) -> bool:
         """Root and the daemon's user pass every per-uid limit."""
-        return uid in (0, self.owner_uid)
+        return uid in self.exempt_uids
 
     def charging(self, uid: int | None) -> Charging:
         """Charge the pages allocated inside to ``uid``, the owner of the space

@@ -89,6 +89,7 @@ _VM_READ, _VM_WRITE, _VM_LOCKED = int(VM.READ), int(VM.WRITE), int(VM.LOCKED)
 _VM_UFFD_MISSING = int(VM.UFFD_MISSING)
 _PGD_SIZE = Level.PGD.size
 _VM_THP_MASK, _VM_THP = int(VM.HUGEPAGE | VM.NOHUGEPAGE), int(VM.HUGEPAGE)
+_ANON = PG.ANON  # once: an enum member lookup per fault costs more than a global
 
 
 def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
@@ -108,15 +109,19 @@ def pte_page(k: Kernel, pte: int, size: int = PAGE_SIZE) -> int | None:
 def handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
     """Resolve a fault at ``addr``; return the new PTE. A fault that fails
     frees the tables it left empty."""
-    k.vmstat.inc("pgfault")
-    k.vmstat.inc("mktme_pgfault_write" if write else "mktme_pgfault_read")
-    page = addr & ~(PAGE_SIZE - 1)
-    with k.charging(mm.owner):
-        try:
-            return _handle_mm_fault(k, mm, vma, addr, write)
-        except BaseException:
-            k.pt.free_empty_tables(mm.pgd, page, page + PAGE_SIZE)
-            raise
+    k.vmstat.inc2("pgfault", "mktme_pgfault_write" if write else "mktme_pgfault_read")
+    # ``with k.charging(mm.owner)`` written out: every fault enters it, and the
+    # context manager's three calls cost more than the rest of this function
+    alloc = k.alloc
+    saved, alloc.charge_uid = alloc.charge_uid, mm.owner
+    try:
+        return _handle_mm_fault(k, mm, vma, addr, write)
+    except BaseException:
+        page = addr & ~(PAGE_SIZE - 1)
+        k.pt.free_empty_tables(mm.pgd, page, page + PAGE_SIZE)
+        raise
+    finally:
+        alloc.charge_uid = saved
 
 
 def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) -> int:
@@ -173,7 +178,8 @@ def _alloc_keyid(k: Kernel, vma: Vma) -> int:
 def alloc_page_vma(k: Kernel, vma: Vma, zero: bool = True) -> int:
     """``alloc_page_vma()``: one anonymous page for ``vma`` (faults, COW, swap-in),
     on the nodes of its ``MPOL_BIND`` policy if it has one."""
-    return k.alloc.alloc_page(_alloc_keyid(k, vma), PG.ANON, zero=zero, nodes=vma_policy_nodes(vma))
+    nodes = vma_policy_nodes(vma) if vma.vm_policy else None  # no call for the default policy
+    return k.alloc.alloc_page(_alloc_keyid(k, vma), _ANON, zero, nodes)
 
 
 def alloc_hugepage_vma(
@@ -286,10 +292,9 @@ def do_anonymous_page(
     """A fault on an empty entry (``found``): the tables below it first
     (``pte_alloc``), the page last."""
     page = addr & ~(PAGE_SIZE - 1)
-    keyid = vma_keyid(vma, k.pte_layout)
     ptep = k.pt.pte_alloc(page, found)
     if not write:
-        if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
+        if vma_keyid(vma, k.pte_layout) == 0 or not k.mitigations["no_zero_page_encrypted"]:
             return map_zero_page(k, vma, ptep)
         k.vmstat.inc("mktme_zero_page_refused_encrypted")
     return map_new_page(k, mm, vma, ptep, page, alloc_page_vma(k, vma))

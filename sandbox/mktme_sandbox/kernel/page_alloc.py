@@ -29,7 +29,8 @@ Rules kept:
 - Every page is charged to the uid in ``charge_uid`` when it is allocated
   (the kernel sets it to the owner of the space it allocates for, as Linux
   charges the memcg of ``current``) and uncharged when it is freed, whoever
-  frees it. ``page_limit(uid)`` caps what one uid holds (docs/spec.md 8,
+  frees it. ``page_limit`` caps what one uid holds, root and the daemon's
+  user (``exempt``) excepted (docs/spec.md 8,
   ``max_pages_per_uid``): an allocation beyond it fails with ENOMEM before
   anything changes.
 
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -74,14 +75,16 @@ class PageAllocator:
         mem: PhysicalMemory,
         phys_mem: int,
         vmstat: VmStat,
-        flush_enabled: Callable[[], bool],
-        page_limit: Callable[[int], int | None] = lambda uid: None,
+        switches: Mapping[str, bool],
+        page_limit: int | None = None,
+        exempt: Collection[int] = (),
         numa_nodes: int = 1,
     ) -> None:
         self.mem = mem
         self.vmstat = vmstat
         self.nr_pages = phys_mem // PAGE_SIZE
-        self._flush_enabled = flush_enabled
+        self._switches = switches
+        """The kernel's mitigations: ``flush_on_keyid_change`` is read at every flush."""
         self.pages = MemMap(self.nr_pages, self.free_page)
         """struct page and page_ext of every PFN (``mem_map``)."""
         self.keyid_free_pools = False
@@ -92,6 +95,9 @@ class PageAllocator:
         self._ticks = 0
         self.allocated_by_keyid: dict[int, int] = {}
         self._page_limit = page_limit
+        """Pages one uid may hold (None: no limit), fixed at boot; the uids in
+        ``exempt`` (root, the daemon's user) have none."""
+        self._exempt = exempt
         self.charge_uid: int | None = None
         """Whom the next allocations are charged to (None: the kernel, uncharged)."""
         self._charged = np.zeros(self.nr_pages, dtype=np.int64)  # uid + 1; 0 uncharged
@@ -204,8 +210,10 @@ class PageAllocator:
         uid = self.charge_uid
         if uid is None:
             return None
-        limit = self._page_limit(uid)
-        return None if limit is None else limit - self.pages_by_uid.get(uid, 0)
+        limit = self._page_limit
+        if limit is None or uid in self._exempt:
+            return None
+        return limit - self.pages_by_uid.get(uid, 0)
 
     def check_limit(self, nr: int, op: str = "page allocation") -> None:
         """ENOMEM, naming the limit, when ``charge_uid`` may not take ``nr`` pages."""
@@ -254,10 +262,12 @@ class PageAllocator:
         return None
 
     def _take_free(self, keyid: int) -> tuple[int, int] | None:
-        for pool_keyid in (keyid, 0) if keyid else (0,):  # the common case: no sort
-            found = self._take_from(pool_keyid)
-            if found is not None:
-                return found
+        own = self._pools.get(keyid)
+        if own:  # the common cases first, with no call: the own pool ...
+            return own.pop(), keyid
+        found = self._take_from(0)  # ... then KeyID 0's and never-used memory
+        if found is not None:
+            return found
         for pool_keyid in self._other_pools(keyid):
             found = self._take_from(pool_keyid)
             if found is not None:
@@ -304,9 +314,10 @@ class PageAllocator:
         self.pages.prep_new_page(pfn, nr, flags)
         self.allocated_by_keyid[keyid] = self.allocated_by_keyid.get(keyid, 0) + nr
         self._charge(pfn, nr, self.charge_uid)
-        self.vmstat.inc("pgalloc_normal", nr)
         if keyid:
-            self.vmstat.inc("mktme_pgalloc_encrypted", nr)
+            self.vmstat.inc2("pgalloc_normal", "mktme_pgalloc_encrypted", nr)
+        else:
+            self.vmstat.inc("pgalloc_normal", nr)
         if zero:
             self.mem.fill(pfn * PAGE_SIZE, nr * PAGE_SIZE, 0, keyid)
 
@@ -345,9 +356,10 @@ class PageAllocator:
         self.pages.free_pages_prepare(pfn, nr)
         self._charge(pfn, nr, None)
         self.allocated_by_keyid[keyid] -= nr
-        self.vmstat.inc("pgfree", nr)
         if keyid:
-            self.vmstat.inc("mktme_pgfree_encrypted", nr)
+            self.vmstat.inc2("pgfree", "mktme_pgfree_encrypted", nr)
+        else:
+            self.vmstat.inc("pgfree", nr)
 
     def arch_free_page(self, pfn: int, order: int, keyid: int) -> None:
         """v5: flush an encrypted page and reset its KeyID; pools: keep both."""
@@ -358,12 +370,11 @@ class PageAllocator:
 
     def _flush(self, pfn: int, order: int, keyid: int, counter: str) -> None:
         nr = 1 << order
-        if not self._flush_enabled():
+        if not self._switches["flush_on_keyid_change"]:
             self.vmstat.inc("mktme_flush_skipped_mitigation_off", nr)
             return
         lines = self.mem.flush_range(pfn * PAGE_SIZE, nr * PAGE_SIZE, keyid)
-        self.vmstat.inc(counter, nr)
-        self.vmstat.inc("mktme_flush_lines", lines)
+        self.vmstat.inc2(counter, "mktme_flush_lines", nr, lines)
 
     # --- pools --------------------------------------------------------------
 

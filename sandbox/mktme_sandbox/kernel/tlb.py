@@ -107,9 +107,12 @@ class Tlb:
     def flush_range(self, asid: int, start: int, end: int) -> int:
         """Drop the translations of virtual addresses ``[start, end)`` (``flush_tlb_range``)."""
         first, last = start >> PAGE_SHIFT, (end + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
-        if last - first == 1:  # one page: a fault's flush
-            key = (asid, first)
-            return self._drop([key] if key in self._entries else [])
+        if last - first == 1:  # one page: a fault's flush, ``_drop`` of at most one entry
+            self.flushes += 1
+            if self._entries.pop((asid, first), None) is None:
+                return 0
+            self.entries_flushed += 1
+            return 1
         if last - first <= len(self._entries):
             doomed = [(asid, vpn) for vpn in range(first, last) if (asid, vpn) in self._entries]
         else:

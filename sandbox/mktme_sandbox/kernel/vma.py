@@ -97,8 +97,9 @@ def vma_policy_nodes(vma: Vma) -> tuple[int, ...] | None:
 
 
 def vma_keyid(vma: Vma, layout: PteLayout) -> int:
-    """The KeyID of a VMA: the KeyID bits of its vm_page_prot."""
-    return layout.pte_keyid(vma.vm_page_prot)
+    """The KeyID of a VMA: the KeyID bits of its vm_page_prot (``pte_keyid``
+    written out: every fault asks it)."""
+    return (vma.vm_page_prot & layout.keyid_mask) >> layout.keyid_shift
 
 
 class MmStruct:

@@ -73,6 +73,15 @@ class VmStat:
     def inc(self, name: str, n: int = 1) -> None:
         self._counts[name] += n  # KeyError on a typo, on purpose
 
+    def inc2(self, name: str, also: str, n: int = 1, n_also: int | None = None) -> None:
+        """``inc`` of two counters in one call, ``also`` by ``n`` too unless
+        ``n_also`` is given: a fault counts ``pgfault`` and its kind, an
+        allocation ``pgalloc_normal`` and ``mktme_pgalloc_encrypted``, a flush
+        its pages and its lines (``count_vm_events`` twice in Linux)."""
+        counts = self._counts
+        counts[name] += n
+        counts[also] += n if n_also is None else n_also
+
     def __getitem__(self, name: str) -> int:
         return self._counts[name]
 
