@@ -292,7 +292,9 @@ def do_anonymous_page(
     """A fault on an empty entry (``found``): the tables below it first
     (``pte_alloc``), the page last."""
     page = addr & ~(PAGE_SIZE - 1)
-    ptep = k.pt.pte_alloc(page, found)
+    # ``pte_alloc()`` is a macro in Linux: ``__pte_alloc()`` only when the walk
+    # stopped above the PTE level (``pmd_none``)
+    ptep = found if found.size == PAGE_SIZE else k.pt.pte_alloc(page, found)
     if not write:
         if vma_keyid(vma, k.pte_layout) == 0 or not k.mitigations["no_zero_page_encrypted"]:
             return map_zero_page(k, vma, ptep)
