@@ -21,12 +21,11 @@ whole calls).
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mktme_sandbox.bench import Goal, Result
+from mktme_sandbox.bench import Goal, Result, median_ratio
 from mktme_sandbox.bench.machines import CONFIGS, boot, mmap_command, timed
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.machine import Machine
@@ -105,14 +104,9 @@ class FaultSamples:
         return 1 / min(self.seconds[name])
 
     def ratio(self, name: str, reference: str) -> float:
-        """Throughput of ``name`` over ``reference``: the median of the per-round ratios.
-
-        Each round's two figures were taken moments apart, so a ratio per round
-        cancels the load of that moment; on a shared machine its median moves
-        about half as much from run to run as the ratio of the two best rounds.
-        """
-        pairs = zip(self.seconds[reference], self.seconds[name], strict=True)
-        return statistics.median(ref / own for ref, own in pairs)
+        """Throughput of ``name`` over ``reference``: the median of the per-round
+        ratios (``mktme_sandbox.bench.median_ratio``)."""
+        return median_ratio(self.seconds[name], self.seconds[reference])
 
 
 def fault_samples(contenders: Mapping[str, Contender], rounds: int) -> FaultSamples:
