@@ -38,7 +38,9 @@ of one older page under one KeyID: a flush, or a page streaming out) need no
 pass over their KeyIDs. A chunk that misses everywhere with its victims all in
 one way (pages streaming through the cache; one comparison of the oldest
 stamps with that way's row) takes that way's slots as a strided slice: tags,
-dirty bits, stamps and data written without fancy indexes. Small equality
+dirty bits, stamps and data written without fancy indexes; so does a chunk
+that hits everywhere in one way (a warm page that came in whole: the first
+line's way, then one comparison down it). Small equality
 tests compare bytes (``_same``), a seventh of the cost of ``(a == b).all()``.
 
 Per physical page, an upper bound of the lines it has in the cache (any KeyID):
@@ -410,7 +412,7 @@ class WriteBackCache:
                 end = begin + (stop - start) * LINE_SIZE
                 self._put(slots, _piece(source, begin, end, (-1, LINE_SIZE)))
                 continue
-            lines = self._data[slots]
+            lines = np.ascontiguousarray(self._data[slots])  # a copy: slots may be a slice
             flat = lines.reshape(-1)
             low, high = max(-begin, 0), min(span.length - begin, flat.size)
             flat[low:high] = _piece(source, begin + low, begin + high)
@@ -435,17 +437,20 @@ class WriteBackCache:
         slice when the lines all missed into one way (see ``_miss``).
         """
         tag = self._tag(first, keyid)
-        if self._maybe_resident(first, count):
+        if not self._maybe_resident(first, count):
+            # no line of these pages is cached (a page being zeroed): nothing to look for
+            hits = _NO_SLOTS
+        elif self.fast and (run := self._hits_in_one_way(first, count, tag)) is not None:
+            return self._hit_one_way(run, count, store, out)
+        else:
             # The rows are contiguous slots and a tag sits in at most one way of its row,
             # so the flat indexes of the matches are the hit slots, in line order.
-            hits = np.flatnonzero(self._rows(first, count) == tag)
+            hits = (self._rows(first, count) == tag).reshape(-1).nonzero()[0]
             hits += first % self.sets * WAYS
-        else:  # no line of these pages is cached (a page being zeroed): nothing to look for
-            hits = _NO_SLOTS
         slots: Slots = hits
         if hits.size == count:
             if out is not None:
-                np.take(self._data, hits, axis=0, out=out)
+                np.take(self._lines, hits, out=out.view(_LINE).reshape(-1))
         else:
             slots = self._miss(first, count, tag, hits, keyid, fill, out)
         self._touch(slots)
@@ -454,6 +459,29 @@ class WriteBackCache:
         self._hits += hits.size
         self._misses += count - hits.size
         return slots
+
+    def _hits_in_one_way(self, first: int, count: int, tag: int) -> slice | None:
+        """The slots of lines ``first..first+count-1`` as one way's strided slice, if
+        every line is cached (``tag``) in the same way: the way the first line is in,
+        then one comparison down that way (a page that came in whole stays so)."""
+        start = first % self.sets * WAYS
+        row: list[int] = self._tag_items[start : start + WAYS].tolist()
+        if tag not in row:
+            return None
+        way = row.index(tag)
+        run = slice(start + way, start + count * WAYS + way, WAYS)
+        return run if _all_equal(self._tags[run]) else None
+
+    def _hit_one_way(self, run: slice, count: int, store: bool, out: np.ndarray | None) -> slice:
+        """``_lookup`` of lines all cached in one way (``run``): ages, dirty bits, counters
+        and ``out`` with no fancy index."""
+        if out is not None:
+            out.view(_LINE).reshape(-1)[...] = self._lines[run]
+        self._touch(run)
+        if store:
+            self._dirty[run] = True
+        self._hits += count
+        return run
 
     def _miss(
         self,
