@@ -95,6 +95,9 @@ _HINTS = 4096  # hints kept before starting over: page-table walks reuse a few h
 Source = np.ndarray | int  # what a store writes: the bytes, or one byte repeated (fill)
 Slots = np.ndarray | slice  # slot numbers, or one way's slots over consecutive sets
 _LINE = np.dtype((np.void, LINE_SIZE))  # a line as one item: np.put copies it whole
+# _REPEATED[b]: a line of byte b, as one item (what fill puts in every line)
+_REPEATED = np.repeat(np.arange(256, dtype=np.uint8), LINE_SIZE).view(_LINE)
+_REPEATED.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -450,7 +453,7 @@ class WriteBackCache:
         slots: Slots = hits
         if hits.size == count:
             if out is not None:
-                np.take(self._lines, hits, out=out.view(_LINE).reshape(-1))
+                self._gather(hits, out)
         else:
             slots = self._miss(first, count, tag, hits, keyid, fill, out)
         self._touch(slots)
@@ -533,7 +536,7 @@ class WriteBackCache:
         if needed.size:
             self._put(slots[needed], self._memory.read_lines(first + needed, keyid))
         if out is not None:
-            np.take(self._data, slots, axis=0, out=out)
+            self._gather(slots, out)
         return slots
 
     def _miss_one_way(
@@ -554,15 +557,25 @@ class WriteBackCache:
 
     def _put(self, slots: Slots, lines: Source) -> None:
         """``_data[slots] = lines`` (rows ``[len(slots), 64]``, or one byte for all);
-        rows go in as 64-byte items (``np.put``), three times faster than rows of bytes."""
+        rows go in as 64-byte items (``put``), three times faster than rows of bytes,
+        and one byte as a line of it repeated (``_REPEATED``), five times faster."""
         if isinstance(lines, int):
-            self._data[slots] = lines
-            return
-        items = np.ascontiguousarray(lines).view(_LINE).reshape(-1)
+            items = _REPEATED[lines : lines + 1]
+        else:
+            items = np.ascontiguousarray(lines).view(_LINE).reshape(-1)
         if isinstance(slots, slice):
             self._lines[slots] = items
         else:
-            np.put(self._lines, slots, items)
+            self._lines.put(slots, items)
+
+    def _gather(self, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``_data[slots]`` into ``out`` (``[len(slots), 64]``; None: a fresh array),
+        gathered as 64-byte items."""
+        if out is None:
+            fresh: np.ndarray = self._lines[slots].view(np.uint8).reshape(-1, LINE_SIZE)
+            return fresh
+        np.take(self._lines, slots, out=out.view(_LINE).reshape(-1))
+        return out
 
     def _room(self, line: int) -> int:
         """How many lines from ``line`` on fit in one chunk (before the sets wrap)."""
@@ -585,7 +598,7 @@ class WriteBackCache:
         self._dirty[dirty] = False
         self._writebacks += int(dirty.size)
         tags = self._tags[dirty] if tag == FREE else tag
-        self._send(dirty >> WAY_BITS, tags, self._data[dirty])
+        self._send(dirty >> WAY_BITS, tags, self._gather(dirty))
 
     def _write_back_run(self, run: slice, set0: int, count: int) -> None:
         """``_write_back`` of the slots of one way over sets ``set0..set0+count-1`` (``run``)."""
