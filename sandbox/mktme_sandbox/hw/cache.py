@@ -71,7 +71,7 @@ Left out: cache levels, prefetching, non-temporal stores, and timing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -181,12 +181,18 @@ class _Span(NamedTuple):
         stop = self.lines if stop is None else stop
         return np.arange(self.first + start, self.first + stop, dtype=np.int64)
 
-    def chunks(self, sets: int) -> Iterator[tuple[int, int]]:
+    def chunks(self, sets: int) -> Iterable[tuple[int, int]]:
         """``(start, stop)`` span-relative line ranges that never wrap around the sets.
 
         Consecutive lines fall in consecutive sets, so within one range each set
-        appears at most once and its rows are one contiguous block of slots.
+        appears at most once and its rows are one contiguous block of slots. One
+        range (a page, usually) comes as a tuple, without a generator's cost.
         """
+        if self.lines <= sets - self.first % sets:
+            return ((0, self.lines),)
+        return self._chunks(sets)
+
+    def _chunks(self, sets: int) -> Iterator[tuple[int, int]]:
         start = 0
         while start < self.lines:
             stop = min(self.lines, start + sets - (self.first + start) % sets)
