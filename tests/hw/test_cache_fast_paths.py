@@ -2,9 +2,10 @@
 at the default geometry.
 
 ``WriteBackCache.fast`` switches on the paths that exist only for speed: a
-one-line miss handled with Python scalars, and a chunk that misses everywhere
-decrypted from its DRAM slice straight into the caller's buffer. With ``fast``
-off every access takes the chunked path. Two machines, one each way, run the
+one-line miss handled with Python scalars, a chunk that misses everywhere
+decrypted from its DRAM slice straight into the caller's buffer, and a chunk
+that misses or hits everywhere in one way handled on that way's strided slice.
+With ``fast`` off every access takes the chunked path. Two machines, one each way, run the
 same few thousand random operations (loads, stores and fills of any length at
 any offset, across KeyIDs, straddling lines and pages; CLFLUSH, flush_range,
 WBINVD, DRAM reads and writes and key changes) at the cache every user gets

@@ -56,8 +56,9 @@ An access inside one line takes a short path with no array arithmetic: a hit
 for the page-table walk's 8-byte loads), and a miss (victim, write-back, tag,
 page bound, fill and age with Python scalars: a 64-byte read of a cold line).
 A load whose chunk misses everywhere is decrypted from its DRAM slice straight
-into the output, then copied into the cache. These two miss paths exist only
-for speed: ``fast = False`` sends every access down the chunked path, and
+into the output, then copied into the cache. These two miss paths, and the
+one-way slices above, exist only for speed: ``fast = False`` sends every
+access down the chunked path with fancy indexes, and
 tests/hw/test_cache_fast_paths.py holds both ways to the same bytes, DRAM and
 full cache state.
 
