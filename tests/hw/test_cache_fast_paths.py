@@ -2,9 +2,10 @@
 at the default geometry.
 
 ``WriteBackCache.fast`` switches on the paths that exist only for speed: a
-one-line miss handled with Python scalars, and a chunk that misses everywhere
-decrypted from its DRAM slice straight into the caller's buffer. With ``fast``
-off every access takes the chunked path. Two machines, one each way, run the
+one-line miss handled with Python scalars, a chunk that misses everywhere
+decrypted from its DRAM slice straight into the caller's buffer, and a chunk
+that misses or hits everywhere in one way handled on that way's strided slice.
+With ``fast`` off every access takes the chunked path. Two machines, one each way, run the
 same few thousand random operations (loads, stores and fills of any length at
 any offset, across KeyIDs, straddling lines and pages; CLFLUSH, flush_range,
 WBINVD, DRAM reads and writes and key changes) at the cache every user gets
@@ -197,3 +198,81 @@ def test_queued_write_backs_land_with_their_last_value_and_the_key_of_their_writ
     assert controller(direct)._queued_lines == 0
     assert_same_state(queued, direct)
     assert controller(queued)._queued_lines == 0
+
+
+STRIDE = CACHE // 16  # bytes between two lines of one set: pages this far apart share their sets
+
+
+def streaming(platform: Platform) -> list[object]:
+    """Pages streaming through the same 64 sets: zeroed, copied and read, in
+    ways that are sometimes one way across the sets and sometimes not, with
+    victims all dirty under one tag, dirty under two KeyIDs, partly dirty, or clean."""
+    outputs: list[object] = []
+    platform.fill(0, PAGE, 0xAA, 1)
+    platform.clflush(LINE, 1)
+    platform.store(LINE, bytes(range(LINE)), 2)  # one set's way 0: another KeyID
+    for n in range(1, 48):
+        pa, keyid = n * STRIDE, 1 + n % 3
+        if n % 5 == 3:
+            outputs.append(platform.load(pa, PAGE, keyid))
+            platform.store(pa + 5 * LINE, b"dirty".ljust(LINE), keyid)  # a hit: partly dirty
+        elif n % 5 == 2:
+            platform.store(pa, bytes([n]) * PAGE, keyid)
+        else:
+            platform.fill(pa, PAGE, n, keyid)
+        if n == 20:
+            outputs.append(platform.load(pa + 3 * STRIDE + 9 * LINE, 8, 1))  # one set moves on
+        if n == 30:
+            platform.clflush(pa + 11 * LINE, keyid)  # one way's slot freed
+    warm = PAGE  # sets 64..127, all ways free: the page comes in whole in way 0
+    platform.store(warm, bytes(range(256)) * 16, 3)
+    outputs.append(platform.load(warm, PAGE, 3))
+    platform.store(warm + 10, b"partial lines" * 300, 3)
+    outputs.append(platform.load(warm, PAGE, 3))
+    platform.flush_range(warm, PAGE, 3)
+    outputs.append(platform.load(warm, PAGE, 3))  # clean, in one way again
+    platform.fill(warm, PAGE, 0x5A, 3)  # whole lines over clean ones: dirty now
+    platform.clflush(warm + 5 * LINE, 3)
+    outputs.append(platform.load(warm, PAGE, 3))  # the first line in way 0, the sixth gone
+    outputs.append(platform.load(0, 48 * STRIDE, 1))
+    return outputs
+
+
+def test_pages_streaming_through_one_way_match_the_fancy_indexed_path() -> None:
+    """A chunk that misses everywhere with its victims all in one way, and a chunk
+    that hits everywhere in one way, are handled on strided slices of that way
+    (``_miss_one_way``, ``_hit_one_way``); they must leave what the general path
+    leaves, for victims in one way and in several, dirty or not, and for whole
+    and partial loads and stores of a warm page."""
+    seen: set[str] = set()
+    fast = machine(fast=True)
+    cache = fast.cache
+    assert isinstance(cache, WriteBackCache)
+    miss, write_back_run, hits = cache._miss, cache._write_back_run, cache._hits_in_one_way
+
+    def spy_miss(first: int, count: int, *rest: Any) -> Any:
+        slots = miss(first, count, *rest)
+        seen.add("one way" if isinstance(slots, slice) else "several ways")
+        return slots
+
+    def spy_write_back_run(run: slice, set0: int, count: int) -> None:
+        dirty = int(np.count_nonzero(cache._dirty[run]))
+        keyids = len(set((cache._tags[run] & 0xFFFF).tolist()))
+        seen.add({0: "clean", count: f"all dirty, {keyids} KeyIDs"}.get(dirty, "partly dirty"))
+        write_back_run(run, set0, count)
+
+    def spy_hits(first: int, count: int, tag: int) -> slice | None:
+        run = hits(first, count, tag)
+        seen.add("hits in one way" if run is not None else "hits not in one way")
+        return run
+
+    cache._miss = spy_miss  # type: ignore[method-assign,assignment]
+    cache._hits_in_one_way = spy_hits  # type: ignore[method-assign]
+    cache._write_back_run = spy_write_back_run  # type: ignore[method-assign]
+    slow, direct = machine(fast=False), machine(fast=True, queue=0)
+    assert streaming(fast) == streaming(slow) == streaming(direct)
+    assert_same_state(fast, slow)
+    assert_same_state(fast, direct)
+    kinds = {"one way", "several ways", "clean", "partly dirty"}
+    kinds |= {"hits in one way", "hits not in one way"}
+    assert seen >= kinds | {"all dirty, 1 KeyIDs", "all dirty, 2 KeyIDs"}

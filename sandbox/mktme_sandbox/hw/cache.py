@@ -32,6 +32,17 @@ the set is implied by the slot, and all the lines of a chunk share one tag, so
 a chunk is looked up by comparing its rows with one number. ``fill`` broadcasts
 its byte into the lines, with no source buffer.
 
+Write-back hands the memory controller a fresh gather of the victims' lines,
+given away (queued with no second copy); victims that share one tag (the lines
+of one older page under one KeyID: a flush, or a page streaming out) need no
+pass over their KeyIDs. A chunk that misses everywhere with its victims all in
+one way (pages streaming through the cache; one comparison of the oldest
+stamps with that way's row) takes that way's slots as a strided slice: tags,
+dirty bits, stamps and data written without fancy indexes; so does a chunk
+that hits everywhere in one way (a warm page that came in whole: the first
+line's way, then one comparison down it). Small equality
+tests compare bytes (``_same``), a seventh of the cost of ``(a == b).all()``.
+
 Per physical page, an upper bound of the lines it has in the cache (any KeyID):
 it grows when lines come in, is recounted exactly when a whole page is flushed,
 and is left high (never wrong, only pessimistic) when lines leave by eviction.
@@ -45,8 +56,9 @@ An access inside one line takes a short path with no array arithmetic: a hit
 for the page-table walk's 8-byte loads), and a miss (victim, write-back, tag,
 page bound, fill and age with Python scalars: a 64-byte read of a cold line).
 A load whose chunk misses everywhere is decrypted from its DRAM slice straight
-into the output, then copied into the cache. These two miss paths exist only
-for speed: ``fast = False`` sends every access down the chunked path, and
+into the output, then copied into the cache. These two miss paths, and the
+one-way slices above, exist only for speed: ``fast = False`` sends every
+access down the chunked path with fancy indexes, and
 tests/hw/test_cache_fast_paths.py holds both ways to the same bytes, DRAM and
 full cache state.
 
@@ -60,7 +72,7 @@ Left out: cache levels, prefetching, non-temporal stores, and timing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -82,7 +94,11 @@ _NO_SLOTS.flags.writeable = False
 _HINTS = 4096  # hints kept before starting over: page-table walks reuse a few hundred lines
 
 Source = np.ndarray | int  # what a store writes: the bytes, or one byte repeated (fill)
+Slots = np.ndarray | slice  # slot numbers, or one way's slots over consecutive sets
 _LINE = np.dtype((np.void, LINE_SIZE))  # a line as one item: np.put copies it whole
+# _REPEATED[b]: a line of byte b, as one item (what fill puts in every line)
+_REPEATED = np.repeat(np.arange(256, dtype=np.uint8), LINE_SIZE).view(_LINE)
+_REPEATED.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -166,12 +182,18 @@ class _Span(NamedTuple):
         stop = self.lines if stop is None else stop
         return np.arange(self.first + start, self.first + stop, dtype=np.int64)
 
-    def chunks(self, sets: int) -> Iterator[tuple[int, int]]:
+    def chunks(self, sets: int) -> Iterable[tuple[int, int]]:
         """``(start, stop)`` span-relative line ranges that never wrap around the sets.
 
         Consecutive lines fall in consecutive sets, so within one range each set
-        appears at most once and its rows are one contiguous block of slots.
+        appears at most once and its rows are one contiguous block of slots. One
+        range (a page, usually) comes as a tuple, without a generator's cost.
         """
+        if self.lines <= sets - self.first % sets:
+            return ((0, self.lines),)
+        return self._chunks(sets)
+
+    def _chunks(self, sets: int) -> Iterator[tuple[int, int]]:
         start = 0
         while start < self.lines:
             stop = min(self.lines, start + sets - (self.first + start) % sets)
@@ -275,10 +297,11 @@ class WriteBackCache:
         for start, stop in span.chunks(self.sets):
             first, count = span.first + start, stop - start
             rows = self._rows(first, count)
-            found = np.flatnonzero(rows == self._tag(first, keyid))
+            tag = self._tag(first, keyid)
+            found = np.flatnonzero(rows == tag)
             if found.size:
                 found += first % self.sets * WAYS  # the rows are contiguous slots
-                self._write_back(found)
+                self._write_back(found, tag)
                 self._invalidate(found)
                 flushed += found.size
             self._recount_pages(first, count, rows, found.size)
@@ -368,7 +391,10 @@ class WriteBackCache:
         stamps: list[int] = self._stamp_items[index :: self.sets].tolist()
         victim: int = min(stamps) & self._slot_mask
         if self._dirty_items[victim]:
-            self._write_back(np.array([victim], dtype=np.int64))
+            self._dirty_items[victim] = False
+            self._writebacks += 1
+            lines = self._data[victim : victim + 1].copy()
+            self._send(np.array([index], dtype=np.int64), self._tag_items[victim], lines)
         self._tag_items[victim] = tag
         page = line // PAGE_LINES
         resident = self._resident
@@ -393,10 +419,10 @@ class WriteBackCache:
             slots = self._lookup(span.first + start, stop - start, keyid, fill, store=True)
             begin = start * LINE_SIZE - span.offset  # where these lines start in ``source``
             if partial is None:
-                end = begin + slots.size * LINE_SIZE
+                end = begin + (stop - start) * LINE_SIZE
                 self._put(slots, _piece(source, begin, end, (-1, LINE_SIZE)))
                 continue
-            lines = self._data[slots]
+            lines = np.ascontiguousarray(self._data[slots])  # a copy: slots may be a slice
             flat = lines.reshape(-1)
             low, high = max(-begin, 0), min(span.length - begin, flat.size)
             flat[low:high] = _piece(source, begin + low, begin + high)
@@ -410,27 +436,31 @@ class WriteBackCache:
         fill: np.ndarray | bool = True,
         store: bool = False,
         out: np.ndarray | None = None,
-    ) -> np.ndarray:
+    ) -> Slots:
         """Slots holding lines ``first..first+count-1`` for ``keyid``; the lines share no set.
 
         Misses evict the least recently used way, writing it back if dirty, and
         are filled from DRAM where ``fill`` says the old contents are needed (True:
         all lines, False: none, a mask: those lines; a store that overwrites a
         whole line needs no fill). A ``store`` leaves every slot dirty. ``out``
-        (``[count, 64]``, loads only) receives the lines' data.
+        (``[count, 64]``, loads only) receives the lines' data. The slots are a
+        slice when the lines all missed into one way (see ``_miss``).
         """
         tag = self._tag(first, keyid)
-        if self._maybe_resident(first, count):
+        if not self._maybe_resident(first, count):
+            # no line of these pages is cached (a page being zeroed): nothing to look for
+            hits = _NO_SLOTS
+        elif self.fast and (run := self._hits_in_one_way(first, count, tag)) is not None:
+            return self._hit_one_way(run, count, store, out)
+        else:
             # The rows are contiguous slots and a tag sits in at most one way of its row,
             # so the flat indexes of the matches are the hit slots, in line order.
-            hits = np.flatnonzero(self._rows(first, count) == tag)
+            hits = (self._rows(first, count) == tag).reshape(-1).nonzero()[0]
             hits += first % self.sets * WAYS
-        else:  # no line of these pages is cached (a page being zeroed): nothing to look for
-            hits = _NO_SLOTS
+        slots: Slots = hits
         if hits.size == count:
-            slots = hits
             if out is not None:
-                np.take(self._data, slots, axis=0, out=out)
+                self._gather(hits, out)
         else:
             slots = self._miss(first, count, tag, hits, keyid, fill, out)
         self._touch(slots)
@@ -439,6 +469,29 @@ class WriteBackCache:
         self._hits += hits.size
         self._misses += count - hits.size
         return slots
+
+    def _hits_in_one_way(self, first: int, count: int, tag: int) -> slice | None:
+        """The slots of lines ``first..first+count-1`` as one way's strided slice, if
+        every line is cached (``tag``) in the same way: the way the first line is in,
+        then one comparison down that way (a page that came in whole stays so)."""
+        start = first % self.sets * WAYS
+        row: list[int] = self._tag_items[start : start + WAYS].tolist()
+        if tag not in row:
+            return None
+        way = row.index(tag)
+        run = slice(start + way, start + count * WAYS + way, WAYS)
+        return run if _all_equal(self._tags[run]) else None
+
+    def _hit_one_way(self, run: slice, count: int, store: bool, out: np.ndarray | None) -> slice:
+        """``_lookup`` of lines all cached in one way (``run``): ages, dirty bits, counters
+        and ``out`` with no fancy index."""
+        if out is not None:
+            out.view(_LINE).reshape(-1)[...] = self._lines[run]
+        self._touch(run)
+        if store:
+            self._dirty[run] = True
+        self._hits += count
+        return run
 
     def _miss(
         self,
@@ -449,13 +502,16 @@ class WriteBackCache:
         keyid: int,
         fill: np.ndarray | bool,
         out: np.ndarray | None,
-    ) -> np.ndarray:
+    ) -> Slots:
         """``_lookup`` for a chunk with misses: all its slots, the missed lines now allocated.
 
         Each victim is written back (which leaves it clean) before any line is
         filled: a victim may be the very line being filled, under another KeyID.
         A chunk that missed everywhere (``fast``) is decrypted from its DRAM
-        slice straight into ``out``, then copied into the cache.
+        slice straight into ``out``, then copied into the cache; if its victims
+        are all in one way (pages streaming through the cache) and it needs all
+        of its lines filled or none, that way's slots are a strided slice
+        (``_miss_one_way``), no fancy index.
         """
         set0 = first % self.sets
         missed: np.ndarray | None = None
@@ -471,6 +527,10 @@ class WriteBackCache:
             slots[missed] = victims
         else:  # every line missed: no bookkeeping of hits (zeroing a page lands here)
             slots = victims = self._stamps[:, set0 : set0 + count].min(axis=0)
+            if self.fast and not isinstance(fill, np.ndarray):
+                way = _one_way(victims, self._stamps[:, set0 : set0 + count])
+                if way is not None:
+                    return self._miss_one_way(first, count, tag, keyid, way, out)
             victims &= self._slot_mask
         self._write_back(victims)
         self._tags[victims] = tag
@@ -483,17 +543,46 @@ class WriteBackCache:
         if needed.size:
             self._put(slots[needed], self._memory.read_lines(first + needed, keyid))
         if out is not None:
-            np.take(self._data, slots, axis=0, out=out)
+            self._gather(slots, out)
         return slots
 
-    def _put(self, slots: np.ndarray, lines: Source) -> None:
+    def _miss_one_way(
+        self, first: int, count: int, tag: int, keyid: int, way: int, out: np.ndarray | None
+    ) -> slice:
+        """``_miss`` of a chunk that missed everywhere, its victims all in ``way``:
+        the same write-back, tags, page bound and fill, on that way's slots as a
+        strided slice (what ``_touch``, ``_put`` and the dirty bits take too)."""
+        set0 = first % self.sets
+        run = slice(set0 * WAYS + way, (set0 + count) * WAYS + way, WAYS)
+        self._write_back_run(run, set0, count)
+        self._tags[run] = tag
+        self._count_resident(first, count, None)
+        if out is not None:
+            self._memory.read_run(first, keyid, out)
+            self._put(run, out)
+        return run
+
+    def _put(self, slots: Slots, lines: Source) -> None:
         """``_data[slots] = lines`` (rows ``[len(slots), 64]``, or one byte for all);
-        rows go in as 64-byte items (``np.put``), three times faster than rows of bytes."""
+        rows go in as 64-byte items (``put``), three times faster than rows of bytes,
+        and one byte as a line of it repeated (``_REPEATED``), five times faster."""
         if isinstance(lines, int):
-            self._data[slots] = lines
+            items = _REPEATED[lines : lines + 1]
         else:
             items = np.ascontiguousarray(lines).view(_LINE).reshape(-1)
-            np.put(self._lines, slots, items)
+        if isinstance(slots, slice):
+            self._lines[slots] = items
+        else:
+            self._lines.put(slots, items)
+
+    def _gather(self, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``_data[slots]`` into ``out`` (``[len(slots), 64]``; None: a fresh array),
+        gathered as 64-byte items."""
+        if out is None:
+            fresh: np.ndarray = self._lines[slots].view(np.uint8).reshape(-1, LINE_SIZE)
+            return fresh
+        np.take(self._lines, slots, out=out.view(_LINE).reshape(-1))
+        return out
 
     def _room(self, line: int) -> int:
         """How many lines from ``line`` on fit in one chunk (before the sets wrap)."""
@@ -508,18 +597,43 @@ class WriteBackCache:
         """The tag of ``line`` with ``keyid``, shared by the lines of a chunk."""
         return (line - line % self.sets) << KEYID_TAG_BITS | keyid
 
-    def _write_back(self, slots: np.ndarray) -> None:
-        """Encrypt the dirty lines among ``slots`` into DRAM: one engine call per KeyID."""
+    def _write_back(self, slots: np.ndarray, tag: int = FREE) -> None:
+        """Write the dirty lines among ``slots`` back (``tag``: theirs, if one and known)."""
         dirty = slots[self._dirty[slots]]
         if not dirty.size:
             return
-        tags = self._tags[dirty]
-        lines = tags >> KEYID_TAG_BITS
-        lines += dirty >> WAY_BITS
-        for keyid, mine in _by_keyid(tags & KEYID_TAG_MASK):
-            self._memory.write_lines(lines[mine], keyid, self._data[dirty[mine]])
         self._dirty[dirty] = False
         self._writebacks += int(dirty.size)
+        tags = self._tags[dirty] if tag == FREE else tag
+        self._send(dirty >> WAY_BITS, tags, self._gather(dirty))
+
+    def _write_back_run(self, run: slice, set0: int, count: int) -> None:
+        """``_write_back`` of the slots of one way over sets ``set0..set0+count-1`` (``run``)."""
+        dirty = np.count_nonzero(self._dirty[run])  # a quarter of the cost of .all()
+        if dirty == count:  # the usual: an older page, every line of it written
+            self._dirty[run] = False
+            self._writebacks += count
+            sets = np.arange(set0, set0 + count, dtype=np.int64)
+            self._send(sets, self._tags[run], self._data[run].copy())
+        elif dirty:
+            self._write_back(np.arange(run.start, run.stop, WAYS, dtype=np.int64))
+
+    def _send(self, sets: np.ndarray, tags: np.ndarray | int, lines: np.ndarray) -> None:
+        """Give the memory controller ``lines`` (fresh arrays, given away: ``sets`` too),
+        the lines of ``sets`` under ``tags`` (one per line, or one for all):
+        one engine call per KeyID, and no pass over the KeyIDs when all share one tag."""
+        if isinstance(tags, int):
+            tag = tags
+        else:
+            tag = tags.item(0)
+            if not _all_equal(tags):
+                numbers = tags >> KEYID_TAG_BITS
+                numbers += sets
+                for keyid, mine in _by_keyid(tags & KEYID_TAG_MASK):
+                    self._memory.write_lines(numbers[mine], keyid, lines[mine], given=True)
+                return
+        sets += tag >> KEYID_TAG_BITS
+        self._memory.write_lines(sets, tag & KEYID_TAG_MASK, lines, given=True)
 
     def _invalidate(self, slots: np.ndarray | slice) -> None:
         self._tags[slots] = FREE
@@ -529,9 +643,15 @@ class WriteBackCache:
             self._stamp_flat[self._stamp_at[slots]] = slots | FREE << self._slot_bits
         self._dirty[slots] = False
 
-    def _touch(self, slots: np.ndarray) -> None:
+    def _touch(self, slots: Slots) -> None:
         """Give ``slots`` the current age (their stamps), then advance the clock."""
-        self._stamp_flat[self._stamp_at[slots]] = slots | self._clock << self._slot_bits
+        stamp = self._clock << self._slot_bits
+        if isinstance(slots, slice):  # one way's slots: a piece of its row of stamps
+            way, set0 = slots.start & (WAYS - 1), slots.start >> WAY_BITS
+            sets = slice(set0, slots.stop >> WAY_BITS)
+            np.bitwise_or(self._slot_ids[way, sets], stamp, out=self._stamps[way, sets])
+        else:
+            self._stamp_flat[self._stamp_at[slots]] = slots | stamp
         self._clock += 1
 
     def _touch_one(self, slot: int) -> None:
@@ -593,6 +713,24 @@ class WriteBackCache:
         own = (whole >> KEYID_TAG_BITS) == first - first % self.sets
         counts = np.count_nonzero(own.reshape(high - low, PAGE_LINES * WAYS), axis=1)
         self._resident[low:high] = counts
+
+
+def _one_way(oldest: np.ndarray, stamps: np.ndarray) -> int | None:
+    """The way all the victims are in, if one: ``oldest`` is each set's smallest
+    of ``stamps [WAYS, sets]``, the victim's stamp (its slot in the low bits)."""
+    way: int = oldest.item(0) & (WAYS - 1)
+    return way if _same(oldest, stamps[way]) else None
+
+
+def _same(these: np.ndarray, those: np.ndarray) -> bool:
+    """Whether two int64 arrays of one length hold the same values: their bytes
+    compared (a seventh of the cost of ``(these == those).all()`` at 64 items)."""
+    return these.tobytes() == those.tobytes()
+
+
+def _all_equal(values: np.ndarray) -> bool:
+    """Whether every item of ``values`` (int64) is the same: each equals the next."""
+    return _same(values[1:], values[:-1])
 
 
 def _piece(source: Source, start: int, stop: int, shape: tuple[int, ...] = (-1,)) -> Source:

@@ -21,7 +21,8 @@ single lines and runs alike.
 How it is fast: the write-back queue. Lines written back are not encrypted
 one write-back at a time (a page being zeroed evicts a few dirty lines of an
 older page, and one XTS call's fixed cost outweighs its lines): their line
-numbers, a copy of their plaintext, the KeyID and the cipher ``_cipher``
+numbers, their plaintext (a copy, or the array the cache gives away: its
+fresh gather of the victims' lines), the KeyID and the cipher ``_cipher``
 returns *then* are queued, and ``drain`` encrypts them into DRAM in bulk, one
 engine call per cipher and KeyID, only the last value of a line queued twice.
 The queue drains when it holds ``WRITE_BACK_QUEUE`` lines and before anything
@@ -58,7 +59,7 @@ class _Queued(NamedTuple):
     """Lines written back with ``keyid``, to be encrypted into DRAM through ``cipher``."""
 
     numbers: np.ndarray  # line numbers
-    plaintext: np.ndarray  # [L, 64], a copy
+    plaintext: np.ndarray  # [L, 64], a copy or an array given away
     keyid: int
     cipher: LineCipher
 
@@ -107,9 +108,16 @@ class MemoryController:
         decrypt = self._cipher(keyid).decrypt_lines
         out[:] = self._crypt(decrypt, ciphertext, pas, keyid)
 
-    def write_lines(self, line_numbers: np.ndarray, keyid: int, lines: np.ndarray) -> None:
+    def write_lines(
+        self, line_numbers: np.ndarray, keyid: int, lines: np.ndarray, given: bool = False
+    ) -> None:
         """Encrypt plaintext ``lines [L, 64]`` with ``keyid``'s current key into DRAM
-        (through the queue: DRAM holds them by the time anything reads it)."""
+        (through the queue: DRAM holds them by the time anything reads it).
+
+        ``given``: the caller gives both arrays away (int64 line numbers, uint8
+        lines it never changes again, as the cache's fresh gathers are), so they
+        are queued as they are; otherwise the queue keeps copies.
+        """
         cipher = self._cipher(keyid)
         count = len(line_numbers)
         if self._queued_lines + count > self.queue:
@@ -117,8 +125,10 @@ class MemoryController:
             if count >= self.queue:  # as many as the queue holds: no point queuing
                 self._write_now(line_numbers, keyid, cipher, lines)
                 return
-        numbers = np.array(line_numbers, dtype=np.int64)
-        self._queued.append(_Queued(numbers, np.array(lines, dtype=np.uint8), keyid, cipher))
+        if not given:
+            line_numbers = np.array(line_numbers, dtype=np.int64)
+            lines = np.array(lines, dtype=np.uint8)
+        self._queued.append(_Queued(line_numbers, lines, keyid, cipher))
         self._queued_lines += count
         if self._queued_lines == self.queue:
             self.drain()
