@@ -8,6 +8,8 @@ that reads as zeros and does nothing else, so the ratio sandbox/null isolates
 what the sandbox adds: path resolution, the machine's lock, the cache and the
 AES-XTS engine.
 
+The benchmark process and both daemons run on one CPU (``_one_cpu``), so that
+every request of either filesystem pays the same context switches.
 Measured in one run with ``mktme_sandbox.bench.interleaved_rounds`` (rounds
 alternate between sandbox and null so that both see the same load): a rate is
 a contender's best round, a ratio the median of the per-round ratios
@@ -220,7 +222,11 @@ def _mounts(workdir: Path) -> Iterator[tuple[Path, Path, dict[str, float]]]:
 
 def run(progress: Callable[[str], None] = lambda line: None) -> list[Result]:
     """Mount both, measure every target against the null fs; unmount both."""
-    with tempfile.TemporaryDirectory(prefix="mktme-bench-fs-") as tmp, _mounts(Path(tmp)) as mounts:
+    with (
+        _one_cpu(progress),
+        tempfile.TemporaryDirectory(prefix="mktme-bench-fs-") as tmp,
+        _mounts(Path(tmp)) as mounts,
+    ):
         sandbox_mnt, null_mnt, ready = mounts
         results = [Result(name, seconds, "s") for name, seconds in ready.items()]
         progress("fs: programming KeyID 1, populating an encrypted region")
@@ -233,6 +239,29 @@ def run(progress: Callable[[str], None] = lambda line: None) -> list[Result]:
         with _readers(mem, null_mnt / "zero", 0, MACHINE, COLD_OFFSETS) as (ours, null):
             results += _compare_cold(ours, null)
     return results
+
+
+@contextlib.contextmanager
+def _one_cpu(progress: Callable[[str], None]) -> Iterator[None]:
+    """This process, and the daemons it starts (they inherit it), on one CPU.
+
+    A 64-byte read through FUSE costs a few microseconds of work and a wake-up
+    of the daemon; where the scheduler happens to put the two daemons decided
+    the ratio (0.24 to 2.5 between runs on a 2-core VM: a wake-up across CPUs
+    costs more than the work). On one CPU every request of either filesystem
+    pays the same two context switches, and runs agree within a few percent.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    os.sched_setaffinity(0, {cpu})
+    progress(f"fs: this process and both daemons on CPU {cpu}")
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 @contextlib.contextmanager
