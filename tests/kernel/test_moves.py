@@ -13,6 +13,7 @@ import pytest
 from kernel_helpers import HPAGE, PAGE, U, ctl, leaf, pfn_of, two_keys, vmstat
 from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.kernel import memory
 from mktme_sandbox.kernel.proc import KPF
 
 SECRET = b"attack at dawn!!" * 4
@@ -202,6 +203,35 @@ def test_a_fault_outside_a_whole_2m_range_falls_back_to_4k() -> None:
     m.write_virt(a, U, b"x")
     assert smaps_field(m, a, "AnonHugePages") == 0
     assert vmstat(m)["thp_fault_alloc"] == 0
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_a_thp_fault_that_falls_back_to_4k_goes_on_from_the_pmd_it_allocated(
+    monkeypatch: pytest.MonkeyPatch, write: bool
+) -> None:
+    """mm/memory.c (4.18), __handle_mm_fault(): ``vmf.pmd = pmd_alloc(mm,
+    vmf.pud, address)`` comes first; then ``if (pmd_none(*vmf.pmd) &&
+    transparent_hugepage_enabled(vma)) { ret = create_huge_pmd(&vmf); if
+    (!(ret & VM_FAULT_FALLBACK)) return ret; }`` and the fault goes on with
+    ``handle_pte_fault(&vmf)`` on that same PMD. In a 1 GiB region with no
+    tables yet, with no 2M page (nor huge zero page) to be had, one table is
+    linked per level and none is left over."""
+    m, a = two_keys()
+    base = 3 << 30  # a PGD/PUD range no mapping has touched: every table is new
+    ctl(m, a, f"mmap {base:#x} 4M rw- keyid=0")
+    ctl(m, a, f"madvise {base:#x} 4M hugepage")
+    monkeypatch.setattr(memory, "alloc_hugepage_vma", lambda k, vma: None)
+    monkeypatch.setattr(memory, "mm_get_huge_zero_page", lambda k: None)
+    tables = vmstat(m)["nr_page_table_pages"]
+    if write:
+        m.write_virt(a, base, b"x")
+    else:
+        assert m.read_virt(a, base, 1) == b"\0"
+    assert vmstat(m)["thp_fault_fallback"] == 1
+    assert vmstat(m)["nr_page_table_pages"] == tables + 3  # PUD, PMD and PTE tables
+    assert m.check() == []
+    ctl(m, a, f"munmap {base:#x} 4M")
+    assert m.check() == []
 
 
 def test_fork_splits_a_thp_and_shares_its_pages() -> None:

@@ -134,9 +134,12 @@ def _handle_mm_fault(k: Kernel, mm: MmStruct, vma: Vma, addr: int, write: bool) 
             handle_userfault(k, mm, addr, write)
         haddr = addr & ~(HPAGE_SIZE - 1)
         if found.size >= HPAGE_SIZE and transhuge_vma_suitable(vma, haddr):  # pmd_none
+            found = k.pt.pte_alloc(haddr, found, HPAGE_SIZE)  # pmd_alloc: the empty PMD
             pmd = do_huge_pmd_anonymous_page(k, mm, vma, haddr, write, found)
             if pmd is not None:
                 return pmd
+            # VM_FAULT_FALLBACK: the 4K fault goes on from that PMD (the tables above
+            # it exist now; starting again from the old entry would link a second one)
         return do_anonymous_page(k, mm, vma, addr, write, found)
     if is_swap_pte(pte):
         return do_swap_page(k, mm, vma, addr, found, write)
@@ -234,14 +237,13 @@ def _zap_huge_zero_pmd(k: Kernel, mm: MmStruct, haddr: int) -> None:
 
 
 def do_huge_pmd_anonymous_page(
-    k: Kernel, mm: MmStruct, vma: Vma, haddr: int, write: bool, found: Lookup
+    k: Kernel, mm: MmStruct, vma: Vma, haddr: int, write: bool, pmdp: Lookup
 ) -> int | None:
-    """A fault on an empty PMD of a hugepage VMA (``found``, the empty entry
-    the walk ended at, the PMD or above): the huge zero page for a read (only
-    in a KeyID-0 VMA: patch 02's huge_memory.c hunk), else a 2M page of the
-    VMA's KeyID; None to fall back to 4K pages (``VM_FAULT_FALLBACK``)."""
+    """A fault on the empty PMD ``pmdp`` of a hugepage VMA: the huge zero page
+    for a read (only in a KeyID-0 VMA: patch 02's huge_memory.c hunk), else a
+    2M page of the VMA's KeyID; None to fall back to 4K pages
+    (``VM_FAULT_FALLBACK``), with nothing stored in the PMD."""
     keyid = vma_keyid(vma, k.pte_layout)
-    pmdp = k.pt.pte_alloc(haddr, found, HPAGE_SIZE)
     if not write:
         if keyid == 0 or not k.mitigations["no_zero_page_encrypted"]:
             zero = mm_get_huge_zero_page(k)
