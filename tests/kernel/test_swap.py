@@ -216,3 +216,30 @@ def test_a_user_with_limits_swaps_at_most_half_the_device_and_root_still_can() -
     ctl(m, "u", f"munmap {U:#x} 1M", 1000)
     assert m.swaps().splitlines()[1].split()[3] == "64"
     assert m.check() == []
+
+
+def free_pages(m: Machine) -> int:
+    return sum(m.kernel.alloc.free_pages_by_keyid().values())
+
+
+def test_a_fork_whose_tables_need_reclaim_copies_the_pages_swapped_meanwhile() -> None:
+    """mm/memory.c copy_pte_range() reads the parent's PTEs only once the
+    child's table is there (``pte_alloc_map_lock(dst_mm, ...)``, then
+    ``src_pte = pte_offset_map(src_pmd, addr)``): the direct reclaim that
+    allocation may run swaps out parent pages not yet shared, and the child
+    gets their swap entries, not the PTEs they had before."""
+    m = machine(phys_mem="8M", swap="16M")
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 16M rw-")
+    va = U
+    while not vmstat(m)["pswpout"] or free_pages(m):
+        m.write_virt(a, va, va.to_bytes(8, "little"))
+        va += PAGE
+    ctl(m, a, f"munmap {va - PAGE:#x} {PAGE}")  # one free page: the child's PGD
+    ctl(m, a, "fork b")
+    assert "Bad page map" not in m.dmesg()
+    assert all(
+        m.read_virt("b", page, 8) == page.to_bytes(8, "little")
+        for page in range(U, va - PAGE, PAGE)
+    )
+    assert m.check() == []

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mktme_sandbox.kernel.memory import flush_tlb_range, mapped_page, pte_page, split_huge_pmd
-from mktme_sandbox.kernel.pgtable import PteAllocMap
+from mktme_sandbox.kernel.pgtable import LeafEntry, Lookup, PteAllocMap
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, PteFlags
 from mktme_sandbox.kernel.swapfile import is_swap_pte, swp_offset, swp_type
 from mktme_sandbox.kernel.userfaultfd import dup_userfaultfd
@@ -63,32 +63,52 @@ def copy_page_range(k: Kernel, src: MmStruct, dst: MmStruct, vma: Vma) -> None:
     ``copy_pte_range()`` allocates the child's PTE table once
     (``pte_alloc_map_lock(dst_mm, dst_pmd, addr)``) and steps both pointers
     through the tables (``copy_one_pte(dst_mm, src_mm, dst_pte, src_pte,
-    ...)``), one 8-byte store per entry on each side."""
+    ...)``), one 8-byte store per entry on each side. The parent's entries
+    are read again after an allocation of the child's tables that ran direct
+    reclaim (which swaps pages out), as Linux reads ``src_pte`` only after
+    ``pte_alloc_map_lock()``."""
     for va, size, pte in list(k.pt.iter_present(src.pgd, vma.start, vma.end)):
         page = pte_page(k, pte, size)
         if size == HPAGE_SIZE and page is not None and not k.pages.is_zero_pfn(page):
             split_huge_pmd(k, src, va, pte)
     dst_ptep = PteAllocMap(k.pt, dst.pgd)
-    for entry in k.pt.leaf_entries(src.pgd, vma.start, vma.end):
-        va, size, pte = entry.va, entry.size, entry.pte
-        if is_swap_pte(pte):
-            copy_swap_entry(k, src, dst_ptep, va, pte)
+    entries = k.pt.leaf_entries(src.pgd, vma.start, vma.end)
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        stalls = k.vmstat["allocstall_normal"]
+        dst_pte = dst_ptep(entry.va, entry.size)  # the child's table before the parent's PTEs
+        if k.vmstat["allocstall_normal"] != stalls:
+            # its allocation ran direct reclaim, which may have swapped out pages
+            # of the rest of the range: read their entries again
+            entries[i:] = k.pt.leaf_entries(src.pgd, entry.va, vma.end)
             continue
-        pfn = pte_page(k, pte, size)
-        if pfn is None or not mapped_page(k, pfn):
-            k.log.printk(f"BUG: Bad page map in space {src.name}: {va:#x} pte:{pte:#018x}")
-            continue
-        if pte & _RW:
-            pte &= ~_RW
-            k.pt.set_pte_at(entry.ptep, pte)  # ptep_set_wrprotect(src_mm, addr, src_pte)
-        k.pt.set_pte_at(dst_ptep(va, size), pte)
-        if size == HPAGE_SIZE and k.pages.is_zero_pfn(pfn):
-            k.huge_zero_refs += 1  # mm_get_huge_zero_page()
-        k.pages.get_page(pfn)
+        copy_one_pte(k, src, entry, dst_pte)
+        i += 1
     flush_tlb_range(k, src, vma.start, vma.end)
 
 
-def copy_swap_entry(k: Kernel, src: MmStruct, dst_ptep: PteAllocMap, va: int, pte: int) -> None:
+def copy_one_pte(k: Kernel, src: MmStruct, entry: LeafEntry, dst_pte: Lookup) -> None:
+    """``copy_one_pte(dst_mm, src_mm, dst_pte, src_pte, ...)``: the parent's
+    entry write-protected where it lies, the child's stored in ``dst_pte``."""
+    va, size, pte = entry.va, entry.size, entry.pte
+    if is_swap_pte(pte):
+        copy_swap_entry(k, src, dst_pte, va, pte)
+        return
+    pfn = pte_page(k, pte, size)
+    if pfn is None or not mapped_page(k, pfn):
+        k.log.printk(f"BUG: Bad page map in space {src.name}: {va:#x} pte:{pte:#018x}")
+        return
+    if pte & _RW:
+        pte &= ~_RW
+        k.pt.set_pte_at(entry.ptep, pte)  # ptep_set_wrprotect(src_mm, addr, src_pte)
+    k.pt.set_pte_at(dst_pte, pte)
+    if size == HPAGE_SIZE and k.pages.is_zero_pfn(pfn):
+        k.huge_zero_refs += 1  # mm_get_huge_zero_page()
+    k.pages.get_page(pfn)
+
+
+def copy_swap_entry(k: Kernel, src: MmStruct, dst_pte: Lookup, va: int, pte: int) -> None:
     """``copy_one_pte()`` of a swap entry: ``swap_duplicate()`` and the same entry
     in the child, so both read the page back from the one slot."""
     offset = swp_offset(pte)
@@ -96,4 +116,4 @@ def copy_swap_entry(k: Kernel, src: MmStruct, dst_ptep: PteAllocMap, va: int, pt
         k.log.printk(f"BUG: Bad swap entry in space {src.name}: {va:#x} pte:{pte:#018x}")
         return
     k.swap.swap_duplicate(offset)
-    k.pt.set_pte_at(dst_ptep(va), pte)
+    k.pt.set_pte_at(dst_pte, pte)
