@@ -5,6 +5,7 @@ the failure."""
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Callable
 
@@ -378,3 +379,44 @@ def test_mremap_refuses_a_silly_newlen_and_a_private_duplicate_changing_nothing(
     maps = m.maps(a)
     assert errno_of(lambda: ctl(m, a, command.format(U=U))) == err
     assert m.maps(a) == maps
+
+
+def written_to_the_limit(m: Machine, name: str, uid: int) -> int:
+    """Each page from ``U`` on written with its address until ENOMEM; returns
+    the first address that was refused."""
+    va = U
+    while True:
+        try:
+            m.write_virt(name, va, va.to_bytes(8, "little"), uid=uid)
+        except SandboxError as err:
+            if err.errno != errno.ENOMEM:
+                raise
+            return va
+        va += PAGE
+
+
+def test_a_mremap_beyond_the_owners_page_limit_is_enomem_and_changes_nothing() -> None:
+    """mm/mremap.c move_vma() -> move_page_tables(): the new place's tables
+    are charged to the owner (``GFP_PGTABLE_USER`` is ``__GFP_ACCOUNT``);
+    when its limit cannot cover them the move is refused before anything
+    changes, not after some pages have moved."""
+    m, _ = two_keys(max_pages_per_uid=64)
+    m.create_space("u", 1000)
+    ctl(m, "u", f"mmap {U:#x} 1M rw-", uid=1000)
+    va = written_to_the_limit(m, "u", 1000)
+    ctl(m, "u", f"munmap {va - PAGE:#x} {PAGE}", uid=1000)  # room for one table
+    maps = m.maps("u")
+    assert (
+        errno_of(
+            lambda: ctl(
+                m, "u", f"mremap {U:#x} {va - PAGE - U:#x} {va - PAGE - U:#x} 0x40000000", 1000
+            )
+        )
+        == errno.ENOMEM
+    )
+    assert m.maps("u") == maps
+    assert all(
+        m.read_virt("u", page, 8, uid=1000) == page.to_bytes(8, "little")
+        for page in range(U, va - PAGE, PAGE)
+    )
+    assert m.check() == []

@@ -78,7 +78,7 @@ def do_mremap(
     if new_addr is not None:
         _check_fixed(old, old_len, new_addr, new_len)
         vma = _vma_to_resize(mm, old, old_len)
-        _check_tables(k, new_len)
+        _check_tables(k, mm, new_len)
         do_munmap(k, mm, new_addr, new_len)
         if old_len > new_len:
             do_munmap(k, mm, old + new_len, old_len - new_len)
@@ -123,12 +123,16 @@ def _vma_to_resize(mm: MmStruct, old: int, old_len: int) -> Vma:
     return vma
 
 
-def _check_tables(k: Kernel, new_len: int) -> None:
-    """ENOMEM up front when the page tables of the new place may not be had."""
+def _check_tables(k: Kernel, mm: MmStruct, new_len: int) -> None:
+    """ENOMEM up front when the page tables of the new place may not be had:
+    too few free pages, or more than the owner's page limit leaves (the
+    tables are charged to it)."""
     wanted = -(-new_len // HPAGE_SIZE) + 2
     free = sum(k.alloc.free_pages_by_keyid().values())
     if wanted > free:
         fail(errno.ENOMEM, f"mremap: moving needs up to {wanted} page-table pages, {free} are free")
+    with k.charging(mm.owner):
+        k.alloc.check_limit(wanted, f"mremap: moving needs up to {wanted} page-table pages")
 
 
 def move_vma(
