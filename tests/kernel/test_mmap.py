@@ -280,3 +280,25 @@ def test_zero_length_mprotect_and_madvise_succeed_doing_nothing_as_in_linux(m: M
     with pytest.raises(SandboxError) as info:
         ctl(m, "a", f"mmap {U:#x} 0 rw-")  # but a zero-length mmap is EINVAL
     assert info.value.errno == errno.EINVAL
+
+
+def test_unmerging_beyond_the_owners_page_limit_is_enomem_and_breaks_no_ksm_page() -> None:
+    """mm/ksm.c unmerge_ksm_pages() breaks each KSM page with a charged
+    copy (``break_ksm()`` -> ``do_wp_page()``): when the owner's limit cannot
+    cover them all, ENOMEM before the first one, never half unmerged."""
+    m = machine(max_pages_per_uid=64)
+    space(m, "u", uid=1000)
+    ctl(m, "u", f"mmap {U:#x} 64K rw-", uid=1000)
+    for page in range(U, U + (64 << 10), PAGE):
+        m.write_virt("u", page, b"same", uid=1000)
+    ctl(m, "u", f"madvise {U:#x} 64K mergeable", uid=1000)
+    assert m.ksm_run() == 15
+    ctl(m, "u", f"mmap {2 * U:#x} 1M rw-", uid=1000)
+    with pytest.raises(SandboxError):
+        m.write_virt("u", 2 * U, bytes(1 << 20), uid=1000)  # up to the limit
+    ctl(m, "u", f"munmap {2 * U:#x} 16K", uid=1000)  # 4 pages back: fewer than 15
+    with pytest.raises(SandboxError) as refused:
+        ctl(m, "u", f"madvise {U:#x} 64K unmergeable", uid=1000)
+    assert refused.value.errno == errno.ENOMEM
+    assert m.ksm_stats()["pages_sharing"] == 15
+    assert m.check() == []

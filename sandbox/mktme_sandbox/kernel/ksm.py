@@ -143,8 +143,9 @@ def _merge_into_one(k: Kernel, cands: list[_Candidate]) -> int:
 def unmerge_ksm_pages(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     """MADV_UNMERGEABLE: break every KSM page mapped in [start, end).
 
-    Each break takes a new page: ENOMEM before the first one when there are
-    not enough, so the range is never left half unmerged.
+    Each break takes a new page, charged to the space's owner: ENOMEM before
+    the first one when there are not enough free or the owner's page limit
+    cannot cover them, so the range is never left half unmerged.
     """
     shared = []
     for entry in k.pt.leaf_entries(mm.pgd, start, end):
@@ -155,6 +156,7 @@ def unmerge_ksm_pages(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
     if len(shared) > free:
         fail(errno.ENOMEM, f"madvise: unmerging needs {len(shared)} pages, {free} are free")
     with k.charging(mm.owner):
+        k.alloc.check_limit(len(shared), f"madvise: unmerging needs {len(shared)} pages")
         for entry in shared:
             vma = mm.find_vma(entry.va)
             assert vma is not None
