@@ -186,7 +186,6 @@ class DirectMapping:
         self._pages = pages
         self._pte = pt.layout
         self._translations: dict[int, _Piece] = {}
-        self._map_size = layout.size
         self.pgd = pt.create()
         """``swapper_pg_dir``: the physical address of the kernel's PGD."""
         self._map_keyid(0)
@@ -365,16 +364,13 @@ class DirectMapping:
     # The allocator's memory (``page_alloc.PhysicalMemory``): it names a page by
     # its physical address and the KeyID it has, which is what page_address() adds.
 
-    # Every allocation and free of an encrypted page comes here: the address
-    # is ``page_to_virt(pfn, keyid)`` written out, with the size read at boot.
-
     def fill(self, pa: int, length: int, byte: int, keyid: int = 0) -> None:
         """``clear_highpage()`` of ``prep_encrypted_page``: through the KeyID's mapping."""
-        self.memset(PAGE_OFFSET + keyid * self._map_size + pa, length, byte)
+        self.memset(self.layout.page_to_virt(0, keyid) + pa, length, byte)
 
     def flush_range(self, pa: int, length: int, keyid: int) -> int:
         """``clflush_cache_range(page_address(page), ...)`` of prep_encrypted_page/arch_free_page."""
-        return self.clflush_cache_range(PAGE_OFFSET + keyid * self._map_size + pa, length)
+        return self.clflush_cache_range(self.layout.page_to_virt(0, keyid) + pa, length)
 
     # --- the audit -------------------------------------------------------------------
 
