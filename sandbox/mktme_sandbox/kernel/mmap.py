@@ -183,10 +183,14 @@ def _pages_to_fault(k: Kernel, mm: MmStruct, start: int, end: int, write: bool) 
     leaves = k.pt.leaf_arrays(mm.pgd, start, end)
     need = _PRESENT | (_RW if write else 0)
     ok = (leaves.pte & np.uint64(need)) == np.uint64(need)
+    va = leaves.va[ok].astype(np.int64)
+    lo = np.maximum(va, start)
+    hi = np.minimum(va + leaves.size[ok].astype(np.int64), end)
+    first, count = (lo - start) >> PAGE_SHIFT, (hi - lo) >> PAGE_SHIFT
+    # every page index of every leaf: each leaf's first, plus 0..count-1
+    offsets = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
     mapped = np.zeros((end - start) >> PAGE_SHIFT, dtype=bool)
-    for va, size in zip(leaves.va[ok].tolist(), leaves.size[ok].tolist(), strict=True):
-        lo, hi = max(va, start), min(va + size, end)
-        mapped[(lo - start) >> PAGE_SHIFT : (hi - start) >> PAGE_SHIFT] = True
+    mapped[np.repeat(first, count) + offsets] = True
     pages: list[int] = (start + (np.flatnonzero(~mapped) << PAGE_SHIFT)).tolist()
     return pages
 
