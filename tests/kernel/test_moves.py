@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kernel_helpers import HPAGE, PAGE, U, ctl, leaf, pfn_of, two_keys, vmstat
+from kernel_helpers import HPAGE, PAGE, U, cpu_key, ctl, leaf, machine, pfn_of, two_keys, vmstat
 from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel import memory
@@ -419,4 +419,33 @@ def test_a_mremap_beyond_the_owners_page_limit_is_enomem_and_changes_nothing() -
         m.read_virt("u", page, 8, uid=1000) == page.to_bytes(8, "little")
         for page in range(U, va - PAGE, PAGE)
     )
+    assert m.check() == []
+
+
+def test_a_mremap_of_huge_pages_that_memory_cannot_split_is_enomem_and_changes_nothing() -> None:
+    """mm/mremap.c move_page_tables(): ``if (is_swap_pmd(*old_pmd) ||
+    pmd_trans_huge(*old_pmd)) ... split_huge_pmd(vma, old_pmd, old_addr)``
+    (the sandbox always splits): every 2M page moved takes a PTE table
+    besides the new place's tables. With free memory for the new place's
+    tables but not for the splits, the move is refused before any 2M page
+    is split or moved, not part-way."""
+    m = machine(phys_mem="16M", swap=0)
+    cpu_key(m, 1)
+    m.create_space("a", 0)
+    ctl(m, "a", f"mmap {U:#x} 4M rw- keyid=1")
+    ctl(m, "a", f"madvise {U:#x} 4M hugepage")
+    m.write_virt("a", U, SECRET)
+    m.write_virt("a", U + HPAGE, SECRET)
+    assert smaps_field(m, "a", "AnonHugePages") == 4096
+    m.create_space("b", 0)
+    ctl(m, "b", f"mmap {U:#x} 16M rw-")
+    assert written_to_the_limit(m, "b", 0) > U
+    ctl(m, "b", f"munmap {U:#x} {4 * PAGE}")  # room for the new place's tables only
+    maps = m.maps("a")
+    with pytest.raises(SandboxError, match="page-table pages") as refused:
+        ctl(m, "a", f"mremap {U:#x} 4M 4M 0x40000000")
+    assert refused.value.errno == errno.ENOMEM
+    assert m.maps("a") == maps
+    assert smaps_field(m, "a", "AnonHugePages") == 4096
+    assert m.read_virt("a", U + HPAGE, len(SECRET)) == SECRET
     assert m.check() == []
