@@ -46,7 +46,7 @@ import numpy as np
 from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.kernel.memory import PTE_MAPPED
 from mktme_sandbox.kernel.page import PG
-from mktme_sandbox.kernel.pgtable_types import PAGE_SIZE, PteFlags
+from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, PAGE_SIZE, PteFlags
 from mktme_sandbox.kernel.swapfile import SWP_OFFSET_FIRST_BIT, SWP_TYPE_BITS
 from mktme_sandbox.kernel.tlb import tlb_entry
 from mktme_sandbox.kernel.vma import VM, MmStruct, vma_keyid
@@ -107,6 +107,8 @@ def _check_tables(k: Kernel, found: _Findings) -> None:
     owners: Counter[int] = Counter(pa >> 12 for pa in k.directmap.table_pages())
     for mm in k.spaces.values():
         owners.update(pa >> 12 for pa in k.pt.iter_tables(mm.pgd))
+        owners.update(pa >> 12 for pa in mm.pmd_huge_pte)
+        _check_deposits(k, mm, found)
         for bad in k.pt.iter_bad_pointers(mm.pgd):
             found.add(
                 f"space {mm.name}",
@@ -124,6 +126,22 @@ def _check_tables(k: Kernel, found: _Findings) -> None:
         np.ones(len(leaked), dtype=bool),
         lambda i: f"pfn {int(leaked[i]):#x}",
     )
+
+
+def _check_deposits(k: Kernel, mm: MmStruct, found: _Findings) -> None:
+    """A deposited table is a page-table page, and no more are deposited than
+    the space has huge PMDs (``mm->pmd_huge_pte``: one each, freed with it)."""
+    where = f"space {mm.name}"
+    for pa in mm.pmd_huge_pte:
+        if not k.pages.pfn_valid(pa >> 12) or not k.pages.PageTable(pa >> 12):
+            found.add(where, "deposited page table is no page table", f"{pa:#x}")
+    huge = int(np.count_nonzero(k.pt.leaf_arrays(mm.pgd).size == HPAGE_SIZE))
+    if len(mm.pmd_huge_pte) > huge:
+        found.add(
+            where,
+            "more page tables deposited than huge PMDs",
+            f"{len(mm.pmd_huge_pte)} deposited, {huge} huge PMDs",
+        )
 
 
 def _not_a_table(k: Kernel, entry: int) -> str:

@@ -227,6 +227,8 @@ class Kernel:
         """exit_mmap(): unmap everything, free the tables, forget the ASID."""
         mm = self.space(name)
         zap_page_range(self, mm, 0, USER_END)
+        for table in mm.pmd_huge_pte:  # left by a huge PMD overwritten through keyids/0/mem
+            self.pt.pte_free(table)
         self.pt.destroy(mm.pgd)
         self.tlb.flush_all(mm.asid)
         del self.spaces[name]

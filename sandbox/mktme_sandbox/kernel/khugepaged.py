@@ -115,7 +115,7 @@ def _collapse(k: Kernel, mm: MmStruct, vma: Vma, haddr: int, pfns: list[int]) ->
     for i, pfn in enumerate(pfns):  # each through its own direct mapping (patch 18)
         k.directmap.copy_page(pfn, head + i)
     pmd = k.pte_layout.pfn_pte(head, vma.vm_page_prot | PteFlags.PSE | PteFlags.RW | PteFlags.DIRTY)
-    k.pt.set_pte(mm.pgd, haddr, pmd, HPAGE_SIZE)
+    mm.pmd_huge_pte.append(k.pt.collapse_pmd(mm.pgd, haddr, pmd))  # the old table, deposited
     k.pages.get_page(head)
     if vma.vm_flags & VM.LOCKED:
         mlock_vma_page(k, head)

@@ -50,10 +50,11 @@ fork (fork splits it first).
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from mktme_sandbox.config import PAGE_SIZE
-from mktme_sandbox.errors import fail
+from mktme_sandbox.errors import SandboxError, fail
 from mktme_sandbox.kernel.page import PG
 from mktme_sandbox.kernel.pgtable import Lookup
 from mktme_sandbox.kernel.pgtable_types import HPAGE_SIZE, USER_END, Level, PteFlags
@@ -232,6 +233,7 @@ def put_huge_zero_page(k: Kernel) -> None:
 
 def _zap_huge_zero_pmd(k: Kernel, mm: MmStruct, haddr: int) -> None:
     k.pt.clear_pte(mm.pgd, haddr, HPAGE_SIZE)
+    zap_deposited_table(k, mm)
     put_huge_zero_page(k)
     flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)
 
@@ -250,6 +252,7 @@ def do_huge_pmd_anonymous_page(
             if zero is None:
                 k.vmstat.inc("thp_fault_fallback")
                 return None
+            _deposit_or_release(k, mm, lambda: put_huge_zero_page(k))
             k.vmstat.inc("mktme_zero_page_map")
             pmd = k.pte_layout.pfn_pte(zero, vma.vm_page_prot) | _PSE
             k.pt.set_pte_at(pmdp, pmd)
@@ -259,8 +262,29 @@ def do_huge_pmd_anonymous_page(
     if head is None:
         k.vmstat.inc("thp_fault_fallback")
         return None
+    _deposit_or_release(k, mm, lambda: k.alloc.free_page(head))
     k.vmstat.inc("thp_fault_alloc")
     return map_new_page(k, mm, vma, pmdp, haddr, head)
+
+
+def _deposit_or_release(k: Kernel, mm: MmStruct, release: Callable[[], None]) -> None:
+    """``pte_alloc_one()`` then ``pgtable_trans_huge_deposit()``: the PTE table
+    a 2M mapping will need when it is split, allocated before the PMD is set
+    (so that a split never needs memory). ENOMEM (``VM_FAULT_OOM``) after
+    ``release`` gives the 2M page back when no table can be had."""
+    try:
+        mm.pmd_huge_pte.append(k.pt.pte_alloc_one())
+    except SandboxError:
+        release()
+        raise
+
+
+def zap_deposited_table(k: Kernel, mm: MmStruct) -> None:
+    """Free the table a 2M mapping deposited, as the mapping goes
+    (``zap_deposited_table()``). A PMD with none (one forged through
+    ``keyids/0/mem``) frees nothing."""
+    if mm.pmd_huge_pte:
+        k.pt.pte_free(mm.pmd_huge_pte.pop())
 
 
 def do_huge_pmd_wp_page(k: Kernel, mm: MmStruct, vma: Vma, addr: int, pmdp: Lookup) -> int:
@@ -517,9 +541,11 @@ def zap_page_range(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
         if pfn is None or not mapped_page(k, pfn):
             k.log.printk(f"BUG: Bad page map in space {mm.name}: {va:#x} pte:{pte:#018x}")
             continue
-        if size == HPAGE_SIZE and k.pages.is_zero_pfn(pfn):
-            put_huge_zero_page(k)
-            continue
+        if size == HPAGE_SIZE:
+            zap_deposited_table(k, mm)
+            if k.pages.is_zero_pfn(pfn):
+                put_huge_zero_page(k)
+                continue
         k.pages.put_page(pfn)
     k.pt.free_empty_tables(mm.pgd, start, end)
     flush_tlb_range(k, mm, start, end)
@@ -586,15 +612,17 @@ def split_huge_pmds(k: Kernel, mm: MmStruct, start: int, end: int) -> None:
 
 
 def split_huge_pmd(k: Kernel, mm: MmStruct, addr: int, pmd: int) -> None:
-    """512 PTEs for one 2M mapping, and 512 order-0 pages for its compound page.
-    The huge zero page is not split: its PMD is cleared, and the range faults
-    again (Linux puts 512 small zero-page PTEs there; reading gives zeros either way)."""
+    """512 PTEs for one 2M mapping, in the table it deposited at fault
+    (``pgtable_trans_huge_withdraw()``: a split needs no memory), and 512
+    order-0 pages for its compound page. The huge zero page is not split:
+    its PMD is cleared and its table freed, and the range faults again
+    (Linux puts 512 small zero-page PTEs there; reading gives zeros either way)."""
     head = k.pte_layout.pte_pfn(pmd, HPAGE_SIZE)
     haddr = addr & ~(HPAGE_SIZE - 1)
     if k.pages.pfn_valid(head) and k.pages.is_zero_pfn(head):
         _zap_huge_zero_pmd(k, mm, haddr)
         return
     k.vmstat.inc("thp_split_pmd")
-    k.pt.split_huge_pmd(mm.pgd, addr)
+    k.pt.split_huge_pmd(mm.pgd, addr, mm.pmd_huge_pte.pop() if mm.pmd_huge_pte else None)
     k.pages.split_huge_page(head)
     flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)

@@ -46,8 +46,6 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from mktme_sandbox.config import PAGE_SIZE
 from mktme_sandbox.errors import fail
 from mktme_sandbox.kernel.memory import flush_tlb_range, pte_page, split_huge_pmd
@@ -80,7 +78,7 @@ def do_mremap(
     if new_addr is not None:
         _check_fixed(old, old_len, new_addr, new_len)
         vma = _vma_to_resize(mm, old, old_len)
-        _check_tables(k, mm, old, old_len, new_len)
+        _check_tables(k, mm, new_len)
         do_munmap(k, mm, new_addr, new_len)
         if old_len > new_len:
             do_munmap(k, mm, old + new_len, old_len - new_len)
@@ -125,20 +123,16 @@ def _vma_to_resize(mm: MmStruct, old: int, old_len: int) -> Vma:
     return vma
 
 
-def _check_tables(k: Kernel, mm: MmStruct, old: int, old_len: int, new_len: int) -> None:
-    """ENOMEM up front when the page tables the move needs may not be had:
-    the new place's (charged to the owner: its page limit must leave room)
-    and one PTE table for each 2M page ``split_huge_pmd`` splits, in the old
-    range and at the two edges of the new one (not charged: only free
-    memory must have them)."""
-    tables = -(-new_len // HPAGE_SIZE) + 2
-    huge = k.pt.leaf_arrays(mm.pgd, old, old + old_len).size == HPAGE_SIZE
-    wanted = tables + int(np.count_nonzero(huge)) + 2
+def _check_tables(k: Kernel, mm: MmStruct, new_len: int) -> None:
+    """ENOMEM up front when the page tables of the new place may not be had:
+    too few free pages, or more than the owner's page limit leaves (the
+    tables are charged to it)."""
+    wanted = -(-new_len // HPAGE_SIZE) + 2
     free = sum(k.alloc.free_pages_by_keyid().values())
     if wanted > free:
         fail(errno.ENOMEM, f"mremap: moving needs up to {wanted} page-table pages, {free} are free")
     with k.charging(mm.owner):
-        k.alloc.check_limit(tables, f"mremap: moving needs up to {tables} page-table pages")
+        k.alloc.check_limit(wanted, f"mremap: moving needs up to {wanted} page-table pages")
 
 
 def move_vma(

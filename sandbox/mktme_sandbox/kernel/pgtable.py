@@ -579,12 +579,22 @@ class PageTables:
             self._store(pa, bytes(8))
         return old
 
-    def split_huge_pmd(self, cr3: int, va: int) -> int:
+    def pte_alloc_one(self) -> int:
+        """A zeroed table page, linked nowhere (``pte_alloc_one()``: what a
+        THP fault deposits); its physical address. ENOMEM as any table."""
+        return self._new_table()
+
+    def pte_free(self, pa: int) -> None:
+        """Free a table page that is linked nowhere (``pte_free()``)."""
+        self._release(pa)
+
+    def split_huge_pmd(self, cr3: int, va: int, table: int | None = None) -> int:
         """Replace the 2M leaf covering ``va`` with a PTE table of 512 entries.
 
         Like ``__split_huge_pmd``: same frames, flags and KeyID, PSE dropped and
-        PAT_LARGE moved to PAT (``pgprot_large_2_4k``). Returns the new table's
-        physical address.
+        PAT_LARGE moved to PAT (``pgprot_large_2_4k``). The table is ``table``
+        (the one deposited at fault: ``pgtable_trans_huge_withdraw()``), or a
+        new one when None. Returns its physical address.
         """
         va &= -SIZE_2M
         if not 0 <= va < self.va_end:
@@ -596,12 +606,32 @@ class PageTables:
         base = old & ~(_PSE | _PAT_LARGE)
         if old & _PAT_LARGE:
             base |= _PAT
-        table = self._new_table()
+        if table is None:
+            table = self._new_table()
         ptes = (np.arange(PTRS_PER_TABLE, dtype=np.uint64) << np.uint64(PAGE_SHIFT)) + np.uint64(
             base
         )
         self._store(table, ptes.astype("<u8").tobytes())
         self._store(pa, (table | _TABLE).to_bytes(8, "little"))
+        return table
+
+    def collapse_pmd(self, cr3: int, va: int, pmd: int) -> int:
+        """Store the 2M leaf ``pmd`` in place of the PTE table that maps
+        ``va``'s 2M range, and return that table, unlinked, emptied and not
+        freed (khugepaged's ``pmdp_collapse_flush()``, ``pte_clear()`` of each
+        entry copied, then ``pgtable_trans_huge_deposit()``). EINVAL where no
+        PTE table is there."""
+        va &= -SIZE_2M
+        if not 0 <= va < self.va_end:
+            self._bad_va("collapse_pmd", va)
+        self._check_entry("collapse_pmd", pmd, SIZE_2M)
+        pa = self._entry_pa(cr3, va, SIZE_2M, False, "collapse_pmd")
+        old = _FROM(self._load(pa, 8), "little") if pa >= 0 else 0
+        table = old & self._amask
+        if old & _PRESENT_PSE != _PRESENT or not self._is_table_page(table):
+            fail(errno.EINVAL, f"collapse_pmd: no PTE table maps {va:#x}")
+        self._store(pa, pmd.to_bytes(8, "little"))
+        self._store(table, bytes(PAGE_SIZE))
         return table
 
     def walk(self, cr3: int, va: int) -> list[WalkStep]:

@@ -115,6 +115,10 @@ class MmStruct:
         self.uffd_pending: dict[int, int] = {}
         """Missing faults reported to the space's userfaultfd and not yet resolved:
         page address -> ``uffd_msg`` flags (kernel/userfaultfd.py)."""
+        self.pmd_huge_pte: list[int] = []
+        """Page tables deposited by 2M mappings (``mm->pmd_huge_pte``), one per
+        huge PMD: allocated at the THP fault (or left by khugepaged's collapse),
+        taken back by the split, freed with the mapping (kernel/memory.py)."""
 
     def export_state(self) -> dict[str, Any]:
         vmas = [
@@ -127,6 +131,7 @@ class MmStruct:
             "pgd": self.pgd,
             "asid": self.asid,
             "vmas": vmas,
+            "pmd_huge_pte": list(self.pmd_huge_pte),
         }
 
     @classmethod
@@ -135,6 +140,7 @@ class MmStruct:
         for start, end, vm_flags, prot, *rest in state["vmas"]:
             policy, ctx = (*map(int, rest), 0, 0)[:2]  # older snapshots have neither
             mm.insert(Vma(int(start), int(end), VM(vm_flags), int(prot), policy, ctx))
+        mm.pmd_huge_pte = [int(pa) for pa in state.get("pmd_huge_pte", [])]  # older: none
         return mm
 
     # --- lookup -----------------------------------------------------------
