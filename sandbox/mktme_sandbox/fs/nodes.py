@@ -233,8 +233,16 @@ class OpenFile:
         return self.snapshot[offset : offset + size]
 
     def write(self, data: bytes, offset: int, uid: int) -> int:
-        self.snapshot, self.served = None, False
+        self.forget()
         return self.node.write(data, offset, uid)
+
+    def held(self) -> int:
+        """The bytes of rendered text this open file keeps in the daemon."""
+        return len(self.snapshot or b"")
+
+    def forget(self) -> None:
+        """Drop the rendered text: the next read renders it again."""
+        self.snapshot, self.served = None, False
 
 
 def stat_of(node: Node, gid: int, time_ns: int) -> dict[str, int]:
