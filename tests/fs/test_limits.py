@@ -8,10 +8,14 @@ user by default) and ``max_pages_per_uid`` 256 (1 MiB); the users are
 
 from __future__ import annotations
 
+import errno
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
 
+from mktme_sandbox.fs.operations import OPEN_FILES_PER_UID, TEXT_BYTES_PER_UID
 from mktme_sandbox.mounting import MountedSandbox
 from users_helpers import AS_OTHER_USERS, NOBODY, OTHER
 
@@ -70,3 +74,74 @@ def test_one_user_cannot_take_every_page_and_another_still_maps(
     assert sandbox.check() == []
     assert as_user(NOBODY, "rmdir spaces/hog")[0] == 0
     assert as_user(OTHER, "rmdir spaces/other")[0] == 0
+
+
+# -- what one user's open files cost the daemon ------------------------------------------
+
+HOARDER = """
+import os, sys
+fds, error = [], 0
+while len(fds) < int(sys.argv[2]):
+    try:
+        fds.append(os.open(sys.argv[1], os.O_RDONLY))
+    except OSError as e:
+        error = e.errno
+        break
+print(len(fds), error, flush=True)
+sys.stdin.readline()
+os.close(fds.pop())
+os.close(os.open(sys.argv[1], os.O_RDONLY))  # room again for one
+print("reopened", flush=True)
+"""
+
+
+def hoard(sandbox: MountedSandbox, uid: int, path: str, most: int) -> subprocess.Popen[str]:
+    """A process of ``uid`` that opens ``path`` until refused (or ``most`` times) and
+    keeps what it got, printing how many and the errno, until told to go on."""
+    return subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+         sys.executable, "-c", HOARDER, str(sandbox.path / path), str(most)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def opened_until_refused(hoarder: subprocess.Popen[str]) -> tuple[int, int]:
+    assert hoarder.stdout is not None
+    count, error = hoarder.stdout.readline().split()
+    return int(count), int(error)
+
+
+def test_one_user_cannot_keep_more_than_its_share_of_files_open_and_others_still_open(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
+    hoarder = hoard(sandbox, NOBODY, "hw/tme", OPEN_FILES_PER_UID + 10)
+    try:
+        assert opened_until_refused(hoarder) == (OPEN_FILES_PER_UID, errno.EMFILE)
+        assert f"hw/tme: EMFILE: uid {NOBODY} has {OPEN_FILES_PER_UID} files" in sandbox.dmesg()
+        assert as_user(OTHER, "cat hw/tme > /dev/null") == (0, "")
+        assert (sandbox.path / "hw/tme").read_text()  # root: no limit
+        out, _ = hoarder.communicate("go\n", timeout=30)
+    finally:
+        hoarder.kill()
+    assert out.strip() == "reopened"
+
+
+def test_one_user_cannot_hold_more_rendered_text_than_its_share(
+    as_user: Callable[[int, str], tuple[int, str]], sandbox: MountedSandbox
+) -> None:
+    # A full dmesg of long lines (printk cuts them at 1 KiB): 4096 rejected keyid=WORD.
+    word = "x" * 4000
+    flood = f"for i in $(seq 4096); do echo 'mmap {BASE:#x} 4K rw- keyid={word}'; done"
+    assert as_user(NOBODY, f"mkdir spaces/flood && {flood} > spaces/flood/ctl")[0] != 0
+    rendered = len((sandbox.path / "dmesg").read_bytes())
+    assert rendered > 4096 * 1000
+    hoarder = hoard(sandbox, NOBODY, "dmesg", 100)
+    try:
+        assert opened_until_refused(hoarder) == (TEXT_BYTES_PER_UID // rendered, errno.ENOMEM)
+        assert f"dmesg: ENOMEM: uid {NOBODY}'s open files would hold" in sandbox.dmesg()
+        assert as_user(OTHER, "head -c 1 dmesg") == (0, "[")
+        out, _ = hoarder.communicate("go\n", timeout=30)
+    finally:
+        hoarder.kill()
+    assert out.strip() == "reopened"
+    assert as_user(NOBODY, "rmdir spaces/flood") == (0, "")

@@ -51,27 +51,36 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Access:
-    """Who owns a node and its permission bits (the kernel enforces them)."""
+    """Who owns a node and its permission bits (the kernel enforces them).
+
+    ``enclosed``: the node lies in a directory only its owner may enter
+    (``spaces/NAME/``, 0700), so nobody else reaches it whatever its own
+    mode; ``stat`` still shows the mode (``maps`` is 0444, as in /proc).
+    """
 
     uid: int
     mode: int
+    enclosed: bool = False
 
     def permits(self, uid: int, want: int) -> bool:
-        """The check ``default_permissions`` makes at open: ``want`` 4 read, 2 write.
+        """The check ``default_permissions`` makes at open, path included:
+        ``want`` 4 read, 2 write.
 
         Group bits equal other bits on every node, so the caller's groups do
         not matter.
         """
         if uid == 0:
             return True
+        if uid != self.uid and self.enclosed:
+            return False
         bits = self.mode >> 6 if uid == self.uid else self.mode
         return bool(bits & want)
 
 
 @functools.lru_cache(maxsize=1024)
-def access_of(uid: int, mode: int) -> Access:
-    """``Access(uid, mode)``, made once: every read and write asks for one again."""
-    return Access(uid, mode)
+def access_of(uid: int, mode: int, enclosed: bool = False) -> Access:
+    """``Access(uid, mode, enclosed)``, made once: every read and write asks for one again."""
+    return Access(uid, mode, enclosed)
 
 
 def fixed(uid: int, mode: int) -> Callable[[], Access]:
@@ -224,8 +233,16 @@ class OpenFile:
         return self.snapshot[offset : offset + size]
 
     def write(self, data: bytes, offset: int, uid: int) -> int:
-        self.snapshot, self.served = None, False
+        self.forget()
         return self.node.write(data, offset, uid)
+
+    def held(self) -> int:
+        """The bytes of rendered text this open file keeps in the daemon."""
+        return len(self.snapshot or b"")
+
+    def forget(self) -> None:
+        """Drop the rendered text: the next read renders it again."""
+        self.snapshot, self.served = None, False
 
 
 def stat_of(node: Node, gid: int, time_ns: int) -> dict[str, int]:

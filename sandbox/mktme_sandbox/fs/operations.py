@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import mfusepy
@@ -41,7 +42,14 @@ from mktme_sandbox.fs.tree import Tree
 if TYPE_CHECKING:
     from mktme_sandbox.machine import Machine
 
-__all__ = ["FUSE_STOPPED_BY_SIGNAL", "SandboxFS", "fuse_options", "serve"]
+__all__ = [
+    "FUSE_STOPPED_BY_SIGNAL",
+    "OPEN_FILES_PER_UID",
+    "TEXT_BYTES_PER_UID",
+    "SandboxFS",
+    "fuse_options",
+    "serve",
+]
 
 log = logging.getLogger("mktme_sandbox.fs")
 
@@ -52,6 +60,22 @@ FUSE_STOPPED_BY_SIGNAL = 8
 F = TypeVar("F", bound=Callable[..., Any])
 
 _FIXED = "the sandbox's {what} are fixed: nothing here can change them"
+
+OPEN_FILES_PER_UID = 1024
+"""Files of the mount one user (but root and the daemon's) keeps open at once:
+each costs the daemon an ``OpenFile``; one more open is EMFILE."""
+TEXT_BYTES_PER_UID = 64 << 20
+"""Bytes of rendered text those files hold at once (an open text file keeps
+its rendering, 4.1; ``smaps`` of a space with many VMAs is megabytes): an
+open or read that would render beyond is ENOMEM."""
+
+
+@dataclass
+class _Holding:
+    """What one user's open files cost the daemon."""
+
+    files: int = 0
+    text: int = 0
 
 
 def _overrides(handler: F) -> F:
@@ -108,6 +132,9 @@ class SandboxFS(mfusepy.Operations):  # type: ignore[misc]  # mfusepy ships no t
         self.gid = os.getgid()
         self.mounted_ns = time.time_ns()
         self.open_files: dict[int, OpenFile] = {}  # by the fh that open() hands out
+        self.openers: dict[int, int] = {}  # the uid that opened each fh
+        self.holdings: dict[int, _Holding] = {}  # by uid, while it has files open
+        self._unlimited = frozenset((0, machine.owner_uid))
         self._handles = itertools.count(1)
 
     def _node(self, path: str) -> Node:
@@ -144,27 +171,69 @@ class SandboxFS(mfusepy.Operations):  # type: ignore[misc]  # mfusepy ships no t
             raise SandboxError(errno.EACCES, "this file can only be written")
         if mode != os.O_RDONLY and not node.writable:
             raise SandboxError(errno.EACCES, "this file can only be read")
+        uid = _caller_uid()
+        holding = self._holding(uid)
+        if uid not in self._unlimited and holding.files >= OPEN_FILES_PER_UID:
+            raise SandboxError(
+                errno.EMFILE, f"uid {uid} has {holding.files} files of the mount open: "
+                f"OPEN_FILES_PER_UID is {OPEN_FILES_PER_UID}; close some",
+            )  # fmt: skip
+        open_file = OpenFile.opened(node, reading=mode != os.O_WRONLY)
+        self._charge(uid, open_file, 0)
         fi.fh = next(self._handles)
         fi.direct_io = int(node.direct_io)
-        self.open_files[fi.fh] = OpenFile.opened(node, reading=mode != os.O_WRONLY)
+        self.open_files[fi.fh], self.openers[fi.fh] = open_file, uid
+        holding.files += 1
         return 0
 
     @_reported
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
         open_file = self.open_files[fi.fh]
         _still_permitted(open_file, _caller_uid(), 4)
-        return open_file.read(offset, size)
+        held = open_file.held()
+        data = open_file.read(offset, size)
+        self._charge(self.openers[fi.fh], open_file, held)
+        return data
 
     @_reported
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
         open_file, uid = self.open_files[fi.fh], _caller_uid()
         _still_permitted(open_file, uid, 2)
-        return open_file.write(data, offset, uid)
+        held = open_file.held()
+        try:
+            return open_file.write(data, offset, uid)
+        finally:
+            self._charge(self.openers[fi.fh], open_file, held)  # less: never refused
 
     @_overrides
     def release(self, path: str, fi: Any) -> int:
-        self.open_files.pop(fi.fh, None)
+        open_file, uid = self.open_files.pop(fi.fh, None), self.openers.pop(fi.fh, None)
+        if open_file is not None and uid is not None:
+            holding = self._holding(uid)
+            holding.files -= 1
+            holding.text -= open_file.held()
+            if not holding.files:
+                del self.holdings[uid]
         return 0
+
+    def _holding(self, uid: int) -> _Holding:
+        return self.holdings.setdefault(uid, _Holding())
+
+    def _charge(self, uid: int, open_file: OpenFile, held: int) -> None:
+        """Count the text ``open_file`` holds now (it held ``held`` bytes before)
+        to ``uid``; beyond TEXT_BYTES_PER_UID it forgets the text: ENOMEM."""
+        holding = self._holding(uid)
+        more = open_file.held() - held
+        if more > 0 and uid not in self._unlimited and holding.text + more > TEXT_BYTES_PER_UID:
+            open_file.forget()
+            holding.text -= held
+            if not holding.files:
+                del self.holdings[uid]
+            raise SandboxError(
+                errno.ENOMEM, f"uid {uid}'s open files would hold {holding.text + more} bytes "
+                f"of text: TEXT_BYTES_PER_UID is {TEXT_BYTES_PER_UID}; close some",
+            )  # fmt: skip
+        holding.text += more
 
     @_reported
     def truncate(self, path: str, length: int, fh: Any = None) -> int:

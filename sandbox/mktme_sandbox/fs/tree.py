@@ -230,11 +230,13 @@ class Tree:
     def _is_space(self, name: str) -> bool:
         return name in self.machine.space_names()
 
-    def _space_access(self, name: str, mode: int) -> Callable[[], Access]:
-        return lambda: access_of(self.machine.space_owner(name), mode)
+    def _space_access(self, name: str, mode: int, enclosed: bool = False) -> Callable[[], Access]:
+        return lambda: access_of(self.machine.space_owner(name), mode, enclosed)
 
     def _space_files(self, name: str) -> dict[str, Node]:
-        m, access = self.machine, partial(self._space_access, name)
+        # Enclosed in spaces/NAME/ (0700): an fd opened while the name was the
+        # caller's reads nothing once another user's space takes the name.
+        m, access = self.machine, partial(self._space_access, name, enclosed=True)
         return {
             "ctl": TextFile(None, access(0o200), partial(m.space_command, name)),
             "maps": TextFile(partial(m.maps, name), access(INFO)),
@@ -261,7 +263,7 @@ class Tree:
         vma = m.vmas(name).get(leaf)
         if vma is None:
             return None
-        access = self._space_access(name, 0o600)
+        access = self._space_access(name, 0o600, enclosed=True)
         return BlobFile(
             len(vma), partial(m.read_vma, name, vma), access, partial(m.write_vma, name, vma)
         )
