@@ -54,7 +54,10 @@ def test_mbind_never_merges_neighbours_of_different_keyids() -> None:
 @pytest.mark.parametrize(
     ("command", "err"),
     [("mbind {U:#x} 4K 2", errno.ENODEV), ("migrate {U:#x} 4K 5", errno.ENODEV),
-     ("migrate {U:#x} 64K 1", errno.ENOMEM), ("mbind {U:#x} 4K x", errno.EINVAL)],
+     ("migrate {U:#x} 64K 1", errno.ENOMEM), ("mbind {U:#x} 4K x", errno.EINVAL),
+     # a range is checked before it is made: no list of 10^20 node numbers
+     ("mbind {U:#x} 4K 0-99999999999999999999", errno.ENODEV),
+     ("mbind {U:#x} 4K 0-1,1-999999999", errno.ENODEV)],
 )  # fmt: skip
 def test_bad_nodes_and_holes_are_refused_changing_nothing(command: str, err: int) -> None:
     m = machine(phys_mem="16M", numa_nodes=2)

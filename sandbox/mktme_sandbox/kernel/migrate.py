@@ -92,18 +92,24 @@ def parse_nodelist(k: Kernel, op: str, text: str) -> tuple[int, ...]:
     nodes: list[int] = []
     for part in text.split(","):
         first, _, last = part.partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
+        if not _decimal(first) or (last and not _decimal(last)):
             fail(errno.EINVAL, f"{op}: nodes {text!r}: write N, N,M or N-M")
-        if int(last or first) < int(first):
+        low, high = int(first), int(last or first)
+        if high < low:
             fail(errno.EINVAL, f"{op}: nodes {text!r}: range {part} ends below its start")
-        nodes.extend(range(int(first), int(last or first) + 1))
-    for nid in nodes:
-        if nid >= k.alloc.numa_nodes:
+        if high >= k.alloc.numa_nodes:  # checked before the range is made: 0-99999999999
             fail(
                 errno.ENODEV,
-                f"{op}: node {nid} does not exist (this machine has {k.alloc.numa_nodes})",
+                f"{op}: node {max(low, k.alloc.numa_nodes)} does not exist "
+                f"(this machine has {k.alloc.numa_nodes})",
             )
+        nodes.extend(range(low, high + 1))
     return tuple(dict.fromkeys(nodes))
+
+
+def _decimal(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def do_move_pages(k: Kernel, mm: MmStruct, start: int, end: int, nid: int) -> int:
