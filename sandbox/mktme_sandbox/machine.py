@@ -41,6 +41,7 @@ from mktme_sandbox.commands import (
     Mremap,
     Munlock,
     Munmap,
+    SpaceCommand,
     UffdCopy,
     UffdRegister,
     UffdUnregister,
@@ -254,6 +255,7 @@ class Machine:
         mm = self._own_space(name, uid)
         cmd = parse_space_command(decode_command(command, "ctl"))
         k = self.kernel
+        _check_map_count(mm, cmd)
         match cmd:
             case Mmap():
                 mmap.do_mmap(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, cmd.populate, uid)
@@ -564,3 +566,26 @@ class Machine:
             self.snapshot(cmd.path)
         else:
             self.restore(cmd.path, coldboot=cmd.op == "coldboot")
+
+
+def _check_map_count(mm: MmStruct, cmd: SpaceCommand) -> None:
+    """``vm.max_map_count`` for a command that may add VMAs: the ranges it
+    cuts (splits), the VMA it makes (mmap), mremap's room for 3."""
+    match cmd:
+        case Mmap():
+            mmap.check_map_count("mmap", mm, cmd.addr, cmd.addr + cmd.length, new=1)
+        case Mremap():
+            mmap.check_map_count("mremap", mm, cmd.addr, cmd.addr + cmd.old_len, new=3)
+        case (
+            Munmap() | Mprotect() | EncryptMprotect() | Madvise() | Mlock() | Munlock()
+            | Mbind() | UffdRegister() | UffdUnregister()
+        ):  # fmt: skip
+            op = _OP_NAMES.get(type(cmd), type(cmd).__name__.lower())
+            mmap.check_map_count(op, mm, cmd.addr, cmd.addr + cmd.length)
+
+
+_OP_NAMES: dict[type, str] = {
+    EncryptMprotect: "encrypt_mprotect",
+    UffdRegister: "uffd register",
+    UffdUnregister: "uffd unregister",
+}

@@ -302,3 +302,80 @@ def test_unmerging_beyond_the_owners_page_limit_is_enomem_and_breaks_no_ksm_page
     assert refused.value.errno == errno.ENOMEM
     assert m.ksm_stats()["pages_sharing"] == 15
     assert m.check() == []
+
+
+@pytest.fixture
+def map_count_of_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mktme_sandbox.kernel import mmap
+
+    monkeypatch.setattr(mmap, "MAX_MAP_COUNT", 8)
+
+
+def mappings_to_the_limit(m: Machine, a: str) -> None:
+    """Eight 4K mappings that cannot merge (their protections alternate)."""
+    for i in range(8):
+        ctl(m, a, f"mmap {U + 2 * i * PAGE:#x} 8K {'rw-' if i % 2 else 'r--'}")
+    assert len(m.maps(a).splitlines()) == 8
+
+
+def test_the_map_count_limit_is_linuxs_default() -> None:
+    """include/linux/mm.h: ``#define MAPCOUNT_ELF_CORE_MARGIN (5)``,
+    ``#define DEFAULT_MAX_MAP_COUNT (USHRT_MAX - MAPCOUNT_ELF_CORE_MARGIN)``:
+    what /proc/sys/vm/max_map_count reads on a fresh Linux."""
+    from mktme_sandbox.kernel import mmap
+
+    assert mmap.MAX_MAP_COUNT == 65535 - 5
+
+
+@pytest.mark.usefixtures("map_count_of_8")
+@pytest.mark.parametrize(
+    "command",
+    [
+        f"mmap {U + 64 * PAGE:#x} 4K rw-",  # do_mmap(): "Too many mappings?"
+        f"munmap {U + 2 * PAGE:#x} 4K",  # do_munmap() splits through __split_vma()
+        f"mprotect {U + 2 * PAGE:#x} 4K r--",  # __split_vma()
+        f"madvise {U + PAGE:#x} 4K hugepage",
+        f"mremap {U + 14 * PAGE:#x} 8K 8K {U + 128 * PAGE:#x}",  # move_vma(): room for 3
+    ],
+)
+def test_a_command_past_the_map_count_is_enomem_and_changes_nothing(command: str) -> None:
+    """mm/mmap.c: do_mmap() ``if (mm->map_count > sysctl_max_map_count)
+    return -ENOMEM;``, __split_vma() ``if (mm->map_count >=
+    sysctl_max_map_count) return -ENOMEM;`` (do_munmap() and mprotect split
+    through it), mm/mremap.c move_vma() ``if (mm->map_count >=
+    sysctl_max_map_count - 3) return -ENOMEM;``. A space cannot grow its
+    VMA list, the daemon's memory, without bound."""
+    m = machine()
+    a = space(m)
+    mappings_to_the_limit(m, a)
+    maps = m.maps(a)
+    with pytest.raises(SandboxError, match="max_map_count") as refused:
+        ctl(m, a, command)
+    assert refused.value.errno == errno.ENOMEM
+    assert m.maps(a) == maps
+    assert m.check() == []
+
+
+@pytest.mark.usefixtures("map_count_of_8")
+def test_an_unaligned_command_at_the_map_count_is_einval_as_before() -> None:
+    """The count is checked after the address checks (do_munmap():
+    ``if ((offset_in_page(start)) ...) return -EINVAL;`` comes first)."""
+    m = machine()
+    a = space(m)
+    mappings_to_the_limit(m, a)
+    with pytest.raises(SandboxError) as refused:
+        ctl(m, a, f"munmap {U + PAGE + 1024:#x} 4K")
+    assert refused.value.errno == errno.EINVAL
+
+
+@pytest.mark.usefixtures("map_count_of_8")
+def test_a_space_at_the_map_count_can_still_unmap_whole_mappings() -> None:
+    """do_munmap() checks the count only when it splits a VMA: unmapping
+    whole ones shrinks the list, after which a mapping may be added."""
+    m = machine()
+    a = space(m)
+    mappings_to_the_limit(m, a)
+    ctl(m, a, f"munmap {U:#x} 8K")
+    ctl(m, a, f"mprotect {U + 2 * PAGE:#x} 8K r--")  # merges: no split
+    ctl(m, a, f"mmap {U + 64 * PAGE:#x} 4K rw-")
+    assert m.check() == []

@@ -208,6 +208,33 @@ def do_munmap(k: Kernel, mm: MmStruct, addr: int, length: int) -> None:
 # --- mprotect / encrypt_mprotect ------------------------------------------------
 
 
+MAX_MAP_COUNT = 65530
+"""``vm.max_map_count`` at its default (``DEFAULT_MAX_MAP_COUNT``: USHRT_MAX
+minus MAPCOUNT_ELF_CORE_MARGIN): the most VMAs one space may have."""
+
+
+def check_map_count(op: str, mm: MmStruct, start: int, end: int, new: int = 0) -> None:
+    """ENOMEM, before anything changes, when splitting the VMAs that
+    ``[start, end)`` cuts and ``new`` VMAs more would take the space past
+    ``MAX_MAP_COUNT`` (mm/mmap.c: do_mmap()'s "Too many mappings?",
+    __split_vma(), do_munmap(); mremap's move_vma() asks for room for 3).
+    A command that cuts nothing and adds nothing (a munmap of whole VMAs)
+    always passes, so a space at the limit can shrink. An unaligned
+    ``start`` is left to the command's own checks (EINVAL comes first)."""
+    if start % PAGE_SIZE:
+        return
+    cuts = 0
+    for edge in (start, end):
+        vma = mm.find_vma(edge)
+        cuts += vma is not None and vma.start < edge
+    if cuts + new and mm.map_count + cuts + new > MAX_MAP_COUNT:
+        fail(
+            errno.ENOMEM,
+            f"{op}: the space has {mm.map_count} mappings, and {cuts + new} more would "
+            f"pass vm.max_map_count ({MAX_MAP_COUNT})",
+        )
+
+
 def nothing_to_do(addr: int, length: int) -> bool:
     """Linux: an aligned zero-length mprotect or madvise succeeds doing nothing."""
     return length == 0 and not addr & (PAGE_SIZE - 1)

@@ -148,6 +148,11 @@ class MmStruct:
     def vmas(self) -> list[Vma]:
         return list(self._vmas)
 
+    @property
+    def map_count(self) -> int:
+        """How many VMAs the space has (``mm->map_count``)."""
+        return len(self._vmas)
+
     def find_vma(self, addr: int) -> Vma | None:
         """The VMA containing ``addr``, or None."""
         i = bisect.bisect_right(self._starts, addr) - 1
