@@ -67,8 +67,8 @@ def random_step(rng: np.random.Generator) -> tuple[Any, ...]:
     """One operation: kind, address, length, KeyID, byte/seed."""
     kind = rng.choice(
         ["load", "load", "load", "store", "store", "fill", "clflush", "flush_range"]
-        + ["wbinvd", "dram_read", "dram_write", "reprogram"],
-        p=[0.2, 0.1, 0.1, 0.15, 0.1, 0.1, 0.07, 0.07, 0.01, 0.02, 0.03, 0.05],
+        + ["wbinvd", "dram_read", "dram_write", "reprogram", "load_u64"],
+        p=[0.15, 0.1, 0.1, 0.15, 0.1, 0.1, 0.07, 0.07, 0.01, 0.02, 0.03, 0.05, 0.05],
     )
     where = rng.integers(4)
     if where == 0:
@@ -86,6 +86,11 @@ def run(platform: Platform, step: tuple[Any, ...]) -> object:
     kind, pa, length, keyid, byte = step
     if kind == "load":
         return platform.load(pa, length, keyid)
+    if kind == "load_u64":  # a page-table entry: the number, against its eight bytes
+        word = min(pa - pa % 8, REGION - 8)
+        if platform.cache.fast:
+            return platform.load_u64(word, keyid)
+        return int.from_bytes(platform.load(word, 8, keyid), "little")
     if kind == "store":
         pattern = (byte + 7 * np.arange(length)) % 256
         platform.store(pa, pattern.astype(np.uint8).tobytes(), keyid)

@@ -72,6 +72,7 @@ Left out: cache levels, prefetching, non-temporal stores, and timing.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -99,6 +100,7 @@ _LINE = np.dtype((np.void, LINE_SIZE))  # a line as one item: np.put copies it w
 # _REPEATED[b]: a line of byte b, as one item (what fill puts in every line)
 _REPEATED = np.repeat(np.arange(256, dtype=np.uint8), LINE_SIZE).view(_LINE)
 _REPEATED.flags.writeable = False
+_LITTLE = sys.byteorder == "little"  # the words of a line read as x86 stores them
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class Cache(Protocol):
     def stats(self) -> CacheStats: ...
 
     def load(self, pa: int, length: int, keyid: int) -> bytes: ...
+
+    def load_u64(self, pa: int, keyid: int) -> int: ...
 
     def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None: ...
 
@@ -232,6 +236,8 @@ class WriteBackCache:
         self._data = np.zeros((slots, LINE_SIZE), dtype=np.uint8)
         self._tag_rows = self._tags.reshape(self.sets, WAYS)
         self._bytes = self._data.reshape(-1).data
+        # 8-byte little-endian words of the lines, for load_u64 (page-table entries)
+        self._words = self._data.reshape(-1).view(np.uint64).data if _LITTLE else None
         self._lines = self._data.view(_LINE).reshape(-1)  # a 64-byte item per slot
         self._clock = 0
         # A page's lines fill 64 consecutive sets, so at most 64 * WAYS of them are
@@ -262,6 +268,15 @@ class WriteBackCache:
         for start, stop in span.chunks(self.sets):
             self._lookup(span.first + start, stop - start, keyid, out=out[start:stop])
         return out.reshape(-1)[span.offset : span.offset + length].tobytes()
+
+    def load_u64(self, pa: int, keyid: int) -> int:
+        """``int.from_bytes(load(pa, 8, keyid), "little")``: a page-table entry,
+        read as a number without building bytes (the same access to the cache)."""
+        if pa % 8 == 0 and self._words is not None:
+            slot = self._one_line(pa, 8, keyid, fill=True)
+            if slot != FREE:
+                return int(self._words[slot * 8 + (pa >> 3) % 8])
+        return int.from_bytes(self.load(pa, 8, keyid), "little")
 
     def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None:
         length = len(data)
@@ -776,6 +791,9 @@ class Uncached:
         self._misses += span.lines
         lines = self._memory.read_lines(span.numbers(), keyid)
         return lines.reshape(-1)[span.offset : span.offset + length].tobytes()
+
+    def load_u64(self, pa: int, keyid: int) -> int:
+        return int.from_bytes(self.load(pa, 8, keyid), "little")
 
     def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None:
         """Read-modify-write: only lines the data covers in part are read first."""

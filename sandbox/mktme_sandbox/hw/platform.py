@@ -84,6 +84,13 @@ class Platform:
             return b""
         return self.cache.load(pa, length, keyid)
 
+    def load_u64(self, pa: int, keyid: int = 0) -> int:
+        """``load(pa, 8, keyid)`` as a little-endian number: how the page-table
+        walker reads an entry (no bytes built on the way)."""
+        if not self._fine(pa, 8, keyid):
+            self._check(pa, 8, keyid)  # raises: eight bytes that do not fit
+        return self.cache.load_u64(pa, keyid)
+
     def store(self, pa: int, data: Buffer, keyid: int = 0) -> None:
         if self._fine(pa, len(data), keyid):
             self.cache.store(pa, data, keyid)

@@ -73,6 +73,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, NoReturn, Protocol
 
 import numpy as np
@@ -171,15 +172,23 @@ _DESCENT = tuple((level.shift - 3, level.size) for level in WALK_LEVELS[1:])
 _PGD_OFFSET_SHIFT = Level.PGD.shift - 3
 _PGD_SIZE = Level.PGD.size
 _NONE = bytes(8)  # pte_none
-_FROM = int.from_bytes
 
 
 class PhysMem(Protocol):
-    """The physical memory tables live in: the emulated platform's CPU view."""
+    """The physical memory tables live in: the emulated platform's CPU view.
+
+    A ``load_u64(pa)`` method, where it has one, reads an entry as a number
+    (``Platform.load_u64``); otherwise entries are ``load(pa, 8)`` decoded.
+    """
 
     def load(self, pa: int, length: int, keyid: int = 0) -> bytes: ...
 
     def store(self, pa: int, data: bytes, keyid: int = 0) -> None: ...
+
+
+def _load_u64(load: Callable[[int, int], bytes], pa: int) -> int:
+    """An entry through ``load``: its eight bytes, little-endian."""
+    return int.from_bytes(load(pa, 8), "little")
 
 
 class Lookup(NamedTuple):
@@ -450,6 +459,9 @@ class PageTables:
         self._alloc_table = alloc_table
         self._free_table = free_table
         self._load = mem.load
+        self._load_u64: Callable[[int], int] = getattr(mem, "load_u64", None) or partial(
+            _load_u64, mem.load
+        )
         self._store = mem.store
         self._amask = layout.pfn_mask
         self._reserved = layout.reserved_mask
@@ -486,9 +498,9 @@ class PageTables:
         has no PGD leaves). EIO as ``get_pte``."""
         if not 0 <= va < self.va_end:
             self._bad_va("lookup", va)
-        load, amask = self._load, self._amask
+        load, amask = self._load_u64, self._amask
         pa = cr3 + ((va >> _PGD_OFFSET_SHIFT) & 0xFF8)
-        e = _FROM(load(pa, 8), "little")
+        e = load(pa)
         if not e & _PRESENT:
             return Lookup(e, _PGD_SIZE, pa)
         for shift, size in _DESCENT:
@@ -496,7 +508,7 @@ class PageTables:
             if not self._is_table_page(table):
                 fail(errno.EIO, f"{va:#x}: the walk meets an entry {e:#x} that points to no table")
             pa = table + ((va >> shift) & 0xFF8)
-            e = _FROM(load(pa, 8), "little")
+            e = load(pa)
             if e & _PRESENT_PSE != _PRESENT or size == SIZE_4K:
                 return Lookup(e, size, pa)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -520,7 +532,7 @@ class PageTables:
             self._store(pa, (table | _TABLE).to_bytes(8, "little"))
             entry_size >>= 9
             pa = table + ((va >> (entry_size.bit_length() - 4)) & 0xFF8)
-            e = _FROM(self._load(pa, 8), "little")
+            e = self._load_u64(pa)
         return Lookup(e, size, pa)
 
     def set_pte_at(self, ptep: Lookup, pte: int) -> None:
@@ -546,7 +558,7 @@ class PageTables:
         if size == SIZE_4K:
             self._store(pa, pte.to_bytes(8, "little"))
             return
-        old = _FROM(self._load(pa, 8), "little")
+        old = self._load_u64(pa)
         self._store(pa, pte.to_bytes(8, "little"))
         if old & _PRESENT_PSE == _PRESENT and self._is_table_page(old & self._amask):
             # collapse: the table below goes
@@ -572,7 +584,7 @@ class PageTables:
         pa = self._entry_pa(cr3, va, size, False, "clear_pte")
         if pa < 0:
             return 0
-        old = _FROM(self._load(pa, 8), "little")
+        old = self._load_u64(pa)
         if size != SIZE_4K and old & _PRESENT_PSE == _PRESENT:
             fail(errno.EINVAL, f"clear_pte: {va:#x} maps a table, not a {_size_name(size)} leaf")
         if old:
@@ -600,7 +612,7 @@ class PageTables:
         if not 0 <= va < self.va_end:
             self._bad_va("split_huge_pmd", va)
         pa = self._entry_pa(cr3, va, SIZE_2M, False, "split_huge_pmd")
-        old = _FROM(self._load(pa, 8), "little") if pa >= 0 else 0
+        old = self._load_u64(pa) if pa >= 0 else 0
         if not old or old & _PRESENT_PSE == _PRESENT:
             fail(errno.EINVAL, f"split_huge_pmd: no 2M leaf maps {va:#x}")
         base = old & ~(_PSE | _PAT_LARGE)
@@ -626,7 +638,7 @@ class PageTables:
             self._bad_va("collapse_pmd", va)
         self._check_entry("collapse_pmd", pmd, SIZE_2M)
         pa = self._entry_pa(cr3, va, SIZE_2M, False, "collapse_pmd")
-        old = _FROM(self._load(pa, 8), "little") if pa >= 0 else 0
+        old = self._load_u64(pa) if pa >= 0 else 0
         table = old & self._amask
         if old & _PRESENT_PSE != _PRESENT or not self._is_table_page(table):
             fail(errno.EINVAL, f"collapse_pmd: no PTE table maps {va:#x}")
@@ -642,7 +654,7 @@ class PageTables:
         table = cr3
         for level in WALK_LEVELS:
             pa = _OFFSET[level](table, va)
-            e = _FROM(self._load(pa, 8), "little")
+            e = self._load_u64(pa)
             steps.append(WalkStep(level, level.index(va), pa, e))
             if e & _PRESENT_PSE != _PRESENT or level == Level.PTE:
                 break
@@ -812,10 +824,10 @@ class PageTables:
 
     def _entry_pa(self, cr3: int, va: int, size: int, alloc: bool, op: str) -> int:
         """Physical address of the entry for a ``size`` leaf at ``va``; -1 if a table is missing."""
-        load, amask = self._load, self._amask
+        load, amask = self._load_u64, self._amask
         pa = cr3 + ((va >> _PGD_OFFSET_SHIFT) & 0xFF8)
         for shift, entry_size in _DESCENT:
-            e = _FROM(load(pa, 8), "little")
+            e = load(pa)
             if e & _PRESENT_PSE != _PRESENT:  # not a table pointer
                 if e:
                     fail(
