@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from kernel_helpers import PAGE, U, cpu_key, ctl, machine, space, two_keys, vmstat
+from kernel_helpers import PAGE, U, cpu_key, ctl, leaf, machine, space, two_keys, vmstat
 from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.swapfile import SWAP_MAGIC, swp_entry_to_pte
 from mktme_sandbox.kernel.vma import VM
 
@@ -297,3 +298,19 @@ def test_encrypted_swap_is_aes_xts_plain64_with_the_disks_sector_numbers() -> No
         for i in range(8)
     )
     assert plain == SECRET + bytes(PAGE - len(SECRET))
+
+
+def test_a_read_fault_swaps_in_read_only_and_a_write_then_reuses_the_page() -> None:
+    """docs/spec.md 3.10: do_swap_page maps the page "writable at once on a
+    write fault" (mm/memory.c: ``maybe_mkwrite(pte_mkdirty(pte), vma)`` only
+    under ``FAULT_FLAG_WRITE``): after a read it is read-only, and the first
+    write takes a write-protect fault that reuses the exclusive page."""
+    m, a = swapped_out()
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    pfn = leaf(m, a, U).pte & m.kernel.pte_layout.pfn_mask
+    assert not leaf(m, a, U).pte & PteFlags.RW
+    writes = vmstat(m)["mktme_pgfault_write"]
+    m.write_virt(a, U, b"x")
+    assert vmstat(m)["mktme_pgfault_write"] == writes + 1
+    assert leaf(m, a, U).pte & PteFlags.RW
+    assert leaf(m, a, U).pte & m.kernel.pte_layout.pfn_mask == pfn
