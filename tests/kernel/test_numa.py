@@ -7,6 +7,7 @@ import errno
 import pytest
 
 from kernel_helpers import PAGE, U, ctl, machine, pfn_of, space, two_keys, vmstat
+from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
 
 
@@ -151,3 +152,32 @@ def test_a_node_bound_allocation_never_takes_the_first_page_of_the_next_node() -
     ctl(m, a, f"mbind {U + PAGE:#x} 4K 0")
     m.write_virt(a, U + PAGE, b"x")
     assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U + PAGE)) == 0
+
+
+def first_refusal(m: Machine, name: str, start: int, end: int) -> SandboxError:
+    """Write a byte to each page of ``[start, end)`` until one is refused."""
+    for va in range(start, end, PAGE):
+        try:
+            m.write_virt(name, va, b"x")
+        except SandboxError as err:
+            return err
+    raise AssertionError(f"every page of {start:#x}-{end:#x} was written")
+
+
+def test_a_node_bound_encrypted_allocation_takes_a_free_keyid0_page_of_its_node() -> None:
+    """``_take`` (kernel/page_alloc.py): a page comes from the KeyID's own
+    pool, then KeyID 0's, then the others, for a node-bound request too
+    (``__alloc_pages_nodemask`` searches every free page of the node): with
+    the node's never-used memory gone, a KeyID-1 fault bound to it takes the
+    KeyID-0 page just freed there rather than failing with ENOMEM."""
+    m, a = two_keys(phys_mem="16M", numa_nodes=2)
+    ctl(m, a, f"mmap {U:#x} 8M rw-")
+    ctl(m, a, f"mbind {U:#x} 8M 0")
+    assert first_refusal(m, a, U, U + (8 << 20)).errno == errno.ENOMEM  # node 0 is full
+    ctl(m, a, f"munmap {U:#x} 4K")
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, a, f"mbind {U:#x} 4K 0")
+    m.write_virt(a, U, b"y")
+    assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U)) == 0
+    assert m.kernel.pages.page_keyid(pfn_of(m, a, U)) == 1
+    assert m.check() == []
