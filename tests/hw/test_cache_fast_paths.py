@@ -205,6 +205,21 @@ def test_queued_write_backs_land_with_their_last_value_and_the_key_of_their_writ
     assert controller(queued)._queued_lines == 0
 
 
+def test_lines_of_one_keyid_queued_under_a_key_since_replaced_land_with_that_key() -> None:
+    """docs/spec.md 2.5: a dirty line is encrypted with its KeyID's key "as
+    programmed when the line is written back", queued lines "each already
+    bound to the key of its write-back": lines of a single KeyID still queued
+    when PCONFIG replaces the key reach DRAM as if written at once (the
+    drain's one-group path)."""
+    queued, direct = machine(fast=True), machine(fast=True, queue=0)
+    for platform in (queued, direct):
+        platform.store(5 * PAGE, b"written back under the old key".ljust(LINE), 1)
+        platform.clflush(5 * PAGE, 1)
+        program(platform, 1, seed=42)
+    assert controller(queued)._queued_lines == 1
+    assert_same_state(queued, direct)
+
+
 STRIDE = CACHE // 16  # bytes between two lines of one set: pages this far apart share their sets
 
 

@@ -221,6 +221,28 @@ class TestStatusCodes:
         assert table.pconfig(KeyProgram(1, RANDOM, AES_XTS_128.bit).encode()) is S.PROG_SUCCESS
         assert table.key_state(1).mode == "random"
 
+    def test_random_keys_are_the_generators_bytes_xored_with_the_key_fields(self) -> None:
+        """KEYID_SET_KEY_RANDOM: "TMP_RND_DATA_KEY = get random key", "DATA_KEY =
+        TMP_RND_DATA_KEY XOR KEY_FIELD_1", and the tweak key alike from
+        KEY_FIELD_2 (Source: Intel Architecture Instruction Set Extensions
+        Programming Reference (May 2019), PCONFIG "Operation"): the same cipher
+        as a direct key of those XORs, and neither half is the key field alone."""
+        bypass = TmeActivation(AES_XTS_128, True, 6, 63, ALGORITHMS)  # no TME key to draw
+        table = KeyTable(bypass, seed=None, random_bytes=lambda n: b"\x5a" * n)
+        mixed = [bytes(b ^ 0x5A for b in field) for field in (KEY, TWEAK)]
+        programs = [
+            KeyProgram(1, RANDOM, AES_XTS_128.bit, KEY, TWEAK),
+            KeyProgram(2, DIRECT, AES_XTS_128.bit, *mixed),
+            KeyProgram(3, DIRECT, AES_XTS_128.bit, KEY, mixed[1]),
+            KeyProgram(4, DIRECT, AES_XTS_128.bit, mixed[0], TWEAK),
+        ]
+        for program in programs:
+            assert table.pconfig(program.encode()) is S.PROG_SUCCESS
+        line = bytes(range(64))
+        seen = [table.cipher(keyid).decrypt_line(line, 0x1000) for keyid in (1, 2, 3, 4)]
+        assert seen[0] == seen[1]
+        assert seen[0] not in (seen[2], seen[3])
+
     def test_direct_key_equal_to_tweak_is_accepted_and_encrypts(
         self, make_platform: MakePlatform, program: Program
     ) -> None:

@@ -95,6 +95,15 @@ class TestBootValues:
         assert activation == TmeActivation(AES_XTS_128, True, 4, 7, (AES_XTS_128, AES_XTS_256))
         assert activation.nr_keyids == 7 == config.nr_keyids
 
+    def test_keyid_bits_cap_the_keyids_below_max_keys(self) -> None:
+        """Intel MKTME spec: KeyIDs are the upper ``MK_TME_KEYID_BITS`` physical
+        address bits, so with 2 bits the highest KeyID is 3 (all ones), however
+        many keys the part has (docs/spec.md 2.1: KeyIDs 1 to ``nr_keyids``)."""
+        config = MachineConfig(keyid_bits=2, max_keys=63)
+        values = boot_values(config)
+        activation = TmeActivation.from_msrs(values[CAP], values[ACT])
+        assert activation.nr_keyids == 3 == config.nr_keyids
+
 
 class TestDecoders:
     def test_decode_names_every_field_in_bit_order(self) -> None:
@@ -117,6 +126,14 @@ class TestDecoders:
             FieldValue("exclude_enable", 1),
             FieldValue("exclude_mask", 0xFFF),
         ]
+
+    def test_capability_keyid_fields_span_intels_bits_35_32_and_50_36(self) -> None:
+        """Intel MKTME spec, IA32_TME_CAPABILITY: "35:32 MK_TME_MAX_KEYID_BITS"
+        and "50:36 MK_TME_MAX_KEYS" (docs/spec.md 2.2): every bit of both
+        decodes into its field, none as reserved."""
+        fields = dict(decode(CAP, (1 << 51) - (1 << 32)))
+        assert (fields["mk_tme_max_keyid_bits"], fields["mk_tme_max_keys"]) == (0xF, 0x7FFF)
+        assert "reserved" not in fields
 
     @settings(max_examples=50, deadline=None)
     @given(msr=st.sampled_from(list(Msr)), value=st.integers(0, (1 << 64) - 1))

@@ -184,3 +184,44 @@ def test_key_material_appears_in_no_log_status_or_error() -> None:
         for secret in (USER_KEY, USER_TWEAK, USER_KEY.upper()):
             assert secret not in text
         assert bytes.fromhex(USER_KEY).decode("latin-1") not in text
+
+
+def test_reprogramming_a_keyid_writes_back_its_dirty_lines_with_the_old_key_first() -> None:
+    """docs/spec.md 3.7: "Before every programming the cache is written back
+    (WBINVD), so no dirty line of the old key is later written with the new
+    one" (the mktme key service calls wbinvd before PCONFIG). A line still
+    cached under KeyID 1 would otherwise come back in clear after the
+    reprogramming, and reach DRAM encrypted with the new, here known, key."""
+    m = machine()
+    cpu_key(m, 1)
+    pa = 32 << 20  # a free page, written through keyids/1/mem: the line stays dirty
+    m.write_phys(1, pa, b"old tenant data")
+    before = m.vmstat_counts()["mktme_key_wbinvd"]
+    m.key_command(1, f"type=user algorithm=aes-xts-128 key={USER_KEY} tweak={USER_TWEAK}", uid=0)
+    assert m.vmstat_counts()["mktme_key_wbinvd"] == before + 1
+    assert m.read_phys(1, pa, 15) != b"old tenant data"
+
+
+def test_ten_busy_answers_are_one_try_and_nine_retries_then_eagain() -> None:
+    """docs/spec.md 3.7: "ENTROPY_ERROR and DEVICE_BUSY are retried, ten tries
+    in all, then EAGAIN"; ``mktme_key_program_retry`` counts "PCONFIG calls
+    retried after busy or entropy error": the nine after the first, and the
+    tenth answer is not retried."""
+    m = machine()
+    m.inject_pconfig_faults(5, 10)
+    assert key_error(m, 1, "type=cpu algorithm=aes-xts-128").errno == errno.EAGAIN
+    stats = m.vmstat_counts()
+    assert (stats["mktme_key_program_retry"], stats["mktme_key_program"]) == (9, 0)
+
+
+def test_another_users_keyid_may_be_mapped_by_root_but_not_by_a_third_user() -> None:
+    """docs/spec.md 3.7: "only that user (or root) may reprogram or clear it, or
+    map it" (key_task_permission(): the owner, or CAP_SYS_ADMIN)."""
+    m = machine()
+    cpu_key(m, 1, uid=1000)
+    space(m, "root", uid=0)
+    ctl(m, "root", f"mmap {U:#x} 4K rw- keyid=1", uid=0)
+    space(m, "other", uid=2000)
+    with pytest.raises(SandboxError) as info:
+        ctl(m, "other", f"mmap {U:#x} 4K rw- keyid=1", uid=2000)
+    assert info.value.errno == errno.EACCES

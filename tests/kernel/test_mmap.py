@@ -200,6 +200,27 @@ def test_encrypt_mprotect_with_an_unprogrammed_keyid_is_enokey_and_keeps_data(m:
     assert m.read_virt("a", U, 10) == b"still here"
 
 
+def test_a_zero_length_encrypt_mprotect_still_checks_its_keyid(m: Machine) -> None:
+    """The encrypt_mprotect() system call of the MKTME key-service series looks
+    its key up (``lookup_user_key()``) before ``do_mprotect_ext()`` sees the
+    length: an aligned zero length does nothing, but only with a KeyID the
+    caller may use (docs/spec.md 3.7: ENOKEY for one never programmed)."""
+    ctl(m, "a", f"encrypt_mprotect {U:#x} 0 rw- keyid=1")
+    rejects(m, f"encrypt_mprotect {U:#x} 0 rw- keyid=5", errno.ENOKEY)
+
+
+def test_encrypt_mprotect_sets_the_new_protection_not_the_union(m: Machine) -> None:
+    """docs/spec.md 3.3: "``encrypt_mprotect`` changes protection and KeyID
+    together" (do_mprotect_ext(): ``newflags = calc_vm_prot_bits(prot) |
+    (vma->vm_flags & ~mask)``, the old access bits cleared first)."""
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, "a", f"encrypt_mprotect {U:#x} 4K r-- keyid=2")
+    assert " r--p " in m.maps("a")
+    with pytest.raises(SandboxError) as info:
+        m.write_virt("a", U, b"x")
+    assert info.value.errno == errno.EIO
+
+
 def test_another_users_space_is_eacces(m: Machine) -> None:
     rejects(m, f"mmap {U:#x} 4K rw-", errno.EACCES, uid=1000)
     with pytest.raises(SandboxError) as info:
@@ -379,3 +400,19 @@ def test_a_space_at_the_map_count_can_still_unmap_whole_mappings() -> None:
     ctl(m, a, f"mprotect {U + 2 * PAGE:#x} 8K r--")  # merges: no split
     ctl(m, a, f"mmap {U + 64 * PAGE:#x} 4K rw-")
     assert m.check() == []
+
+
+def test_a_read_only_encrypted_populate_beyond_memory_is_refused_before_any_fault(
+    m: Machine,
+) -> None:
+    """A read fault in an encrypted VMA allocates a page (patch 02, "mm: Do not
+    use zero page in encrypted pages"), so ``check_populate`` counts a page per
+    4K of a KeyID-N range even when it is read-only; only KeyID 0's read-only
+    populate costs nothing but tables (the zero page)."""
+    faults = vmstat(m)["pgfault"]
+    with pytest.raises(SandboxError) as info:
+        ctl(m, "a", f"mmap {U:#x} 128M r-- keyid=1 populate")  # twice the machine
+    assert info.value.errno == errno.ENOMEM
+    assert vmstat(m)["pgfault"] == faults
+    assert m.maps("a") == ""
+    ctl(m, "a", f"mmap {U:#x} 128M r-- populate")  # the zero page everywhere

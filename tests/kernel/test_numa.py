@@ -7,6 +7,7 @@ import errno
 import pytest
 
 from kernel_helpers import PAGE, U, ctl, machine, pfn_of, space, two_keys, vmstat
+from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
 
 
@@ -122,3 +123,64 @@ def test_mbind_to_a_reversed_nodelist_is_refused_keeping_the_policy() -> None:
         ctl(m, a, f"mbind {U:#x} 512K 1-0")
     assert caught.value.errno == errno.EINVAL
     assert m.numa_maps(a) == "10000000 bind:1\n"
+
+
+def test_a_migrated_page_stays_charged_to_its_owner() -> None:
+    """mm/migrate.c migrate_page_move_mapping() -> mem_cgroup_migrate(old,
+    new): the new page is charged to whom the old one was, and the old one's
+    charge goes with it (docs/spec.md 8, ``max_pages_per_uid``)."""
+    m = machine(phys_mem="16M", numa_nodes=2)
+    space(m, "u", uid=1000)
+    ctl(m, "u", f"mmap {U:#x} 16K rw-", uid=1000)
+    m.write_virt("u", U, b"x" * (4 * PAGE), uid=1000)
+    held = m.kernel.alloc.pages_by_uid[1000]
+    ctl(m, "u", f"migrate {U:#x} 16K 1", uid=1000)
+    assert m.kernel.alloc.pfn_to_nid(pfn_of(m, "u", U)) == 1
+    assert m.kernel.alloc.pages_by_uid[1000] == held
+    assert m.kernel.alloc.charged_uid(pfn_of(m, "u", U)) == 1000
+
+
+def test_a_node_bound_allocation_never_takes_the_first_page_of_the_next_node() -> None:
+    """mm/page_alloc.c: an ``MPOL_BIND`` allocation takes pages of the bound
+    nodes' zones only; a node's PFNs are ``[node_start, node_start + span)``,
+    so the first PFN of node 1, free and last on the free list, is not node 0's."""
+    m = machine(phys_mem="16M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 8K rw-")
+    ctl(m, a, f"mbind {U:#x} 4K 1")
+    m.write_virt(a, U, b"x")
+    first_of_node_1 = m.kernel.alloc.node_span(1)[0]
+    assert pfn_of(m, a, U) == first_of_node_1
+    ctl(m, a, f"munmap {U:#x} 4K")  # back on the free list, last
+    ctl(m, a, f"mbind {U + PAGE:#x} 4K 0")
+    m.write_virt(a, U + PAGE, b"x")
+    assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U + PAGE)) == 0
+
+
+def first_refusal(m: Machine, name: str, start: int, end: int) -> SandboxError:
+    """Write a byte to each page of ``[start, end)`` until one is refused."""
+    for va in range(start, end, PAGE):
+        try:
+            m.write_virt(name, va, b"x")
+        except SandboxError as err:
+            return err
+    raise AssertionError(f"every page of {start:#x}-{end:#x} was written")
+
+
+def test_a_node_bound_encrypted_allocation_takes_a_free_keyid0_page_of_its_node() -> None:
+    """``_take`` (kernel/page_alloc.py): a page comes from the KeyID's own
+    pool, then KeyID 0's, then the others, for a node-bound request too
+    (``__alloc_pages_nodemask`` searches every free page of the node): with
+    the node's never-used memory gone, a KeyID-1 fault bound to it takes the
+    KeyID-0 page just freed there rather than failing with ENOMEM."""
+    m, a = two_keys(phys_mem="16M", numa_nodes=2)
+    ctl(m, a, f"mmap {U:#x} 8M rw-")
+    ctl(m, a, f"mbind {U:#x} 8M 0")
+    assert first_refusal(m, a, U, U + (8 << 20)).errno == errno.ENOMEM  # node 0 is full
+    ctl(m, a, f"munmap {U:#x} 4K")
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    ctl(m, a, f"mbind {U:#x} 4K 0")
+    m.write_virt(a, U, b"y")
+    assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U)) == 0
+    assert m.kernel.pages.page_keyid(pfn_of(m, a, U)) == 1
+    assert m.check() == []

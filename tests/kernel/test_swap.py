@@ -7,10 +7,12 @@ import struct
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from kernel_helpers import PAGE, U, cpu_key, ctl, machine, space, two_keys, vmstat
+from kernel_helpers import PAGE, U, cpu_key, ctl, leaf, machine, space, two_keys, vmstat
 from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 from mktme_sandbox.kernel.swapfile import SWAP_MAGIC, swp_entry_to_pte
 from mktme_sandbox.kernel.vma import VM
 
@@ -243,3 +245,72 @@ def test_a_fork_whose_tables_need_reclaim_copies_the_pages_swapped_meanwhile() -
         for page in range(U, va - PAGE, PAGE)
     )
     assert m.check() == []
+
+
+def test_mprotect_leaves_a_swap_entry_as_it_is_and_the_page_comes_back() -> None:
+    """docs/spec.md 3.10: "``mprotect`` leaves swap entries as they are"
+    (mm/mprotect.c change_pte_range() changes only present PTEs; a swap entry
+    holds no protection): the page comes back on the next fault, with the
+    VMA's new protection and KeyID."""
+    m, a = swapped_out()
+    entry = pagemap_entry(m, a, U)
+    ctl(m, a, f"mprotect {U:#x} 16K r--")
+    assert pagemap_entry(m, a, U) == entry
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert m.kernel.swap.in_use() == 0
+    assert m.check() == []
+
+
+def swap_slot(m: Machine, name: str, va: int) -> int:
+    """The slot a swapped page's pagemap entry names (bits 5-54, type 0)."""
+    return pagemap_entry(m, name, va) >> 5 & ((1 << 50) - 1)
+
+
+def test_a_slot_freed_by_swap_in_is_the_next_one_taken() -> None:
+    """docs/spec.md 3.10: "A slot is taken lowest first and freed when its
+    page comes back" (mm/swapfile.c scan_swap_map_slots() searches from
+    ``lowest_bit``, which swap_entry_free() lowers again)."""
+    m, a = swapped_out()
+    m.write_virt(a, U + PAGE, SECRET)
+    ctl(m, a, f"madvise {U + PAGE:#x} 4K pageout")
+    assert (swap_slot(m, a, U), swap_slot(m, a, U + PAGE)) == (1, 2)
+    assert m.read_virt(a, U, len(SECRET)) == SECRET  # slot 1 is free again
+    m.write_virt(a, U + 2 * PAGE, SECRET)
+    ctl(m, a, f"madvise {U + 2 * PAGE:#x} 4K pageout")
+    assert swap_slot(m, a, U + 2 * PAGE) == 1
+
+
+def test_encrypted_swap_is_aes_xts_plain64_with_the_disks_sector_numbers() -> None:
+    """dm-crypt ``aes-xts-plain64`` (docs/spec.md 3.10): each 512-byte sector
+    is encrypted with the IV "the sector number, little-endian", counted from
+    the start of the device, so slot 1 is sectors 8 to 15."""
+    m, a = two_keys()
+    m.swap_encryption = True
+    ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    ctl(m, a, f"madvise {U:#x} 4K pageout")
+    key = m.kernel.swap.export_state()["key"]  # a snapshot holds it too
+    disk = m.read_swap(PAGE, PAGE)
+    plain = b"".join(
+        Cipher(algorithms.AES(key), modes.XTS((8 + i).to_bytes(16, "little")))
+        .decryptor()
+        .update(disk[i * 512 : (i + 1) * 512])
+        for i in range(8)
+    )
+    assert plain == SECRET + bytes(PAGE - len(SECRET))
+
+
+def test_a_read_fault_swaps_in_read_only_and_a_write_then_reuses_the_page() -> None:
+    """docs/spec.md 3.10: do_swap_page maps the page "writable at once on a
+    write fault" (mm/memory.c: ``maybe_mkwrite(pte_mkdirty(pte), vma)`` only
+    under ``FAULT_FLAG_WRITE``): after a read it is read-only, and the first
+    write takes a write-protect fault that reuses the exclusive page."""
+    m, a = swapped_out()
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    pfn = leaf(m, a, U).pte & m.kernel.pte_layout.pfn_mask
+    assert not leaf(m, a, U).pte & PteFlags.RW
+    writes = vmstat(m)["mktme_pgfault_write"]
+    m.write_virt(a, U, b"x")
+    assert vmstat(m)["mktme_pgfault_write"] == writes + 1
+    assert leaf(m, a, U).pte & PteFlags.RW
+    assert leaf(m, a, U).pte & m.kernel.pte_layout.pfn_mask == pfn

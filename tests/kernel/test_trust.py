@@ -212,6 +212,48 @@ def test_a_user_owns_at_most_max_keyids_per_uid_keyids_then_edquot() -> None:
     cpu_key(m, 7, ALICE)
 
 
+def test_a_huge_page_fault_beyond_the_page_limit_falls_back_to_4k_pages() -> None:
+    """docs/spec.md 8: ``max_pages_per_uid`` caps the pages one uid holds; a THP
+    fault is charged 512 pages at once, so a user with fewer left gets no 2M
+    page and the fault falls back to 4K (mm/huge_memory.c: a failed
+    ``mem_cgroup_charge()`` of the huge page is ``VM_FAULT_FALLBACK``)."""
+    m = machine(max_pages_per_uid=100)
+    space(m, "alice", ALICE)
+    ctl(m, "alice", f"mmap {U:#x} 2M rw-", ALICE)
+    ctl(m, "alice", f"madvise {U:#x} 2M hugepage", ALICE)
+    m.write_virt("alice", U, b"x", ALICE)
+    stats = m.vmstat_counts()
+    assert (stats["thp_fault_alloc"], stats["thp_fault_fallback"]) == (0, 1)
+    assert m.kernel.alloc.pages_by_uid[ALICE] <= 100
+    assert m.check() == []
+
+
+def test_clearing_a_keyid_takes_none_of_the_users_keyid_quota() -> None:
+    """docs/spec.md 3.7: a KeyID "belongs to whoever programmed it until it is
+    cleared", and ``max_keyids_per_uid`` counts the KeyIDs a user owns
+    (key_alloc()'s quota is charged by the keys a user holds): a clear makes
+    no owner, so a user at the limit may still clear."""
+    m = machine(max_keyids_per_uid=1)
+    cpu_key(m, 1, ALICE)
+    m.key_command(2, "type=clear", uid=ALICE)
+    assert m.key_owner(2) is None
+
+
+def test_a_huge_page_is_charged_512_pages_and_uncharged_as_many() -> None:
+    """mm/huge_memory.c do_huge_pmd_anonymous_page(): ``mem_cgroup_charge()``
+    of the compound page charges all ``HPAGE_PMD_NR`` pages to the owner
+    (docs/spec.md 8, ``max_pages_per_uid`` counts pages, not mappings)."""
+    m = machine(max_pages_per_uid=1 << 20)
+    space(m, "alice", ALICE)
+    ctl(m, "alice", f"mmap {U:#x} 2M rw-", ALICE)
+    ctl(m, "alice", f"madvise {U:#x} 2M hugepage", ALICE)
+    before = m.kernel.alloc.pages_by_uid.get(ALICE, 0)
+    m.write_virt("alice", U, b"x", ALICE)
+    assert m.kernel.alloc.pages_by_uid[ALICE] - before >= 512  # and the tables
+    ctl(m, "alice", f"munmap {U:#x} 2M", ALICE)
+    assert m.kernel.alloc.pages_by_uid.get(ALICE, 0) == before
+
+
 def test_a_user_holds_at_most_max_pages_per_uid_pages_and_another_still_maps() -> None:
     m = machine(phys_mem="8M", max_pages_per_uid=100)
     cpu_key(m, 1, ALICE)
