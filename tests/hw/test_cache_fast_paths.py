@@ -88,7 +88,7 @@ def run(platform: Platform, step: tuple[Any, ...]) -> object:
         return platform.load(pa, length, keyid)
     if kind == "load_u64":  # a page-table entry: the number, against its eight bytes
         word = min(pa - pa % 8, REGION - 8)
-        if platform.cache.fast:
+        if isinstance(platform.cache, WriteBackCache) and platform.cache.fast:
             return platform.load_u64(word, keyid)
         return int.from_bytes(platform.load(word, 8, keyid), "little")
     if kind == "store":

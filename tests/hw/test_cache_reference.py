@@ -69,6 +69,9 @@ class ReferenceCache:
             out += self._touch(line, keyid, keep_old=True).data[low:high]
         return bytes(out)
 
+    def load_u64(self, pa: int, keyid: int) -> int:
+        return int.from_bytes(self.load(pa, 8, keyid), "little")
+
     def store(self, pa: int, data: bytes | bytearray | memoryview, keyid: int) -> None:
         source = bytes(data)
         done = 0
