@@ -52,6 +52,7 @@ import functools
 import itertools
 import operator
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -425,10 +426,10 @@ class TweakCache:
         self._flat: np.ndarray | None = None  # [slots * 64, 4, 2], lines of slot s at s * 64
         self._slot_of: dict[tuple[int, int], int] = {}  # (key serial, page) -> slot
         self._owner: list[tuple[int, int] | None] = [None] * self.slots
-        self._seen: dict[tuple[int, int], None] = {}  # pages seen once, oldest first
+        self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()  # seen once, oldest first
         # Answers of slots_of, good while _generation (bumped by every _make) holds:
         # a stream over the same pages asks the same questions again and again.
-        self._recent: dict[tuple[int, int, int], tuple[int, list[int]]] = {}
+        self._recent: OrderedDict[tuple[int, int, int], tuple[int, list[int]]] = OrderedDict()
         self._generation = 0
         self._next = 0  # the ring's next slot
 
@@ -536,10 +537,12 @@ def _blocks(lines: np.ndarray) -> np.ndarray:
     return lines.view(np.uint64).reshape(len(lines), BLOCKS_PER_LINE, 2)
 
 
-def _add(table: dict[_K, _T], key: _K, value: _T, limit: int) -> None:
-    """``table[key] = value``, first dropping the oldest entry if ``limit`` are there."""
+def _add(table: OrderedDict[_K, _T], key: _K, value: _T, limit: int) -> None:
+    """``table[key] = value``, first dropping the oldest entry if ``limit`` are there
+    (in O(1): a plain dict's ``next(iter())`` scans the holes its deletions left
+    at the front, 3.6 us against 0.27 at 16K entries)."""
     if len(table) >= limit:
-        del table[next(iter(table))]
+        table.popitem(last=False)
     table[key] = value
 
 

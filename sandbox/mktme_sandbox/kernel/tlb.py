@@ -24,6 +24,7 @@ What it leaves out
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -70,7 +71,9 @@ class Tlb:
         if capacity is not None and capacity < 1:
             raise ValueError(f"TLB capacity must be at least 1, not {capacity}")
         self.capacity = capacity
-        self._entries: dict[tuple[int, int], TlbEntry] = {}
+        # oldest first; an OrderedDict drops its first item in O(1) (a dict's
+        # next(iter()) scans the holes its deletions left at the front)
+        self._entries: OrderedDict[tuple[int, int], TlbEntry] = OrderedDict()
         self.hits = self.misses = self.flushes = 0
         self.entries_flushed = self.evictions = 0
 
@@ -91,7 +94,7 @@ class Tlb:
         key = (asid, vpn)
         entries = self._entries
         if key not in entries and self.capacity is not None and len(entries) >= self.capacity:
-            del entries[next(iter(entries))]
+            entries.popitem(last=False)
             self.evictions += 1
         entries[key] = entry
 
@@ -151,10 +154,10 @@ class Tlb:
 
     def import_state(self, state: dict[str, Any]) -> None:
         self.capacity = state["capacity"]
-        self._entries = {
-            (asid, vpn): TlbEntry(pfn, keyid, pte)
+        self._entries = OrderedDict(
+            ((asid, vpn), TlbEntry(pfn, keyid, pte))
             for asid, vpn, pfn, keyid, pte in state["entries"].tolist()
-        }
+        )
         self.hits, self.misses, self.flushes, self.entries_flushed, self.evictions = state[
             "counters"
         ]
