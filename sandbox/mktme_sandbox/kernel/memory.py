@@ -623,6 +623,9 @@ def split_huge_pmd(k: Kernel, mm: MmStruct, addr: int, pmd: int) -> None:
         _zap_huge_zero_pmd(k, mm, haddr)
         return
     k.vmstat.inc("thp_split_pmd")
-    k.pt.split_huge_pmd(mm.pgd, addr, mm.pmd_huge_pte.pop() if mm.pmd_huge_pte else None)
+    deposited = mm.pmd_huge_pte[-1] if mm.pmd_huge_pte else None
+    k.pt.split_huge_pmd(mm.pgd, addr, deposited)
+    if deposited is not None:  # withdrawn once the split has taken it
+        mm.pmd_huge_pte.pop()
     k.pages.split_huge_page(head)
     flush_tlb_range(k, mm, haddr, haddr + HPAGE_SIZE)
