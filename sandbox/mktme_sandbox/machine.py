@@ -569,19 +569,27 @@ class Machine:
 
 
 def _check_map_count(mm: MmStruct, cmd: SpaceCommand) -> None:
-    """``vm.max_map_count`` for a command that may add VMAs: the ranges it
-    cuts (splits), the VMA it makes (mmap), mremap's room for 3."""
+    """``vm.max_map_count`` for a command that may add VMAs, counted as Linux
+    counts them: the VMAs a change splits, the hole a munmap cuts, the VMA an
+    mmap makes, a moving mremap's room for 3."""
     match cmd:
         case Mmap():
-            mmap.check_map_count("mmap", mm, cmd.addr, cmd.addr + cmd.length, new=1)
-        case Mremap():
-            mmap.check_map_count("mremap", mm, cmd.addr, cmd.addr + cmd.old_len, new=3)
+            end = cmd.addr + cmd.length
+            mmap.check_map_count("mmap", mm, 1 + mmap.vmas_holed(mm, cmd.addr, end))
+        case Munmap():
+            holed = mmap.vmas_holed(mm, cmd.addr, cmd.addr + cmd.length)
+            mmap.check_map_count("munmap", mm, holed)
+        case Mremap() if cmd.new_addr is not None:
+            mmap.check_map_count("mremap", mm, 3)
+        case Mremap() if cmd.new_len < cmd.old_len:  # unmaps the tail: a hole inside?
+            tail = cmd.addr + cmd.new_len, cmd.addr + cmd.old_len
+            mmap.check_map_count("mremap", mm, mmap.vmas_holed(mm, *tail))
         case (
-            Munmap() | Mprotect() | EncryptMprotect() | Madvise() | Mlock() | Munlock()
-            | Mbind() | UffdRegister() | UffdUnregister()
+            Mprotect() | EncryptMprotect() | Madvise() | Mlock() | Munlock() | Mbind()
+            | UffdRegister() | UffdUnregister()
         ):  # fmt: skip
             op = _OP_NAMES.get(type(cmd), type(cmd).__name__.lower())
-            mmap.check_map_count(op, mm, cmd.addr, cmd.addr + cmd.length)
+            mmap.check_map_count(op, mm, mmap.vmas_cut(mm, cmd.addr, cmd.addr + cmd.length))
 
 
 _OP_NAMES: dict[type, str] = {

@@ -213,26 +213,38 @@ MAX_MAP_COUNT = 65530
 minus MAPCOUNT_ELF_CORE_MARGIN): the most VMAs one space may have."""
 
 
-def check_map_count(op: str, mm: MmStruct, start: int, end: int, new: int = 0) -> None:
-    """ENOMEM, before anything changes, when splitting the VMAs that
-    ``[start, end)`` cuts and ``new`` VMAs more would take the space past
-    ``MAX_MAP_COUNT`` (mm/mmap.c: do_mmap()'s "Too many mappings?",
-    __split_vma(), do_munmap(); mremap's move_vma() asks for room for 3).
-    A command that cuts nothing and adds nothing (a munmap of whole VMAs)
-    always passes, so a space at the limit can shrink. An unaligned
-    ``start`` is left to the command's own checks (EINVAL comes first)."""
+def check_map_count(op: str, mm: MmStruct, added: int) -> None:
+    """ENOMEM, before anything changes, when ``added`` more VMAs would take the
+    space past ``MAX_MAP_COUNT`` (mm/mmap.c: do_mmap()'s "Too many
+    mappings?", split_vma(), do_munmap() when it cuts a hole in one VMA;
+    mremap's move_vma() asks for room for 3). Nothing added (a munmap of
+    whole VMAs) always passes, so a space at the limit can shrink."""
+    if added and mm.map_count + added > MAX_MAP_COUNT:
+        fail(
+            errno.ENOMEM,
+            f"{op}: the space has {mm.map_count} mappings, and {added} more would "
+            f"pass vm.max_map_count ({MAX_MAP_COUNT})",
+        )
+
+
+def vmas_cut(mm: MmStruct, start: int, end: int) -> int:
+    """How many VMAs a change of ``[start, end)`` splits (mprotect, madvise, mlock
+    ...): one per edge that falls strictly inside a VMA. 0 for an unaligned
+    ``start``, which the command's own checks refuse (EINVAL comes first)."""
     if start % PAGE_SIZE:
-        return
+        return 0
     cuts = 0
     for edge in (start, end):
         vma = mm.find_vma(edge)
         cuts += vma is not None and vma.start < edge
-    if cuts + new and mm.map_count + cuts + new > MAX_MAP_COUNT:
-        fail(
-            errno.ENOMEM,
-            f"{op}: the space has {mm.map_count} mappings, and {cuts + new} more would "
-            f"pass vm.max_map_count ({MAX_MAP_COUNT})",
-        )
+    return cuts
+
+
+def vmas_holed(mm: MmStruct, start: int, end: int) -> int:
+    """1 when unmapping ``[start, end)`` leaves one VMA in two pieces (a hole
+    inside it: do_munmap()'s ``end < vma->vm_end`` case), else 0."""
+    vma = None if start % PAGE_SIZE else mm.find_vma(start)
+    return int(vma is not None and vma.start < start and end < vma.end)
 
 
 def nothing_to_do(addr: int, length: int) -> bool:
