@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from kernel_helpers import PAGE, U, ctl, machine, pfn_of, space, two_keys, vmstat
+from kernel_helpers import HPAGE, PAGE, U, ctl, machine, pfn_of, space, two_keys, vmstat
 from mktme_sandbox import Machine
 from mktme_sandbox.errors import SandboxError
 
@@ -40,6 +40,29 @@ def test_mbind_binds_later_faults_to_the_nodes_and_splits_the_vma() -> None:
     assert m.numa_maps(a).splitlines()[1].startswith("10002000 bind:1 anon=2")
     ctl(m, a, f"mbind {U:#x} 8K 1")
     assert len(m.maps(a).splitlines()) == 1  # equal policies merge again
+
+
+@pytest.mark.parametrize("keyid", [0, 1])
+def test_a_thp_fault_in_a_bound_vma_takes_its_2m_page_from_the_bound_node(keyid: int) -> None:
+    """mm/mempolicy.c (4.19) alloc_pages_vma(), which alloc_hugepage_vma()
+    calls with ``hugepage`` true: ``nmask = policy_nodemask(gfp, pol);
+    preferred_nid = policy_node(gfp, pol, node); page =
+    __alloc_pages_nodemask(gfp, order, preferred_nid, nmask)`` - an
+    MPOL_BIND policy binds a 2 MiB page as it binds a 4 KiB one."""
+    m, a = two_keys(phys_mem="32M", numa_nodes=2)
+    ctl(m, a, f"mmap {U:#x} 4M rw- keyid={keyid}")
+    ctl(m, a, f"madvise {U:#x} 4M hugepage")
+    ctl(m, a, f"mbind {U:#x} 4M 1")
+    m.write_virt(a, U + 5 * PAGE, b"x")
+    assert vmstat(m)["thp_fault_alloc"] == 1
+    head = pfn_of(m, a, U)
+    assert head % 512 == 0
+    assert m.kernel.alloc.pfn_to_nid(head) == 1
+    assert " N1=512 " in m.numa_maps(a)
+    ctl(m, a, f"munmap {U:#x} 2M")  # the 2M page goes back free, on node 1
+    m.write_virt(a, U + HPAGE + PAGE, b"y")  # the next THP: node 1 again
+    assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U + HPAGE)) == 1
+    assert m.check() == []
 
 
 def test_mbind_never_merges_neighbours_of_different_keyids() -> None:

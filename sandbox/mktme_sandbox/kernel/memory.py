@@ -193,7 +193,9 @@ def alloc_hugepage_vma(
     (patch 04 unifies it with ``alloc_pages_vma()``, so the KeyID follows);
     THP faults and khugepaged both come here. ``keyid`` overrides the VMA's
     (khugepaged with its switch off). None when no 2M page can be had."""
-    return k.alloc.alloc_huge_page(_alloc_keyid(k, vma) if keyid is None else keyid, zero)
+    nodes = vma_policy_nodes(vma) if vma.vm_policy else None  # alloc_pages_vma's nodemask
+    keyid = _alloc_keyid(k, vma) if keyid is None else keyid
+    return k.alloc.alloc_huge_page(keyid, zero, nodes=nodes)
 
 
 # --- transparent huge pages at fault (mm/huge_memory.c) --------------------------

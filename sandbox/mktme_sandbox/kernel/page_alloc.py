@@ -125,40 +125,62 @@ class PageAllocator:
         self._prep(pfn, 0, old_keyid, keyid, flags, zero)
         return pfn
 
-    def alloc_huge_page(self, keyid: int, zero: bool = True, flags: PG = PG.ANON) -> int | None:
+    def alloc_huge_page(
+        self,
+        keyid: int,
+        zero: bool = True,
+        flags: PG = PG.ANON,
+        nodes: Sequence[int] | None = None,
+    ) -> int | None:
         """A 2M-aligned order-9 page: a wholly free block of one KeyID below
-        never-used memory (compaction makes them), else never-used memory; None
-        when neither has one (also when ``charge_uid`` would exceed its limit)."""
+        never-used memory (compaction makes them), else never-used memory; on
+        one of ``nodes`` when given (an ``MPOL_BIND`` policy's nodemask); None
+        when none has one (also when ``charge_uid`` would exceed its limit)."""
         left = self.pages_left()
         if left is not None and left < HPAGE_NR:
             return None
-        block = self._free_block()
+        spans = (
+            [self.node_span(nid) for nid in nodes] if nodes is not None else [(0, self.nr_pages)]
+        )
+        block = self._free_block(spans)
         if block is not None:  # a free 2M block below never-used memory (compaction's)
             old_keyid = self.pages.page_keyid(block)
             self._isolate(range(block, block + HPAGE_NR))
             start = block
         else:
-            start = -(-self._fresh // HPAGE_NR) * HPAGE_NR
-            if start + HPAGE_NR > self.nr_pages:
+            fresh = self._fresh_block(spans)
+            if fresh is None:
                 return None
-            self._release_fresh(start)
-            self._fresh = start + HPAGE_NR
-            old_keyid = 0
+            self._release_fresh(fresh)
+            self._fresh = fresh + HPAGE_NR
+            start, old_keyid = fresh, 0
         self._prep(start, HPAGE_ORDER, old_keyid, keyid, flags, zero)
         self.pages.prep_compound_page(start, HPAGE_ORDER)
         return start
 
-    def _free_block(self) -> int | None:
-        """The first 2M-aligned block below ``never_used`` whose pages are all free
-        and tagged with one KeyID, or None."""
+    def _free_block(self, spans: list[tuple[int, int]]) -> int | None:
+        """The first 2M-aligned block below ``never_used`` and inside one of
+        ``spans`` whose pages are all free and tagged with one KeyID, or None."""
         blocks = self._fresh // HPAGE_NR
         if not blocks or sum(map(len, self._pools.values())) < HPAGE_NR:
             return None  # every free page below never_used is on one pool (mm/check)
         free = self.free_mask(0, blocks * HPAGE_NR).reshape(blocks, HPAGE_NR).all(axis=1)
         keyids = self.pages.keyids_of(0, blocks * HPAGE_NR).reshape(blocks, HPAGE_NR)
         uniform = (keyids == keyids[:, :1]).all(axis=1)
-        found = np.flatnonzero(free & uniform)
+        starts = np.arange(blocks) * HPAGE_NR
+        inside = np.zeros(blocks, dtype=bool)
+        for lo, hi in spans:  # nodes are whole 2M blocks: a block lies in one
+            inside |= (starts >= lo) & (starts + HPAGE_NR <= hi)
+        found = np.flatnonzero(free & uniform & inside)
         return int(found[0]) * HPAGE_NR if len(found) else None
+
+    def _fresh_block(self, spans: list[tuple[int, int]]) -> int | None:
+        """The first 2M-aligned block of never-used memory inside one of ``spans``."""
+        for lo, hi in spans:
+            start = -(-max(self._fresh, lo) // HPAGE_NR) * HPAGE_NR
+            if start + HPAGE_NR <= hi:
+                return start
+        return None
 
     def _release_fresh(self, start: int) -> None:
         """Never-used PFNs below ``start`` become ordinary free pages of pool 0."""
