@@ -207,6 +207,11 @@ def test_a_zero_length_encrypt_mprotect_still_checks_its_keyid(m: Machine) -> No
     caller may use (docs/spec.md 3.7: ENOKEY for one never programmed)."""
     ctl(m, "a", f"encrypt_mprotect {U:#x} 0 rw- keyid=1")
     rejects(m, f"encrypt_mprotect {U:#x} 0 rw- keyid=5", errno.ENOKEY)
+    m.key_command(5, "type=cpu algorithm=aes-xts-128", uid=1000)  # another user's KeyID
+    m.create_space("mine", 2000)
+    with pytest.raises(SandboxError) as info:
+        ctl(m, "mine", f"encrypt_mprotect {U:#x} 0 rw- keyid=5", uid=2000)
+    assert info.value.errno == errno.EACCES
 
 
 def test_encrypt_mprotect_sets_the_new_protection_not_the_union(m: Machine) -> None:
