@@ -299,6 +299,18 @@ def test_too_many_keyids_for_the_direct_map_area_disable_mktme_at_boot() -> None
     assert m.kernel.directmap.copies == 1
 
 
+def test_a_direct_map_that_does_not_fit_logs_the_two_lines_of_patch_16() -> None:
+    """[PATCHv5 16/19] x86/mm: Calculate direct mapping size, calculate_direct_mapping_size():
+    ``if (direct_mapping_size > available_va / (mktme_nr_keyids + 1)) {
+    pr_err("x86/mktme: Disabled. Not enough virtual address space\\n");
+    pr_err("x86/mktme: Consider switching to 5-level paging\\n"); mktme_disable();``"""
+    m = machine(keyid_bits=7, max_keys=127)
+    lines = [line.split("] ", 1)[-1] for line in m.dmesg().splitlines()]
+    at = lines.index("x86/mktme: Disabled. Not enough virtual address space")
+    assert lines[at + 1] == "x86/mktme: Consider switching to 5-level paging"
+    assert lines[at - 1] == "x86/mktme: 127 KeyIDs available"
+
+
 def test_nr_keyids_plus_one_copies_that_fill_the_area_exactly_still_fit() -> None:
     m = machine(keyid_bits=6)  # 64 copies of 1 TiB = 64 TiB
     assert m.nr_keyids == 63
