@@ -22,7 +22,9 @@ from kernel_helpers import (
     vmstat,
 )
 from mktme_sandbox import Machine
+from mktme_sandbox.hw.msr import Msr, encode
 from mktme_sandbox.kernel.directmap import PAGE_OFFSET
+from mktme_sandbox.kernel.mktme import detect_tme
 
 SECRET = b"attack at dawn!!" * 4
 
@@ -299,6 +301,18 @@ def test_too_many_keyids_for_the_direct_map_area_disable_mktme_at_boot() -> None
     assert m.kernel.directmap.copies == 1
 
 
+def test_a_direct_map_that_does_not_fit_logs_the_two_lines_of_patch_16() -> None:
+    """[PATCHv5 16/19] x86/mm: Calculate direct mapping size, calculate_direct_mapping_size():
+    ``if (direct_mapping_size > available_va / (mktme_nr_keyids + 1)) {
+    pr_err("x86/mktme: Disabled. Not enough virtual address space\\n");
+    pr_err("x86/mktme: Consider switching to 5-level paging\\n"); mktme_disable();``"""
+    m = machine(keyid_bits=7, max_keys=127)
+    lines = [line.split("] ", 1)[-1] for line in m.dmesg().splitlines()]
+    at = lines.index("x86/mktme: Disabled. Not enough virtual address space")
+    assert lines[at + 1] == "x86/mktme: Consider switching to 5-level paging"
+    assert lines[at - 1] == "x86/mktme: 127 KeyIDs available"
+
+
 def test_nr_keyids_plus_one_copies_that_fill_the_area_exactly_still_fit() -> None:
     m = machine(keyid_bits=6)  # 64 copies of 1 TiB = 64 TiB
     assert m.nr_keyids == 63
@@ -318,6 +332,17 @@ def test_disabling_mktme_after_enumeration_restores_the_full_physical_mask() -> 
     ctl(m, a, f"mmap {U:#x} 4K rw-")
     m.write_virt(a, U, SECRET)
     assert m.read_virt(a, U, len(SECRET)) == SECRET
+
+
+def test_detect_tme_prints_a_zero_crypto_algs_field_as_c_prints_it() -> None:
+    """v5 detect_tme(): ``pr_err("x86/mktme: No known encryption algorithm is
+    supported: %#llx\\n", tme_crypto_algs);`` C's ``#`` flag prefixes 0x to a
+    nonzero value only, so an empty MK_TME_CRYPTO_ALGS field prints as ``0``."""
+    activate = encode(Msr.IA32_TME_ACTIVATE, {"lock": 1, "tme_enable": 1, "mk_tme_keyid_bits": 6})
+    log: list[str] = []
+    layout = detect_tme(lambda msr: activate, 46, log.append)
+    assert "x86/mktme: No known encryption algorithm is supported: 0" in log
+    assert not layout.enabled
 
 
 def test_the_kernel_maps_every_keyid_the_bits_allow() -> None:

@@ -7,8 +7,11 @@ What it models
     direct_mapping_size``. The size is a power of two of at least 1 TiB and at
     least the physical memory, so ``__pa()`` is a mask and ``page_to_virt()``
     an add. If the 64 TiB direct-map area cannot hold ``nr_keyids + 1`` copies
-    (KeyID 0 and every MKTME KeyID), MKTME is disabled at boot, as the later
-    reposts do (docs/spec.md section 3).
+    (KeyID 0 and every MKTME KeyID), MKTME is disabled at boot, as v5's
+    ``calculate_direct_mapping_size()`` does (patch 16: "x86/mktme: Disabled.
+    Not enough virtual address space", then ``mktme_disable()``). The padding
+    it adds afterwards (``CONFIG_MEMORY_PHYSICAL_PADDING``, 0 without memory
+    hotplug) is 0 here, so the size stays that power of two.
 
     The mappings are page tables in emulated memory (``init_mm``'s PGD,
     ``swapper_pg_dir``), walked by the one walker of ``pgtable``: boot maps

@@ -101,11 +101,9 @@ class Kernel:
         self.log.printk("Linux version 4.18.0-mktme-v5 (mktme-sandbox) #1 SMP")
         layout = detect_tme(platform.rdmsr, config.maxphyaddr, self.log.printk)
         if layout.enabled and not DirectMap.fits(config.phys_mem, layout.nr_keyids):
-            self.log.printk(
-                f"x86/mktme: Disabled. Not enough virtual address space: "
-                f"{layout.nr_keyids + 1} direct mappings of "
-                f"{DirectMap(config.phys_mem, 1).size >> 40} TiB exceed the 64 TiB area"
-            )
+            # v5 patch 16, calculate_direct_mapping_size(): its two pr_err() lines
+            self.log.printk("x86/mktme: Disabled. Not enough virtual address space")
+            self.log.printk("x86/mktme: Consider switching to 5-level paging")
             layout = mktme_disable(config.maxphyaddr)
         self.layout = layout
         self.pte_layout = PteLayout(config.maxphyaddr, layout.keyid_bits)

@@ -66,12 +66,12 @@ def detect_tme(
     printk("x86/tme: enabled by BIOS")
     usable = True
     if act["tme_policy"] not in _KNOWN_POLICIES:
-        printk(f"x86/tme: Unknown policy is active: {act['tme_policy']:#x}")
+        printk(f"x86/tme: Unknown policy is active: {_c_hex(act['tme_policy'])}")
     algs = [name for name, on in act.items() if name.startswith("mk_tme_crypto_") and on]
     if not algs:
         printk(
             f"x86/mktme: No known encryption algorithm is supported: "
-            f"{rdmsr(Msr.IA32_TME_ACTIVATE) >> 48:#x}"
+            f"{_c_hex(rdmsr(Msr.IA32_TME_ACTIVATE) >> 48)}"
         )
         usable = False
     keyid_bits = act["mk_tme_keyid_bits"]
@@ -84,6 +84,11 @@ def detect_tme(
     if not usable:
         return mktme_disable(maxphyaddr)
     return KeyIdLayout(True, maxphyaddr, keyid_bits, nr_keyids)
+
+
+def _c_hex(value: int) -> str:
+    """C's ``%#llx``: the ``0x`` prefix for a nonzero value only (0 prints as ``0``)."""
+    return f"{value:#x}" if value else "0"
 
 
 def mktme_disable(maxphyaddr: int) -> KeyIdLayout:
