@@ -207,3 +207,24 @@ def test_a_node_bound_encrypted_allocation_takes_a_free_keyid0_page_of_its_node(
     assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U)) == 0
     assert m.kernel.pages.page_keyid(pfn_of(m, a, U)) == 1
     assert m.check() == []
+
+
+def test_a_node_bound_allocation_takes_never_used_memory_before_another_keyids_pool() -> None:
+    """docs/spec.md 3.2: with pools, a page comes from the KeyID's own pool,
+    then KeyID 0's (never-used memory included), then another KeyID's (a
+    flush); a node-bound request keeps that order within its node, so a
+    KeyID-0 fault bound to node 0 takes node 0's never-used memory, not a
+    page of KeyID 1's pool there that would cost a flush."""
+    m, a = two_keys(phys_mem="16M", numa_nodes=2)
+    m.keyid_free_pools = True
+    ctl(m, a, f"mmap {U:#x} 64K rw- keyid=1 populate")
+    ctl(m, a, f"munmap {U:#x} 64K")  # 16 pages in KeyID 1's pool, on node 0
+    assert m.kernel.alloc.free_pages_by_keyid()[1] == 16
+    flushes = vmstat(m)["mktme_keyid_pool_flush"]
+    ctl(m, a, f"mmap {U:#x} 4K rw-")
+    ctl(m, a, f"mbind {U:#x} 4K 0")
+    m.write_virt(a, U, b"x")
+    assert m.kernel.alloc.pfn_to_nid(pfn_of(m, a, U)) == 0
+    assert vmstat(m)["mktme_keyid_pool_flush"] == flushes
+    assert m.kernel.alloc.free_pages_by_keyid()[1] == 16
+    assert m.check() == []

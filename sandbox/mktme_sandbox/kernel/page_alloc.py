@@ -269,6 +269,8 @@ class PageAllocator:
                 fail(errno.ENOMEM, "physical memory exhausted: no free page left")
 
     def _take_on_nodes(self, keyid: int, nodes: Sequence[int]) -> tuple[int, int] | None:
+        """``_take_free`` within the nodes' PFNs (lowest node first): the same
+        order, the node's never-used memory with KeyID 0's pool."""
         for nid in nodes:
             lo, hi = self.node_span(nid)
             for pool_keyid in self._pool_order(keyid):
@@ -276,11 +278,11 @@ class PageAllocator:
                 for i in range(len(pool) - 1, -1, -1):
                     if lo <= pool[i] < hi:
                         return pool.pop(i), pool_keyid
-            if self._fresh < hi:
-                pfn = max(self._fresh, lo)
-                self._release_fresh(pfn)
-                self._fresh = pfn + 1
-                return pfn, 0
+                if pool_keyid == 0 and self._fresh < hi:
+                    pfn = max(self._fresh, lo)
+                    self._release_fresh(pfn)
+                    self._fresh = pfn + 1
+                    return pfn, 0
         return None
 
     def _take_free(self, keyid: int) -> tuple[int, int] | None:
