@@ -173,3 +173,92 @@ def test_with_mktme_off_keys_is_empty_and_keyids_has_only_keyid_0() -> None:
     assert fs.readdir("/keys", None) == [".", ".."]
     assert fs.readdir("/keyids", None) == [".", "..", "0"]
     assert len(read(fs, "/keyids/0/mem", 64)) == 64
+
+
+def test_a_write_only_control_file_opened_for_reading_and_writing_is_eacces(fs: SandboxFS) -> None:
+    """open(2): O_RDWR asks for both directions, so a file without one of them
+    refuses it (docs/spec.md 8: control files are write-only, 0200)."""
+    fs.mkdir("/spaces/o", 0o755)
+    for path in ("/spaces/o/ctl", "/spaces/o/tlb", "/mm/compact_memory"):
+        with pytest.raises(mfusepy.FuseOSError) as raised:
+            fs.open(path, SimpleNamespace(flags=os.O_RDWR, direct_io=0, fh=0))
+        assert raised.value.errno == errno.EACCES
+
+
+def test_truncating_a_read_only_file_is_eacces_and_a_writable_one_stays_as_it_is(
+    fs: SandboxFS,
+) -> None:
+    """truncate(2) is a write: "EACCES ... The named file is not writable by
+    the user"; ``echo CMD > ctl`` truncates first and must keep working."""
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        fs.truncate("/mm/vmstat", 0)
+    assert raised.value.errno == errno.EACCES
+    assert "mm/vmstat: EACCES: " in fs.machine.dmesg().splitlines()[-1]
+    assert fs.truncate("/keys/1", 0) == 0
+
+
+def open_as(fs: SandboxFS, path: str, flags: int = os.O_RDONLY) -> SimpleNamespace:
+    fi = SimpleNamespace(flags=flags, direct_io=0, fh=0)
+    fs.open(path, fi)
+    return fi
+
+
+def test_root_keeps_more_files_open_than_a_user_may(
+    fs: SandboxFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/spec.md 8: OPEN_FILES_PER_UID binds every user but root and the
+    daemon's; one more open is EMFILE for the others."""
+    monkeypatch.setattr(operations, "OPEN_FILES_PER_UID", 2)
+    for _ in range(3):
+        open_as(fs, "/README")  # as root
+    monkeypatch.setattr(operations, "_caller_uid", lambda: 1000)
+    open_as(fs, "/README")
+    open_as(fs, "/README")
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        open_as(fs, "/README")
+    assert raised.value.errno == errno.EMFILE
+
+
+def test_text_up_to_the_limit_is_held_and_one_byte_beyond_is_enomem_but_not_for_root(
+    fs: SandboxFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/spec.md 8: "an open or read that would render beyond
+    TEXT_BYTES_PER_UID is ENOMEM": exactly the limit is not beyond it, and
+    root and the daemon's user have no such limit."""
+    size = len(fs.tree.resolve("/README").content())  # type: ignore[union-attr]
+    monkeypatch.setattr(operations, "TEXT_BYTES_PER_UID", size)
+    open_as(fs, "/README")
+    open_as(fs, "/README")  # root: twice the limit
+    monkeypatch.setattr(operations, "_caller_uid", lambda: 1000)
+    fi = open_as(fs, "/README")
+    assert fs.holdings[1000].text == size
+    fs.release("/README", fi)
+    monkeypatch.setattr(operations, "TEXT_BYTES_PER_UID", size - 1)
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        open_as(fs, "/README")
+    assert raised.value.errno == errno.ENOMEM
+    assert 1000 not in fs.holdings
+
+
+def test_an_fd_of_space_memory_writes_nothing_once_another_user_owns_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel checks modes only at open (``default_permissions``); a write
+    through an fd kept open checks the owner again (``_still_permitted``):
+    here the daemon's user, whom the machine itself lets write any space."""
+    monkeypatch.setattr(os, "getuid", lambda: 4321)
+    fs = SandboxFS(Machine(phys_mem="8M", keyid_bits=2, seed=6))
+    uid = {"now": 4321}
+    monkeypatch.setattr(operations, "_caller_uid", lambda: uid["now"])
+    fs.mkdir("/spaces/s", 0o755)
+    write(fs, "/spaces/s/ctl", b"mmap 0x10000000 4K rw- populate\n")
+    fi = open_as(fs, "/spaces/s/mem", os.O_WRONLY)
+    fs.rmdir("/spaces/s")
+    uid["now"] = 1001
+    fs.mkdir("/spaces/s", 0o755)
+    write(fs, "/spaces/s/ctl", b"mmap 0x10000000 4K rw- populate\n")
+    uid["now"] = 4321
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        fs.write("/spaces/s/mem", b"planted", 0x10000000, fi)
+    assert raised.value.errno == errno.EACCES
+    assert fs.machine.read_virt("s", 0x10000000, 7) == bytes(7)
