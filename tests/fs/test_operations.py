@@ -18,8 +18,9 @@ import mfusepy
 import pytest
 
 from mktme_sandbox import Machine
+from mktme_sandbox.errors import SandboxError
 from mktme_sandbox.fs import SandboxFS, operations
-from mktme_sandbox.fs.nodes import BlobFile, TextFile
+from mktme_sandbox.fs.nodes import Access, BlobFile, TextFile
 
 
 @pytest.fixture
@@ -262,3 +263,52 @@ def test_an_fd_of_space_memory_writes_nothing_once_another_user_owns_the_name(
         fs.write("/spaces/s/mem", b"planted", 0x10000000, fi)
     assert raised.value.errno == errno.EACCES
     assert fs.machine.read_virt("s", 0x10000000, 7) == bytes(7)
+
+
+def test_a_read_refused_for_its_text_leaves_nothing_charged_to_the_reader(
+    fs: SandboxFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/spec.md 8: a read that would render beyond TEXT_BYTES_PER_UID is
+    ENOMEM and the open file forgets its text, so the user's share holds none
+    of it: a refusal never leaves a charge behind."""
+    monkeypatch.setattr(operations, "_caller_uid", lambda: 1000)
+    fi = open_as(fs, "/dmesg")
+    fs.read("/dmesg", 4096, 0, fi)
+    held = fs.holdings[1000].text
+    monkeypatch.setattr(operations, "TEXT_BYTES_PER_UID", held)
+    fs.machine.reject("x", SandboxError(errno.EINVAL, "one more dmesg line"))
+    with pytest.raises(mfusepy.FuseOSError) as raised:
+        fs.read("/dmesg", 4096, 0, fi)  # a read from 0 renders the longer text again
+    assert raised.value.errno == errno.ENOMEM
+    assert fs.holdings[1000].text == 0
+
+
+def test_a_user_other_than_the_owner_has_the_others_bits_and_root_has_every_bit() -> None:
+    """The owner gets the mode's owner bits, anyone else its "other" bits
+    (``generic_permission()`` in fs/namei.c; there are no groups here), and
+    root passes every check; an enclosed node refuses everyone but owner and root."""
+    control, info = Access(1000, 0o600), Access(1000, 0o644)
+    assert control.permits(1000, 2)
+    assert not control.permits(1001, 2)
+    assert not control.permits(1001, 4)
+    assert control.permits(0, 6)
+    assert info.permits(1001, 4)
+    assert not info.permits(1001, 2)
+    assert not Access(1000, 0o644, enclosed=True).permits(1001, 4)
+
+
+def test_the_daemons_user_writes_dram_and_reads_any_space_as_root_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/spec.md 8: "only root and the daemon's user write DRAM", and they
+    may see every space; another user may do neither (EACCES)."""
+    monkeypatch.setattr(os, "getuid", lambda: 4321)
+    machine = Machine(phys_mem="8M", keyid_bits=2, seed=6)
+    machine.create_space("s", uid=1001)
+    machine.write_dram(0x1000, b"daemon", uid=4321)
+    assert machine.read_dram(0x1000, 6) == b"daemon"
+    assert machine.maps("s", uid=4321) == ""
+    for refused in (lambda: machine.write_dram(0, b"x", uid=1002), lambda: machine.maps("s", 1002)):
+        with pytest.raises(SandboxError) as raised:
+            refused()
+        assert raised.value.errno == errno.EACCES
