@@ -312,3 +312,13 @@ def test_the_daemons_user_writes_dram_and_reads_any_space_as_root_does(
         with pytest.raises(SandboxError) as raised:
             refused()
         assert raised.value.errno == errno.EACCES
+
+
+def test_a_user_reads_no_physical_memory_through_keyid_0(machine: Machine) -> None:
+    """docs/spec.md 8: ``keyids/0/mem`` is the daemon's user's (0600), and the
+    machine refuses it to anyone else as well (EACCES), as it does KeyID N to
+    everyone but its owner."""
+    for keyid in (0, 1):
+        with pytest.raises(SandboxError) as raised:
+            machine.read_phys(keyid, 0, 8, uid=1001)
+        assert raised.value.errno == errno.EACCES
