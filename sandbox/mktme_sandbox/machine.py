@@ -255,7 +255,7 @@ class Machine:
         mm = self._own_space(name, uid)
         cmd = parse_space_command(decode_command(command, "ctl"))
         k = self.kernel
-        _check_map_count(mm, cmd)
+        self._check_map_count(mm, cmd, uid)
         match cmd:
             case Mmap():
                 mmap.do_mmap(k, mm, cmd.addr, cmd.length, cmd.prot, cmd.keyid, cmd.populate, uid)
@@ -295,6 +295,29 @@ class Machine:
                 userfaultfd.mfill_zeropage(k, mm, cmd.dst, cmd.length)
             case _:
                 assert_never(cmd)
+
+    def _check_map_count(self, mm: MmStruct, cmd: SpaceCommand, uid: int) -> None:
+        """ENOMEM before ``cmd`` changes anything when it could take ``mm`` past
+        ``vm.max_map_count``, or the spaces of a user without privileges past
+        as many VMAs together (a ``fork`` copies all of its parent's): the
+        daemon's memory for VMAs stays bounded per user, as the page limit
+        bounds pages."""
+        added = _vmas_added(mm, cmd)
+        mmap.check_map_count(_op_name(cmd), mm, added)
+        owner = uid if isinstance(cmd, Fork) else mm.owner
+        if isinstance(cmd, Fork):
+            added = mm.map_count
+        if not added or self._privileged(owner):
+            return
+        total = sum(
+            space.map_count for space in self.kernel.spaces.values() if space.owner == owner
+        )
+        if total + added > mmap.MAX_MAP_COUNT:
+            fail(
+                errno.ENOMEM,
+                f"{_op_name(cmd)}: uid {owner}'s spaces have {total} mappings, and {added} more "
+                f"would pass vm.max_map_count ({mmap.MAX_MAP_COUNT}) for a user's spaces together",
+            )
 
     def _space_for(self, name: str, uid: int | None) -> MmStruct:
         """The space ``name`` if ``uid`` may see it: its owner, root or the daemon's
@@ -568,28 +591,29 @@ class Machine:
             self.restore(cmd.path, coldboot=cmd.op == "coldboot")
 
 
-def _check_map_count(mm: MmStruct, cmd: SpaceCommand) -> None:
-    """``vm.max_map_count`` for a command that may add VMAs, counted as Linux
-    counts them: the VMAs a change splits, the hole a munmap cuts, the VMA an
-    mmap makes, a moving mremap's room for 3."""
+def _vmas_added(mm: MmStruct, cmd: SpaceCommand) -> int:
+    """The most VMAs ``cmd`` can add to ``mm``, counted as Linux counts them
+    against ``vm.max_map_count``: the VMAs a change splits, the hole a munmap
+    cuts, the VMA an mmap makes, a moving mremap's room for 3."""
     match cmd:
         case Mmap():
-            end = cmd.addr + cmd.length
-            mmap.check_map_count("mmap", mm, 1 + mmap.vmas_holed(mm, cmd.addr, end))
+            return 1 + mmap.vmas_holed(mm, cmd.addr, cmd.addr + cmd.length)
         case Munmap():
-            holed = mmap.vmas_holed(mm, cmd.addr, cmd.addr + cmd.length)
-            mmap.check_map_count("munmap", mm, holed)
+            return mmap.vmas_holed(mm, cmd.addr, cmd.addr + cmd.length)
         case Mremap() if cmd.new_addr is not None:
-            mmap.check_map_count("mremap", mm, 3)
+            return 3
         case Mremap() if cmd.new_len < cmd.old_len:  # unmaps the tail: a hole inside?
-            tail = cmd.addr + cmd.new_len, cmd.addr + cmd.old_len
-            mmap.check_map_count("mremap", mm, mmap.vmas_holed(mm, *tail))
+            return mmap.vmas_holed(mm, cmd.addr + cmd.new_len, cmd.addr + cmd.old_len)
         case (
             Mprotect() | EncryptMprotect() | Madvise() | Mlock() | Munlock() | Mbind()
             | UffdRegister() | UffdUnregister()
         ):  # fmt: skip
-            op = _OP_NAMES.get(type(cmd), type(cmd).__name__.lower())
-            mmap.check_map_count(op, mm, mmap.vmas_cut(mm, cmd.addr, cmd.addr + cmd.length))
+            return mmap.vmas_cut(mm, cmd.addr, cmd.addr + cmd.length)
+    return 0
+
+
+def _op_name(cmd: SpaceCommand) -> str:
+    return _OP_NAMES.get(type(cmd), type(cmd).__name__.lower())
 
 
 _OP_NAMES: dict[type, str] = {

@@ -410,3 +410,34 @@ def test_a_space_at_the_map_count_can_still_unmap_whole_mappings() -> None:
     ctl(m, a, f"mmap {U + 64 * PAGE:#x} 4K rw-")
     assert len(m.maps(a).splitlines()) == 8
     assert m.check() == []
+
+
+@pytest.mark.usefixtures("map_count_of_8")
+def test_a_users_spaces_together_hold_at_most_the_map_count() -> None:
+    """docs/spec.md 8: the limit binds a user's spaces together (else a user
+    could grow the daemon's VMA lists without bound, one space after another,
+    each of them charged one page only), and ``fork`` copies every VMA of its
+    parent; root and the daemon's user are bounded per space only."""
+    m = machine()
+    for name in ("one", "two", "three"):
+        m.create_space(name, 1000)
+    for i in range(5):
+        ctl(m, "one", f"mmap {U + 2 * i * PAGE:#x} 4K r--", uid=1000)
+    for i in range(3):
+        ctl(m, "two", f"mmap {U + 2 * i * PAGE:#x} 4K r--", uid=1000)
+    maps = m.maps("two")
+    with pytest.raises(SandboxError, match="max_map_count") as refused:
+        ctl(m, "two", f"mmap {U + 64 * PAGE:#x} 4K r--", uid=1000)
+    assert refused.value.errno == errno.ENOMEM
+    assert m.maps("two") == maps
+    with pytest.raises(SandboxError, match="max_map_count") as refused:
+        ctl(m, "two", "fork child", uid=1000)
+    assert refused.value.errno == errno.ENOMEM
+    assert "child" not in m.space_names()
+    ctl(m, "one", f"munmap {U:#x} 4K", uid=1000)  # one VMA fewer: room for one
+    ctl(m, "three", f"mmap {U:#x} 4K r--", uid=1000)
+    for name in ("root1", "root2"):  # root: 8 a space, as many spaces as it likes
+        m.create_space(name, 0)
+        for i in range(8):
+            ctl(m, name, f"mmap {U + 2 * i * PAGE:#x} 4K r--")
+    assert m.check() == []
