@@ -441,3 +441,45 @@ def test_a_users_spaces_together_hold_at_most_the_map_count() -> None:
         for i in range(8):
             ctl(m, name, f"mmap {U + 2 * i * PAGE:#x} 4K r--")
     assert m.check() == []
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        (f"mmap {U:#x} 4K rw-".ljust(4097), "at most 4096 bytes"),  # one byte too many
+        (f"mmap {U:#x} 4K rw-\nmunmap {U:#x} 4K", "one command per write"),
+        (f"mmap {U:#x} 4K rw-\0", "one command per write"),
+    ],
+)
+def test_a_write_is_one_command_of_at_most_4096_bytes(command: str, reason: str) -> None:
+    """docs/spec.md 4.4: "One write is one command of at most 4096 bytes";
+    a longer one is refused whole, as are two lines in one write (the kernel
+    splits a long write into requests, and none may become a command of its
+    own)."""
+    m = machine()
+    a = space(m)
+    with pytest.raises(SandboxError, match=reason) as refused:
+        ctl(m, a, command)
+    assert refused.value.errno == errno.EINVAL
+    assert m.maps(a) == ""
+    ctl(m, a, f"mmap {U:#x} 4K rw-".ljust(4096))  # 4096 bytes: one command
+    assert m.maps(a) != ""
+
+
+def test_a_vma_file_write_stops_at_the_vmas_end_even_with_a_neighbour_behind() -> None:
+    """docs/spec.md 4.3, ``spaces/NAME/vmas/START-END``: a write past the
+    VMA's end is ENOSPC, also by one byte, and also when the next VMA begins
+    right there (its memory would take the byte): nothing is written."""
+    m = machine()
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw-")
+    ctl(m, a, f"mmap {U + PAGE:#x} 4K rw- keyid=0")
+    cpu_key(m, 1)
+    ctl(m, a, f"encrypt_mprotect {U + PAGE:#x} 4K rw- keyid=1")  # a neighbour that never merges
+    first = m.vmas(a)[f"{U:08x}-{U + PAGE:08x}"]
+    m.write_vma(a, first, 0, b"a" * PAGE)  # to the end: fine
+    with pytest.raises(SandboxError) as refused:
+        m.write_vma(a, first, 0, b"b" * (PAGE + 1))
+    assert refused.value.errno == errno.ENOSPC
+    assert m.read_virt(a, U, PAGE) == b"a" * PAGE
+    assert m.read_virt(a, U + PAGE, 1) == b"\0"
