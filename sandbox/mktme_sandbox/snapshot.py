@@ -109,7 +109,7 @@ def boot(
         kernel = Kernel(platform, config, owner_uid)
         platform.import_state(snapshot.state["platform"])
         kernel.import_state(snapshot.state["kernel"])
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as err:
+    except (AttributeError, IndexError, KeyError, OverflowError, TypeError, ValueError) as err:
         fail(errno.EINVAL, f"snapshot: the state does not fit this machine ({type(err).__name__})")
     return platform, kernel
 
