@@ -185,10 +185,11 @@ def read_file(path: str | os.PathLike[str], config: MachineConfig) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
         fail(err.errno or errno.EIO, f"snapshot: cannot read {path}: {err.strerror}")
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(fd)
+        fail(errno.EINVAL, f"snapshot: {path} is not a regular file")
     with os.fdopen(fd, "rb") as file:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            fail(errno.EINVAL, f"snapshot: {path} is not a regular file")
         chunks: list[bytes] = []
         size = status.st_size  # a file that grows while read is counted as read
         while size <= limit and (chunk := _read_chunk(file, path)):

@@ -197,8 +197,8 @@ def test_restoring_from_a_fifo_is_einval_at_once_and_waits_for_no_writer(
 
 
 @pytest.mark.mount
-@pytest.mark.parametrize("command", ["restore /dev/zero", "coldboot /dev/urandom"])
-def test_restoring_from_a_device_is_einval_rather_than_a_read_without_end(
+@pytest.mark.parametrize("command", ["restore /dev/zero", "coldboot /dev/urandom", "restore /"])
+def test_restoring_from_a_device_or_a_directory_is_einval_rather_than_a_read_without_end(
     bash: Callable[..., tuple[int, str]], command: str
 ) -> None:
     assert "is not a regular file" in einval(bash, command)
