@@ -135,6 +135,11 @@ def test_the_installed_command_reports_the_version(installed: Installed) -> None
     assert out.strip() == f"mktme-sandbox, version {mktme_sandbox.__version__}"
 
 
+def test_python_dash_m_mktme_sandbox_is_the_command(installed: Installed) -> None:
+    out = _run([installed.bin("python"), "-m", "mktme_sandbox", "--help"], cwd=installed.venv)
+    assert out.startswith("Usage: mktme-sandbox [OPTIONS] COMMAND [ARGS]...")
+
+
 TOOLS = ["mktme-key", "mktme-map", "mktme-peek", "mktme-walk", "mktme-find"]
 
 

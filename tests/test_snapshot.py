@@ -256,14 +256,26 @@ def _state_that_does_not_fit(fields: dict[str, Any], payload: bytes) -> None:
     del fields["state"]["kernel"]["alloc"]
 
 
+def _number_out_of_range(fields: dict[str, Any], payload: bytes) -> bytes:
+    fields["state"]["platform"]["keys"]["rng"]["state"]["state"] = -1
+    return payload
+
+
 @pytest.mark.parametrize(
     "change",
-    [_empty_payload, _config_not_a_dict, _array_name_not_a_string, _state_that_does_not_fit],
+    [
+        _empty_payload,
+        _config_not_a_dict,
+        _array_name_not_a_string,
+        _state_that_does_not_fit,
+        _number_out_of_range,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_a_malformed_header_payload_or_state_is_einval_and_changes_nothing(change: Change) -> None:
-    """The empty payload, the config that is no dict and the array name that is
-    no string were found by review: EOFError, AttributeError, TypeError (EIO)."""
+    """The empty payload, the config that is no dict, the array name that is
+    no string and a negative generator state were found by review: EOFError,
+    AttributeError, TypeError, OverflowError (EIO)."""
     m = machine()
     spoiled = _with_header(m.snapshot(), change)
     m.create_space("after", uid=0)

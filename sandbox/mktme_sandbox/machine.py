@@ -572,7 +572,7 @@ class Machine:
         """Become the machine of a snapshot (bytes, or a file's path); ``coldboot``:
         keep only its DRAM and boot afresh. EINVAL, changing nothing, for anything
         but a snapshot of a machine configured like this one."""
-        data = source if isinstance(source, bytes) else snapshots.read_file(source)
+        data = source if isinstance(source, bytes) else snapshots.read_file(source, self.config)
         self.platform, self.kernel = snapshots.boot(
             self.config, snapshots.decode(data), coldboot, self.owner_uid
         )

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ __all__ = [
     "decode",
     "encode",
     "read_file",
+    "size_limit",
     "write_file",
 ]
 
@@ -64,6 +66,7 @@ FORMAT = 1
 # the generator's state is in the snapshot: the seed need not match; the tweak
 # tables are the host's cache, no part of the machine
 _UNCHECKED = ("seed", "tweak_cache")
+_HEADER_ROOM = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def boot(
         kernel = Kernel(platform, config, owner_uid)
         platform.import_state(snapshot.state["platform"])
         kernel.import_state(snapshot.state["kernel"])
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as err:
+    except (AttributeError, IndexError, KeyError, OverflowError, TypeError, ValueError) as err:
         fail(errno.EINVAL, f"snapshot: the state does not fit this machine ({type(err).__name__})")
     return platform, kernel
 
@@ -166,9 +169,43 @@ def write_file(path: str | os.PathLike[str], data: bytes) -> None:
         fail(err.errno or errno.EIO, f"snapshot: cannot write {target}: {err.strerror}")
 
 
-def read_file(path: str | os.PathLike[str]) -> bytes:
+def size_limit(config: MachineConfig) -> int:
+    """The most bytes a snapshot of a machine configured as ``config`` can take:
+    twice its DRAM, swap and cache (the per-page and per-line arrays included),
+    and room for the header."""
+    return 2 * (config.phys_mem + config.swap + config.cache_size) + _HEADER_ROOM
+
+
+def read_file(path: str | os.PathLike[str], config: MachineConfig) -> bytes:
+    """The bytes of the regular file ``path``, at most ``size_limit(config)`` of
+    them (EINVAL for a FIFO, a device or a larger file: the daemon must neither
+    wait for a writer nor read without end)."""
+    limit = size_limit(config)
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as err:
+        fail(err.errno or errno.EIO, f"snapshot: cannot read {path}: {err.strerror}")
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(fd)
+        fail(errno.EINVAL, f"snapshot: {path} is not a regular file")
+    with os.fdopen(fd, "rb") as file:
+        chunks: list[bytes] = []
+        size = status.st_size  # a file that grows while read is counted as read
+        while size <= limit and (chunk := _read_chunk(file, path)):
+            chunks.append(chunk)
+            size = max(size, sum(map(len, chunks)))
+    if size > limit:
+        fail(
+            errno.EINVAL,
+            f"snapshot: {path} is larger than this machine's snapshots ({limit} bytes)",
+        )
+    return b"".join(chunks)
+
+
+def _read_chunk(file: io.BufferedReader, path: str | os.PathLike[str]) -> bytes:
+    try:
+        return file.read(16 << 20)
     except OSError as err:
         fail(err.errno or errno.EIO, f"snapshot: cannot read {path}: {err.strerror}")
 

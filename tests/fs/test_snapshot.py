@@ -11,6 +11,8 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,3 +167,51 @@ def test_nobody_can_neither_save_nor_restore(
     assert code != 0
     assert "Permission denied" in output
     assert not (tmp_path / "x.snap").exists()
+
+
+def einval(bash: Callable[..., tuple[int, str]], command: str) -> str:
+    """Write ``command`` to mm/snapshot, expect EINVAL; the dmesg line it left."""
+    code, output = bash(f"echo '{command}' > mm/snapshot")
+    assert code != 0
+    assert "Invalid argument" in output
+    return ok(bash("cat dmesg")).splitlines()[-1]
+
+
+@pytest.mark.mount
+def test_restoring_from_a_fifo_is_einval_at_once_and_waits_for_no_writer(
+    bash: Callable[..., tuple[int, str]], tmp_path: Path
+) -> None:
+    fifo = tmp_path / "swapped-in"
+    os.mkfifo(fifo)
+    unblock = threading.Timer(20, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.daemon = True
+    unblock.start()  # the daemon would wait for a writer forever: give it one, late
+    try:
+        started = time.monotonic()
+        last = einval(bash, f"restore {fifo}")
+        assert time.monotonic() - started < 10
+    finally:
+        unblock.cancel()
+    assert f"mm/snapshot: EINVAL: snapshot: {fifo} is not a regular file" in last
+    assert ok(bash("cat mm/check")) == "ok\n"
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("command", ["restore /dev/zero", "coldboot /dev/urandom", "restore /"])
+def test_restoring_from_a_device_or_a_directory_is_einval_rather_than_a_read_without_end(
+    bash: Callable[..., tuple[int, str]], command: str
+) -> None:
+    assert "is not a regular file" in einval(bash, command)
+
+
+@pytest.mark.mount
+def test_restoring_a_file_larger_than_any_snapshot_of_the_machine_is_einval_unread(
+    bash: Callable[..., tuple[int, str]], tmp_path: Path
+) -> None:
+    huge = tmp_path / "huge.snap"
+    with huge.open("wb") as file:  # sparse: 1 TiB of nothing, after a snapshot's magic
+        file.write(MAGIC + b"\n")
+        file.truncate(1 << 40)
+    last = einval(bash, f"restore {huge}")
+    assert f"snapshot: {huge} is larger than this machine's snapshots" in last
+    assert ok(bash("cat mm/check")) == "ok\n"

@@ -232,6 +232,20 @@ def test_mkdir_creates_a_space_with_the_files_of_the_spec(bash: Callable[[str], 
     assert "files" not in bash("ls pagetables").split()
 
 
+def test_a_shell_inside_a_removed_space_gets_estale_and_leaves_no_dmesg_line(
+    bash: Callable[[str], str],
+) -> None:
+    before = bash("cat dmesg")
+    output = bash(
+        "top=$PWD && mkdir spaces/gone && cd spaces/gone\n"
+        "rmdir $top/spaces/gone && mkdir $top/spaces/gone\n"
+        "for f in maps ctl; do cat $f 2>&1 || true; done"
+    )
+    assert output.splitlines() == ["cat: maps: Stale file handle", "cat: ctl: Stale file handle"]
+    assert bash("cat dmesg") == before
+    bash("rmdir spaces/gone")
+
+
 def test_an_mmap_written_to_ctl_shows_in_maps_and_smaps_with_its_keyid(
     bash: Callable[[str], str],
 ) -> None:
