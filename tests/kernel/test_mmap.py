@@ -167,6 +167,8 @@ def test_malformed_commands_are_einval(m: Machine, command: str) -> None:
     [
         f"mremap {U:#x} 4K 8K {U + 0x100000:#x} extra",  # one word past NEWADDR
         f"mmap {U + PAGE:#x} 4K rw- populate=1",  # populate takes no value
+        f"mmap {U + PAGE:#x} 4K rw- populate populate",  # repeated
+        f"mmap {U + PAGE:#x} 4K rw- keyid=1 keyid=1",  # repeated, however alike
         f"mbind {U:#x} 4K 0-",  # a range without its end
         f"migrate {U:#x} 4K 0 1",  # NODE is one node
         "fork b c",  # one CHILD
