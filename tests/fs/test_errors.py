@@ -275,6 +275,29 @@ def test_a_command_of_exactly_one_page_is_still_a_command(sandbox: MountedSandbo
     sandbox.write_ctl("spaces/err/ctl", "munmap 0x30000000 4096")
 
 
+def test_a_write_one_byte_over_a_page_is_refused_even_when_that_byte_is_the_newline(
+    sandbox: MountedSandbox,
+) -> None:
+    """docs/spec.md 7: "a control write longer than 4096 bytes (one page):
+    refused whole, whatever it holds". Linux counts the newline too: a sysfs
+    store has ``atomic_write_len = PAGE_SIZE`` (fs/sysfs/file.c), and
+    kernfs_fop_write_iter() refuses a longer write with E2BIG before the
+    store sees it."""
+    maps_before = sandbox.read_text("spaces/err/maps")
+    lines_before = len(sandbox.dmesg().splitlines())
+    command = "mmap 0x30000000 4096 rw-".ljust(4096).encode()
+    fd = os.open(sandbox.path / "spaces/err/ctl", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError, match="Invalid argument") as raised:
+            os.write(fd, command + b"\n")
+    finally:
+        os.close(fd)
+    assert raised.value.errno == errno.EINVAL
+    assert sandbox.read_text("spaces/err/maps") == maps_before
+    (line,) = sandbox.dmesg().splitlines()[lines_before:]
+    assert "a command is at most 4096 bytes, not 4097" in line
+
+
 def test_a_shared_mapping_of_a_memory_file_is_refused_by_the_kernel(
     sandbox: MountedSandbox,
 ) -> None:

@@ -106,6 +106,28 @@ def test_the_last_line_through_a_keyid_and_nothing_past_it(m: Machine) -> None:
     refused(lambda: m.write_phys(0, end - 1, b"ab"), errno.ENOSPC)
 
 
+def test_clflush_takes_the_last_line_of_dram_and_nothing_past_it(m: Machine) -> None:
+    """docs/spec.md 7: "``clflush`` of an address beyond physical memory: EINVAL";
+    its KeyID is one of 0..nr_keyids like any other, and ``clflush PA [keyid=N]``
+    (4.4) has no fourth word."""
+    end = m.phys_mem
+    m.cache_command(f"clflush {end - 64:#x} keyid=1")
+    refused(lambda: m.cache_command(f"clflush {end:#x}"), errno.EINVAL)
+    refused(lambda: m.cache_command(f"clflush {end - 64:#x} keyid=4"), errno.EINVAL)
+    refused(lambda: m.cache_command(f"clflush {end - 64:#x} keyid=1 keyid=2"), errno.EINVAL)
+
+
+def test_the_swap_file_starts_at_offset_0_and_stops_at_its_size(m: Machine) -> None:
+    """``swap`` is a disk (docs/spec.md 4.3): offset = byte of the partition, a
+    read stops short at its end; a negative offset is EINVAL, as for ``dram``,
+    never the header page again."""
+    end = m.swap_size
+    assert m.read_swap(PAGE - 10, 10) == b"SWAPSPACE2"  # the header's last bytes
+    assert len(m.read_swap(end - 1, 64)) == 1
+    assert m.read_swap(end, 8) == b""
+    refused(lambda: m.read_swap(-8, 8), errno.EINVAL)
+
+
 def test_keyids_are_one_to_nr_keyids(m: Machine) -> None:
     assert m.nr_keyids == 3
     m.key_command(3, "type=cpu algorithm=aes-xts-128", uid=0)

@@ -13,6 +13,7 @@ import pytest
 
 from kernel_helpers import PAGE, U, cpu_key, ctl, leaf, machine, space
 from mktme_sandbox import Machine, SandboxError
+from mktme_sandbox.kernel.pgtable_types import PteFlags
 
 SECRET = b"tenant secret 42"
 
@@ -126,3 +127,15 @@ def test_page_tables_that_point_back_at_themselves_are_walked_once(m: Machine) -
     worker.start()
     worker.join(timeout=60)  # bounded walks take milliseconds; 512**4 leaves never end
     assert results == ["done"]
+
+
+def test_a_read_fault_in_a_read_only_encrypted_vma_maps_its_page_read_only() -> None:
+    """mm/memory.c do_anonymous_page(): ``if (vma->vm_flags & VM_WRITE) entry =
+    pte_mkwrite(pte_mkdirty(entry))``; an encrypted VMA gets a page of its own
+    instead of the zero page, and still no write bit where the VMA has none."""
+    m = machine()
+    cpu_key(m, 1)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K r-- keyid=1")
+    assert m.read_virt(a, U, 8) == bytes(8)
+    assert not leaf(m, a, U).pte & PteFlags.RW

@@ -162,6 +162,31 @@ def test_malformed_commands_are_einval(m: Machine, command: str) -> None:
     assert info.value.reason
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        f"mremap {U:#x} 4K 8K {U + 0x100000:#x} extra",  # one word past NEWADDR
+        f"mmap {U + PAGE:#x} 4K rw- populate=1",  # populate takes no value
+        f"mmap {U + PAGE:#x} 4K rw- populate populate",  # repeated
+        f"mmap {U + PAGE:#x} 4K rw- keyid=1 keyid=1",  # repeated, however alike
+        f"mbind {U:#x} 4K 0-",  # a range without its end
+        f"migrate {U:#x} 4K 0 1",  # NODE is one node
+        "fork b c",  # one CHILD
+    ],
+)
+def test_a_word_too_many_or_an_option_misspelt_is_einval_and_changes_nothing(
+    m: Machine, command: str
+) -> None:
+    """docs/spec.md 7: "a malformed command: unknown word, missing or repeated
+    argument, bad number ... EINVAL", against the usage lines of 4.4
+    (``mremap OLD OLDLEN NEWLEN [NEWADDR]``, ``mmap ADDR LEN PROT [keyid=N]
+    [populate]``, ``mbind ADDR LEN NODES`` with NODES ``N, N,M or N-M``,
+    ``migrate ADDR LEN NODE``, ``fork CHILD``): a word left over is not ignored."""
+    ctl(m, "a", f"mmap {U:#x} 4K rw- keyid=1")
+    rejects(m, command, errno.EINVAL)
+    assert m.space_names() == ["a"]
+
+
 def test_mmap_over_an_existing_mapping_is_einval(m: Machine) -> None:
     ctl(m, "a", f"mmap {U:#x} 8K rw-")
     rejects(m, f"mmap {U + PAGE:#x} 8K rw-", errno.EINVAL)

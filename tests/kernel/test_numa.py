@@ -94,6 +94,36 @@ def test_bad_nodes_and_holes_are_refused_changing_nothing(command: str, err: int
     assert m.maps(a) == maps
 
 
+def node_free(m: Machine, nid: int) -> int:
+    lo, hi = m.kernel.alloc.node_span(nid)
+    return int(m.kernel.alloc.free_mask(lo, hi).sum())
+
+
+def test_migrate_of_one_page_more_than_the_node_has_free_is_refused_whole() -> None:
+    """docs/spec.md 7: "physical memory exhausted ... ENOMEM", nothing
+    half-applied: do_move_pages() here counts the target node's free pages
+    before it moves any, so as many pages as it has free move, one more is
+    refused before the first."""
+    m = machine(phys_mem="4M", numa_nodes=2)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 1M rw- populate")  # node 0
+    ctl(m, a, f"mmap {U + (2 << 20):#x} 2M rw-")
+    ctl(m, a, f"mbind {U + (2 << 20):#x} 2M 1")
+    va = U + (2 << 20)
+    while node_free(m, 1) > 200:
+        m.write_virt(a, va, b"y")
+        va += PAGE
+    free = node_free(m, 1)
+    with pytest.raises(SandboxError) as caught:
+        ctl(m, a, f"migrate {U:#x} {(free + 1) * PAGE} 1")
+    assert caught.value.errno == errno.ENOMEM
+    assert vmstat(m)["pgmigrate_success"] == 0
+    ctl(m, a, f"migrate {U:#x} {free * PAGE} 1")
+    assert vmstat(m)["pgmigrate_success"] == free
+    assert node_free(m, 1) == 0
+    assert m.check() == []
+
+
 def test_migrate_to_a_full_node_is_refused_whole() -> None:
     m = machine(phys_mem="4M", numa_nodes=2)
     a = space(m)

@@ -220,6 +220,48 @@ def test_a_user_with_limits_swaps_at_most_half_the_device_and_root_still_can() -
     assert m.check() == []
 
 
+def fill_until_reclaim(m: Machine, a: str, va: int, stalls: int) -> int:
+    """Write one page after another from ``va`` until direct reclaim has run
+    ``stalls`` times; the next address to write."""
+    while vmstat(m)["allocstall_normal"] < stalls:
+        m.write_virt(a, va, va.to_bytes(8, "little"))
+        va += PAGE
+    return va
+
+
+def test_direct_reclaim_frees_swap_cluster_max_pages_and_spares_the_young() -> None:
+    """mm/vmscan.c: try_to_free_pages() reclaims ``SWAP_CLUSTER_MAX`` (32)
+    pages and stops; folio_check_references() keeps a page whose accessed bit
+    is set (clearing it, ptep_clear_flush_young()) and takes an older one."""
+    m = machine(phys_mem="8M", swap="2M")
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 9M rw-")
+    va = fill_until_reclaim(m, a, U, 1)
+    assert vmstat(m)["pswpout"] == 32  # U .. U + 31 pages, the oldest
+    assert m.read_virt(a, U, 8) == U.to_bytes(8, "little")  # swapped in: young
+    fill_until_reclaim(m, a, va, 2)
+    assert vmstat(m)["pswpout"] == 64
+    assert pagemap_entry(m, a, U) >> 63  # still present, first in the clock's order
+    assert not pagemap_entry(m, a, U + 63 * PAGE) >> 63  # an old page went instead
+    assert m.check() == []
+
+
+def test_the_slots_a_user_frees_count_again_for_its_share() -> None:
+    """mm/swapfile.c swap_entry_free() uncharges the slot it frees
+    (``mem_cgroup_uncharge_swap()``): docs/spec.md 8's half-the-device share
+    is what a user holds now, not all it ever swapped out."""
+    m = machine(phys_mem="64M", swap="1M")  # 255 slots
+    cpu_key(m, 1, 1000)
+    space(m, "u", 1000)
+    for _ in range(2):
+        ctl(m, "u", f"mmap {U:#x} 1M rw- keyid=1 populate", 1000)
+        ctl(m, "u", f"madvise {U:#x} 1M pageout", 1000)
+        assert m.swaps().splitlines()[1].split()[3] == str(127 * 4)
+        ctl(m, "u", f"munmap {U:#x} 1M", 1000)
+        assert m.swaps().splitlines()[1].split()[3] == "0"
+    assert m.check() == []
+
+
 def free_pages(m: Machine) -> int:
     return sum(m.kernel.alloc.free_pages_by_keyid().values())
 

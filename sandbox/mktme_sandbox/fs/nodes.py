@@ -7,7 +7,8 @@ A path resolves (``mktme_sandbox.fs.tree``) to one of three small frozen datacla
   as procfs does, so that a ``stat`` or ``ls -l`` never pays for an expensive
   file such as ``mm/check`` (readers read until end of file; the README, the
   one page-cached file, reports its size). A writable one takes one command
-  per write, with the trailing newline of ``echo`` stripped.
+  per write, passed whole (the machine strips ``echo``'s newline after it
+  has counted the write against the one-page limit).
 - ``BlobFile``: a fixed-size window onto a machine address range (DRAM, a
   KeyID's CPU view, a virtual address space, a table indexed by PFN); the
   offset is the address, reads past the end are end-of-file; a write passes
@@ -43,7 +44,6 @@ __all__ = [
     "OpenFile",
     "TextFile",
     "access_of",
-    "command_text",
     "fixed",
     "stat_of",
 ]
@@ -89,11 +89,6 @@ def fixed(uid: int, mode: int) -> Callable[[], Access]:
     return lambda: access
 
 
-def command_text(data: bytes) -> bytes:
-    """One command per write: the bytes written, less ``echo``'s newline."""
-    return data[:-1] if data.endswith(b"\n") else data
-
-
 def _refuse(what: str) -> SandboxError:
     return SandboxError(errno.EACCES, f"this file cannot be {what}")
 
@@ -137,7 +132,7 @@ class TextFile:
     def write(self, data: bytes, offset: int, uid: int) -> int:
         if self.command is None:
             raise _refuse("written")
-        self.command(command_text(data), uid)
+        self.command(data, uid)  # whole: the page limit counts its newline too
         return len(data)
 
 
