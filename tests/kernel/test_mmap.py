@@ -508,3 +508,26 @@ def test_a_vma_file_write_stops_at_the_vmas_end_even_with_a_neighbour_behind() -
     assert refused.value.errno == errno.ENOSPC
     assert m.read_virt(a, U, PAGE) == b"a" * PAGE
     assert m.read_virt(a, U + PAGE, 1) == b"\0"
+
+
+def test_a_populate_one_page_beyond_free_memory_is_refused_before_any_fault() -> None:
+    """``check_populate`` (docs/spec.md 3.3): ENOMEM up front when the pages
+    and tables a populate may need (one table per 2 MiB, plus two) are more
+    than the free pages, by one page too; exactly as many goes ahead."""
+    m = machine(phys_mem="16M", swap=0)
+    a = space(m)
+    free = sum(m.kernel.alloc.free_pages_by_keyid().values())
+
+    def wanted(n: int) -> int:
+        return n + -(-n // 512) + 2
+
+    over = next(n for n in range(free, 0, -1) if wanted(n) == free + 1)
+    faults = vmstat(m)["pgfault"]
+    with pytest.raises(SandboxError, match="populate needs") as refused:
+        ctl(m, a, f"mmap {U:#x} {over * PAGE} rw- populate")
+    assert refused.value.errno == errno.ENOMEM
+    assert vmstat(m)["pgfault"] == faults
+    assert m.maps(a) == ""
+    fits = next(n for n in range(free, 0, -1) if wanted(n) == free)
+    ctl(m, a, f"mmap {U:#x} {fits * PAGE} rw- populate")
+    assert m.check() == []

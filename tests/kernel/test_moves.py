@@ -265,6 +265,32 @@ def test_mlock_populates_marks_the_pages_and_shows_locked() -> None:
     assert m.check() == []
 
 
+def test_munlock_counts_each_page_it_unlocks() -> None:
+    """mm/mlock.c munlock_vma_page() -> __munlock_isolated_page(): ``if
+    (!PageMlocked(page)) ...; count_vm_event(UNEVICTABLE_PGMUNLOCKED)``, one
+    per page that was mlocked."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
+    ctl(m, a, f"mlock {U:#x} 16K")
+    ctl(m, a, f"munlock {U + PAGE:#x} 8K")
+    assert vmstat(m)["unevictable_pgs_munlocked"] == 2
+    assert m.check() == []
+
+
+def test_mlock_of_the_rest_of_a_vma_merges_it_with_its_locked_neighbour() -> None:
+    """mm/mlock.c mlock_fixup(): ``*prev = vma_merge(mm, *prev, start, end,
+    newflags, ...)`` - locking the part next to an already locked part of the
+    same mapping leaves one VMA, not two with equal flags."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 16K rw- keyid=1")
+    ctl(m, a, f"mlock {U:#x} 8K")
+    assert len(m.maps(a).splitlines()) == 2
+    ctl(m, a, f"mlock {U + 2 * PAGE:#x} 8K")
+    assert len(m.maps(a).splitlines()) == 1
+    assert smaps_field(m, a, "Locked") == 16
+    assert m.check() == []
+
+
 def test_mlock_never_merges_locked_vmas_of_two_keyids() -> None:
     """Patch 01 passes vma_keyid(vma) to vma_merge() in mlock_fixup()."""
     m, a = two_keys()

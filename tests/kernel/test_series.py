@@ -106,6 +106,16 @@ def test_ksm_merges_identical_pages_of_one_keyid() -> None:
     assert m.check() == []
 
 
+def test_each_ksm_pass_counts_one_full_scan() -> None:
+    """mm/ksm.c scan_get_next_rmap_item(): ``ksm_scan.seqnr++`` once the scan
+    has been round every mm, shown as /sys/kernel/mm/ksm/full_scans."""
+    m, _, _ = tenants(1, 1)
+    before = int(m.ksm_stats()["full_scans"])
+    m.ksm_run()
+    m.ksm_run()
+    assert int(m.ksm_stats()["full_scans"]) == before + 2
+
+
 def test_ksm_never_merges_pages_with_different_keyids() -> None:
     m, a, b = tenants(1, 2)
     assert m.ksm_run() == 0

@@ -140,6 +140,7 @@ def test_later_fixes_are_off_by_default_and_every_other_switch_on() -> None:
         (f"uffd zeropage {SRC:#x} {PAGE}", errno.ENOENT),  # not registered
         (f"uffd copy {U + 3 * PAGE:#x} {SRC:#x} {2 * PAGE}", errno.ENOENT),  # past the VMA
         (f"uffd copy {U:#x} {U + 0x300000:#x} {PAGE}", errno.EFAULT),  # SRC unmapped
+        (f"uffd copy {U:#x} {SRC:#x} {2 * PAGE}", errno.EFAULT),  # SRC's second page unmapped
         ("uffd copy 0x10000000", errno.EINVAL),
         ("uffd steal 0x10000000 4096", errno.EINVAL),
     ],
