@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kernel_helpers import PAGE, U, cpu_key, ctl, leaf, machine, space
+from kernel_helpers import PAGE, U, cpu_key, ctl, leaf, machine, pfn_of, space
 from mktme_sandbox import Machine, SandboxError
 from mktme_sandbox.kernel.pgtable_types import PteFlags
 
@@ -139,3 +139,24 @@ def test_a_read_fault_in_a_read_only_encrypted_vma_maps_its_page_read_only() -> 
     ctl(m, a, f"mmap {U:#x} 4K r-- keyid=1")
     assert m.read_virt(a, U, 8) == bytes(8)
     assert not leaf(m, a, U).pte & PteFlags.RW
+
+
+def test_a_child_whose_parent_copied_reuses_its_page_on_a_write() -> None:
+    """mm/memory.c do_wp_page(): ``if (reuse_swap_page(vmf->page, ...)) {
+    ... wp_page_reuse(vmf); return VM_FAULT_WRITE; }`` - after a fork the
+    parent's write copies; the child, the page's last mapper, then writes
+    in place: no second copy, each side reads its own bytes, and the
+    translation the child's read cached agrees with the tables (mm/check)."""
+    m = machine()
+    cpu_key(m, 1)
+    a = space(m)
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt(a, U, b"parent")
+    m.fork(a, "child", 0)
+    assert m.read_virt("child", U, 6) == b"parent"  # caches the read-only entry
+    m.write_virt(a, U, b"PARENT")  # COW: the parent gets a copy
+    before = pfn_of(m, "child", U)
+    m.write_virt("child", U, b"child!")  # the child's page is its own now: reuse
+    assert pfn_of(m, "child", U) == before  # the same frame: no copy
+    assert (m.read_virt(a, U, 6), m.read_virt("child", U, 6)) == (b"PARENT", b"child!")
+    assert m.check() == []
