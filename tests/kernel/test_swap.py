@@ -356,3 +356,21 @@ def test_a_read_fault_swaps_in_read_only_and_a_write_then_reuses_the_page() -> N
     assert vmstat(m)["mktme_pgfault_write"] == writes + 1
     assert leaf(m, a, U).pte & PteFlags.RW
     assert leaf(m, a, U).pte & m.kernel.pte_layout.pfn_mask == pfn
+
+
+def test_pageout_leaves_a_page_a_fork_shares_in_memory_for_both() -> None:
+    """docs/spec.md 3.10: pageout and reclaim move a 4 KiB anonymous page
+    mapped once; a page a fork shares (mapped twice) stays (the sandbox has
+    no swap cache to unmap every mapper at once, which Linux's
+    try_to_unmap() does): both spaces keep reading it, nothing is written
+    to swap for it."""
+    m, a = two_keys()
+    ctl(m, a, f"mmap {U:#x} 4K rw- keyid=1")
+    m.write_virt(a, U, SECRET)
+    m.fork(a, "child", 0)
+    outs = vmstat(m)["pswpout"]
+    ctl(m, a, f"madvise {U:#x} 4K pageout")
+    assert vmstat(m)["pswpout"] == outs
+    assert m.read_virt(a, U, len(SECRET)) == SECRET
+    assert m.read_virt("child", U, len(SECRET)) == SECRET
+    assert m.check() == []
