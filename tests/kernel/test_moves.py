@@ -390,7 +390,9 @@ def test_the_huge_zero_page_is_freed_when_its_last_mapping_goes_also_after_fork(
     [("mremap {U:#x} 4K 99999999999999999999T", 22), ("mremap {U:#x} 4K 129T", 22),
      ("mremap {U:#x} 4K 129T 0x30000000", 22), ("mremap {U:#x} 0 8K", 22),
      ("mremap {U:#x} 0 8K 0x30000000", 22), ("mremap 0x30000000 0 8K", 14),
-     ("mremap 0x7fffffff0000 4K 128K", 12)],
+     ("mremap 0x7fffffff0000 4K 128K", 12),
+     ("mremap 0x7fffffffe000 4K 8K", 12),  # would end one page past TASK_SIZE
+     ("mremap {U:#x} 8K 8K 0x30000000", 14)],  # OLDLEN past its VMA
 )  # fmt: skip
 def test_mremap_refuses_a_silly_newlen_and_a_private_duplicate_changing_nothing(
     command: str, err: int
@@ -398,10 +400,13 @@ def test_mremap_refuses_a_silly_newlen_and_a_private_duplicate_changing_nothing(
     """mm/mremap.c: NEWLEN beyond TASK_SIZE is EINVAL ("Is the new length or
     address silly?"); OLDLEN 0 of a private mapping is EINVAL (vma_to_resize:
     "!old_len ... makes no sense for private mappings"), EFAULT where nothing
-    is mapped; growing in place past the end of the user space is ENOMEM."""
+    is mapped, and where OLDLEN runs past the end of OLD's VMA (vma_to_resize:
+    ``if (old_len > vma->vm_end - addr) return ERR_PTR(-EFAULT)``); growing in
+    place past the end of the user space is ENOMEM, by one page too."""
     m, a = two_keys()
     ctl(m, a, f"mmap {U:#x} 4K rw- populate")
     ctl(m, a, "mmap 0x7fffffff0000 4K rw-")
+    ctl(m, a, "mmap 0x7fffffffe000 4K rw-")  # the last page of the user space
     maps = m.maps(a)
     assert errno_of(lambda: ctl(m, a, command.format(U=U))) == err
     assert m.maps(a) == maps
