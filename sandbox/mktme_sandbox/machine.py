@@ -303,10 +303,10 @@ class Machine:
         daemon's memory for VMAs stays bounded per user, as the page limit
         bounds pages."""
         added = _vmas_added(mm, cmd)
-        mmap.check_map_count(_op_name(cmd), mm, added)
-        owner = uid if isinstance(cmd, Fork) else mm.owner
-        if isinstance(cmd, Fork):
-            added = mm.map_count
+        mmap.check_map_count(cmd.op, mm, added)
+        owner = mm.owner
+        if isinstance(cmd, Fork):  # the child, the caller's, gets every VMA
+            owner, added = uid, mm.map_count
         if not added or self._privileged(owner):
             return
         total = sum(
@@ -315,7 +315,7 @@ class Machine:
         if total + added > mmap.MAX_MAP_COUNT:
             fail(
                 errno.ENOMEM,
-                f"{_op_name(cmd)}: uid {owner}'s spaces have {total} mappings, and {added} more "
+                f"{cmd.op}: uid {owner}'s spaces have {total} mappings, and {added} more "
                 f"would pass vm.max_map_count ({mmap.MAX_MAP_COUNT}) for a user's spaces together",
             )
 
@@ -610,14 +610,3 @@ def _vmas_added(mm: MmStruct, cmd: SpaceCommand) -> int:
         ):  # fmt: skip
             return mmap.vmas_cut(mm, cmd.addr, cmd.addr + cmd.length)
     return 0
-
-
-def _op_name(cmd: SpaceCommand) -> str:
-    return _OP_NAMES.get(type(cmd), type(cmd).__name__.lower())
-
-
-_OP_NAMES: dict[type, str] = {
-    EncryptMprotect: "encrypt_mprotect",
-    UffdRegister: "uffd register",
-    UffdUnregister: "uffd unregister",
-}
