@@ -274,18 +274,13 @@ class PageAllocator:
         for nid in nodes:
             lo, hi = self.node_span(nid)
             for pool_keyid in self._pool_order(keyid):
-                pool = self._pools.get(pool_keyid, [])
-                for i in range(len(pool) - 1, -1, -1):
-                    if lo <= pool[i] < hi:
-                        return pool.pop(i), pool_keyid
-                if pool_keyid == 0 and self._fresh < hi:
-                    pfn = max(self._fresh, lo)
-                    self._release_fresh(pfn)
-                    self._fresh = pfn + 1
-                    return pfn, 0
+                found = self._take_from(pool_keyid, lo, hi)
+                if found is not None:
+                    return found
         return None
 
     def _take_free(self, keyid: int) -> tuple[int, int] | None:
+        """``_pool_order``, written out for the fault path: the own pool with no call."""
         own = self._pools.get(keyid)
         if own:  # the common cases first, with no call: the own pool ...
             return own.pop(), keyid
@@ -298,14 +293,21 @@ class PageAllocator:
                 return found
         return None
 
-    def _take_from(self, pool_keyid: int) -> tuple[int, int] | None:
-        """A page of one pool (KeyID 0's: then never-used memory), or None."""
-        pool = self._pools.get(pool_keyid)
-        if pool:
-            return pool.pop(), pool_keyid
-        if pool_keyid == 0 and self._fresh < self.nr_pages:
-            self._fresh += 1
-            return self._fresh - 1, 0
+    def _take_from(
+        self, pool_keyid: int, lo: int = 0, hi: int | None = None
+    ) -> tuple[int, int] | None:
+        """A page of one pool with a PFN in ``[lo, hi)`` (default: all), the last
+        freed first; for KeyID 0's, then never-used memory; or None."""
+        hi = self.nr_pages if hi is None else hi
+        pool = self._pools.get(pool_keyid, [])
+        for i in range(len(pool) - 1, -1, -1):
+            if lo <= pool[i] < hi:
+                return pool.pop(i), pool_keyid
+        if pool_keyid == 0 and self._fresh < hi:
+            pfn = max(self._fresh, lo)
+            self._release_fresh(pfn)
+            self._fresh = pfn + 1
+            return pfn, 0
         return None
 
     def _pool_order(self, keyid: int) -> Iterator[int]:
