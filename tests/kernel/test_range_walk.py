@@ -45,6 +45,18 @@ def entry_loads(seen: Accesses, tables: list[int]) -> list[int]:
     return [pa for pa, n in Accesses.within(seen.loads, tables) if n == 8]
 
 
+def over_the_range(
+    m: Machine, seen: Accesses, command: str
+) -> tuple[list[int], list[int], list[int]]:
+    """``command`` on ``PAGES`` populated pages of "a": the PTE addresses, then
+    the entry stores and the entry loads the command made in the space's tables."""
+    ptes = populated(m)
+    tables = space_tables(m)
+    seen.clear()
+    ctl(m, "a", command)
+    return ptes, entry_stores(seen, tables), entry_loads(seen, tables)
+
+
 def snapshot(seen: Accesses) -> Accesses:
     return Accesses(list(seen.loads), list(seen.stores))
 
@@ -67,12 +79,9 @@ def test_mprotect_stores_each_pte_once_where_its_walk_found_it(accesses: Accesse
     own but the 4 of the walk of the range's end, where a huge PMD would be
     split."""
     m, _ = two_keys()
-    ptes = populated(m)
-    tables = space_tables(m)
-    accesses.clear()
-    ctl(m, "a", f"mprotect {U:#x} {LENGTH} r--")
-    assert entry_stores(accesses, tables) == ptes
-    ends_walk = entry_loads(accesses, tables)  # split_huge_pmds() at the range's end
+    ptes, stores, ends_walk = over_the_range(m, accesses, f"mprotect {U:#x} {LENGTH} r--")
+    assert stores == ptes
+    # the loads: split_huge_pmds() at the range's end
     assert len(ends_walk) == 4
     assert not set(ends_walk) & set(ptes)
     assert not leaf(m, "a", U).pte & PteFlags.RW
@@ -148,12 +157,9 @@ def test_pageout_stores_each_swap_entry_where_its_walk_found_the_pte(
 
     8 pages swapped out: 8 stores, one at each PTE, no entry read on its own."""
     m, _ = two_keys()
-    ptes = populated(m)
-    tables = space_tables(m)
-    accesses.clear()
-    ctl(m, "a", f"madvise {U:#x} {LENGTH} pageout")
-    assert entry_stores(accesses, tables) == ptes
-    assert entry_loads(accesses, tables) == []
+    ptes, stores, loads = over_the_range(m, accesses, f"madvise {U:#x} {LENGTH} pageout")
+    assert stores == ptes
+    assert loads == []
     assert vmstat(m)["pswpout"] == PAGES
 
 
